@@ -1,0 +1,75 @@
+"""The ``qkdgate`` command line.
+
+Theory of operation: each subcommand lives in its own module under
+``qkdgate.gateway`` exposing ``add_arguments(parser)`` and ``run(args) -> int``.
+This module only builds the parser from :data:`COMMANDS` and converts
+qkdgate errors into one clear line on stderr and an exit code (2 for the
+operator's mistakes, 1 for everything else); a traceback means a bug.
+Command modules keep their top-level imports light so ``--help`` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+from qkdgate import __version__
+from qkdgate.errors import ConfigError, QkdgateError
+
+# (name, module, one-line help). A command whose module is not present in
+# this build is left out of the parser.
+COMMANDS: list[tuple[str, str, str]] = [
+    ("run", "qkdgate.gateway.cmd_run", "run the gateway daemon"),
+    ("status", "qkdgate.gateway.cmd_status", "show tunnels, generations and key inputs"),
+    ("rekey", "qkdgate.gateway.cmd_rekey", "rekey a tunnel now"),
+    ("keygen", "qkdgate.gateway.cmd_keygen", "create a gateway identity (ML-DSA + Ed25519)"),
+    ("check-config", "qkdgate.gateway.cmd_check_config", "validate a configuration file"),
+    ("kme-sim", "qkdgate.adapters.kmesim.cli", "run the ETSI QKD 014/004 KME simulator"),
+    ("failsafe", "qkdgate.tunnels.failsafe", "block all protected traffic (for ExecStopPost)"),
+    ("demo", "qkdgate.gateway.demo", "two-gateway demo with the built-in QKD simulator"),
+    ("probe", "qkdgate.keymix.probe", "report which crypto algorithms are available"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qkdgate",
+        description="Hybrid post-quantum (ML-KEM + X25519) and QKD (ETSI GS QKD 014/004) "
+                    "key agreement for kernel IPsec and MACsec tunnels.")
+    parser.add_argument("--version", action="version", version=f"qkdgate {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, modname, helptext in COMMANDS:
+        try:
+            mod = importlib.import_module(modname)
+        except ModuleNotFoundError as exc:
+            if exc.name and modname.startswith(exc.name):
+                continue  # this command is not part of this build yet
+            raise
+        p = sub.add_parser(name, help=helptext, description=helptext)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except ConfigError as exc:
+        print(f"qkdgate {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except QkdgateError as exc:
+        print(f"qkdgate {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""SecretBytes: key material that never prints and is wiped when released.
+
+Theory of operation: every key qkdgate derives or receives is wrapped in
+:class:`SecretBytes` as soon as it enters the process. The wrapper keeps the
+bytes in a private ``bytearray`` so :meth:`wipe` (and garbage collection)
+can overwrite them. ``repr``/``str``/``format`` show only a short, salted
+fingerprint that cannot be used to test guesses across processes. Pickling
+is refused so secrets cannot leak into caches or multiprocessing queues.
+
+What is *not* wiped, honestly: pyca/cryptography and OpenSSL return
+immutable ``bytes`` objects for shared secrets and derived keys; those
+copies live until the interpreter frees them and their memory is reused.
+Likewise :meth:`reveal` hands out a ``bytes`` copy for APIs that demand one
+(netlink encoders, HKDF). We minimise their lifetime, and the daemon
+disables core dumps (``PR_SET_DUMPABLE`` 0) so they cannot reach a disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+
+# Per-process random salt for fingerprints: equal fingerprints within one run
+# let logs correlate keys, but an offline attacker cannot test key guesses.
+_FP_SALT = os.urandom(16)
+
+
+class SecretBytes:
+    __slots__ = ("_buf", "__weakref__")
+
+    def __init__(self, data: bytes | bytearray | memoryview) -> None:
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError("SecretBytes needs bytes-like data")
+        self._buf = bytearray(data)
+
+    def reveal(self) -> bytes:
+        """The secret as ``bytes``, for crypto APIs. Keep the copy short-lived."""
+        return bytes(self._buf)
+
+    def __len__(self) -> int:
+        return len(self._buf)
+
+    def fingerprint(self) -> str:
+        """A salted 8-hex-digit tag, stable within this process only."""
+        return hmac.new(_FP_SALT, self._buf, hashlib.sha256).hexdigest()[:8]
+
+    def __repr__(self) -> str:
+        return f"<SecretBytes len={len(self._buf)} fp={self.fingerprint()}>"
+
+    __str__ = __repr__
+
+    def __format__(self, spec: str) -> str:
+        return repr(self)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, SecretBytes):
+            return hmac.compare_digest(self._buf, other._buf)
+        return NotImplemented
+
+    def __hash__(self) -> int:  # secrets are not dictionary keys
+        raise TypeError("SecretBytes is unhashable")
+
+    def __bytes__(self) -> bytes:
+        raise TypeError("use SecretBytes.reveal() to take a copy of a secret")
+
+    def __reduce_ex__(self, protocol: object) -> object:
+        raise TypeError("SecretBytes cannot be pickled")
+
+    def __copy__(self) -> "SecretBytes":
+        return SecretBytes(self._buf)
+
+    def __deepcopy__(self, memo: dict) -> "SecretBytes":
+        return SecretBytes(self._buf)
+
+    def wipe(self) -> None:
+        """Overwrite the buffer with zeros and empty it."""
+        for i in range(len(self._buf)):
+            self._buf[i] = 0
+        self._buf.clear()
+
+    def __del__(self) -> None:
+        try:
+            self.wipe()
+        except Exception:  # interpreter shutdown
+            pass
+
+    def __enter__(self) -> "SecretBytes":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wipe()

@@ -1,0 +1,5 @@
+import sys
+
+from qkdgate.gateway.cli import main
+
+sys.exit(main())
