@@ -1,0 +1,102 @@
+"""Per-peer protocol settings (:class:`SessionConfig`) and their validation.
+
+Theory of operation: the daemon builds one :class:`SessionConfig` per peer
+from the YAML file and hands it to
+:class:`~qkdgate.gateway.protocol.session.PeerSession`. Validation here is
+explicit (``validate()``, never ``assert``) and raises
+:class:`~qkdgate.errors.ConfigError` naming the field, so a bad value is
+refused at load/reload time rather than in the middle of an exchange.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from qkdgate.errors import ConfigError
+from qkdgate.keymix.secret import SecretBytes
+
+KEMS = ("ML-KEM-768", "ML-KEM-1024")
+QKD_ROLES = (None, "master", "slave")
+TUNNEL_KINDS = ("ipsec", "macsec")
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelRef:
+    """A tunnel this peer pair keys. ``kind`` decides what the per-tunnel
+    value in INIT/RESP means: an ESP SPI (``ipsec``) or a MACsec AN."""
+
+    tunnel_id: str
+    kind: str = "ipsec"
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    local_name: str
+    peer_name: str
+    tunnels: tuple[TunnelRef, ...] = ()
+    kem: str = "ML-KEM-768"
+    x25519: bool = True
+    psk: SecretBytes | None = field(default=None, repr=False)
+    # ETSI GS QKD 014: the master calls enc_keys and sends only key_IDs; the
+    # slave calls dec_keys with them. None: this peer pair has no QKD link.
+    qkd_role: str | None = None
+    local_sae_id: str = ""
+    peer_sae_id: str = ""
+    qkd_key_bits: int = 256
+    # True if any tunnel to this peer allows the PQC fallback: the session may
+    # then complete generations without QKD keys (flagged in the transcript).
+    allow_pqc_only: bool = False
+    rekey_interval: float = 3600.0
+    rekey_jitter: float = 0.05        # fraction of the interval, drawn from rng
+    retransmit_base: float = 0.5
+    retransmit_max: float = 8.0
+    exchange_timeout: float = 30.0    # give up one exchange after this long
+    retry_base: float = 2.0           # first retry after a failed exchange
+    retry_max: float = 120.0
+    retire_grace: float = 10.0        # old generation kept this long after a switch
+    rate_per_second: float = 2.0      # expensive INIT work per peer
+    rate_burst: int = 8
+    initiate_on_start: bool = True
+
+    def validate(self) -> None:
+        def bad(path: str, expected: str, found: object) -> ConfigError:
+            return ConfigError("invalid protocol setting", path=path, expected=expected,
+                               found=repr(found))
+        for name in ("local_name", "peer_name"):
+            v = getattr(self, name)
+            if not isinstance(v, str) or not v or len(v.encode()) > 255:
+                raise bad(name, "a name of 1..255 bytes", v)
+        if self.local_name == self.peer_name:
+            raise bad("peer_name", "a name different from local_name", self.peer_name)
+        if self.kem not in KEMS:
+            raise bad("kem", " or ".join(KEMS), self.kem)
+        if self.qkd_role not in QKD_ROLES:
+            raise bad("qkd_role", "master, slave or none", self.qkd_role)
+        if self.qkd_role is not None:
+            for name in ("local_sae_id", "peer_sae_id"):
+                if not getattr(self, name):
+                    raise bad(name, "an SAE ID when qkd_role is set", getattr(self, name))
+            if self.qkd_key_bits % 8 or not 128 <= self.qkd_key_bits <= 8192:
+                raise bad("qkd_key_bits", "a multiple of 8 in 128..8192", self.qkd_key_bits)
+        if self.psk is not None and len(self.psk) < 16:
+            raise bad("psk", "at least 16 bytes", f"{len(self.psk)} bytes")
+        seen = set()
+        for i, t in enumerate(self.tunnels):
+            if t.kind not in TUNNEL_KINDS:
+                raise bad(f"tunnels[{i}].kind", "ipsec or macsec", t.kind)
+            if not t.tunnel_id or len(t.tunnel_id.encode()) > 255 or t.tunnel_id in seen:
+                raise bad(f"tunnels[{i}].tunnel_id", "a unique id of 1..255 bytes", t.tunnel_id)
+            seen.add(t.tunnel_id)
+        if len(self.tunnels) > 64:
+            raise bad("tunnels", "at most 64 tunnels per peer", len(self.tunnels))
+        for name, lo in (("rekey_interval", 1.0), ("retransmit_base", 0.01),
+                         ("retransmit_max", 0.01), ("exchange_timeout", 0.1),
+                         ("retry_base", 0.01), ("retry_max", 0.01), ("retire_grace", 0.0),
+                         ("rate_per_second", 0.001)):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or v < lo:
+                raise bad(name, f"a number >= {lo}", v)
+        if not 0 <= self.rekey_jitter < 0.5:
+            raise bad("rekey_jitter", "a fraction in [0, 0.5)", self.rekey_jitter)
+        if not isinstance(self.rate_burst, int) or self.rate_burst < 1:
+            raise bad("rate_burst", "an integer >= 1", self.rate_burst)

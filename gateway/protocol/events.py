@@ -1,0 +1,155 @@
+"""Events the peer protocol core hands to its driver (the daemon).
+
+Theory of operation: :class:`~qkdgate.gateway.protocol.session.PeerSession`
+never performs I/O. What it needs done, or wants reported, comes out of
+``next_event()`` as one of these small frozen dataclasses (aioquic/h11
+style). Two kinds:
+
+* imperative (the driver must act and answer): :class:`NeedQkdKeys`
+  (answer with ``provide_qkd_keys`` or ``qkd_failed``), :class:`InstallInbound`
+  and :class:`InstallOutbound` (answer with ``installed`` or
+  ``install_failed``), :class:`RetireGeneration` (no answer);
+* reporting (past tense): :class:`SessionEstablished`, :class:`RekeyFailed`,
+  :class:`QkdFallback`, :class:`QkdRecovered`, :class:`PeerRestarted`,
+  :class:`ProtocolViolation`.
+
+Events carry IDs, provenance and :class:`SessionSecret` objects whose secret
+part never prints, so an event can be logged with ``repr`` safely.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Mapping
+
+if TYPE_CHECKING:  # keep this module import-light for the CLI
+    from qkdgate.keymix.combiner import Provenance, SessionSecret
+else:
+    Provenance = SessionSecret = Any
+
+
+class Event:
+    """Base class of every protocol event."""
+
+    __slots__ = ()
+
+
+# ---------------------------------------------------------------- imperative
+
+@dataclass(frozen=True, slots=True)
+class NeedQkdKeys(Event):
+    """Fetch QKD keys for one exchange.
+
+    ``role == "master"``: call ``KeySource.get_new_keys(peer_sae_id, number,
+    size_bits)`` (ETSI GS QKD 014 5.2 enc_keys); ``role == "slave"``: call
+    ``KeySource.get_keys_by_id(peer_sae_id, key_ids)`` (014 5.3 dec_keys).
+    Answer with ``provide_qkd_keys(request_id, keys, now)`` or
+    ``qkd_failed(request_id, error, now)``.
+    """
+
+    request_id: int
+    role: str                          # "master" | "slave"
+    peer_sae_id: str
+    key_ids: tuple[str, ...] = ()      # slave: the IDs the master sent
+    number: int = 0                    # master: how many keys to fetch
+    size_bits: int = 256
+
+
+@dataclass(frozen=True, slots=True)
+class InstallInbound(Event):
+    """Install the inbound SAs of ``generation`` for every tunnel, keyed with
+    ``qkdgate.keymix.schedule`` from ``session``. ``spis`` maps tunnel id to
+    the SPI (IPsec) or AN (MACsec) WE chose and the peer will send to.
+    ``role`` is our handshake role: inbound direction is ``"r2i"`` for the
+    initiator and ``"i2r"`` for the responder. Answer ``installed`` or
+    ``install_failed``."""
+
+    request_id: int
+    generation: int
+    session: SessionSecret
+    role: str                          # "initiator" | "responder"
+    spis: Mapping[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class InstallOutbound(Event):
+    """Install the outbound SAs of ``generation`` (``spis``: the PEER's
+    chosen SPIs / ANs) and switch traffic to them. Emitted only after key
+    confirmation both ways and once the peer has its inbound SAs in place.
+    Answer ``installed`` or ``install_failed``."""
+
+    request_id: int
+    generation: int
+    session: SessionSecret
+    role: str
+    spis: Mapping[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class RetireGeneration(Event):
+    """Remove every SA of ``generation`` (the grace period is over, or the
+    generation never completed and was superseded or aborted)."""
+
+    generation: int
+    reason: str = "superseded"
+
+
+# ---------------------------------------------------------------- reporting
+
+@dataclass(frozen=True, slots=True)
+class SessionEstablished(Event):
+    """Both sides confirmed ``generation`` and our outbound switched to it."""
+
+    generation: int
+    provenance: Provenance
+    latency: float                     # seconds from first message to switch
+    role: str = "initiator"
+    reason: str = ""                   # why the exchange ran: timer, volume...
+
+
+@dataclass(frozen=True, slots=True)
+class RekeyFailed(Event):
+    """An exchange was abandoned; the previous generation (if any) stays.
+    ``retry_at`` says when the session will try again on its own."""
+
+    generation: int | None
+    reason: str
+    retry_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class QkdFallback(Event):
+    """QKD keys could not be had; generations are PQC-only until
+    :class:`QkdRecovered`. The tunnel manager applies per-tunnel policy."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class QkdRecovered(Event):
+    """A generation with QKD keys was established after a fallback."""
+
+
+@dataclass(frozen=True, slots=True)
+class PeerRestarted(Event):
+    """The peer authenticated with a new epoch: it restarted and lost state."""
+
+    old_epoch: str = ""
+    new_epoch: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ProtocolViolation(Event):
+    """Something from the peer (or something claiming to be it) was dropped.
+    Rate of these is telemetry; none of them changes session state."""
+
+    reason: str
+    detail: str = ""
+    counters: Mapping[str, int] = field(default_factory=dict)
+
+
+__all__ = [
+    "Event", "NeedQkdKeys", "InstallInbound", "InstallOutbound", "RetireGeneration",
+    "SessionEstablished", "RekeyFailed", "QkdFallback", "QkdRecovered", "PeerRestarted",
+    "ProtocolViolation",
+]
