@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+from dataclasses import dataclass
 
 # Per-process random salt for fingerprints: equal fingerprints within one run
 # let logs correlate keys, but an offline attacker cannot test key guesses.
@@ -90,3 +91,51 @@ class SecretBytes:
 
     def __exit__(self, *exc: object) -> None:
         self.wipe()
+
+
+@dataclass(frozen=True)
+class CoreDumpStatus:
+    """What :func:`disable_core_dumps` managed to do."""
+
+    dumpable_cleared: bool
+    rlimit_core_zero: bool
+    detail: str
+
+    @property
+    def ok(self) -> bool:
+        return self.dumpable_cleared and self.rlimit_core_zero
+
+
+_PR_SET_DUMPABLE = 4  # include/uapi/linux/prctl.h
+
+
+def disable_core_dumps() -> CoreDumpStatus:
+    """Keep key material out of core files and away from same-user ptrace.
+
+    ``prctl(PR_SET_DUMPABLE, 0)`` (no core dump, no ptrace attach by
+    unprivileged processes of the same user, /proc/self/mem unreadable to
+    them) and ``RLIMIT_CORE`` 0 (also covers a core pattern piped to a
+    handler that ignores dumpability). The daemon calls this before it
+    handles any key. Best effort: the result says what worked.
+    """
+    import ctypes
+    import ctypes.util
+    import resource
+
+    details = []
+    dumpable = False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        if libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) == 0:
+            dumpable = True
+        else:
+            details.append(f"prctl(PR_SET_DUMPABLE) failed: errno {ctypes.get_errno()}")
+    except (OSError, AttributeError) as exc:
+        details.append(f"prctl unavailable: {exc}")
+    rlimit = False
+    try:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        rlimit = True
+    except (OSError, ValueError) as exc:
+        details.append(f"setrlimit(RLIMIT_CORE) failed: {exc}")
+    return CoreDumpStatus(dumpable, rlimit, "; ".join(details) or "core dumps disabled")
