@@ -1,0 +1,397 @@
+"""Durable state: consumed QKD key_IDs and per-tunnel generations.
+
+Theory of operation: a QKD key is one-time material. If the daemon is killed
+(SIGKILL, power loss) between fetching a key and finishing a rekey, the
+restarted daemon must never feed the same key_ID into a KDF again, and the
+tunnel's generation counter must never go backwards, or both peers could
+derive the same traffic keys twice. So before a key is used its key_ID is
+appended to a journal in the state directory and fsynced; only then does the
+caller mix it. Likewise a generation is recorded as *started* together with
+its keys, and as *committed* once the new SAs carry traffic; after a restart
+:meth:`Journal.next_generation` is above both, and the peers reconverge by
+taking the larger of their two proposals.
+
+File format (``journal`` in the state directory, mode 0600): one record per
+line, ``CRC32HEX SP JSON LF``. A record is written with one ``write`` and
+then fsynced. A crash can only tear the last line; :meth:`Journal.open`
+truncates a torn or checksum-failing *last* line and refuses (fails closed
+with :class:`JournalCorrupt`) if damage appears anywhere before it, because
+then we cannot know which keys were consumed. When the file grows past
+``compact_after`` records it is rewritten as a snapshot: temp file, fsync,
+``rename`` over the journal, fsync of the directory, so a crash leaves either
+the old or the new file, both complete.
+
+Retention: the newest ``max_key_ids`` key_IDs are kept (default 50,000,
+weeks of rekeys). An older key_ID can no longer be recognised, but a message
+carrying it names a generation at or below the committed one, which the
+protocol refuses anyway; the KME also deletes delivered keys (ETSI GS QKD
+014 5.1: a key is delivered once to each SAE).
+
+One daemon per state directory: an exclusive ``flock`` on ``journal.lock``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+import uuid
+import zlib
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from qkdgate.errors import QkdgateError
+
+FORMAT_VERSION = 1
+JOURNAL_NAME = "journal"
+LOCK_NAME = "journal.lock"
+
+
+class JournalError(QkdgateError):
+    """The durable state cannot be used safely."""
+
+
+class JournalCorrupt(JournalError):
+    """The journal is damaged before its last record: which QKD keys were
+    consumed is unknown, so the daemon must not start (fail closed)."""
+
+
+class JournalLocked(JournalError):
+    """Another process holds the state directory."""
+
+
+class KeyIdReused(JournalError):
+    """A QKD key_ID was already consumed. From a peer this is a replay
+    (callers raise RemoteProtocolError); from our own KME a protocol breach
+    (KeySourceProtocolError)."""
+
+    def __init__(self, key_id: str) -> None:
+        self.key_id = key_id  # a key_ID is public (it travels in clear to the peer)
+        super().__init__(f"QKD key_ID {key_id} was already consumed")
+
+
+class GenerationRegression(JournalError):
+    """A tunnel generation at or below one already committed."""
+
+    def __init__(self, tunnel: str, generation: int, committed: int) -> None:
+        self.tunnel, self.generation, self.committed = tunnel, generation, committed
+        super().__init__(f"tunnel {tunnel!r}: generation {generation} is not above "
+                         f"committed generation {committed}")
+
+
+@dataclass
+class TunnelState:
+    committed: int = 0   # generation whose SAs carry traffic
+    started: int = 0     # highest generation whose keys were reserved
+
+
+@dataclass
+class JournalState:
+    """What :meth:`Journal.load` reconstructs from disk."""
+
+    tunnels: dict[str, TunnelState] = field(default_factory=dict)
+    key_ids: dict[str, None] = field(default_factory=dict)  # insertion-ordered set
+    records: int = 0
+    truncated_bytes: int = 0   # torn tail removed on open
+
+
+def _canonical_key_id(key_id: str) -> str:
+    # ETSI GS QKD 014 6.3: key_ID is a UUID; compare canonical forms so case
+    # or brace variants of one ID cannot slip past the check.
+    try:
+        return str(uuid.UUID(str(key_id)))
+    except ValueError:
+        raise JournalError(f"not a UUID key_ID: {str(key_id)[:80]!r}") from None
+
+
+def _check_tunnel(tunnel: str) -> None:
+    if not isinstance(tunnel, str) or not tunnel or len(tunnel) > 255:
+        raise JournalError(f"tunnel name must be a non-empty string, not {tunnel!r}")
+
+
+def _encode(record: dict) -> bytes:
+    body = json.dumps(record, separators=(",", ":"), sort_keys=True).encode()
+    return b"%08x %s\n" % (zlib.crc32(body), body)
+
+
+def _decode(line: bytes) -> dict | None:
+    """The record in one line, or None if it is torn or fails its checksum."""
+    if len(line) < 10 or line[8:9] != b" ":
+        return None
+    body = line[9:]
+    try:
+        if int(line[:8], 16) != zlib.crc32(body):
+            return None
+        rec = json.loads(body)
+    except ValueError:
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
+def _apply(state: JournalState, rec: dict) -> None:
+    kind = rec.get("t")
+    if kind == "hdr":
+        if rec.get("v") != FORMAT_VERSION:
+            raise JournalCorrupt(f"journal format version {rec.get('v')!r} is not supported")
+        return
+    tunnel = rec.get("tun")
+    gen = rec.get("gen")
+    if not isinstance(tunnel, str) or not isinstance(gen, int):
+        raise JournalCorrupt(f"malformed journal record of type {kind!r}")
+    if kind == "keys":
+        ids = rec.get("ids", ())
+        if not isinstance(ids, list) or not all(isinstance(k, str) for k in ids):
+            raise JournalCorrupt("malformed key_ID list in journal")
+        state.key_ids.update(dict.fromkeys(ids))
+        if tunnel:  # "" = retained IDs from a snapshot, no tunnel
+            ts = state.tunnels.setdefault(tunnel, TunnelState())
+            ts.started = max(ts.started, gen)
+        return
+    ts = state.tunnels.setdefault(tunnel, TunnelState())
+    if kind == "gen":
+        ts.committed = max(ts.committed, gen)
+        ts.started = max(ts.started, gen)
+    elif kind == "snap":
+        ts.committed = max(ts.committed, gen)
+        ts.started = max(ts.started, int(rec.get("started", gen)))
+    else:
+        raise JournalCorrupt(f"unknown journal record type {kind!r}")
+
+
+class Journal:
+    """Append-only, fsynced record of consumed QKD keys and generations.
+
+    Typical rekey (both roles)::
+
+        gen = max(journal.next_generation(t), peer_proposal)
+        journal.reserve_qkd_keys(t, gen, [k.key_id for k in keys])  # durable first
+        ... mix keys, install SAs, switch outbound ...
+        journal.record_generation(t, gen)
+    """
+
+    def __init__(self, state_dir: str, *, fsync: bool = True, max_key_ids: int = 50_000,
+                 compact_after: int = 10_000, now: Callable[[], float] = time.time,
+                 _crash_hook: Callable[[str], None] | None = None) -> None:
+        self.dir = os.fspath(state_dir)
+        self.path = os.path.join(self.dir, JOURNAL_NAME)
+        self._fsync = fsync
+        self.max_key_ids = max_key_ids
+        self.compact_after = compact_after
+        self._now = now
+        self._hook = _crash_hook or (lambda point: None)
+        self._split = _crash_hook is not None
+        self._state = JournalState()
+        self._fd = -1
+        self._lock_fd = -1
+
+    # -- opening -----------------------------------------------------------
+
+    @classmethod
+    def open(cls, state_dir: str, **kwargs: object) -> "Journal":
+        j = cls(state_dir, **kwargs)  # type: ignore[arg-type]
+        j._open()
+        return j
+
+    def _open(self) -> None:
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        self._lock_fd = os.open(os.path.join(self.dir, LOCK_NAME),
+                                os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+            raise JournalLocked(f"state directory {self.dir} is in use by another process") from None
+        try:
+            # A leftover temp file is an unfinished compaction; the journal
+            # it was meant to replace is still complete.
+            tmp = self.path + ".tmp"
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            self._state = self.load()
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                               0o600)
+            if self._state.records == 0:
+                self._append({"t": "hdr", "v": FORMAT_VERSION, "created": int(self._now())})
+                self._sync_dir()
+        except BaseException:
+            self.close()
+            raise
+
+    def load(self) -> JournalState:
+        """Read the journal, truncating a torn last record; raise
+        :class:`JournalCorrupt` on damage anywhere else."""
+        state = JournalState()
+        try:
+            with open(self.path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return state
+        pos = 0
+        while pos < len(data):
+            end = data.find(b"\n", pos)
+            line = data[pos:end] if end >= 0 else data[pos:]
+            rec = _decode(line) if end >= 0 else None
+            if rec is None:
+                if end >= 0 and end + 1 < len(data):
+                    raise JournalCorrupt(f"{self.path}: damaged record at byte {pos} "
+                                         f"followed by more records; refusing to guess which "
+                                         f"QKD keys were consumed")
+                state.truncated_bytes = len(data) - pos
+                with open(self.path, "r+b") as f:
+                    f.truncate(pos)
+                    if self._fsync:
+                        os.fsync(f.fileno())
+                break
+            _apply(state, rec)
+            state.records += 1
+            pos = end + 1
+        return state
+
+    # -- queries -----------------------------------------------------------
+
+    def committed_generation(self, tunnel: str) -> int:
+        ts = self._state.tunnels.get(tunnel)
+        return ts.committed if ts else 0
+
+    def next_generation(self, tunnel: str) -> int:
+        """A generation number never used before for this tunnel, even by a
+        rekey that was interrupted after its keys were reserved."""
+        ts = self._state.tunnels.get(tunnel)
+        return (max(ts.committed, ts.started) if ts else 0) + 1
+
+    def is_consumed(self, key_id: str) -> bool:
+        return _canonical_key_id(key_id) in self._state.key_ids
+
+    @property
+    def tunnels(self) -> dict[str, TunnelState]:
+        return {k: TunnelState(v.committed, v.started) for k, v in self._state.tunnels.items()}
+
+    # -- updates -----------------------------------------------------------
+
+    def reserve_qkd_keys(self, tunnel: str, generation: int, key_ids: Sequence[str]) -> None:
+        """Durably mark ``key_ids`` consumed for ``generation`` of ``tunnel``.
+
+        Returns only after the record is on disk; raises :class:`KeyIdReused`
+        (nothing written) if any ID was consumed before, and
+        :class:`GenerationRegression` if ``generation`` is not above the
+        committed one. Call it before the keys reach any KDF.
+        """
+        self._check_open()
+        _check_tunnel(tunnel)
+        ids = [_canonical_key_id(k) for k in key_ids]
+        if len(set(ids)) != len(ids):
+            raise KeyIdReused(next(k for k in ids if ids.count(k) > 1))
+        for kid in ids:
+            if kid in self._state.key_ids:
+                raise KeyIdReused(kid)
+        self._check_generation(tunnel, generation)
+        rec = {"t": "keys", "tun": tunnel, "gen": generation, "ids": ids}
+        self._append(rec)
+        _apply(self._state, rec)
+        self._maybe_compact()
+
+    def reserve_qkd_key(self, tunnel: str, generation: int, key_id: str) -> None:
+        self.reserve_qkd_keys(tunnel, generation, [key_id])
+
+    def record_generation(self, tunnel: str, generation: int) -> None:
+        """Durably record that ``generation`` now carries the tunnel's traffic.
+        Re-recording the committed generation is a no-op (idempotent after a
+        restart); a lower one raises :class:`GenerationRegression`."""
+        self._check_open()
+        _check_tunnel(tunnel)
+        committed = self.committed_generation(tunnel)
+        if generation == committed:
+            return
+        self._check_generation(tunnel, generation)
+        rec = {"t": "gen", "tun": tunnel, "gen": generation}
+        self._append(rec)
+        _apply(self._state, rec)
+        self._maybe_compact()
+
+    def compact(self) -> None:
+        """Rewrite the journal as a snapshot (atomic: temp, fsync, rename)."""
+        self._check_open()
+        keep = list(self._state.key_ids)[-self.max_key_ids:] if self.max_key_ids else []
+        recs: list[dict] = [{"t": "hdr", "v": FORMAT_VERSION, "created": int(self._now())}]
+        for name, ts in sorted(self._state.tunnels.items()):
+            recs.append({"t": "snap", "tun": name, "gen": ts.committed, "started": ts.started})
+        for i in range(0, len(keep), 1000):
+            # Retained IDs travel as "keys" records under generation 0 so they
+            # never move any tunnel's counters.
+            recs.append({"t": "keys", "tun": "", "gen": 0, "ids": keep[i:i + 1000]})
+        tmp = self.path + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, b"".join(_encode(r) for r in recs))
+            self._hook("compact-written")
+            if self._fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._hook("compact-synced")
+        os.replace(tmp, self.path)
+        self._hook("compact-renamed")
+        self._sync_dir()
+        os.close(self._fd)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        self._state.key_ids = dict.fromkeys(keep)
+        self._state.records = len(recs)
+
+    def close(self) -> None:
+        for attr in ("_fd", "_lock_fd"):
+            fd = getattr(self, attr)
+            if fd >= 0:
+                os.close(fd)  # closing the lock fd releases the flock
+                setattr(self, attr, -1)
+
+    def __enter__(self) -> "Journal":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals ---------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._fd < 0:
+            raise JournalError("journal is not open")
+
+    def _check_generation(self, tunnel: str, generation: int) -> None:
+        if not isinstance(generation, int) or isinstance(generation, bool) or generation < 1:
+            raise JournalError(f"generation must be a positive integer, not {generation!r}")
+        committed = self.committed_generation(tunnel)
+        if generation <= committed:
+            raise GenerationRegression(tunnel, generation, committed)
+
+    def _append(self, rec: dict) -> None:
+        data = _encode(rec)
+        self._hook("append-before")
+        if self._split:  # crash tests: let a kill land inside a record
+            half = len(data) // 2
+            os.write(self._fd, data[:half])
+            self._hook("append-torn")
+            n = half + os.write(self._fd, data[half:])
+        else:
+            n = os.write(self._fd, data)
+        if n != len(data):  # a short write on a full disk: make it look torn
+            raise JournalError(f"short write to {self.path} ({n} of {len(data)} bytes)")
+        self._hook("append-written")
+        if self._fsync:
+            os.fsync(self._fd)
+        self._state.records += 1
+        self._hook("append-synced")
+
+    def _maybe_compact(self) -> None:
+        if self.compact_after and self._state.records >= self.compact_after:
+            self.compact()
+
+    def _sync_dir(self) -> None:
+        if not self._fsync:
+            return
+        fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
