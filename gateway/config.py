@@ -1,0 +1,468 @@
+"""The gateway configuration: typed, frozen, validated. The only YAML reader.
+
+Theory of operation: :func:`load_config` / :func:`parse_config` compose the
+YAML text with ruamel.yaml (YAML 1.2, nodes only) and hand the node tree to
+the strict schema walker in :mod:`qkdgate.gateway.config_schema`, which
+builds the frozen dataclasses below from their type hints. The walker checks
+each value on its own (types, ranges, unknown/duplicate keys, the YAML 1.1
+traps); :meth:`Config.validate` then cross-checks values against each other
+(references, unique names, address families, lifetimes, reqid ranges).
+Both raise :class:`~qkdgate.errors.ConfigError` naming file, line, YAML path,
+expected and found, so ``qkdgate check-config`` can print one useful line.
+
+Secrets are never inline: PSKs, TLS keys and passwords are file *paths*,
+read by whoever needs them, so a :class:`Config` can be printed, logged or
+dumped as JSON (:meth:`Config.to_dict`) without leaking anything.
+
+docs/config.md documents every key; systemd/qkdgate.yaml is a complete
+commented example. Other modules should read these dataclasses, never YAML.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import os
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Mapping
+
+from qkdgate.errors import ConfigError
+from qkdgate.gateway.config_schema import (Duration, FilePath, Length, Name, Pattern, Range,
+                                           Walk)
+from qkdgate.interfaces import IPAddress, IPNetwork, MacsecCipher, Mark, Mode
+
+Port = Annotated[int, Range(1, 65535)]
+Seconds = Annotated[float, Duration, Range(0, gt=True)]
+IfName = Annotated[str, Pattern(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,14}",
+                                "a Linux interface name (1-15 letters, digits, '_', '.', '-')")]
+Hostname = Annotated[str, Pattern(r"[A-Za-z0-9:.\[\]_-]{1,253}", "a host name or IP address")]
+MqttTopic = Annotated[str, Pattern(r"[^#+/\s][^#+\s]*(?<!/)",
+                                   "an MQTT topic prefix without wildcards (+, #), "
+                                   "spaces or leading/trailing '/'")]
+
+SUPPORTED_VERSIONS = (1,)
+# Each tunnel generation uses reqids base .. base+REQID_SPAN-1 (make-before-
+# break needs the old and new generation side by side), so tunnels' ranges
+# must not overlap.
+REQID_SPAN = 16
+
+
+# ---------------------------------------------------------------- enums
+
+class KemSuite(enum.Enum):
+    ML_KEM_768 = "ML-KEM-768"      # FIPS 203, NIST category 3
+    ML_KEM_1024 = "ML-KEM-1024"    # FIPS 203, category 5 (CNSA 2.0)
+
+
+class Profile(enum.Enum):
+    DEFAULT = "default"   # ML-DSA-65 + Ed25519 identities
+    CNSA2 = "cnsa2"       # ML-KEM-1024 and ML-DSA-87 only-strong parameter sets (CNSA 2.0)
+
+
+class QkdRole(enum.Enum):
+    """ETSI GS QKD 014 4.2: the master SAE requests new keys (enc_keys), the
+    slave fetches the same keys by key_ID (dec_keys)."""
+    MASTER = "master"
+    SLAVE = "slave"
+
+
+class TunnelType(enum.Enum):
+    IPSEC = "ipsec"
+    MACSEC = "macsec"
+
+
+class IpsecCipher(enum.Enum):
+    AES_256_GCM = "aes-256-gcm"                 # RFC 4106, 16-byte ICV
+    CHACHA20_POLY1305 = "chacha20-poly1305"     # RFC 7634
+
+    @property
+    def aead(self) -> str:
+        """The Linux XFRM AEAD algorithm name."""
+        return {"aes-256-gcm": "rfc4106(gcm(aes))",
+                "chacha20-poly1305": "rfc7539esp(chacha20,poly1305)"}[self.value]
+
+    @property
+    def key_bytes(self) -> int:
+        """Key length including the 4-byte salt/nonce (RFC 4106 8.1, RFC 7634 2)."""
+        return 36
+
+
+class KeyPolicy(enum.Enum):
+    """Which key legs a tunnel's rekey needs. A *required* leg missing makes
+    the rekey fail (closed: the old SA expires, traffic stops); an *optional*
+    leg is mixed in when available. See :data:`POLICY_LEGS`."""
+    HYBRID_REQUIRED = "hybrid-required"
+    PQC_FALLBACK = "pqc-fallback"
+    QKD_MANDATORY = "qkd-mandatory"
+    PQC_ONLY = "pqc-only"
+
+    @property
+    def required(self) -> frozenset[str]:
+        return POLICY_LEGS[self][0]
+
+    @property
+    def optional(self) -> frozenset[str]:
+        return POLICY_LEGS[self][1]
+
+    @property
+    def uses_qkd(self) -> bool:
+        return "qkd" in self.required or "qkd" in self.optional
+
+
+LEGS = ("x25519", "mlkem", "qkd")
+POLICY_LEGS: dict[KeyPolicy, tuple[frozenset[str], frozenset[str]]] = {
+    KeyPolicy.HYBRID_REQUIRED: (frozenset({"x25519", "mlkem", "qkd"}), frozenset()),
+    KeyPolicy.PQC_FALLBACK: (frozenset({"x25519", "mlkem"}), frozenset({"qkd"})),
+    KeyPolicy.QKD_MANDATORY: (frozenset({"qkd", "x25519"}), frozenset({"mlkem"})),
+    KeyPolicy.PQC_ONLY: (frozenset({"x25519", "mlkem"}), frozenset()),
+}
+
+
+class LogLevel(enum.Enum):
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
+class LogFormat(enum.Enum):
+    TEXT = "text"
+    JSON = "json"
+
+
+# Key source kinds shipped with qkdgate; any other name is looked up among the
+# "qkdgate.key_sources" entry points when the daemon starts.
+BUILTIN_KEY_SOURCE_KINDS = ("etsi014", "etsi004", "idq", "toshiba", "simulator")
+KIND_NEEDS_URL = ("etsi014", "etsi004", "idq", "toshiba")
+
+
+# ---------------------------------------------------------------- gateway
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    """Where the peer protocol listens (UDP)."""
+    address: IPAddress = ipaddress.ip_address("0.0.0.0")
+    port: Port = 4600
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    name: Annotated[str, Name]
+    identity: Annotated[str, FilePath]
+    listen: Listen = field(default_factory=Listen)
+    profile: Profile = Profile.DEFAULT
+    suite: KemSuite | None = None       # None: ML-KEM-768, or ML-KEM-1024 under cnsa2
+    state_dir: Annotated[str, FilePath] = "/var/lib/qkdgate"
+    control_socket: Annotated[str, FilePath] = "/run/qkdgate/control.sock"
+
+    _yaml_label = "gateway"
+
+    @property
+    def kem_suite(self) -> KemSuite:
+        if self.suite is not None:
+            return self.suite
+        return KemSuite.ML_KEM_1024 if self.profile is Profile.CNSA2 else KemSuite.ML_KEM_768
+
+    @property
+    def signature_suite(self) -> str:
+        """The identity signature: ML-DSA (FIPS 204) combined with Ed25519."""
+        return "ML-DSA-87" if self.profile is Profile.CNSA2 else "ML-DSA-65+Ed25519"
+
+
+# ---------------------------------------------------------------- peers
+
+@dataclass(frozen=True, slots=True)
+class PeerQkd:
+    """How this gateway gets QKD keys it shares with one peer."""
+    key_source: Annotated[str, Name]
+    role: QkdRole
+    local_sae_id: Annotated[str, Pattern(r"[^\s/?#]{1,128}", "an SAE ID (no spaces, '/', '?', '#')")]
+    peer_sae_id: Annotated[str, Pattern(r"[^\s/?#]{1,128}", "an SAE ID (no spaces, '/', '?', '#')")]
+    key_size: Annotated[int, Range(128, 8192)] = 256   # bits; ETSI GS QKD 014 6.4 size
+
+    _yaml_label = "peer qkd"
+
+
+@dataclass(frozen=True, slots=True)
+class PeerConfig:
+    name: Annotated[str, Name]
+    address: IPAddress
+    identities: Annotated[tuple[Annotated[str, FilePath], ...], Length(1, 2)]
+    port: Port = 4600
+    psk_file: Annotated[str, FilePath] | None = None
+    qkd: PeerQkd | None = None
+
+    _yaml_label = "peer"
+
+
+# ---------------------------------------------------------------- key sources
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """Mutual TLS towards a KME or broker (ETSI GS QKD 014 4.3: HTTPS with
+    client certificates). ``ca`` None means the system trust store."""
+    cert: Annotated[str, FilePath] | None = None
+    key: Annotated[str, FilePath] | None = None
+    ca: Annotated[str, FilePath] | None = None
+
+    _yaml_label = "tls"
+
+
+@dataclass(frozen=True, slots=True)
+class KeySourceConfig:
+    name: Annotated[str, Name]
+    kind: Annotated[str, Name]
+    url: Annotated[str, Pattern(r"[a-z][a-z0-9+.-]*://[^\s/]+(/\S*)?",
+                                "a URL such as https://kme-a.example:8443")] | None = None
+    tls: TlsConfig | None = None
+    kme_id: str | None = None
+    timeout: Seconds = 5.0
+    retries: Annotated[int, Range(0, 10)] = 3
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    _yaml_label = "key source"
+
+
+# ---------------------------------------------------------------- tunnels
+
+@dataclass(frozen=True, slots=True)
+class MarkConfig:
+    value: Annotated[int, Range(0, 0xFFFFFFFF)]
+    mask: Annotated[int, Range(1, 0xFFFFFFFF)] = 0xFFFFFFFF
+
+    def to_mark(self) -> Mark:
+        return Mark(self.value, self.mask)
+
+
+@dataclass(frozen=True, slots=True)
+class IpsecConfig:
+    local_address: IPAddress
+    remote_address: IPAddress
+    reqid: Annotated[int, Range(1, 0xFFFFFFFF - REQID_SPAN)]
+    local_subnets: tuple[IPNetwork, ...] = ()    # empty: host-to-host (transport mode)
+    remote_subnets: tuple[IPNetwork, ...] = ()
+    mode: Mode = Mode.TUNNEL
+    cipher: IpsecCipher = IpsecCipher.AES_256_GCM
+    mark: MarkConfig | None = None
+    if_id: Annotated[int, Range(1, 0xFFFFFFFF)] | None = None
+    replay_window: Annotated[int, Range(0, 4096)] = 1024
+    esn: bool = True
+    udp_encap: bool = False                      # RFC 3948 ESP-in-UDP, port 4500
+
+    _yaml_label = "ipsec settings"
+
+
+@dataclass(frozen=True, slots=True)
+class MacsecConfig:
+    parent: IfName
+    interface: IfName | None = None              # None: "qm-" + the tunnel name, truncated
+    cipher: MacsecCipher = MacsecCipher.GCM_AES_XPN_256
+    port: Annotated[int, Range(1, 65535)] = 1    # SCI port (IEEE 802.1AE-2018 8.2.1)
+    encrypt: bool = True
+    replay_window: Annotated[int, Range(0, 0xFFFFFFFF)] = 0
+
+    _yaml_label = "macsec settings"
+
+
+@dataclass(frozen=True, slots=True)
+class RekeyConfig:
+    interval: Annotated[float, Duration, Range(1)] = 60.0
+    soft_lifetime: Seconds = 90.0
+    hard_lifetime: Seconds = 120.0
+    grace: Seconds = 5.0                         # old SA kept after the switch
+    max_bytes: Annotated[int, Range(0)] = 0      # 0 = off
+    macsec_pn_threshold: Annotated[float, Range(0, 1, gt=True)] = 0.75
+
+    _yaml_label = "rekey settings"
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelConfig:
+    name: Annotated[str, Name]
+    peer: Annotated[str, Name]
+    type: TunnelType
+    policy: KeyPolicy = KeyPolicy.HYBRID_REQUIRED
+    ipsec: IpsecConfig | None = None
+    macsec: MacsecConfig | None = None
+    rekey: RekeyConfig = field(default_factory=RekeyConfig)
+
+    _yaml_label = "tunnel"
+
+    @property
+    def macsec_interface(self) -> str | None:
+        if self.macsec is None:
+            return None
+        return self.macsec.interface or ("qm-" + self.name)[:15]
+
+
+# ---------------------------------------------------------------- telemetry
+
+@dataclass(frozen=True, slots=True)
+class MqttConfig:
+    enabled: bool = False
+    host: Hostname = "127.0.0.1"
+    port: Port = 1883
+    tls: TlsConfig | None = None
+    username: str | None = None
+    password_file: Annotated[str, FilePath] | None = None
+    topic_prefix: MqttTopic = "qkdgate"
+    client_id: str | None = None
+    qos: Annotated[int, Range(0, 2)] = 1
+    interval: Seconds = 10.0
+
+    _yaml_label = "mqtt settings"
+
+
+@dataclass(frozen=True, slots=True)
+class PrometheusConfig:
+    enabled: bool = False
+    address: IPAddress = ipaddress.ip_address("127.0.0.1")
+    port: Port = 9464
+
+    _yaml_label = "prometheus settings"
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: LogLevel = LogLevel.INFO
+    format: LogFormat = LogFormat.TEXT
+
+    _yaml_label = "log settings"
+
+
+@dataclass(frozen=True, slots=True)
+class TelemetryConfig:
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    prometheus: PrometheusConfig = field(default_factory=PrometheusConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    _yaml_label = "telemetry"
+
+
+# ---------------------------------------------------------------- root
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    version: Annotated[int, Range(1, 1)]
+    gateway: GatewayConfig
+    peers: Annotated[tuple[PeerConfig, ...], Length(1)]
+    key_sources: tuple[KeySourceConfig, ...] = ()
+    tunnels: tuple[TunnelConfig, ...] = ()
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    # Where it came from: for error messages from validate(). Not config.
+    _file: str = field(default="<config>", compare=False, repr=False)
+    _lines: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)
+
+    _yaml_label = "configuration"
+
+    def peer(self, name: str) -> PeerConfig:
+        for p in self.peers:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    def key_source(self, name: str) -> KeySourceConfig:
+        for k in self.key_sources:
+            if k.name == name:
+                return k
+        raise KeyError(name)
+
+    def tunnel(self, name: str) -> TunnelConfig:
+        for t in self.tunnels:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    def tunnels_for(self, peer: str) -> tuple[TunnelConfig, ...]:
+        return tuple(t for t in self.tunnels if t.peer == peer)
+
+    def validate(self) -> "Config":
+        """Cross-check values against each other; raises ConfigError."""
+        from qkdgate.gateway.config_validate import validate
+        validate(self)
+        return self
+
+    def error(self, path: str, message: str, *, expected: str | None = None,
+              found: str | None = None) -> ConfigError:
+        """A ConfigError at ``path``, with the line the value was read from."""
+        line = self._lines.get(path)
+        probe = path
+        while line is None and probe:
+            probe = probe.rpartition(".")[0] if "." in probe else probe.rpartition("[")[0]
+            line = self._lines.get(probe)
+        return ConfigError(message, file=self._file, line=line, path=path or None,
+                           expected=expected, found=found)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able data (the ``check-config --json`` output). Holds no
+        secrets: the schema has only paths to secret files."""
+        from qkdgate.gateway.config_validate import to_plain
+        return to_plain(self)
+
+
+# ---------------------------------------------------------------- loading
+
+def parse_config(text: str, filename: str = "<config>", *, base_dir: str | None = None,
+                 validate: bool = True) -> Config:
+    """Parse YAML ``text`` into a validated :class:`Config`.
+
+    Relative file paths in the config resolve against ``base_dir`` (default:
+    the folder of ``filename``)."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import MarkedYAMLError, YAMLError
+
+    if base_dir is None:
+        base_dir = os.path.dirname(os.path.abspath(filename))
+    if "\t" in text:
+        # YAML forbids tabs for indentation; the scanner's message is obscure
+        for n, line in enumerate(text.splitlines(), 1):
+            if line[:len(line) - len(line.lstrip(" \t"))].find("\t") >= 0 and line.strip():
+                raise ConfigError("tab character in indentation", file=filename, line=n,
+                                  expected="spaces", found="a tab")
+    try:
+        node = YAML(typ="safe", pure=True).compose(text)
+    except MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        what = " ".join(str(p) for p in (exc.context, exc.problem) if p)
+        raise ConfigError(f"YAML syntax error: {what}", file=filename,
+                          line=mark.line + 1 if mark else None) from None
+    except YAMLError as exc:
+        raise ConfigError(f"YAML error: {exc}", file=filename) from None
+    if node is None:
+        raise ConfigError("empty configuration", file=filename, line=1,
+                          expected="a mapping with version, gateway, peers, ...",
+                          found="an empty document")
+    walk = Walk(file=filename, base_dir=base_dir)
+    if node.id != "mapping":
+        from qkdgate.gateway.config_schema import describe
+        raise walk.error(node, "", "the top level must be a mapping",
+                         expected="a mapping with version, gateway, peers, ...",
+                         found=describe(node))
+    cfg = walk.dataclass(Config, node, "")
+    cfg = _with_source(cfg, filename, walk.lines)
+    return cfg.validate() if validate else cfg
+
+
+def load_config(path: str | os.PathLike[str], *, validate: bool = True) -> Config:
+    """Read and parse the configuration file at ``path``."""
+    name = os.fspath(path)
+    try:
+        with open(name, "rb") as fh:
+            raw = fh.read(4 * 1024 * 1024 + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration: {exc.strerror}", file=name) from None
+    if len(raw) > 4 * 1024 * 1024:
+        raise ConfigError("configuration file too large", file=name, expected="at most 4 MiB")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise ConfigError("not UTF-8 text", file=name, line=line,
+                          expected="UTF-8", found=f"byte {raw[exc.start]:#04x}") from None
+    return parse_config(text, name, validate=validate)
+
+
+def _with_source(cfg: Config, filename: str, lines: dict[str, int]) -> Config:
+    object.__setattr__(cfg, "_file", filename)
+    object.__setattr__(cfg, "_lines", dict(lines))
+    return cfg

@@ -1,0 +1,295 @@
+"""Cross-checks of a parsed configuration, and its plain-data form.
+
+Theory of operation: the schema walker has already checked every value on
+its own; :func:`validate` checks values against each other -- references
+resolve, names are unique, address families agree, lifetimes are ordered
+so make-before-break has room, reqid ranges do not collide -- and raises the
+first problem as a :class:`~qkdgate.errors.ConfigError` located by YAML path
+and line. :func:`warnings` lists things that are legal but probably not what
+the operator meant; ``check-config`` prints them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import ipaddress
+import types
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from urllib.parse import urlsplit
+
+from qkdgate.interfaces import Mode
+
+if TYPE_CHECKING:
+    from qkdgate.gateway.config import Config
+
+
+def validate(cfg: "Config") -> None:
+    from qkdgate.gateway.config import (BUILTIN_KEY_SOURCE_KINDS, KIND_NEEDS_URL, REQID_SPAN,
+                                        KemSuite, Profile, TunnelType)
+
+    g = cfg.gateway
+    if g.profile is Profile.CNSA2 and g.suite not in (None, KemSuite.ML_KEM_1024):
+        raise cfg.error("gateway.suite", "profile cnsa2 needs ML-KEM-1024 (CNSA 2.0)",
+                        expected="ML-KEM-1024 or no suite", found=f"'{g.suite.value}'")
+
+    _unique(cfg, "peers", [p.name for p in cfg.peers], "peer name")
+    _unique(cfg, "key_sources", [k.name for k in cfg.key_sources], "key source name")
+    _unique(cfg, "tunnels", [t.name for t in cfg.tunnels], "tunnel name")
+
+    # -- key sources
+    kinds = set(BUILTIN_KEY_SOURCE_KINDS) | _plugin_kinds()
+    for i, ks in enumerate(cfg.key_sources):
+        at = f"key_sources[{i}]"
+        if ks.kind not in kinds:
+            raise cfg.error(f"{at}.kind", "unknown key source kind",
+                            expected="one of " + ", ".join(sorted(kinds)), found=f"'{ks.kind}'")
+        if ks.kind in KIND_NEEDS_URL and ks.url is None:
+            raise cfg.error(at, f"key source kind {ks.kind} needs a url",
+                            expected="url: https://...", found="no url")
+        if ks.url is not None:
+            _check_url(cfg, f"{at}.url", ks.url, ks.kind)
+        if ks.tls is not None:
+            _check_tls(cfg, f"{at}.tls", ks.tls)
+
+    # -- peers
+    sources = {k.name for k in cfg.key_sources}
+    endpoints: dict[tuple[str, int], int] = {}
+    sae_ids: dict[tuple[str, str], int] = {}
+    for i, p in enumerate(cfg.peers):
+        at = f"peers[{i}]"
+        if p.name == g.name:
+            raise cfg.error(f"{at}.name", "a peer cannot have this gateway's name",
+                            expected=f"a name other than '{g.name}'", found=f"'{p.name}'")
+        _check_unicast(cfg, f"{at}.address", p.address)
+        first = endpoints.setdefault((str(p.address), p.port), i)
+        if first != i:
+            raise cfg.error(f"{at}.address", f"same address and port as peers[{first}]",
+                            expected="one peer per address and port",
+                            found=f"{p.address} port {p.port}")
+        _unique(cfg, f"{at}.identities", list(p.identities), "pinned identity")
+        if p.qkd is None:
+            continue
+        q = p.qkd
+        if q.key_source not in sources:
+            raise cfg.error(f"{at}.qkd.key_source", "unknown key source",
+                            expected=_one_of(sources, "a key source defined in key_sources"),
+                            found=f"'{q.key_source}'")
+        if q.local_sae_id == q.peer_sae_id:
+            raise cfg.error(f"{at}.qkd.peer_sae_id", "the peer's SAE ID equals ours",
+                            expected=f"an SAE ID other than '{q.local_sae_id}'",
+                            found=f"'{q.peer_sae_id}'")
+        if q.key_size % 8:
+            raise cfg.error(f"{at}.qkd.key_size", "key size must be whole bytes",
+                            expected="a multiple of 8 bits", found=str(q.key_size))
+        first = sae_ids.setdefault((q.key_source, q.peer_sae_id), i)
+        if first != i:
+            raise cfg.error(f"{at}.qkd.peer_sae_id",
+                            f"same key source and peer SAE ID as peers[{first}]",
+                            expected="one peer per SAE ID", found=f"'{q.peer_sae_id}'")
+
+    # -- tunnels
+    peers = {p.name: p for p in cfg.peers}
+    reqids: list[tuple[int, int]] = []
+    ifnames: dict[str, int] = {}
+    for i, t in enumerate(cfg.tunnels):
+        at = f"tunnels[{i}]"
+        if t.peer not in peers:
+            raise cfg.error(f"{at}.peer", "unknown peer",
+                            expected=_one_of(peers, "a peer defined in peers"), found=f"'{t.peer}'")
+        own, other = ("ipsec", "macsec") if t.type is TunnelType.IPSEC else ("macsec", "ipsec")
+        if getattr(t, own) is None:
+            raise cfg.error(at, f"type {own} needs an '{own}' section",
+                            expected=f"{own}: {{...}}", found=f"no {own} section")
+        if getattr(t, other) is not None:
+            raise cfg.error(f"{at}.{other}", f"'{other}' section in a tunnel of type {own}",
+                            expected=f"only an '{own}' section", found=f"an '{other}' section")
+        if "qkd" in t.policy.required and peers[t.peer].qkd is None:
+            raise cfg.error(f"{at}.policy", f"policy {t.policy.value} requires QKD keys but "
+                            f"peer '{t.peer}' has no qkd section",
+                            expected="a peer with qkd settings or policy pqc-fallback/pqc-only",
+                            found=f"'{t.policy.value}'")
+        r = t.rekey
+        if not r.interval < r.soft_lifetime:
+            raise cfg.error(f"{at}.rekey.interval", "rekey interval must be shorter than "
+                            "the soft lifetime", expected=f"less than {_s(r.soft_lifetime)}",
+                            found=_s(r.interval))
+        if not r.soft_lifetime < r.hard_lifetime:
+            raise cfg.error(f"{at}.rekey.soft_lifetime", "soft lifetime must be shorter than "
+                            "the hard lifetime", expected=f"less than {_s(r.hard_lifetime)}",
+                            found=_s(r.soft_lifetime))
+        if not r.interval + r.grace < r.hard_lifetime:
+            # the old generation must outlive the switch plus the grace period
+            raise cfg.error(f"{at}.rekey.grace", "interval + grace must be shorter than "
+                            "the hard lifetime",
+                            expected=f"less than {_s(r.hard_lifetime - r.interval)}",
+                            found=_s(r.grace))
+        if t.ipsec is not None:
+            _check_ipsec(cfg, f"{at}.ipsec", t.ipsec)
+            lo, hi = t.ipsec.reqid, t.ipsec.reqid + REQID_SPAN - 1
+            for j, (olo, ohi) in enumerate(reqids):
+                if lo <= ohi and olo <= hi and olo:
+                    raise cfg.error(f"{at}.ipsec.reqid", f"reqid range {lo}-{hi} overlaps "
+                                    f"another tunnel's {olo}-{ohi}",
+                                    expected=f"reqids {REQID_SPAN} apart", found=str(lo))
+            reqids.append((lo, hi))
+        else:
+            reqids.append((0, 0))
+        if t.macsec is not None:
+            name = t.macsec_interface
+            assert name is not None
+            if name == t.macsec.parent:
+                raise cfg.error(f"{at}.macsec.interface", "interface equals its parent",
+                                expected=f"a name other than '{name}'", found=f"'{name}'")
+            first = ifnames.setdefault(name, i)
+            if first != i:
+                raise cfg.error(f"{at}.macsec", f"interface name '{name}' already used by "
+                                f"tunnels[{first}]", expected="a unique macsec.interface",
+                                found=f"'{name}'")
+
+    # -- telemetry
+    m = cfg.telemetry.mqtt
+    if m.password_file is not None and m.username is None:
+        raise cfg.error("telemetry.mqtt.password_file", "a password needs a username",
+                        expected="telemetry.mqtt.username", found="no username")
+    if m.tls is not None:
+        _check_tls(cfg, "telemetry.mqtt.tls", m.tls)
+
+
+def warnings(cfg: "Config") -> list[str]:
+    """Legal but suspicious settings, as 'path: text' lines."""
+    out = []
+    for i, t in enumerate(cfg.tunnels):
+        peer = cfg.peer(t.peer)
+        if "qkd" in t.policy.optional and peer.qkd is None:
+            out.append(f"tunnels[{i}].policy: {t.policy.value} but peer '{peer.name}' has no qkd "
+                       "section: this tunnel will run on PQC keys only")
+        if t.macsec is None and t.rekey.macsec_pn_threshold != 0.75:
+            out.append(f"tunnels[{i}].rekey.macsec_pn_threshold: ignored for IPsec tunnels")
+    used = {p.qkd.key_source for p in cfg.peers if p.qkd is not None}
+    for i, ks in enumerate(cfg.key_sources):
+        if ks.name not in used:
+            out.append(f"key_sources[{i}]: '{ks.name}' is not used by any peer")
+    for i, p in enumerate(cfg.peers):
+        if not cfg.tunnels_for(p.name):
+            out.append(f"peers[{i}]: '{p.name}' has no tunnel")
+    if not cfg.tunnels:
+        out.append("tunnels: none configured; the gateway will protect no traffic")
+    return out
+
+
+def to_plain(obj: Any) -> Any:
+    """Dataclasses, enums, addresses, tuples -> JSON-able dicts/lists/scalars."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_plain(getattr(obj, f.name))
+                for f in dataclasses.fields(obj) if not f.name.startswith("_")}
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if isinstance(obj, (ipaddress.IPv4Address, ipaddress.IPv6Address,
+                        ipaddress.IPv4Network, ipaddress.IPv6Network)):
+        return str(obj)
+    if isinstance(obj, (tuple, list)):
+        return [to_plain(x) for x in obj]
+    if isinstance(obj, (dict, types.MappingProxyType)):
+        return {k: to_plain(v) for k, v in obj.items()}
+    return obj
+
+
+# ---------------------------------------------------------------- helpers
+
+def _unique(cfg: "Config", at: str, names: list[str], what: str) -> None:
+    seen: dict[str, int] = {}
+    field = {"peers": ".name", "key_sources": ".name", "tunnels": ".name"}.get(at, "")
+    for i, n in enumerate(names):
+        if n in seen:
+            raise cfg.error(f"{at}[{i}]{field}", f"duplicate {what} (first at {at}[{seen[n]}])",
+                            expected=f"a unique {what}", found=f"'{n}'")
+        seen[n] = i
+
+
+def _one_of(names: Iterable[str], empty: str) -> str:
+    names = sorted(names)
+    return "one of " + ", ".join(names) if names else empty
+
+
+def _s(seconds: float) -> str:
+    return f"{seconds:g}s"
+
+
+def _check_unicast(cfg: "Config", at: str, addr: Any) -> None:
+    if addr.is_unspecified or addr.is_multicast:
+        raise cfg.error(at, "not a unicast address", expected="a unicast IP address",
+                        found=str(addr))
+
+
+def _check_url(cfg: "Config", at: str, url: str, kind: str) -> None:
+    parts = urlsplit(url)
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        host, port = None, None
+    if not host:
+        raise cfg.error(at, "URL without a valid host", expected="https://HOST[:PORT]",
+                        found=f"'{url}'")
+    if kind in ("etsi014", "idq", "toshiba") and parts.scheme != "https":
+        loopback = False
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = host == "localhost"
+        if not (parts.scheme == "http" and loopback):
+            # ETSI GS QKD 014 4.3: the SAE-KME interface is HTTPS with mutual TLS
+            raise cfg.error(at, "the KME interface must use HTTPS (plain http only on loopback)",
+                            expected="an https:// URL", found=f"'{url}'")
+    del port
+
+
+def _check_tls(cfg: "Config", at: str, tls: Any) -> None:
+    if (tls.cert is None) != (tls.key is None):
+        missing = "key" if tls.key is None else "cert"
+        raise cfg.error(at, f"client certificate and key go together; '{missing}' is missing",
+                        expected="both cert and key, or neither", found=f"no {missing}")
+
+
+def _check_ipsec(cfg: "Config", at: str, s: Any) -> None:
+    _check_unicast(cfg, f"{at}.local_address", s.local_address)
+    _check_unicast(cfg, f"{at}.remote_address", s.remote_address)
+    if s.local_address.version != s.remote_address.version:
+        raise cfg.error(f"{at}.remote_address", "address family differs from local_address",
+                        expected=f"an IPv{s.local_address.version} address",
+                        found=str(s.remote_address))
+    if s.local_address == s.remote_address:
+        raise cfg.error(f"{at}.remote_address", "remote address equals the local address",
+                        expected="the peer's address", found=str(s.remote_address))
+    if s.mode is Mode.TUNNEL:
+        for side in ("local_subnets", "remote_subnets"):
+            if not getattr(s, side):
+                raise cfg.error(at, f"tunnel mode needs {side}",
+                                expected=f"{side}: [a network, ...]", found=f"no {side}")
+        fam_l = {n.version for n in s.local_subnets}
+        fam_r = {n.version for n in s.remote_subnets}
+        for side, subnets, other in (("local_subnets", s.local_subnets, fam_r),
+                                     ("remote_subnets", s.remote_subnets, fam_l)):
+            for j, net in enumerate(subnets):
+                if net.version not in other:
+                    peer_side = "remote" if side == "local_subnets" else "local"
+                    raise cfg.error(f"{at}.{side}[{j}]",
+                                    f"address family has no match in {peer_side}_subnets",
+                                    expected=f"an IPv{sorted(other)[0]} network", found=str(net))
+    else:
+        for side in ("local_subnets", "remote_subnets"):
+            for j, net in enumerate(getattr(s, side)):
+                if net.version != s.local_address.version:
+                    raise cfg.error(f"{at}.{side}[{j}]", "transport mode selectors must be in "
+                                    "the family of the tunnel addresses",
+                                    expected=f"an IPv{s.local_address.version} network",
+                                    found=str(net))
+
+
+def _plugin_kinds() -> set[str]:
+    """Third-party key source adapters registered as entry points (no import)."""
+    try:
+        from importlib.metadata import entry_points
+        return {ep.name for ep in entry_points(group="qkdgate.key_sources")}
+    except Exception:  # broken metadata must not stop config checking
+        return set()
