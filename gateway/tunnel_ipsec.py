@@ -1,0 +1,267 @@
+"""IPsec (XFRM) tunnels for the tunnel manager.
+
+Theory of operation: one :class:`IpsecTunnel` owns a reqid range
+``[reqid_base, reqid_base + reqid_span)``. ``reqid_base`` is the *inbound*
+reqid every generation's inbound SA carries, so the ``in``/``fwd`` policy
+templates match old and new inbound SAs during an overlap. Each generation's
+outbound SA gets the next free reqid of the rest of the range; switching
+traffic to it is one XFRM_MSG_UPDPOLICY of each ``out`` policy (its template
+names the new reqid). That range is also how a restarted daemon recognises
+its own SAs (:meth:`IpsecTunnel.setup` adopts them: they keep forwarding
+until a new generation replaces them or their kernel lifetime ends).
+
+Policies per (local net, remote net) pair: ``out`` (BLOCK until the first
+generation), ``in`` and, in tunnel mode, ``fwd`` (ALLOW with a required ESP
+template: cleartext that matches the selectors is dropped). RFC 4301 4.4.1.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from dataclasses import dataclass, replace
+from typing import Any
+
+from qkdgate.errors import TunnelError
+from qkdgate.gateway.tunnel_manager import (Generation, Lifetimes, KeySchedule, SaRecord, Tunnel,
+                                            TunnelPolicy)
+from qkdgate.interfaces import (Direction, IPAddress, IpsecBackend, IPNetwork, Lifetime, Mark,
+                                Mode, PolicyAction, PolicySpec, SaId, SaSpec, Selector, Template,
+                                UdpEncap)
+
+log = logging.getLogger("qkdgate.tunnels")
+
+
+@dataclass(frozen=True, slots=True)
+class IpsecTunnelSpec:
+    tunnel_id: str
+    local: IPAddress
+    remote: IPAddress
+    local_nets: tuple[IPNetwork, ...]
+    remote_nets: tuple[IPNetwork, ...]
+    reqid_base: int
+    reqid_span: int = 64
+    mode: Mode = Mode.TUNNEL
+    mark: Mark | None = None
+    if_id: int | None = None
+    encap: UdpEncap | None = None
+    replay_window: int = 1024
+    priority: int = 1000
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.reqid_base or self.reqid_span < 3 \
+                or self.reqid_base + self.reqid_span > 0xFFFFFFFF:
+            raise ValueError("reqid range must be within 1..2^32-1 and hold at least 3 reqids")
+        if not self.local_nets or not self.remote_nets:
+            raise ValueError("a tunnel needs local and remote traffic selectors")
+
+    def selectors(self) -> list[tuple[Selector, Selector]]:
+        """(outbound, inbound) selector for every local x remote net pair of the same family."""
+        pairs = []
+        for ln in self.local_nets:
+            for rn in self.remote_nets:
+                if ln.version == rn.version:
+                    pairs.append((Selector(ln, rn), Selector(rn, ln)))
+        return pairs
+
+
+class IpsecTunnel(Tunnel):
+    kind = "ipsec"
+
+    def __init__(self, spec: IpsecTunnelSpec, backend: IpsecBackend, *, policy: TunnelPolicy,
+                 lifetimes: Lifetimes, schedule: KeySchedule | None = None,
+                 require_x25519: bool = False, emit: Any = None) -> None:
+        super().__init__(spec.tunnel_id, policy=policy, lifetimes=lifetimes, schedule=schedule,
+                         require_x25519=require_x25519, emit=emit)
+        self.spec = spec
+        self.backend = backend
+        self._next_out_reqid = spec.reqid_base + 1
+        self._out_policies: list[PolicySpec] = []
+
+    # ---- policies ---------------------------------------------------------
+    def _policy(self, sel: Selector, direction: Direction, template: Template | None,
+                action: PolicyAction = PolicyAction.ALLOW) -> PolicySpec:
+        s = self.spec
+        return PolicySpec(selector=sel, direction=direction, action=action, template=template,
+                          priority=s.priority, mark=s.mark, if_id=s.if_id)
+
+    def _in_template(self) -> Template:
+        s = self.spec
+        return Template(src=s.remote, dst=s.local, reqid=s.reqid_base, mode=s.mode)
+
+    def _owned(self, reqid: int) -> bool:
+        return self.spec.reqid_base <= reqid < self.spec.reqid_base + self.spec.reqid_span
+
+    def setup(self, now: float) -> None:
+        """Install the fail-closed policies; adopt SAs a previous run left."""
+        existing = {(p.selector, p.direction, p.mark, p.if_id): p
+                    for p in self.backend.list_policies()}
+        self._out_policies = []
+        for out_sel, in_sel in self.spec.selectors():
+            blocked = self._policy(out_sel, Direction.OUT, None, PolicyAction.BLOCK)
+            have = existing.get((out_sel, Direction.OUT, self.spec.mark, self.spec.if_id))
+            if have is None:
+                self.backend.install_policy(blocked)
+                self._out_policies.append(blocked)
+            else:
+                self._out_policies.append(have)  # keeps forwarding via adopted SAs
+            wanted = [(in_sel, Direction.IN)]
+            if self.spec.mode is Mode.TUNNEL:
+                wanted.append((in_sel, Direction.FWD))
+            for sel, d in wanted:
+                if (sel, d, self.spec.mark, self.spec.if_id) not in existing:
+                    self.backend.install_policy(self._policy(sel, d, self._in_template()))
+        self._adopt(now)
+        self.state = "up" if self.active else "blocked"
+        if self.active is None:
+            self.last_error = None
+
+    def _adopt(self, now: float) -> None:
+        """SAs in our reqid range from a previous run become generation 0."""
+        found = self.backend.list_sas(self.spec.reqid_base,
+                                      self.spec.reqid_base + self.spec.reqid_span - 1)
+        if not found:
+            return
+        gen = Generation(0, None, "adopted", now, adopted=True)
+        # The kernel enforces their hard lifetime; we retire them once a new
+        # generation is switched in, or at our hard lifetime from now at the
+        # latest, whichever is first.
+        gen.hard_at_override = now + self.lifetimes.hard_seconds
+        for st in found:
+            direction = "in" if st.reqid == self.spec.reqid_base else "out"
+            rec = SaRecord(direction, st.sa_id.spi, st.reqid, now, st.sa_id)
+            if direction == "in" and gen.inbound is None:
+                gen.inbound = rec
+            elif direction == "out" and gen.outbound is None:
+                gen.outbound = rec
+            else:
+                gen.extra.append(rec)
+        self.generations[0] = gen
+        out_reqids = {p.template.reqid for p in self._out_policies if p.template}
+        if gen.outbound is not None and gen.outbound.reqid in out_reqids:
+            self.active = gen
+            self._next_out_reqid = gen.outbound.reqid + 1
+        log.info("tunnel %s: adopted %d SA(s) from a previous run", self.tunnel_id, len(found),
+                 extra={"tunnel": self.tunnel_id})
+        self.emit("sa_adopted", count=len(found))
+
+    # ---- SAs ----------------------------------------------------------------
+    def allocate_spi(self) -> int:
+        return self.backend.allocate_spi(self.spec.remote, self.spec.local)
+
+    def _sa_spec(self, key: Any, reqid: int, out_sel: Selector) -> SaSpec:
+        s, lt = self.spec, self.lifetimes
+        # RFC 4301 4.4.2.1: soft then hard lifetime; the kernel enforces both
+        # even if this daemon dies. Seconds are rounded up so the kernel never
+        # expires an SA before our own (finer) clock rekeys it.
+        lifetime = Lifetime(soft_bytes=lt.soft_bytes, hard_bytes=lt.hard_bytes,
+                            soft_add_seconds=max(1, int(-(-lt.soft_seconds // 1))),
+                            hard_add_seconds=max(2, int(-(-lt.hard_seconds // 1))))
+        selector = out_sel if s.mode is Mode.TRANSPORT else None
+        return SaSpec(key=key, reqid=reqid, mode=s.mode, selector=selector,
+                      replay_window=s.replay_window, lifetime=lifetime, encap=s.encap)
+
+    def _add_inbound(self, gen: Generation, session: Any, direction: str, spi: int,
+                     now: float) -> SaRecord:
+        s = self.spec
+        sa_id = SaId(src=s.remote, dst=s.local, spi=spi, mark=s.mark, if_id=s.if_id)
+        key = self.schedule.esp_key(session, s.tunnel_id, direction, spi, gen.number)
+        self.backend.install_inbound(sa_id, self._sa_spec(key, s.reqid_base, s.selectors()[0][1]))
+        return SaRecord("in", spi, s.reqid_base, now, sa_id)
+
+    def _take_out_reqid(self) -> int:
+        s = self.spec
+        used = {r.reqid for g in self.generations.values() for r in g.records()
+                if r.direction == "out"}
+        for _ in range(s.reqid_span):
+            reqid = self._next_out_reqid
+            self._next_out_reqid += 1
+            if self._next_out_reqid >= s.reqid_base + s.reqid_span:
+                self._next_out_reqid = s.reqid_base + 1
+            if reqid not in used:
+                return reqid
+        raise TunnelError("allocate_reqid", errno.ENOSPC, f"reqid range of {s.tunnel_id} in use")
+
+    def _add_outbound(self, gen: Generation, session: Any, direction: str, spi: int,
+                      now: float) -> SaRecord:
+        s = self.spec
+        reqid = self._take_out_reqid()
+        sa_id = SaId(src=s.local, dst=s.remote, spi=spi, mark=s.mark, if_id=s.if_id)
+        key = self.schedule.esp_key(session, s.tunnel_id, direction, spi, gen.number)
+        self.backend.install_outbound(sa_id, self._sa_spec(key, reqid, s.selectors()[0][0]))
+        return SaRecord("out", spi, reqid, now, sa_id)
+
+    def _switch_to(self, gen: Generation) -> None:
+        assert gen.outbound is not None
+        s = self.spec
+        tmpl = Template(src=s.local, dst=s.remote, reqid=gen.outbound.reqid, mode=s.mode)
+        done: list[PolicySpec] = []
+        try:
+            for i, pol in enumerate(self._out_policies):
+                new = replace(pol, action=PolicyAction.ALLOW, template=tmpl,
+                              priority=s.priority)
+                self.backend.switch_outbound(new)   # XFRM_MSG_UPDPOLICY: atomic per policy
+                done.append(pol)
+                self._out_policies[i] = new
+        except TunnelError:
+            for i, old in enumerate(done):           # point back whatever already moved
+                try:
+                    self.backend.switch_outbound(old)
+                    self._out_policies[i] = old
+                except TunnelError:
+                    pass
+            raise
+
+    def _block_outbound(self) -> None:
+        for i, pol in enumerate(self._out_policies):
+            blocked = replace(pol, action=PolicyAction.BLOCK, template=None)
+            self.backend.switch_outbound(blocked)
+            self._out_policies[i] = blocked
+
+    def _remove_sa(self, rec: SaRecord) -> None:
+        self.backend.remove_sa(rec.handle)
+
+    def _poll_counters(self) -> str | None:
+        act = self.active
+        if act is None:
+            return None
+        totals = {"bytes_out": 0, "bytes_in": 0, "packets_out": 0, "packets_in": 0}
+        for rec in act.records():
+            try:
+                st = self.backend.query_sa(rec.handle)
+            except TunnelError as exc:
+                if exc.errno == errno.ESRCH:
+                    continue
+                raise
+            totals[f"bytes_{rec.direction}"] += st.bytes
+            totals[f"packets_{rec.direction}"] += st.packets
+        self.counters = totals
+        soft = self.lifetimes.soft_bytes
+        if soft and max(totals["bytes_out"], totals["bytes_in"]) >= soft:
+            return "soft_bytes"
+        return None
+
+    def shutdown(self, teardown: bool) -> None:
+        """Default (``teardown=False``): keep policies *and* SAs. The SAs
+        expire on their kernel lifetimes, after which the policies block; a
+        restarted daemon adopts them. ``teardown=True`` removes everything:
+        the operator's explicit choice to leave traffic unprotected by us."""
+        if not teardown:
+            log.info("tunnel %s: exit keeps policies and SAs (kernel lifetimes apply)",
+                     self.tunnel_id, extra={"tunnel": self.tunnel_id})
+            return
+        for gen in list(self.generations.values()):
+            self._drop_generation(gen)
+        self.active = None
+        for pol in list(self.backend.list_policies()):
+            if self._mine(pol):
+                try:
+                    self.backend.remove_policy(pol)
+                except TunnelError as exc:
+                    self._fail("remove_policy", exc)
+        self.state = "down"
+
+    def _mine(self, pol: PolicySpec) -> bool:
+        sels = {sel for pair in self.spec.selectors() for sel in pair}
+        return pol.selector in sels and pol.mark == self.spec.mark and \
+            pol.if_id == self.spec.if_id

@@ -1,0 +1,484 @@
+"""Tunnel manager: turns protocol generations into kernel SAs, make-before-break.
+
+Theory of operation. The peer protocol (qkdgate.gateway.protocol) agrees a
+:class:`SessionSecret` per *generation* and tells the daemon, in order:
+``InstallInbound`` (accept traffic under the new keys), ``InstallOutbound``
+(after key confirmation both ways: send under them) and ``RetireGeneration``
+(after a grace period). One :class:`Tunnel` per configured tunnel turns those
+into calls on the narrow kernel interfaces
+(:class:`~qkdgate.interfaces.IpsecBackend`, :class:`MacsecBackend`):
+
+* **Fail closed first.** :meth:`Tunnel.setup` installs the tunnel's policies
+  before any SA exists: ``out`` is an explicit BLOCK until the first
+  generation, ``in``/``fwd`` require ESP so cleartext is dropped. Policies
+  are never removed on the normal path, so between SAs, after a hard
+  lifetime, and after the daemon exits, traffic is dropped, never sent in
+  clear (strongSwan's trap/drop policies; Rosenpass's "a useless key rather
+  than a stale one").
+* **Make-before-break** (strongSwan's rekey discipline, wireguard-go's
+  key confirmation before switching). Inbound SAs of a generation are added
+  under the tunnel's fixed inbound reqid, so the ``in`` policy accepts the
+  old and new generation alike. The outbound SA goes in under a *new* reqid
+  and is taken into use by one atomic policy update
+  (:meth:`IpsecBackend.switch_outbound`), so no packet ever finds no SA. The
+  old generation is removed after ``grace_seconds``.
+* **Lifetimes.** Every SA carries kernel soft/hard lifetimes (RFC 4301
+  4.4.2.1) as a backstop; the tunnel also tracks them on its own clock,
+  because MACsec has no kernel lifetimes and because it must *block* (not
+  just lose the SA) when the hard lifetime passes without a new generation.
+* **Policy per tunnel** (:class:`TunnelPolicy`) is checked against each
+  generation's provenance before any key reaches the kernel: a generation
+  the policy forbids is refused (:class:`GenerationRefused`).
+
+Per-SA keys are derived here, not in the protocol core, with
+``qkdgate.keymix.schedule`` from (tunnel id, direction ``i2r``/``r2i``, SPI or
+SCI+AN, generation), so both gateways derive the same key for the same SA.
+Every SA records its provenance (ML-KEM algorithm, X25519 yes/no, QKD
+key_IDs); keys themselves never leave :class:`SecretBytes`.
+
+The module is sans-IO in the aioquic sense: the caller passes ``now``
+(monotonic seconds) and calls :meth:`TunnelManager.handle_timer` at
+:meth:`get_timer`; only the injected backends touch the kernel.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Protocol
+
+from qkdgate.errors import QkdgateError, TunnelError
+
+log = logging.getLogger("qkdgate.tunnels")
+
+
+class TunnelPolicy(enum.Enum):
+    """Which key inputs a generation must have to carry traffic."""
+
+    #: ML-KEM and a QKD key (plus X25519 if the peer config enables it). No
+    #: QKD key, no rekey: the current SAs run to their hard lifetime, then
+    #: traffic blocks.
+    HYBRID_REQUIRED = "hybrid-required"
+    #: ML-KEM (+X25519) suffices; a generation without QKD raises the
+    #: ``qkd_fallback`` alarm and the next generation with QKD clears it.
+    PQC_FALLBACK = "pqc-fallback"
+    #: A QKD key is required and the tunnel only carries traffic while the
+    #: QKD link is healthy: a reported QKD failure blocks at once instead of
+    #: waiting for the hard lifetime (for deployments whose security case
+    #: rests on QKD alone).
+    QKD_MANDATORY = "qkd-mandatory"
+
+
+class GenerationRefused(QkdgateError):
+    """The tunnel policy forbids installing this generation (fail closed)."""
+
+
+class KeySchedule(Protocol):
+    """The part of ``qkdgate.keymix.schedule`` the tunnels use."""
+
+    def esp_key(self, session: Any, tunnel_id: str, direction: str, spi: int,
+                generation: int) -> Any: ...
+
+    def macsec_keys(self, session: Any, tunnel_id: str, direction: str, sci: int, an: int,
+                    generation: int, cipher: Any) -> Any: ...
+
+
+def default_schedule() -> KeySchedule:
+    from qkdgate.keymix import schedule  # late: keymix may load optional backends
+    return schedule  # type: ignore[return-value]
+
+
+@dataclass(frozen=True, slots=True)
+class Lifetimes:
+    """SA lifetimes. ``soft`` asks for a rekey, ``hard`` removes the SA and
+    blocks. Seconds count from installation. ``grace_seconds``: how long
+    the previous generation still accepts inbound traffic after a switch
+    (packets in flight, the peer switching a moment later)."""
+
+    soft_seconds: float = 3000.0
+    hard_seconds: float = 3600.0
+    soft_bytes: int = 0          # 0 = no byte limit
+    hard_bytes: int = 0
+    grace_seconds: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.soft_seconds < self.hard_seconds:
+            raise ValueError("lifetimes need 0 < soft_seconds < hard_seconds")
+        if self.hard_bytes and not 0 < self.soft_bytes < self.hard_bytes:
+            raise ValueError("lifetimes need 0 < soft_bytes < hard_bytes")
+        if self.grace_seconds < 0:
+            raise ValueError("grace_seconds must not be negative")
+
+
+def provenance_dict(prov: Any) -> dict[str, Any]:
+    """The safe-to-print summary of a generation's key inputs."""
+    if prov is None:
+        return {"kem": None, "x25519": None, "qkd_key_ids": []}
+    return {"kem": prov.kem_name, "x25519": bool(prov.x25519),
+            "qkd_key_ids": list(prov.qkd_key_ids)}
+
+
+def check_policy(policy: TunnelPolicy, prov: Any, *, require_x25519: bool = False) -> bool:
+    """Raise :class:`GenerationRefused` unless ``prov`` satisfies ``policy``.
+    Returns True when the generation is a PQC-only fallback."""
+    if not getattr(prov, "kem_name", None):
+        raise GenerationRefused("generation has no ML-KEM input")
+    if require_x25519 and not prov.x25519:
+        raise GenerationRefused("generation lacks the X25519 input the tunnel requires")
+    has_qkd = bool(prov.qkd_key_ids)
+    if not has_qkd and policy is not TunnelPolicy.PQC_FALLBACK:
+        raise GenerationRefused(f"policy {policy.value} requires a QKD key")
+    return not has_qkd
+
+
+# --------------------------------------------------------------------------
+# records
+# --------------------------------------------------------------------------
+
+@dataclass
+class SaRecord:
+    """One installed SA (IPsec) or SA on an AN (MACsec), with what made it."""
+
+    direction: str                 # "in" | "out"
+    spi: int                       # ESP SPI, or MACsec AN
+    reqid: int
+    installed_at: float
+    handle: Any = None             # SaId for IPsec; (sci, an) for MACsec
+
+    def describe(self) -> dict[str, Any]:
+        return {"direction": self.direction, "spi": f"{self.spi:#010x}", "reqid": self.reqid}
+
+
+@dataclass
+class Generation:
+    number: int
+    provenance: Any
+    role: str                      # "initiator" | "responder"
+    created_at: float
+    inbound: SaRecord | None = None
+    outbound: SaRecord | None = None
+    switched_at: float | None = None
+    retire_at: float | None = None
+    adopted: bool = False          # found in the kernel at start, keys unknown to us
+    hard_at_override: float | None = None
+    extra: list[SaRecord] = field(default_factory=list)   # more adopted SAs
+
+    def soft_at(self, lt: Lifetimes) -> float:
+        return self.created_at + lt.soft_seconds
+
+    def hard_at(self, lt: Lifetimes) -> float:
+        if self.hard_at_override is not None:
+            return self.hard_at_override
+        return self.created_at + lt.hard_seconds
+
+    def records(self) -> list[SaRecord]:
+        return [r for r in (self.inbound, self.outbound) if r is not None] + self.extra
+
+
+def directions(role: str) -> tuple[str, str]:
+    """(inbound, outbound) key-schedule directions for our handshake role."""
+    if role == "initiator":
+        return "r2i", "i2r"
+    if role == "responder":
+        return "i2r", "r2i"
+    raise ValueError(f"unknown handshake role {role!r}")
+
+
+# --------------------------------------------------------------------------
+# the per-tunnel state machine shared by IPsec and MACsec
+# --------------------------------------------------------------------------
+
+class Tunnel:
+    """Generations of one tunnel; subclasses talk to one kernel backend."""
+
+    kind = "?"
+
+    def __init__(self, tunnel_id: str, *, policy: TunnelPolicy, lifetimes: Lifetimes,
+                 schedule: KeySchedule | None = None, require_x25519: bool = False,
+                 emit: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.tunnel_id = tunnel_id
+        self.policy = policy
+        self.lifetimes = lifetimes
+        self.require_x25519 = require_x25519
+        self._schedule = schedule
+        self._emit = emit or (lambda ev: None)
+        self.generations: dict[int, Generation] = {}
+        self.active: Generation | None = None     # the generation we send under
+        self.state = "down"                        # down | up | blocked
+        self.last_error: str | None = None
+        self.fallback = False                      # running on a PQC-only generation
+        self.rekey_requested_at: float | None = None
+        self.counters: dict[str, int] = {"bytes_out": 0, "bytes_in": 0, "packets_out": 0,
+                                         "packets_in": 0}
+
+    # ---- helpers -------------------------------------------------------
+    @property
+    def schedule(self) -> KeySchedule:
+        if self._schedule is None:
+            self._schedule = default_schedule()
+        return self._schedule
+
+    def emit(self, event: str, **fields: Any) -> None:
+        self._emit({"event": event, "tunnel": self.tunnel_id, **fields})
+
+    def _fail(self, op: str, exc: BaseException) -> None:
+        self.last_error = f"{op}: {exc}"
+        log.error("tunnel %s: %s failed: %s", self.tunnel_id, op, exc,
+                  extra={"tunnel": self.tunnel_id})
+        self.emit("tunnel_error", op=op, error=str(exc))
+
+    def _generation(self, number: int, session: Any, role: str, now: float) -> Generation:
+        gen = self.generations.get(number)
+        if gen is None:
+            gen = Generation(number, session.provenance, role, now)
+            self.generations[number] = gen
+        return gen
+
+    # ---- protocol-driven operations -------------------------------------
+    def install_inbound(self, generation: int, session: Any, role: str, spi: int,
+                        now: float) -> None:
+        """Accept traffic under ``generation`` (InstallInbound). Raises
+        GenerationRefused or TunnelError; nothing is half-installed."""
+        try:
+            fallback = check_policy(self.policy, session.provenance,
+                                    require_x25519=self.require_x25519)
+            gen = self._generation(generation, session, role, now)
+            if gen.inbound is not None:
+                return  # a retransmitted event: the SA is already there
+            in_dir, _ = directions(role)
+            gen.inbound = self._add_inbound(gen, session, in_dir, spi, now)
+        except QkdgateError as exc:
+            self._fail("install_inbound", exc)
+            raise
+        log.info("tunnel %s: generation %d inbound SA %#x installed (inputs %s)",
+                 self.tunnel_id, generation, spi, provenance_dict(session.provenance),
+                 extra={"tunnel": self.tunnel_id})
+        self.emit("sa_installed", generation=generation, direction="in", spi=spi,
+                  inputs=provenance_dict(session.provenance), fallback=fallback)
+
+    def install_outbound(self, generation: int, session: Any, role: str, spi: int,
+                         now: float) -> None:
+        """Send under ``generation`` from now on (InstallOutbound): new
+        outbound SA, atomic switch, previous generation retires after grace."""
+        try:
+            fallback = check_policy(self.policy, session.provenance,
+                                    require_x25519=self.require_x25519)
+            gen = self._generation(generation, session, role, now)
+            if gen.outbound is not None:
+                return
+            _, out_dir = directions(role)
+            record = self._add_outbound(gen, session, out_dir, spi, now)
+            gen.outbound = record
+            try:
+                self._switch_to(gen)
+            except QkdgateError:
+                gen.outbound = None
+                self._remove_record(record)   # never leave an unused keyed SA behind
+                raise
+        except QkdgateError as exc:
+            self._fail("install_outbound", exc)
+            raise
+        previous, self.active = self.active, gen
+        gen.switched_at = now
+        self.state = "up"
+        self.last_error = None
+        self.rekey_requested_at = None
+        for old in self.generations.values():
+            if old is not gen and old.number < gen.number and old.retire_at is None:
+                old.retire_at = now + self.lifetimes.grace_seconds
+        was_fallback, self.fallback = self.fallback, fallback
+        inputs = provenance_dict(session.provenance)
+        log.info("tunnel %s: switched outbound to generation %d SA %#x (inputs %s)",
+                 self.tunnel_id, generation, spi, inputs, extra={"tunnel": self.tunnel_id})
+        self.emit("sa_switched", generation=generation, spi=spi, inputs=inputs,
+                  previous=previous.number if previous else None)
+        if fallback and not was_fallback:
+            self.emit("qkd_fallback", generation=generation)
+        elif was_fallback and not fallback:
+            self.emit("qkd_recovered", generation=generation)
+
+    def retire(self, generation: int, now: float) -> None:
+        """RetireGeneration: remove that generation's SAs (never the active one)."""
+        gen = self.generations.get(generation)
+        if gen is None or gen is self.active:
+            return
+        self._drop_generation(gen)
+
+    def qkd_failed(self, now: float, reason: str) -> None:
+        """The QKD link failed. Only qkd-mandatory reacts at once (blocks);
+        other policies keep the current SAs to their lifetimes."""
+        if self.policy is TunnelPolicy.QKD_MANDATORY and self.state != "blocked":
+            self.block(now, f"QKD unavailable under qkd-mandatory: {reason}")
+
+    def block(self, now: float, reason: str) -> None:
+        """Remove every SA and block (the policies stay)."""
+        for gen in list(self.generations.values()):
+            self._drop_generation(gen)
+        self.active = None
+        try:
+            self._block_outbound()
+        except QkdgateError as exc:
+            self._fail("block", exc)
+        self.state = "blocked"
+        self.last_error = reason
+        log.warning("tunnel %s: blocked: %s", self.tunnel_id, reason,
+                    extra={"tunnel": self.tunnel_id})
+        self.emit("tunnel_blocked", reason=reason)
+
+    # ---- time ------------------------------------------------------------
+    def get_timer(self) -> float | None:
+        times = [g.retire_at for g in self.generations.values()
+                 if g.retire_at is not None and g is not self.active]
+        if self.active is not None:
+            times.append(self.active.hard_at(self.lifetimes))
+            if self.rekey_requested_at is None:
+                times.append(self.active.soft_at(self.lifetimes))
+        for g in self.generations.values():   # inbound-only generations that never switched
+            if g is not self.active and g.retire_at is None:
+                times.append(g.hard_at(self.lifetimes))
+        return min(times) if times else None
+
+    def handle_timer(self, now: float) -> list[str]:
+        """Expire what is due; returns rekey reasons the daemon must act on."""
+        wants: list[str] = []
+        for gen in list(self.generations.values()):
+            if gen is self.active:
+                continue
+            if (gen.retire_at is not None and now >= gen.retire_at) or \
+                    now >= gen.hard_at(self.lifetimes):
+                self._drop_generation(gen)
+        act = self.active
+        if act is not None:
+            if now >= act.hard_at(self.lifetimes):
+                # RFC 4301 4.4.2.1: a hard lifetime ends the SA; we block
+                # rather than send clear or under a stale key.
+                self.block(now, f"hard lifetime of generation {act.number} reached "
+                                "without a new generation")
+            elif self.rekey_requested_at is None and now >= act.soft_at(self.lifetimes):
+                self.rekey_requested_at = now
+                wants.append("soft_lifetime")
+        return wants
+
+    def poll(self, now: float) -> list[str]:
+        """Read kernel counters; returns rekey reasons (soft byte limit)."""
+        try:
+            reason = self._poll_counters()
+        except QkdgateError as exc:
+            self._fail("query", exc)
+            return []
+        if reason and self.rekey_requested_at is None:
+            self.rekey_requested_at = now
+            return [reason]
+        return []
+
+    # ---- introspection ---------------------------------------------------
+    def status(self, now: float) -> dict[str, Any]:
+        act = self.active
+        gens = []
+        for g in sorted(self.generations.values(), key=lambda g: g.number):
+            gens.append({
+                "generation": g.number, "role": g.role, "adopted": g.adopted,
+                "active": g is act, "age": round(now - g.created_at, 1),
+                "inputs": provenance_dict(g.provenance),
+                "sas": [r.describe() for r in g.records()],
+            })
+        return {
+            "tunnel": self.tunnel_id, "type": self.kind, "policy": self.policy.value,
+            "state": self.state, "generation": act.number if act else None,
+            "sa_age": round(now - act.created_at, 1) if act else None,
+            "inputs": provenance_dict(act.provenance) if act else None,
+            "fallback": self.fallback,
+            "soft_expiry_in": round(act.soft_at(self.lifetimes) - now, 1) if act else None,
+            "hard_expiry_in": round(act.hard_at(self.lifetimes) - now, 1) if act else None,
+            **self.counters, "last_error": self.last_error, "generations": gens,
+        }
+
+    def _drop_generation(self, gen: Generation) -> None:
+        for rec in [gen.outbound, gen.inbound, *gen.extra]:
+            if rec is not None:
+                self._remove_record(rec)
+        gen.inbound = gen.outbound = None
+        gen.extra = []
+        self.generations.pop(gen.number, None)
+        log.info("tunnel %s: generation %d retired", self.tunnel_id, gen.number,
+                 extra={"tunnel": self.tunnel_id})
+        self.emit("sa_retired", generation=gen.number)
+
+    def _remove_record(self, rec: SaRecord) -> None:
+        try:
+            self._remove_sa(rec)
+        except TunnelError as exc:
+            if exc.errno not in (3, 19):   # ESRCH / ENODEV: the kernel expired it already
+                self._fail("remove_sa", exc)
+
+    # ---- backend-specific ------------------------------------------------
+    def setup(self, now: float) -> None: raise NotImplementedError
+    def shutdown(self, teardown: bool) -> None: raise NotImplementedError
+    def allocate_spi(self) -> int: raise NotImplementedError
+    def _add_inbound(self, gen: Generation, session: Any, direction: str, spi: int,
+                     now: float) -> SaRecord: raise NotImplementedError
+    def _add_outbound(self, gen: Generation, session: Any, direction: str, spi: int,
+                      now: float) -> SaRecord: raise NotImplementedError
+    def _switch_to(self, gen: Generation) -> None: raise NotImplementedError
+    def _block_outbound(self) -> None: raise NotImplementedError
+    def _remove_sa(self, rec: SaRecord) -> None: raise NotImplementedError
+    def _poll_counters(self) -> str | None: raise NotImplementedError
+
+
+# --------------------------------------------------------------------------
+# all tunnels of the daemon
+# --------------------------------------------------------------------------
+
+@dataclass
+class TunnelManager:
+    """Holds every :class:`Tunnel`; routes protocol events to them by id."""
+
+    tunnels: dict[str, Tunnel] = field(default_factory=dict)
+
+    def add(self, tunnel: Tunnel) -> None:
+        if tunnel.tunnel_id in self.tunnels:
+            raise ValueError(f"duplicate tunnel id {tunnel.tunnel_id!r}")
+        self.tunnels[tunnel.tunnel_id] = tunnel
+
+    def get(self, tunnel_id: str) -> Tunnel:
+        return self.tunnels[tunnel_id]
+
+    def install_inbound(self, generation: int, session: Any, role: str,
+                        spis: Mapping[str, int], now: float) -> None:
+        """All-or-nothing over the tunnels of one peer session: a failure
+        removes what this call installed and re-raises."""
+        done: list[Tunnel] = []
+        try:
+            for tid, spi in spis.items():
+                self.tunnels[tid].install_inbound(generation, session, role, spi, now)
+                done.append(self.tunnels[tid])
+        except (QkdgateError, KeyError):
+            for t in done:
+                t.retire(generation, now)
+            raise
+
+    def install_outbound(self, generation: int, session: Any, role: str,
+                         spis: Mapping[str, int], now: float) -> None:
+        errors: list[BaseException] = []
+        for tid, spi in spis.items():
+            try:
+                self.tunnels[tid].install_outbound(generation, session, role, spi, now)
+            except QkdgateError as exc:   # other tunnels still switch: each fails closed alone
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+    def retire(self, tunnel_ids: list[str], generation: int, now: float) -> None:
+        for tid in tunnel_ids:
+            self.tunnels[tid].retire(generation, now)
+
+    def get_timer(self) -> float | None:
+        times = [t for t in (x.get_timer() for x in self.tunnels.values()) if t is not None]
+        return min(times) if times else None
+
+    def handle_timer(self, now: float) -> dict[str, list[str]]:
+        return {tid: r for tid, t in self.tunnels.items() if (r := t.handle_timer(now))}
+
+    def status(self, now: float) -> list[dict[str, Any]]:
+        return [t.status(now) for t in self.tunnels.values()]
