@@ -70,9 +70,9 @@ class IpsecTunnel(Tunnel):
 
     def __init__(self, spec: IpsecTunnelSpec, backend: IpsecBackend, *, policy: TunnelPolicy,
                  lifetimes: Lifetimes, schedule: KeySchedule | None = None,
-                 require_x25519: bool = False, emit: Any = None) -> None:
+                 emit: Any = None) -> None:
         super().__init__(spec.tunnel_id, policy=policy, lifetimes=lifetimes, schedule=schedule,
-                         require_x25519=require_x25519, emit=emit)
+                         emit=emit)
         self.spec = spec
         self.backend = backend
         self._next_out_reqid = spec.reqid_base + 1

@@ -14,9 +14,9 @@ Fail closed: the link validates strictly, so without an RX SA every frame
 is dropped, and without an active encoding TX SA nothing is sent. MACsec has
 no kernel lifetimes, so the hard lifetime is enforced only by this module,
 and on exit the SAs are removed by default (unlike XFRM, where the kernel
-expires SAs on its own). For the non-XPN suite the 32-bit packet number is a
-second soft limit (IEEE 802.1AE-2018 10.6.2: a PN must never repeat under
-one SAK): at 3/4 of its range we ask for a rekey.
+expires SAs on its own). The packet number is a second soft limit
+(IEEE 802.1AE-2018 10.6.2: a PN must never repeat under one SAK): at
+``pn_threshold`` of its range (32 bits, or 64 for XPN) we ask for a rekey.
 """
 
 from __future__ import annotations
@@ -33,16 +33,16 @@ from qkdgate.interfaces import MacsecBackend, MacsecCipher, MacsecLinkSpec, Macs
 
 log = logging.getLogger("qkdgate.tunnels")
 
-PN_SOFT_LIMIT = 0xC000_0000   # 3/4 of the 32-bit PN space
-
-
 @dataclass(frozen=True, slots=True)
 class MacsecTunnelSpec:
     tunnel_id: str
     link: MacsecLinkSpec
     peer_sci: int
+    pn_threshold: float = 0.75      # rekey at this fraction of the PN space
 
     def __post_init__(self) -> None:
+        if not 0 < self.pn_threshold <= 1:
+            raise ValueError("pn_threshold must be in (0, 1]")
         if not 0 < self.peer_sci < 1 << 64:
             raise ValueError("peer SCI must be a 64-bit value (MAC address << 16 | port)")
 
@@ -52,9 +52,9 @@ class MacsecTunnel(Tunnel):
 
     def __init__(self, spec: MacsecTunnelSpec, backend: MacsecBackend, *, policy: TunnelPolicy,
                  lifetimes: Lifetimes, schedule: KeySchedule | None = None,
-                 require_x25519: bool = False, emit: Any = None) -> None:
+                 emit: Any = None) -> None:
         super().__init__(spec.tunnel_id, policy=policy, lifetimes=lifetimes, schedule=schedule,
-                         require_x25519=require_x25519, emit=emit)
+                         emit=emit)
         self.spec = spec
         self.backend = backend
         self.local_sci: int | None = None
@@ -140,7 +140,8 @@ class MacsecTunnel(Tunnel):
             return None
         st = self.backend.query_tx_sa(self.link, act.outbound.spi)
         self.counters = {**self.counters, "bytes_out": st.octets, "packets_out": st.packets}
-        if self.spec.link.cipher is MacsecCipher.GCM_AES_256 and st.next_pn >= PN_SOFT_LIMIT:
+        bits = 64 if self.spec.link.cipher is MacsecCipher.GCM_AES_XPN_256 else 32
+        if st.next_pn >= int(self.spec.pn_threshold * (1 << bits)):
             return "pn_exhaustion"
         soft = self.lifetimes.soft_bytes
         if soft and st.octets >= soft:

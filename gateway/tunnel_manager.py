@@ -26,9 +26,13 @@ into calls on the narrow kernel interfaces
   4.4.2.1) as a backstop; the tunnel also tracks them on its own clock,
   because MACsec has no kernel lifetimes and because it must *block* (not
   just lose the SA) when the hard lifetime passes without a new generation.
-* **Policy per tunnel** (:class:`TunnelPolicy`) is checked against each
-  generation's provenance before any key reaches the kernel: a generation
-  the policy forbids is refused (:class:`GenerationRefused`).
+* **Policy per tunnel** (the config's ``KeyPolicy``: which of the legs
+  ``mlkem``, ``x25519``, ``qkd`` are required or optional) is checked
+  against each generation's provenance before any key reaches the kernel: a
+  generation lacking a required leg is refused (:class:`GenerationRefused`),
+  so no rekey happens, the current SAs run to their hard lifetime and then
+  traffic blocks. A generation lacking only an optional QKD leg raises the
+  ``qkd_fallback`` alarm until a generation with QKD clears it.
 
 Per-SA keys are derived here, not in the protocol core, with
 ``qkdgate.keymix.schedule`` from (tunnel id, direction ``i2r``/``r2i``, SPI or
@@ -43,31 +47,19 @@ The module is sans-IO in the aioquic sense: the caller passes ``now``
 
 from __future__ import annotations
 
-import enum
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Protocol
 
 from qkdgate.errors import QkdgateError, TunnelError
+from qkdgate.gateway.config import KeyPolicy
 
 log = logging.getLogger("qkdgate.tunnels")
 
 
-class TunnelPolicy(enum.Enum):
-    """Which key inputs a generation must have to carry traffic."""
-
-    #: ML-KEM and a QKD key (plus X25519 if the peer config enables it). No
-    #: QKD key, no rekey: the current SAs run to their hard lifetime, then
-    #: traffic blocks.
-    HYBRID_REQUIRED = "hybrid-required"
-    #: ML-KEM (+X25519) suffices; a generation without QKD raises the
-    #: ``qkd_fallback`` alarm and the next generation with QKD clears it.
-    PQC_FALLBACK = "pqc-fallback"
-    #: A QKD key is required and the tunnel only carries traffic while the
-    #: QKD link is healthy: a reported QKD failure blocks at once instead of
-    #: waiting for the hard lifetime (for deployments whose security case
-    #: rests on QKD alone).
-    QKD_MANDATORY = "qkd-mandatory"
+# The per-tunnel key policy is the config's: which key legs ("x25519",
+# "mlkem", "qkd") a generation must have, and which it may lack.
+TunnelPolicy = KeyPolicy
 
 
 class GenerationRefused(QkdgateError):
@@ -119,17 +111,29 @@ def provenance_dict(prov: Any) -> dict[str, Any]:
             "qkd_key_ids": list(prov.qkd_key_ids)}
 
 
-def check_policy(policy: TunnelPolicy, prov: Any, *, require_x25519: bool = False) -> bool:
-    """Raise :class:`GenerationRefused` unless ``prov`` satisfies ``policy``.
-    Returns True when the generation is a PQC-only fallback."""
-    if not getattr(prov, "kem_name", None):
-        raise GenerationRefused("generation has no ML-KEM input")
-    if require_x25519 and not prov.x25519:
-        raise GenerationRefused("generation lacks the X25519 input the tunnel requires")
-    has_qkd = bool(prov.qkd_key_ids)
-    if not has_qkd and policy is not TunnelPolicy.PQC_FALLBACK:
-        raise GenerationRefused(f"policy {policy.value} requires a QKD key")
-    return not has_qkd
+def legs_of(prov: Any) -> frozenset[str]:
+    """The key legs a generation was made from, as named in the config."""
+    legs = set()
+    if getattr(prov, "kem_name", None):
+        legs.add("mlkem")
+    if getattr(prov, "x25519", False):
+        legs.add("x25519")
+    if getattr(prov, "qkd_key_ids", ()):
+        legs.add("qkd")
+    return frozenset(legs)
+
+
+def check_policy(policy: TunnelPolicy, prov: Any) -> bool:
+    """Raise :class:`GenerationRefused` unless ``prov`` has every leg
+    ``policy`` requires. Returns True when an optional QKD leg is missing
+    (the PQC fallback alarm)."""
+    legs = legs_of(prov)
+    missing = policy.required - legs
+    if missing:
+        raise GenerationRefused(f"policy {policy.value} requires "
+                                f"{', '.join(sorted(missing))}; generation has "
+                                f"{', '.join(sorted(legs)) or 'nothing'}")
+    return "qkd" in policy.optional and "qkd" not in legs
 
 
 # --------------------------------------------------------------------------
@@ -195,12 +199,11 @@ class Tunnel:
     kind = "?"
 
     def __init__(self, tunnel_id: str, *, policy: TunnelPolicy, lifetimes: Lifetimes,
-                 schedule: KeySchedule | None = None, require_x25519: bool = False,
+                 schedule: KeySchedule | None = None,
                  emit: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.tunnel_id = tunnel_id
         self.policy = policy
         self.lifetimes = lifetimes
-        self.require_x25519 = require_x25519
         self._schedule = schedule
         self._emit = emit or (lambda ev: None)
         self.generations: dict[int, Generation] = {}
@@ -241,8 +244,7 @@ class Tunnel:
         """Accept traffic under ``generation`` (InstallInbound). Raises
         GenerationRefused or TunnelError; nothing is half-installed."""
         try:
-            fallback = check_policy(self.policy, session.provenance,
-                                    require_x25519=self.require_x25519)
+            fallback = check_policy(self.policy, session.provenance)
             gen = self._generation(generation, session, role, now)
             if gen.inbound is not None:
                 return  # a retransmitted event: the SA is already there
@@ -262,8 +264,7 @@ class Tunnel:
         """Send under ``generation`` from now on (InstallOutbound): new
         outbound SA, atomic switch, previous generation retires after grace."""
         try:
-            fallback = check_policy(self.policy, session.provenance,
-                                    require_x25519=self.require_x25519)
+            fallback = check_policy(self.policy, session.provenance)
             gen = self._generation(generation, session, role, now)
             if gen.outbound is not None:
                 return
@@ -304,12 +305,6 @@ class Tunnel:
         if gen is None or gen is self.active:
             return
         self._drop_generation(gen)
-
-    def qkd_failed(self, now: float, reason: str) -> None:
-        """The QKD link failed. Only qkd-mandatory reacts at once (blocks);
-        other policies keep the current SAs to their lifetimes."""
-        if self.policy is TunnelPolicy.QKD_MANDATORY and self.state != "blocked":
-            self.block(now, f"QKD unavailable under qkd-mandatory: {reason}")
 
     def block(self, now: float, reason: str) -> None:
         """Remove every SA and block (the policies stay)."""

@@ -146,27 +146,29 @@ def test_soft_lifetime_asks_for_one_rekey_and_hard_lifetime_blocks():
 def test_hybrid_required_refuses_generation_without_qkd_and_installs_nothing():
     t, be = tunnel(policy=TunnelPolicy.HYBRID_REQUIRED)
     t.setup(0.0)
-    with pytest.raises(GenerationRefused, match="requires a QKD key"):
+    with pytest.raises(GenerationRefused, match="requires qkd"):
         t.install_inbound(1, Session(b"x", Prov(qkd_key_ids=())), "initiator", 0xC0000200, 0)
-    assert be.sas == {} and "QKD" in t.last_error
+    assert be.sas == {} and "requires qkd" in t.last_error
 
 
-def test_qkd_mandatory_refuses_without_qkd_and_blocks_on_qkd_failure():
+def test_qkd_mandatory_needs_qkd_and_x25519_but_not_mlkem():
     t, be = tunnel(policy=TunnelPolicy.QKD_MANDATORY)
     t.setup(0.0)
     with pytest.raises(GenerationRefused):
         t.install_inbound(1, Session(b"x", Prov(qkd_key_ids=())), "initiator", 0xC0000200, 0)
-    establish(t, 1, Session(b"g1"))
-    t.qkd_failed(5.0, "link down")
-    assert be.sas == {} and t.state == "blocked"
+    with pytest.raises(GenerationRefused, match="x25519"):
+        t.install_inbound(1, Session(b"x", Prov(x25519=False)), "initiator", 0xC0000200, 0)
+    establish(t, 1, Session(b"g1", Prov(kem_name="")))
+    assert t.state == "up"
 
 
-def test_hybrid_required_keeps_running_on_qkd_failure_until_hard_lifetime():
-    t, be = tunnel(policy=TunnelPolicy.HYBRID_REQUIRED)
+def test_pqc_only_never_needs_qkd_and_raises_no_alarm():
+    events = []
+    t, be = tunnel(policy=TunnelPolicy.PQC_ONLY, events=events)
     t.setup(0.0)
-    establish(t, 1, Session(b"g1"))
-    t.qkd_failed(5.0, "link down")
-    assert len(be.sas) == 2 and t.state == "up"
+    establish(t, 1, Session(b"g1", Prov(qkd_key_ids=())))
+    assert t.state == "up" and not t.fallback
+    assert "qkd_fallback" not in [e["event"] for e in events]
 
 
 def test_pqc_fallback_alarms_and_recovers():
@@ -180,11 +182,12 @@ def test_pqc_fallback_alarms_and_recovers():
     assert not t.fallback and events[-1]["event"] == "qkd_recovered"
 
 
-def test_x25519_required_when_configured():
-    t = IpsecTunnel(spec(), RecordingIpsecBackend(), policy=TunnelPolicy.PQC_FALLBACK,
-                    lifetimes=LT, schedule=Schedule(), require_x25519=True)
+def test_pqc_fallback_still_requires_mlkem_and_x25519():
+    t, _ = tunnel(policy=TunnelPolicy.PQC_FALLBACK)
     t.setup(0)
-    with pytest.raises(GenerationRefused, match="X25519"):
+    with pytest.raises(GenerationRefused, match="mlkem"):
+        t.install_inbound(1, Session(b"x", Prov(kem_name="")), "initiator", 0xC0000200, 0)
+    with pytest.raises(GenerationRefused, match="x25519"):
         t.install_inbound(1, Session(b"x", Prov(x25519=False)), "initiator", 0xC0000200, 0)
 
 
