@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# lab/setup.sh - idempotent installer for qkdgate's kernel lab (Debian 12).
+#
+# Theory of operation: the development and CI kernels may lack ESP, GCM and
+# MACsec, so kernel tests run in a throw-away QEMU VM booting Debian's own
+# distro kernel (all of them as modules). The kernel package is extracted
+# with `apt-get download` + `dpkg-deb -x`, never installed (no initramfs or
+# bootloader hooks). virtme-ng (`vng`, from the project's `lab` extra in
+# .venv) boots it with the host root filesystem shared, so the checkout and
+# .venv are visible inside the guest. Every step checks before it acts, so
+# re-running costs well under a second.
+#
+# Adapted from the qkdgate team's exploratory lab recipe (setup-lab.sh),
+# which recorded the facts this relies on (TCG only: nested KVM aborts qemu).
+#
+# usage: lab/setup.sh                       (root)
+# env:   LAB_HOME=/var/tmp/qkdgate-lab      where kernel/ and out/ go
+#        LAB_SMOKE=0|1                      boot once and check modules (default 0)
+set -euo pipefail
+LAB_HOME=${LAB_HOME:-/var/tmp/qkdgate-lab}
+LAB_SMOKE=${LAB_SMOKE:-0}
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(dirname "$HERE")
+export DEBIAN_FRONTEND=noninteractive
+log() { echo "lab-setup: $*" >&2; }
+die() { echo "lab-setup: ERROR: $*" >&2; exit 126; }
+
+[[ $(id -u) == 0 ]] || die "run as root (apt-get; the guest needs root for netns and modprobe)"
+[[ $(uname -m) == x86_64 ]] || die "x86_64 only"
+mkdir -p "$LAB_HOME"
+
+# ------------------------------------------------------------ 1. apt packages
+# qemu + busybox/kmod/cpio for virtme-ng's initramfs; file/binutils let vng
+# identify the kernel image; iproute2/tcpdump/iperf3/ping are used by tests
+# and bench for setup and observation (never in the product path).
+APT_PKGS=(qemu-system-x86 kmod busybox-static cpio file binutils iproute2 iputils-ping
+          tcpdump iperf3 bridge-utils)
+missing=()
+for p in "${APT_PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+APT_UPDATED=0
+apt_update() { [[ $APT_UPDATED == 1 ]] || { apt-get update -qq; APT_UPDATED=1; }; }
+if ((${#missing[@]})); then
+  log "apt: installing ${missing[*]}"
+  apt_update
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# ------------------------------------------------------------ 2. distro kernel
+kpkg() { apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/{print $2; exit}'; }
+KPKG=$(kpkg); if [[ -z $KPKG ]]; then apt_update; KPKG=$(kpkg); fi
+[[ -n $KPKG ]] || die "cannot resolve linux-image-amd64 (apt sources?)"
+KVER=${KPKG#linux-image-}
+KROOT=$LAB_HOME/kernel/root
+if [[ -f $KROOT/boot/vmlinuz-$KVER && -s $KROOT/lib/modules/$KVER/modules.dep ]]; then
+  :
+else
+  log "kernel: downloading $KPKG"
+  mkdir -p "$LAB_HOME/kernel/debs"
+  (cd "$LAB_HOME/kernel/debs" && { apt-get download "$KPKG" 2>/dev/null || { apt_update; apt-get download "$KPKG"; }; })
+  DEB=$(ls -1t "$LAB_HOME"/kernel/debs/"${KPKG}"_*.deb | head -n1)
+  TMPX=$(mktemp -d "$LAB_HOME/kernel/.x.XXXX")
+  dpkg-deb -x "$DEB" "$TMPX"
+  depmod -a -b "$TMPX" "$KVER"
+  mkdir -p "$KROOT/boot" "$KROOT/lib/modules"
+  rm -rf "$KROOT/lib/modules/$KVER"
+  mv "$TMPX/lib/modules/$KVER" "$KROOT/lib/modules/$KVER"
+  mv "$TMPX"/boot/* "$KROOT/boot/"
+  rm -rf "$TMPX" "$DEB"
+fi
+for m in net/ipv4/esp4.ko net/ipv6/esp6.ko net/xfrm/xfrm_user.ko drivers/net/macsec.ko crypto/gcm.ko; do
+  ls "$KROOT/lib/modules/$KVER/kernel/$m"* >/dev/null 2>&1 || die "module $m missing in the $KVER package"
+done
+echo "$KROOT/boot/vmlinuz-$KVER" > "$LAB_HOME/kernel/current"
+
+# ------------------------------------------------------------ 3. virtme-ng
+# vng comes from the project's venv (pyproject extra "lab"); bootstrap.sh
+# installs it. Fall back to installing the pinned extra if it is missing.
+if [[ ! -x $ROOT/.venv/bin/vng ]]; then
+  [[ -x $ROOT/.venv/bin/pip ]] || die "$ROOT/.venv missing: run tools/bootstrap.sh first"
+  log "venv: installing the lab extra (virtme-ng)"
+  (cd "$ROOT" && .venv/bin/pip install -q -e ".[test,lab]")
+fi
+
+if [[ $LAB_SMOKE == 1 ]]; then
+  "$HERE/run.sh" -- bash -c 'set -e; ip netns add smoke; ip -n smoke link add d0 type veth peer name d1;
+     ip -n smoke link add link d0 name ms0 type macsec cipher gcm-aes-256 encrypt on;
+     ip -n smoke xfrm state add src 10.0.0.1 dst 10.0.0.2 proto esp spi 0x100 reqid 1 mode tunnel \
+        aead "rfc4106(gcm(aes))" 0x$(printf "11%.0s" {1..36}) 128; ip netns del smoke; echo SMOKE-OK'
+fi
+log "ready: kernel $KVER"

@@ -1,0 +1,245 @@
+"""A small synchronous netlink channel shared by the XFRM and MACsec backends.
+
+Theory of operation: the backends speak three netlink families (XFRM,
+rtnetlink for the macsec link, generic netlink for the ``macsec`` family).
+pyroute2 0.9.7 declares none of the XFRM SA/policy messages nor the macsec
+family, and its generic NLA encoder manages about 100 SA add+delete pairs
+per second, so the hot path packs messages with precompiled ``struct``
+layouts (see :mod:`qkdgate.tunnels.xfrm_msg`) and this module only frames,
+sends and reads them. pyroute2 is still the way into a network namespace
+(``pushns``/``popns``): a socket keeps the namespace it was created in, so
+one process can drive gateways in several namespaces.
+
+Errors: a negative ``nlmsgerr.error`` becomes
+:class:`~qkdgate.errors.TunnelError` carrying the errno, the operation name
+and the kernel's extended-ack text. ``NETLINK_CAP_ACK`` stops the kernel
+from echoing our request (which may hold key bytes) back in error replies.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import socket
+import struct
+import threading
+from typing import Iterator
+
+from qkdgate.errors import TunnelError
+
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+NLM_F_REQUEST, NLM_F_MULTI, NLM_F_ACK = 0x1, 0x2, 0x4
+NLM_F_ROOT, NLM_F_MATCH = 0x100, 0x200
+NLM_F_DUMP = NLM_F_ROOT | NLM_F_MATCH
+NLM_F_REPLACE, NLM_F_EXCL, NLM_F_CREATE = 0x100, 0x200, 0x400
+NLM_F_CAPPED, NLM_F_ACK_TLVS = 0x100, 0x200
+NLA_F_NESTED = 0x8000
+NLA_TYPE_MASK = 0x3FFF
+SOL_NETLINK = 270
+NETLINK_CAP_ACK, NETLINK_EXT_ACK = 10, 11
+NLMSGERR_ATTR_MSG = 1
+
+NLMSGHDR = struct.Struct("=IHHII")   # len, type, flags, seq, pid
+NLAHDR = struct.Struct("=HH")        # nla_len, nla_type
+_ERR = struct.Struct("=i")
+
+
+def nla(attr_type: int, payload: bytes) -> bytes:
+    """One attribute, padded to 4 bytes (include/uapi/linux/netlink.h NLA_ALIGN)."""
+    n = 4 + len(payload)
+    return NLAHDR.pack(n, attr_type) + payload + b"\0" * (-n & 3)
+
+
+def nla_nested(attr_type: int, *children: bytes) -> bytes:
+    return nla(attr_type | NLA_F_NESTED, b"".join(children))
+
+
+def parse_nlas(data: bytes | memoryview, offset: int = 0, end: int | None = None) -> dict[int, bytes]:
+    """Attributes as ``{type: payload}``; the last wins on duplicates.
+
+    Raises ValueError on a truncated or overlong attribute: the kernel never
+    sends one, so it means our layout is wrong or the buffer is corrupt.
+    """
+    out: dict[int, bytes] = {}
+    for t, v in iter_nlas(data, offset, end):
+        out[t] = v
+    return out
+
+
+def iter_nlas(data: bytes | memoryview, offset: int = 0,
+              end: int | None = None) -> Iterator[tuple[int, bytes]]:
+    end = len(data) if end is None else end
+    while offset + 4 <= end:
+        n, t = NLAHDR.unpack_from(data, offset)
+        if n < 4 or offset + n > end:
+            raise ValueError(f"malformed netlink attribute at {offset} (len {n})")
+        yield t & NLA_TYPE_MASK, bytes(data[offset + 4:offset + n])
+        offset += (n + 3) & ~3
+
+
+class NetlinkChannel:
+    """A blocking netlink socket of one protocol, optionally in a netns.
+
+    Thread-safe (one lock around each request) so a daemon's executor and a
+    failsafe handler may share it. ``sock`` lets a caller pass a socket it
+    opened itself (for example inside a namespace by other means).
+    """
+
+    def __init__(self, protocol: int, netns: str | None = None,
+                 sock: socket.socket | None = None, rcvbuf: int = 1 << 20) -> None:
+        self.netns = netns
+        if sock is None:
+            sock = _open_in_netns(protocol, netns)
+        self.sock = sock
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, rcvbuf)
+        for opt in (NETLINK_CAP_ACK, NETLINK_EXT_ACK):
+            try:
+                self.sock.setsockopt(SOL_NETLINK, opt, 1)
+            except OSError:  # very old kernels: plain errors still work
+                pass
+        self.sock.bind((0, 0))
+        self._seq = 0
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> "NetlinkChannel":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _next_seq(self) -> int:
+        self._seq = (self._seq + 1) & 0xFFFFFFFF or 1
+        return self._seq
+
+    def request(self, op: str, msg_type: int, payload: bytes, flags: int = 0,
+                dump: bool = False) -> list[tuple[int, bytes]]:
+        """Send one request; return the reply messages as (type, payload).
+
+        Without ``dump`` an ACK is requested and a successful request returns
+        the replies that came before it (GET requests answer with one).
+        """
+        flags |= NLM_F_REQUEST | (NLM_F_DUMP if dump else NLM_F_ACK)
+        with self._lock:
+            seq = self._next_seq()
+            self.sock.send(NLMSGHDR.pack(16 + len(payload), msg_type, flags, seq, 0) + payload)
+            return self._collect(op, seq, dump)
+
+    def request_many(self, op: str, msgs: list[tuple[int, bytes, int]]) -> list[TunnelError | None]:
+        """Pipeline several acked requests; one result (None = ok) per message.
+
+        Used for bulk install/remove: one send/recv round trip per request
+        costs two syscalls and a context switch each way.
+        """
+        results: list[TunnelError | None] = []
+        with self._lock:
+            first = self._seq + 1
+            buf = bytearray()
+            for msg_type, payload, flags in msgs:
+                seq = self._next_seq()
+                buf += NLMSGHDR.pack(16 + len(payload), msg_type,
+                                     flags | NLM_F_REQUEST | NLM_F_ACK, seq, 0) + payload
+                if len(buf) > 60000:
+                    self.sock.send(bytes(buf))
+                    buf.clear()
+                    results += self._acks(op, first, self._seq)
+                    first = self._seq + 1
+            if buf:
+                self.sock.send(bytes(buf))
+                results += self._acks(op, first, self._seq)
+        return results
+
+    def _acks(self, op: str, first: int, last: int) -> list[TunnelError | None]:
+        got: dict[int, TunnelError | None] = {}
+        while len(got) < last - first + 1:
+            data = self.sock.recv(1 << 20)
+            for mtype, mflags, mseq, body in _split(data):
+                if mtype == NLMSG_ERROR:
+                    got[mseq] = _error_of(op, mflags, body)
+        return [got.get(s) for s in range(first, last + 1)]
+
+    def _collect(self, op: str, seq: int, dump: bool) -> list[tuple[int, bytes]]:
+        out: list[tuple[int, bytes]] = []
+        while True:
+            data = self.sock.recv(1 << 20)
+            for mtype, mflags, mseq, body in _split(data):
+                if mseq != seq:
+                    continue  # a late reply to an earlier, abandoned request
+                if mtype == NLMSG_DONE:
+                    return out
+                if mtype == NLMSG_ERROR:
+                    err = _error_of(op, mflags, body)
+                    if err is not None:
+                        raise err
+                    return out
+                out.append((mtype, body))
+                if not dump and not mflags & NLM_F_MULTI:
+                    continue  # the ACK follows
+
+
+def _split(data: bytes) -> Iterator[tuple[int, int, int, bytes]]:
+    off = 0
+    while off + 16 <= len(data):
+        n, mtype, mflags, mseq, _pid = NLMSGHDR.unpack_from(data, off)
+        if n < 16:
+            break
+        yield mtype, mflags, mseq, data[off + 16:off + n]
+        off += (n + 3) & ~3
+
+
+def _error_of(op: str, mflags: int, body: bytes) -> TunnelError | None:
+    (code,) = _ERR.unpack_from(body, 0)
+    if code == 0:
+        return None
+    detail = ""
+    if mflags & NLM_F_ACK_TLVS:
+        # struct nlmsgerr: error + the request's header (capped: no payload)
+        inner_len = NLMSGHDR.unpack_from(body, 4)[0]
+        tlv_off = 4 + (16 if mflags & NLM_F_CAPPED else inner_len)
+        try:
+            msg = parse_nlas(body, (tlv_off + 3) & ~3).get(NLMSGERR_ATTR_MSG, b"")
+            detail = msg.rstrip(b"\0").decode("utf-8", "replace")
+        except ValueError:
+            pass
+    return TunnelError(op, -code, detail)
+
+
+def _open_in_netns(protocol: int, netns: str | None) -> socket.socket:
+    if not netns:
+        return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, protocol)
+    with in_netns(netns):
+        return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, protocol)
+
+
+class in_netns:
+    """Context manager: this thread inside ``netns`` (which must exist;
+    pyroute2's ``pushns(name)`` alone would create a missing one)."""
+
+    def __init__(self, netns: str | None) -> None:
+        self.netns = netns
+
+    def __enter__(self) -> None:
+        if not self.netns:
+            return
+        from pyroute2 import netns as _netns  # import cost only when namespaces are used
+
+        _netns.pushns()
+        try:
+            _netns.setns(self.netns, flags=0)
+        except OSError as exc:
+            _netns.dropns()
+            raise TunnelError("enter_netns", exc.errno or _errno.ENOENT, self.netns) from None
+
+    def __exit__(self, *exc: object) -> None:
+        if self.netns:
+            from pyroute2 import netns as _netns
+
+            _netns.popns()
+
+
+def open_socket_in_netns(family: int, type_: int, netns: str | None) -> socket.socket:
+    """A socket of any kind created inside ``netns`` (tests, encap sockets)."""
+    with in_netns(netns):
+        return socket.socket(family, type_)
