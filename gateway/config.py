@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, Mapping
 
 from qkdgate.errors import ConfigError
-from qkdgate.gateway.config_schema import (Duration, FilePath, Length, Name, Pattern, Range,
-                                           Walk)
+from qkdgate.gateway.config_schema import (Duration, FilePath, Length, Name, PathOrLiteral,
+                                           Pattern, Range, Walk)
 from qkdgate.interfaces import IPAddress, IPNetwork, MacsecCipher, Mark, Mode
 
 Port = Annotated[int, Range(1, 65535)]
@@ -41,6 +41,7 @@ MqttTopic = Annotated[str, Pattern(r"[^#+/\s][^#+\s]*(?<!/)",
                                    "spaces or leading/trailing '/'")]
 
 SUPPORTED_VERSIONS = (1,)
+IDENTITY_PREFIX = "qkdgate-id1:"     # qkdgate.gateway.identity.PUBLIC_PREFIX
 # Each tunnel generation uses reqids base .. base+REQID_SPAN-1 (make-before-
 # break needs the old and new generation side by side), so tunnels' ranges
 # must not overlap.
@@ -60,7 +61,7 @@ class Profile(enum.Enum):
 
 
 class QkdRole(enum.Enum):
-    """ETSI GS QKD 014 4.2: the master SAE requests new keys (enc_keys), the
+    """ETSI GS QKD 014 5.3 / 5.4: the master SAE requests new keys (enc_keys), the
     slave fetches the same keys by key_ID (dec_keys)."""
     MASTER = "master"
     SLAVE = "slave"
@@ -134,6 +135,9 @@ class LogFormat(enum.Enum):
 # "qkdgate.key_sources" entry points when the daemon starts.
 BUILTIN_KEY_SOURCE_KINDS = ("etsi014", "etsi004", "idq", "toshiba", "simulator")
 KIND_NEEDS_URL = ("etsi014", "etsi004", "idq", "toshiba")
+# ETSI GS QKD 014 5.1: the SAE-KME interface is HTTPS with mutual TLS,
+# so these kinds need an https URL and a client certificate, key and CA.
+KIND_NEEDS_MTLS = ("etsi014", "idq", "toshiba")
 
 
 # ---------------------------------------------------------------- gateway
@@ -164,9 +168,10 @@ class GatewayConfig:
         return KemSuite.ML_KEM_1024 if self.profile is Profile.CNSA2 else KemSuite.ML_KEM_768
 
     @property
-    def signature_suite(self) -> str:
-        """The identity signature: ML-DSA (FIPS 204) combined with Ed25519."""
-        return "ML-DSA-87" if self.profile is Profile.CNSA2 else "ML-DSA-65+Ed25519"
+    def identity_profile(self) -> str:
+        """The hybrid signature profile of identities (qkdgate.gateway.identity):
+        ML-DSA (FIPS 204) AND Ed25519, ML-DSA-87 under cnsa2."""
+        return "mldsa87-ed25519" if self.profile is Profile.CNSA2 else "mldsa65-ed25519"
 
 
 # ---------------------------------------------------------------- peers
@@ -178,7 +183,7 @@ class PeerQkd:
     role: QkdRole
     local_sae_id: Annotated[str, Pattern(r"[^\s/?#]{1,128}", "an SAE ID (no spaces, '/', '?', '#')")]
     peer_sae_id: Annotated[str, Pattern(r"[^\s/?#]{1,128}", "an SAE ID (no spaces, '/', '?', '#')")]
-    key_size: Annotated[int, Range(128, 8192)] = 256   # bits; ETSI GS QKD 014 6.4 size
+    key_size: Annotated[int, Range(128, 8192)] = 256   # bits; ETSI GS QKD 014 6.2 size
 
     _yaml_label = "peer qkd"
 
@@ -187,7 +192,9 @@ class PeerQkd:
 class PeerConfig:
     name: Annotated[str, Name]
     address: IPAddress
-    identities: Annotated[tuple[Annotated[str, FilePath], ...], Length(1, 2)]
+    # Each: a file holding the peer's public identity, or the identity string
+    # itself ("qkdgate-id1:<profile>:<base64url>", printed by `qkdgate keygen`).
+    identities: Annotated[tuple[Annotated[str, PathOrLiteral(IDENTITY_PREFIX)], ...], Length(1, 2)]
     port: Port = 4600
     psk_file: Annotated[str, FilePath] | None = None
     qkd: PeerQkd | None = None
@@ -199,7 +206,7 @@ class PeerConfig:
 
 @dataclass(frozen=True, slots=True)
 class TlsConfig:
-    """Mutual TLS towards a KME or broker (ETSI GS QKD 014 4.3: HTTPS with
+    """Mutual TLS towards a KME or broker (ETSI GS QKD 014 5.1: HTTPS with
     client certificates). ``ca`` None means the system trust store."""
     cert: Annotated[str, FilePath] | None = None
     key: Annotated[str, FilePath] | None = None
@@ -216,7 +223,7 @@ class KeySourceConfig:
                                 "a URL such as https://kme-a.example:8443")] | None = None
     tls: TlsConfig | None = None
     kme_id: str | None = None
-    timeout: Seconds = 5.0
+    timeout: Annotated[float, Duration, Range(0, 300, gt=True)] = 5.0
     retries: Annotated[int, Range(0, 10)] = 3
     options: Mapping[str, Any] = field(default_factory=dict)
 
@@ -343,7 +350,7 @@ class TelemetryConfig:
 
 @dataclass(frozen=True, slots=True)
 class Config:
-    version: Annotated[int, Range(1, 1)]
+    version: int
     gateway: GatewayConfig
     peers: Annotated[tuple[PeerConfig, ...], Length(1)]
     key_sources: tuple[KeySourceConfig, ...] = ()
@@ -423,7 +430,14 @@ def parse_config(text: str, filename: str = "<config>", *, base_dir: str | None 
         node = YAML(typ="safe", pure=True).compose(text)
     except MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
-        what = " ".join(str(p) for p in (exc.context, exc.problem) if p)
+        what = str(exc.problem or exc.context or "invalid YAML")
+        if exc.problem and exc.context and exc.problem.startswith("but "):
+            what = f"{exc.context}, {exc.problem}"
+        elif exc.problem and exc.context:
+            what += f" ({exc.context}"
+            if exc.context_mark is not None and exc.context_mark is not mark:
+                what += f" started at line {exc.context_mark.line + 1}"
+            what += ")"
         raise ConfigError(f"YAML syntax error: {what}", file=filename,
                           line=mark.line + 1 if mark else None) from None
     except YAMLError as exc:

@@ -87,6 +87,12 @@ class FilePath:
     """Marker: a file path; relative paths are resolved against the config file's folder."""
 
 
+@dataclass(frozen=True, slots=True)
+class PathOrLiteral:
+    """Marker: a file path, or (when it starts with ``prefix``) a literal kept verbatim."""
+    prefix: str
+
+
 class Name:
     """Marker: an identifier used for cross references and log/metric labels."""
 
@@ -111,6 +117,8 @@ class Walk:
     def error(self, node: Any, path: str, message: str, *, expected: str | None = None,
               found: str | None = None) -> ConfigError:
         line = node.start_mark.line + 1 if node is not None else self.lines.get(path)
+        if node is not None and _is_null(node) and node.value == "" and path in self.lines:
+            line = self.lines[path]   # "key:" with no value: the mark is on the next token
         return ConfigError(message, file=self.file, line=line, path=path or None,
                            expected=expected, found=found)
 
@@ -270,7 +278,9 @@ class Walk:
             if isinstance(m, Pattern) and not re.fullmatch(m.regex, text):
                 raise self.error(node, path, "invalid value", expected=m.expected,
                                  found=f"'{text}'")
-            if m is FilePath:
+            if isinstance(m, PathOrLiteral) and text.startswith(m.prefix):
+                return text.strip()
+            if m is FilePath or isinstance(m, PathOrLiteral):
                 if not text.strip() or "\0" in text:
                     raise self.error(node, path, "invalid path", expected="a file path",
                                      found=f"'{text}'")
@@ -350,7 +360,8 @@ class Walk:
                 return e
         close = difflib.get_close_matches(text, choices, n=1)
         hint = f", did you mean '{close[0]}'?" if close else ""
-        raise self.error(node, path, f"unknown {_label(cls)}{hint}", expected=expected,
+        what = re.split(r"[.\[]", path)[-1].replace("_", " ") if path else _label(cls)
+        raise self.error(node, path, f"unknown {what}{hint}", expected=expected,
                          found=f"'{text}'")
 
     def _address(self, node: Any, path: str) -> IPv4or6:
@@ -411,6 +422,8 @@ def _expect_str(markers: tuple) -> str:
             return "a name of letters, digits, '.', '_', '-' (at most 63, starting alphanumeric)"
         if m is FilePath:
             return "a file path"
+        if isinstance(m, PathOrLiteral):
+            return f"a file path or a {m.prefix}... string"
         if isinstance(m, Pattern):
             return m.expected
     return "a string"

@@ -25,9 +25,14 @@ if TYPE_CHECKING:
 
 
 def validate(cfg: "Config") -> None:
-    from qkdgate.gateway.config import (BUILTIN_KEY_SOURCE_KINDS, KIND_NEEDS_URL, REQID_SPAN,
-                                        KemSuite, Profile, TunnelType)
+    from qkdgate.gateway.config import (BUILTIN_KEY_SOURCE_KINDS, KIND_NEEDS_MTLS,
+                                        IDENTITY_PREFIX, KIND_NEEDS_URL, REQID_SPAN,
+                                        SUPPORTED_VERSIONS, KemSuite, Profile,
+                                        TunnelType)
 
+    if cfg.version not in SUPPORTED_VERSIONS:
+        raise cfg.error("version", "unsupported configuration version",
+                        expected=" or ".join(map(str, SUPPORTED_VERSIONS)), found=str(cfg.version))
     g = cfg.gateway
     if g.profile is Profile.CNSA2 and g.suite not in (None, KemSuite.ML_KEM_1024):
         raise cfg.error("gateway.suite", "profile cnsa2 needs ML-KEM-1024 (CNSA 2.0)",
@@ -49,6 +54,13 @@ def validate(cfg: "Config") -> None:
                             expected="url: https://...", found="no url")
         if ks.url is not None:
             _check_url(cfg, f"{at}.url", ks.url, ks.kind)
+        if ks.kind in KIND_NEEDS_MTLS:
+            missing = [k for k in ("cert", "key", "ca") if getattr(ks.tls, k, None) is None]
+            if missing:
+                raise cfg.error(f"{at}.tls" if ks.tls else at,
+                                f"key source kind {ks.kind} needs mutual TLS "
+                                "(ETSI GS QKD 014 requires it)", expected="tls: {cert, key, ca}",
+                                found="no " + ", ".join("tls." + k for k in missing))
         if ks.tls is not None:
             _check_tls(cfg, f"{at}.tls", ks.tls)
 
@@ -68,6 +80,9 @@ def validate(cfg: "Config") -> None:
                             expected="one peer per address and port",
                             found=f"{p.address} port {p.port}")
         _unique(cfg, f"{at}.identities", list(p.identities), "pinned identity")
+        for j, ident in enumerate(p.identities):
+            if ident.startswith(IDENTITY_PREFIX):
+                _check_identity(cfg, f"{at}.identities[{j}]", ident)
         if p.qkd is None:
             continue
         q = p.qkd
@@ -99,7 +114,7 @@ def validate(cfg: "Config") -> None:
                             expected=_one_of(peers, "a peer defined in peers"), found=f"'{t.peer}'")
         own, other = ("ipsec", "macsec") if t.type is TunnelType.IPSEC else ("macsec", "ipsec")
         if getattr(t, own) is None:
-            raise cfg.error(at, f"type {own} needs an '{own}' section",
+            raise cfg.error(at, f"type {own} needs a '{own}' section",
                             expected=f"{own}: {{...}}", found=f"no {own} section")
         if getattr(t, other) is not None:
             raise cfg.error(f"{at}.{other}", f"'{other}' section in a tunnel of type {own}",
@@ -232,15 +247,9 @@ def _check_url(cfg: "Config", at: str, url: str, kind: str) -> None:
         raise cfg.error(at, "URL without a valid host", expected="https://HOST[:PORT]",
                         found=f"'{url}'")
     if kind in ("etsi014", "idq", "toshiba") and parts.scheme != "https":
-        loopback = False
-        try:
-            loopback = ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            loopback = host == "localhost"
-        if not (parts.scheme == "http" and loopback):
-            # ETSI GS QKD 014 4.3: the SAE-KME interface is HTTPS with mutual TLS
-            raise cfg.error(at, "the KME interface must use HTTPS (plain http only on loopback)",
-                            expected="an https:// URL", found=f"'{url}'")
+        # ETSI GS QKD 014 5.1: HTTPS only; plain HTTP would hand keys to the path
+        raise cfg.error(at, "the KME interface must use HTTPS (ETSI GS QKD 014 requires it)",
+                        expected="an https:// URL", found=f"'{url}'")
     del port
 
 
@@ -284,6 +293,21 @@ def _check_ipsec(cfg: "Config", at: str, s: Any) -> None:
                                     "the family of the tunnel addresses",
                                     expected=f"an IPv{s.local_address.version} network",
                                     found=str(net))
+
+
+def _check_identity(cfg: "Config", at: str, text: str) -> None:
+    """An inline pinned identity must parse (qkdgate.gateway.identity is the
+    one parser of that format); its error is re-located to our path/line."""
+    from qkdgate.errors import ConfigError
+    try:
+        from qkdgate.gateway.identity import PeerIdentity
+    except ImportError:  # pragma: no cover - identity support not in this build
+        return
+    try:
+        PeerIdentity.from_string(text)
+    except ConfigError as exc:
+        raise cfg.error(at, f"invalid pinned identity: {exc.reason}", expected=exc.expected,
+                        found=exc.found) from None
 
 
 def _plugin_kinds() -> set[str]:
