@@ -75,10 +75,19 @@ class SecretBytes:
         return SecretBytes(self._buf)
 
     def wipe(self) -> None:
-        """Overwrite the buffer with zeros and empty it."""
-        for i in range(len(self._buf)):
-            self._buf[i] = 0
-        self._buf.clear()
+        """Overwrite the buffer with zeros and forget it.
+
+        Zeroing in place works even while a ``memoryview`` pins the buffer;
+        resizing would not, so the object switches to a fresh empty buffer
+        instead of failing (a wiped secret must never read back as zeros).
+        """
+        buf = self._buf
+        buf[:] = bytes(len(buf))   # same-length slice assignment: in place
+        self._buf = bytearray()
+        try:
+            buf.clear()
+        except BufferError:  # exported to a memoryview: already zeroed
+            pass
 
     def __del__(self) -> None:
         try:
