@@ -1,10 +1,10 @@
 """`qkdgate probe`: reports what works and says why something does not."""
 
+import argparse
 import json
 import subprocess
 import sys
 
-from qkdgate.gateway import cli
 from qkdgate.keymix import kem as kemmod
 from qkdgate.keymix import probe
 
@@ -37,7 +37,7 @@ def test_broken_default_kem_fails_the_probe_with_its_reason(monkeypatch, capsys)
         return real(name)
 
     monkeypatch.setattr(probe, "_kem_check", broken)
-    assert cli.main(["probe"]) == 1
+    assert probe.run(argparse.Namespace(json=False)) == 1
     out = capsys.readouterr().out
     assert "ML-KEM-768     UNAVAILABLE CryptoUnavailable: ML-KEM-768: OpenSSL lacks ML-KEM (test)" in out
     assert "default suite ML-KEM-768 + X25519 + HKDF-SHA384: UNAVAILABLE" in out
