@@ -1,0 +1,362 @@
+"""The KME simulator: real HTTPS servers with mutual TLS around SimNetwork.
+
+Theory of operation: :meth:`KmeSimulator.start` builds a
+:class:`~.kme.SimNetwork` (KMEs joined pairwise by modelled QKD links),
+creates or reuses the demo PKI in the state directory, and starts one
+aiohttp HTTPS server per KME that requires a client certificate from the
+demo CA. Each request's caller is the CN of its verified client certificate
+(ETSI GS QKD 014 5.1). The servers speak ETSI GS QKD 014 (``/api/v1/keys``)
+and the qkdgate JSON binding of ETSI GS QKD 004 (``/api/v1/qkd004``, see
+:mod:`qkdgate.adapters.etsi004`).
+
+Fault injection (:class:`Faults`, per KME; link faults on the
+:class:`~.linkmodel.QkdLink`): slow answers, garbage bodies, responses
+dropped after the KME changed state (the lost dec_keys answer), a server
+certificate from an untrusted CA, link down, an eavesdropper, an exhausted
+pool. They are driven from Python (tests, the demo) or from the admin
+endpoint, plain HTTP bound to loopback only (the CLI).
+
+The simulator is embeddable: ``async with KmeSimulator.start(dir) as sim``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import ssl
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Mapping
+
+from aiohttp import web
+
+from qkdgate.adapters.kmesim.kme import BAD_REQUEST, Reply, SimNetwork, error
+from qkdgate.adapters.kmesim.linkmodel import REALISTIC, LinkParams, QkdLink
+from qkdgate.adapters.kmesim.pki import Pki, ensure_pki
+from qkdgate.adapters.kmesim.qkd004 import Qkd004Service
+from qkdgate.adapters.tls import server_context
+
+log = logging.getLogger("qkdgate.kmesim")
+
+GARBAGE = {
+    "bytes": (b"\x00\xff\xfe garbage \x89PNG\r\n", "application/json"),
+    "html": (b"<html><body><h1>502 Bad Gateway</h1></body></html>", "text/html"),
+    "json": (b'{"keys": [{"key_ID": "not-a-uuid", "key": "%%%"}], "status": 7}', "application/json"),
+    "truncated": (b'{"keys": [{"key_ID": "bc490419-7d60-487f', "application/json"),
+}
+
+
+@dataclass
+class Faults:
+    """Per-KME fault switches. ``drop`` counts responses to drop (after the
+    KME has acted on the request) on paths containing ``drop_path``."""
+
+    delay: float = 0.0
+    garbage: str | None = None
+    drop: int = 0
+    drop_path: str = ""
+    wrong_cert: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SaeCredentials:
+    sae_id: str
+    kme_id: str
+    url: str
+    cert: Path
+    key: Path
+    ca: Path
+
+    def settings(self, name: str | None = None, **options: Any) -> dict[str, Any]:
+        """A key-source entry for :func:`qkdgate.adapters.registry.create_key_source`."""
+        return {"name": name or self.sae_id, "kind": "etsi014", "url": self.url,
+                "kme_id": self.kme_id, "timeout": options.pop("timeout", 5.0),
+                "retries": options.pop("retries", 2),
+                "tls": {"cert": str(self.cert), "key": str(self.key), "ca": str(self.ca)},
+                "options": {"backoff": 0.01, **options}}
+
+
+def default_sae(kme_id: str, i: int) -> str:
+    return "SAE-" + kme_id[4:] if kme_id.startswith("KME-") else f"SAE-{i}"
+
+
+class KmeSimulator:
+    def __init__(self, state_dir: Path, network: SimNetwork, pki: Pki, host: str) -> None:
+        self.state_dir, self.network, self.pki, self.host = state_dir, network, pki, host
+        self.faults: dict[str, Faults] = {k: Faults() for k in network.kmes}
+        self.ports: dict[str, int] = {}
+        self.admin_port: int | None = None
+        self.qkd004 = Qkd004Service(network)
+        self._runners: list[web.AppRunner] = []
+
+    # ----------------------------------------------------------- lifecycle
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def start(cls, state_dir: str | Path, *, kmes: tuple[str, ...] = ("KME-A", "KME-B"),
+                    saes: Mapping[str, str] | None = None, host: str = "127.0.0.1",
+                    ports: Mapping[str, int] | None = None, admin_port: int | None = None,
+                    link_params: LinkParams = REALISTIC, key_size: int = 256,
+                    max_key_count: int = 100000, prefill: int | None = None,
+                    now: Callable[[], float] = time.monotonic,
+                    rng: Callable[[int], bytes] = os.urandom) -> AsyncIterator["KmeSimulator"]:
+        """Start the KMEs (ports 0 = ephemeral) and stop them on exit.
+        ``saes`` maps SAE ID -> KME ID (default: SAE-A at KME-A, ...);
+        ``prefill`` puts that many keys in every link pool."""
+        state = Path(state_dir)
+        saes = dict(saes) if saes is not None else {default_sae(k, i): k for i, k in enumerate(kmes)}
+        net = SimNetwork(now=now, rng=rng)
+        for k in kmes:
+            net.add_kme(k, key_size=key_size)
+        for sae, k in saes.items():
+            net.attach(sae, k)
+        for i, a in enumerate(kmes):
+            for b in kmes[i + 1:]:
+                link = net.connect(a, b, QkdLink(a, b, link_params, key_size=key_size,
+                                                 max_key_count=max_key_count))
+                if prefill:
+                    link.fill(prefill)
+        pki = await asyncio.to_thread(ensure_pki, state, list(kmes), list(saes),
+                                      ("KME-ROGUE", "SAE-ROGUE"))
+        sim = cls(state, net, pki, host)
+        try:
+            for k in kmes:
+                await sim._serve_kme(k, (ports or {}).get(k, 0))
+            if admin_port is not None:
+                await sim._serve_admin(admin_port)
+            yield sim
+        finally:
+            for r in sim._runners:
+                await r.cleanup()
+
+    async def _serve_kme(self, kme_id: str, port: int) -> None:
+        cred, rogue = self.pki.kme(kme_id), self.pki.rogue("KME-ROGUE")
+        ctx = server_context(cred.cert, cred.key, self.pki.ca)
+        bad = server_context(rogue.cert, rogue.key, self.pki.ca)
+
+        def sni(sslobj: ssl.SSLObject, _name: str | None, _ctx: ssl.SSLContext) -> None:
+            if self.faults[kme_id].wrong_cert:
+                sslobj.context = bad   # present a certificate from the rogue CA
+        ctx.sni_callback = sni
+        app = web.Application(client_max_size=1 << 20)
+        app["kme_id"] = kme_id
+        app.router.add_route("*", "/api/v1/keys/{sae}/{method}", self._etsi014)
+        app.router.add_post("/api/v1/qkd004/{op}", self._etsi004)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, self.host, port, ssl_context=ctx, reuse_address=True)
+        await site.start()
+        self._runners.append(runner)
+        self.ports[kme_id] = runner.addresses[0][1]
+
+    # ------------------------------------------------------------ handlers
+
+    @staticmethod
+    def _caller(request: web.Request) -> str | None:
+        cert = request.transport.get_extra_info("peercert") if request.transport else None
+        for rdn in (cert or {}).get("subject", ()):
+            for attr, value in rdn:
+                if attr == "commonName":
+                    return value
+        return None
+
+    async def _respond(self, request: web.Request, kme_id: str, what: str,
+                       reply: Reply) -> web.StreamResponse:
+        f = self.faults[kme_id]
+        if f.delay:
+            await asyncio.sleep(f.delay)
+        if f.drop > 0 and f.drop_path in what:
+            f.drop -= 1
+            log.info("%s: dropping the response to %s (fault)", kme_id, what)
+            if request.transport is not None:
+                request.transport.abort()
+            raise asyncio.CancelledError   # aiohttp ends the handler without answering
+        if f.garbage:
+            body, ctype = GARBAGE.get(f.garbage, GARBAGE["bytes"])
+            return web.Response(status=200, body=body, content_type=ctype)
+        if reply.body is None:
+            return web.Response(status=reply.status)
+        return web.Response(status=reply.status, content_type="application/json",
+                            text=json.dumps(reply.body))
+
+    async def _etsi014(self, request: web.Request) -> web.StreamResponse:
+        kme_id = request.app["kme_id"]
+        method, sae = request.match_info["method"], request.match_info["sae"]
+        caller = self._caller(request)
+        if caller is None:
+            return await self._respond(request, kme_id, method, Reply(401, {"message": "Unauthorized"}))
+        net = self.network
+        if method == "status" and request.method == "GET":
+            reply = net.status(kme_id, caller, sae)
+        elif method == "enc_keys" and request.method in ("GET", "POST"):
+            req = await _request_object(request, {"number", "size"})
+            reply = req if isinstance(req, Reply) else net.enc_keys(kme_id, caller, sae, req)
+        elif method == "dec_keys" and request.method in ("GET", "POST"):
+            reply = await self._dec_keys(request, kme_id, caller, sae)
+        else:
+            reply = error(404 if method not in ("status", "enc_keys", "dec_keys") else 405,
+                          "no such method")
+        log.debug("%s %s %s by %s -> %d", kme_id, request.method, method, caller, reply.status)
+        return await self._respond(request, kme_id, method, reply)
+
+    async def _dec_keys(self, request: web.Request, kme_id: str, caller: str, master: str) -> Reply:
+        from qkdgate.adapters.etsi014_codec import normalise_key_id
+        from qkdgate.errors import KeySourceProtocolError
+        if request.method == "GET":
+            # ETSI GS QKD 014 5.4: GET carries exactly one key_ID.
+            if set(request.query) != {"key_ID"} or len(request.query.getall("key_ID")) != 1:
+                return error(400, BAD_REQUEST)
+            raw_ids: Any = [request.query["key_ID"]]
+        else:
+            doc = await _request_object(request, set())
+            if isinstance(doc, Reply):
+                return doc
+            items = doc.get("key_IDs")
+            if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+                return error(400, BAD_REQUEST)
+            raw_ids = [i.get("key_ID") for i in items]
+        try:
+            ids = [normalise_key_id(k) for k in raw_ids]
+        except KeySourceProtocolError:
+            return error(400, BAD_REQUEST, invalid_key_ID=True)
+        return self.network.dec_keys(kme_id, caller, master, ids)
+
+    async def _etsi004(self, request: web.Request) -> web.StreamResponse:
+        kme_id = request.app["kme_id"]
+        caller = self._caller(request)
+        op = request.match_info["op"]
+        if caller is None or self.network.sae_home.get(caller) != kme_id:
+            return await self._respond(request, kme_id, op, Reply(401, {"message": "Unauthorized"}))
+        doc = await _request_object(request, set())
+        reply = doc if isinstance(doc, Reply) else self.qkd004.handle(kme_id, caller, op, doc)
+        return await self._respond(request, kme_id, "qkd004/" + op, reply)
+
+    # ------------------------------------------------------------- control
+
+    def url(self, kme_id: str) -> str:
+        return f"https://{self.host}:{self.ports[kme_id]}"
+
+    def credentials(self, sae_id: str) -> SaeCredentials:
+        kme_id = self.network.sae_home[sae_id]
+        cred = self.pki.sae(sae_id)
+        return SaeCredentials(sae_id, kme_id, self.url(kme_id), cred.cert, cred.key, self.pki.ca)
+
+    def link(self, a: str | None = None, b: str | None = None) -> QkdLink:
+        """The link between KMEs ``a`` and ``b`` (default: the first link)."""
+        if a is None:
+            return next(iter(self.network.links.values()))
+        link = self.network.links[frozenset((a, b))]
+        return link
+
+    def set_link_up(self, up: bool, a: str | None = None, b: str | None = None) -> None:
+        self.link(a, b).up = up
+
+    def set_eavesdropper(self, fraction: float, a: str | None = None, b: str | None = None) -> None:
+        self.link(a, b).eve_fraction = fraction
+
+    def exhaust(self, a: str | None = None, b: str | None = None, *, refill: bool = False) -> None:
+        link = self.link(a, b)
+        link.drain()
+        link.paused = not refill
+
+    def fill(self, keys: int | None = None, a: str | None = None, b: str | None = None) -> None:
+        link = self.link(a, b)
+        link.paused = False
+        link.fill(keys)
+
+    def state(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kmes": {}, "links": []}
+        for k in self.network.kmes:
+            out["kmes"][k] = {"url": self.url(k), "faults": asdict(self.faults[k]),
+                              "saes": sorted(s for s, h in self.network.sae_home.items() if h == k),
+                              "keys_awaiting_slaves": len(self.network.kmes[k].issued)}
+        for link in self.network.links.values():
+            link.advance(self.network.now())
+            skr, qber = link.rate()
+            out["links"].append({"kmes": [link.kme_a, link.kme_b], "up": link.up,
+                                 "paused": link.paused, "eve_fraction": link.eve_fraction,
+                                 "stored_keys": link.stored_keys(), "max_key_count": link.max_key_count,
+                                 "secret_key_rate_bps": round(skr, 1), "qber": round(qber, 5),
+                                 "alarms": link.alarms(), "distance_km": link.params.distance_km})
+        return out
+
+    # ---------------------------------------------------------------- admin
+
+    async def _serve_admin(self, port: int) -> None:
+        app = web.Application(client_max_size=64 * 1024)
+        app.router.add_get("/admin/state", lambda r: web.json_response(self.state()))
+        app.router.add_post("/admin/fault", self._admin_fault)
+        app.router.add_post("/admin/link", self._admin_link)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        # Loopback only: the admin endpoint has no authentication.
+        site = web.TCPSite(runner, "127.0.0.1", port, reuse_address=True)
+        await site.start()
+        self._runners.append(runner)
+        self.admin_port = runner.addresses[0][1]
+
+    async def _admin_fault(self, request: web.Request) -> web.Response:
+        doc = await _request_object(request, set())
+        if isinstance(doc, Reply) or doc.get("kme") not in self.faults:
+            return web.json_response({"message": "need {\"kme\": KME ID, ...}"}, status=400)
+        f = self.faults[doc["kme"]]
+        try:
+            for name, conv in (("delay", float), ("drop", int), ("drop_path", str),
+                               ("wrong_cert", bool)):
+                if name in doc:
+                    setattr(f, name, conv(doc[name]))
+            if "garbage" in doc:
+                if doc["garbage"] not in (None, *GARBAGE):
+                    raise ValueError("garbage must be one of " + ", ".join(GARBAGE))
+                f.garbage = doc["garbage"]
+        except (TypeError, ValueError) as exc:
+            return web.json_response({"message": str(exc)}, status=400)
+        return web.json_response(asdict(f))
+
+    async def _admin_link(self, request: web.Request) -> web.Response:
+        doc = await _request_object(request, set())
+        if isinstance(doc, Reply):
+            return web.json_response({"message": "need a JSON object"}, status=400)
+        try:
+            a, b = doc.get("a"), doc.get("b")
+            link = self.link(a, b) if a else self.link()
+            if "up" in doc:
+                link.up = bool(doc["up"])
+            if "eve" in doc:
+                link.eve_fraction = float(doc["eve"])
+            if doc.get("drain"):
+                self.exhaust(link.kme_a, link.kme_b, refill=not doc.get("pause", True))
+            if "fill" in doc:
+                self.fill(None if doc["fill"] == "full" else int(doc["fill"]), link.kme_a, link.kme_b)
+            if "distance_km" in doc:
+                link.with_params(distance_km=float(doc["distance_km"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            return web.json_response({"message": f"bad link control: {exc}"}, status=400)
+        return web.json_response(self.state())
+
+
+async def _request_object(request: web.Request, query_ints: set[str]) -> dict[str, Any] | Reply:
+    """The request as a JSON object: the POST body, or for GET the query
+    parameters named in ``query_ints`` as integers (ETSI GS QKD 014 5.3)."""
+    if request.method == "GET":
+        if set(request.query) - query_ints:
+            return error(400, BAD_REQUEST, unknown_parameters=sorted(set(request.query) - query_ints))
+        out: dict[str, Any] = {}
+        for k in query_ints & set(request.query):
+            try:
+                out[k] = int(request.query[k])
+            except ValueError:
+                return error(400, BAD_REQUEST, **{f"invalid_{k}": request.query[k][:40]})
+        return out
+    raw = await request.read()
+    if not raw.strip():
+        return {}
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return error(400, BAD_REQUEST)
+    return doc if isinstance(doc, dict) else error(400, BAD_REQUEST)

@@ -1,0 +1,98 @@
+"""Key-source factory fed by Python entry points.
+
+Theory of operation: a config entry names a ``kind``; :func:`create_key_source`
+finds the factory for it and calls ``factory(settings) -> KeySource``.
+Built-in kinds are listed here and also registered as entry points in
+pyproject.toml (group ``qkdgate.key_sources``); a third-party package adds a
+kind by declaring, in its own pyproject::
+
+    [project.entry-points."qkdgate.key_sources"]
+    mykme = "mypackage.kme:create"
+
+without touching qkdgate. Entry points are read on first lookup of an
+unknown kind, not at import time, and a third party cannot replace a
+built-in kind (that would let an installed package redirect key requests).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from importlib.metadata import entry_points
+from typing import Any, Callable
+
+from qkdgate.errors import ConfigError
+from qkdgate.interfaces import KeySource
+
+log = logging.getLogger("qkdgate.adapters.registry")
+
+GROUP = "qkdgate.key_sources"
+
+# kind -> "module:function"; the vendor kinds are the ETSI 014 client with a
+# profile preset (qkdgate.adapters.profiles).
+BUILTIN: dict[str, str] = {
+    "etsi014": "qkdgate.adapters.etsi014:from_settings",
+    "idq-cerberis-xgr": "qkdgate.adapters.registry:_idq",
+    "toshiba": "qkdgate.adapters.registry:_toshiba",
+}
+
+Factory = Callable[[Any], KeySource]
+
+
+def _with_profile(settings: Any, profile: str) -> Any:
+    from qkdgate.adapters.etsi014 import Etsi014KeySource
+    from qkdgate.adapters.settings import source_settings
+    s = source_settings(settings)
+    opts = dict(s.options)
+    opts.setdefault("profile", profile)
+    from dataclasses import replace
+    return Etsi014KeySource(replace(s, options=opts))
+
+
+def _idq(settings: Any) -> KeySource:
+    return _with_profile(settings, "idq-cerberis-xgr")
+
+
+def _toshiba(settings: Any) -> KeySource:
+    return _with_profile(settings, "toshiba")
+
+
+def _load(target: str) -> Factory:
+    module, _, attr = target.partition(":")
+    obj: Any = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def available_kinds() -> list[str]:
+    kinds = set(BUILTIN)
+    kinds.update(ep.name for ep in entry_points(group=GROUP))
+    return sorted(kinds)
+
+
+def find_factory(kind: str) -> Factory:
+    if kind in BUILTIN:
+        return _load(BUILTIN[kind])
+    matches = [ep for ep in entry_points(group=GROUP) if ep.name == kind]
+    if not matches:
+        raise ConfigError("unknown key source kind", path="kind",
+                          expected=", ".join(available_kinds()), found=kind)
+    if len({ep.value for ep in matches}) > 1:
+        raise ConfigError(f"key source kind {kind!r} is registered by several packages: "
+                          + ", ".join(sorted({ep.value for ep in matches})), path="kind")
+    try:
+        return matches[0].load()
+    except Exception as exc:   # a broken plugin is the operator's to fix, not a crash
+        raise ConfigError(f"cannot load key source plugin {matches[0].value}: "
+                          f"{type(exc).__name__}: {exc}", path="kind") from None
+
+
+def create_key_source(kind: str, settings: Any) -> KeySource:
+    """Build the key source for one ``key_sources`` entry."""
+    source = find_factory(kind)(settings)
+    if not isinstance(source, KeySource):
+        raise ConfigError(f"key source kind {kind!r} built {type(source).__name__}, "
+                          "which does not implement KeySource", path="kind")
+    log.debug("key source %r of kind %s ready", getattr(source, "name", "?"), kind)
+    return source
