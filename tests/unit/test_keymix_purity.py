@@ -54,3 +54,16 @@ def test_x25519_any_bytes_works_or_is_remote_error(data):
     except RemoteProtocolError:
         return
     assert len(s) == 32 and s.reveal() != bytes(32)
+
+
+def test_spec_lists_every_label_of_the_tree():
+    from pathlib import Path
+
+    from qkdgate.keymix import labels
+
+    doc = (Path(__file__).parents[2] / "docs" / "keymix.md").read_text()
+    names = [v for k, v in vars(labels).items() if k.startswith("LABEL_")]
+    assert len(names) == 6
+    for label in names:
+        assert f"`{label}`" in doc or f'"{label}"' in doc, label
+    assert labels.root_label("ML-KEM-768", True, True) in doc
