@@ -35,8 +35,9 @@ from qkdgate.errors import LocalProtocolError, TunnelError
 from qkdgate.interfaces import (Direction, IPAddress, Lifetime, Mark, Mode, PolicyAction,
                                 PolicySpec, SaId, SaSpec, SaState, Selector, Template)
 from qkdgate.tunnels import xfrm_msg as m
-from qkdgate.tunnels.netlink import NetlinkChannel, nla, parse_nlas, iter_nlas, NLM_F_CREATE, \
-    NLM_F_EXCL, open_socket_in_netns
+from qkdgate.tunnels.netlink import (NLM_F_CREATE, NLM_F_EXCL, NetlinkChannel, iter_nlas, nla,
+                                     open_socket_in_netns, parse_nlas)
+from qkdgate.tunnels.state import TunnelRegistry
 
 NETLINK_XFRM = 6
 _DIR = {Direction.IN: m.XFRM_POLICY_IN, Direction.OUT: m.XFRM_POLICY_OUT,
@@ -101,12 +102,15 @@ class XfrmBackend:
     ``netns``: namespace name (``/run/netns/NAME``) to act in, or pass an
     open ``channel``. ``verify``: read every installed SA back (default).
     ``default_hard_seconds``: the hard lifetime given to SAs whose spec has
-    none (the soft one is 90 % of it).
+    none (the soft one is 90 % of it). ``registry``: where the reqids of
+    installed SAs are recorded for ``qkdgate failsafe``.
     """
 
     def __init__(self, netns: str | None = None, *, channel: NetlinkChannel | None = None,
-                 verify: bool = True, default_hard_seconds: int = 3600) -> None:
+                 verify: bool = True, default_hard_seconds: int = 3600,
+                 registry: TunnelRegistry | None = None) -> None:
         self.netns = netns
+        self.registry = registry
         self.nl = channel or NetlinkChannel(NETLINK_XFRM, netns)
         self.verify = verify
         self.default_hard_seconds = default_hard_seconds
@@ -176,6 +180,8 @@ class XfrmBackend:
 
     def _install(self, op: str, sa_id: SaId, spec: SaSpec) -> None:
         msg = self._sa_message(sa_id, spec)
+        if self.registry is not None:  # before the kernel has it: failsafe must know
+            self.registry.add_reqid(self.netns, spec.reqid)
         larval = (sa_id.dst.packed, sa_id.spi)
         if larval in self._larval:
             self.nl.request(op, m.XFRM_MSG_UPDSA, msg)

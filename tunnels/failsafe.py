@@ -1,0 +1,171 @@
+"""``qkdgate failsafe``: neutralise what a dead daemon left in the kernel.
+
+Theory of operation: run by systemd as ``ExecStopPost=`` (so after any
+exit, SIGKILL and crashes included) and by operators. It needs nothing from
+the daemon but the tunnel registry (:mod:`qkdgate.tunnels.state`), and
+falls back to sweeping by kind when the registry is missing or damaged.
+
+* IPsec: every SA whose reqid lies in the recorded (or ``--reqids``) range
+  is deleted. The policies stay: they carry required templates, so with no
+  SA the kernel drops protected traffic instead of sending it in clear, and
+  cleartext arriving for the protected side matches no SA and is dropped
+  (RFC 4301 5.2, fail closed). Kernel hard lifetimes would remove the SAs
+  anyway; failsafe does not wait for them.
+* MACsec: every TX SA of each recorded link (all macsec links with
+  ``--all-macsec``) is set inactive and the link is taken down. MACsec SAs
+  have no lifetime, so without this the dead daemon's SAK would protect (and
+  accept) traffic forever. The parent interface carries no protected
+  traffic: it only ever sees MACsec frames or nothing.
+
+Each step is attempted even if an earlier one failed; the exit status is 1
+if anything could not be done, so systemd records the failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from qkdgate.tunnels.state import DEFAULT_PATH
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--state", default=DEFAULT_PATH, metavar="PATH",
+                   help=f"tunnel registry written by the daemon (default {DEFAULT_PATH})")
+    p.add_argument("--netns", action="append", default=[], metavar="NAME",
+                   help="act in this network namespace too ('' = the current one); repeatable")
+    p.add_argument("--reqids", metavar="MIN-MAX",
+                   help="also delete XFRM SAs whose reqid is in this range")
+    p.add_argument("--all-macsec", action="store_true",
+                   help="deactivate and take down every macsec link, recorded or not")
+    p.add_argument("--dry-run", action="store_true", help="say what would be done, do nothing")
+
+
+def _parse_range(text: str) -> tuple[int, int]:
+    from qkdgate.errors import ConfigError
+
+    try:
+        lo, hi = (int(x, 0) for x in text.split("-", 1))
+    except ValueError:
+        raise ConfigError("--reqids must look like MIN-MAX, e.g. 65536-131071",
+                          found=text) from None
+    if not 0 < lo <= hi <= 0xFFFFFFFF:
+        raise ConfigError("--reqids must satisfy 0 < MIN <= MAX < 2^32", found=text)
+    return lo, hi
+
+
+def run(args: argparse.Namespace) -> int:
+    from qkdgate.tunnels.state import TunnelRegistry
+
+    extra = _parse_range(args.reqids) if args.reqids else None
+    plan: dict[str, dict[str, Any]] = {}
+    for ns, entry in TunnelRegistry.load(args.state).items():
+        plan[ns] = {"reqids": entry["ipsec_reqids"], "links": list(entry["macsec_links"])}
+    for ns in args.netns:
+        plan.setdefault(ns, {"reqids": None, "links": []})
+    if not plan:
+        plan[""] = {"reqids": None, "links": []}
+    failures = 0
+    for ns, todo in plan.items():
+        failures += _failsafe_ns(ns or None, todo["reqids"], extra, todo["links"],
+                                 args.all_macsec, args.dry_run)
+    return 1 if failures else 0
+
+
+def _say(ns: str | None, text: str) -> None:
+    print(f"failsafe[{ns or 'default netns'}]: {text}", flush=True)
+
+
+def _failsafe_ns(ns: str | None, reqids: list[int] | None, extra: tuple[int, int] | None,
+                 links: list[str], all_macsec: bool, dry: bool) -> int:
+    from qkdgate.errors import TunnelError
+
+    failures = 0
+    ranges = [tuple(r) for r in (reqids, extra) if r]
+    if ranges:
+        try:
+            failures += _ipsec(ns, ranges, dry)
+        except TunnelError as exc:
+            _say(ns, f"IPsec: {exc}")
+            failures += 1
+    if links or all_macsec:
+        try:
+            failures += _macsec(ns, links, all_macsec, dry)
+        except TunnelError as exc:
+            _say(ns, f"MACsec: {exc}")
+            failures += 1
+    return failures
+
+
+def _ipsec(ns: str | None, ranges: list[tuple[int, ...]], dry: bool) -> int:
+    from qkdgate.errors import TunnelError
+    from qkdgate.tunnels.xfrm import XfrmBackend
+
+    failures = 0
+    be = XfrmBackend(ns, verify=False)
+    try:
+        doomed = [st for st in be.list_sas() if any(lo <= st.reqid <= hi for lo, hi in ranges)]
+        for st in doomed:
+            if dry:
+                _say(ns, f"would delete SA spi={st.sa_id.spi:#x} reqid={st.reqid}")
+                continue
+            try:
+                be.remove_sa(st.sa_id)
+            except TunnelError as exc:
+                if exc.errno != 3:  # ESRCH: expired meanwhile, which is what we want
+                    _say(ns, f"delete SA spi={st.sa_id.spi:#x}: {exc}")
+                    failures += 1
+        guarded = [p for p in be.list_policies()
+                   if p.template is not None and not p.template.optional]
+        _say(ns, f"IPsec: {'would delete' if dry else 'deleted'} {len(doomed)} SA(s); "
+                 f"{len(guarded)} policy(ies) with required templates kept (traffic blocked)")
+    finally:
+        be.close()
+    return failures
+
+
+def _macsec(ns: str | None, links: list[str], all_macsec: bool, dry: bool) -> int:
+    from qkdgate.errors import TunnelError
+    from qkdgate.tunnels.macsec import MacsecBackend
+
+    failures = 0
+    be = MacsecBackend(ns)
+    try:
+        names = list(dict.fromkeys(links + (be.macsec_links() if all_macsec else [])))
+        for name in names:
+            try:
+                sas = be.tx_sas(name)
+            except TunnelError as exc:
+                if exc.errno == 19:  # ENODEV: the link is gone, nothing can leak through it
+                    _say(ns, f"MACsec {name}: already gone")
+                    continue
+                _say(ns, f"MACsec {name}: {exc}")
+                failures += 1
+                sas = []
+            for st in sas:
+                if dry:
+                    _say(ns, f"would deactivate {name} TX SA AN {st.an}")
+                    continue
+                try:
+                    be.set_tx_sa_active(name, st.an, False)
+                except TunnelError as exc:
+                    _say(ns, f"MACsec {name} AN {st.an}: {exc}")
+                    failures += 1
+            if not dry:
+                try:
+                    be.set_link_up(name, False)
+                except TunnelError as exc:
+                    _say(ns, f"MACsec {name} link down: {exc}")
+                    failures += 1
+            _say(ns, f"MACsec {name}: {len(sas)} TX SA(s) {'would be ' if dry else ''}"
+                     f"deactivated, link {'would go' if dry else 'taken'} down")
+    finally:
+        be.close()
+    return failures
+
+
+if __name__ == "__main__":  # python -m qkdgate.tunnels.failsafe
+    parser = argparse.ArgumentParser(prog="qkdgate failsafe")
+    add_arguments(parser)
+    sys.exit(run(parser.parse_args()))
