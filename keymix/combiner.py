@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
 
 from qkdgate.errors import LocalProtocolError
 from qkdgate.keymix import labels as L
+from qkdgate.keymix.kem import LIBOQS_PREFIX
 from qkdgate.keymix.secret import SecretBytes
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,12 @@ class HybridInputs:
     qkd_key: SecretBytes | None
     qkd_key_ids: tuple[str, ...]
     transcript_hash: bytes
+
+    def __post_init__(self) -> None:
+        # The derivation names the algorithm, not the library that ran it, so
+        # a pyca peer and a liboqs peer ("liboqs:ML-KEM-768") interoperate.
+        if isinstance(self.kem_name, str) and self.kem_name.startswith(LIBOQS_PREFIX):
+            object.__setattr__(self, "kem_name", self.kem_name.removeprefix(LIBOQS_PREFIX))
 
     def validate(self) -> None:
         """Raise :class:`LocalProtocolError` if the inputs are inconsistent

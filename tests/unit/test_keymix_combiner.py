@@ -124,3 +124,9 @@ def test_session_secret_is_not_printable_or_picklable():
 def test_session_secret_rejects_wrong_size():
     with pytest.raises(LocalProtocolError):
         SessionSecret(SecretBytes(b"s" * 32), Provenance("ML-KEM-768", False, ()))
+
+
+def test_provider_prefix_is_not_part_of_the_derivation():
+    # A peer using liboqs for ML-KEM-768 must derive what a pyca peer derives.
+    a = combine(_inputs(kem_name="liboqs:ML-KEM-768"))
+    assert a.secret == combine(_inputs()).secret and a.provenance.kem_name == "ML-KEM-768"
