@@ -13,6 +13,7 @@ order that forces the all-zero shared secret (RFC 7748 6.1 "check"), raises
 from __future__ import annotations
 
 import hmac
+from typing import Callable
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
@@ -22,9 +23,19 @@ from qkdgate.keymix.secret import SecretBytes
 X25519_SIZE = 32
 
 
-def x25519_keypair() -> tuple[X25519PrivateKey, bytes]:
-    """A fresh ephemeral key pair: (private key object, 32-byte public key)."""
-    key = X25519PrivateKey.generate()
+def x25519_keypair(rng: Callable[[int], bytes] | None = None) -> tuple[X25519PrivateKey, bytes]:
+    """A fresh ephemeral key pair: (private key object, 32-byte public key).
+
+    ``rng(n) -> n bytes`` is for replayable tests only (the scalar is
+    clamped by X25519 itself, RFC 7748 5); production uses OpenSSL's CSPRNG.
+    """
+    if rng is None:
+        key = X25519PrivateKey.generate()
+    else:
+        raw = rng(X25519_SIZE)
+        if len(raw) != X25519_SIZE:
+            raise LocalProtocolError("rng returned the wrong number of bytes")
+        key = X25519PrivateKey.from_private_bytes(raw)
     return key, key.public_key().public_bytes_raw()
 
 

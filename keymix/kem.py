@@ -95,7 +95,12 @@ class PycaMlKem:
     _pub_cls: Any
     backend: str = "pyca/cryptography"
 
-    def generate_keypair(self) -> tuple[KemPrivateKey, bytes]:
+    def generate_keypair(self, rng: Callable[[int], bytes] | None = None
+                         ) -> tuple[KemPrivateKey, bytes]:
+        """A fresh key pair. ``rng`` (replayable tests only) supplies the
+        64-byte seed d || z; encapsulation randomness is always OpenSSL's."""
+        if rng is not None:
+            return self.keypair_from_seed(SecretBytes(rng(64)))
         key = self._priv_cls.generate()
         return KemPrivateKey(self.name, key), key.public_key().public_bytes_raw()
 

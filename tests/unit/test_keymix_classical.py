@@ -50,3 +50,11 @@ def test_caller_misuse_is_local_error():
         x25519_shared("key", pa)
     with pytest.raises(LocalProtocolError):
         x25519_shared(a, pa.hex())
+
+
+def test_injected_rng_makes_keys_replayable():
+    rng = lambda n: b"\x11" * n  # noqa: E731
+    (a, pa), (b, pb) = x25519_keypair(rng), x25519_keypair(rng)
+    assert pa == pb and a.private_bytes_raw() == b"\x11" * 32
+    with pytest.raises(LocalProtocolError):
+        x25519_keypair(lambda n: b"\x11" * (n - 1))

@@ -130,3 +130,13 @@ def test_liboqs_round_trip_and_agreement_with_pyca(name):
     opriv, opub = oq.generate_keypair()
     ct, ss = py.encapsulate(opub)
     assert oq.decapsulate(opriv, ct) == ss
+
+
+@pytest.mark.parametrize("name", SIZES)
+def test_injected_rng_makes_key_pairs_replayable(name):
+    kem = get_kem(name)
+    rng = lambda n: bytes(range(n))  # noqa: E731
+    (p1, pub1), (p2, pub2) = kem.generate_keypair(rng), kem.generate_keypair(rng)
+    assert pub1 == pub2 and kem.private_seed(p1).reveal() == bytes(range(64))
+    ct, ss = kem.encapsulate(pub1)
+    assert kem.decapsulate(p2, ct) == ss
