@@ -417,6 +417,7 @@ def parse_config(text: str, filename: str = "<config>", *, base_dir: str | None 
     the folder of ``filename``)."""
     from ruamel.yaml import YAML
     from ruamel.yaml.error import MarkedYAMLError, YAMLError
+    from ruamel.yaml.reader import ReaderError
 
     if base_dir is None:
         base_dir = os.path.dirname(os.path.abspath(filename))
@@ -428,6 +429,9 @@ def parse_config(text: str, filename: str = "<config>", *, base_dir: str | None 
                                   expected="spaces", found="a tab")
     try:
         node = YAML(typ="safe", pure=True).compose(text)
+    except RecursionError:
+        raise ConfigError("YAML nested too deeply", file=filename,
+                          expected="a configuration, not a nesting bomb") from None
     except MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         what = str(exc.problem or exc.context or "invalid YAML")
@@ -440,8 +444,16 @@ def parse_config(text: str, filename: str = "<config>", *, base_dir: str | None 
             what += ")"
         raise ConfigError(f"YAML syntax error: {what}", file=filename,
                           line=mark.line + 1 if mark else None) from None
+    except ReaderError as exc:
+        pos = exc.position if isinstance(exc.position, int) else 0
+        char = exc.character
+        code = ord(char) if isinstance(char, str) and len(char) == 1 else char
+        raise ConfigError("character not allowed in YAML", file=filename,
+                          line=text[:pos].count("\n") + 1, expected="printable text",
+                          found=f"U+{code:04X}" if isinstance(code, int) else repr(code)) from None
     except YAMLError as exc:
-        raise ConfigError(f"YAML error: {exc}", file=filename) from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"YAML error: {first}", file=filename) from None
     if node is None:
         raise ConfigError("empty configuration", file=filename, line=1,
                           expected="a mapping with version, gateway, peers, ...",

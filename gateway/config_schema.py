@@ -30,6 +30,7 @@ import dataclasses
 import difflib
 import enum
 import ipaddress
+import math
 import os
 import re
 import types
@@ -55,6 +56,8 @@ _SEXAGESIMAL_RE = re.compile(r"[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+(?:\.[0-9_]*)?\
 _FLOAT_RE = re.compile(r"[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?\Z")
 _DURATION_PART_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d)")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_MAX_NUMBER_CHARS = 40   # Python refuses int() of > 4300 digits; no setting needs 40
+_MAX_DEPTH = 16
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")
 
 IPv4or6 = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -240,6 +243,9 @@ class Walk:
 
     def _plain(self, node: Any, path: str) -> Any:
         self._check_node(node, path)
+        if path.count(".") + path.count("[") > _MAX_DEPTH:
+            raise self.error(node, path, "nested too deeply", expected=f"at most {_MAX_DEPTH} "
+                             "levels", found="more")
         self.lines.setdefault(path, node.start_mark.line + 1)
         if node.id == "mapping":
             return self._free_mapping(node, path)
@@ -256,7 +262,7 @@ class Walk:
                 or _LEADING_ZERO_RE.match(text):
             return self._int(node, path)
         if _FLOAT_RE.match(text):
-            return float(text)
+            return self._finite(float(text), node, path)
         return text
 
     # -- scalars
@@ -300,6 +306,9 @@ class Walk:
 
     def _int(self, node: Any, path: str) -> int:
         text = self._scalar(node, path, "an integer")
+        if node.style is None and len(text) > _MAX_NUMBER_CHARS:
+            raise self.error(node, path, "number too long", expected="an integer of at most "
+                             f"{_MAX_NUMBER_CHARS} characters", found=f"{len(text)} characters")
         if node.style is None:
             if _INT_RE.match(text):
                 return int(text)
@@ -320,14 +329,20 @@ class Walk:
     def _float(self, node: Any, path: str) -> float:
         text = self._scalar(node, path, "a number")
         if node.style is None and (_FLOAT_RE.match(text) or _INT_RE.match(text)):
-            return float(text)
+            return self._finite(float(text), node, path)
         raise self.error(node, path, "wrong type", expected="a number", found=describe(node))
+
+    def _finite(self, value: float, node: Any, path: str) -> float:
+        if not math.isfinite(value):
+            raise self.error(node, path, "number too large", expected="a finite number",
+                             found=f"'{node.value[:20]}'")
+        return value
 
     def _duration(self, node: Any, path: str) -> float:
         expected = "a duration such as 500ms, 30s, 5m, 1h or 1h30m"
         text = self._scalar(node, path, expected)
         if node.style is None and (_INT_RE.match(text) or _FLOAT_RE.match(text)):
-            return float(text)
+            return self._finite(float(text), node, path)
         pos, total = 0, 0.0
         for m in _DURATION_PART_RE.finditer(text):
             if m.start() != pos:
@@ -335,7 +350,7 @@ class Walk:
             total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
             pos = m.end()
         if text and pos == len(text):
-            return total
+            return self._finite(total, node, path)
         if node.style is None and _SEXAGESIMAL_RE.match(text):
             raise self.error(node, path, "YAML 1.1 sexagesimal number is not accepted",
                              expected=expected, found=f"'{text}'")
