@@ -1,0 +1,54 @@
+# qkdgate lab image: the gateway daemon on Debian 12 (bookworm).
+#
+# For labs and demos in network namespaces, e.g.
+#   docker run --cap-add NET_ADMIN --network <ns> -v ./etc:/etc/qkdgate:ro qkdgate
+# It runs as root inside the container on purpose: Docker gives a non-root
+# process no effective capabilities, and XFRM/MACsec netlink needs
+# CAP_NET_ADMIN; nothing else is added (--cap-add NET_ADMIN only).
+# Production hosts use the systemd unit (systemd/qkdgate.service) instead.
+#
+# The install steps are the README's "Installation" steps, unchanged.
+# CI builds this file with buildah (tools/test-image.sh) and lints it with
+# hadolint.
+
+FROM debian:bookworm-slim
+
+LABEL org.opencontainers.image.title="qkdgate" \
+      org.opencontainers.image.description="Hybrid ML-KEM + X25519 + QKD encryptor gateway for Linux IPsec and MACsec" \
+      org.opencontainers.image.licenses="Apache-2.0"
+
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+
+# Debian stable only takes security fixes, so the suite pins the versions;
+# pinning exact package versions would break the build at every update.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+      python3 python3-venv ca-certificates iproute2 \
+ && rm -rf /var/lib/apt/lists/*
+
+COPY . /usr/src/qkdgate
+
+# README "Installation": a venv in /opt/qkdgate, qkdgate from the checkout,
+# private config and state directories, the example config.
+RUN python3 -m venv /opt/qkdgate \
+ && /opt/qkdgate/bin/pip install --no-cache-dir /usr/src/qkdgate \
+ && install -d -m 0700 /etc/qkdgate /var/lib/qkdgate \
+ && install -m 0600 /usr/src/qkdgate/systemd/qkdgate.yaml /etc/qkdgate/qkdgate.yaml \
+ && rm -rf /usr/src/qkdgate
+
+ENV PATH=/opt/qkdgate/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1
+
+# The journal of consumed QKD key_IDs must outlive the container.
+VOLUME ["/var/lib/qkdgate"]
+# Peer protocol (UDP) and the Prometheus endpoint.
+EXPOSE 4600/udp 9464/tcp
+
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["qkdgate", "status"]
+
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["qkdgate"]
+CMD ["run", "--config", "/etc/qkdgate/qkdgate.yaml"]
