@@ -57,6 +57,9 @@ class SessionConfig:
     rate_per_second: float = 2.0      # expensive INIT work per peer
     rate_burst: int = 8
     initiate_on_start: bool = True
+    # Highest generation already in the kernel (found by the daemon at start):
+    # new generations are numbered above it, so a restart never reuses one.
+    generation_floor: int = 0
 
     def validate(self) -> None:
         def bad(path: str, expected: str, found: object) -> ConfigError:

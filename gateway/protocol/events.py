@@ -105,6 +105,7 @@ class SessionEstablished(Event):
     latency: float                     # seconds from first message to switch
     role: str = "initiator"
     reason: str = ""                   # why the exchange ran: timer, volume...
+    qkd_fallback: str = ""             # non-empty: PQC-only generation, and why
 
 
 @dataclass(frozen=True, slots=True)
