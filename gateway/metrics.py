@@ -1,0 +1,297 @@
+"""Prometheus metrics and structured logs.
+
+Theory of operation: :class:`Metrics` owns one dedicated
+``CollectorRegistry`` (no process-global state, so tests and two gateways in
+one process never collide) and updates it from the same event dicts the
+daemon hands to MQTT telemetry (:meth:`Metrics.handle_event`), plus direct
+calls for what events do not carry: key-source call latency
+(:meth:`observe_key_source_call`) and kernel SA counters
+(:meth:`observe_sa`). :meth:`Metrics.serve` exposes the registry over HTTP
+with aiohttp inside the daemon's event loop (no extra thread), on the
+configured address, loopback by default.
+
+Label values are bounded: tunnels and key sources come from the config;
+failure reasons are reduced to an exception-like class name, and after
+:data:`MAX_REASONS` distinct ones to ``other``, so a peer or KME cannot grow
+the series without bound. No metric carries key material; key_IDs are not
+labels either (unbounded, and they say which keys were used).
+
+Logs: :func:`configure_logging` writes one line per record to stdout, text
+or JSON, with the tunnel/peer context passed as ``extra`` (or through
+:func:`with_context`). Under systemd (``$JOURNAL_STREAM`` names our stdout)
+text lines carry ``<N>`` syslog priorities (sd-daemon(3)), so journald keeps
+the levels. A filter masks anything key-shaped before it is formatted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sys
+import time
+from typing import Any, Mapping, TextIO
+
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Info,
+                               generate_latest)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from qkdgate import __version__
+
+MAX_REASONS = 32
+_REASON = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,47}")
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry if registry is not None else CollectorRegistry()
+        self.rekeys = Counter("qkdgate_rekeys", "Completed rekeys", ["tunnel"], registry=r)
+        self.rekey_failures = Counter("qkdgate_rekey_failures", "Failed rekeys",
+                                      ["tunnel", "reason"], registry=r)
+        self.rekey_latency = Histogram("qkdgate_rekey_duration_seconds",
+                                       "Rekey duration, start to outbound switch", ["tunnel"],
+                                       buckets=_LATENCY_BUCKETS, registry=r)
+        self.generation = Gauge("qkdgate_tunnel_generation", "Current key generation",
+                                ["tunnel"], registry=r)
+        self.rekey_inputs = Counter("qkdgate_rekey_inputs", "Rekeys by key inputs mixed",
+                                    ["tunnel", "kem", "x25519", "qkd"], registry=r)
+        self.key_source_up = Gauge("qkdgate_key_source_up", "Key source reachable (1) or not",
+                                   ["source"], registry=r)
+        self.key_source_latency = Histogram("qkdgate_key_source_request_duration_seconds",
+                                            "Key source request latency", ["source", "op"],
+                                            buckets=_LATENCY_BUCKETS, registry=r)
+        self.key_source_errors = Counter("qkdgate_key_source_errors", "Key source errors",
+                                         ["source", "op", "reason"], registry=r)
+        self.qkd_keys = Counter("qkdgate_qkd_keys_consumed", "QKD keys mixed into a rekey",
+                                ["tunnel"], registry=r)
+        self.qber = Gauge("qkdgate_qkd_qber", "Last reported quantum bit error rate",
+                          ["source"], registry=r)
+        self.alarms = Counter("qkdgate_alarms", "Alarms raised", ["kind"], registry=r)
+        self.fallback = Gauge("qkdgate_policy_fallback_active",
+                              "Tunnel running on a fallback key policy (1) or not", ["tunnel"],
+                              registry=r)
+        self.sa_bytes = Counter("qkdgate_sa_bytes", "Bytes through the tunnel's SAs",
+                                ["tunnel", "direction"], registry=r)
+        self.sa_packets = Counter("qkdgate_sa_packets", "Packets through the tunnel's SAs",
+                                  ["tunnel", "direction"], registry=r)
+        self.sa_integrity = Counter("qkdgate_sa_integrity_failures",
+                                    "Packets failing ESP/MACsec authentication",
+                                    ["tunnel", "direction"], registry=r)
+        self.sa_replay = Counter("qkdgate_sa_replay_errors", "Packets refused as replays",
+                                 ["tunnel", "direction"], registry=r)
+        Info("qkdgate_build", "qkdgate version", registry=r).info({"version": __version__})
+        self._reasons: set[str] = set()
+        self._sa_seen: dict[tuple[str, str, int], tuple[int, int, int, int]] = {}
+
+    # -- from daemon events -------------------------------------------------
+
+    def handle_event(self, event: Mapping[str, Any]) -> None:
+        """Update metrics from one daemon event dict (see docs/telemetry.md).
+        Unknown events and malformed fields are ignored, never raised."""
+        try:
+            self._handle(event)
+        except (TypeError, ValueError, AttributeError):
+            logging.getLogger("qkdgate.metrics").warning(
+                "metrics: ignored malformed %r event", str(event.get("event"))[:40])
+
+    def _handle(self, e: Mapping[str, Any]) -> None:
+        kind = e.get("event")
+        tunnel = str(e.get("tunnel", ""))
+        if kind == "rekey_done":
+            self.rekeys.labels(tunnel).inc()
+            if isinstance(e.get("generation"), int):
+                self.generation.labels(tunnel).set(e["generation"])
+            if isinstance(e.get("latency_ms"), (int, float)):
+                self.rekey_latency.labels(tunnel).observe(max(0.0, e["latency_ms"]) / 1000)
+            inputs = e.get("inputs") or {}
+            ids = inputs.get("qkd_key_ids") or []
+            self.rekey_inputs.labels(tunnel, str(inputs.get("kem", "none"))[:24],
+                                     "yes" if inputs.get("x25519") else "no",
+                                     "yes" if ids else "no").inc()
+            if ids:
+                self.qkd_keys.labels(tunnel).inc(len(ids))
+        elif kind == "rekey_failed":
+            self.rekey_failures.labels(tunnel, self._reason(e.get("reason"))).inc()
+        elif kind in ("key_source_up", "key_source_down"):
+            self.key_source_up.labels(str(e.get("source", ""))).set(kind == "key_source_up")
+            if kind == "key_source_down":
+                self.alarms.labels("key_source_down").inc()
+        elif kind == "qkd_alarm":
+            self.alarms.labels("qkd_alarm").inc()
+            if isinstance(e.get("qber"), (int, float)):
+                self.qber.labels(str(e.get("source", ""))).set(e["qber"])
+        elif kind == "policy_fallback":
+            self.fallback.labels(tunnel).set(1)
+            self.alarms.labels("policy_fallback").inc()
+        elif kind == "policy_recovered":
+            self.fallback.labels(tunnel).set(0)
+        elif kind == "sa_hard_lifetime_block":
+            self.alarms.labels("sa_hard_lifetime_block").inc()
+
+    def _reason(self, reason: Any) -> str:
+        # "KeyUnavailable: QKD link down" -> "KeyUnavailable"
+        head = str(reason or "unknown").split(":", 1)[0].strip()
+        if not _REASON.fullmatch(head):
+            return "other"
+        if head not in self._reasons:
+            if len(self._reasons) >= MAX_REASONS:
+                return "other"
+            self._reasons.add(head)
+        return head
+
+    # -- direct observations ------------------------------------------------
+
+    def observe_key_source_call(self, source: str, op: str, seconds: float,
+                                error: BaseException | None = None) -> None:
+        """One KME request (``op``: get_new_keys, get_keys_by_id, status)."""
+        self.key_source_latency.labels(source, op).observe(max(0.0, seconds))
+        if error is not None:
+            self.key_source_errors.labels(source, op, self._reason(type(error).__name__)).inc()
+
+    def observe_sa(self, tunnel: str, direction: str, state: Any) -> None:
+        """Fold one SA's cumulative kernel counters (``SaState`` or
+        ``MacsecSaState``) into per-tunnel counters that survive rekeys."""
+        spi = getattr(getattr(state, "sa_id", None), "spi", None)
+        if spi is None:
+            spi = getattr(state, "an", 0)
+        now = (int(getattr(state, "bytes", getattr(state, "octets", 0))),
+               int(getattr(state, "packets", 0)),
+               int(getattr(state, "integrity_failed", 0)),
+               int(getattr(state, "replay_errors", 0)))
+        key = (tunnel, direction, int(spi))
+        before = self._sa_seen.get(key, (0, 0, 0, 0))
+        # A counter below its last value means a new SA reused the id: count
+        # it from zero.
+        deltas = [n - b if n >= b else n for n, b in zip(now, before)]
+        self._sa_seen[key] = now
+        for counter, d in zip((self.sa_bytes, self.sa_packets, self.sa_integrity,
+                               self.sa_replay), deltas):
+            if d:
+                counter.labels(tunnel, direction).inc(d)
+
+    def forget_sa(self, tunnel: str, direction: str, spi: int) -> None:
+        """The SA is gone (retired after a rekey): drop its last reading."""
+        self._sa_seen.pop((tunnel, direction, spi), None)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+    # -- HTTP ------------------------------------------------------------------
+
+    async def serve(self, address: str = "127.0.0.1", port: int = 9464) -> "MetricsServer":
+        """Serve ``/metrics`` from this event loop; ``port=0`` picks one."""
+        from aiohttp import web  # imported here: the CLI's --help stays fast
+
+        async def metrics(_request: web.Request) -> web.Response:
+            return web.Response(body=self.exposition(),
+                                headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+        app = web.Application()
+        app.router.add_get("/metrics", metrics)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, str(address), port, reuse_address=True)
+        await site.start()
+        bound = site._server.sockets[0].getsockname()[1]  # noqa: SLF001 - the port when 0
+        return MetricsServer(runner, bound)
+
+
+class MetricsServer:
+    def __init__(self, runner: Any, port: int) -> None:
+        self._runner, self.port = runner, port
+
+    async def close(self) -> None:
+        await self._runner.cleanup()
+
+
+# --------------------------------------------------------------------------
+# logs
+# --------------------------------------------------------------------------
+
+CONTEXT_FIELDS = ("tunnel", "peer", "generation", "source", "spi", "event")
+# Long hex or base64 runs: key-shaped, masked in every log line.
+_BLOB = re.compile(r"(?<![A-Za-z0-9+/=_-])(?:[0-9A-Fa-f]{32,}|[A-Za-z0-9+/_-]{40,}={0,2})"
+                   r"(?![A-Za-z0-9+/=_-])")
+_SYSLOG_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+                    logging.CRITICAL: 2}
+
+
+class RedactingFilter(logging.Filter):
+    """Formats the message once, masking bytes arguments and key-shaped text,
+    so no handler ever sees a raw key (SecretBytes already prints only a
+    fingerprint)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple):
+            args = tuple(f"<{len(a)} bytes>" if isinstance(a, (bytes, bytearray, memoryview))
+                         else a for a in args)
+        try:
+            msg = record.msg % args if args else str(record.msg)
+        except (TypeError, ValueError):
+            msg = f"{record.msg} {args!r}"
+        record.msg, record.args = _BLOB.sub("[redacted]", msg), None
+        return True
+
+
+class _Formatter(logging.Formatter):
+    def __init__(self, json_lines: bool, journald: bool) -> None:
+        super().__init__()
+        self.json_lines, self.journald = json_lines, journald
+
+    def format(self, record: logging.LogRecord) -> str:
+        ctx = {k: getattr(record, k) for k in CONTEXT_FIELDS if hasattr(record, k)}
+        if self.json_lines:
+            doc = {"ts": round(record.created, 3), "level": record.levelname.lower(),
+                   "logger": record.name, "msg": record.getMessage(), **ctx}
+            if record.exc_info:
+                doc["exc"] = _BLOB.sub("[redacted]", self.formatException(record.exc_info))
+            return json.dumps(doc, default=str, separators=(",", ":"))
+        text = record.getMessage()
+        if ctx:
+            text += " [" + " ".join(f"{k}={v}" for k, v in ctx.items()) + "]"
+        if record.exc_info:
+            text += "\n" + _BLOB.sub("[redacted]", self.formatException(record.exc_info))
+        if self.journald:
+            prio = _SYSLOG_PRIORITY.get(record.levelno, 6)
+            return "\n".join(f"<{prio}>{line}" for line in text.splitlines())
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        return f"{stamp}Z {record.levelname:<7} {record.name}: {text}"
+
+
+def _stream_is_journal(stream: TextIO) -> bool:
+    # systemd.exec(5): $JOURNAL_STREAM is "DEVICE:INODE" of the journal stream.
+    want = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        st = os.fstat(stream.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return want == f"{st.st_dev}:{st.st_ino}"
+
+
+def configure_logging(level: str = "info", fmt: str = "text",
+                      stream: TextIO | None = None) -> logging.Handler:
+    """Install the qkdgate handler on the ``qkdgate`` logger tree. ``level``
+    and ``fmt`` are LogConfig's values (enums or their strings)."""
+    level = getattr(level, "value", level)
+    fmt = getattr(fmt, "value", fmt)
+    stream = stream if stream is not None else sys.stdout
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(RedactingFilter())
+    handler.setFormatter(_Formatter(fmt == "json", fmt != "json" and _stream_is_journal(stream)))
+    root = logging.getLogger("qkdgate")
+    for old in [h for h in root.handlers if getattr(h, "_qkdgate", False)]:
+        root.removeHandler(old)
+    handler._qkdgate = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(str(level).upper())
+    root.propagate = False
+    return handler
+
+
+def with_context(logger: logging.Logger, **context: Any) -> logging.LoggerAdapter:
+    """A logger that adds tunnel/peer/... context to every record."""
+    return logging.LoggerAdapter(logger, {k: v for k, v in context.items()
+                                          if k in CONTEXT_FIELDS})
