@@ -131,13 +131,17 @@ class LogFormat(enum.Enum):
     JSON = "json"
 
 
-# Key source kinds shipped with qkdgate; any other name is looked up among the
-# "qkdgate.key_sources" entry points when the daemon starts.
-BUILTIN_KEY_SOURCE_KINDS = ("etsi014", "etsi004", "idq", "toshiba", "simulator")
-KIND_NEEDS_URL = ("etsi014", "etsi004", "idq", "toshiba")
-# ETSI GS QKD 014 5.1: the SAE-KME interface is HTTPS with mutual TLS,
-# so these kinds need an https URL and a client certificate, key and CA.
-KIND_NEEDS_MTLS = ("etsi014", "idq", "toshiba")
+# Key source kinds. The source of truth is qkdgate.adapters.registry (built-in
+# kinds plus "qkdgate.key_sources" entry points); this list is the fallback
+# when the adapters are not installed.
+BUILTIN_KEY_SOURCE_KINDS = ("etsi014", "idq-cerberis-xgr", "toshiba")
+KIND_NEEDS_URL = ("etsi014", "etsi004", "idq-cerberis-xgr", "toshiba")
+# ETSI GS QKD 014 5.1: the SAE-KME interface is HTTPS with mutual TLS, so
+# these kinds (the ETSI 014 client with a vendor preset) need an https URL
+# and a client certificate, key and CA. Value: the default vendor profile
+# (qkdgate.adapters.profiles) that options may override.
+KIND_NEEDS_MTLS = {"etsi014": "generic", "idq-cerberis-xgr": "idq-cerberis-xgr",
+                   "toshiba": "toshiba"}
 
 
 # ---------------------------------------------------------------- gateway

@@ -12,6 +12,7 @@ the operator meant; ``check-config`` prints them.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import enum
 import ipaddress
 import types
@@ -43,12 +44,17 @@ def validate(cfg: "Config") -> None:
     _unique(cfg, "tunnels", [t.name for t in cfg.tunnels], "tunnel name")
 
     # -- key sources
-    kinds = set(BUILTIN_KEY_SOURCE_KINDS) | _plugin_kinds()
+    kinds = _known_kinds(BUILTIN_KEY_SOURCE_KINDS)
     for i, ks in enumerate(cfg.key_sources):
         at = f"key_sources[{i}]"
         if ks.kind not in kinds:
-            raise cfg.error(f"{at}.kind", "unknown key source kind",
-                            expected="one of " + ", ".join(sorted(kinds)), found=f"'{ks.kind}'")
+            # the list depends on installed plugins, so it goes in a hint, not in 'expected'
+            close = difflib.get_close_matches(ks.kind, sorted(kinds), n=1)
+            hint = f", did you mean '{close[0]}'?" if close else \
+                f" (known here: {', '.join(sorted(kinds))})"
+            raise cfg.error(f"{at}.kind", "unknown key source kind" + hint,
+                            expected="a built-in kind or an installed qkdgate.key_sources plugin",
+                            found=f"'{ks.kind}'")
         if ks.kind in KIND_NEEDS_URL and ks.url is None:
             raise cfg.error(at, f"key source kind {ks.kind} needs a url",
                             expected="url: https://...", found="no url")
@@ -63,6 +69,8 @@ def validate(cfg: "Config") -> None:
                                 found="no " + ", ".join("tls." + k for k in missing))
         if ks.tls is not None:
             _check_tls(cfg, f"{at}.tls", ks.tls)
+        if ks.kind in KIND_NEEDS_MTLS:
+            _check_vendor_options(cfg, i, KIND_NEEDS_MTLS[ks.kind])
 
     # -- peers
     sources = {k.name for k in cfg.key_sources}
@@ -246,7 +254,8 @@ def _check_url(cfg: "Config", at: str, url: str, kind: str) -> None:
     if not host:
         raise cfg.error(at, "URL without a valid host", expected="https://HOST[:PORT]",
                         found=f"'{url}'")
-    if kind in ("etsi014", "idq", "toshiba") and parts.scheme != "https":
+    from qkdgate.gateway.config import KIND_NEEDS_MTLS
+    if kind in KIND_NEEDS_MTLS and parts.scheme != "https":
         # ETSI GS QKD 014 5.1: HTTPS only; plain HTTP would hand keys to the path
         raise cfg.error(at, "the KME interface must use HTTPS (ETSI GS QKD 014 requires it)",
                         expected="an https:// URL", found=f"'{url}'")
@@ -310,10 +319,38 @@ def _check_identity(cfg: "Config", at: str, text: str) -> None:
                         found=exc.found) from None
 
 
-def _plugin_kinds() -> set[str]:
-    """Third-party key source adapters registered as entry points (no import)."""
+def _known_kinds(fallback: Iterable[str]) -> set[str]:
+    """Kinds the adapter registry can build (built-ins and entry points; the
+    plugins are not imported here)."""
     try:
-        from importlib.metadata import entry_points
-        return {ep.name for ep in entry_points(group="qkdgate.key_sources")}
-    except Exception:  # broken metadata must not stop config checking
-        return set()
+        from qkdgate.adapters.registry import available_kinds
+    except ImportError:
+        return set(fallback)
+    return set(available_kinds())
+
+
+def _check_vendor_options(cfg: "Config", i: int, default_profile: str) -> None:
+    """Apply the ETSI 014 adapter's own option and SAE ID checks now, so
+    check-config reports them with a line number instead of the daemon
+    failing at start. The adapter module owns these rules."""
+    from qkdgate.errors import ConfigError
+    try:
+        from qkdgate.adapters.profiles import get_profile
+    except ImportError:  # pragma: no cover - adapters not in this build
+        return
+    ks = cfg.key_sources[i]
+    at = f"key_sources[{i}]"
+    try:
+        profile = get_profile(str(ks.options.get("profile", default_profile)), ks.options)
+    except ConfigError as exc:
+        raise cfg.error(f"{at}.{exc.path}" if exc.path else f"{at}.options", exc.reason,
+                        expected=exc.expected, found=exc.found) from None
+    for j, p in enumerate(cfg.peers):
+        if p.qkd is None or p.qkd.key_source != ks.name:
+            continue
+        for key in ("local_sae_id", "peer_sae_id"):
+            try:
+                profile.check_sae_id(getattr(p.qkd, key), key.replace("_", " "))
+            except ConfigError as exc:
+                raise cfg.error(f"peers[{j}].qkd.{key}", exc.reason, expected=exc.expected,
+                                found=exc.found) from None

@@ -283,3 +283,19 @@ def test_load_config_rejects_non_utf8(tmp_path):
 def test_yaml_features_we_refuse(text, reason):
     e = error(text)
     assert reason in str(e) and e.line == 1
+
+
+@pytest.mark.parametrize("options,path", [
+    ("{profile: no-such-kme}", "key_sources[0].options.profile"),
+    ("{enc_keys_method: PUT}", "key_sources[0].options.enc_keys_method"),
+    ("{sae_id_format: uuid}", "peers[0].qkd.local_sae_id"),   # SAE-A is not a UUID
+])
+def test_vendor_options_are_checked_by_the_adapter_rules_at_load_time(options, path):
+    e = error(cfg_with(("    timeout: 5s\n", f"    timeout: 5s\n    options: {options}\n")))
+    assert e.path == path and e.line in (12, 20)
+
+
+def test_vendor_kind_gets_its_preset_and_unknown_kinds_a_suggestion():
+    assert parse(cfg_with(("kind: etsi014", "kind: toshiba"))).key_sources[0].kind == "toshiba"
+    e = error(cfg_with(("kind: etsi014", "kind: etsi14")))
+    assert e.path == "key_sources[0].kind" and "did you mean 'etsi014'?" in str(e)
