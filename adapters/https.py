@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import socket
 import ssl
 from typing import Any, Awaitable, Callable, Mapping
 
@@ -69,6 +70,12 @@ class KmeHttps:
             await self._session.close()
         self._session = None
 
+    async def _tls_refusal(self, url: URL) -> str | None:
+        if url.host is None or url.port is None:
+            return None
+        return await asyncio.to_thread(_probe, self._ssl, url.host, url.port,
+                                       self._server_hostname, min(self.timeout, 2.0))
+
     async def request(self, what: str, http_method: str, url: URL, classify: Classifier, *,
                       params: Mapping[str, str] | None = None,
                       body: Mapping[str, Any] | None = None) -> bytes:
@@ -103,6 +110,13 @@ class KmeHttps:
                     # of the handshake is done, so the refusal arrives on read.
                     raise KeySourceAuthError(f"{kme} {what}: KME refused our TLS client "
                                              f"certificate ({_reason(exc)})") from None
+                if isinstance(exc, aiohttp.ServerDisconnectedError):
+                    # aiohttp reports a TLS 1.3 client-certificate refusal as a
+                    # bare disconnect: ask the TLS layer directly what happened.
+                    refused = await self._tls_refusal(url)
+                    if refused:
+                        raise KeySourceAuthError(f"{kme} {what}: KME refused our TLS client "
+                                                 f"certificate ({refused})") from None
                 last = KeyUnavailable(f"{kme} {what}: network error ({_reason(exc)})")
                 continue
             if status == 200:
@@ -113,6 +127,26 @@ class KmeHttps:
                 continue
             raise err
         raise last
+
+
+def _probe(ctx: ssl.SSLContext, host: str, port: int, server_hostname: str | None,
+           timeout: float) -> str | None:
+    """Why a KME dropped us right after the handshake, or None if it did not
+    refuse us. With TLS 1.3 the server checks our certificate after our side
+    of the handshake is complete, so aiohttp sees only "Server disconnected".
+    A blocking socket surfaces the TLS alert a server sends; asyncio servers
+    (like aiohttp) abort without one, so a connection that closes without
+    answering a harmless HEAD counts as a refusal too."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as raw:
+            with ctx.wrap_socket(raw, server_hostname=server_hostname or host) as tls:
+                tls.sendall(b"HEAD / HTTP/1.1\r\nHost: kme\r\nConnection: close\r\n\r\n")
+                first = tls.recv(1)
+    except ssl.SSLError as exc:
+        return _reason(exc)
+    except OSError:
+        return None
+    return None if first else "connection closed right after the TLS handshake"
 
 
 class _KmeIdCheck:

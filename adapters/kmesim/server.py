@@ -41,6 +41,7 @@ from qkdgate.adapters.kmesim.qkd004 import Qkd004Service
 from qkdgate.adapters.tls import server_context
 
 log = logging.getLogger("qkdgate.kmesim")
+KME_ID = web.AppKey("kme_id", str)
 
 GARBAGE = {
     "bytes": (b"\x00\xff\xfe garbage \x89PNG\r\n", "application/json"),
@@ -143,7 +144,7 @@ class KmeSimulator:
                 sslobj.context = bad   # present a certificate from the rogue CA
         ctx.sni_callback = sni
         app = web.Application(client_max_size=1 << 20)
-        app["kme_id"] = kme_id
+        app[KME_ID] = kme_id
         app.router.add_route("*", "/api/v1/keys/{sae}/{method}", self._etsi014)
         app.router.add_post("/api/v1/qkd004/{op}", self._etsi004)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
@@ -184,7 +185,7 @@ class KmeSimulator:
                             text=json.dumps(reply.body))
 
     async def _etsi014(self, request: web.Request) -> web.StreamResponse:
-        kme_id = request.app["kme_id"]
+        kme_id = request.app[KME_ID]
         method, sae = request.match_info["method"], request.match_info["sae"]
         caller = self._caller(request)
         if caller is None:
@@ -226,7 +227,7 @@ class KmeSimulator:
         return self.network.dec_keys(kme_id, caller, master, ids)
 
     async def _etsi004(self, request: web.Request) -> web.StreamResponse:
-        kme_id = request.app["kme_id"]
+        kme_id = request.app[KME_ID]
         caller = self._caller(request)
         op = request.match_info["op"]
         if caller is None or self.network.sae_home.get(caller) != kme_id:
