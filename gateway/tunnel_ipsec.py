@@ -47,6 +47,8 @@ class IpsecTunnelSpec:
     encap: UdpEncap | None = None
     replay_window: int = 1024
     priority: int = 1000
+    aead: str = "rfc4106(gcm(aes))"
+    esn: bool = True
 
     def __post_init__(self) -> None:
         if not 1 <= self.reqid_base or self.reqid_span < 3 \
@@ -158,8 +160,9 @@ class IpsecTunnel(Tunnel):
                             soft_add_seconds=max(1, int(-(-lt.soft_seconds // 1))),
                             hard_add_seconds=max(2, int(-(-lt.hard_seconds // 1))))
         selector = out_sel if s.mode is Mode.TRANSPORT else None
-        return SaSpec(key=key, reqid=reqid, mode=s.mode, selector=selector,
-                      replay_window=s.replay_window, lifetime=lifetime, encap=s.encap)
+        return SaSpec(key=key, reqid=reqid, mode=s.mode, selector=selector, aead=s.aead,
+                      replay_window=s.replay_window, esn=s.esn, lifetime=lifetime,
+                      encap=s.encap)
 
     def _add_inbound(self, gen: Generation, session: Any, direction: str, spi: int,
                      now: float) -> SaRecord:

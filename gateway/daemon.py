@@ -1,0 +1,507 @@
+"""The gateway daemon: the composition root.
+
+Theory of operation: :class:`Daemon` turns a validated
+:class:`~qkdgate.gateway.config.Config` into running parts and wires them
+together inside one :class:`asyncio.TaskGroup`:
+
+* one UDP socket (:mod:`qkdgate.gateway.udp`) and, per peer, a
+  :class:`PeerSession` (sans-IO protocol core) with its :class:`PeerDriver`;
+* key sources (``qkdgate.adapters.registry``) that answer ``NeedQkdKeys``;
+* the :class:`TunnelManager` (:mod:`qkdgate.gateway.tunnel_manager`) that
+  turns ``InstallInbound`` / ``InstallOutbound`` / ``RetireGeneration`` into
+  kernel SAs, make-before-break, under the tunnel's key policy;
+* the control socket (``qkdgate status`` / ``rekey``), sd_notify, and an
+  event hook that telemetry subscribes to (:meth:`Daemon.subscribe`;
+  events documented in docs/daemon.md).
+
+Everything that touches the outside world is injectable (backends, key
+sources, clock, rng, notifier), so two daemons run in one event loop in the
+tests. Fail closed throughout: tunnels install blocking policies before the
+first handshake; a refused or failed install is reported to the session
+(``install_failed``) and never half-applied; the default exit leaves the
+policies (and XFRM SAs, which expire on their kernel lifetimes) in place.
+SIGHUP reloads the configuration: the new file is validated first, a bad
+file changes nothing, and what cannot change live is reported as needing a
+restart. Logs carry tunnel/peer context and IDs, never key bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from typing import Any, Awaitable, Callable, Mapping
+
+from qkdgate.errors import (ConfigError, KeySourceError, KeySourceTimeout, QkdgateError)
+from qkdgate.gateway import daemon_build as build
+from qkdgate.gateway.config import Config, load_config
+from qkdgate.gateway.control import ControlError, ControlServer
+from qkdgate.gateway.sdnotify import SdNotifier
+from qkdgate.gateway.tunnel_manager import TunnelManager, provenance_dict
+from qkdgate.gateway.udp import GatewayEndpoint, PeerDriver, open_endpoint
+
+log = logging.getLogger("qkdgate.daemon")
+
+Subscriber = Callable[[dict[str, Any]], Awaitable[None] | None]
+POLL_INTERVAL = 10.0        # kernel counters (soft byte limits, status)
+KME_TIMEOUT_SLACK = 5.0     # on top of the key source's own timeout
+
+
+class PeerState:
+    """What the daemon knows about one peer (for status and telemetry)."""
+
+    def __init__(self, name: str, tunnels: list[str]) -> None:
+        self.name = name
+        self.tunnels = tunnels
+        self.state = "connecting"
+        self.generation: int | None = None
+        self.established_at: float | None = None
+        self.last_error: str | None = None
+        self.qkd_fallback = False
+        self.violations = 0
+        self.rekeys = 0
+        self.rekey_failures = 0
+
+
+class Daemon:
+    def __init__(self, config: Config, *, config_path: str | None = None,
+                 ipsec_backend: Any = None, macsec_backend: Any = None,
+                 key_sources: Mapping[str, Any] | None = None,
+                 identity: Any = None, peer_identities: Mapping[str, list] | None = None,
+                 session_factory: Callable[..., Any] | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 rng: Callable[[int], bytes] = os.urandom,
+                 notifier: SdNotifier | None = None, control_path: str | None = None,
+                 teardown_on_exit: bool = False, journal: Any = None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.clock = clock
+        self.rng = rng
+        self.notifier = notifier or SdNotifier()
+        self.control_path = control_path or config.gateway.control_socket
+        self.teardown_on_exit = teardown_on_exit
+        self._ipsec = ipsec_backend
+        self._macsec = macsec_backend
+        self._key_sources = dict(key_sources) if key_sources is not None else None
+        self._identity = identity
+        self._peer_identities = peer_identities
+        self._session_factory = session_factory
+        self.journal = journal
+        self.subscribers: list[Subscriber] = []
+        self.tunnels = TunnelManager()
+        self.peers: dict[str, PeerState] = {}
+        self.drivers: dict[str, PeerDriver] = {}
+        self.endpoint: GatewayEndpoint | None = None
+        self.started_at = clock()
+        self.pending_restart: list[str] = []
+        self._stop = asyncio.Event()
+        self._reload = asyncio.Event()
+        self._tasks: set[asyncio.Task] = set()
+        self._tg: asyncio.TaskGroup | None = None
+        self.ready = asyncio.Event()
+
+    # ------------------------------------------------------------------ hooks
+    def subscribe(self, callback: Subscriber) -> None:
+        """Receive every daemon event (a small dict; see docs/daemon.md)."""
+        self.subscribers.append(callback)
+
+    def emit(self, event: dict[str, Any]) -> None:
+        event = {"ts": time.time(), "gateway": self.config.gateway.name, **event}
+        for cb in list(self.subscribers):
+            try:
+                res = cb(event)
+                if asyncio.iscoroutine(res):
+                    self._spawn(self._guarded(res, cb), "subscriber")
+            except Exception:
+                log.exception("event subscriber %r failed on %s", cb, event.get("event"))
+
+    async def _guarded(self, coro: Awaitable[None], cb: Any) -> None:
+        try:
+            await coro
+        except Exception:
+            log.exception("event subscriber %r failed", cb)
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        if self._tg is None:
+            coro.close()
+            return
+        task = self._tg.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ------------------------------------------------------------------ run
+    async def run(self) -> None:
+        """Run until :meth:`stop` (or SIGTERM/SIGINT when installed)."""
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                await self._start()
+                loops = [tg.create_task(self._tunnel_loop(), name="tunnels"),
+                         tg.create_task(self._reload_loop(), name="reload")]
+                if self.notifier.watchdog_interval:
+                    loops.append(tg.create_task(self._watchdog_loop(), name="watchdog"))
+                self.ready.set()
+                self.notifier.ready(self._status_line())
+                self.emit({"event": "daemon_started", "tunnels": list(self.tunnels.tunnels)})
+                log.info("gateway %s running: %d peer(s), %d tunnel(s)",
+                         self.config.gateway.name, len(self.peers), len(self.tunnels.tunnels))
+                await self._stop.wait()
+                for task in loops + list(self._tasks):
+                    task.cancel()
+        except BaseExceptionGroup as group:
+            # One failure (a bad identity file, a port in use) reads better
+            # unwrapped; several stay grouped.
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
+        finally:
+            self._tg = None
+            await self._shutdown()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def reload(self) -> None:
+        self._reload.set()
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.stop)
+        loop.add_signal_handler(signal.SIGINT, self.stop)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+
+    async def _start(self) -> None:
+        cfg = self.config
+        now = self.clock()
+        self._ipsec, self._macsec = build.backends(cfg, self._ipsec, self._macsec)
+        for tunnel in build.tunnels(cfg, self._ipsec, self._macsec, self._tunnel_event):
+            tunnel.setup(now)   # fail-closed policies first; adopts a previous run's SAs
+            self.tunnels.add(tunnel)
+        if self._key_sources is None:
+            self._key_sources = build.key_sources(cfg)
+        identity = self._identity or build.local_identity(cfg)
+        pins = self._peer_identities or {p.name: build.peer_identities(p) for p in cfg.peers}
+        if self.journal is None and self.config_path is not None:
+            self.journal = build.open_journal(cfg)
+        host = str(cfg.gateway.listen.address)
+        transport, self.endpoint = await open_endpoint(
+            host, cfg.gateway.listen.port,
+            bypass=getattr(self._ipsec, "bypass_socket", None))
+        self._transport = transport
+        factory = self._session_factory or build.session_factory()
+        for peer in cfg.peers:
+            tids = [t.name for t in cfg.tunnels_for(peer.name)]
+            self.peers[peer.name] = PeerState(peer.name, tids)
+            scfg = build.session_config(cfg, peer)
+            session = factory(scfg, identity=identity, peer_identities=pins[peer.name],
+                              rng=self.rng, now=now,
+                              allocate_spi=lambda tid: self.tunnels.get(tid).allocate_spi())
+            driver = PeerDriver(peer.name, session, (str(peer.address), peer.port),
+                                clock=self.clock, on_event=self._on_event)
+            self.endpoint.add(driver)
+            self.drivers[peer.name] = driver
+        self.control = ControlServer(self.control_path, {
+            "status": self._ctl_status, "rekey": self._ctl_rekey, "reload": self._ctl_reload})
+        await self.control.start()
+        for driver in self.drivers.values():
+            driver.pump()        # lets sessions with initiate_on_start send INIT
+
+    async def _shutdown(self) -> None:
+        self.notifier.stopping()
+        self.emit({"event": "daemon_stopping", "teardown": self.teardown_on_exit})
+        for driver in self.drivers.values():
+            driver.close()
+        if getattr(self, "_transport", None) is not None:
+            self._transport.close()
+        if getattr(self, "control", None) is not None:
+            await self.control.close()
+        for tunnel in self.tunnels.tunnels.values():
+            try:
+                tunnel.shutdown(self.teardown_on_exit)
+            except QkdgateError as exc:
+                log.error("tunnel %s: shutdown: %s", tunnel.tunnel_id, exc)
+        for name, src in (self._key_sources or {}).items():
+            try:
+                await src.close()
+            except Exception as exc:   # closing must not mask the reason we stop
+                log.warning("key source %s: close failed: %s", name, exc)
+        if self.journal is not None and hasattr(self.journal, "close"):
+            self.journal.close()
+        log.info("gateway %s stopped (%s)", self.config.gateway.name,
+                 "tunnels torn down" if self.teardown_on_exit else "blocking policies kept")
+
+    # ------------------------------------------------------------------ events
+    def _tunnel_event(self, event: dict[str, Any]) -> None:
+        self.emit(event)
+
+    def _on_event(self, driver: PeerDriver, event: Any) -> None:
+        handler = getattr(self, "_ev_" + type(event).__name__, None)
+        if handler is None:
+            log.debug("peer %s: unhandled event %s", driver.name, type(event).__name__)
+            return
+        handler(driver, event)
+
+    def _ev_NeedQkdKeys(self, driver: PeerDriver, ev: Any) -> None:
+        self._spawn(self._fetch_qkd(driver, ev), f"qkd-{driver.name}-{ev.request_id}")
+
+    async def _fetch_qkd(self, driver: PeerDriver, ev: Any) -> None:
+        peer = self.config.peer(driver.name)
+        qkd = peer.qkd
+        src = (self._key_sources or {}).get(qkd.key_source) if qkd else None
+        t0 = self.clock()
+        try:
+            if src is None:
+                raise KeySourceError(f"no key source configured for peer {driver.name}")
+            timeout = self._kme_timeout(qkd.key_source)
+            if ev.role == "master":
+                call = src.get_new_keys(ev.peer_sae_id, ev.number, ev.size_bits)
+            else:
+                call = src.get_keys_by_id(ev.peer_sae_id, list(ev.key_ids))
+            try:
+                keys = await asyncio.wait_for(call, timeout)
+            except asyncio.TimeoutError:
+                raise KeySourceTimeout(f"key source {qkd.key_source} did not answer "
+                                       f"within {timeout:g} s") from None
+            if self.journal is not None:
+                # Durable before the keys reach any KDF: a crash after this
+                # point can never make us mix the same QKD key twice.
+                jt = "peer-" + driver.name
+                self.journal.reserve_qkd_keys(jt, self.journal.next_generation(jt),
+                                              [k.key_id for k in keys])
+        except KeySourceError as exc:
+            self.peers[driver.name].last_error = f"QKD: {exc}"
+            log.warning("peer %s: QKD keys unavailable: %s", driver.name, exc,
+                        extra={"peer": driver.name})
+            self.emit({"event": "qkd_error", "peer": driver.name, "error": str(exc),
+                       "kind": type(exc).__name__})
+            driver.call("qkd_failed", lambda: driver.session.qkd_failed(ev.request_id, exc,
+                                                                        self.clock()))
+            return
+        except QkdgateError as exc:       # journal: a reused key_ID is refused, fail closed
+            err = KeySourceError(f"QKD key refused: {exc}")
+            log.error("peer %s: %s", driver.name, err, extra={"peer": driver.name})
+            self.emit({"event": "qkd_error", "peer": driver.name, "error": str(err),
+                       "kind": type(exc).__name__})
+            driver.call("qkd_failed", lambda: driver.session.qkd_failed(ev.request_id, err,
+                                                                        self.clock()))
+            return
+        self.emit({"event": "qkd_keys", "peer": driver.name, "role": ev.role,
+                   "key_ids": [k.key_id for k in keys],
+                   "latency_ms": round((self.clock() - t0) * 1000, 1)})
+        driver.call("provide_qkd_keys",
+                    lambda: driver.session.provide_qkd_keys(ev.request_id, keys, self.clock()))
+
+    def _kme_timeout(self, name: str) -> float:
+        try:
+            ks = self.config.key_source(name)
+            return ks.timeout * (ks.retries + 1) + KME_TIMEOUT_SLACK
+        except KeyError:
+            return 30.0
+
+    def _install(self, driver: PeerDriver, ev: Any, direction: str) -> None:
+        now = self.clock()
+        fn = self.tunnels.install_inbound if direction == "in" else self.tunnels.install_outbound
+        try:
+            fn(ev.generation, ev.session, ev.role, ev.spis, now)
+        except (QkdgateError, KeyError) as exc:
+            self.peers[driver.name].last_error = f"install {direction}: {exc}"
+            self.emit({"event": "install_failed", "peer": driver.name, "direction": direction,
+                       "generation": ev.generation, "error": str(exc)})
+            driver.call("install_failed",
+                        lambda: driver.session.install_failed(ev.request_id, exc, self.clock()))
+            return
+        driver.call("installed", lambda: driver.session.installed(ev.request_id, self.clock()))
+
+    def _ev_InstallInbound(self, driver: PeerDriver, ev: Any) -> None:
+        self._install(driver, ev, "in")
+
+    def _ev_InstallOutbound(self, driver: PeerDriver, ev: Any) -> None:
+        self._install(driver, ev, "out")
+
+    def _ev_RetireGeneration(self, driver: PeerDriver, ev: Any) -> None:
+        self.tunnels.retire(self.peers[driver.name].tunnels, ev.generation, self.clock())
+
+    def _ev_SessionEstablished(self, driver: PeerDriver, ev: Any) -> None:
+        ps = self.peers[driver.name]
+        ps.state, ps.generation, ps.established_at = "established", ev.generation, self.clock()
+        ps.rekeys += 1
+        ps.last_error = None
+        inputs = provenance_dict(ev.provenance)
+        if self.journal is not None:
+            for tid in ps.tunnels:
+                try:
+                    if ev.generation > self.journal.committed_generation(tid):
+                        self.journal.record_generation(tid, ev.generation)
+                except QkdgateError as exc:
+                    log.warning("tunnel %s: journal: %s", tid, exc, extra={"tunnel": tid})
+        log.info("peer %s: generation %d established in %.0f ms (%s; inputs %s)",
+                 driver.name, ev.generation, ev.latency * 1000, ev.reason or "rekey", inputs,
+                 extra={"peer": driver.name})
+        for tid in ps.tunnels:
+            self.emit({"event": "rekey_done", "peer": driver.name, "tunnel": tid,
+                       "generation": ev.generation, "inputs": inputs,
+                       "latency_ms": round(ev.latency * 1000, 1), "reason": ev.reason})
+        self.notifier.status(self._status_line())
+
+    def _ev_RekeyFailed(self, driver: PeerDriver, ev: Any) -> None:
+        ps = self.peers[driver.name]
+        ps.rekey_failures += 1
+        ps.last_error = ev.reason
+        log.warning("peer %s: rekey failed: %s", driver.name, ev.reason,
+                    extra={"peer": driver.name})
+        self.emit({"event": "rekey_failed", "peer": driver.name, "generation": ev.generation,
+                   "reason": ev.reason, "retry_at": ev.retry_at})
+
+    def _ev_QkdFallback(self, driver: PeerDriver, ev: Any) -> None:
+        self.peers[driver.name].qkd_fallback = True
+        log.warning("peer %s: QKD unavailable, PQC-only generations where policy allows: %s",
+                    driver.name, ev.reason, extra={"peer": driver.name})
+        self.emit({"event": "qkd_fallback", "peer": driver.name, "reason": ev.reason})
+
+    def _ev_QkdRecovered(self, driver: PeerDriver, ev: Any) -> None:
+        self.peers[driver.name].qkd_fallback = False
+        log.info("peer %s: QKD recovered", driver.name, extra={"peer": driver.name})
+        self.emit({"event": "qkd_recovered", "peer": driver.name})
+
+    def _ev_PeerRestarted(self, driver: PeerDriver, ev: Any) -> None:
+        log.warning("peer %s restarted", driver.name, extra={"peer": driver.name})
+        self.emit({"event": "peer_restarted", "peer": driver.name})
+
+    def _ev_ProtocolViolation(self, driver: PeerDriver, ev: Any) -> None:
+        ps = self.peers[driver.name]
+        ps.violations += 1
+        if ps.violations <= 20 or ps.violations % 1000 == 0:   # a flood must not flood the log
+            log.warning("peer %s: dropped message: %s", driver.name, ev.reason,
+                        extra={"peer": driver.name})
+        self.emit({"event": "protocol_violation", "peer": driver.name, "reason": ev.reason,
+                   "count": ps.violations})
+
+    # ------------------------------------------------------------------ loops
+    async def _tunnel_loop(self) -> None:
+        next_poll = self.clock()
+        while True:
+            now = self.clock()
+            for tid, reasons in self.tunnels.handle_timer(now).items():
+                self._rekey_for(tid, reasons[0])
+            if now >= next_poll:
+                next_poll = now + POLL_INTERVAL
+                for tid, t in self.tunnels.tunnels.items():
+                    for reason in t.poll(now):
+                        self._rekey_for(tid, reason)
+                self.notifier.status(self._status_line())
+            at = self.tunnels.get_timer()
+            wait = min(next_poll, at if at is not None else next_poll) - self.clock()
+            await asyncio.sleep(max(0.01, min(wait, POLL_INTERVAL)))
+
+    def _rekey_for(self, tunnel_id: str, reason: str) -> str:
+        peer = self.config.tunnel(tunnel_id).peer
+        driver = self.drivers[peer]
+        log.info("tunnel %s: rekey (%s)", tunnel_id, reason, extra={"tunnel": tunnel_id})
+        driver.call("initiate_rekey",
+                    lambda: driver.session.initiate_rekey(self.clock(), reason))
+        return peer
+
+    async def _watchdog_loop(self) -> None:
+        assert self.notifier.watchdog_interval
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(self.notifier.watchdog_interval)
+
+    async def _reload_loop(self) -> None:
+        while True:
+            await self._reload.wait()
+            self._reload.clear()
+            self.do_reload()
+
+    def do_reload(self) -> dict[str, Any]:
+        """Re-read the config file; apply what can change live."""
+        if self.config_path is None:
+            raise ControlError("the daemon was not started from a file; nothing to reload")
+        self.notifier.reloading()
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as exc:
+            log.error("reload refused, configuration unchanged: %s", exc)
+            self.emit({"event": "config_rejected", "error": str(exc)})
+            self.notifier.ready(self._status_line())
+            raise
+        applied, restart = build.apply_live(self.config, new, self.tunnels, self.drivers)
+        if not restart:
+            self.config = new   # else: keep the structure we run with; live parts are applied
+        self.pending_restart = restart
+        for item in restart:
+            log.warning("reload: %s needs a restart to take effect", item)
+        log.info("configuration reloaded: %s", ", ".join(applied) or "no live changes")
+        self.emit({"event": "config_reloaded", "applied": applied, "needs_restart": restart})
+        self.notifier.ready(self._status_line())
+        return {"applied": applied, "needs_restart": restart}
+
+    # ------------------------------------------------------------------ control
+    def status(self) -> dict[str, Any]:
+        now = self.clock()
+        tunnels = []
+        for tid, t in self.tunnels.tunnels.items():
+            st = t.status(now)
+            peer = self.config.tunnel(tid).peer
+            st["peer"] = peer
+            timer = None
+            driver = self.drivers.get(peer)
+            if driver is not None:
+                try:
+                    timer = driver.session.get_timer()
+                except Exception:
+                    timer = None
+            candidates = [x for x in (st.get("soft_expiry_in"),
+                                      (timer - now) if timer is not None else None)
+                          if x is not None]
+            st["next_rekey_in"] = round(min(candidates), 1) if candidates else None
+            if st["last_error"] is None and self.peers[peer].last_error and st["state"] != "up":
+                st["last_error"] = self.peers[peer].last_error
+            tunnels.append(st)
+        peers = [{"peer": p.name, "state": p.state, "generation": p.generation,
+                  "qkd_fallback": p.qkd_fallback, "rekeys": p.rekeys,
+                  "rekey_failures": p.rekey_failures, "violations": p.violations,
+                  "last_error": p.last_error,
+                  "datagrams": dict(self.drivers[p.name].stats) if p.name in self.drivers
+                  else {}} for p in self.peers.values()]
+        return {"gateway": self.config.gateway.name, "uptime": round(now - self.started_at, 1),
+                "pid": os.getpid(), "peers": peers, "tunnels": tunnels,
+                "needs_restart": list(self.pending_restart)}
+
+    def rekey(self, tunnel_id: str) -> dict[str, Any]:
+        if tunnel_id not in self.tunnels.tunnels:
+            raise ConfigError(f"no tunnel named {tunnel_id!r} (configured: "
+                              f"{', '.join(sorted(self.tunnels.tunnels)) or 'none'})")
+        t = self.tunnels.get(tunnel_id)
+        gen = t.active.number if t.active else None
+        peer = self._rekey_for(tunnel_id, "operator")
+        self.emit({"event": "rekey_requested", "tunnel": tunnel_id, "peer": peer,
+                   "reason": "operator"})
+        return {"tunnel": tunnel_id, "peer": peer, "generation": gen,
+                "tunnels": self.peers[peer].tunnels}
+
+    async def _ctl_status(self, req: Mapping[str, Any]) -> Any:
+        return self.status()
+
+    async def _ctl_rekey(self, req: Mapping[str, Any]) -> Any:
+        tid = req.get("tunnel")
+        if not isinstance(tid, str):
+            raise ControlError('rekey needs "tunnel": a tunnel name', "bad_request")
+        return self.rekey(tid)
+
+    async def _ctl_reload(self, req: Mapping[str, Any]) -> Any:
+        return self.do_reload()
+
+    def _status_line(self) -> str:
+        ts = self.tunnels.tunnels.values()
+        up = sum(1 for t in ts if t.state == "up")
+        fb = sum(1 for t in ts if t.fallback)
+        line = f"{up}/{len(self.tunnels.tunnels)} tunnels up"
+        if fb:
+            line += f", {fb} on PQC fallback"
+        blocked = [t.tunnel_id for t in ts if t.state == "blocked"]
+        if blocked:
+            line += ", blocked: " + ",".join(blocked[:5])
+        return line

@@ -1,0 +1,268 @@
+"""Builders that turn the validated config into the daemon's parts.
+
+Theory of operation: :mod:`qkdgate.gateway.daemon` wires parts together;
+this module makes them, one small function per part, so each translation
+from config dataclass to runtime object is readable (and testable) on its
+own: tunnel specs and lifetimes, the per-peer :class:`SessionConfig`, key
+sources, identities, kernel backends, and what a SIGHUP may change live.
+Every failure is a :class:`~qkdgate.errors.ConfigError` naming the field.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+from dataclasses import replace
+from typing import Any, Callable
+
+from qkdgate.errors import ConfigError
+from qkdgate.gateway.config import (REQID_SPAN, Config, KeyPolicy, PeerConfig, TunnelConfig,
+                                    TunnelType)
+from qkdgate.gateway.tunnel_ipsec import IpsecTunnel, IpsecTunnelSpec
+from qkdgate.gateway.tunnel_macsec import MacsecTunnel, MacsecTunnelSpec
+from qkdgate.gateway.tunnel_manager import Lifetimes, Tunnel
+from qkdgate.interfaces import MacsecLinkSpec, UdpEncap
+from qkdgate.keymix.secret import SecretBytes
+
+log = logging.getLogger("qkdgate.daemon")
+
+
+# ---------------------------------------------------------------- tunnels
+
+def lifetimes(t: TunnelConfig) -> Lifetimes:
+    r = t.rekey
+    # max_bytes is the volume rekey trigger (soft); the kernel's hard byte
+    # limit sits at twice that, so a stuck rekey blocks rather than runs on.
+    return Lifetimes(soft_seconds=r.soft_lifetime, hard_seconds=r.hard_lifetime,
+                     soft_bytes=r.max_bytes, hard_bytes=2 * r.max_bytes,
+                     grace_seconds=r.grace)
+
+
+def _host_net(addr: Any) -> Any:
+    return ipaddress.ip_network(f"{addr}/{addr.max_prefixlen}")
+
+
+def ipsec_spec(t: TunnelConfig) -> IpsecTunnelSpec:
+    s = t.ipsec
+    assert s is not None
+    return IpsecTunnelSpec(
+        tunnel_id=t.name, local=s.local_address, remote=s.remote_address,
+        local_nets=tuple(s.local_subnets) or (_host_net(s.local_address),),
+        remote_nets=tuple(s.remote_subnets) or (_host_net(s.remote_address),),
+        reqid_base=s.reqid, reqid_span=REQID_SPAN, mode=s.mode,
+        mark=s.mark.to_mark() if s.mark else None, if_id=s.if_id,
+        encap=UdpEncap() if s.udp_encap else None, replay_window=s.replay_window,
+        aead=s.cipher.aead, esn=s.esn)
+
+
+def _mac_to_int(text: str) -> int:
+    parts = text.replace("-", ":").split(":")
+    if len(parts) != 6 or not all(len(p) == 2 for p in parts):
+        raise ValueError(text)
+    return int("".join(parts), 16)
+
+
+def macsec_spec(t: TunnelConfig) -> MacsecTunnelSpec:
+    m = t.macsec
+    assert m is not None
+    # The peer's SCI (IEEE 802.1AE-2018 8.2.1: its MAC address and port) names
+    # the RX secure channel. It comes from the config (``peer_sci`` or
+    # ``peer_mac`` [+ ``peer_port``]); without it we cannot accept frames.
+    sci = getattr(m, "peer_sci", None)
+    if sci is None and getattr(m, "peer_mac", None):
+        try:
+            sci = _mac_to_int(m.peer_mac) << 16 | int(getattr(m, "peer_port", None) or m.port)
+        except ValueError:
+            raise ConfigError("not a MAC address", path=f"tunnels[{t.name}].macsec.peer_mac",
+                              expected="six hex pairs, e.g. 02:00:00:00:00:02",
+                              found=repr(m.peer_mac)) from None
+    if sci is None:
+        raise ConfigError("MACsec tunnel needs the peer's SCI",
+                          path=f"tunnels[{t.name}].macsec.peer_mac",
+                          expected="the peer's MAC address (or peer_sci)")
+    link = MacsecLinkSpec(name=t.macsec_interface or "qm-" + t.name[:12], parent=m.parent,
+                          port=m.port, cipher=m.cipher, encrypt=m.encrypt,
+                          replay_protect=True, replay_window=m.replay_window)
+    return MacsecTunnelSpec(t.name, link, int(sci), pn_threshold=t.rekey.macsec_pn_threshold)
+
+
+def tunnels(cfg: Config, ipsec_backend: Any, macsec_backend: Any,
+            emit: Callable[[dict], None]) -> list[Tunnel]:
+    out: list[Tunnel] = []
+    for t in cfg.tunnels:
+        if t.type is TunnelType.IPSEC:
+            out.append(IpsecTunnel(ipsec_spec(t), ipsec_backend, policy=t.policy,
+                                   lifetimes=lifetimes(t), emit=emit))
+        else:
+            out.append(MacsecTunnel(macsec_spec(t), macsec_backend, policy=t.policy,
+                                    lifetimes=lifetimes(t), emit=emit))
+    return out
+
+
+def backends(cfg: Config, ipsec: Any, macsec: Any) -> tuple[Any, Any]:
+    """The kernel backends: given ones, ``"recording"`` for the in-memory
+    fakes, else the netlink backends (only if a tunnel needs them)."""
+    from qkdgate import fakes
+    if ipsec == "recording":
+        ipsec = fakes.RecordingIpsecBackend()
+    if macsec == "recording":
+        macsec = fakes.RecordingMacsecBackend()
+    kinds = {t.type for t in cfg.tunnels}
+    if ipsec is None and TunnelType.IPSEC in kinds:
+        from qkdgate.tunnels.xfrm import XfrmBackend
+        ipsec = XfrmBackend()
+    if macsec is None and TunnelType.MACSEC in kinds:
+        from qkdgate.tunnels.macsec import MacsecBackend
+        macsec = MacsecBackend()
+    return ipsec, macsec
+
+
+# ---------------------------------------------------------------- peers
+
+def read_secret_file(path: str, what: str) -> SecretBytes:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise ConfigError(f"cannot open {what}: {exc.strerror}", file=path) from None
+    try:
+        st = os.fstat(fd)
+        if st.st_mode & 0o077:
+            raise ConfigError(f"{what} is readable by group or others", file=path,
+                              expected="mode 0600", found=f"mode {st.st_mode & 0o777:04o}")
+        data = os.read(fd, 4097)
+    finally:
+        os.close(fd)
+    text = data.strip()
+    try:   # a hex file (as `openssl rand -hex 32` writes) or raw bytes
+        raw = bytes.fromhex(text.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        raw = data
+    if not 16 <= len(raw) <= 4096:
+        raise ConfigError(f"{what} must hold 16..4096 bytes", file=path,
+                          found=f"{len(raw)} bytes")
+    return SecretBytes(raw)
+
+
+def session_config(cfg: Config, peer: PeerConfig) -> Any:
+    from qkdgate.gateway.protocol.config import SessionConfig, TunnelRef
+    ts = cfg.tunnels_for(peer.name)
+    policies = {t.policy for t in ts}
+    qkd = peer.qkd
+    return SessionConfig(
+        local_name=cfg.gateway.name, peer_name=peer.name,
+        tunnels=tuple(TunnelRef(t.name, t.type.value) for t in ts),
+        kem=cfg.gateway.kem_suite.value,
+        x25519=any("x25519" in p.required | p.optional for p in policies) if policies else True,
+        psk=read_secret_file(peer.psk_file, "PSK file") if peer.psk_file else None,
+        qkd_role=qkd.role.value if qkd else None,
+        local_sae_id=qkd.local_sae_id if qkd else "",
+        peer_sae_id=qkd.peer_sae_id if qkd else "",
+        qkd_key_bits=qkd.key_size if qkd else 256,
+        allow_pqc_only=any(p in (KeyPolicy.PQC_FALLBACK, KeyPolicy.PQC_ONLY) for p in policies),
+        rekey_interval=min((t.rekey.interval for t in ts), default=60.0),
+        retire_grace=max((t.rekey.grace for t in ts), default=5.0),
+    )
+
+
+def session_factory() -> Callable[..., Any]:
+    from qkdgate.gateway.protocol.session import PeerSession
+    return PeerSession
+
+
+def local_identity(cfg: Config) -> Any:
+    from qkdgate.gateway.identity import LocalIdentity
+    return LocalIdentity.load(cfg.gateway.identity)
+
+
+def peer_identities(peer: PeerConfig) -> list[Any]:
+    """Pinned identities: inline public strings or files holding one."""
+    from qkdgate.gateway.identity import PUBLIC_PREFIX, PeerIdentity
+    out = []
+    for entry in peer.identities:
+        if entry.startswith(PUBLIC_PREFIX + ":"):
+            out.append(PeerIdentity.from_string(entry, name=peer.name))
+            continue
+        try:
+            with open(entry, encoding="ascii") as fh:
+                text = fh.read(65536)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read pinned identity of peer {peer.name}: {exc}",
+                              file=entry) from None
+        try:
+            out.append(PeerIdentity.from_string(text, name=peer.name))
+        except ConfigError as exc:
+            raise ConfigError(f"pinned identity of peer {peer.name}: {exc.reason}", file=entry,
+                              expected=exc.expected, found=exc.found) from None
+    return out
+
+
+def key_sources(cfg: Config) -> dict[str, Any]:
+    from qkdgate.adapters.registry import create_key_source
+    used = {p.qkd.key_source for p in cfg.peers if p.qkd}
+    return {ks.name: create_key_source(ks.kind, ks) for ks in cfg.key_sources if ks.name in used}
+
+
+def open_journal(cfg: Config) -> Any:
+    from qkdgate.gateway.journal import Journal
+    os.makedirs(cfg.gateway.state_dir, mode=0o700, exist_ok=True)
+    return Journal.open(cfg.gateway.state_dir)
+
+
+# ---------------------------------------------------------------- reload
+
+def _protocol_settings(cfg: Config, peer: PeerConfig) -> tuple:
+    ts = cfg.tunnels_for(peer.name)
+    policies = {t.policy for t in ts}
+    return (any(p in (KeyPolicy.PQC_FALLBACK, KeyPolicy.PQC_ONLY) for p in policies),
+            any("x25519" in p.required | p.optional for p in policies),
+            min((t.rekey.interval for t in ts), default=60.0))
+
+
+def apply_live(old: Config, new: Config, manager: Any, drivers: Any) -> tuple[list[str],
+                                                                             list[str]]:
+    """Apply what may change without a restart; list what needs one.
+
+    Live: a tunnel's key policy and lifetimes (they apply from the next
+    generation and the next timer), and the log level. Everything that
+    names sockets, peers, identities, key sources or kernel objects needs a
+    restart: changing those under running SAs could strand them unkeyed.
+    """
+    applied: list[str] = []
+    restart: list[str] = []
+    if old.gateway != new.gateway:
+        restart.append("gateway settings")
+    if old.peers != new.peers:
+        restart.append("peers")
+    if old.key_sources != new.key_sources:
+        restart.append("key_sources")
+    if old.telemetry.mqtt != new.telemetry.mqtt or \
+            old.telemetry.prometheus != new.telemetry.prometheus:
+        restart.append("telemetry")
+    if old.telemetry.log != new.telemetry.log:
+        logging.getLogger("qkdgate").setLevel(new.telemetry.log.level.value.upper())
+        applied.append("log level")
+    for peer in new.peers:
+        try:
+            before = _protocol_settings(old, old.peer(peer.name))
+        except KeyError:
+            continue
+        if before != _protocol_settings(new, peer):
+            restart.append(f"peer {peer.name} protocol settings (policy legs, interval)")
+    old_t = {t.name: t for t in old.tunnels}
+    new_t = {t.name: t for t in new.tunnels}
+    if set(old_t) != set(new_t):
+        restart.append("tunnels added or removed")
+    for name in set(old_t) & set(new_t):
+        a, b = old_t[name], new_t[name]
+        if replace(a, policy=b.policy, rekey=b.rekey) != b:
+            restart.append(f"tunnel {name}")
+            continue
+        tunnel = manager.tunnels.get(name)
+        if a.policy != b.policy and tunnel is not None:
+            tunnel.policy = b.policy
+            applied.append(f"tunnel {name} policy {b.policy.value}")
+        if a.rekey != b.rekey and tunnel is not None:
+            tunnel.lifetimes = lifetimes(b)
+            applied.append(f"tunnel {name} lifetimes")
+    return applied, restart

@@ -1,0 +1,89 @@
+"""Two gateway configurations on loopback, for the daemon tests.
+
+gw-a (QKD master, ETSI 014 SAE-A) and gw-b (slave, SAE-B) protect
+10.1.0.0/16 <-> 10.2.0.0/16 over one IPsec tunnel ``t1``; each listens on its
+own 127.0.0.1 port. Identities are real (ML-DSA-65 + Ed25519), written 0600
+like ``qkdgate keygen`` does.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+from qkdgate.gateway.config import load_config
+from qkdgate.gateway.identity import LocalIdentity
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def gateway_yaml(me: str, peer: str, my_port: int, peer_port: int, folder: Path, *,
+                 role: str, policy: str, interval: str, soft: str, hard: str,
+                 grace: str = "500ms", mine: str, theirs: str, qkd: bool = True) -> str:
+    a = me == "gw-a"
+    qkd_block = f"""
+    qkd:
+      key_source: kme
+      role: {role}
+      local_sae_id: {"SAE-A" if a else "SAE-B"}
+      peer_sae_id: {"SAE-B" if a else "SAE-A"}""" if qkd else ""
+    ks = f"""
+key_sources:
+  - name: kme
+    kind: etsi014          # replaced by an in-process KME pair in the tests
+    url: https://127.0.0.1:8443
+    tls: {{cert: {folder}/sae.crt, key: {folder}/sae.key, ca: {folder}/ca.crt}}
+""" if qkd else ""
+    return f"""version: 1
+gateway:
+  name: {me}
+  identity: {folder}/{me}.identity
+  listen: {{address: 127.0.0.1, port: {my_port}}}
+  state_dir: {folder}/{me}-state
+  control_socket: {folder}/{me}-run/control.sock
+peers:
+  - name: {peer}
+    address: 127.0.0.1
+    port: {peer_port}
+    identities: [{folder}/{peer}.pub]{qkd_block}
+{ks}tunnels:
+  - name: t1
+    peer: {peer}
+    type: ipsec
+    policy: {policy}
+    ipsec:
+      local_address: {mine}
+      remote_address: {theirs}
+      local_subnets: [{"10.1.0.0/16" if a else "10.2.0.0/16"}]
+      remote_subnets: [{"10.2.0.0/16" if a else "10.1.0.0/16"}]
+      reqid: 100
+    rekey: {{interval: {interval}, soft_lifetime: {soft}, hard_lifetime: {hard}, grace: {grace}}}
+telemetry:
+  log: {{level: debug}}
+"""
+
+
+def write_pair(folder: Path, *, policy: str = "hybrid-required", interval: str = "1s",
+               soft: str = "3s", hard: str = "5s", qkd: bool = True) -> tuple:
+    """Write identities and both config files; returns (config_a, config_b, path_a, path_b)."""
+    pa, pb = free_udp_port(), free_udp_port()
+    for name in ("gw-a", "gw-b"):
+        ident = LocalIdentity.generate(name=name)
+        ident.save(str(folder / f"{name}.identity"))
+        (folder / f"{name}.pub").write_text(ident.public.to_string() + "\n")
+    paths = []
+    for me, peer, mp, pp, role, mine, theirs in (
+            ("gw-a", "gw-b", pa, pb, "master", "192.0.2.1", "192.0.2.2"),
+            ("gw-b", "gw-a", pb, pa, "slave", "192.0.2.2", "192.0.2.1")):
+        path = folder / f"{me}.yaml"
+        path.write_text(gateway_yaml(me, peer, mp, pp, folder, role=role, policy=policy,
+                                     interval=interval, soft=soft, hard=hard, mine=mine,
+                                     theirs=theirs, qkd=qkd))
+        os.chmod(path, 0o600)
+        paths.append(str(path))
+    return load_config(paths[0]), load_config(paths[1]), paths[0], paths[1]
