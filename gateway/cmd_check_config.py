@@ -37,11 +37,15 @@ def run(args: argparse.Namespace) -> int:
     if args.check_files:
         check_files(cfg)
     notes = warnings(cfg)
-    if args.json:
-        json.dump(cfg.to_dict(), sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    elif not args.quiet:
-        print(summary(cfg, args.file))
+    try:
+        if args.json:
+            json.dump(cfg.to_dict(), sys.stdout, indent=2)
+            sys.stdout.write("\n")
+        elif not args.quiet:
+            print(summary(cfg, args.file))
+        sys.stdout.flush()
+    except BrokenPipeError:  # `check-config ... | head`: the reader left, not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     if not args.quiet:
         for note in notes:
             print(f"warning: {note}", file=sys.stderr)

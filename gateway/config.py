@@ -263,9 +263,17 @@ class IpsecConfig:
     _yaml_label = "ipsec settings"
 
 
+MacAddress = Annotated[str, Pattern(r"[0-9a-fA-F]{2}([:-][0-9a-fA-F]{2}){5}",
+                                    "a MAC address such as 02:00:5e:10:00:02")]
+
+
 @dataclass(frozen=True, slots=True)
 class MacsecConfig:
     parent: IfName
+    # The peer's SCI names our RX secure channel (IEEE 802.1AE-2018 8.2.1:
+    # its MAC address and port): frames from any other SCI are dropped.
+    peer_mac: MacAddress
+    peer_port: Annotated[int, Range(1, 65535)] | None = None   # None: same as ``port``
     interface: IfName | None = None              # None: "qm-" + the tunnel name, truncated
     cipher: MacsecCipher = MacsecCipher.GCM_AES_XPN_256
     port: Annotated[int, Range(1, 65535)] = 1    # SCI port (IEEE 802.1AE-2018 8.2.1)
@@ -298,6 +306,14 @@ class TunnelConfig:
     rekey: RekeyConfig = field(default_factory=RekeyConfig)
 
     _yaml_label = "tunnel"
+
+    @property
+    def macsec_peer_sci(self) -> int | None:
+        """The peer's 64-bit SCI: MAC address then port (IEEE 802.1AE-2018 8.2.1)."""
+        if self.macsec is None:
+            return None
+        mac = int(self.macsec.peer_mac.replace("-", ":").replace(":", ""), 16)
+        return mac << 16 | (self.macsec.peer_port or self.macsec.port)
 
     @property
     def macsec_interface(self) -> str | None:

@@ -164,6 +164,12 @@ def validate(cfg: "Config") -> None:
             if name == t.macsec.parent:
                 raise cfg.error(f"{at}.macsec.interface", "interface equals its parent",
                                 expected=f"a name other than '{name}'", found=f"'{name}'")
+            first_octet = int(t.macsec.peer_mac[:2], 16)
+            if first_octet & 1 or int(t.macsec.peer_mac.replace(":", "").replace("-", ""),
+                                      16) == 0:
+                raise cfg.error(f"{at}.macsec.peer_mac", "not a unicast MAC address",
+                                expected="the peer's interface MAC address",
+                                found=t.macsec.peer_mac)
             first = ifnames.setdefault(name, i)
             if first != i:
                 raise cfg.error(f"{at}.macsec", f"interface name '{name}' already used by "

@@ -148,17 +148,23 @@ def test_options_pass_through_with_strict_plain_types():
 
 
 def test_macsec_tunnel_and_default_interface_name():
-    text = cfg_with(("    type: ipsec\n", "    type: macsec\n    macsec: {parent: eth1}\n"),
+    text = cfg_with(("    type: ipsec\n",
+                     "    type: macsec\n    macsec: {parent: eth1, peer_mac: 02:00:5e:10:00:02}\n"),
                     ("    ipsec:\n", "    x_ipsec:\n"))
     text = text.replace("    x_ipsec:\n", "    rekey_unused:\n", 1)
     text = text[:text.index("    rekey_unused:")] + text[text.index("    rekey:"):]
     t = parse(text).tunnels[0]
     assert t.type is TunnelType.MACSEC and t.macsec.cipher is MacsecCipher.GCM_AES_XPN_256
     assert t.macsec_interface == "qm-dc1-dc2" and t.ipsec is None
-    e = error(text.replace("{parent: eth1}", "{parent: eth1, interface: eth1}"))
+    assert t.macsec_peer_sci == 0x02005e100002_0001
+    e = error(text.replace("{parent: eth1,", "{parent: eth1, interface: eth1,"))
     assert e.path == "tunnels[0].macsec.interface"
-    e = error(text.replace("{parent: eth1}", "{parent: this-name-is-too-long}"))
+    e = error(text.replace("{parent: eth1,", "{parent: this-name-is-too-long,"))
     assert e.path == "tunnels[0].macsec.parent" and e.expected.startswith("a Linux interface")
+    e = error(text.replace("02:00:5e:10:00:02", "01:00:5e:10:00:02"))
+    assert e.path == "tunnels[0].macsec.peer_mac" and "unicast" in e.reason
+    e = error(text.replace("02:00:5e:10:00:02", "02:00:5e:10:00"))
+    assert e.path == "tunnels[0].macsec.peer_mac" and e.expected.startswith("a MAC address")
 
 
 def test_policy_legs_table_matches_the_docs():
