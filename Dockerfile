@@ -46,8 +46,10 @@ VOLUME ["/var/lib/qkdgate"]
 # Peer protocol (UDP) and the Prometheus endpoint.
 EXPOSE 4600/udp 9464/tcp
 
+# Healthy = the daemon answers on its control socket and every tunnel is up
+# (`qkdgate status --quiet` exits 0; 3 if a tunnel is down, 1 if no daemon).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["qkdgate", "status"]
+    CMD ["qkdgate", "status", "--quiet"]
 
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["qkdgate"]

@@ -70,6 +70,11 @@ mode=$(in_image stat -c '%a %U' /etc/qkdgate/qkdgate.yaml)
 if in_image qkdgate probe >/dev/null 2>&1; then log "in image: qkdgate probe ok"; else
   fail "qkdgate probe in the image"; fi
 
+# The health check's command works in the image: with no daemon running it
+# must report "unhealthy" (exit 1, no control socket), not crash.
+set +e; in_image qkdgate status --quiet 2>/dev/null; rc=$?; set -e
+[[ $rc == 1 ]] || fail "qkdgate status --quiet without a daemon exited $rc, wanted 1"
+
 # The image's metadata, as a builder would see it (Docker format).
 "${BUILDAH[@]}" inspect --type image "$TAG" | python3 -c '
 import json, sys
@@ -77,8 +82,8 @@ cfg = json.load(sys.stdin)["Docker"]["config"]
 checks = {
     "entrypoint": cfg.get("Entrypoint") == ["qkdgate"],
     "cmd": cfg.get("Cmd") == ["run", "--config", "/etc/qkdgate/qkdgate.yaml"],
-    "health check runs qkdgate status": (cfg.get("Healthcheck") or {}).get("Test", [])[1:3]
-                                        == ["qkdgate", "status"],
+    "health check runs qkdgate status": (cfg.get("Healthcheck") or {}).get("Test")
+                                        == ["CMD", "qkdgate", "status", "--quiet"],
     "runs as root (Docker gives a non-root process no capabilities)": not cfg.get("User"),
     "state volume": "/var/lib/qkdgate" in (cfg.get("Volumes") or {}),
 }

@@ -58,7 +58,7 @@ def test_required_directives():
     assert one(d, "Service.Restart") == "on-failure"
     assert one(d, "Service.ExecReload") == "/bin/kill -HUP $MAINPID"
     assert one(d, "Service.ExecStart").startswith(f"{INSTALLED} run ")
-    assert one(d, "Service.ExecStopPost").startswith(f"{INSTALLED} failsafe")
+    assert one(d, "Service.ExecStopPost") == f"{INSTALLED} failsafe"
     for kind in ("Configuration", "State", "Runtime"):
         assert one(d, f"Service.{kind}Directory") == "qkdgate"
     assert one(d, "Service.UMask") == "0077"
