@@ -146,9 +146,12 @@ class LifecycleMixin:
 
     def _established(self: Any, ex: Exchange, now: float) -> None:
         self._forget(ex)
-        if ex.role == "responder":
-            self._last_res = ex
         cfg = self.config
+        # Keep the finished responder exchange only to repeat DONE to a
+        # retransmitted CONFIRM, and only for a while; a newer generation
+        # makes the old answer moot.
+        self._last_res = ex if ex.role == "responder" else None
+        ex.deadline = now + cfg.exchange_timeout
         gen = ex.generation
         self.generation, self.provenance, self.established_at = gen, ex.session.provenance, now
         self._failures = 0

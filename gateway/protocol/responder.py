@@ -164,7 +164,8 @@ class ResponderMixin:
         if ex is None or msg.exchange_id != ex.xid or msg.sender_epoch != ex.peer_epoch \
                 or msg.receiver_epoch != self.epoch or ex.state != X.R_RESP_SENT:
             for done in (self._res, self._last_res):
-                if done is not None and done.confirm_core == msg.core:
+                if done is not None and done.confirm_core == msg.core \
+                        and now < done.deadline:
                     self.stats["duplicate"] += 1
                     if done.done_wire:
                         self._send(done.done_wire)   # the DONE was lost: repeat it

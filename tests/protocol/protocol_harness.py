@@ -73,12 +73,15 @@ class Gateway:
     qkd_error: KeySourceError | None = None          # make the next fetch fail
     install_error: bool = False
     held: list = field(default_factory=list)         # unanswered requests (auto_answer off)
+    trace: list | None = None                        # shared with the other side (order)
 
     def pump(self, now: float) -> int:
         n = 0
         while (ev := self.session.next_event()) is not None:
             n += 1
             self.events.append(ev)
+            if self.trace is not None:
+                self.trace.append((self.name, ev))
             if not self.auto_answer and isinstance(ev, (E.NeedQkdKeys, E.InstallInbound,
                                                         E.InstallOutbound)):
                 self.held.append(ev)
@@ -125,6 +128,8 @@ class Gateway:
 class Pair:
     def __init__(self, a: Gateway, b: Gateway, now: float = 1000.0) -> None:
         self.a, self.b, self.now = a, b, now
+        self.trace: list = []
+        a.trace = b.trace = self.trace
         self.network: Callable[[str, list[bytes]], list[bytes]] | None = None
         self.log: list[tuple[str, bytes]] = []        # every datagram as sent
 
