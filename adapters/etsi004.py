@@ -99,7 +99,7 @@ class QoS:
 @dataclass(frozen=True, slots=True)
 class OpenResult:
     status: Status
-    key_stream_id: str
+    key_stream_id: str | None    # None only with QOS_NOT_MET for a new stream
     qos: QoS
 
 
@@ -156,7 +156,9 @@ def parse_open(raw: bytes) -> OpenResult:
     _raise_for(st, "OPEN_CONNECT")
     if st not in (Status.SUCCESSFUL, Status.PEER_NOT_CONNECTED, Status.QOS_NOT_MET):
         raise KeySourceProtocolError(f"ETSI 004 OPEN_CONNECT: status {st.name} not allowed here")
-    ksid = _ksid(doc.get("key_stream_ID"), "OPEN_CONNECT")
+    raw_ksid = doc.get("key_stream_ID")
+    # A counter-proposal may come before any stream exists: no ID yet.
+    ksid = None if raw_ksid is None and st is Status.QOS_NOT_MET else _ksid(raw_ksid, "OPEN_CONNECT")
     return OpenResult(st, ksid, QoS.from_json(doc.get("qos", {})))
 
 
@@ -229,9 +231,9 @@ class Etsi004Client:
         raw = await self.http.request("OPEN_CONNECT", "POST", self._url("open_connect"),
                                       _classify, body=body)
         res = parse_open(raw)
-        if key_stream_id is not None and res.key_stream_id != str(uuid.UUID(key_stream_id)):
+        if key_stream_id is not None and res.key_stream_id not in (None, str(uuid.UUID(key_stream_id))):
             raise KeySourceProtocolError("ETSI 004 OPEN_CONNECT: KME changed our key_stream_ID")
-        if res.status is not Status.QOS_NOT_MET:
+        if res.status is not Status.QOS_NOT_MET and res.key_stream_id is not None:
             self.chunk_sizes[res.key_stream_id] = res.qos.key_chunk_size
         return res
 

@@ -32,28 +32,29 @@ GROUP = "qkdgate.key_sources"
 # profile preset (qkdgate.adapters.profiles).
 BUILTIN: dict[str, str] = {
     "etsi014": "qkdgate.adapters.etsi014:from_settings",
-    "idq-cerberis-xgr": "qkdgate.adapters.registry:_idq",
-    "toshiba": "qkdgate.adapters.registry:_toshiba",
+    "idq-cerberis-xgr": "qkdgate.adapters.registry:create_idq",
+    "toshiba": "qkdgate.adapters.registry:create_toshiba",
 }
 
 Factory = Callable[[Any], KeySource]
 
 
-def _with_profile(settings: Any, profile: str) -> Any:
+def _with_profile(settings: Any, profile: str) -> KeySource:
+    from dataclasses import replace
+
     from qkdgate.adapters.etsi014 import Etsi014KeySource
     from qkdgate.adapters.settings import source_settings
     s = source_settings(settings)
     opts = dict(s.options)
     opts.setdefault("profile", profile)
-    from dataclasses import replace
     return Etsi014KeySource(replace(s, options=opts))
 
 
-def _idq(settings: Any) -> KeySource:
+def create_idq(settings: Any) -> KeySource:
     return _with_profile(settings, "idq-cerberis-xgr")
 
 
-def _toshiba(settings: Any) -> KeySource:
+def create_toshiba(settings: Any) -> KeySource:
     return _with_profile(settings, "toshiba")
 
 
