@@ -20,7 +20,7 @@ import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("file", metavar="FILE", help="configuration file (YAML)")
+    parser.add_argument("file", metavar="FILE", help="configuration file (YAML); - for stdin")
     parser.add_argument("--json", action="store_true",
                         help="print the parsed configuration as JSON (no secrets)")
     parser.add_argument("--check-files", action="store_true",
@@ -30,10 +30,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qkdgate.gateway.config import load_config
+    from qkdgate.gateway.config import load_config, parse_config
     from qkdgate.gateway.config_validate import warnings
 
-    cfg = load_config(args.file)
+    if args.file == "-":
+        # relative paths in a piped config resolve against the current folder
+        cfg = parse_config(sys.stdin.read(), "<stdin>", base_dir=os.getcwd())
+    else:
+        cfg = load_config(args.file)
     if args.check_files:
         check_files(cfg)
     notes = warnings(cfg)

@@ -195,6 +195,17 @@ def warnings(cfg: "Config") -> list[str]:
                        "section: this tunnel will run on PQC keys only")
         if t.macsec is None and t.rekey.macsec_pn_threshold != 0.75:
             out.append(f"tunnels[{i}].rekey.macsec_pn_threshold: ignored for IPsec tunnels")
+    for i, p in enumerate(cfg.peers):
+        ts = cfg.tunnels_for(p.name)
+        if p.qkd is not None and ts and not any(t.policy.uses_qkd for t in ts):
+            out.append(f"peers[{i}].qkd: no tunnel to '{p.name}' has a policy that uses QKD; "
+                       "these settings are unused")
+    for i, p in enumerate(cfg.peers):
+        # one session per peer rekeys at its tunnels' shortest interval
+        intervals = sorted({t.rekey.interval for t in cfg.tunnels_for(p.name)})
+        if len(intervals) > 1:
+            out.append(f"peers[{i}]: tunnels to '{p.name}' have different rekey intervals; "
+                       f"the session with it rekeys every {_s(intervals[0])}")
     used = {p.qkd.key_source for p in cfg.peers if p.qkd is not None}
     for i, ks in enumerate(cfg.key_sources):
         if ks.name not in used:

@@ -305,3 +305,13 @@ def test_vendor_kind_gets_its_preset_and_unknown_kinds_a_suggestion():
     assert parse(cfg_with(("kind: etsi014", "kind: toshiba"))).key_sources[0].kind == "toshiba"
     e = error(cfg_with(("kind: etsi014", "kind: etsi14")))
     assert e.path == "key_sources[0].kind" and "did you mean 'etsi014'?" in str(e)
+
+
+def test_warning_when_tunnels_to_one_peer_rekey_at_different_intervals():
+    second = ("  - name: t2\n    peer: gw-b\n    type: ipsec\n    ipsec:\n"
+              "      local_address: 192.0.2.1\n      remote_address: 192.0.2.2\n"
+              "      local_subnets: [10.5.0.0/16]\n      remote_subnets: [10.6.0.0/16]\n"
+              "      reqid: 200\n    rekey: {interval: 30s}\ntelemetry:\n")
+    assert warnings(parse(cfg_with(("telemetry:\n", second)))) == [
+        "peers[0]: tunnels to 'gw-b' have different rekey intervals; the session with it "
+        "rekeys every 30s"]

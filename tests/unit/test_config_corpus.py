@@ -18,10 +18,11 @@ CORPUS = ROOT / "tests" / "config"
 EXPECTED = json.loads((CORPUS / "expected-errors.json").read_text())
 
 
-def check_config(*args: str, cwd: Path = CORPUS) -> subprocess.CompletedProcess:
+def check_config(*args: str, cwd: Path = CORPUS, stdin: str | None = None):
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
     return subprocess.run([sys.executable, "-m", "qkdgate", "check-config", *args],
-                          capture_output=True, text=True, cwd=cwd, env=env, timeout=60)
+                          capture_output=True, text=True, cwd=cwd, env=env, timeout=60,
+                          input=stdin)
 
 
 def test_corpus_and_expectations_match():
@@ -90,3 +91,15 @@ def test_check_files_wants_private_secret_files(tmp_path):
     os.unlink(tmp_path / "gw-b.pub")
     r = check_config("--check-files", str(cfg))
     assert r.returncode == 2 and ":8: peers[0].identities[0]: cannot use file" in r.stderr
+
+
+def test_stdin_and_warnings():
+    text = (CORPUS / "good-minimal.yaml").read_text()
+    r = check_config("-", stdin=text)
+    assert r.returncode == 0 and r.stdout.startswith("-: OK\n") and r.stderr == ""
+    r = check_config("-", stdin=text.replace("reqid: 100", "reqid: 0755"))
+    assert r.returncode == 2 and r.stderr.startswith("qkdgate check-config: <stdin>:30: ")
+    r = check_config("-", stdin=text.replace("policy: hybrid-required", "policy: pqc-only"))
+    assert r.returncode == 0
+    assert r.stderr == ("warning: peers[0].qkd: no tunnel to 'gw-b' has a policy that uses QKD; "
+                        "these settings are unused\n")
