@@ -146,16 +146,17 @@ class ResponderMixin:
                   "spis": X.spi_entries(ex.our_spis, self._kinds),
                   "signer_id": self.identity.key_id}
         prefix = m.encode_core(MsgType.RESP, self.epoch, ex.peer_epoch, ex.xid, values,
-                               stop="signature")
+                               stop="tag")
         ex.th = m.transcript_hash(self._psk, cfg.peer_name, cfg.local_name, ex.init_core, prefix)
         if mode == QkdMode.USING:
             ex.qkd_ids = ex.init["key_ids"]
         ex.session = self._combine(ex.kem_secret, ex.x_secret, ex)
         ex.kem_secret = ex.x_secret = None
-        values["signature"] = self._sign(ex.th, b"RESP")
         values["tag"] = self._tag(ex.session, "responder", ex.th)
-        ex.wire = m.seal(prefix + m.encode_fields(MsgType.RESP, values, "signature"),
-                         self._mac_out)
+        # the signature covers the tag too: a tampered tag is a forgery, and a
+        # signed but wrong tag is a real disagreement about the secret
+        values["signature"] = self._sign(ex.th + values["tag"], b"RESP")
+        ex.wire = m.seal(prefix + m.encode_fields(MsgType.RESP, values, "tag"), self._mac_out)
         ex.state = X.R_RESP_SENT
         self._send(ex.wire)
 
@@ -177,7 +178,7 @@ class ResponderMixin:
         peer = select_identity(self.peer_identities, msg["signer_id"])
         self.stats["verify_hybrid"] += 1
         try:
-            peer.verify(ex.th, msg["signature"], b"CONFIRM")
+            peer.verify(ex.th + msg.prefix("signature"), msg["signature"], b"CONFIRM")
         except RemoteProtocolError:
             self._auth_failure(ex, now)
             raise

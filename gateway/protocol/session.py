@@ -411,10 +411,10 @@ class PeerSession(ResponderMixin, LifecycleMixin):
         self._check_resp_qkd(ex, msg)
         peer_spis = X.check_spis(msg, self._kinds)
         th = m.transcript_hash(self._psk, self.config.local_name, self.config.peer_name,
-                               ex.init_core, msg.prefix("signature"))
+                               ex.init_core, msg.prefix("tag"))
         self.stats["verify_hybrid"] += 1
         try:
-            peer.verify(th, msg["signature"], b"RESP")
+            peer.verify(th + msg["tag"], msg["signature"], b"RESP")
         except AuthenticationFailed:
             self._auth_failure(ex, now)
             raise
@@ -483,10 +483,12 @@ class PeerSession(ResponderMixin, LifecycleMixin):
 
     def _send_confirm(self, ex: Exchange, now: float) -> None:
         values = {"generation": ex.generation, "signer_id": self.identity.key_id,
-                  "signature": self._sign(ex.th, b"CONFIRM"),
                   "tag": self._tag(ex.session, "initiator", ex.th)}
+        prefix = m.encode_core(MsgType.CONFIRM, self.epoch, ex.peer_epoch, ex.xid, values,
+                               stop="signature")
+        values["signature"] = self._sign(ex.th + prefix, b"CONFIRM")
         ex.state = X.I_CONFIRM_SENT
-        core = m.encode_core(MsgType.CONFIRM, self.epoch, ex.peer_epoch, ex.xid, values)
+        core = prefix + m.encode_fields(MsgType.CONFIRM, values, "signature")
         self._transmit(ex, m.seal(core, self._mac_out), now)
 
     def _sign(self, data: bytes, context: bytes) -> bytes:
