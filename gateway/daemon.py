@@ -98,6 +98,7 @@ class Daemon:
         self.pending_restart: list[str] = []
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
+        self._kick = asyncio.Event()       # tunnel timers changed: re-evaluate now
         self._tasks: set[asyncio.Task] = set()
         self._tg: asyncio.TaskGroup | None = None
         self.ready = asyncio.Event()
@@ -124,10 +125,10 @@ class Daemon:
             log.exception("event subscriber %r failed", cb)
 
     def _spawn(self, coro: Any, name: str) -> None:
-        if self._tg is None:
-            coro.close()
-            return
-        task = self._tg.create_task(coro, name=name)
+        if self._tg is not None:
+            task = self._tg.create_task(coro, name=name)
+        else:   # starting or stopping: still deliver (e.g. daemon_stopping to telemetry)
+            task = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -211,6 +212,11 @@ class Daemon:
     async def _shutdown(self) -> None:
         self.notifier.stopping()
         self.emit({"event": "daemon_stopping", "teardown": self.teardown_on_exit})
+        pending = [t for t in self._tasks if not t.done()]
+        if pending:   # let subscribers see the last events, briefly
+            await asyncio.wait(pending, timeout=1.0)
+            for t in pending:
+                t.cancel()
         for driver in self.drivers.values():
             driver.close()
         if getattr(self, "_transport", None) is not None:
@@ -260,8 +266,9 @@ class Daemon:
             else:
                 call = src.get_keys_by_id(ev.peer_sae_id, list(ev.key_ids))
             try:
-                keys = await asyncio.wait_for(call, timeout)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(timeout):
+                    keys = await call
+            except TimeoutError:
                 raise KeySourceTimeout(f"key source {qkd.key_source} did not answer "
                                        f"within {timeout:g} s") from None
             if self.journal is not None:
@@ -312,6 +319,7 @@ class Daemon:
             driver.call("install_failed",
                         lambda: driver.session.install_failed(ev.request_id, exc, self.clock()))
             return
+        self.wake()
         driver.call("installed", lambda: driver.session.installed(ev.request_id, self.clock()))
 
     def _ev_InstallInbound(self, driver: PeerDriver, ev: Any) -> None:
@@ -382,6 +390,7 @@ class Daemon:
     async def _tunnel_loop(self) -> None:
         next_poll = self.clock()
         while True:
+            self._kick.clear()
             now = self.clock()
             for tid, reasons in self.tunnels.handle_timer(now).items():
                 self._rekey_for(tid, reasons[0])
@@ -393,7 +402,17 @@ class Daemon:
                 self.notifier.status(self._status_line())
             at = self.tunnels.get_timer()
             wait = min(next_poll, at if at is not None else next_poll) - self.clock()
-            await asyncio.sleep(max(0.01, min(wait, POLL_INTERVAL)))
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
+            # cancellation that races with the event (bpo-42130) and hang shutdown.
+            try:
+                async with asyncio.timeout(max(0.01, min(wait, POLL_INTERVAL))):
+                    await self._kick.wait()
+            except TimeoutError:
+                pass
+
+    def wake(self) -> None:
+        """Re-evaluate tunnel timers now (after installs, or a clock jump in tests)."""
+        self._kick.set()
 
     def _rekey_for(self, tunnel_id: str, reason: str) -> str:
         peer = self.config.tunnel(tunnel_id).peer
@@ -413,7 +432,10 @@ class Daemon:
         while True:
             await self._reload.wait()
             self._reload.clear()
-            self.do_reload()
+            try:
+                self.do_reload()
+            except QkdgateError:
+                pass    # logged and emitted by do_reload; the running config stays
 
     def do_reload(self) -> dict[str, Any]:
         """Re-read the config file; apply what can change live."""
