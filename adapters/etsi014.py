@@ -24,6 +24,7 @@ import asyncio
 import logging
 import random
 import ssl
+import time
 from typing import Any, Awaitable, Callable, Mapping, Sequence
 from urllib.parse import quote
 
@@ -52,7 +53,13 @@ class Etsi014KeySource:
     def __init__(self, settings: SourceSettings | Mapping[str, Any] | Any, *,
                  ssl_context: ssl.SSLContext | None = None,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-                 rng: Callable[[], float] = random.random) -> None:
+                 rng: Callable[[], float] = random.random,
+                 now: Callable[[], float] = time.monotonic) -> None:
+        self._now = now
+        # (time, stored_key_count, keys we took since) per peer: the recent
+        # production rate for KMEs that do not report one.
+        self._rate_marks: dict[str, tuple[float, int, int]] = {}
+        self._taken: dict[str, int] = {}
         self.settings = s = source_settings(settings, "etsi014")
         opts = s.options
         self.profile: Profile = get_profile(str(opts.get("profile", "generic")), opts)
@@ -62,12 +69,17 @@ class Etsi014KeySource:
             if base.endswith(suffix):
                 base = base[: -len(suffix)]
         self._base = base
+        verify_hostname = bool(opts.get("verify_hostname", True))
+        if not verify_hostname and not s.kme_id:
+            # Without either check any certificate from the CA would pass as the KME.
+            raise ConfigError("verify_hostname: false needs kme_id, so the KME is still "
+                              "identified by its certificate", path=s.where("kme_id"))
         if ssl_context is None:
             if s.tls is None:
                 raise ConfigError("ETSI 014 needs mutual TLS: set tls.cert, tls.key and tls.ca",
                                   path=s.where("tls"))
             ssl_context = client_context(s.tls.cert, s.tls.key, s.tls.ca,
-                                         check_hostname=bool(opts.get("verify_hostname", True)))
+                                         check_hostname=verify_hostname)
         self.http = KmeHttps(
             ssl_context=ssl_context, timeout=s.timeout, retries=s.retries, kme_id=s.kme_id,
             label=f"KME {s.kme_id or base}", reuse_connections=bool(opts.get("reuse_connections", True)),
@@ -126,6 +138,7 @@ class Etsi014KeySource:
             for k in container.keys:   # never handed out: no side will use them
                 k.key.wipe()
             raise KeyUnavailable(f"KME enc_keys: {got} of {number} keys delivered (pool short)")
+        self._taken[peer] = self._taken.get(peer, 0) + number
         log.debug("%s: enc_keys for %s -> %s", self.name, peer, [k.key_id for k in container.keys])
         return container.keys
 
@@ -172,7 +185,19 @@ class Etsi014KeySource:
         raw = await self._call("status", "GET", self._url(self._sae(peer_sae_id), "status"))
         st = codec.parse_status(raw)
         self.last_status = st
-        return to_key_source_status(st)
+        out = to_key_source_status(st)
+        return out if out.recent_rate is not None else _with_rate(out, self._observed_rate(peer_sae_id, st))
+
+    def _observed_rate(self, peer: str, st: codec.Status) -> float | None:
+        """Keys/s produced since the previous status call: growth of the pool
+        plus what we took from it (other SAEs' use makes this a lower bound)."""
+        t, taken = self._now(), self._taken.get(peer, 0)
+        prev = self._rate_marks.get(peer)
+        self._rate_marks[peer] = (t, st.stored_key_count, taken)
+        if prev is None or t - prev[0] < 1e-3:
+            return None
+        grown = st.stored_key_count - prev[1] + (taken - prev[2])
+        return max(0.0, grown / (t - prev[0]))
 
     async def close(self) -> None:
         await self.http.close()
@@ -188,6 +213,11 @@ class Etsi014KeySource:
             return self.profile.check_sae_id(sae_id)
         except ConfigError as exc:
             raise LocalProtocolError(str(exc)) from None
+
+
+def _with_rate(st: KeySourceStatus, rate: float | None) -> KeySourceStatus:
+    from dataclasses import replace
+    return replace(st, recent_rate=rate)
 
 
 def to_key_source_status(st: codec.Status) -> KeySourceStatus:

@@ -264,3 +264,28 @@ async def test_lost_enc_keys_response_orphans_keys_harmlessly(sim, master, slave
     assert len(sim.network.kmes["KME-B"].issued) == 2   # one orphan nobody will ask for
     got = await slave.get_keys_by_id("SAE-A", [keys[0].key_id])
     assert got[0].key == keys[0].key
+
+
+async def test_recent_rate_observed_when_kme_does_not_report_it(sim, make_source, clock):
+    real = sim.network.status
+
+    def plain(*a):   # a KME without the simulator's status extension
+        r = real(*a)
+        return type(r)(200, {k: v for k, v in r.body.items() if k != "status_extension"})
+    sim.network.status = plain
+    src = make_source("SAE-A")
+    src._now = clock
+    assert (await src.status("SAE-B")).recent_rate is None   # one sample: no rate yet
+    await src.get_new_keys("SAE-B", number=8)
+    clock.t += 1.0          # below the pool cap (prefill 1000, cap 5000)
+    st = await src.status("SAE-B")
+    skr_keys = sim.link().rate()[0] / 256
+    assert st.recent_rate == pytest.approx(skr_keys, rel=0.2)   # bursts: within a block
+    await src.close()
+
+
+def test_hostname_check_off_needs_kme_id(sim):
+    settings = sim.credentials("SAE-A").settings(verify_hostname=False)
+    settings["kme_id"] = None
+    with pytest.raises(ConfigError, match="needs kme_id"):
+        Etsi014KeySource(settings)
