@@ -425,7 +425,12 @@ class PeerSession(ResponderMixin, LifecycleMixin):
         self._bump_gen(gen)
         self._peer_authenticated(msg.sender_epoch, None)
         if msg["qkd_mode"] == QkdMode.ABSENT:
-            ex.qkd_fallback = ex.qkd_fallback or _REASON_TEXT.get(msg["qkd_reason"], "QKD absent")
+            # the peer could not get the key: ours must not be used by one side only
+            if ex.qkd_key is not None:
+                ex.qkd_key.wipe()
+            ex.qkd_key, ex.qkd_ids = None, ()
+            ex.qkd_fallback = ex.qkd_fallback or "peer: " + _REASON_TEXT.get(
+                msg["qkd_reason"], "QKD absent")
         if msg["qkd_mode"] == QkdMode.KEYS:
             ex.state = X.I_QKD_SLAVE
             rid = self._new_request(ex, "qkd")

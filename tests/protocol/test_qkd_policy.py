@@ -1,0 +1,129 @@
+"""QKD unavailable under each policy flag; lost dec_keys responses; install failures."""
+
+from __future__ import annotations
+
+import pytest
+
+from protocol_harness import assert_keys_match, make_pair
+from qkdgate.errors import KeyNotFound, KeySourceTimeout, KeyUnavailable
+from qkdgate.gateway.protocol import events as E
+
+
+@pytest.mark.parametrize("qkd", ["a-master", "b-master"])
+def test_qkd_down_policy_requires_qkd_nothing_installed_then_recovers(qkd):
+    p = make_pair(qkd=qkd, allow_pqc=False, retry_base=2.0)
+    p.a.link.down = True
+    p.advance(p.now + 10)
+    assert not p.a.of(E.SessionEstablished) and not p.b.of(E.SessionEstablished)
+    assert p.a.inbound == {} and p.b.inbound == {}
+    fails = p.a.of(E.RekeyFailed)
+    assert fails and all(f.retry_at is not None for f in fails)
+    assert any("QKD" in f.reason for f in fails)
+    p.a.link.down = False
+    p.roundtrip_until_done(timeout=60)
+    est = p.a.of(E.SessionEstablished)[0]
+    assert est.provenance.qkd and not p.a.of(E.QkdFallback)
+
+
+@pytest.mark.parametrize("qkd", ["a-master", "b-master"])
+def test_qkd_down_fallback_allowed_pqc_only_then_recovered(qkd):
+    p = make_pair(qkd=qkd, allow_pqc=True, rekey_interval=60.0)
+    p.a.link.down = True
+    p.roundtrip_until_done()
+    for gw in (p.a, p.b):
+        est = gw.of(E.SessionEstablished)[0]
+        assert not est.provenance.qkd and est.qkd_fallback
+        assert len(gw.of(E.QkdFallback)) == 1
+    assert_keys_match(p, 1)
+    p.a.link.down = False
+    p.roundtrip_until_done()
+    for gw in (p.a, p.b):
+        assert gw.of(E.SessionEstablished)[1].provenance.qkd
+        assert len(gw.of(E.QkdRecovered)) == 1
+    assert_keys_match(p, 2)
+
+
+def test_fallback_needs_both_sides_to_allow_it():
+    p = make_pair(allow_pqc=True)
+    import dataclasses
+    p.b.session.config = dataclasses.replace(p.b.session.config, allow_pqc_only=False)
+    p.a.link.down = True
+    p.advance(p.now + 10)
+    assert not p.b.of(E.SessionEstablished) and p.b.inbound == {}
+    assert "policy requires QKD" in p.b.of(E.RekeyFailed)[0].reason
+    assert "POLICY" in p.a.of(E.RekeyFailed)[0].reason
+
+
+@pytest.mark.parametrize("allow", [True, False])
+def test_slave_kme_failure(allow):
+    """Master got keys, the slave's own KME fails (not a lost key)."""
+    p = make_pair(allow_pqc=allow)
+    p.b.qkd_error = KeySourceTimeout("KME did not answer")
+    if allow:
+        p.roundtrip_until_done()
+        est = p.b.of(E.SessionEstablished)[0]
+        assert not est.provenance.qkd and "KME timeout" in est.qkd_fallback
+        assert_keys_match(p, 1)
+    else:
+        p.advance(p.now + 1)
+        assert "QKD_UNAVAILABLE" in p.a.of(E.RekeyFailed)[0].reason
+        assert p.a.inbound == {} and p.b.inbound == {}
+        p.roundtrip_until_done()    # the retry finds the slave's KME back
+        assert p.a.of(E.SessionEstablished)[0].provenance.qkd
+
+
+@pytest.mark.parametrize("qkd", ["a-master", "b-master"])
+def test_lost_dec_keys_response_restarts_with_new_keys(qkd):
+    """The slave's dec_keys succeeded at the KME but the answer was lost:
+    retrying says KeyNotFound. The key is gone, so the exchange aborts and a
+    new one runs with NEW keys; the lost key is used by nobody."""
+    p = make_pair(qkd=qkd)
+    slave = p.b if qkd == "a-master" else p.a
+    master = p.other(slave)
+    slave.qkd_error = KeyNotFound("one or more keys specified are not found on KME")
+    p.roundtrip_until_done()
+    first_key = [e for e in master.of(E.NeedQkdKeys)][0]
+    lost_ids = [e.key_ids for e in slave.of(E.NeedQkdKeys)][0]
+    est = p.a.of(E.SessionEstablished)
+    assert len(est) == 1 and est[0].provenance.qkd
+    assert lost_ids[0] not in est[0].provenance.qkd_key_ids
+    assert len(master.of(E.NeedQkdKeys)) == 2 and first_key.role == "master"
+    assert any("QKD key lost" in f.reason or "QKD_KEY_LOST" in f.reason
+               for f in p.a.of(E.RekeyFailed))
+    assert_keys_match(p, est[0].generation)
+
+
+def test_master_enc_keys_fails_hybrid_required():
+    p = make_pair(allow_pqc=False)
+    p.a.qkd_error = KeyUnavailable("pool empty")
+    p.advance(p.now + 0.1)
+    assert p.a.of(E.RekeyFailed) and p.a.session.datagrams_to_send(p.now) == []
+    assert p.b.session.stats["kem_encaps"] == 0   # nothing was even sent
+
+
+@pytest.mark.parametrize("who", ["initiator", "responder"])
+def test_install_failure_aborts_and_retries(who):
+    p = make_pair(retry_base=1.0)
+    gw = p.a if who == "initiator" else p.b
+    gw.install_error = True
+    p.advance(p.now + 0.5)
+    assert gw.of(E.RekeyFailed) and "installing SAs failed" in gw.of(E.RekeyFailed)[0].reason
+    assert p.other(gw).of(E.RekeyFailed)           # the peer was told (ABORT)
+    assert not p.a.outbound and not p.b.outbound   # nobody switched
+    gw.install_error = False
+    p.roundtrip_until_done()
+    gen = p.a.session.generation
+    assert_keys_match(p, gen)
+
+
+def test_slow_kme_answer_after_exchange_timeout_is_ignored():
+    p = make_pair(exchange_timeout=5.0)
+    p.b.auto_answer = False
+    p.advance(p.now + 6)
+    assert p.b.held and p.b.of(E.RekeyFailed)
+    held = p.b.held.pop(0)
+    p.b.auto_answer = True
+    p.b.answer(held, p.now)                # late answer: ignored, not a crash
+    assert p.b.session.stats["stale_answer"] == 1
+    p.roundtrip_until_done()
+    assert_keys_match(p, p.a.session.generation)
