@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import enum
 import ipaddress
+import re
 import types
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 from urllib.parse import urlsplit
@@ -23,6 +24,9 @@ from qkdgate.interfaces import Mode
 
 if TYPE_CHECKING:
     from qkdgate.gateway.config import Config
+
+
+_SECRET_KEY_RE = re.compile(r"(?i)(passw(or)?d|secret|token|psk|private|api_?key|credential)")
 
 
 def validate(cfg: "Config") -> None:
@@ -69,6 +73,12 @@ def validate(cfg: "Config") -> None:
                                 found="no " + ", ".join("tls." + k for k in missing))
         if ks.tls is not None:
             _check_tls(cfg, f"{at}.tls", ks.tls)
+        for key in ks.options:
+            if _SECRET_KEY_RE.search(key) and not key.endswith("_file"):
+                # the config is printed, logged and versioned: secrets live in files
+                raise cfg.error(f"{at}.options.{key}", "secrets are not written in the "
+                                "configuration", expected=f"'{key}_file' naming a file that "
+                                "holds it", found=f"'{key}'")
         if ks.kind in KIND_NEEDS_MTLS:
             _check_vendor_options(cfg, i, KIND_NEEDS_MTLS[ks.kind])
 

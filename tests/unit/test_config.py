@@ -315,3 +315,20 @@ def test_warning_when_tunnels_to_one_peer_rekey_at_different_intervals():
     assert warnings(parse(cfg_with(("telemetry:\n", second)))) == [
         "peers[0]: tunnels to 'gw-b' have different rekey intervals; the session with it "
         "rekeys every 30s"]
+
+
+@pytest.mark.parametrize("key", ["password", "api_key", "client_secret", "Token"])
+def test_inline_secrets_in_options_are_refused(key):
+    e = error(cfg_with(("    timeout: 5s\n", f"    timeout: 5s\n    options: {{{key}: hunter2}}\n")))
+    assert e.path == f"key_sources[0].options.{key}" and "hunter2" not in str(e)
+    ok = parse(cfg_with(("    timeout: 5s\n", f"    timeout: 5s\n    options: {{{key}_file: f}}\n")))
+    assert ok.key_sources[0].options[f"{key}_file"] == "f"
+
+
+def test_json_form_is_itself_a_valid_configuration():
+    """JSON is YAML 1.2, so `check-config --json` output can be fed back."""
+    import json
+    example = Path(__file__).resolve().parents[2] / "systemd" / "qkdgate.yaml"
+    c = load_config(example)
+    again = parse_config(json.dumps(c.to_dict()), "/elsewhere/x.json")
+    assert again == c
