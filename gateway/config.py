@@ -23,6 +23,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import os
+import types
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Mapping
 
@@ -229,7 +230,7 @@ class KeySourceConfig:
     kme_id: str | None = None
     timeout: Annotated[float, Duration, Range(0, 300, gt=True)] = 5.0
     retries: Annotated[int, Range(0, 10)] = 3
-    options: Mapping[str, Any] = field(default_factory=dict)
+    options: Mapping[str, Any] = field(default_factory=lambda: types.MappingProxyType({}))
 
     _yaml_label = "key source"
 

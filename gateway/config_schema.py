@@ -179,7 +179,7 @@ class Walk:
 
     def _mapping_items(self, node: Any, path: str, what: str) -> list[tuple[str, Any, Any]]:
         if node.id != "mapping":
-            raise self.error(node, path, f"wrong type", expected=what, found=describe(node))
+            raise self.error(node, path, "wrong type", expected=what, found=describe(node))
         seen: dict[str, int] = {}
         items = []
         for knode, vnode in node.value:

@@ -17,7 +17,7 @@ import enum
 import ipaddress
 import re
 import types
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable
 from urllib.parse import urlsplit
 
 from qkdgate.interfaces import Mode
