@@ -169,7 +169,15 @@ class MqttOptions:
             except OSError as exc:
                 raise ConfigError(f"cannot read MQTT password file: {exc.strerror}",
                                   path="telemetry.mqtt.password_file") from None
-        return cls(host=cfg.host, port=cfg.port, tls=tls, username=cfg.username,
+            try:
+                password.reveal().decode("utf-8")   # MQTT 3.1.1 3.1.3.5: UTF-8 in practice
+            except UnicodeDecodeError:
+                raise ConfigError("MQTT password file is not UTF-8 text",
+                                  path="telemetry.mqtt.password_file") from None
+        # "[2001:db8::1]" is how the config writes an IPv6 literal; sockets
+        # want it bare.
+        host = cfg.host[1:-1] if cfg.host.startswith("[") and cfg.host.endswith("]") else cfg.host
+        return cls(host=host, port=cfg.port, tls=tls, username=cfg.username,
                    password=password, topic_prefix=cfg.topic_prefix, client_id=cfg.client_id,
                    qos=cfg.qos, interval=cfg.interval, **overrides)
 

@@ -109,5 +109,10 @@ def test_config_errors_name_the_setting(tmp_path, pki):
     with pytest.raises(ConfigError, match="telemetry.mqtt.tls"):   # key does not match cert
         MqttOptions.from_config(MqttConfig(tls=TlsConfig(cert=pki["client"],
                                                          key=pki["server_key"])))
+    bad = tmp_path / "binary"
+    bad.write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        MqttOptions.from_config(MqttConfig(password_file=str(bad)))
+    assert MqttOptions.from_config(MqttConfig(host="[2001:db8::1]")).host == "2001:db8::1"
     with pytest.raises(ConfigError, match="MQTT topic"):
         Telemetry(MqttOptions(port=free_port()), "gw/+")
