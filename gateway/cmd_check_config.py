@@ -78,7 +78,9 @@ def summary(cfg, filename: str) -> str:
 
 
 def check_files(cfg) -> None:
-    """Referenced files exist; secret files are not group/other readable."""
+    """Referenced files exist; secret files are private regular files; pinned
+    identity files hold a public identity."""
+    from qkdgate.gateway.config import IDENTITY_PREFIX
     g = cfg.gateway
     wanted: list[tuple[str, str, bool]] = [("gateway.identity", g.identity, True)]
     for i, p in enumerate(cfg.peers):
@@ -96,17 +98,42 @@ def check_files(cfg) -> None:
     if cfg.telemetry.mqtt.password_file:
         wanted.append(("telemetry.mqtt.password_file", cfg.telemetry.mqtt.password_file, True))
     for at, path, secret in wanted:
+        if path.startswith(IDENTITY_PREFIX):
+            continue  # an inline pinned identity, already parsed by validate()
         try:
-            st = os.stat(path)
+            st = os.lstat(path) if secret else os.stat(path)
         except OSError as exc:
             raise cfg.error(at, f"cannot use file: {exc.strerror}", expected="a readable file",
                             found=f"'{path}'") from None
+        if secret and stat.S_ISLNK(st.st_mode):
+            # the daemon opens secrets with O_NOFOLLOW, so a symlink would fail at start
+            raise cfg.error(at, "secret file is a symbolic link", expected="a regular file",
+                            found=f"a link to '{os.readlink(path)}'")
         if not stat.S_ISREG(st.st_mode):
             raise cfg.error(at, "not a regular file", expected="a file", found=f"'{path}'")
         if secret and st.st_mode & 0o077:
             raise cfg.error(at, "secret file is readable by group or others",
                             expected="mode 0600 or stricter",
                             found=f"mode {stat.S_IMODE(st.st_mode):04o}")
+        if ".identities[" in at:
+            _check_pinned_file(cfg, at, path)
+
+
+def _check_pinned_file(cfg, at: str, path: str) -> None:
+    """A pinned identity file must hold one public identity string."""
+    from qkdgate.errors import ConfigError
+    from qkdgate.gateway.identity import PeerIdentity
+    try:
+        with open(path, encoding="ascii") as fh:
+            text = fh.read(65536)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise cfg.error(at, f"cannot read pinned identity: {exc}", expected="a readable file",
+                        found=f"'{path}'") from None
+    try:
+        PeerIdentity.from_string(text)
+    except ConfigError as exc:
+        raise cfg.error(at, f"{path}: {exc.reason}", expected=exc.expected,
+                        found=exc.found) from None
 
 
 def _n(count: int, noun: str) -> str:

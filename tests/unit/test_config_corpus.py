@@ -75,13 +75,23 @@ def test_missing_file_is_a_config_error(tmp_path):
 
 
 def test_check_files_wants_private_secret_files(tmp_path):
+    from qkdgate.gateway.identity import LocalIdentity
     text = (CORPUS / "good-minimal.yaml").read_text()
     cfg = tmp_path / "qkdgate.yaml"
     cfg.write_text(text)
     for name in ("identity.json", "gw-b.pub", "sae-a.crt", "sae-a.key", "kme-ca.crt"):
         (tmp_path / name).write_text("x")
         os.chmod(tmp_path / name, 0o600)
+    r = check_config("--check-files", str(cfg))
+    assert r.returncode == 2 and ":8: peers[0].identities[0]: " in r.stderr
+    assert "not a qkdgate public identity" in r.stderr
+    (tmp_path / "gw-b.pub").write_text(LocalIdentity.generate().public.to_string() + "\n")
     assert check_config("--check-files", "-q", str(cfg)).returncode == 0
+    os.rename(tmp_path / "sae-a.key", tmp_path / "real.key")
+    os.symlink(tmp_path / "real.key", tmp_path / "sae-a.key")
+    r = check_config("--check-files", str(cfg))
+    assert r.returncode == 2 and "key_sources[0].tls.key: secret file is a symbolic link" in r.stderr
+    os.replace(tmp_path / "real.key", tmp_path / "sae-a.key")
     os.chmod(tmp_path / "sae-a.key", 0o644)
     r = check_config("--check-files", str(cfg))
     assert r.returncode == 2
