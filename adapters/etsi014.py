@@ -117,6 +117,16 @@ class Etsi014KeySource:
     async def get_new_keys(self, peer_sae_id: str, number: int = 1, size_bits: int | None = 256,
                            additional_slave_sae_ids: Sequence[str] = ()) -> list[QkdKey]:
         """ETSI GS QKD 014 5.3 Get key: called by the master SAE."""
+        return (await self.enc_keys(peer_sae_id, number, size_bits, additional_slave_sae_ids)).keys
+
+    async def enc_keys(self, peer_sae_id: str, number: int = 1, size_bits: int | None = None,
+                       additional_slave_sae_ids: Sequence[str] = (),
+                       extension_mandatory: Sequence[Mapping[str, Any]] | None = None,
+                       extension_optional: Sequence[Mapping[str, Any]] | None = None,
+                       ) -> codec.KeyContainer:
+        """Get key with the whole answer: per-key and container extensions
+        come back as the KME sent them. Extensions default to the configured
+        ``options.extension_mandatory`` / ``extension_optional``."""
         if size_bits is None:
             size_bits = self.profile.default_key_bits
         if not isinstance(number, int) or number < 1:
@@ -125,7 +135,10 @@ class Etsi014KeySource:
             raise LocalProtocolError(f"key size must be a positive multiple of 8 bits, not {size_bits!r}")
         peer = self._sae(peer_sae_id)
         extra = [self._sae(x) for x in additional_slave_sae_ids]
-        body = codec.key_request(number, size_bits, extra, self._ext_mandatory, self._ext_optional)
+        body = codec.key_request(
+            number, size_bits, extra,
+            self._ext_mandatory if extension_mandatory is None else extension_mandatory,
+            self._ext_optional if extension_optional is None else extension_optional)
         url = self._url(peer, "enc_keys")
         if self.profile.enc_keys_method == "GET" and codec.can_use_get(body):
             raw = await self._call("enc_keys", "GET", url,
@@ -140,7 +153,7 @@ class Etsi014KeySource:
             raise KeyUnavailable(f"KME enc_keys: {got} of {number} keys delivered (pool short)")
         self._taken[peer] = self._taken.get(peer, 0) + number
         log.debug("%s: enc_keys for %s -> %s", self.name, peer, [k.key_id for k in container.keys])
-        return container.keys
+        return container
 
     async def get_keys_by_id(self, master_sae_id: str, key_ids: Sequence[str],
                              size_bits: int | None = None) -> list[QkdKey]:
@@ -149,6 +162,13 @@ class Etsi014KeySource:
         The keys come back in the order of ``key_ids``. A key the KME does not
         hold raises KeyNotFound; ``size_bits`` (optional) is checked when given.
         """
+        return (await self.dec_keys(master_sae_id, key_ids, size_bits)).keys
+
+    async def dec_keys(self, master_sae_id: str, key_ids: Sequence[str],
+                       size_bits: int | None = None,
+                       key_ids_extension: Mapping[str, Any] | None = None) -> codec.KeyContainer:
+        """Get key with key IDs with the whole answer (extensions included),
+        keys in the order of ``key_ids``."""
         if not key_ids:
             raise LocalProtocolError("no key_IDs to fetch")
         try:
@@ -158,10 +178,11 @@ class Etsi014KeySource:
         if len(set(wanted)) != len(wanted):
             raise LocalProtocolError("duplicate key_IDs in one request")
         url = self._url(self._sae(master_sae_id), "dec_keys")
-        if self.profile.dec_keys_method == "GET" and len(wanted) == 1:
+        if self.profile.dec_keys_method == "GET" and len(wanted) == 1 and not key_ids_extension:
             raw = await self._call("dec_keys", "GET", url, params={"key_ID": wanted[0]})
         else:
-            raw = await self._call("dec_keys", "POST", url, body=codec.key_ids_request(wanted))
+            raw = await self._call("dec_keys", "POST", url,
+                                   body=codec.key_ids_request(wanted, key_ids_extension))
         container = codec.parse_key_container(raw, size_bits=size_bits, max_keys=len(wanted),
                                               what="dec_keys")
         by_id = {k.key_id: k for k in container.keys}
@@ -175,16 +196,21 @@ class Etsi014KeySource:
                                              f"{sorted(unexpected)[:4]}")
             raise KeyNotFound(f"KME dec_keys did not return key_IDs {missing[:4]}")
         log.debug("%s: dec_keys from %s -> %s", self.name, master_sae_id, wanted)
-        return [by_id[k] for k in wanted]
+        return codec.KeyContainer([by_id[k] for k in wanted], container.key_ID_extensions,
+                                  container.key_extensions, container.key_container_extension)
+
+    async def etsi_status(self, peer_sae_id: str) -> codec.Status:
+        """ETSI GS QKD 014 5.2 Get status, every field as the KME sent it."""
+        raw = await self._call("status", "GET", self._url(self._sae(peer_sae_id), "status"))
+        self.last_status = st = codec.parse_status(raw)
+        return st
 
     async def status(self, peer_sae_id: str) -> KeySourceStatus:
         """ETSI GS QKD 014 5.2 Get status, mapped to the shared status type.
         Link health comes from ``status_extension`` where the KME offers it
         (the simulator's ``qkdgate_*`` fields; vendors' own are kept in
         ``extensions``)."""
-        raw = await self._call("status", "GET", self._url(self._sae(peer_sae_id), "status"))
-        st = codec.parse_status(raw)
-        self.last_status = st
+        st = await self.etsi_status(peer_sae_id)
         out = to_key_source_status(st)
         return out if out.recent_rate is not None else _with_rate(out, self._observed_rate(peer_sae_id, st))
 

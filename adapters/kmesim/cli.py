@@ -35,6 +35,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="loopback HTTP port of the fault-injection endpoint (default 8440; -1 = off)")
     p.add_argument("--distance-km", type=float, default=10.0, help="fibre length (default 10)")
     p.add_argument("--detector", choices=("ingaas", "snspd"), default="ingaas")
+    p.add_argument("--rep-rate-ghz", type=float, default=1.0, help="source repetition rate (default 1)")
+    p.add_argument("--fibre-loss", type=float, default=0.2,
+                   help="dB/km (default 0.2; 0.16 for ultra-low-loss fibre)")
+    p.add_argument("--qber-threshold", type=float, default=0.08,
+                   help="QBER above which the link stops producing key (default 0.08)")
     p.add_argument("--finite-key-factor", type=float, default=0.06,
                    help="scales the asymptotic rate to a commercial one (default 0.06: ~1 Mb/s at 10 km)")
     p.add_argument("--max-key-count", type=int, default=100000)
@@ -54,6 +59,9 @@ def _check(args: argparse.Namespace) -> tuple[list[str], Path]:
                           path="--state-dir", found=str(state))
     if args.key_size <= 0 or args.key_size % 8:
         raise ConfigError("key size must be a positive multiple of 8", path="--key-size")
+    if args.max_key_count <= 0 or args.prefill < 0:
+        raise ConfigError("--max-key-count must be positive and --prefill not negative",
+                          path="--max-key-count")
     if not 0 <= args.eve <= 1:
         raise ConfigError("eavesdropper fraction must be within 0..1", path="--eve")
     return kmes, state
@@ -70,9 +78,10 @@ def run(args: argparse.Namespace) -> int:
     kmes, state = _check(args)
     try:
         params = LinkParams(distance_km=args.distance_km, detector=args.detector,
-                            eta_fk=args.finite_key_factor)
+                            eta_fk=args.finite_key_factor, rep_rate_hz=args.rep_rate_ghz * 1e9,
+                            alpha_db_per_km=args.fibre_loss, qber_threshold=args.qber_threshold)
     except ValueError as exc:
-        raise ConfigError(str(exc), path="--distance-km") from None
+        raise ConfigError(str(exc), path="link parameters") from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     async def main() -> None:

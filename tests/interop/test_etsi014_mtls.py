@@ -289,3 +289,49 @@ def test_hostname_check_off_needs_kme_id(sim):
     settings["kme_id"] = None
     with pytest.raises(ConfigError, match="needs kme_id"):
         Etsi014KeySource(settings)
+
+
+async def test_extensions_pass_through_and_get_dec_keys(sim, make_source, slave):
+    master = make_source("SAE-A")
+    c = await master.enc_keys("SAE-B", 1, 256, extension_optional=[{"abc_max_age": 30000}])
+    assert c.key_container_extension == {"qkdgate_unhandled_extension_optional": ["abc_max_age"]}
+    with pytest.raises(KeySourceProtocolError, match="extension_mandatory"):
+        await master.enc_keys("SAE-B", extension_mandatory=[{"abc_route_type": "direct"}])
+    get_slave = make_source("SAE-B", dec_keys_method="GET")      # GET ...?key_ID=
+    got = await get_slave.get_keys_by_id("SAE-A", [c.keys[0].key_id])
+    assert got[0].key == c.keys[0].key
+    st = await master.etsi_status("SAE-B")
+    assert st.max_SAE_ID_count == 2 and "qkdgate_qber" in st.status_extension
+    await master.close()
+    await get_slave.close()
+
+
+async def test_backoff_schedule_and_no_retry_on_400(sim):
+    delays = []
+
+    async def sleep(d):
+        delays.append(d)
+    src = Etsi014KeySource(sim.credentials("SAE-A").settings(retries=3, backoff=0.1),
+                           sleep=sleep, rng=lambda: 1.0)
+    sim.exhaust()
+    with pytest.raises(KeyUnavailable):
+        await src.get_new_keys("SAE-B")
+    assert delays == [0.1, 0.2, 0.4]            # exponential; jitter factor injected as 1
+    delays.clear()
+    before = src.http.requests
+    with pytest.raises(KeySourceProtocolError):  # 400 size: final, no retry
+        await src.get_new_keys("SAE-B", size_bits=2048)
+    assert delays == [] and src.http.requests == before + 1
+    await src.close()
+
+
+async def test_kme_not_listening_is_unavailable_after_retries(sim):
+    settings = sim.credentials("SAE-A").settings(retries=1)
+    settings["url"] = "https://127.0.0.1:1"
+    src = Etsi014KeySource(settings)
+    try:
+        with pytest.raises(KeyUnavailable, match="network error"):
+            await src.status("SAE-B")
+        assert src.http.requests == 2
+    finally:
+        await src.close()
