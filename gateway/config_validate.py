@@ -92,6 +92,14 @@ def validate(cfg: "Config") -> None:
             raise cfg.error(f"{at}.name", "a peer cannot have this gateway's name",
                             expected=f"a name other than '{g.name}'", found=f"'{p.name}'")
         _check_unicast(cfg, f"{at}.address", p.address)
+        listen = g.listen.address
+        if p.address.version != listen.version and str(listen) != "::":
+            # a UDP socket bound to one family cannot reach the other; "::" is
+            # bound dual-stack (IPV6_V6ONLY off) by the daemon
+            raise cfg.error(f"{at}.address", f"IPv{p.address.version} peer but "
+                            f"gateway.listen.address {listen} is IPv{listen.version}",
+                            expected=f"an IPv{listen.version} address, or listen on ::",
+                            found=str(p.address))
         first = endpoints.setdefault((str(p.address), p.port), i)
         if first != i:
             raise cfg.error(f"{at}.address", f"same address and port as peers[{first}]",

@@ -125,8 +125,22 @@ def test_non_core_booleans_are_errors(spelling):
     assert e.expected == "true or false" and e.path == "tunnels[0].ipsec.udp_encap"
 
 
+def test_listen_address_must_reach_every_peer_family():
+    v6_peer = cfg_with(("address: 192.0.2.2", "address: 2001:db8::2"))
+    e = error(v6_peer)
+    assert e.path == "peers[0].address" and e.expected == "an IPv4 address, or listen on ::"
+    dual = v6_peer.replace("  identity: identity.json\n",
+                           "  identity: identity.json\n  listen: {address: '::'}\n")
+    assert parse(dual).peers[0].address.version == 6
+    e = error(BASE.replace("  identity: identity.json\n",
+                           "  identity: identity.json\n  listen: {address: '2001:db8::1'}\n"))
+    assert e.path == "peers[0].address" and "IPv4 peer" in e.reason
+
+
 def test_ipv6_everywhere_and_transport_mode_without_subnets():
-    text = cfg_with(("address: 192.0.2.2", "address: 2001:db8::2"),
+    text = cfg_with(("  identity: identity.json\n",
+                     "  identity: identity.json\n  listen: {address: '::'}\n"),
+                    ("address: 192.0.2.2", "address: 2001:db8::2"),
                     ("local_address: 192.0.2.1", "local_address: 2001:db8::1"),
                     ("remote_address: 192.0.2.2", "remote_address: 2001:db8::2"),
                     ("      local_subnets: [10.1.0.0/16]\n      remote_subnets: [10.2.0.0/16]\n",

@@ -52,7 +52,8 @@ def test_shipped_example_passes_and_summarises():
     r = check_config("systemd/qkdgate.yaml", cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert r.stderr == ""  # the example triggers no warnings either
-    assert "gateway gw-a: ML-KEM-768 + X25519" in r.stdout
+    assert "gateway gw-a: ML-KEM-768 + X25519, profile default, listening on [::]:4600/udp" \
+        in r.stdout
     assert "2 peers" in r.stdout and "2 tunnels" in r.stdout
     assert "policies: hybrid-required, pqc-fallback" in r.stdout
 
