@@ -233,7 +233,26 @@ def warnings(cfg: "Config") -> list[str]:
             out.append(f"peers[{i}]: '{p.name}' has no tunnel")
     if not cfg.tunnels:
         out.append("tunnels: none configured; the gateway will protect no traffic")
+    for i, t in enumerate(cfg.tunnels):
+        if 0 < t.rekey.max_bytes < 1 << 20:
+            out.append(f"tunnels[{i}].rekey.max_bytes: {t.rekey.max_bytes} bytes is under 1 MiB; "
+                       "expect a rekey every few packets under load")
+    m, prom = cfg.telemetry.mqtt, cfg.telemetry.prometheus
+    if m.enabled and m.tls is None and not _is_loopback(m.host):
+        out.append(f"telemetry.mqtt.tls: none towards {m.host}: tunnel state"
+                   + (" and the broker password" if m.password_file else "")
+                   + " travel in clear text")
+    if prom.enabled and not prom.address.is_loopback:
+        out.append(f"telemetry.prometheus.address: {prom.address} serves metrics (topology, "
+                   "key-source health) beyond this host; firewall it")
     return out
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def to_plain(obj: Any) -> Any:

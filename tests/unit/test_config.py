@@ -346,3 +346,20 @@ def test_json_form_is_itself_a_valid_configuration():
     c = load_config(example)
     again = parse_config(json.dumps(c.to_dict()), "/elsewhere/x.json")
     assert again == c
+
+
+def test_warnings_about_exposure_and_rekey_storms():
+    c = parse(cfg_with(
+        ("  mqtt:\n    enabled: false\n",
+         "  mqtt: {enabled: true, host: broker.example, username: u, password_file: pw}\n"
+         "  prometheus: {enabled: true, address: '::'}\n"),
+        ("      hard_lifetime: 120s\n", "      hard_lifetime: 120s\n      max_bytes: 4096\n")))
+    assert warnings(c) == [
+        "tunnels[0].rekey.max_bytes: 4096 bytes is under 1 MiB; expect a rekey every few "
+        "packets under load",
+        "telemetry.mqtt.tls: none towards broker.example: tunnel state and the broker password "
+        "travel in clear text",
+        "telemetry.prometheus.address: :: serves metrics (topology, key-source health) beyond "
+        "this host; firewall it"]
+    local = cfg_with(("  mqtt:\n    enabled: false\n", "  mqtt: {enabled: true, host: '[::1]'}\n"))
+    assert warnings(parse(local)) == []
