@@ -69,7 +69,9 @@ def source_settings(settings: Any, kind: str | None = None) -> SourceSettings:
             if not isinstance(v, (str, bytes)) and v is not None and not hasattr(v, "__fspath__"):
                 raise ConfigError("expected a file path", path=f"{where}.tls.{k}", found=repr(v))
             if not v:
-                raise ConfigError("missing file", path=f"{where}.tls.{k}")
+                why = ("a CA for the KME is required: the system trust store would accept "
+                       "a certificate from any public CA" if k == "ca" else "missing file")
+                raise ConfigError(why, path=f"{where}.tls.{k}")
         tls = TlsFiles(*(str(files[k]) for k in ("cert", "key", "ca")))
     timeout = _get(settings, "timeout", 5.0)
     retries = _get(settings, "retries", 3)

@@ -335,3 +335,23 @@ async def test_kme_not_listening_is_unavailable_after_retries(sim):
         assert src.http.requests == 2
     finally:
         await src.close()
+
+
+async def test_built_from_the_gateway_config_dataclass(sim):
+    config = pytest.importorskip("qkdgate.gateway.config")
+    cred = sim.credentials("SAE-A")
+    entry = config.KeySourceConfig(
+        name="kme-a", kind="idq-cerberis-xgr", url=cred.url, kme_id="KME-A",
+        tls=config.TlsConfig(cert=str(cred.cert), key=str(cred.key), ca=str(cred.ca)),
+        timeout=3.0, retries=1, options={"backoff": 0.01})
+    src = create_key_source(entry.kind, entry)
+    try:
+        assert src.profile.name == "idq-cerberis-xgr" and src.settings.retries == 1
+        keys = await src.get_new_keys("SAE-B", number=2)
+        assert len(keys) == 2
+    finally:
+        await src.close()
+    with pytest.raises(ConfigError, match="CA for the KME is required"):
+        create_key_source("etsi014", config.KeySourceConfig(
+            name="kme-a", kind="etsi014", url=cred.url,
+            tls=config.TlsConfig(cert=str(cred.cert), key=str(cred.key))))
