@@ -133,6 +133,7 @@ def validate(cfg: "Config") -> None:
     peers = {p.name: p for p in cfg.peers}
     reqids: list[tuple[int, int]] = []
     ifnames: dict[str, int] = {}
+    scis: dict[tuple[str, int], int] = {}
     for i, t in enumerate(cfg.tunnels):
         at = f"tunnels[{i}]"
         if t.peer not in peers:
@@ -171,7 +172,7 @@ def validate(cfg: "Config") -> None:
             for j, (olo, ohi) in enumerate(reqids):
                 if lo <= ohi and olo <= hi and olo:
                     raise cfg.error(f"{at}.ipsec.reqid", f"reqid range {lo}-{hi} overlaps "
-                                    f"another tunnel's {olo}-{ohi}",
+                                    f"tunnels[{j}]'s {olo}-{ohi}",
                                     expected=f"reqids {REQID_SPAN} apart", found=str(lo))
             reqids.append((lo, hi))
         else:
@@ -188,6 +189,13 @@ def validate(cfg: "Config") -> None:
                 raise cfg.error(f"{at}.macsec.peer_mac", "not a unicast MAC address",
                                 expected="the peer's interface MAC address",
                                 found=t.macsec.peer_mac)
+            # the kernel refuses a second MACsec device with the same SCI (our
+            # MAC + port) on one parent: IEEE 802.1AE-2018 8.2.1 SCIs are unique
+            first = scis.setdefault((t.macsec.parent, t.macsec.port), i)
+            if first != i:
+                raise cfg.error(f"{at}.macsec.port", f"same parent and SCI port as "
+                                f"tunnels[{first}]", expected="a different port on "
+                                f"{t.macsec.parent}", found=str(t.macsec.port))
             first = ifnames.setdefault(name, i)
             if first != i:
                 raise cfg.error(f"{at}.macsec", f"interface name '{name}' already used by "

@@ -363,3 +363,14 @@ def test_warnings_about_exposure_and_rekey_storms():
         "this host; firewall it"]
     local = cfg_with(("  mqtt:\n    enabled: false\n", "  mqtt: {enabled: true, host: '[::1]'}\n"))
     assert warnings(parse(local)) == []
+
+
+def test_two_macsec_links_on_one_parent_need_distinct_sci_ports():
+    def macsec(name, extra=""):
+        return (f"  - name: {name}\n    peer: gw-b\n    type: macsec\n    policy: pqc-only\n"
+                f"    macsec: {{parent: eth1, peer_mac: 02:00:5e:10:00:02{extra}}}\n")
+    text = cfg_with(("telemetry:\n", macsec("m1") + macsec("m2") + "telemetry:\n"))
+    e = error(text)
+    assert e.path == "tunnels[2].macsec.port" and "tunnels[1]" in e.reason and e.line == 45
+    ok = parse(text.replace("02:00:5e:10:00:02}\ntelemetry", "02:00:5e:10:00:02, port: 2}\ntelemetry"))
+    assert [t.macsec_interface for t in ok.tunnels[1:]] == ["qm-m1", "qm-m2"]
