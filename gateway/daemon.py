@@ -90,6 +90,10 @@ class Daemon:
         self._session_factory = session_factory
         self.journal = journal
         self.subscribers: list[Subscriber] = []
+        self.metrics: Any = None            # qkdgate.gateway.metrics.Metrics when enabled
+        self.telemetry: Any = None          # qkdgate.gateway.telemetry.Telemetry when enabled
+        self._source_up: dict[str, bool] = {}
+        self._services: list[Any] = []
         self.tunnels = TunnelManager()
         self.peers: dict[str, PeerState] = {}
         self.drivers: dict[str, PeerDriver] = {}
@@ -143,6 +147,8 @@ class Daemon:
                          tg.create_task(self._reload_loop(), name="reload")]
                 if self.notifier.watchdog_interval:
                     loops.append(tg.create_task(self._watchdog_loop(), name="watchdog"))
+                if self.telemetry is not None:
+                    loops.append(tg.create_task(self.telemetry.run(), name="telemetry"))
                 self.ready.set()
                 self.notifier.ready(self._status_line())
                 self.emit({"event": "daemon_started", "tunnels": list(self.tunnels.tunnels)})
@@ -203,11 +209,30 @@ class Daemon:
                                 clock=self.clock, on_event=self._on_event)
             self.endpoint.add(driver)
             self.drivers[peer.name] = driver
+        await self._start_telemetry()
         self.control = ControlServer(self.control_path, {
             "status": self._ctl_status, "rekey": self._ctl_rekey, "reload": self._ctl_reload})
         await self.control.start()
         for driver in self.drivers.values():
             driver.pump()        # lets sessions with initiate_on_start send INIT
+
+    async def _start_telemetry(self) -> None:
+        """MQTT and Prometheus, when enabled: both are event-hook subscribers."""
+        tel = self.config.telemetry
+        if tel.prometheus.enabled and self.metrics is None:
+            from qkdgate.gateway.metrics import Metrics
+            self.metrics = Metrics()
+            self._services.append(await self.metrics.serve(str(tel.prometheus.address),
+                                                           tel.prometheus.port))
+        if self.metrics is not None:
+            self.subscribe(self.metrics.handle_event)
+        if tel.mqtt.enabled and self.telemetry is None:
+            from qkdgate.gateway.telemetry import MqttOptions, Telemetry
+            self.telemetry = Telemetry(MqttOptions.from_config(tel.mqtt), self.config.gateway.name,
+                                       bypass=getattr(self._ipsec, "bypass_socket", None),
+                                       status=self.status)
+        if self.telemetry is not None:
+            self.subscribe(self.telemetry.publish_event)
 
     async def _shutdown(self) -> None:
         self.notifier.stopping()
@@ -228,6 +253,13 @@ class Daemon:
                 tunnel.shutdown(self.teardown_on_exit)
             except QkdgateError as exc:
                 log.error("tunnel %s: shutdown: %s", tunnel.tunnel_id, exc)
+        if self.telemetry is not None:
+            try:
+                await self.telemetry.close()
+            except Exception as exc:
+                log.warning("telemetry: close failed: %s", exc)
+        for service in self._services:
+            await service.close()
         for name, src in (self._key_sources or {}).items():
             try:
                 await src.close()
@@ -278,6 +310,7 @@ class Daemon:
                 self.journal.reserve_qkd_keys(jt, self.journal.next_generation(jt),
                                               [k.key_id for k in keys])
         except KeySourceError as exc:
+            self._key_source_health(qkd.key_source if qkd else "?", driver.name, ev.role, t0, exc)
             self.peers[driver.name].last_error = f"QKD: {exc}"
             log.warning("peer %s: QKD keys unavailable: %s", driver.name, exc,
                         extra={"peer": driver.name})
@@ -294,11 +327,24 @@ class Daemon:
             driver.call("qkd_failed", lambda: driver.session.qkd_failed(ev.request_id, err,
                                                                         self.clock()))
             return
+        self._key_source_health(qkd.key_source, driver.name, ev.role, t0, None)
         self.emit({"event": "qkd_keys", "peer": driver.name, "role": ev.role,
                    "key_ids": [k.key_id for k in keys],
                    "latency_ms": round((self.clock() - t0) * 1000, 1)})
         driver.call("provide_qkd_keys",
                     lambda: driver.session.provide_qkd_keys(ev.request_id, keys, self.clock()))
+
+    def _key_source_health(self, source: str, peer: str, role: str, t0: float,
+                           error: BaseException | None) -> None:
+        op = "get_new_keys" if role == "master" else "get_keys_by_id"
+        if self.metrics is not None:
+            self.metrics.observe_key_source_call(source, op, self.clock() - t0, error)
+        up = error is None
+        if self._source_up.get(source) is not up:
+            self._source_up[source] = up
+            self.emit({"event": "key_source_up" if up else "key_source_down", "source": source,
+                       "peer": peer,
+                       "reason": "ok" if up else f"{type(error).__name__}: {error}"})
 
     def _kme_timeout(self, name: str) -> float:
         try:
@@ -359,8 +405,11 @@ class Daemon:
         ps.last_error = ev.reason
         log.warning("peer %s: rekey failed: %s", driver.name, ev.reason,
                     extra={"peer": driver.name})
-        self.emit({"event": "rekey_failed", "peer": driver.name, "generation": ev.generation,
-                   "reason": ev.reason, "retry_at": ev.retry_at})
+        for tid in ps.tunnels:
+            self.emit({"event": "rekey_failed", "tunnel": tid, "peer": driver.name,
+                       "generation": ev.generation, "reason": ev.reason,
+                       "retry_in": round(ev.retry_at - self.clock(), 1)
+                       if ev.retry_at is not None else None})
 
     def _ev_QkdFallback(self, driver: PeerDriver, ev: Any) -> None:
         self.peers[driver.name].qkd_fallback = True

@@ -40,6 +40,11 @@ SCI+AN, generation), so both gateways derive the same key for the same SA.
 Every SA records its provenance (ML-KEM algorithm, X25519 yes/no, QKD
 key_IDs); keys themselves never leave :class:`SecretBytes`.
 
+Events (``emit``, small dicts for the daemon's hook; docs/daemon.md):
+``sa_installed``, ``sa_switched``, ``sa_retired``, ``sa_adopted``,
+``policy_fallback`` / ``policy_recovered``, ``sa_hard_lifetime_block`` (one
+per SA), ``tunnel_blocked``, ``tunnel_error``.
+
 The module is sans-IO in the aioquic sense: the caller passes ``now``
 (monotonic seconds) and calls :meth:`TunnelManager.handle_timer` at
 :meth:`get_timer`; only the injected backends touch the kernel.
@@ -295,9 +300,15 @@ class Tunnel:
         self.emit("sa_switched", generation=generation, spi=spi, inputs=inputs,
                   previous=previous.number if previous else None)
         if fallback and not was_fallback:
-            self.emit("qkd_fallback", generation=generation)
+            log.warning("tunnel %s: generation %d has no QKD key: running on the PQC "
+                        "fallback (policy %s)", self.tunnel_id, generation, self.policy.value,
+                        extra={"tunnel": self.tunnel_id})
+            self.emit("policy_fallback", policy=self.policy.value, generation=generation,
+                      reason="generation without a QKD key")
         elif was_fallback and not fallback:
-            self.emit("qkd_recovered", generation=generation)
+            log.info("tunnel %s: QKD keys again from generation %d", self.tunnel_id,
+                     generation, extra={"tunnel": self.tunnel_id})
+            self.emit("policy_recovered", policy=self.policy.value, generation=generation)
 
     def retire(self, generation: int, now: float) -> None:
         """RetireGeneration: remove that generation's SAs (never the active one)."""
@@ -308,6 +319,11 @@ class Tunnel:
 
     def block(self, now: float, reason: str) -> None:
         """Remove every SA and block (the policies stay)."""
+        act = self.active
+        if act is not None and now >= act.hard_at(self.lifetimes):
+            for rec in act.records():
+                self.emit("sa_hard_lifetime_block", direction=rec.direction,
+                          spi=rec.spi, generation=act.number)
         for gen in list(self.generations.values()):
             self._drop_generation(gen)
         self.active = None

@@ -3,7 +3,8 @@
 gw-a (QKD master, ETSI 014 SAE-A) and gw-b (slave, SAE-B) protect
 10.1.0.0/16 <-> 10.2.0.0/16 over one IPsec tunnel ``t1``; each listens on its
 own 127.0.0.1 port. Identities are real (ML-DSA-65 + Ed25519), written 0600
-like ``qkdgate keygen`` does.
+like ``qkdgate keygen`` does. With ``kme`` (a running KmeSimulator) the key
+sources are real ETSI 014 clients with mutual TLS to the simulator.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ def free_udp_port() -> int:
 
 def gateway_yaml(me: str, peer: str, my_port: int, peer_port: int, folder: Path, *,
                  role: str, policy: str, interval: str, soft: str, hard: str,
-                 grace: str = "500ms", mine: str, theirs: str, qkd: bool = True) -> str:
+                 grace: str = "500ms", mine: str, theirs: str, qkd: bool = True,
+                 kme: object = None) -> str:
     a = me == "gw-a"
     qkd_block = f"""
     qkd:
@@ -32,13 +34,26 @@ def gateway_yaml(me: str, peer: str, my_port: int, peer_port: int, folder: Path,
       role: {role}
       local_sae_id: {"SAE-A" if a else "SAE-B"}
       peer_sae_id: {"SAE-B" if a else "SAE-A"}""" if qkd else ""
-    ks = f"""
+    if kme is not None:     # the KME simulator's credentials for this SAE (real mTLS)
+        ks = f"""
+key_sources:
+  - name: kme
+    kind: etsi014
+    url: {kme.url}
+    kme_id: {kme.kme_id}
+    timeout: 2s
+    retries: 1
+    tls: {{cert: {kme.cert}, key: {kme.key}, ca: {kme.ca}}}
+"""
+    else:
+        ks = f"""
 key_sources:
   - name: kme
     kind: etsi014          # replaced by an in-process KME pair in the tests
     url: https://127.0.0.1:8443
     tls: {{cert: {folder}/sae.crt, key: {folder}/sae.key, ca: {folder}/ca.crt}}
-""" if qkd else ""
+"""
+    ks = ks if qkd else ""
     return f"""version: 1
 gateway:
   name: {me}
@@ -69,7 +84,7 @@ telemetry:
 
 
 def write_pair(folder: Path, *, policy: str = "hybrid-required", interval: str = "1s",
-               soft: str = "3s", hard: str = "5s", qkd: bool = True) -> tuple:
+               soft: str = "3s", hard: str = "5s", qkd: bool = True, kme: object = None) -> tuple:
     """Write identities and both config files; returns (config_a, config_b, path_a, path_b)."""
     pa, pb = free_udp_port(), free_udp_port()
     for name in ("gw-a", "gw-b"):
@@ -83,7 +98,9 @@ def write_pair(folder: Path, *, policy: str = "hybrid-required", interval: str =
         path = folder / f"{me}.yaml"
         path.write_text(gateway_yaml(me, peer, mp, pp, folder, role=role, policy=policy,
                                      interval=interval, soft=soft, hard=hard, mine=mine,
-                                     theirs=theirs, qkd=qkd))
+                                     theirs=theirs, qkd=qkd,
+                                     kme=kme.credentials("SAE-A" if me == "gw-a" else "SAE-B")
+                                     if kme is not None else None))
         os.chmod(path, 0o600)
         paths.append(str(path))
     return load_config(paths[0]), load_config(paths[1]), paths[0], paths[1]

@@ -1,109 +1,196 @@
 """Two real daemons over loopback UDP: real protocol, real identities, real
-key schedule; QKD from an in-process pair of KMEs (FakeQkdLink) and recording
-kernel backends. They establish, rekey on schedule, and for every SA the key
-A installed outbound is the key B installed inbound (and the reverse)."""
+key schedule, real ETSI GS QKD 014 clients talking mutual TLS to the KME
+simulator, recording kernel backends. They establish, rekey on schedule, and
+for every SA the key A installed outbound is the key B installed inbound
+(and the reverse); QKD outages follow each tunnel policy; a restarted
+daemon adopts its SAs and re-keys with its peer."""
 
 import asyncio
+import contextlib
 import logging
 
 import pytest
 
-from qkdgate.fakes import FakeQkdLink, RecordingIpsecBackend
+from qkdgate.adapters.kmesim.server import KmeSimulator
+from qkdgate.fakes import RecordingIpsecBackend
 from qkdgate.gateway.daemon import Daemon
+from qkdgate.gateway.sdnotify import SdNotifier
 from qkdgate.interfaces import Direction, PolicyAction
 
 from daemon_pair import write_pair
 
 
+@pytest.fixture
+async def kme(state_dir):
+    async with KmeSimulator.start(state_dir, prefill=500) as sim:
+        yield sim
+
+
 async def wait_for(predicate, timeout):
-    deadline = asyncio.get_running_loop().time() + timeout
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
     while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
+        if loop.time() > deadline:
             return False
         await asyncio.sleep(0.05)
     return True
 
 
-def make_pair(tmp_path, **kw):
-    cfg_a, cfg_b, path_a, path_b = write_pair(tmp_path, **kw)
-    link = FakeQkdLink("SAE-A", "SAE-B")
-    be_a, be_b = RecordingIpsecBackend(), RecordingIpsecBackend()
-    events_a, events_b = [], []
-    da = Daemon(cfg_a, config_path=path_a, ipsec_backend=be_a,
-                key_sources={"kme": link.source("SAE-A")})
-    db = Daemon(cfg_b, config_path=path_b, ipsec_backend=be_b,
-                key_sources={"kme": link.source("SAE-B")})
-    da.subscribe(events_a.append)
-    db.subscribe(events_b.append)
-    return da, db, be_a, be_b, link, events_a, events_b
+class Pair:
+    def __init__(self, tmp_path, kme, **kw):
+        self.cfg_a, self.cfg_b, self.path_a, self.path_b = write_pair(tmp_path, kme=kme, **kw)
+        self.be_a, self.be_b = RecordingIpsecBackend(), RecordingIpsecBackend()
+        self.events_a, self.events_b = [], []
+        self.a = self.daemon("a")
+        self.b = self.daemon("b")
+
+    def daemon(self, side):
+        cfg, path, be, events = ((self.cfg_a, self.path_a, self.be_a, self.events_a)
+                                 if side == "a" else
+                                 (self.cfg_b, self.path_b, self.be_b, self.events_b))
+        d = Daemon(cfg, config_path=path, ipsec_backend=be, notifier=SdNotifier({}))
+        d.subscribe(events.append)
+        return d
+
+    @contextlib.asynccontextmanager
+    async def running(self):
+        tasks = [asyncio.create_task(self.a.run()), asyncio.create_task(self.b.run())]
+        try:
+            await asyncio.wait_for(asyncio.gather(self.a.ready.wait(), self.b.ready.wait()), 10)
+            yield self
+        finally:
+            self.a.stop()
+            self.b.stop()
+            await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 10)
+            for t in tasks:
+                if t.done() and t.exception():
+                    raise t.exception()
 
 
-def generation(d):
-    return d.tunnels.get("t1").active.number if d.tunnels.get("t1").active else 0
+def gen(d):
+    t = d.tunnels.get("t1")
+    return t.active.number if t.active else 0
 
 
-def check_keys_match(be_a, be_b):
+def both_past(p, g):
+    return lambda: gen(p.a) > g and gen(p.b) > g
+
+
+def keys_match(be_a, be_b):
     """Every outbound SA on one side has the identical inbound SA on the other."""
     pairs = 0
     for src, dst in ((be_a, be_b), (be_b, be_a)):
-        outs = [sa for sa in src.sas.values() if sa.direction == "out"]
         ins = {(sa.sa_id.dst, sa.sa_id.spi): sa for sa in dst.sas.values()
                if sa.direction == "in"}
-        for sa in outs:
-            peer_sa = ins.get((sa.sa_id.dst, sa.sa_id.spi))
-            if peer_sa is None:
-                continue   # the peer retired it already (grace elapsed on its side)
-            assert sa.spec.key == peer_sa.spec.key
-            assert sa.spec.key.reveal() == peer_sa.spec.key.reveal()
-            pairs += 1
+        for sa in src.sas.values():
+            peer_sa = ins.get((sa.sa_id.dst, sa.sa_id.spi)) if sa.direction == "out" else None
+            if peer_sa is not None:
+                assert sa.spec.key.reveal() == peer_sa.spec.key.reveal()
+                pairs += 1
     return pairs
 
 
-async def test_two_daemons_establish_rekey_and_agree_on_keys(tmp_path, caplog):
+async def test_establish_rekey_on_schedule_identical_keys(tmp_path, kme, caplog):
     caplog.set_level(logging.DEBUG, logger="qkdgate")
-    da, db, be_a, be_b, link, events_a, events_b = make_pair(tmp_path)
-    seen_pairs = 0
-    max_gen = 0
-    async with asyncio.TaskGroup() as tg:
-        tg.create_task(da.run())
-        tg.create_task(db.run())
-        try:
-            await asyncio.wait_for(asyncio.gather(da.ready.wait(), db.ready.wait()), 10)
-            assert await wait_for(lambda: generation(da) >= 1 and generation(db) >= 1, 10), \
-                "no first generation"
-            # rekey on schedule (interval 1 s): sample keys at every generation
-            last = 0
-            while max_gen < 4:
-                ok = await wait_for(lambda: generation(da) > last and generation(db) > last, 6)
-                assert ok, f"no rekey after generation {last}"
-                last = min(generation(da), generation(db))
-                max_gen = last
-                seen_pairs += check_keys_match(be_a, be_b)
-            st = da.status()
-        finally:
-            da.stop()
-            db.stop()
-    assert seen_pairs >= 4
+    p = Pair(tmp_path, kme)
+    pairs = 0
+    async with p.running():
+        assert await wait_for(both_past(p, 0), 10), "no first generation"
+        last = 0
+        while last < 4:                       # rekey every second
+            assert await wait_for(both_past(p, last), 6), f"no rekey after generation {last}"
+            last = min(gen(p.a), gen(p.b))
+            pairs += keys_match(p.be_a, p.be_b)
+        st = p.a.status()
+    assert pairs >= 4
     t1 = st["tunnels"][0]
     assert t1["state"] == "up" and t1["inputs"]["kem"] == "ML-KEM-768"
-    assert t1["inputs"]["x25519"] is True and len(t1["inputs"]["qkd_key_ids"]) >= 1
-    # QKD keys were really fetched: enc_keys on A, dec_keys on B
-    assert link.delivered >= max_gen
-    done_a = [e for e in events_a if e["event"] == "rekey_done"]
-    assert len(done_a) >= 4 and all(e["latency_ms"] >= 0 for e in done_a)
-    # both sides agree on which QKD key_IDs made each generation
-    ids_a = {e["generation"]: tuple(e["inputs"]["qkd_key_ids"]) for e in done_a}
-    ids_b = {e["generation"]: tuple(e["inputs"]["qkd_key_ids"]) for e in events_b
-             if e["event"] == "rekey_done"}
-    common = set(ids_a) & set(ids_b)
-    assert common and all(ids_a[g] == ids_b[g] for g in common)
-    # default exit: the fail-closed policies stay in the kernel
-    for be in (be_a, be_b):
-        assert any(p.direction is Direction.OUT and p.action is PolicyAction.ALLOW
-                   for p in be.policies.values())
+    assert t1["inputs"]["x25519"] is True and len(t1["inputs"]["qkd_key_ids"]) == 1
+    # both sides agree on the QKD key_IDs behind each generation; IDs never repeat
+    done_a = {e["generation"]: tuple(e["inputs"]["qkd_key_ids"]) for e in p.events_a
+              if e["event"] == "rekey_done"}
+    done_b = {e["generation"]: tuple(e["inputs"]["qkd_key_ids"]) for e in p.events_b
+              if e["event"] == "rekey_done"}
+    common = set(done_a) & set(done_b)
+    assert len(common) >= 4 and all(done_a[g] == done_b[g] for g in common)
+    ids = [i for g in done_a.values() for i in g]
+    assert len(ids) == len(set(ids))
+    assert any(e["event"] == "key_source_up" for e in p.events_a)
+    # default exit keeps the policies (fail closed)
+    for be in (p.be_a, p.be_b):
         assert len(be.policies) == 3
-    # no key material in the logs
+        assert any(x.direction is Direction.OUT and x.action is PolicyAction.ALLOW
+                   for x in be.policies.values())
+    # no key material in any log line
     logs = "\n".join(r.getMessage() for r in caplog.records)
-    for sa in list(be_a.sas.values()) + list(be_b.sas.values()):
-        k = sa.spec.key.reveal()
-        assert k.hex() not in logs and k[:16].hex() not in logs
+    for sa in list(p.be_a.sas.values()) + list(p.be_b.sas.values()):
+        assert sa.spec.key.reveal()[:16].hex() not in logs
+
+
+async def test_pqc_fallback_continues_without_qkd_and_returns_to_hybrid(tmp_path, kme):
+    p = Pair(tmp_path, kme, policy="pqc-fallback")
+    async with p.running():
+        assert await wait_for(both_past(p, 0), 10)
+        kme.set_link_up(False)
+        assert await wait_for(lambda: p.a.tunnels.get("t1").fallback
+                              and p.b.tunnels.get("t1").fallback, 8), "no PQC-only generation"
+        st = p.a.status()["tunnels"][0]
+        assert st["state"] == "up" and st["inputs"]["qkd_key_ids"] == []
+        assert any(e["event"] == "policy_fallback" for e in p.events_a)
+        assert any(e["event"] == "key_source_down" for e in p.events_a + p.events_b)
+        keys_match(p.be_a, p.be_b)
+        kme.set_link_up(True)
+        assert await wait_for(lambda: not p.a.tunnels.get("t1").fallback
+                              and not p.b.tunnels.get("t1").fallback, 8), "QKD never came back"
+        assert any(e["event"] == "policy_recovered" for e in p.events_a)
+
+
+async def test_hybrid_required_blocks_at_hard_lifetime_and_recovers(tmp_path, kme):
+    p = Pair(tmp_path, kme, policy="hybrid-required", interval="1s", soft="2s", hard="3s")
+    async with p.running():
+        assert await wait_for(both_past(p, 0), 10)
+        kme.set_link_up(False)
+        g = max(gen(p.a), gen(p.b))
+        assert await wait_for(lambda: p.a.tunnels.get("t1").state == "blocked", 8), \
+            "not blocked at the hard lifetime"
+        # no generation without QKD was ever installed
+        assert all(e["inputs"]["qkd_key_ids"] for e in p.events_a if e["event"] == "rekey_done")
+        assert gen(p.a) == 0 and p.be_a.sas == {}
+        (out,) = [x for x in p.be_a.policies.values() if x.direction is Direction.OUT]
+        assert out.action is PolicyAction.BLOCK
+        assert any(e["event"] == "sa_hard_lifetime_block" for e in p.events_a)
+        assert any(e["event"] == "rekey_failed" for e in p.events_a + p.events_b)
+        kme.set_link_up(True)
+        assert await wait_for(lambda: p.a.tunnels.get("t1").state == "up"
+                              and p.b.tunnels.get("t1").state == "up", 8), "no recovery"
+        assert gen(p.a) > g
+        keys_match(p.be_a, p.be_b)
+
+
+async def test_restarted_daemon_adopts_its_sas_and_rekeys_with_the_peer(tmp_path, kme):
+    p = Pair(tmp_path, kme, interval="2s", soft="4s", hard="6s")
+    task_a = asyncio.create_task(p.a.run())
+    task_b = asyncio.create_task(p.b.run())
+    try:
+        await asyncio.wait_for(asyncio.gather(p.a.ready.wait(), p.b.ready.wait()), 10)
+        assert await wait_for(both_past(p, 0), 10)
+        p.b.stop()                                   # B dies (default exit: SAs kept)
+        await asyncio.wait_for(task_b, 5)
+        kept = {sa.sa_id.spi for sa in p.be_b.sas.values()}
+        assert kept
+        before = gen(p.a)
+        p.b = p.daemon("b")                          # B comes back: same kernel, new process
+        task_b = asyncio.create_task(p.b.run())
+        await asyncio.wait_for(p.b.ready.wait(), 5)
+        assert p.b.tunnels.get("t1").active.adopted   # forwarding continues meanwhile
+        assert await wait_for(lambda: gen(p.a) > before and gen(p.b) > 0
+                              and not p.b.tunnels.get("t1").active.adopted, 8), "no re-key"
+        assert keys_match(p.be_a, p.be_b) >= 1
+        assert any(e["event"] == "peer_restarted" for e in p.events_a)
+        assert await wait_for(lambda: not kept & {sa.sa_id.spi for sa in p.be_b.sas.values()
+                                                  if sa.direction == "in"}, 5), \
+            "adopted SAs never replaced"
+    finally:
+        p.a.stop()
+        p.b.stop()
+        await asyncio.wait_for(asyncio.gather(task_a, task_b, return_exceptions=True), 10)

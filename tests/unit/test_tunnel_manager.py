@@ -138,6 +138,9 @@ def test_soft_lifetime_asks_for_one_rekey_and_hard_lifetime_blocks():
     assert len(be.policies) == 3                 # in/fwd still drop cleartext
     assert t.state == "blocked" and "hard lifetime" in t.last_error
     assert events[-1]["event"] == "tunnel_blocked"
+    blocks = [e for e in events if e["event"] == "sa_hard_lifetime_block"]
+    assert sorted(e["direction"] for e in blocks) == ["in", "out"]
+    assert all(e["generation"] == 1 and e["tunnel"] == "t1" for e in blocks)
     # a later generation unblocks
     establish(t, 2, Session(b"g2"), now=170.0)
     assert out_policies(be)[0].action is PolicyAction.ALLOW and t.state == "up"
@@ -168,7 +171,7 @@ def test_pqc_only_never_needs_qkd_and_raises_no_alarm():
     t.setup(0.0)
     establish(t, 1, Session(b"g1", Prov(qkd_key_ids=())))
     assert t.state == "up" and not t.fallback
-    assert "qkd_fallback" not in [e["event"] for e in events]
+    assert "policy_fallback" not in [e["event"] for e in events]
 
 
 def test_pqc_fallback_alarms_and_recovers():
@@ -177,9 +180,9 @@ def test_pqc_fallback_alarms_and_recovers():
     t.setup(0.0)
     establish(t, 1, Session(b"g1", Prov(qkd_key_ids=())))
     assert t.fallback and t.state == "up"
-    assert "qkd_fallback" in [e["event"] for e in events]
+    assert "policy_fallback" in [e["event"] for e in events]
     establish(t, 2, Session(b"g2"), now=1)
-    assert not t.fallback and events[-1]["event"] == "qkd_recovered"
+    assert not t.fallback and events[-1]["event"] == "policy_recovered"
 
 
 def test_pqc_fallback_still_requires_mlkem_and_x25519():
