@@ -90,8 +90,11 @@ class KmeHttps:
                 await self._sleep(delay)
             self.requests += 1
             try:
+                # No redirects: a KME answer pointing elsewhere must not make us
+                # present our SAE certificate, or key requests, to another host.
                 async with session.request(http_method, url, params=params, json=body,
-                                           server_hostname=self._server_hostname) as resp:
+                                           server_hostname=self._server_hostname,
+                                           allow_redirects=False) as resp:
                     raw = await _read_bounded(resp)
                     status = resp.status
             except KeySourceError:

@@ -58,6 +58,7 @@ class Faults:
 
     delay: float = 0.0
     garbage: str | None = None
+    raw: tuple[int, bytes, str] | None = None   # (HTTP status, body, content type) for any call
     drop: int = 0
     drop_path: str = ""
     wrong_cert: bool = False
@@ -176,6 +177,9 @@ class KmeSimulator:
             if request.transport is not None:
                 request.transport.abort()
             raise asyncio.CancelledError   # aiohttp ends the handler without answering
+        if f.raw is not None:
+            status, body, ctype = f.raw
+            return web.Response(status=status, body=body, content_type=ctype)
         if f.garbage:
             body, ctype = GARBAGE.get(f.garbage, GARBAGE["bytes"])
             return web.Response(status=200, body=body, content_type=ctype)
@@ -272,7 +276,8 @@ class KmeSimulator:
     def state(self) -> dict[str, Any]:
         out: dict[str, Any] = {"kmes": {}, "links": []}
         for k in self.network.kmes:
-            out["kmes"][k] = {"url": self.url(k), "faults": asdict(self.faults[k]),
+            out["kmes"][k] = {"url": self.url(k), "faults": {**asdict(self.faults[k]),
+                                                                      "raw": self.faults[k].raw is not None},
                               "saes": sorted(s for s, h in self.network.sae_home.items() if h == k),
                               "keys_awaiting_slaves": len(self.network.kmes[k].issued)}
         for link in self.network.links.values():
@@ -316,7 +321,7 @@ class KmeSimulator:
                 f.garbage = doc["garbage"]
         except (TypeError, ValueError) as exc:
             return web.json_response({"message": str(exc)}, status=400)
-        return web.json_response(asdict(f))
+        return web.json_response({**asdict(f), "raw": f.raw is not None})
 
     async def _admin_link(self, request: web.Request) -> web.Response:
         doc = await _request_object(request, set())

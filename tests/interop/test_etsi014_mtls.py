@@ -355,3 +355,11 @@ async def test_built_from_the_gateway_config_dataclass(sim):
         create_key_source("etsi014", config.KeySourceConfig(
             name="kme-a", kind="etsi014", url=cred.url,
             tls=config.TlsConfig(cert=str(cred.cert), key=str(cred.key))))
+
+
+async def test_redirects_are_not_followed(sim, master):
+    sim.faults["KME-A"].raw = (302, b"", "text/plain")
+    before = master.http.requests
+    with pytest.raises(KeySourceProtocolError, match="302"):
+        await master.status("SAE-B")
+    assert master.http.requests == before + 1
