@@ -229,7 +229,7 @@ class Etsi004Client:
         body = {"source": source, "destination": destination, "qos": qos.to_json(),
                 "key_stream_ID": key_stream_id}
         raw = await self.http.request("OPEN_CONNECT", "POST", self._url("open_connect"),
-                                      _classify, body=body)
+                                      _classify, body=body, retries=0)
         res = parse_open(raw)
         if key_stream_id is not None and res.key_stream_id not in (None, str(uuid.UUID(key_stream_id))):
             raise KeySourceProtocolError("ETSI 004 OPEN_CONNECT: KME changed our key_stream_ID")
@@ -240,15 +240,17 @@ class Etsi004Client:
     async def get_key(self, key_stream_id: str, index: int | None = None,
                       metadata_size: int | None = None) -> KeyChunk | int:
         """GET_KEY (004 6.3): the chunk at ``index`` (next one if None), or
-        the metadata size the KME needs (status 8)."""
+        the metadata size the KME needs (status 8). Retried only with an
+        explicit index: "the next chunk" would advance on every attempt."""
         body = {"key_stream_ID": key_stream_id, "index": index, "metadata_size": metadata_size}
-        raw = await self.http.request("GET_KEY", "POST", self._url("get_key"), _classify, body=body)
+        raw = await self.http.request("GET_KEY", "POST", self._url("get_key"), _classify, body=body,
+                                      retries=None if index is not None else 0)
         return parse_get_key(raw, self.chunk_sizes.get(key_stream_id))
 
     async def close_stream(self, key_stream_id: str) -> Status:
         """CLOSE (004 6.4)."""
         raw = await self.http.request("CLOSE", "POST", self._url("close"), _classify,
-                                      body={"key_stream_ID": key_stream_id})
+                                      body={"key_stream_ID": key_stream_id}, retries=0)
         st = _status(_obj(raw, "CLOSE"), "CLOSE")
         self.chunk_sizes.pop(key_stream_id, None)
         _raise_for(st, "CLOSE")

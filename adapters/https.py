@@ -78,12 +78,15 @@ class KmeHttps:
 
     async def request(self, what: str, http_method: str, url: URL, classify: Classifier, *,
                       params: Mapping[str, str] | None = None,
-                      body: Mapping[str, Any] | None = None) -> bytes:
-        """One logical request: a 200 body, or a KeySourceError subclass."""
+                      body: Mapping[str, Any] | None = None,
+                      retries: int | None = None) -> bytes:
+        """One logical request: a 200 body, or a KeySourceError subclass.
+        ``retries`` overrides the configured count (0 for calls that must
+        not be repeated)."""
         session = self._get_session()
         kme = self.label
         last: KeySourceError = KeyUnavailable(f"{kme} {what}: no attempt made")
-        for attempt in range(self.retries + 1):
+        for attempt in range((self.retries if retries is None else retries) + 1):
             if attempt:
                 delay = min(self._max_backoff, self._backoff * 2 ** (attempt - 1)) * self._rng()
                 log.debug("%s %s: retry %d in %.3f s after: %s", kme, what, attempt, delay, last)

@@ -85,3 +85,35 @@ async def test_unknown_sae_is_refused(sim):
             await c.open_connect("SAE-B", "SAE-A")
     finally:
         await c.close()
+
+
+async def test_open_connect_is_not_retried(sim):
+    a = Etsi004Client(sim.credentials("SAE-A").settings(retries=3))
+    sim.faults["KME-A"].drop, sim.faults["KME-A"].drop_path = 1, "open_connect"
+    try:
+        with pytest.raises(KeyUnavailable, match="network error"):
+            await a.open_connect("SAE-A", "SAE-B")
+        assert a.http.requests == 1
+        assert len(sim.qkd004.streams) == 1   # the KME did open it: the answer was lost
+    finally:
+        await a.close()
+
+
+async def test_three_kmes_full_mesh(state_dir, clock):
+    from qkdgate.adapters.etsi014 import Etsi014KeySource
+    from qkdgate.adapters.kmesim.server import KmeSimulator
+    async with KmeSimulator.start(state_dir, kmes=("KME-A", "KME-B", "KME-C"),
+                                  now=clock, prefill=10) as sim:
+        assert len(sim.network.links) == 3
+        a = Etsi014KeySource(sim.credentials("SAE-A").settings())
+        c = Etsi014KeySource(sim.credentials("SAE-C").settings())
+        try:
+            keys = await a.get_new_keys("SAE-C")
+            assert (await c.get_keys_by_id("SAE-A", [keys[0].key_id]))[0].key == keys[0].key
+            sim.set_link_up(False, "KME-A", "KME-C")
+            with pytest.raises(KeyUnavailable):
+                await a.get_new_keys("SAE-C")
+            assert len(await a.get_new_keys("SAE-B")) == 1    # other link unaffected
+        finally:
+            await a.close()
+            await c.close()
