@@ -56,31 +56,16 @@ def ipsec_spec(t: TunnelConfig) -> IpsecTunnelSpec:
         aead=s.cipher.aead, esn=s.esn)
 
 
-def _mac_to_int(text: str) -> int:
-    parts = text.replace("-", ":").split(":")
-    if len(parts) != 6 or not all(len(p) == 2 for p in parts):
-        raise ValueError(text)
-    return int("".join(parts), 16)
-
-
 def macsec_spec(t: TunnelConfig) -> MacsecTunnelSpec:
     m = t.macsec
     assert m is not None
     # The peer's SCI (IEEE 802.1AE-2018 8.2.1: its MAC address and port) names
-    # the RX secure channel. It comes from the config (``peer_sci`` or
-    # ``peer_mac`` [+ ``peer_port``]); without it we cannot accept frames.
-    sci = getattr(m, "peer_sci", None)
-    if sci is None and getattr(m, "peer_mac", None):
-        try:
-            sci = _mac_to_int(m.peer_mac) << 16 | int(getattr(m, "peer_port", None) or m.port)
-        except ValueError:
-            raise ConfigError("not a MAC address", path=f"tunnels[{t.name}].macsec.peer_mac",
-                              expected="six hex pairs, e.g. 02:00:00:00:00:02",
-                              found=repr(m.peer_mac)) from None
+    # the RX secure channel; without it we could not accept a single frame.
+    sci = t.macsec_peer_sci
     if sci is None:
         raise ConfigError("MACsec tunnel needs the peer's SCI",
                           path=f"tunnels[{t.name}].macsec.peer_mac",
-                          expected="the peer's MAC address (or peer_sci)")
+                          expected="the peer's MAC address")
     link = MacsecLinkSpec(name=t.macsec_interface or "qm-" + t.name[:12], parent=m.parent,
                           port=m.port, cipher=m.cipher, encrypt=m.encrypt,
                           replay_protect=True, replay_window=m.replay_window)

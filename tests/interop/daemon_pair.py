@@ -26,7 +26,7 @@ def free_udp_port() -> int:
 def gateway_yaml(me: str, peer: str, my_port: int, peer_port: int, folder: Path, *,
                  role: str, policy: str, interval: str, soft: str, hard: str,
                  grace: str = "500ms", mine: str, theirs: str, qkd: bool = True,
-                 kme: object = None) -> str:
+                 kme: object = None, macsec: bool = False) -> str:
     a = me == "gw-a"
     qkd_block = f"""
     qkd:
@@ -54,6 +54,14 @@ key_sources:
     tls: {{cert: {folder}/sae.crt, key: {folder}/sae.key, ca: {folder}/ca.crt}}
 """
     ks = ks if qkd else ""
+    # The recording MACsec fake gives every first link the SCI 02:00:00:00:00:65/1.
+    macsec_block = f"""  - name: m1
+    peer: {peer}
+    type: macsec
+    policy: {policy}
+    macsec: {{parent: {"eth-a" if a else "eth-b"}, peer_mac: "02:00:00:00:00:65"}}
+    rekey: {{interval: {interval}, soft_lifetime: {soft}, hard_lifetime: {hard}, grace: {grace}}}
+""" if macsec else ""
     return f"""version: 1
 gateway:
   name: {me}
@@ -78,13 +86,14 @@ peers:
       remote_subnets: [{"10.2.0.0/16" if a else "10.1.0.0/16"}]
       reqid: 100
     rekey: {{interval: {interval}, soft_lifetime: {soft}, hard_lifetime: {hard}, grace: {grace}}}
-telemetry:
+{macsec_block}telemetry:
   log: {{level: debug}}
 """
 
 
 def write_pair(folder: Path, *, policy: str = "hybrid-required", interval: str = "1s",
-               soft: str = "3s", hard: str = "5s", qkd: bool = True, kme: object = None) -> tuple:
+               soft: str = "3s", hard: str = "5s", qkd: bool = True, kme: object = None,
+               macsec: bool = False) -> tuple:
     """Write identities and both config files; returns (config_a, config_b, path_a, path_b)."""
     pa, pb = free_udp_port(), free_udp_port()
     for name in ("gw-a", "gw-b"):
@@ -98,7 +107,7 @@ def write_pair(folder: Path, *, policy: str = "hybrid-required", interval: str =
         path = folder / f"{me}.yaml"
         path.write_text(gateway_yaml(me, peer, mp, pp, folder, role=role, policy=policy,
                                      interval=interval, soft=soft, hard=hard, mine=mine,
-                                     theirs=theirs, qkd=qkd,
+                                     theirs=theirs, qkd=qkd, macsec=macsec,
                                      kme=kme.credentials("SAE-A" if me == "gw-a" else "SAE-B")
                                      if kme is not None else None))
         os.chmod(path, 0o600)

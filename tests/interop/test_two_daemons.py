@@ -12,7 +12,7 @@ import logging
 import pytest
 
 from qkdgate.adapters.kmesim.server import KmeSimulator
-from qkdgate.fakes import RecordingIpsecBackend
+from qkdgate.fakes import RecordingIpsecBackend, RecordingMacsecBackend
 from qkdgate.gateway.daemon import Daemon
 from qkdgate.gateway.sdnotify import SdNotifier
 from qkdgate.interfaces import Direction, PolicyAction
@@ -40,15 +40,17 @@ class Pair:
     def __init__(self, tmp_path, kme, **kw):
         self.cfg_a, self.cfg_b, self.path_a, self.path_b = write_pair(tmp_path, kme=kme, **kw)
         self.be_a, self.be_b = RecordingIpsecBackend(), RecordingIpsecBackend()
+        self.mb_a, self.mb_b = RecordingMacsecBackend(), RecordingMacsecBackend()
         self.events_a, self.events_b = [], []
         self.a = self.daemon("a")
         self.b = self.daemon("b")
 
     def daemon(self, side):
-        cfg, path, be, events = ((self.cfg_a, self.path_a, self.be_a, self.events_a)
-                                 if side == "a" else
-                                 (self.cfg_b, self.path_b, self.be_b, self.events_b))
-        d = Daemon(cfg, config_path=path, ipsec_backend=be, notifier=SdNotifier({}))
+        cfg, path, be, mb, events = (
+            (self.cfg_a, self.path_a, self.be_a, self.mb_a, self.events_a) if side == "a" else
+            (self.cfg_b, self.path_b, self.be_b, self.mb_b, self.events_b))
+        d = Daemon(cfg, config_path=path, ipsec_backend=be, macsec_backend=mb,
+                   notifier=SdNotifier({}))
         d.subscribe(events.append)
         return d
 
@@ -90,10 +92,24 @@ def keys_match(be_a, be_b):
     return pairs
 
 
+def macsec_keys_match(p):
+    """A's TX SA on AN n is B's RX SA for A's SCI on AN n: same SAK, KEYID, salt."""
+    la, lb = p.mb_a.links["qm-m1"], p.mb_b.links["qm-m1"]
+    pairs = 0
+    for tx, rx_link, sci in ((la, lb, la.sci), (lb, la, lb.sci)):
+        for an, sa in tx.tx.items():
+            peer = rx_link.rx.get(sci, {}).get(an)
+            if peer is not None and peer.keyid == sa.keyid:
+                assert sa.key.reveal() == peer.key.reveal()
+                assert sa.salt.reveal() == peer.salt.reveal() and sa.ssci == peer.ssci
+                pairs += 1
+    return pairs
+
+
 async def test_establish_rekey_on_schedule_identical_keys(tmp_path, kme, caplog):
     caplog.set_level(logging.DEBUG, logger="qkdgate")
-    p = Pair(tmp_path, kme)
-    pairs = 0
+    p = Pair(tmp_path, kme, macsec=True)
+    pairs = mpairs = 0
     async with p.running():
         assert await wait_for(both_past(p, 0), 10), "no first generation"
         last = 0
@@ -101,8 +117,11 @@ async def test_establish_rekey_on_schedule_identical_keys(tmp_path, kme, caplog)
             assert await wait_for(both_past(p, last), 6), f"no rekey after generation {last}"
             last = min(gen(p.a), gen(p.b))
             pairs += keys_match(p.be_a, p.be_b)
+            mpairs += macsec_keys_match(p)
         st = p.a.status()
-    assert pairs >= 4
+    assert pairs >= 4 and mpairs >= 4
+    m1 = st["tunnels"][1]
+    assert m1["tunnel"] == "m1" and m1["state"] == "up" and m1["generation"] == st["tunnels"][0]["generation"]
     t1 = st["tunnels"][0]
     assert t1["state"] == "up" and t1["inputs"]["kem"] == "ML-KEM-768"
     assert t1["inputs"]["x25519"] is True and len(t1["inputs"]["qkd_key_ids"]) == 1
