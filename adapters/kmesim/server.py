@@ -28,17 +28,19 @@ import logging
 import os
 import ssl
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Mapping
 
 from aiohttp import web
 
+from qkdgate.adapters.etsi014_codec import normalise_key_id
 from qkdgate.adapters.kmesim.kme import BAD_REQUEST, Reply, SimNetwork, error
 from qkdgate.adapters.kmesim.linkmodel import REALISTIC, LinkParams, QkdLink
 from qkdgate.adapters.kmesim.pki import Pki, ensure_pki
 from qkdgate.adapters.kmesim.qkd004 import Qkd004Service
 from qkdgate.adapters.tls import server_context
+from qkdgate.errors import KeySourceProtocolError
 
 log = logging.getLogger("qkdgate.kmesim")
 KME_ID = web.AppKey("kme_id", str)
@@ -209,8 +211,6 @@ class KmeSimulator:
         return await self._respond(request, kme_id, method, reply)
 
     async def _dec_keys(self, request: web.Request, kme_id: str, caller: str, master: str) -> Reply:
-        from qkdgate.adapters.etsi014_codec import normalise_key_id
-        from qkdgate.errors import KeySourceProtocolError
         if request.method == "GET":
             # ETSI GS QKD 014 5.4: GET carries exactly one key_ID.
             if set(request.query) != {"key_ID"} or len(request.query.getall("key_ID")) != 1:

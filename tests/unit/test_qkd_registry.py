@@ -8,7 +8,6 @@ from importlib.metadata import EntryPoint
 import pytest
 
 from qkdgate.adapters import registry
-from qkdgate.adapters.etsi014 import Etsi014KeySource
 from qkdgate.adapters.profiles import PROFILES, get_profile
 from qkdgate.adapters.settings import source_settings
 from qkdgate.errors import ConfigError
@@ -48,7 +47,7 @@ def test_third_party_kind_from_entry_point(monkeypatch):
     assert "acme" in registry.available_kinds() and "etsi014" in registry.available_kinds()
 
 
-def test_plugin_cannot_replace_a_builtin(monkeypatch, tmp_path):
+def test_plugin_cannot_replace_a_builtin(monkeypatch):
     ep = EntryPoint("etsi014", f"{__name__}:plugin_factory", registry.GROUP)
     _fake_entry_points(monkeypatch, ep)
     assert registry.find_factory("etsi014") is not plugin_factory
