@@ -71,6 +71,7 @@ class SimKme:
     max_key_size: int = 1024
     max_key_per_request: int = 128
     max_sae_id_count: int = 2
+    max_issued: int = 100000    # keys held for slaves; the oldest go first beyond this
     issued: dict[str, _Issued] = field(default_factory=dict)
 
 
@@ -200,6 +201,9 @@ class SimNetwork:
             key_id = str(uuid.UUID(bytes=self.rng(16), version=4))
             material = self.rng(size // 8)
             peer.issued[key_id] = _Issued(material, caller, frozenset(slaves), set(slaves))
+            if len(peer.issued) > peer.max_issued:
+                # Orphans of lost enc_keys answers must not grow the store forever.
+                del peer.issued[next(iter(peer.issued))]
             keys.append({"key_ID": key_id, "key": base64.b64encode(material).decode("ascii")})
         body: dict[str, Any] = {"keys": keys}
         if optional:

@@ -36,8 +36,11 @@ def test_spec_key_container_example():
 
 
 def test_spec_key_container_wrong_size_is_a_protocol_error():
-    with pytest.raises(KeySourceProtocolError, match="256 bits, 352 asked"):
+    with pytest.raises(KeySourceProtocolError, match="256 bits, 352 asked") as err:
         codec.parse_key_container(fixture("key_container.json"), size_bits=352)
+    # errors name key_IDs and sizes, never key material
+    assert "wHHV" not in str(err.value) and "OeGM" not in str(err.value)
+    assert "bc490419-7d60-487f-adc1-4ddcc177c139" in str(err.value)
 
 
 def test_spec_key_container_more_keys_than_asked():

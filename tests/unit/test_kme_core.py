@@ -87,3 +87,10 @@ def test_eavesdropper_gives_503_and_status_alarm(net):
     assert r.status == 503 and "QBER" in r.body["message"]
     ext = net.status("KME-A", "SAE-A", "SAE-B").body["status_extension"]
     assert ext["qkdgate_alarms"] == ["QBER_ABOVE_THRESHOLD"] and ext["qkdgate_key_rate"] == 0
+
+
+def test_store_of_keys_for_slaves_is_bounded(net):
+    net.kmes["KME-B"].max_issued = 3
+    ids = [net.enc_keys("KME-A", "SAE-A", "SAE-B", {}).body["keys"][0]["key_ID"] for _ in range(5)]
+    assert list(net.kmes["KME-B"].issued) == ids[2:]      # the oldest orphans went first
+    assert net.dec_keys("KME-B", "SAE-B", "SAE-A", ids[:1]).status == 400
