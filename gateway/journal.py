@@ -194,9 +194,14 @@ class Journal:
         return j
 
     def _open(self) -> None:
-        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        # Explicit modes: the process umask is shared state (another task may
+        # have narrowed or widened it), and a journal of key use is private.
+        if not os.path.isdir(self.dir):
+            os.makedirs(self.dir, mode=0o700, exist_ok=True)
+            os.chmod(self.dir, 0o700)
         self._lock_fd = os.open(os.path.join(self.dir, LOCK_NAME),
                                 os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        os.fchmod(self._lock_fd, 0o600)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -212,6 +217,7 @@ class Journal:
             self._state = self.load()
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
                                0o600)
+            os.fchmod(self._fd, 0o600)
             if self._state.records == 0:
                 self._append({"t": "hdr", "v": FORMAT_VERSION, "created": int(self._now())})
                 self._sync_dir()
@@ -324,6 +330,7 @@ class Journal:
         tmp = self.path + ".tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
+            os.fchmod(fd, 0o600)
             os.write(fd, b"".join(_encode(r) for r in recs))
             self._hook("compact-written")
             if self._fsync:

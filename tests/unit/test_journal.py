@@ -70,10 +70,18 @@ def test_generations_never_go_backwards(sdir):
         assert j.next_generation("other") == 1
 
 
-def test_files_are_private(sdir):
-    Journal.open(sdir).close()
-    assert stat.S_IMODE(os.stat(sdir).st_mode) == 0o700
-    assert stat.S_IMODE(os.stat(os.path.join(sdir, "journal")).st_mode) == 0o600
+def test_files_are_private_whatever_the_umask(sdir):
+    for gen, mask in ((1, 0o000), (2, 0o177)):  # wide open; one that strips the dir's x bit
+        old = os.umask(mask)
+        try:
+            with Journal.open(sdir, compact_after=2) as j:
+                j.reserve_qkd_key("t", gen, kid(gen))
+                j.record_generation("t", gen)      # compacts: a new file via rename
+        finally:
+            os.umask(old)
+        assert stat.S_IMODE(os.stat(sdir).st_mode) == 0o700
+        for name in ("journal", "journal.lock"):
+            assert stat.S_IMODE(os.stat(os.path.join(sdir, name)).st_mode) == 0o600, name
 
 
 def test_one_daemon_per_state_directory(sdir):

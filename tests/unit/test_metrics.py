@@ -11,6 +11,7 @@ import os
 import urllib.request
 
 import prometheus_client
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from qkdgate.gateway.metrics import MAX_REASONS, Metrics, configure_logging, with_context
@@ -18,6 +19,16 @@ from qkdgate.interfaces import MacsecSaState, SaId, SaState
 from qkdgate.keymix.secret import SecretBytes
 
 KID = "6f1c2a4e-1c3b-4f5a-9d2e-0a1b2c3d4e5f"
+
+
+@pytest.fixture
+def qkdgate_logger():
+    """configure_logging() changes the process-wide "qkdgate" logger: put it
+    back so later tests' caplog still sees records."""
+    lg = logging.getLogger("qkdgate")
+    saved = (lg.handlers[:], lg.level, lg.propagate)
+    yield lg
+    lg.handlers[:], lg.level, lg.propagate = saved[0], saved[1], saved[2]
 
 
 def samples(text: str) -> dict[tuple[str, tuple], float]:
@@ -121,22 +132,19 @@ def test_malformed_events_are_ignored():
     assert b"qkdgate_rekeys_total" in m.exposition()
 
 
-def test_logs_carry_context_and_never_a_key(monkeypatch):
+def test_logs_carry_context_and_never_a_key(monkeypatch, qkdgate_logger):
     monkeypatch.delenv("JOURNAL_STREAM", raising=False)
     key = SecretBytes(bytes(range(32)))
     buf = io.StringIO()
-    handler = configure_logging("debug", "json", stream=buf)
+    configure_logging("debug", "json", stream=buf)
+    log = with_context(logging.getLogger("qkdgate.daemon"), tunnel="dc1-dc2", peer="gw-b")
+    log.info("installed SA with key %s", key)
+    log.info("raw %s hex %s", key.reveal(), key.reveal().hex())
+    log.warning("b64 %s", "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=")
     try:
-        log = with_context(logging.getLogger("qkdgate.daemon"), tunnel="dc1-dc2", peer="gw-b")
-        log.info("installed SA with key %s", key)
-        log.info("raw %s hex %s", key.reveal(), key.reveal().hex())
-        log.warning("b64 %s", "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=")
-        try:
-            raise ValueError(key.reveal().hex())
-        except ValueError:
-            log.exception("boom")
-    finally:
-        logging.getLogger("qkdgate").removeHandler(handler)
+        raise ValueError(key.reveal().hex())
+    except ValueError:
+        log.exception("boom")
     lines = [json.loads(x) for x in buf.getvalue().splitlines()]
     assert len(lines) == 4
     assert all(x["tunnel"] == "dc1-dc2" and x["peer"] == "gw-b" for x in lines)
@@ -147,16 +155,13 @@ def test_logs_carry_context_and_never_a_key(monkeypatch):
     assert "fp=" in lines[0]["msg"]          # SecretBytes shows only a fingerprint
 
 
-def test_text_logs_under_journald_carry_priorities(tmp_path, monkeypatch):
+def test_text_logs_under_journald_carry_priorities(tmp_path, monkeypatch, qkdgate_logger):
     path = tmp_path / "journal-stream"
     with open(path, "w+") as stream:
         st = os.fstat(stream.fileno())
         monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")
-        handler = configure_logging("info", "text", stream=stream)
-        try:
-            log = logging.getLogger("qkdgate.tunnel")
-            log.warning("rekey overdue", extra={"tunnel": "dc1-dc2"})
-            log.debug("not shown at info")
-        finally:
-            logging.getLogger("qkdgate").removeHandler(handler)
+        configure_logging("info", "text", stream=stream)
+        log = logging.getLogger("qkdgate.tunnel")
+        log.warning("rekey overdue", extra={"tunnel": "dc1-dc2"})
+        log.debug("not shown at info")
     assert path.read_text() == "<4>rekey overdue [tunnel=dc1-dc2]\n"
