@@ -181,8 +181,8 @@ class PeerSession(ResponderMixin, LifecycleMixin):
                 times.append(ex.deadline)
                 if ex.retx_at is not None:
                     times.append(ex.retx_at)
-        if self._rekey_at is not None:
-            times.append(self._rekey_at)
+        if self._rekey_at is not None and self._ini is None and self._res is None:
+            times.append(self._rekey_at)   # a due rekey waits for the running exchange
         return min(times) if times else None
 
     def datagrams_to_send(self, now: float) -> list[bytes]:

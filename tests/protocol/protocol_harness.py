@@ -114,7 +114,11 @@ class Gateway:
                 ("i2r" if inbound else "r2i")
             keys = {t: (spi, sa_key(ev.session, t, direction, spi, ev.generation))
                     for t, spi in ev.spis.items()}
-            (self.inbound if inbound else self.outbound)[ev.generation] = keys
+            table = self.inbound if inbound else self.outbound
+            # a generation number is never reused for other keys (the kernel
+            # would still hold SAs of the old one)
+            assert table.get(ev.generation, keys) == keys, f"generation {ev.generation} reused"
+            table[ev.generation] = keys
             if not inbound:
                 self.current_out = ev.generation
             s.installed(ev.request_id, now)
