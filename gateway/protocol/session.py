@@ -192,6 +192,63 @@ class PeerSession(ResponderMixin, LifecycleMixin):
     def next_event(self) -> Event | None:
         return self._events.popleft() if self._events else None
 
+    def reconfigure(self, config: SessionConfig, peer_identities: Sequence[PeerIdentity],
+                    now: float) -> None:
+        """Apply a reloaded configuration (SIGHUP) without losing protocol state.
+
+        Pins (identity rollover), PSK, QKD role and policy, suite, tunnels
+        and timers take effect from the next exchange; a running exchange
+        finishes under the settings it began with, except that a new PSK
+        changes mac1 at once. The names identify the session and cannot
+        change (build a new session for another peer). Validation happens
+        before anything changes: a bad config leaves the session as it was.
+        """
+        from qkdgate.errors import ConfigError
+        config.validate()
+        if (config.local_name, config.peer_name) != (self.config.local_name,
+                                                     self.config.peer_name):
+            raise ConfigError("a session's names cannot change on reload", path="peer_name")
+        if not 1 <= len(peer_identities) <= 4:
+            raise ConfigError("pin 1..4 identities per peer (2 during a rollover)")
+        from qkdgate.keymix.kem import get_kem
+        kem = get_kem(config.kem)
+        self.config, self.peer_identities, self._kem = config, tuple(peer_identities), kem
+        self._kinds = {t.tunnel_id: t.kind for t in config.tunnels}
+        self._psk = config.psk.reveal() if config.psk is not None else None
+        self._mac_in = m.mac1_key(config.local_name, self._psk)
+        self._mac_out = m.mac1_key(config.peer_name, self._psk)
+        self._bucket = TokenBucket(config.rate_per_second, config.rate_burst, now)
+        self._cookie_bucket = TokenBucket(config.rate_per_second, config.rate_burst, now)
+        if self.established_at is not None and self._rekey_reason == "timer":
+            due = self.established_at + config.rekey_interval
+            if self._rekey_at is None or due < self._rekey_at:
+                self._rekey_at = max(now, due)
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        """Status for ``qkdgate status`` and telemetry: IDs and counters,
+        never key material. JSON-serialisable."""
+        ex = self._ini or self._res
+        prov = self.provenance
+        return {
+            "peer": self.config.peer_name,
+            "epoch": f"{self.epoch:016x}",
+            "peer_epoch": f"{self.peer_epoch:016x}" if self.peer_epoch is not None else None,
+            "generation": self.generation or None,
+            "established_age": (now - self.established_at
+                                if self.established_at is not None else None),
+            "inputs": None if prov is None else {
+                "kem": prov.kem_name, "x25519": prov.x25519,
+                "qkd_key_ids": list(prov.qkd_key_ids)},
+            "qkd_fallback": self._in_fallback,
+            "exchange": None if ex is None else {
+                "role": ex.role, "state": ex.state, "reason": ex.reason,
+                "age": now - ex.started, "generation": ex.generation},
+            "next_rekey_in": (self._rekey_at - now if self._rekey_at is not None
+                              and ex is None else None),
+            "failures": self._failures,
+            "stats": dict(self.stats),
+        }
+
     def initiate_rekey(self, now: float, reason: str) -> None:
         """Start a fresh exchange now (operator, traffic volume, MACsec PN
         exhaustion...). Ignored while an exchange is already running: that

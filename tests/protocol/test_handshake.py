@@ -132,3 +132,46 @@ def test_session_events_never_print_secrets():
     for _, ev in p.trace:
         text = repr(ev)
         assert secret.hex() not in text and repr(secret) not in text
+
+
+def test_snapshot_reports_state_without_secrets():
+    import json
+    p = make_pair()
+    p.roundtrip_until_done()
+    snap = p.a.session.snapshot(p.now + 3)
+    json.dumps(snap)
+    assert snap["generation"] == 1 and snap["established_age"] == 3
+    assert snap["inputs"]["kem"] == "ML-KEM-768" and len(snap["inputs"]["qkd_key_ids"]) == 1
+    assert snap["exchange"] is None and snap["next_rekey_in"] > 0
+    assert snap["peer_epoch"] == f"{p.b.session.epoch:016x}"
+    secret = p.a.of(E.InstallInbound)[0].session.secret.reveal().hex()
+    assert secret not in json.dumps(snap)
+
+
+def test_reconfigure_rolls_pins_and_rejects_bad_reloads():
+    import dataclasses
+    from qkdgate.errors import ConfigError
+    new_a = identity("gw-a", 1)
+    p = make_pair()
+    p.roundtrip_until_done()
+    sb = p.b.session
+    # bad reloads change nothing
+    with pytest.raises(ConfigError):
+        sb.reconfigure(dataclasses.replace(sb.config, peer_name="gw-x"), sb.peer_identities, p.now)
+    with pytest.raises(ConfigError):
+        sb.reconfigure(dataclasses.replace(sb.config, kem="nope"), sb.peer_identities, p.now)
+    assert sb.generation == 1
+    # step 1 of a rollover: B pins A's old and new identity
+    sb.reconfigure(sb.config, [identity("gw-a").public, new_a.public], p.now)
+    # A restarts with its new identity; B's protocol state survived the reload
+    from test_restart_dos import restart
+    p.a.session.identity = new_a
+    restart(p, p.a, seed=5, floor=1)
+    p.roundtrip_until_done()
+    assert p.a.session.generation == p.b.session.generation == 2
+    assert_keys_match(p, 2)
+    # shorter rekey interval takes effect on the running generation
+    sb.reconfigure(dataclasses.replace(sb.config, rekey_interval=5.0),
+                   [new_a.public], p.now)
+    p.roundtrip_until_done(timeout=10)
+    assert p.b.session.generation == 3
