@@ -23,7 +23,7 @@ from typing import Any
 
 from qkdgate.errors import AuthenticationFailed, RemoteProtocolError
 from qkdgate.gateway.protocol import messages as m
-from qkdgate.gateway.protocol.messages import Message, MsgType, QkdMode, QkdReason
+from qkdgate.gateway.protocol.messages import Message, QkdMode, QkdReason
 
 REASON_TEXT = {QkdReason.UNAVAILABLE: "QKD key unavailable", QkdReason.TIMEOUT: "KME timeout",
                QkdReason.AUTH: "KME refused us", QkdReason.PROTOCOL: "KME protocol error",

@@ -11,7 +11,7 @@ tampering) and advances a fake clock to the next timer when idle.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable
 
 from qkdgate.errors import KeySourceError, TunnelError

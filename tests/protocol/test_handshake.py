@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from protocol_harness import (Pair, assert_keys_match, identity, make_pair)
+from protocol_harness import assert_keys_match, identity, make_pair
 from qkdgate.gateway.protocol import events as E
 from qkdgate.gateway.protocol.fragment import MAX_DATAGRAM, Reassembler
 from qkdgate.gateway.protocol.messages import MsgType, decode
