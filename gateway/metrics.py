@@ -69,6 +69,12 @@ class Metrics:
         self.qber = Gauge("qkdgate_qkd_qber", "Last reported quantum bit error rate",
                           ["source"], registry=r)
         self.alarms = Counter("qkdgate_alarms", "Alarms raised", ["kind"], registry=r)
+        self.violations = Counter("qkdgate_protocol_violations",
+                                  "Peer datagrams dropped as forged, replayed or malformed",
+                                  ["peer"], registry=r)
+        self.tunnel_errors = Counter("qkdgate_tunnel_errors",
+                                     "Kernel operations or installs that failed", ["tunnel"],
+                                     registry=r)
         self.fallback = Gauge("qkdgate_policy_fallback_active",
                               "Tunnel running on a fallback key policy (1) or not", ["tunnel"],
                               registry=r)
@@ -127,8 +133,13 @@ class Metrics:
             self.alarms.labels("policy_fallback").inc()
         elif kind == "policy_recovered":
             self.fallback.labels(tunnel).set(0)
-        elif kind == "sa_hard_lifetime_block":
-            self.alarms.labels("sa_hard_lifetime_block").inc()
+        elif kind in ("sa_hard_lifetime_block", "tunnel_blocked", "qkd_fallback",
+                      "config_rejected"):
+            self.alarms.labels(kind).inc()
+        elif kind == "protocol_violation":
+            self.violations.labels(str(e.get("peer", ""))).inc()
+        elif kind in ("tunnel_error", "install_failed"):
+            self.tunnel_errors.labels(tunnel or str(e.get("peer", ""))).inc()
 
     def _reason(self, reason: Any) -> str:
         # "KeyUnavailable: QKD link down" -> "KeyUnavailable"

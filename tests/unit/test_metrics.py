@@ -68,6 +68,9 @@ async def test_scrape_over_loopback_after_a_rekey_history():
                         "reason": "KeyUnavailable: QKD link down"})
         m.handle_event({"event": "key_source_down", "source": "kme-a"})
         m.handle_event({"event": "sa_hard_lifetime_block", "tunnel": "dc1-dc2"})
+        m.handle_event({"event": "protocol_violation", "peer": "gw-b", "reason": "bad tag"})
+        m.handle_event({"event": "tunnel_error", "tunnel": "dc1-dc2", "op": "add_sa"})
+        m.handle_event({"event": "policy_recovered", "tunnel": "dc1-dc3"})
         m.observe_key_source_call("kme-a", "get_new_keys", 0.012)
         m.observe_key_source_call("kme-a", "get_new_keys", 5.0, TimeoutError())
         a, b = ipaddress.ip_address("192.0.2.1"), ipaddress.ip_address("192.0.2.2")
@@ -99,6 +102,9 @@ async def test_scrape_over_loopback_after_a_rekey_history():
     assert v("qkdgate_alarms_total", kind="qkd_alarm") == 1
     assert v("qkdgate_alarms_total", kind="sa_hard_lifetime_block") == 1
     assert v("qkdgate_policy_fallback_active", tunnel="dc1-dc2") == 1
+    assert v("qkdgate_policy_fallback_active", tunnel="dc1-dc3") == 0
+    assert v("qkdgate_protocol_violations_total", peer="gw-b") == 1
+    assert v("qkdgate_tunnel_errors_total", tunnel="dc1-dc2") == 1
     assert v("qkdgate_key_source_request_duration_seconds_count", source="kme-a",
              op="get_new_keys") == 2
     assert v("qkdgate_key_source_errors_total", source="kme-a", op="get_new_keys",
