@@ -216,9 +216,12 @@ class IpsecTunnel(Tunnel):
             raise
 
     def _block_outbound(self) -> None:
+        # switch_outbound is for template swaps; a backend with update_policy
+        # (XFRM_MSG_UPDPOLICY for any policy) takes the template-less BLOCK.
+        update = getattr(self.backend, "update_policy", None) or self.backend.switch_outbound
         for i, pol in enumerate(self._out_policies):
             blocked = replace(pol, action=PolicyAction.BLOCK, template=None)
-            self.backend.switch_outbound(blocked)
+            update(blocked)
             self._out_policies[i] = blocked
 
     def _remove_sa(self, rec: SaRecord) -> None:

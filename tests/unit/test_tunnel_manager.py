@@ -283,3 +283,29 @@ def test_manager_inbound_is_all_or_nothing():
         m.install_inbound(1, Session(b"x", Prov(qkd_key_ids=())), "initiator",
                           {"t1": 0xC0000400, "t2": 0xC0000401}, 0)
     assert be.sas == {}
+
+
+class StrictSwitch(RecordingIpsecBackend):
+    """Like the XFRM backend: switch_outbound only swaps templates; a
+    template-less BLOCK goes through update_policy."""
+
+    def switch_outbound(self, policy):
+        if policy.template is None:
+            from qkdgate.errors import LocalProtocolError
+            raise LocalProtocolError("switch_outbound takes an OUT policy with a template")
+        super().switch_outbound(policy)
+
+    def update_policy(self, policy):
+        self.policies[(policy.selector, policy.direction, policy.mark, policy.if_id)] = policy
+        self.ops.append(("update_policy", policy.action))
+
+
+def test_hard_lifetime_block_uses_update_policy_when_the_backend_has_it():
+    be = StrictSwitch()
+    t, _ = tunnel(backend=be)
+    t.setup(0.0)
+    establish(t, 1, Session(b"g1"))
+    t.handle_timer(60.0)
+    (out,) = out_policies(be)
+    assert out.action is PolicyAction.BLOCK and ("update_policy", PolicyAction.BLOCK) in be.ops
+    assert t.last_error.startswith("hard lifetime")
