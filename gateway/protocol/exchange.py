@@ -82,7 +82,7 @@ class Exchange:
     x_secret: Any = None
     kem_ciphertext: bytes = b""
     x_public: bytes = b""
-    cookie_at: float = -1e18
+    cookie_at: float = -1e18       # initiator: last cookie; responder: last cached RESP
 
 
 def done_hash(th: bytes) -> bytes:

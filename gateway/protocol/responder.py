@@ -42,8 +42,12 @@ class ResponderMixin:
                     self.stats["stale"] += 1
                     return
                 self.stats["duplicate"] += 1
-                if ex is self._res and ex.state == X.R_RESP_SENT:
-                    self._send(ex.wire)   # cached RESP: no new crypto
+                # cached RESP, no new crypto; at most one per half retransmit
+                # interval so replayed INITs cannot be amplified into RESPs
+                if ex is self._res and ex.state == X.R_RESP_SENT \
+                        and now - ex.cookie_at >= self.config.retransmit_base / 2:
+                    ex.cookie_at = now
+                    self._send(ex.wire)
                 return
         if ep == self.peer_epoch and xid <= self._peer_xid_high:
             self.stats["stale"] += 1      # replay of an INIT we already handled
@@ -84,7 +88,11 @@ class ResponderMixin:
                       generation=max(msg["generation_min"], self._gen_high + 1))
         self._bump_gen(ex.generation)
         self._res = ex
-        self._responder_start(ex, msg, now)
+        try:
+            self._responder_start(ex, msg, now)
+        except RemoteProtocolError:
+            self._forget(ex)     # e.g. a KEM key failing the FIPS 203 modulus check
+            raise
 
     def _responder_start(self: Any, ex: Exchange, msg: Message, now: float) -> None:
         cfg = self.config
@@ -158,6 +166,7 @@ class ResponderMixin:
         values["signature"] = self._sign(ex.th + values["tag"], b"RESP")
         ex.wire = m.seal(prefix + m.encode_fields(MsgType.RESP, values, "tag"), self._mac_out)
         ex.state = X.R_RESP_SENT
+        ex.cookie_at = now
         self._send(ex.wire)
 
     def _on_confirm(self: Any, msg: Message, now: float) -> None:

@@ -68,10 +68,12 @@ def test_old_epoch_replay_after_restart_is_refused():
     assert p.b.session.stats["verify_ed25519"] == before["verify_ed25519"]
 
 
-def _flood_init(sender_identity, receiver_name: str, n: int, epoch0: int = 1000):
+def _flood_init(sender_identity, receiver_name: str, n: int, epoch0: int = 1000,
+                kem_pk: bytes | None = None):
     """Well-formed INITs with a valid mac1 (no PSK: the names are public)."""
     from qkdgate.keymix.kem import get_kem
-    _, kem_pk = get_kem("ML-KEM-768").generate_keypair()
+    if kem_pk is None:
+        _, kem_pk = get_kem("ML-KEM-768").generate_keypair()
     out = []
     for i in range(n):
         values = {"generation_min": 1, "nonce": bytes([i % 256]) * 32, "kem_id": 1,
@@ -140,3 +142,40 @@ def test_config_validation():
         with pytest.raises(ConfigError):
             SessionConfig(**{**base, **bad}).validate()
     SessionConfig(**base).validate()
+
+
+def test_signed_init_with_invalid_kem_key_is_dropped_and_leaves_no_state():
+    """Even from the pinned peer: an ML-KEM key failing the FIPS 203 modulus
+    check is a violation, costs no KME key and leaves no half exchange."""
+    p = make_pair(start="none")
+    for d in _flood_init(identity("gw-a"), "gw-b", 1, kem_pk=b"\xff" * 1184):
+        p.b.session.receive_datagram(d, p.now)
+    p.b.pump(p.now)
+    st = p.b.session.stats
+    assert st["violation_malformed"] == 1 and st["verify_ed25519"] == 1
+    assert not p.b.of(E.NeedQkdKeys)
+    assert p.b.session._res is None and p.b.session.snapshot(p.now)["exchange"] is None
+    p.a.session.initiate_rekey(p.now, "operator")     # and the real peer still works
+    p.roundtrip_until_done()
+    assert_keys_match(p, p.a.session.generation)
+
+
+def test_replayed_init_is_not_amplified_into_resps():
+    p = make_pair(start="none")
+    p.a.session.initiate_rekey(p.now, "operator")
+    p.a.pump(p.now)
+    init = p.a.session.datagrams_to_send(p.now)
+    for d in init:
+        p.b.session.receive_datagram(d, p.now)
+    p.b.pump(p.now)
+    first = p.b.session.datagrams_to_send(p.now)
+    assert first
+    for _ in range(50):                          # replayed at the same instant
+        for d in init:
+            p.b.session.receive_datagram(d, p.now)
+    assert p.b.session.datagrams_to_send(p.now) == []
+    assert p.b.session.stats["duplicate"] == 50
+    p.now += 1.0                                 # a genuine retransmission later
+    for d in init:
+        p.b.session.receive_datagram(d, p.now)
+    assert len(p.b.session.datagrams_to_send(p.now)) == len(first)
