@@ -11,6 +11,7 @@ tampering) and advances a fake clock to the next timer when idle.
 from __future__ import annotations
 
 import random
+import zlib
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -36,8 +37,8 @@ def identity(name: str, version: int = 0, profile: str = "default") -> LocalIden
     """Cached deterministic identities (ML-DSA key generation is not free)."""
     key = (name + profile, version)
     if key not in _IDS:
-        _IDS[key] = LocalIdentity.generate(profile, name=name,
-                                           rng=seeded(hash((name, version, profile)) & 0xFFFF))
+        seed = zlib.crc32(f"{name}/{version}/{profile}".encode())   # stable across runs
+        _IDS[key] = LocalIdentity.generate(profile, name=name, rng=seeded(seed))
     return _IDS[key]
 
 

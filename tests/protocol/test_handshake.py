@@ -175,3 +175,25 @@ def test_reconfigure_rolls_pins_and_rejects_bad_reloads():
                    [new_a.public], p.now)
     p.roundtrip_until_done(timeout=10)
     assert p.b.session.generation == 3
+
+
+def test_deterministic_at_the_event_level():
+    """Same seeds, same scenario: the same events in the same order, with the
+    same generations, SPIs, key_IDs and timings (only pyca's own randomness in
+    ML-KEM / ML-DSA / X25519 differs, so secrets and signatures do)."""
+    from test_network import drop_first
+    from qkdgate.gateway.protocol.messages import MsgType
+
+    def run():
+        p = make_pair(seed=42, start="both", rekey_interval=30.0)
+        p.network = drop_first(MsgType.RESP)
+        p.roundtrip_until_done()
+        p.roundtrip_until_done()
+        out = []
+        for name, ev in p.trace:
+            fields = {k: getattr(ev, k) for k in ev.__dataclass_fields__ if k != "session"}
+            out.append((name, type(ev).__name__, repr(fields)))
+        return out, p.now, [len(d) for _, d in p.log]
+    first, second = run(), run()
+    assert first == second
+    assert len(first[0]) > 10
