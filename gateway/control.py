@@ -186,7 +186,10 @@ def request(path: str, cmd: str, *, timeout: float = 10.0, **params: Any) -> Any
         except ConnectionRefusedError:
             raise ControlError(f"nothing listens on {path}: the daemon is not running",
                                "unreachable") from None
-        sock.sendall(payload)
+        try:
+            sock.sendall(payload)
+        except (BrokenPipeError, ConnectionResetError):
+            pass   # a refusal may arrive before we finish sending: its answer is still queued
         buf = bytearray()
         while not buf.endswith(b"\n"):
             chunk = sock.recv(65536)

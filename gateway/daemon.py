@@ -520,8 +520,12 @@ class Daemon:
             timer = None
             driver = self.drivers.get(peer)
             if driver is not None:
+                # The session's planned rekey if it says (``next_rekey_at``),
+                # else its next timer: never later than the real rekey.
                 try:
-                    timer = driver.session.get_timer()
+                    timer = getattr(driver.session, "next_rekey_at", None)
+                    if timer is None:
+                        timer = driver.session.get_timer()
                 except Exception:
                     timer = None
             candidates = [x for x in (st.get("soft_expiry_in"),

@@ -195,3 +195,30 @@ async def test_cli_status_and_rekey_through_the_socket(server, capsys):
 def test_cli_without_daemon_is_a_clear_error(tmp_path, capsys):
     rc = cli.main(["status", "--socket", str(tmp_path / "x.sock")])
     assert rc == 1 and "is `qkdgate run` running?" in capsys.readouterr().err
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.binary(max_size=300),
+                 st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+                              lambda c: st.lists(c, max_size=4)
+                              | st.dictionaries(st.text(max_size=8), c, max_size=4),
+                              max_leaves=12).map(lambda v: json.dumps(v).encode())))
+def test_any_request_gets_a_well_formed_answer(data):
+    """Fuzz: whatever a local client sends, the server answers one
+    {"ok": ...} object and never raises."""
+    async def go():
+        async def status(req):
+            return {"echo": req.get("cmd")}
+        srv = ControlServer("/nonexistent", {"status": status})
+        reader = asyncio.StreamReader(limit=64 * 1024)
+        reader.feed_data(data + b"\n")
+        reader.feed_eof()
+        return await srv._answer(reader)
+    answer = asyncio.run(go())
+    assert isinstance(answer, dict) and isinstance(answer["ok"], bool)
+    json.dumps(answer)
+    if not answer["ok"]:
+        assert answer["error"]["type"] == "bad_request" and answer["error"]["message"]
