@@ -111,8 +111,18 @@ class IpsecTunnel(Tunnel):
             if self.spec.mode is Mode.TUNNEL:
                 wanted.append((in_sel, Direction.FWD))
             for sel, d in wanted:
-                if (sel, d, self.spec.mark, self.spec.if_id) not in existing:
-                    self.backend.install_policy(self._policy(sel, d, self._in_template()))
+                want = self._policy(sel, d, self._in_template())
+                have = existing.get((sel, d, self.spec.mark, self.spec.if_id))
+                if have is None:
+                    self.backend.install_policy(want)
+                elif (have.action, have.template) != (want.action, want.template):
+                    # e.g. the reqid changed in the config: re-assert ours
+                    update = getattr(self.backend, "update_policy", None)
+                    if update is None:
+                        self.backend.remove_policy(have)
+                        self.backend.install_policy(want)
+                    else:
+                        update(want)
         self._adopt(now)
         self.state = "up" if self.active else "blocked"
         if self.active is None:

@@ -66,23 +66,49 @@ class MacsecTunnel(Tunnel):
         return self.spec.link.name
 
     def setup(self, now: float) -> None:
+        existed = False
         try:
             self.backend.create_link(self.spec.link)
             self._created = True
         except TunnelError as exc:
             if exc.errno != errno.EEXIST:
                 raise
-            # A previous run's link: its SAs (if any) carry keys we no longer
-            # know the lifetime of, so they are not adopted; the fresh
-            # handshake installs new ones on free ANs.
+            existed = True
         self.local_sci = self.backend.link_sci(self.link)
         try:
             self.backend.add_rx_sc(self.link, self.spec.peer_sci)
         except TunnelError as exc:
             if exc.errno != errno.EEXIST:
                 raise
+        if existed:
+            # A previous run's link (it crashed: a clean exit removes them).
+            # Its SAs carry keys whose age nobody knows any more, and MACsec
+            # has no kernel lifetime to end them: remove, block, re-key.
+            self._remove_stale()
         self.backend.set_link_up(self.link, True)
         self.state = "blocked"
+
+    def _remove_stale(self) -> None:
+        removed = 0
+        for an in range(4):
+            for remove, deactivate in (
+                    (lambda: self.backend.remove_tx_sa(self.link, an),
+                     lambda: self.backend.set_tx_sa_active(self.link, an, False)),
+                    (lambda: self.backend.remove_rx_sa(self.link, self.spec.peer_sci, an),
+                     lambda: self.backend.set_rx_sa_active(self.link, self.spec.peer_sci, an,
+                                                           False))):
+                try:
+                    remove()
+                except TunnelError as exc:
+                    if exc.errno != errno.EBUSY:
+                        continue          # ENODEV: nothing on this AN
+                    deactivate()          # the kernel refuses to delete an active SA
+                    remove()
+                removed += 1
+        if removed:
+            log.warning("tunnel %s: removed %d stale MACsec SA(s) left by a previous run",
+                        self.tunnel_id, removed, extra={"tunnel": self.tunnel_id})
+            self.emit("sa_stale_removed", count=removed)
 
     def allocate_spi(self) -> int:
         used = {g.inbound.spi for g in self.generations.values() if g.inbound is not None}

@@ -309,3 +309,14 @@ def test_hard_lifetime_block_uses_update_policy_when_the_backend_has_it():
     (out,) = out_policies(be)
     assert out.action is PolicyAction.BLOCK and ("update_policy", PolicyAction.BLOCK) in be.ops
     assert t.last_error.startswith("hard lifetime")
+
+
+def test_setup_reasserts_an_inbound_policy_that_no_longer_matches():
+    be = RecordingIpsecBackend()
+    old = IpsecTunnel(IpsecTunnelSpec("t1", A, B, (NET_A,), (NET_B,), reqid_base=0x500), be,
+                      policy=TunnelPolicy.HYBRID_REQUIRED, lifetimes=LT, schedule=Schedule())
+    old.setup(0)
+    t, _ = tunnel(backend=be)                  # same selectors, reqid now 0x1000
+    t.setup(1)
+    ins = [p for p in be.policies.values() if p.direction is not Direction.OUT]
+    assert len(ins) == 2 and all(p.template.reqid == 0x1000 for p in ins)

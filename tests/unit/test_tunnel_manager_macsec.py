@@ -157,3 +157,22 @@ def test_install_with_bad_an_is_refused():
     with pytest.raises(TunnelError):
         ta.install_outbound(1, s, "initiator", 7, 0)
     assert ba.links["qm-a"].tx == {}
+
+
+def test_stale_sas_of_a_crashed_run_are_removed_at_setup():
+    be = RecordingMacsecBackend()
+    spec = MacsecTunnelSpec("m1", MacsecLinkSpec("qm-a", "eth0"), 0x0200000000AA0001)
+    be.create_link(spec.link)
+    be.add_rx_sc("qm-a", spec.peer_sci)
+    stale = Schedule().macsec_keys(Session(b"old"), "m1", "i2r", 1, 0, 1,
+                                   MacsecCipher.GCM_AES_XPN_256)
+    from qkdgate.interfaces import MacsecSaSpec
+    be.add_tx_sa("qm-a", MacsecSaSpec(an=0, key=stale.sak, keyid=stale.keyid))
+    be.add_rx_sa("qm-a", spec.peer_sci, MacsecSaSpec(an=2, key=stale.sak, keyid=stale.keyid))
+    events = []
+    t = MacsecTunnel(spec, be, policy=TunnelPolicy.HYBRID_REQUIRED, lifetimes=LT,
+                     schedule=Schedule(), emit=events.append)
+    t.setup(0)
+    link = be.links["qm-a"]
+    assert link.tx == {} and link.rx[spec.peer_sci] == {} and t.state == "blocked"
+    assert events[-1] == {"event": "sa_stale_removed", "tunnel": "m1", "count": 2}
