@@ -4,7 +4,6 @@ tests/interop/test_two_daemons.py)."""
 
 import asyncio
 import json
-import logging
 import os
 import socket
 import sys
@@ -15,7 +14,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "interop"))
 from daemon_pair import write_pair  # noqa: E402
 
-from qkdgate.errors import ConfigError, KeyUnavailable  # noqa: E402
+from qkdgate.errors import ConfigError  # noqa: E402
 from qkdgate.fakes import FakeQkdLink, RecordingIpsecBackend  # noqa: E402
 from qkdgate.gateway import cli  # noqa: E402
 from qkdgate.gateway.daemon import Daemon  # noqa: E402

@@ -11,7 +11,7 @@ from qkdgate.fakes import RecordingIpsecBackend
 from qkdgate.gateway.tunnel_ipsec import IpsecTunnel, IpsecTunnelSpec
 from qkdgate.gateway.tunnel_manager import (GenerationRefused, Lifetimes, TunnelManager,
                                             TunnelPolicy)
-from qkdgate.interfaces import Direction, Mode, PolicyAction, SaId, SaSpec
+from qkdgate.interfaces import Direction, Mode, PolicyAction, SaId
 
 from tunnel_helpers import Prov, Schedule, Session
 

@@ -1,0 +1,213 @@
+"""Protocol-event handlers of the daemon (a mixin of :class:`Daemon`).
+
+Theory of operation: :class:`~qkdgate.gateway.udp.PeerDriver` hands every
+event a :class:`PeerSession` emits to ``_on_event``, which dispatches on the
+event's class name to ``_ev_<Name>``. Imperative events are answered on the
+session (``provide_qkd_keys`` / ``qkd_failed``, ``installed`` /
+``install_failed``) through ``driver.call`` so the session is pumped again;
+reporting events update :class:`PeerState` and go to the event hook. A
+handler never raises into the driver: every failure becomes an answer, a log
+line with peer/tunnel context and an event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from qkdgate.errors import KeySourceError, KeySourceTimeout, QkdgateError
+from qkdgate.gateway.tunnel_manager import provenance_dict
+from qkdgate.gateway.udp import PeerDriver
+
+log = logging.getLogger("qkdgate.daemon")
+
+KME_TIMEOUT_SLACK = 5.0     # on top of the key source's own timeout x attempts
+
+
+class PeerState:
+    """What the daemon knows about one peer (for status and telemetry)."""
+
+    def __init__(self, name: str, tunnels: list[str]) -> None:
+        self.name = name
+        self.tunnels = tunnels
+        self.state = "connecting"
+        self.generation: int | None = None
+        self.established_at: float | None = None
+        self.last_error: str | None = None
+        self.qkd_fallback = False
+        self.violations = 0
+        self.rekeys = 0
+        self.rekey_failures = 0
+
+
+class EventHandlers:
+    """Mixin: needs ``config``, ``clock``, ``tunnels``, ``peers``, ``journal``,
+    ``metrics``, ``notifier``, ``_key_sources``, ``_source_up``, ``emit``,
+    ``_spawn``, ``wake`` and ``_status_line`` from :class:`Daemon`."""
+
+    def _tunnel_event(self, event: dict[str, Any]) -> None:
+        self.emit(event)
+
+    def _on_event(self, driver: PeerDriver, event: Any) -> None:
+        handler = getattr(self, "_ev_" + type(event).__name__, None)
+        if handler is None:
+            log.debug("peer %s: unhandled event %s", driver.name, type(event).__name__)
+            return
+        handler(driver, event)
+
+    def _ev_NeedQkdKeys(self, driver: PeerDriver, ev: Any) -> None:
+        self._spawn(self._fetch_qkd(driver, ev), f"qkd-{driver.name}-{ev.request_id}")
+
+    async def _fetch_qkd(self, driver: PeerDriver, ev: Any) -> None:
+        peer = self.config.peer(driver.name)
+        qkd = peer.qkd
+        src = (self._key_sources or {}).get(qkd.key_source) if qkd else None
+        t0 = self.clock()
+        try:
+            if src is None:
+                raise KeySourceError(f"no key source configured for peer {driver.name}")
+            timeout = self._kme_timeout(qkd.key_source)
+            if ev.role == "master":
+                call = src.get_new_keys(ev.peer_sae_id, ev.number, ev.size_bits)
+            else:
+                call = src.get_keys_by_id(ev.peer_sae_id, list(ev.key_ids))
+            try:
+                async with asyncio.timeout(timeout):
+                    keys = await call
+            except TimeoutError:
+                raise KeySourceTimeout(f"key source {qkd.key_source} did not answer "
+                                       f"within {timeout:g} s") from None
+            if self.journal is not None:
+                # Durable before the keys reach any KDF: a crash after this
+                # point can never make us mix the same QKD key twice.
+                jt = "peer-" + driver.name
+                self.journal.reserve_qkd_keys(jt, self.journal.next_generation(jt),
+                                              [k.key_id for k in keys])
+        except KeySourceError as exc:
+            self._key_source_health(qkd.key_source if qkd else "?", driver.name, ev.role, t0, exc)
+            self.peers[driver.name].last_error = f"QKD: {exc}"
+            log.warning("peer %s: QKD keys unavailable: %s", driver.name, exc,
+                        extra={"peer": driver.name})
+            self.emit({"event": "qkd_error", "peer": driver.name, "error": str(exc),
+                       "kind": type(exc).__name__})
+            driver.call("qkd_failed", lambda e=exc: driver.session.qkd_failed(ev.request_id, e,
+                                                                          self.clock()))
+            return
+        except QkdgateError as exc:       # journal: a reused key_ID is refused, fail closed
+            err = KeySourceError(f"QKD key refused: {exc}")
+            log.error("peer %s: %s", driver.name, err, extra={"peer": driver.name})
+            self.emit({"event": "qkd_error", "peer": driver.name, "error": str(err),
+                       "kind": type(exc).__name__})
+            driver.call("qkd_failed", lambda: driver.session.qkd_failed(ev.request_id, err,
+                                                                        self.clock()))
+            return
+        self._key_source_health(qkd.key_source, driver.name, ev.role, t0, None)
+        self.emit({"event": "qkd_keys", "peer": driver.name, "role": ev.role,
+                   "key_ids": [k.key_id for k in keys],
+                   "latency_ms": round((self.clock() - t0) * 1000, 1)})
+        driver.call("provide_qkd_keys",
+                    lambda: driver.session.provide_qkd_keys(ev.request_id, keys, self.clock()))
+
+    def _key_source_health(self, source: str, peer: str, role: str, t0: float,
+                           error: BaseException | None) -> None:
+        op = "get_new_keys" if role == "master" else "get_keys_by_id"
+        if self.metrics is not None:
+            self.metrics.observe_key_source_call(source, op, self.clock() - t0, error)
+        up = error is None
+        if self._source_up.get(source) is not up:
+            self._source_up[source] = up
+            self.emit({"event": "key_source_up" if up else "key_source_down", "source": source,
+                       "peer": peer,
+                       "reason": "ok" if up else f"{type(error).__name__}: {error}"})
+
+    def _kme_timeout(self, name: str) -> float:
+        try:
+            ks = self.config.key_source(name)
+            return ks.timeout * (ks.retries + 1) + KME_TIMEOUT_SLACK
+        except KeyError:
+            return 30.0
+
+    def _install(self, driver: PeerDriver, ev: Any, direction: str) -> None:
+        now = self.clock()
+        fn = self.tunnels.install_inbound if direction == "in" else self.tunnels.install_outbound
+        try:
+            fn(ev.generation, ev.session, ev.role, ev.spis, now)
+        except (QkdgateError, KeyError) as exc:
+            self.peers[driver.name].last_error = f"install {direction}: {exc}"
+            self.emit({"event": "install_failed", "peer": driver.name, "direction": direction,
+                       "generation": ev.generation, "error": str(exc)})
+            driver.call("install_failed",
+                        lambda e=exc: driver.session.install_failed(ev.request_id, e,
+                                                                    self.clock()))
+            return
+        self.wake()
+        driver.call("installed", lambda: driver.session.installed(ev.request_id, self.clock()))
+
+    def _ev_InstallInbound(self, driver: PeerDriver, ev: Any) -> None:
+        self._install(driver, ev, "in")
+
+    def _ev_InstallOutbound(self, driver: PeerDriver, ev: Any) -> None:
+        self._install(driver, ev, "out")
+
+    def _ev_RetireGeneration(self, driver: PeerDriver, ev: Any) -> None:
+        self.tunnels.retire(self.peers[driver.name].tunnels, ev.generation, self.clock())
+
+    def _ev_SessionEstablished(self, driver: PeerDriver, ev: Any) -> None:
+        ps = self.peers[driver.name]
+        ps.state, ps.generation, ps.established_at = "established", ev.generation, self.clock()
+        ps.rekeys += 1
+        ps.last_error = None
+        inputs = provenance_dict(ev.provenance)
+        if self.journal is not None:
+            for tid in ps.tunnels:
+                try:
+                    if ev.generation > self.journal.committed_generation(tid):
+                        self.journal.record_generation(tid, ev.generation)
+                except QkdgateError as exc:
+                    log.warning("tunnel %s: journal: %s", tid, exc, extra={"tunnel": tid})
+        log.info("peer %s: generation %d established in %.0f ms (%s; inputs %s)",
+                 driver.name, ev.generation, ev.latency * 1000, ev.reason or "rekey", inputs,
+                 extra={"peer": driver.name})
+        for tid in ps.tunnels:
+            self.emit({"event": "rekey_done", "peer": driver.name, "tunnel": tid,
+                       "generation": ev.generation, "inputs": inputs,
+                       "latency_ms": round(ev.latency * 1000, 1), "reason": ev.reason})
+        self.notifier.status(self._status_line())
+
+    def _ev_RekeyFailed(self, driver: PeerDriver, ev: Any) -> None:
+        ps = self.peers[driver.name]
+        ps.rekey_failures += 1
+        ps.last_error = ev.reason
+        log.warning("peer %s: rekey failed: %s", driver.name, ev.reason,
+                    extra={"peer": driver.name})
+        for tid in ps.tunnels:
+            self.emit({"event": "rekey_failed", "tunnel": tid, "peer": driver.name,
+                       "generation": ev.generation, "reason": ev.reason,
+                       "retry_in": round(ev.retry_at - self.clock(), 1)
+                       if ev.retry_at is not None else None})
+
+    def _ev_QkdFallback(self, driver: PeerDriver, ev: Any) -> None:
+        self.peers[driver.name].qkd_fallback = True
+        log.warning("peer %s: QKD unavailable, PQC-only generations where policy allows: %s",
+                    driver.name, ev.reason, extra={"peer": driver.name})
+        self.emit({"event": "qkd_fallback", "peer": driver.name, "reason": ev.reason})
+
+    def _ev_QkdRecovered(self, driver: PeerDriver, ev: Any) -> None:
+        self.peers[driver.name].qkd_fallback = False
+        log.info("peer %s: QKD recovered", driver.name, extra={"peer": driver.name})
+        self.emit({"event": "qkd_recovered", "peer": driver.name})
+
+    def _ev_PeerRestarted(self, driver: PeerDriver, ev: Any) -> None:
+        log.warning("peer %s restarted", driver.name, extra={"peer": driver.name})
+        self.emit({"event": "peer_restarted", "peer": driver.name})
+
+    def _ev_ProtocolViolation(self, driver: PeerDriver, ev: Any) -> None:
+        ps = self.peers[driver.name]
+        ps.violations += 1
+        if ps.violations <= 20 or ps.violations % 1000 == 0:   # a flood must not flood the log
+            log.warning("peer %s: dropped message: %s", driver.name, ev.reason,
+                        extra={"peer": driver.name})
+        self.emit({"event": "protocol_violation", "peer": driver.name, "reason": ev.reason,
+                   "count": ps.violations})
+
