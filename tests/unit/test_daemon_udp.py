@@ -1,0 +1,130 @@
+"""The UDP layer: demultiplexing by peer address, pumping a session, timers,
+and isolation of a misbehaving session from the event loop."""
+
+import asyncio
+
+from qkdgate.gateway.udp import GatewayEndpoint, PeerDriver, open_endpoint
+
+
+class Session:
+    def __init__(self):
+        self.rx = []
+        self.out = []
+        self.events = []
+        self.timer = None
+        self.timers_fired = 0
+        self.raise_on_rx = False
+
+    def receive_datagram(self, data, now):
+        if self.raise_on_rx:
+            raise RuntimeError("bug in the core")
+        self.rx.append(data)
+        if data == b"ping":
+            self.out.append(b"pong")
+            self.events.append("answered")
+
+    def handle_timer(self, now):
+        self.timers_fired += 1
+        self.timer = None
+        self.out.append(b"retransmit")
+
+    def get_timer(self):
+        return self.timer
+
+    def datagrams_to_send(self, now):
+        out, self.out = self.out, []
+        return out
+
+    def next_event(self):
+        return self.events.pop(0) if self.events else None
+
+
+class Transport:
+    def __init__(self):
+        self.sent = []
+
+    def sendto(self, data, addr):
+        self.sent.append((data, addr))
+
+    def is_closing(self):
+        return False
+
+
+async def test_pump_sends_delivers_events_and_handles_reentrant_answers():
+    s = Session()
+    seen = []
+
+    def on_event(driver, ev):
+        seen.append(ev)
+        # answering synchronously pumps again: must not recurse or lose output
+        driver.call("answer", lambda: s.out.append(b"answer"))
+
+    loop = asyncio.get_running_loop()
+    d = PeerDriver("gw-b", s, ("192.0.2.2", 4600), clock=loop.time, on_event=on_event)
+    d.transport = Transport()
+    d.datagram_received(b"ping")
+    assert seen == ["answered"]
+    assert [x for x, _ in d.transport.sent] == [b"pong", b"answer"]
+    assert d.stats["rx"] == 1 and d.stats["tx"] == 2
+
+
+async def test_timer_is_armed_and_fires():
+    s = Session()
+    loop = asyncio.get_running_loop()
+    d = PeerDriver("gw-b", s, ("192.0.2.2", 4600), clock=loop.time, on_event=lambda *a: None)
+    d.transport = Transport()
+    s.timer = loop.time() + 0.05
+    d.pump()
+    await asyncio.sleep(0.15)
+    assert s.timers_fired == 1 and (b"retransmit", ("192.0.2.2", 4600)) in d.transport.sent
+    d.close()
+
+
+async def test_a_raising_session_does_not_escape(caplog):
+    s = Session()
+    s.raise_on_rx = True
+    loop = asyncio.get_running_loop()
+    d = PeerDriver("gw-b", s, ("192.0.2.2", 4600), clock=loop.time, on_event=lambda *a: None)
+    d.transport = Transport()
+    d.datagram_received(b"x")          # logged, not raised
+    assert any("raised" in r.getMessage() for r in caplog.records)
+
+
+async def test_endpoint_routes_by_address_and_drops_strangers():
+    loop = asyncio.get_running_loop()
+    ep = GatewayEndpoint()
+    sb, sc = Session(), Session()
+    db = PeerDriver("gw-b", sb, ("192.0.2.2", 4600), clock=loop.time, on_event=lambda *a: None)
+    dc = PeerDriver("gw-c", sc, ("2001:db8::c", 4600), clock=loop.time, on_event=lambda *a: None)
+    ep.add(db)
+    ep.add(dc)
+    ep.connection_made(Transport())
+    ep.datagram_received(b"1", ("192.0.2.2", 4600))
+    ep.datagram_received(b"2", ("::ffff:192.0.2.2", 4600))     # dual-stack socket
+    ep.datagram_received(b"3", ("192.0.2.2", 61000))           # NAT rewrote the port
+    ep.datagram_received(b"4", ("2001:db8:0:0::c", 4600))      # other spelling of the address
+    ep.datagram_received(b"5", ("198.51.100.9", 4600))         # not a peer
+    assert sb.rx == [b"1", b"2", b"3"] and sc.rx == [b"4"] and ep.unknown == 1
+
+
+async def test_two_endpoints_talk_over_loopback():
+    loop = asyncio.get_running_loop()
+    ta, ea = await open_endpoint("127.0.0.1", 0)
+    tb, eb = await open_endpoint("127.0.0.1", 0)
+    pa, pb = ta.get_extra_info("sockname")[1], tb.get_extra_info("sockname")[1]
+    sa, sb = Session(), Session()
+    da = PeerDriver("b", sa, ("127.0.0.1", pb), clock=loop.time, on_event=lambda *a: None)
+    db = PeerDriver("a", sb, ("127.0.0.1", pa), clock=loop.time, on_event=lambda *a: None)
+    ea.add(da)
+    eb.add(db)
+    try:
+        sa.out.append(b"ping")
+        da.pump()
+        for _ in range(50):
+            if sa.rx:
+                break
+            await asyncio.sleep(0.01)
+        assert sb.rx == [b"ping"] and sa.rx == [b"pong"]
+    finally:
+        ta.close()
+        tb.close()
