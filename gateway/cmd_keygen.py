@@ -17,8 +17,10 @@ import os
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-o", "--output", required=True, metavar="FILE",
+    p.add_argument("-o", "--output", metavar="FILE",
                    help="private identity file to create (mode 0600)")
+    p.add_argument("--show", metavar="FILE",
+                   help="print the public identity of an existing private file instead")
     p.add_argument("--profile", default="default",
                    help="default (ML-DSA-65 + Ed25519) or cnsa2 (ML-DSA-87 + Ed25519)")
     p.add_argument("--name", default="", help="gateway name recorded in the file")
@@ -31,9 +33,17 @@ def run(args: argparse.Namespace) -> int:
     from qkdgate.errors import ConfigError
     from qkdgate.gateway.identity import LocalIdentity, get_profile
 
-    profile = get_profile(args.profile)
-    ident = LocalIdentity.generate(profile.name, name=args.name)
-    ident.save(args.output, overwrite=args.force)
+    if args.show:
+        ident = LocalIdentity.load(args.show)
+        profile = ident.profile
+        path = args.show
+    elif args.output:
+        profile = get_profile(args.profile)
+        ident = LocalIdentity.generate(profile.name, name=args.name)
+        ident.save(args.output, overwrite=args.force)
+        path = args.output
+    else:
+        raise ConfigError("say where to write the identity (-o FILE), or --show FILE")
     public = ident.public.to_string()
     if args.pub:
         try:
@@ -42,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise ConfigError(f"cannot write public identity: {exc.strerror}",
                               file=args.pub) from None
-    info = {"private_file": os.path.abspath(args.output), "profile": profile.name,
+    info = {"private_file": os.path.abspath(path), "profile": profile.name,
             "name": ident.name, "key_id": ident.key_id.hex(),
             "fingerprint": ident.public.fingerprint(), "public": public}
     if args.pub:
@@ -50,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
     else:
-        print(f"# private identity written to {info['private_file']} (mode 0600)")
+        if not args.show:
+            print(f"# private identity written to {info['private_file']} (mode 0600)")
         print(f"# profile {profile.name}, key id {info['key_id']}")
         print(f"# fingerprint {info['fingerprint']}")
         print("# pin this on the peer (peers: ... identities: [ ... ]):")

@@ -144,3 +144,21 @@ def test_keygen_command(tmp_path, capsys):
     assert cli.main(["keygen", "-o", str(priv), "--force"]) == 0
     assert "qkdgate-id1:mldsa65-ed25519:" in capsys.readouterr().out
     assert cli.main(["keygen", "-o", str(tmp_path / "x"), "--profile", "rsa"]) == 2
+
+
+def test_keygen_show_and_refusals(tmp_path, capsys):
+    priv = tmp_path / "gw.id"
+    assert cli.main(["keygen", "-o", str(priv), "--json"]) == 0
+    made = json.loads(capsys.readouterr().out)
+    assert cli.main(["keygen", "--show", str(priv), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["public"] == made["public"] and shown["key_id"] == made["key_id"]
+    assert cli.main(["keygen"]) == 2                      # neither -o nor --show
+    assert "-o FILE" in capsys.readouterr().err
+    # never follows a symlink planted where the private key goes
+    target = tmp_path / "elsewhere"
+    link = tmp_path / "link.id"
+    link.symlink_to(target)
+    assert cli.main(["keygen", "-o", str(link), "--force"]) == 2
+    assert not target.exists()
+    assert cli.main(["keygen", "--show", str(link)]) == 2
