@@ -14,7 +14,9 @@
 # usage: lab/run.sh [--] COMMAND [ARGS...]     (root; cwd in the guest = checkout)
 # exit:  the command's code (0..123); 124 timeout; 125 the VM never ran the
 #        command or crashed; 126 lab not set up / bad usage.
-# env:   LAB_HOME (/var/tmp/qkdgate-lab)  LAB_TIMEOUT seconds (1200)
+# Keep LAB_HOME out of /var/tmp, /var/cache and /tmp: virtme-ng's guest init
+# mounts empty tmpfs there, which would hide the kernel modules.
+# env:   LAB_HOME (/var/lib/qkdgate-lab)  LAB_TIMEOUT seconds (1200)
 #        LAB_MEM (2G)  LAB_CPUS (2)  LAB_KVM (0)  LAB_OUT (fresh dir under LAB_HOME/out)
 #        LAB_MODULES (modules loaded before the command)  LAB_QUIET (0)
 set -uo pipefail
@@ -24,7 +26,7 @@ die() { echo "lab-run: ERROR: $*" >&2; exit 126; }
 
 [[ ${1:-} == -- ]] && shift
 [[ $# -ge 1 ]] || die "usage: lab/run.sh [--] COMMAND [ARGS...]"
-LAB_HOME=${LAB_HOME:-/var/tmp/qkdgate-lab}
+LAB_HOME=${LAB_HOME:-/var/lib/qkdgate-lab}
 LAB_TIMEOUT=${LAB_TIMEOUT:-1200}
 LAB_MEM=${LAB_MEM:-2G}
 LAB_CPUS=${LAB_CPUS:-2}
@@ -55,7 +57,7 @@ GUEST=$OUT/.guest.sh
   printf 'export PATH=%q/.venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n' "$ROOT"
   echo 'touch "$LAB_OUT/.guest-started"'
   printf 'cd %q || exit 125\n' "$ROOT"
-  printf 'for m in %s; do modprobe "$m" 2>/dev/null || echo "lab-run(guest): modprobe $m failed"; done >>"$LAB_OUT/output.log"\n' "$LAB_MODULES"
+  printf 'for m in %s; do modprobe "$m" || echo "lab-run(guest): modprobe $m failed"; done >>"$LAB_OUT/output.log" 2>&1\n' "$LAB_MODULES"
   printf '%q ' "$@"; echo '>>"$LAB_OUT/output.log" 2>&1 </dev/null'
   echo 'rc=$?; echo $rc > "$LAB_OUT/rc.tmp" && mv "$LAB_OUT/rc.tmp" "$LAB_OUT/rc"; sync'
   echo 'exit $rc'

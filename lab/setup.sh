@@ -14,10 +14,10 @@
 # which recorded the facts this relies on (TCG only: nested KVM aborts qemu).
 #
 # usage: lab/setup.sh                       (root)
-# env:   LAB_HOME=/var/tmp/qkdgate-lab      where kernel/ and out/ go
+# env:   LAB_HOME=/var/lib/qkdgate-lab      where kernel/ and out/ go
 #        LAB_SMOKE=0|1                      boot once and check modules (default 0)
 set -euo pipefail
-LAB_HOME=${LAB_HOME:-/var/tmp/qkdgate-lab}
+LAB_HOME=${LAB_HOME:-/var/lib/qkdgate-lab}
 LAB_SMOKE=${LAB_SMOKE:-0}
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(dirname "$HERE")

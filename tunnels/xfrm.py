@@ -45,7 +45,10 @@ _DIR = {Direction.IN: m.XFRM_POLICY_IN, Direction.OUT: m.XFRM_POLICY_OUT,
 _DIR_BACK = {v: k for k, v in _DIR.items()}
 _MODE = {Mode.TRANSPORT: m.XFRM_MODE_TRANSPORT, Mode.TUNNEL: m.XFRM_MODE_TUNNEL}
 _MODE_BACK = {v: k for k, v in _MODE.items()}
-_INF_LFT = {f"lft.{n}": m.XFRM_INF for n, _ in m.xfrm_lifetime_cfg}
+# "No limit" is XFRM_INF for byte and packet limits but 0 for the second
+# counters: the kernel adds seconds to the add time, so INF would overflow
+# into an immediate expiry (net/xfrm/xfrm_state.c xfrm_timer_handler).
+_INF_LFT = {f"lft.{n}": m.XFRM_INF for n, _ in m.xfrm_lifetime_cfg if n.endswith("_limit")}
 
 
 def _family(addr: IPAddress | ipaddress.IPv4Network | ipaddress.IPv6Network) -> int:
@@ -229,10 +232,10 @@ class XfrmBackend:
         self.nl.request("remove_sa", m.XFRM_MSG_DELSA, self._sa_id_message(sa_id))
 
     def list_sas(self, reqid_min: int = 0, reqid_max: int = 0xFFFFFFFF) -> list[SaState]:
-        # The dump request is the short xfrm_usersa_id (xfrm_msg_min[GETSA]).
+        # xfrm_dump_sa parses attributes right after the netlink header: an
+        # empty request (a fixed header would be logged as "bytes leftover").
         out = []
-        for mtype, body in self.nl.request("list_sas", m.XFRM_MSG_GETSA,
-                                           bytes(m.USERSA_ID.size), dump=True):
+        for mtype, body in self.nl.request("list_sas", m.XFRM_MSG_GETSA, b"", dump=True):
             if mtype == m.XFRM_MSG_NEWSA:
                 reqid = m.USERSA_INFO.unpack(body)["reqid"]
                 if reqid_min <= reqid <= reqid_max:
@@ -242,7 +245,7 @@ class XfrmBackend:
     # ------------------------------------------------------------- policies
     def _policy_message(self, p: PolicySpec) -> bytes:
         fam = _family(p.selector.src)
-        v: dict[str, Any] = {f"lft.{n}": m.XFRM_INF for n, _ in m.xfrm_lifetime_cfg}
+        v: dict[str, Any] = dict(_INF_LFT)
         v.update(_selector("sel", p.selector, fam))
         v.update({"priority": p.priority, "index": p.index, "dir": _DIR[p.direction],
                   "action": m.XFRM_POLICY_BLOCK if p.action is PolicyAction.BLOCK
@@ -303,7 +306,7 @@ class XfrmBackend:
         else:
             raise LocalProtocolError(f"cannot bypass a socket of family {fam}")
         for d in (m.XFRM_POLICY_IN, m.XFRM_POLICY_OUT):
-            v = {f"lft.{n}": m.XFRM_INF for n, _ in m.xfrm_lifetime_cfg}
+            v = dict(_INF_LFT)
             v.update({"sel.family": fam, "dir": d, "action": m.XFRM_POLICY_ALLOW})
             try:
                 sock.setsockopt(level, opt, m.USERPOLICY_INFO.pack(v))

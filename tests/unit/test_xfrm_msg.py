@@ -151,3 +151,16 @@ def test_nested_attribute_flag_and_malformed_attributes():
     assert struct.unpack_from("=HH", nla(5 | NLA_F_NESTED, b""))[1] & NLA_F_NESTED
     with pytest.raises(ValueError):
         parse_nlas(struct.pack("=HH", 40, 1) + b"abcd")
+
+
+def test_no_limit_is_inf_for_counts_but_zero_for_seconds():
+    # XFRM_INF in a *_seconds field overflows add_time + seconds in the
+    # kernel's timer and expires the SA (or policy) at once.
+    raw = backend()._sa_message(SaId(A, B, 0x4000), SaSpec(key=KEY, reqid=1))
+    v = m.USERSA_INFO.unpack(raw)
+    assert v["lft.soft_use_expires_seconds"] == 0 and v["lft.hard_use_expires_seconds"] == 0
+    assert v["lft.hard_packet_limit"] == m.XFRM_INF
+    sel = Selector(ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("10.1.0.0/16"))
+    pv = m.USERPOLICY_INFO.unpack(backend()._policy_message(PolicySpec(sel, Direction.IN)))
+    assert all(pv[f"lft.{n}"] == 0 for n, _ in m.xfrm_lifetime_cfg if n.endswith("seconds"))
+    assert pv["lft.soft_byte_limit"] == m.XFRM_INF
