@@ -52,7 +52,8 @@ class SessionConfig:
     retransmit_max: float = 8.0
     exchange_timeout: float = 30.0    # give up one exchange after this long
     retry_base: float = 2.0           # first retry after a failed exchange
-    retry_max: float = 120.0
+    # Kept short: after a partition heals the pair reconverges within this.
+    retry_max: float = 30.0
     retire_grace: float = 10.0        # old generation kept this long after a switch
     rate_per_second: float = 2.0      # expensive INIT work per peer
     rate_burst: int = 8
