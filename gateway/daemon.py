@@ -185,7 +185,11 @@ class Daemon(EventHandlers):
         for peer in cfg.peers:
             tids = [t.name for t in cfg.tunnels_for(peer.name)]
             self.peers[peer.name] = PeerState(peer.name, tids)
-            scfg = build.session_config(cfg, peer)
+            # Generations only grow, across restarts too: start above the
+            # highest one the journal saw started or committed for these tunnels.
+            floor = max((self.journal.next_generation(t) - 1 for t in tids), default=0) \
+                if self.journal is not None else 0
+            scfg = build.session_config(cfg, peer, generation_floor=floor)
             session = factory(scfg, identity=identity, peer_identities=pins[peer.name],
                               rng=self.rng, now=now,
                               allocate_spi=lambda tid: self.tunnels.get(tid).allocate_spi())

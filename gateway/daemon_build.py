@@ -129,7 +129,7 @@ def read_secret_file(path: str, what: str) -> SecretBytes:
     return SecretBytes(raw)
 
 
-def session_config(cfg: Config, peer: PeerConfig) -> Any:
+def session_config(cfg: Config, peer: PeerConfig, *, generation_floor: int = 0) -> Any:
     from qkdgate.gateway.protocol.config import SessionConfig, TunnelRef
     ts = cfg.tunnels_for(peer.name)
     policies = {t.policy for t in ts}
@@ -147,6 +147,7 @@ def session_config(cfg: Config, peer: PeerConfig) -> Any:
         allow_pqc_only=any(p in (KeyPolicy.PQC_FALLBACK, KeyPolicy.PQC_ONLY) for p in policies),
         rekey_interval=min((t.rekey.interval for t in ts), default=60.0),
         retire_grace=max((t.rekey.grace for t in ts), default=5.0),
+        generation_floor=generation_floor,
     )
 
 

@@ -409,3 +409,23 @@ async def test_bad_startup_raises_a_clear_error(env):
     os.chmod(d.config.gateway.identity, 0o644)   # ...which others could read
     with pytest.raises(ConfigError, match="readable by group or others"):
         await asyncio.wait_for(d.run(), 5)
+
+
+async def test_generations_start_above_the_journal_after_a_restart(env):
+    d, be, link, events, clock, tmp = env
+    task = await started(d)
+    sess = secret()
+    feed(d, InstallInbound(1, 7, sess, "initiator", {"t1": 0xC0000999}),
+         InstallOutbound(2, 7, sess, "initiator", {"t1": 0xC0000777}),
+         SessionEstablished(7, sess.provenance, 0.01))
+    assert d.journal.committed_generation("t1") == 7
+    await stopped(d, task)
+    d2 = Daemon(d.config, config_path=d.config_path, ipsec_backend=be,
+                key_sources={"kme": link.source("SAE-A")}, identity=object(),
+                peer_identities={"gw-b": [object()]}, session_factory=FakeSession, clock=clock,
+                notifier=SdNotifier({}))
+    task = await started(d2)
+    try:
+        assert d2.drivers["gw-b"].session.config.generation_floor == 7
+    finally:
+        await stopped(d2, task)
