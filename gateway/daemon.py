@@ -214,6 +214,8 @@ class Daemon(EventHandlers):
                                                            tel.prometheus.port))
         if self.metrics is not None:
             self.subscribe(self.metrics.handle_event)
+            for tunnel in self.tunnels.tunnels.values():
+                tunnel.on_sa_state = self.metrics.observe_sa
         if tel.mqtt.enabled and self.telemetry is None:
             from qkdgate.gateway.telemetry import MqttOptions, Telemetry
             self.telemetry = Telemetry(MqttOptions.from_config(tel.mqtt), self.config.gateway.name,

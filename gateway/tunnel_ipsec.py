@@ -251,6 +251,7 @@ class IpsecTunnel(Tunnel):
                 raise
             totals[f"bytes_{rec.direction}"] += st.bytes
             totals[f"packets_{rec.direction}"] += st.packets
+            self._observe(rec.direction, st)
         self.counters = totals
         soft = self.lifetimes.soft_bytes
         if soft and max(totals["bytes_out"], totals["bytes_in"]) >= soft:

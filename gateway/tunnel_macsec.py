@@ -165,6 +165,7 @@ class MacsecTunnel(Tunnel):
         if act is None or act.outbound is None:
             return None
         st = self.backend.query_tx_sa(self.link, act.outbound.spi)
+        self._observe("out", st)
         self.counters = {**self.counters, "bytes_out": st.octets, "packets_out": st.packets}
         bits = 64 if self.spec.link.cipher is MacsecCipher.GCM_AES_XPN_256 else 32
         if st.next_pn >= int(self.spec.pn_threshold * (1 << bits)):

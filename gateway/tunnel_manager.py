@@ -219,6 +219,16 @@ class Tunnel:
         self.rekey_requested_at: float | None = None
         self.counters: dict[str, int] = {"bytes_out": 0, "bytes_in": 0, "packets_out": 0,
                                          "packets_in": 0}
+        # observer of raw kernel SA counters (tunnel, direction, SaState or
+        # MacsecSaState): the Prometheus metrics fold them into per-tunnel counters
+        self.on_sa_state: Callable[[str, str, Any], None] | None = None
+
+    def _observe(self, direction: str, state: Any) -> None:
+        if self.on_sa_state is not None:
+            try:
+                self.on_sa_state(self.tunnel_id, direction, state)
+            except Exception:   # metrics must never break the tunnel
+                log.exception("tunnel %s: SA counter observer failed", self.tunnel_id)
 
     # ---- helpers -------------------------------------------------------
     @property

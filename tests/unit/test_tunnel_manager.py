@@ -320,3 +320,33 @@ def test_setup_reasserts_an_inbound_policy_that_no_longer_matches():
     t.setup(1)
     ins = [p for p in be.policies.values() if p.direction is not Direction.OUT]
     assert len(ins) == 2 and all(p.template.reqid == 0x1000 for p in ins)
+
+
+def test_poll_sums_counters_asks_for_rekey_at_soft_bytes_and_feeds_the_observer():
+    from qkdgate.gateway.metrics import Metrics
+    be = RecordingIpsecBackend()
+    t, _ = tunnel(backend=be, lifetimes=Lifetimes(soft_seconds=50, hard_seconds=60,
+                                                  soft_bytes=1000, hard_bytes=2000))
+    metrics = Metrics()
+    t.on_sa_state = metrics.observe_sa
+    t.setup(0)
+    establish(t, 1, Session(b"g1"))
+    real_query = be.query_sa
+
+    def query(sa_id):
+        st = real_query(sa_id)
+        from dataclasses import replace
+        return replace(st, bytes=600 if sa_id.dst == B else 100, packets=3)
+    be.query_sa = query
+    assert t.poll(1.0) == []
+    assert t.counters == {"bytes_out": 600, "bytes_in": 100, "packets_out": 3, "packets_in": 3}
+    text = metrics.exposition().decode()
+    assert 'qkdgate_sa_bytes_total{direction="out",tunnel="t1"} 600.0' in text
+    be.query_sa = lambda sa_id: replace_bytes(real_query(sa_id), 1000)
+    assert t.poll(2.0) == ["soft_bytes"]
+    assert t.poll(3.0) == []               # asked once
+
+
+def replace_bytes(st, n):
+    from dataclasses import replace
+    return replace(st, bytes=n)
