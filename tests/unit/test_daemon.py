@@ -429,3 +429,30 @@ async def test_generations_start_above_the_journal_after_a_restart(env):
         assert d2.drivers["gw-b"].session.config.generation_floor == 7
     finally:
         await stopped(d2, task)
+
+
+async def test_prometheus_metrics_follow_daemon_events(env):
+    import urllib.request
+    from qkdgate.gateway.config import load_config
+    d, be, link, events, clock, tmp = env
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = Path(d.config_path)
+    path.write_text(path.read_text().replace(
+        "telemetry:\n", f"telemetry:\n  prometheus: {{enabled: true, port: {port}}}\n"))
+    d.config = load_config(str(path))
+    task = await started(d)
+    try:
+        sess = secret()
+        feed(d, InstallInbound(1, 1, sess, "initiator", {"t1": 0xC0000999}),
+             InstallOutbound(2, 1, sess, "initiator", {"t1": 0xC0000777}),
+             SessionEstablished(1, sess.provenance, 0.05))
+        body = await asyncio.to_thread(
+            lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read())
+        text = body.decode()
+        assert 'qkdgate_rekeys_total{tunnel="t1"} 1.0' in text
+        assert 'qkdgate_tunnel_generation{tunnel="t1"} 1.0' in text
+        assert 'qkd="yes"' in text
+    finally:
+        await stopped(d, task)
