@@ -467,27 +467,45 @@ class TunnelManager:
 
     def install_inbound(self, generation: int, session: Any, role: str,
                         spis: Mapping[str, int], now: float) -> None:
-        """All-or-nothing over the tunnels of one peer session: a failure
-        removes what this call installed and re-raises."""
+        """Install one generation's inbound SAs on every tunnel of a peer.
+
+        A tunnel whose policy refuses the generation is skipped (it keeps
+        its current SAs to their hard lifetime), so a ``pqc-fallback``
+        tunnel still rekeys beside a ``hybrid-required`` one when QKD is
+        down. Raises if every tunnel refused. A kernel failure is
+        all-or-nothing: what this call installed is removed and it re-raises.
+        """
         done: list[Tunnel] = []
+        refused: list[GenerationRefused] = []
         try:
             for tid, spi in spis.items():
-                self.tunnels[tid].install_inbound(generation, session, role, spi, now)
-                done.append(self.tunnels[tid])
+                tunnel = self.tunnels[tid]
+                try:
+                    tunnel.install_inbound(generation, session, role, spi, now)
+                except GenerationRefused as exc:
+                    refused.append(exc)
+                    continue
+                done.append(tunnel)
         except (QkdgateError, KeyError):
             for t in done:
                 t.retire(generation, now)
             raise
+        if refused and not done:
+            raise refused[0]
 
     def install_outbound(self, generation: int, session: Any, role: str,
                          spis: Mapping[str, int], now: float) -> None:
         errors: list[BaseException] = []
+        switched = 0
         for tid, spi in spis.items():
             try:
                 self.tunnels[tid].install_outbound(generation, session, role, spi, now)
-            except QkdgateError as exc:   # other tunnels still switch: each fails closed alone
+                switched += 1
+            except GenerationRefused as exc:   # policy: this tunnel stays on its old SAs
                 errors.append(exc)
-        if errors:
+            except QkdgateError as exc:   # other tunnels still switch: each fails closed alone
+                errors.insert(0, exc)
+        if errors and (switched == 0 or not isinstance(errors[0], GenerationRefused)):
             raise errors[0]
 
     def retire(self, tunnel_ids: list[str], generation: int, now: float) -> None:

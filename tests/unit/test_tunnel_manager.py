@@ -269,19 +269,50 @@ def test_status_shows_inputs_and_never_keys():
         assert sa.spec.key.reveal().hex() not in text
 
 
-def test_manager_inbound_is_all_or_nothing():
-    be = RecordingIpsecBackend()
+def two_tunnels(be, p2=TunnelPolicy.HYBRID_REQUIRED):
     m = TunnelManager()
     t1 = IpsecTunnel(spec(), be, policy=TunnelPolicy.PQC_FALLBACK, lifetimes=LT,
                      schedule=Schedule())
     t2 = IpsecTunnel(IpsecTunnelSpec("t2", A, B, (ipaddress.ip_network("10.3.0.0/16"),), (NET_B,),
-                                     reqid_base=0x2000), be, policy=TunnelPolicy.HYBRID_REQUIRED,
+                                     reqid_base=0x2000), be, policy=p2,
                      lifetimes=LT, schedule=Schedule())
     m.add(t1), m.add(t2)
     t1.setup(0), t2.setup(0)
+    return m, t1, t2
+
+
+def test_manager_mixed_policies_rekey_the_tunnels_that_allow_it():
+    be = RecordingIpsecBackend()
+    m, t1, t2 = two_tunnels(be)
+    pqc_only = Session(b"x", Prov(qkd_key_ids=()))
+    spis = {"t1": 0xC0000400, "t2": 0xC0000401}
+    m.install_inbound(1, pqc_only, "initiator", spis, 0)      # t2 refuses, t1 goes on
+    m.install_outbound(1, pqc_only, "initiator", {"t1": 0xD0000400, "t2": 0xD0000401}, 0)
+    assert t1.state == "up" and t1.fallback and t2.state == "blocked"
+    assert sorted(sa.sa_id.spi for sa in be.sas.values()) == [0xC0000400, 0xD0000400]
+
+
+def test_manager_refuses_when_every_tunnel_refuses():
+    be = RecordingIpsecBackend()
+    m, t1, t2 = two_tunnels(be)
+    no_x = Session(b"x", Prov(x25519=False))
     with pytest.raises(GenerationRefused):
-        m.install_inbound(1, Session(b"x", Prov(qkd_key_ids=())), "initiator",
-                          {"t1": 0xC0000400, "t2": 0xC0000401}, 0)
+        m.install_inbound(1, no_x, "initiator", {"t1": 0xC0000400, "t2": 0xC0000401}, 0)
+    assert be.sas == {}
+
+
+class FailingInbound(RecordingIpsecBackend):
+    def install_inbound(self, sa_id, spec):
+        if sa_id.spi == 0xC0000401:
+            raise TunnelError("install_inbound", 12, "test")
+        super().install_inbound(sa_id, spec)
+
+
+def test_manager_kernel_failure_is_all_or_nothing():
+    be = FailingInbound()
+    m, t1, t2 = two_tunnels(be, p2=TunnelPolicy.PQC_FALLBACK)
+    with pytest.raises(TunnelError):
+        m.install_inbound(1, Session(b"g"), "initiator", {"t1": 0xC0000400, "t2": 0xC0000401}, 0)
     assert be.sas == {}
 
 
