@@ -74,6 +74,12 @@ class LifecycleMixin:
             raise
         code, detail = AbortCode(msg["code"]), msg["detail"]
         self.stats["abort_received"] += 1
+        if ex.state in (X.I_INSTALL_OUT, X.R_INSTALL_IN, X.R_INSTALL_OUT):
+            # The peer already proved its inbound SAs exist (DONE, CONFIRM):
+            # its failure was on its own outbound side, which it repairs by
+            # rekeying itself. Our switch to this generation stays valid.
+            self.stats["abort_ignored_after_confirm"] += 1
+            return
         text = f"peer aborted ({code.name}): {detail}"
         if ex.inbound_requested and ex.generation is not None:
             # authenticated: the peer will never send on this generation
@@ -124,7 +130,11 @@ class LifecycleMixin:
         self._forget(ex)
         cfg = self.config
         retry_at = self._rekey_at
-        if ex.role == "initiator":
+        # The initiator owns retries. A responder retries too once it had
+        # authenticated the peer and begun installing: the peer may already
+        # have switched to keys we could not finish, so waiting for the next
+        # scheduled rekey could leave a direction down for a whole interval.
+        if ex.role == "initiator" or ex.inbound_requested:
             self._failures += 1
             if retry_in is None or self._failures > IMMEDIATE_RETRIES:
                 retry_in = min(cfg.retry_max, cfg.retry_base * 2 ** min(self._failures - 1, 30))

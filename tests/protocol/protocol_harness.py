@@ -73,6 +73,7 @@ class Gateway:
     auto_answer: bool = True
     qkd_error: KeySourceError | None = None          # make the next fetch fail
     install_error: bool = False
+    fail_outbound: bool = False
     held: list = field(default_factory=list)         # unanswered requests (auto_answer off)
     trace: list | None = None                        # shared with the other side (order)
 
@@ -107,7 +108,7 @@ class Gateway:
                 return
             s.provide_qkd_keys(ev.request_id, keys, now)
         elif isinstance(ev, (E.InstallInbound, E.InstallOutbound)):
-            if self.install_error:
+            if self.install_error or (self.fail_outbound and isinstance(ev, E.InstallOutbound)):
                 s.install_failed(ev.request_id, TunnelError("add_sa", 22), now)
                 return
             inbound = isinstance(ev, E.InstallInbound)

@@ -16,16 +16,20 @@ from qkdgate.gateway.protocol import events as E
 def check_invariants(p) -> None:
     inbound_at: dict[tuple[str, int], int] = {}
     retired_at: dict[tuple[str, int], int] = {}
+    current_out: dict[str, int] = {}
     for i, (name, ev) in enumerate(p.trace):
         if isinstance(ev, E.InstallInbound):
             inbound_at.setdefault((name, ev.generation), i)
         elif isinstance(ev, E.RetireGeneration):
             retired_at.setdefault((name, ev.generation), i)
+            # never retire the generation we are sending on
+            assert current_out.get(name) != ev.generation, (name, ev.generation)
         elif isinstance(ev, E.InstallOutbound):
             peer = "gw-b" if name == "gw-a" else "gw-a"
             # make-before-break: the peer's inbound SAs exist and are not retired
             assert (peer, ev.generation) in inbound_at, (name, ev.generation)
             assert (peer, ev.generation) not in retired_at, (name, ev.generation)
+            current_out[name] = ev.generation
     for gen in set(p.a.outbound) & set(p.b.inbound):
         assert p.a.outbound[gen] == p.b.inbound[gen]
     for gen in set(p.b.outbound) & set(p.a.inbound):
@@ -69,7 +73,7 @@ def test_faulty_network_safety_and_liveness(seed, loss, dup, reorder, start, qkd
 
 
 ACTIONS = ["restart_a", "restart_b", "lose_key", "link_down", "link_up", "rekey_a", "rekey_b",
-           "partition", "heal"]
+           "partition", "heal", "outfail_a", "outfail_b", "infail_b", "kernel_ok"]
 
 
 @settings(max_examples=30, deadline=None, derandomize=True,
@@ -97,6 +101,13 @@ def test_chaos_restarts_qkd_faults_partitions(seed, allow, chaos):
             p.a.link.down = False
         elif action.startswith("rekey"):
             (p.a if action.endswith("a") else p.b).session.initiate_rekey(p.now, "chaos")
+        elif action.startswith("outfail"):
+            (p.a if action.endswith("a") else p.b).fail_outbound = True
+        elif action == "infail_b":
+            p.b.install_error = True
+        elif action == "kernel_ok":
+            for gw in (p.a, p.b):
+                gw.fail_outbound = gw.install_error = False
         elif action == "partition":
             cut["on"] = True
         else:
@@ -104,6 +115,8 @@ def test_chaos_restarts_qkd_faults_partitions(seed, allow, chaos):
         check_invariants(p)
     cut["on"] = False
     p.a.link.down = False
+    for gw in (p.a, p.b):
+        gw.fail_outbound = gw.install_error = False
     p.advance(p.now + 30)
     p.a.session.initiate_rekey(p.now, "test")
     p.roundtrip_until_done(timeout=200)

@@ -127,3 +127,21 @@ def test_slow_kme_answer_after_exchange_timeout_is_ignored():
     assert p.b.session.stats["stale_answer"] == 1
     p.roundtrip_until_done()
     assert_keys_match(p, p.a.session.generation)
+
+
+def test_responder_outbound_failure_is_retried_by_the_responder_soon():
+    """R installed inbound and sent DONE (so I switched), then R's outbound
+    install failed: R itself rekeys after retry_base, not after a whole
+    rekey interval, so its direction is not left on the old generation."""
+    p = make_pair(retry_base=1.0, rekey_interval=3600.0)
+    p.b.fail_outbound = True
+    p.advance(p.now + 0.1)
+    fail = p.b.of(E.RekeyFailed)[0]
+    assert p.a.current_out == 1 and p.b.current_out is None
+    assert fail.retry_at is not None and fail.retry_at - p.now <= 1.1
+    p.b.fail_outbound = False
+    p.roundtrip_until_done(timeout=5)
+    assert p.b.of(E.SessionEstablished)[-1].role == "initiator"
+    gen = p.b.session.generation
+    assert gen == 2 and p.a.current_out == p.b.current_out == 2
+    assert_keys_match(p, 2)
