@@ -31,7 +31,6 @@ class InitiatorMixin:
     config: Any
     stats: Any
 
-
     def _start(self: Any, now: float, reason: str) -> None:
         cfg = self.config
         ex = Exchange("initiator", self._next_xid, X.I_INIT_SENT, now,
@@ -98,7 +97,7 @@ class InitiatorMixin:
         gen = msg["generation"]
         if gen < self._gen_high + 1 or gen >= 2 ** 63:
             raise RemoteProtocolError(f"RESP generation {gen} is stale")
-        if msg["kem_ciphertext"].__len__() != self._kem.ciphertext_size:
+        if len(msg["kem_ciphertext"]) != self._kem.ciphertext_size:
             raise RemoteProtocolError("KEM ciphertext has the wrong length")
         if bool(msg["x25519_public"]) != self.config.x25519:
             raise RemoteProtocolError("X25519 share present/absent against our suite")
