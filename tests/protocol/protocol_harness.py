@@ -74,6 +74,7 @@ class Gateway:
     qkd_error: KeySourceError | None = None          # make the next fetch fail
     install_error: bool = False
     fail_outbound: bool = False
+    corrupt_qkd: bool = False
     held: list = field(default_factory=list)         # unanswered requests (auto_answer off)
     trace: list | None = None                        # shared with the other side (order)
 
@@ -106,6 +107,11 @@ class Gateway:
             except KeySourceError as exc:
                 s.qkd_failed(ev.request_id, exc, now)
                 return
+            if self.corrupt_qkd:   # a KME handing out other bits under the same key_ID
+                from qkdgate.interfaces import QkdKey
+                from qkdgate.keymix.secret import SecretBytes
+                keys = [QkdKey(k.key_id, SecretBytes(bytes(b ^ 1 for b in k.key.reveal())))
+                        for k in keys]
             s.provide_qkd_keys(ev.request_id, keys, now)
         elif isinstance(ev, (E.InstallInbound, E.InstallOutbound)):
             if self.install_error or (self.fail_outbound and isinstance(ev, E.InstallOutbound)):

@@ -145,3 +145,20 @@ def test_responder_outbound_failure_is_retried_by_the_responder_soon():
     gen = p.b.session.generation
     assert gen == 2 and p.a.current_out == p.b.current_out == 2
     assert_keys_match(p, 2)
+
+
+@pytest.mark.parametrize("qkd", ["a-master", "b-master"])
+def test_mismatched_qkd_key_is_caught_by_key_confirmation(qkd):
+    """The slave's KME returns other bits under the same key_ID: signatures
+    verify, the confirmation tag does not, and nobody installs anything."""
+    p = make_pair(qkd=qkd, retry_base=50.0)
+    slave = p.b if qkd == "a-master" else p.a
+    slave.corrupt_qkd = True
+    p.advance(p.now + 1)
+    assert p.a.inbound == {} and p.b.inbound == {}
+    assert not p.a.outbound and not p.b.outbound
+    reasons = " ".join(f.reason for f in p.a.of(E.RekeyFailed) + p.b.of(E.RekeyFailed))
+    assert "key confirmation" in reasons
+    slave.corrupt_qkd = False
+    p.roundtrip_until_done(timeout=120)
+    assert_keys_match(p, p.a.session.generation)
