@@ -184,3 +184,53 @@ def test_valid_messages_roundtrip(spec, cookie):
     msg = m.decode(m.seal(core, b"k" * 32, cookie))
     assert (msg.type, msg.sender_epoch, msg.receiver_epoch, msg.exchange_id) == (mtype, se, re_, xid)
     assert dict(msg.fields) == values and msg.cookie == cookie and msg.core == core
+
+
+# ---- stateful: mutate the message a session is waiting for, re-sealed
+
+def _staged(stage: str):
+    """A fresh pair stopped where ``stage`` (RESP, CONFIRM or DONE) is the next
+    message the receiver waits for; returns (pair, receiver, message bytes)."""
+    from qkdgate.gateway.protocol.fragment import Reassembler as R
+    p = make_pair(qkd=None)
+    a, b = p.a, p.b
+    a.session.handle_timer(p.now)
+    a.pump(p.now)
+    flows = [(a, b), (b, a), (a, b), (b, a)]   # INIT, RESP, CONFIRM, DONE
+    want = {"RESP": 1, "CONFIRM": 2, "DONE": 3}[stage]
+    for i, (src, dst) in enumerate(flows):
+        dgrams = src.session.datagrams_to_send(p.now)
+        if i == want:
+            r = R()
+            raw = [x for x in (r.feed(d, 0.0) for d in dgrams) if x is not None][0]
+            return p, dst, raw
+        for d in dgrams:
+            dst.session.receive_datagram(d, p.now)
+        dst.pump(p.now)
+    raise AssertionError("unreachable")
+
+
+@settings(max_examples=150, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(["RESP", "CONFIRM", "DONE"]), edits.filter(bool),
+       st.none() | st.integers(0, 20000))
+def test_mutated_expected_message_never_raises_and_installs_nothing(stage, ed, cut):
+    import hashlib
+    import hmac
+    from qkdgate.gateway.protocol import events as E
+    p, dst, raw = _staged(stage)
+    data = mutate(raw[:-16], ed, cut)
+    key = m.mac1_key(dst.name, None)
+    data += hmac.new(key, data, hashlib.sha256).digest()[:16]
+    n = len(p.trace)
+    for d in fragment(data, 99) if 0 < len(data) <= 16384 else [data[:1200]]:
+        dst.session.receive_datagram(d, p.now)
+    dst.pump(p.now)
+    new = [e for _, e in p.trace[n:]]
+    try:
+        same_core = m.decode(data).core == m.decode(raw).core
+    except RemoteProtocolError:
+        same_core = False
+    if not same_core:   # a changed core is never acted upon
+        assert not any(isinstance(e, (E.InstallInbound, E.InstallOutbound,
+                                      E.SessionEstablished)) for e in new), new
