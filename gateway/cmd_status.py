@@ -106,7 +106,11 @@ def render(result: dict, *, detail: bool = False) -> str:
             (t.get("last_error") or "-")[:60],
         ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
-    lines = [head, ""]
+    lines = [head]
+    if result.get("needs_restart"):
+        lines.append("reloaded config has changes that need a restart: "
+                     + ", ".join(result["needs_restart"]))
+    lines.append("")
     for r in rows:
         lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
     if detail:

@@ -173,6 +173,7 @@ def test_render_table_shows_inputs_ids_and_errors():
     assert "blocked" in m1 and "hard lifetime reached" in m1
     detail = render({**STATUS, "tunnels": STATUS["tunnels"][:1]}, detail=True)
     assert "QKD key_ID 6f1c2a5e-0000-4000-8000-000000000001" in detail
+    assert "need a restart: peers" in render({**STATUS, "needs_restart": ["peers"]})
     assert inputs_text({"kem": "ML-KEM-1024", "x25519": False, "qkd_key_ids": []}) == \
         "ML-KEM-1024+no QKD"
 
