@@ -1,0 +1,239 @@
+"""The real daemon SIGKILLed at every durable-state point of a rekey.
+
+Two ``qkdgate run`` processes (recording kernel backend) key one tunnel.
+Their KMEs are a stand-in with the dangerous failure mode the journal exists
+for: after the master restarts, its KME hands out again the last key it
+delivered (as a KME does that thinks the delivery was lost), and both KMEs
+serve any key_ID as often as asked. The master is killed at the N-th crash
+point (every journal write step: before, torn, written, synced; and right
+after its QKD key went into the combiner), restarted, and must go on keying.
+
+Ground truth comes from inside each process: every call of the combiner
+with a QKD key is logged ("use"), and so is every inbound installation with
+its generation. Checked: no gateway uses a key_ID twice, installed
+generations only grow, both ends keep rekeying after the restart. A control
+run with the journal disabled shows the check catching the reuse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "interop"))
+from daemon_pair import write_pair  # noqa: E402
+
+WRAPPER = r'''
+import hashlib, hmac, json, os, signal, sys, uuid
+NAME, USE_LOG, KME_STATE = os.environ["QG_NAME"], os.environ["QG_USE_LOG"], os.environ["QG_KME"]
+CRASH = os.environ.get("QG_CRASH", "")        # e.g. "reserve:append-torn#2"
+log_fd = os.open(USE_LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+
+def note(**kw):
+    os.write(log_fd, (json.dumps({"gw": NAME, **kw}) + "\n").encode())
+
+op = [""]          # which journal operation is writing
+counts = {}
+def crash_point(point):
+    label = f"{op[0]}:{point}" if op[0] else point
+    counts[label] = counts.get(label, 0) + 1
+    if os.environ.get("QG_TRACE"):
+        note(kind="point", point=label, n=counts[label])
+    if CRASH == f"{label}#{counts[label]}":
+        note(kind="killed", point=label)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+from qkdgate.gateway import journal as J
+_init = J.Journal.__init__
+def _journal_init(self, *a, **kw):
+    kw["_crash_hook"] = crash_point
+    _init(self, *a, **kw)
+J.Journal.__init__ = _journal_init
+def _labelled(name, fn):
+    def wrapper(self, *a, **kw):
+        op[0] = name
+        try:
+            return fn(self, *a, **kw)
+        finally:
+            op[0] = ""
+    return wrapper
+J.Journal.reserve_qkd_keys = _labelled("reserve", J.Journal.reserve_qkd_keys)
+J.Journal.record_generation = _labelled("record", J.Journal.record_generation)
+if os.environ.get("QG_NO_JOURNAL"):
+    from qkdgate.gateway import daemon_build
+    daemon_build.open_journal = lambda cfg: None
+
+from qkdgate.keymix import combiner
+_combine = combiner.combine
+def _logged_combine(inputs):
+    session = _combine(inputs)
+    if inputs.qkd_key is not None:
+        note(kind="use", ids=list(inputs.qkd_key_ids))
+        crash_point("combined")
+    return session
+combiner.combine = _logged_combine
+
+from qkdgate.gateway import tunnel_manager as TM
+_install = TM.TunnelManager.install_inbound
+def _logged_install(self, generation, *a, **kw):
+    note(kind="install", gen=generation)
+    return _install(self, generation, *a, **kw)
+TM.TunnelManager.install_inbound = _logged_install
+
+from qkdgate.interfaces import KeySourceStatus, QkdKey
+from qkdgate.keymix.secret import SecretBytes
+SEED = b"qkdgate crash test"
+
+class ReplayingKme:
+    """Master: key_IDs from a counter kept in a file; the first request after
+    a start re-delivers the last key delivered before. Serves any key_ID."""
+    replayed = False
+    async def get_new_keys(self, peer, number=1, size_bits=256, additional_slave_sae_ids=()):
+        n = int(open(KME_STATE).read()) if os.path.exists(KME_STATE) else 0
+        out = []
+        first, ReplayingKme.replayed = not ReplayingKme.replayed, True
+        for _ in range(number):
+            if n and first:
+                first, k = False, n - 1
+            else:
+                k, n = n, n + 1
+                with open(KME_STATE, "w") as f:
+                    f.write(str(n))
+            kid = str(uuid.UUID(bytes=hashlib.sha256(b"%d" % k).digest()[:16], version=4))
+            out.append(self._key(kid, size_bits))
+        return out
+    async def get_keys_by_id(self, master, key_ids):
+        return [self._key(k, 256) for k in key_ids]
+    def _key(self, kid, bits):
+        return QkdKey(kid, SecretBytes(hmac.new(SEED, kid.encode(), "sha256").digest()[:bits // 8]))
+    async def status(self, peer):
+        return KeySourceStatus("K", "K", "SAE-A", "SAE-B", 256, 1000, 1000, 16, 1024, 64)
+    async def close(self):
+        pass
+
+from qkdgate.adapters import registry
+registry.create_key_source = lambda kind, settings: ReplayingKme()
+
+from qkdgate.gateway.cli import main
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+class Pair:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        tmp.mkdir(parents=True, exist_ok=True)
+        _, _, self.path_a, self.path_b = write_pair(tmp, interval="1s", soft="4s", hard="8s")
+        self.log = tmp / "use.log"
+        self.procs: dict[str, asyncio.subprocess.Process] = {}
+
+    async def start(self, name: str, path: str, crash: str = "", journal: bool = True):
+        env = dict(os.environ, QG_NAME=name, QG_USE_LOG=str(self.log),
+                   QG_KME=str(self.tmp / f"kme-{name}"), QG_CRASH=crash)
+        if not journal:
+            env["QG_NO_JOURNAL"] = "1"
+        out = open(self.tmp / f"{name}.out", "ab")
+        self.procs[name] = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", WRAPPER, "run", "-c", path, "--backend", "recording",
+            stdout=out, stderr=asyncio.subprocess.STDOUT, env=env)
+
+    def records(self) -> list[dict]:
+        if not self.log.exists():
+            return []
+        return [json.loads(x) for x in self.log.read_text().splitlines() if x]
+
+    async def wait(self, predicate, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate(self.records()):
+                return True
+            await asyncio.sleep(0.05)
+        return False
+
+    async def stop(self) -> None:
+        for p in self.procs.values():
+            if p.returncode is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs.values():
+            try:
+                await asyncio.wait_for(p.wait(), 10)
+            except TimeoutError:
+                p.kill()
+
+
+def uses(recs, gw):
+    return [r for r in recs if r["gw"] == gw and r["kind"] == "use"]
+
+
+def violations(recs) -> list[str]:
+    out = []
+    for gw in ("gw-a", "gw-b"):
+        seen: set[str] = set()
+        last_gen = 0
+        for r in recs:
+            if r["gw"] != gw:
+                continue
+            if r["kind"] == "use":
+                for k in r["ids"]:
+                    if k in seen:
+                        out.append(f"{gw} used QKD key {k} twice")
+                    seen.add(k)
+            elif r["kind"] == "install":
+                if r["gen"] <= last_gen:
+                    out.append(f"{gw} installed generation {r['gen']} after {last_gen}")
+                last_gen = r["gen"]
+    return out
+
+
+async def run_once(tmp: Path, crash: str, journal: bool = True) -> tuple[list, str]:
+    p = Pair(tmp)
+    try:
+        await p.start("gw-b", p.path_b, journal=journal)
+        await p.start("gw-a", p.path_a, crash=crash, journal=journal)
+        killed = await p.wait(lambda r: any(x["kind"] == "killed" for x in r), 25)
+        point = next((x["point"] for x in p.records() if x["kind"] == "killed"), "")
+        assert killed, f"crash point {crash} never reached:\n" + \
+            (tmp / "gw-a.out").read_text()[-1500:]
+        await asyncio.wait_for(p.procs["gw-a"].wait(), 5)
+        assert p.procs["gw-a"].returncode == -signal.SIGKILL
+        before = len(uses(p.records(), "gw-a"))
+        await p.start("gw-a", p.path_a, journal=journal)            # restart, no crash
+        ok = await p.wait(lambda r: len(uses(r, "gw-a")) >= before + 2
+                          and len(uses(r, "gw-b")) >= before + 1, 30)
+        assert ok, f"no rekeys after the restart (killed at {point}):\n" + \
+            (tmp / "gw-a.out").read_text()[-2000:]
+    finally:
+        await p.stop()
+    return p.records(), point
+
+
+# The master's second rekey, killed: inside the fsynced append that reserves
+# its QKD key (before the write, between its halves, written but not synced,
+# synced), right after the key went into the combiner, and inside the append
+# that records the generation. Then restarted; run_once() has checked that
+# both ends went on keying.
+CRASH_POINTS = ([f"reserve:append-{s}#2" for s in ("before", "torn", "written", "synced")]
+                + ["combined#2"]
+                + [f"record:append-{s}#2" for s in ("torn", "synced")])
+
+
+@pytest.mark.parametrize("crash", CRASH_POINTS)
+async def test_sigkill_the_real_daemon_during_a_rekey(tmp_path, crash):
+    recs, point = await run_once(tmp_path, crash)
+    assert point == crash.split("#")[0]
+    assert not violations(recs), violations(recs)
+
+
+async def test_control_without_the_journal_reuses_a_qkd_key(tmp_path):
+    # Kill the master right after it mixed its 3rd QKD key; its KME hands the
+    # same key out again on restart. Without the journal it is used again.
+    recs, point = await run_once(tmp_path, "combined#3", journal=False)
+    assert point == "combined"
+    assert any("used QKD key" in v for v in violations(recs))
