@@ -32,6 +32,7 @@ GROUP = "qkdgate.key_sources"
 # profile preset (qkdgate.adapters.profiles).
 BUILTIN: dict[str, str] = {
     "etsi014": "qkdgate.adapters.etsi014:from_settings",
+    "etsi004": "qkdgate.adapters.etsi004_source:from_settings",
     "idq-cerberis-xgr": "qkdgate.adapters.registry:create_idq",
     "toshiba": "qkdgate.adapters.registry:create_toshiba",
 }

@@ -135,7 +135,7 @@ class LogFormat(enum.Enum):
 # Key source kinds. The source of truth is qkdgate.adapters.registry (built-in
 # kinds plus "qkdgate.key_sources" entry points); this list is the fallback
 # when the adapters are not installed.
-BUILTIN_KEY_SOURCE_KINDS = ("etsi014", "idq-cerberis-xgr", "toshiba")
+BUILTIN_KEY_SOURCE_KINDS = ("etsi014", "etsi004", "idq-cerberis-xgr", "toshiba")
 KIND_NEEDS_URL = ("etsi014", "etsi004", "idq-cerberis-xgr", "toshiba")
 # ETSI GS QKD 014 5.1: the SAE-KME interface is HTTPS with mutual TLS, so
 # these kinds (the ETSI 014 client with a vendor preset) need an https URL

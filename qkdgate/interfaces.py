@@ -90,6 +90,17 @@ class KeySource(Protocol):
     async def close(self) -> None: ...
 
 
+@runtime_checkable
+class StreamKeySource(Protocol):
+    """A key source whose two SAEs must both attach before either can draw
+    a key (ETSI GS QKD 004 OPEN_CONNECT: GET_KEY fails with status 3 until
+    the peer opened the stream). The slave learns key_IDs only after the
+    master drew keys, so the daemon calls :meth:`connect` for every peer at
+    start (and may again after a KeyUnavailable); it is idempotent."""
+
+    async def connect(self, peer_sae_id: str) -> None: ...
+
+
 # --------------------------------------------------------------------------
 # IPsec (XFRM) tunnels
 # --------------------------------------------------------------------------
