@@ -389,8 +389,9 @@ class Etsi004KeySource:
             if index > MAX_INDEX:
                 raise KeyNotFound(f"key_ID {norm}: index {index} beyond the 004 range")
             wanted.append((norm, index))
-        if not wanted or len({w[0] for w in wanted}) != len(wanted):
-            raise LocalProtocolError("key_IDs must be a non-empty list without duplicates")
+        if not wanted or len({w[0] for w in wanted}) != len(wanted) \
+                or len(wanted) > MAX_KEYS_PER_CALL:
+            raise LocalProtocolError(f"key_IDs must be 1..{MAX_KEYS_PER_CALL} without duplicates")
         keys: list[QkdKey] = []
         async with st.lock:
             try:

@@ -189,7 +189,7 @@ async def test_an_index_read_twice(sim, pair):
     assert (await b.get_keys_by_id("SAE-A", [k0.key_id]))[0].key == k0.key
     with pytest.raises(KeyUnavailable):
         await b.get_keys_by_id("SAE-A", [k0.key_id])
-    with pytest.raises(LocalProtocolError, match="duplicates"):
+    with pytest.raises(LocalProtocolError, match="without duplicates"):
         await b.get_keys_by_id("SAE-A", [k1.key_id, k1.key_id.upper()])
 
 
