@@ -65,6 +65,8 @@ got=$(in_image qkdgate --version) || fail "qkdgate --version"
 log "in image: $got"
 
 in_image qkdgate check-config /etc/qkdgate/qkdgate.yaml || fail "check-config in the image"
+# The image's default command must exist in this build (run is the CMD).
+in_image qkdgate run --help >/dev/null || fail "qkdgate run --help in the image"
 mode=$(in_image stat -c '%a %U' /etc/qkdgate/qkdgate.yaml)
 [[ $mode == "600 root" ]] || fail "/etc/qkdgate/qkdgate.yaml is '$mode', wanted '600 root'"
 if in_image qkdgate probe >/dev/null 2>&1; then log "in image: qkdgate probe ok"; else
