@@ -15,7 +15,8 @@ from __future__ import annotations
 import hmac
 from typing import Any
 
-from qkdgate.errors import AuthenticationFailed, RemoteProtocolError
+from qkdgate.errors import (AuthenticationFailed, LocalProtocolError, RemoteProtocolError,
+                            TunnelError)
 from qkdgate.gateway.identity import select_identity
 from qkdgate.gateway.protocol import exchange as X
 from qkdgate.gateway.protocol import messages as m
@@ -54,15 +55,33 @@ class InitiatorMixin:
             ex.qkd_mode = QkdMode.EXPECT
         self._send_init(ex, now)
 
+    def _alloc_spis(self: Any, ex: Exchange, now: float) -> bool:
+        """Ask the driver for our SPIs / ANs; a kernel refusal fails the
+        exchange cleanly (the driver sees RekeyFailed, not an exception)."""
+        try:
+            spis = {t: self._allocate_spi(t) for t in self._kinds}
+        except TunnelError as exc:
+            self._abort(ex, AbortCode.INSTALL_FAILED, "SPI allocation failed", now)
+            self._fail(ex, f"SPI allocation failed: {exc}", now)
+            return False
+        for t, v in spis.items():
+            ok = 0x100 <= v <= 0xFFFFFFFF if self._kinds[t] == "ipsec" else 0 <= v <= 3
+            if not isinstance(v, int) or not ok:
+                raise LocalProtocolError(f"allocate_spi returned {v!r} for {self._kinds[t]} "
+                                         f"tunnel {t!r}")
+        ex.our_spis = spis
+        return True
+
     def _send_init(self: Any, ex: Exchange, now: float) -> None:
         cfg = self.config
+        if not self._alloc_spis(ex, now):
+            return
         ex.kem_priv, kem_pk = self._kem.generate_keypair()
         x_pk = b""
         if cfg.x25519:
             from qkdgate.keymix.classical import x25519_keypair
             ex.x_priv, x_pk = x25519_keypair()
         ex.nonce_i = self._rng(32)
-        ex.our_spis = {t: self._allocate_spi(t) for t in self._kinds}
         values = {"generation_min": self._gen_high + 1, "nonce": ex.nonce_i,
                   "kem_id": m.KEM_IDS[cfg.kem], "kem_public": kem_pk, "x25519_public": x_pk,
                   "qkd_mode": ex.qkd_mode, "qkd_reason": ex.qkd_reason,

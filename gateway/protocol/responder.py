@@ -146,7 +146,8 @@ class ResponderMixin:
 
     def _responder_compute(self: Any, ex: Exchange, now: float, mode: int, reason: int) -> None:
         cfg = self.config
-        ex.our_spis = {t: self._allocate_spi(t) for t in self._kinds}
+        if not self._alloc_spis(ex, now):
+            return
         values = {"generation": ex.generation, "nonce": self._rng(32),
                   "kem_ciphertext": ex.kem_ciphertext, "x25519_public": ex.x_public,
                   "qkd_mode": mode, "qkd_reason": reason,

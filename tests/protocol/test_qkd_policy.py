@@ -162,3 +162,23 @@ def test_mismatched_qkd_key_is_caught_by_key_confirmation(qkd):
     slave.corrupt_qkd = False
     p.roundtrip_until_done(timeout=120)
     assert_keys_match(p, p.a.session.generation)
+
+
+@pytest.mark.parametrize("who", ["a", "b"])
+def test_spi_allocation_failure_fails_the_exchange_cleanly(who):
+    from qkdgate.errors import TunnelError
+    p = make_pair(retry_base=1.0)
+    gw = p.a if who == "a" else p.b
+    real = gw.session._allocate_spi
+    calls = {"n": 0}
+
+    def flaky(tid):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise TunnelError("allocate_spi", 105, "no SPI left in range")
+        return real(tid)
+    gw.session._allocate_spi = flaky
+    p.advance(p.now + 0.1)
+    assert "SPI allocation failed" in gw.of(E.RekeyFailed)[0].reason
+    p.roundtrip_until_done(timeout=10)
+    assert_keys_match(p, p.a.session.generation)
