@@ -122,6 +122,17 @@ def main() -> int:
           f"(session setup {setup * 1e3:.3f} ms excluded)")
     print(f"rekey, both sides            {per_rekey * 1e3:8.3f} ms")
     print(f"protocol overhead ratio      {per_rekey / prim_sum:8.2f} x  (rekey / sum of primitives)")
+    from qkdgate.gateway.protocol.fragment import Reassembler
+    from qkdgate.gateway.protocol.messages import decode
+    p = make_pair(kem=kem_name, id_a=ida, id_b=idb)
+    p.roundtrip_until_done()
+    r, sizes = Reassembler(), []
+    for _, d in p.log:
+        raw = r.feed(d, 0.0)
+        if raw is not None:
+            sizes.append(f"{decode(raw).type.name} {len(raw)}")
+    print(f"wire per exchange            {len(p.log)} datagrams, "
+          f"{sum(len(d) for _, d in p.log)} bytes ({', '.join(sizes)})")
     print(f"handshakes/s on one core     {1 / per_rekey:8.1f}    (both sides on the same core)")
     print(f"                             {2 / per_rekey:8.1f}    (one side each, per gateway core)")
     return 0
