@@ -12,7 +12,9 @@ sockets, no kernel) and measures process CPU time for
   HKDF combines and four confirmation tags.
 
 The ratio says how much the protocol adds on top of the cryptography
-(encoding, transcript hashing, fragmentation, state machine, Python).
+(encoding, transcript hashing, fragmentation, state machine, Python; the
+harness also derives the per-SA ESP/MACsec keys of two tunnels per
+direction, as the tunnel manager would).
 
 Usage: bench/handshake.py [-n ROUNDS] [--cnsa2]
 """
