@@ -1,0 +1,360 @@
+"""The demo conductor: namespaces, KME simulator, two daemons, traffic, view.
+
+Theory of operation: :class:`DemoRun` builds the topology
+(:mod:`~qkdgate.gateway.demo_net`), starts the KME simulator in its own
+namespace with a TCP forwarder on each gateway's loopback, writes the two
+gateway configurations (:mod:`~qkdgate.gateway.demo_config`) and runs the
+real :class:`~qkdgate.gateway.daemon.Daemon` for each gateway in a thread
+that lives in the gateway's namespace, so its UDP socket, its HTTPS client
+to the KME and its netlink sockets (XFRM, MACsec) are all that gateway's.
+Once both gateways hold generation 1, UDP streams run between the hosts;
+every ``view_interval`` the conductor prints a status block; at
+``eavesdrop_at`` it puts an intercept-resend eavesdropper on the simulated
+QKD link (the QBER alarm follows from the link model), and the configured
+policy acts in the daemons on its own. Every step that creates something
+registers its undo with :class:`~qkdgate.gateway.demo_net.Cleanup` first,
+so the end, an error or Ctrl-C removes every namespace and thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, TextIO
+
+from qkdgate.errors import QkdgateError
+from qkdgate.gateway import demo_net as dn
+from qkdgate.gateway.demo_config import KmeEndpoint, Timers, write_configs, write_identities
+from qkdgate.gateway.demo_traffic import UdpStream, loss_by_phase
+from qkdgate.gateway.demo_view import Recorder, render
+
+log = logging.getLogger("qkdgate.demo")
+READY_TIMEOUT = 120.0      # first generation on both gateways (slow under QEMU TCG)
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    duration: float | None = None
+    eavesdrop_at: float | None = None
+    eavesdrop_for: float = 15.0          # 0: until the end
+    eve_fraction: float = 0.5            # ~ +12.5 % QBER, above the 8 % abort threshold
+    policy: str = "pqc-fallback"
+    macsec: bool = False
+    rekey_interval: float = 3.0
+    rate: int = 100
+    view_interval: float = 2.0
+    verbose: bool = False
+    log_file: str | None = None          # default: demo.log in the run's state directory
+
+
+class DemoRun:
+    def __init__(self, opts: DemoOptions, *, out: TextIO = sys.stdout,
+                 cleanup: dn.Cleanup | None = None) -> None:
+        self.opts = opts
+        self.out = out
+        self.cleanup = cleanup or dn.Cleanup()
+        self.rec = Recorder()
+        self.net = dn.DemoNet()
+        self.state_dir: Path | None = None
+        self.kme: dn.LoopThread | None = None
+        self.sim: Any = None
+        self._kme_ready = threading.Event()
+        self._kme_stop: asyncio.Event | None = None
+        self.threads: dict[str, dn.LoopThread] = {}
+        self.daemons: dict[str, Any] = {}
+        self.futures: dict[str, Any] = {}
+        self.streams: list[UdpStream] = []
+        self.eve_on = False
+        self.traffic_t0: float | None = None
+        self.stopped = threading.Event()
+        self._last_link: dict[str, Any] | None = None
+        self._seen_actions = 0
+
+    def say(self, text: str) -> None:
+        print(text, file=self.out, flush=True)
+
+    # ---------------------------------------------------------------- setup
+    def setup(self) -> None:
+        self.state_dir = Path(tempfile.mkdtemp(prefix="qkdgate-demo-"))
+        os.chmod(self.state_dir, 0o700)
+        self.cleanup.push("state directory", lambda: shutil.rmtree(self.state_dir, True))
+        self._logging()
+        self.say(f"demo: namespaces {dn.PREFIX}{self.net.tag}-*, state {self.state_dir}")
+        self.cleanup.push("namespaces", self._net_down)
+        self.net.up()
+        write_identities(self.state_dir)
+        self._start_kme()
+        sim = self.sim
+        eps = []
+        for sae, port in (("SAE-A", self.fwd_ports[0]), ("SAE-B", self.fwd_ports[1])):
+            c = sim.credentials(sae)
+            eps.append(KmeEndpoint(f"https://127.0.0.1:{port}", c.kme_id, str(c.cert),
+                                   str(c.key), str(c.ca)))
+        macs = (self._mac(self.net.gA), self._mac(self.net.gB)) if self.opts.macsec else None
+        pa, pb = write_configs(self.state_dir, eps[0], eps[1], policy=self.opts.policy,
+                               timers=Timers.for_interval(self.opts.rekey_interval),
+                               macsec_macs=macs)
+        self.config_paths = (pa, pb)
+        for name, ns, path in (("gw-a", self.net.gA, pa), ("gw-b", self.net.gB, pb)):
+            self._start_daemon(name, ns, path)
+
+    def _logging(self) -> None:
+        logger = logging.getLogger("qkdgate")
+        logger.setLevel(logging.DEBUG if self.opts.verbose else logging.INFO)
+        self.log_path = self.opts.log_file or str(self.state_dir / "demo.log")
+        h = logging.FileHandler(self.log_path)
+        h.setFormatter(logging.Formatter("%(asctime)s %(threadName)s %(name)s %(levelname)s "
+                                         "%(message)s"))
+        logger.addHandler(h)
+        logger.propagate = False   # the live view is the terminal output; logs go to the file
+
+        def restore() -> None:
+            logger.removeHandler(h)
+            h.close()
+            logger.propagate = True
+        self.cleanup.push("logging", restore)
+
+    def _net_down(self) -> None:
+        failed = self.net.down()
+        if failed:
+            raise QkdgateError("namespaces left: " + "; ".join(failed))
+
+    def _mac(self, ns: str) -> str:
+        r = dn.run_ip(["ip", "-n", ns, "-o", "link", "show", "m0"])
+        parts = r.stdout.split()
+        return parts[parts.index("link/ether") + 1]
+
+    def _start_kme(self) -> None:
+        from qkdgate.adapters.kmesim.server import KmeSimulator
+        self.kme = dn.LoopThread(self.net.k, "kme").start()
+        self.cleanup.push("KME thread", self.kme.stop)
+        listeners = [dn.loopback_listener(self.net.gA), dn.loopback_listener(self.net.gB)]
+        self.fwd_ports = [s.getsockname()[1] for s in listeners]
+
+        async def main() -> None:
+            self._kme_stop = asyncio.Event()
+            async with KmeSimulator.start(self.state_dir / "kme", prefill=1000) as sim:
+                fwds = [dn.TcpForwarder(s, ("127.0.0.1", sim.ports[k]))
+                        for s, k in zip(listeners, ("KME-A", "KME-B"))]
+                for f in fwds:
+                    await f.start()
+                self.sim = sim
+                self._kme_ready.set()
+                await self._kme_stop.wait()
+                for f in fwds:
+                    await f.close()
+        fut = self.kme.submit(main())
+        self.cleanup.push("KME simulator", lambda: self._stop_kme(fut))
+        while not self._kme_ready.wait(0.2):
+            if fut.done():
+                fut.result()       # raises the reason
+                raise QkdgateError("KME simulator stopped during start-up")
+
+    def _stop_kme(self, fut: Any) -> None:
+        if self._kme_stop is not None and self.kme and self.kme.loop:
+            self.kme.loop.call_soon_threadsafe(self._kme_stop.set)
+            try:
+                fut.result(10)
+            except Exception as exc:
+                log.warning("KME simulator: %s", exc)
+
+    def _start_daemon(self, name: str, ns: str, path: str) -> None:
+        from qkdgate.gateway.config import load_config
+        from qkdgate.gateway.daemon import Daemon
+        from qkdgate.gateway.sdnotify import SdNotifier
+        cfg = load_config(path)
+        lt = dn.LoopThread(ns, name).start()
+        self.threads[name] = lt
+        self.cleanup.push(f"{name} thread", lt.stop)
+        created = threading.Event()
+
+        async def main() -> None:
+            d = Daemon(cfg, config_path=path, notifier=SdNotifier({}), teardown_on_exit=True)
+            d.subscribe(self.rec.on_event)
+            self.daemons[name] = d
+            created.set()
+            await d.run()
+        fut = lt.submit(main())
+        self.futures[name] = fut
+        created.wait(10)
+        self.cleanup.push(f"{name} daemon", lambda: self._stop_daemon(name))
+
+    def _stop_daemon(self, name: str) -> None:
+        d, lt, fut = self.daemons.get(name), self.threads[name], self.futures[name]
+        if d is not None and lt.loop is not None and not fut.done():
+            lt.loop.call_soon_threadsafe(d.stop)
+        try:
+            fut.result(20)
+        except Exception as exc:
+            log.warning("%s: stopped with %s", name, exc)
+
+    # ------------------------------------------------------------ observing
+    def status(self, name: str) -> dict[str, Any] | None:
+        d, lt, fut = self.daemons.get(name), self.threads.get(name), self.futures.get(name)
+        if d is None or lt is None or fut is None:
+            return None
+        if fut.done():
+            exc = fut.exception()
+            raise QkdgateError(f"gateway {name} stopped: {exc or 'without an error'}")
+        if not d.ready.is_set():      # still starting: status() needs every part in place
+            return None
+
+        async def get() -> dict[str, Any]:
+            return d.status()
+        try:
+            return lt.call(get(), timeout=10)
+        except TimeoutError:     # a busy loop under TCG: show it, do not die
+            log.warning("%s: no status within 10 s", name)
+            return None
+
+    def link_state(self) -> dict[str, Any] | None:
+        if self.kme is None or self.sim is None:
+            return None
+
+        async def get() -> dict[str, Any]:
+            return self.sim.state()["links"][0]
+        link = self.kme.call(get(), timeout=10)
+        prev = set((self._last_link or {}).get("alarms", []))
+        for a in link.get("alarms", []):
+            if a not in prev:
+                self.rec.alarm(f"QKD link {'-'.join(link['kmes'])}", a, link.get("qber"))
+        if prev and not link.get("alarms"):
+            self.rec.note("QKD link alarms cleared")
+        self._last_link = link
+        return link
+
+    def set_eavesdropper(self, on: bool) -> None:
+        async def set_() -> None:
+            self.sim.set_eavesdropper(self.opts.eve_fraction if on else 0.0)
+        self.kme.call(set_())
+        self.eve_on = on
+        self.rec.phase("eavesdropper" if on else "after eavesdropper")
+        self.rec.note("eavesdropper ON: intercept-resend on "
+                      f"{self.opts.eve_fraction:.0%} of photons" if on else "eavesdropper gone")
+        self.link_state()
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline:
+            sts = [self.status(n) for n in ("gw-a", "gw-b")]
+            if all(st and st["tunnels"] and all(t["state"] == "up" for t in st["tunnels"])
+                   for st in sts):
+                return
+            time.sleep(0.3)
+        raise QkdgateError(f"the tunnels did not come up within {READY_TIMEOUT:.0f} s "
+                           f"(log: {self.log_path})")
+
+    def start_traffic(self) -> None:
+        n = self.net
+        self.streams = [
+            UdpStream("hA->hB", 1, n.hA, dn.HA, n.hB, dn.HB, rate=self.opts.rate).start(),
+            UdpStream("hB->hA", 2, n.hB, dn.HB, n.hA, dn.HA, rate=self.opts.rate).start()]
+        if self.opts.macsec:
+            for ns, addr in ((n.gA, dn.MS_A), (n.gB, dn.MS_B)):
+                r = dn.run_ip(["ip", "-n", ns, "-batch", "-"],
+                              f"addr add {addr}/24 dev qm-link\nlink set qm-link up\n")
+                if r.returncode:
+                    raise QkdgateError(f"MACsec link address in {ns}: {r.stderr.strip()}")
+            self.streams.append(UdpStream("gA=gB(macsec)", 3, n.gA, dn.MS_A, n.gB, dn.MS_B,
+                                          rate=self.opts.rate, port=5002).start())
+        for s in self.streams:
+            self.cleanup.push(f"stream {s.name}", lambda s=s: s.stop(0.0))
+        self.traffic_t0 = time.monotonic()
+
+    def snapshot(self, window: float) -> dict[str, Any]:
+        now = time.monotonic()
+        gws = {n: self.status(n) for n in ("gw-a", "gw-b")}
+        rekeys = self.rec.rekeys()
+        traffic = {}
+        for s in self.streams:
+            c = s.counters()
+            since = now - window
+            c.update(window=window, window_sent=sum(1 for t in s.sent_at[-int(window * s.rate * 2 + 10):]
+                                                    if t >= since),
+                     window_received=s.received_since(since))
+            traffic[s.name] = c
+        remaining = None
+        if self.opts.duration is not None and self.traffic_t0 is not None:
+            remaining = max(0.0, self.opts.duration - (now - self.traffic_t0))
+        return {"t": self.rec.elapsed(now), "policy": self.opts.policy, "eavesdropper": self.eve_on,
+                "remaining": remaining, "link": self.link_state(), "gateways": gws,
+                "rekeys": {k: v["rekeys"] for k, v in rekeys.items()},
+                "latency": {k: (v["latency_ms"][-1] if v["latency_ms"] else None)
+                            for k, v in rekeys.items()},
+                "traffic": traffic, "recent": self.rec.new_notes()}
+
+    # ------------------------------------------------------------------ run
+    def run(self) -> None:
+        """Setup, traffic and view until the duration ends (or Ctrl-C)."""
+        o = self.opts
+        self.setup()
+        self.say(f"demo: two gateways, KME simulator up; policy {o.policy}, rekey every "
+                 f"{o.rekey_interval:g} s; waiting for the first generation ...")
+        self.wait_ready()
+        self.rec.start_clock()
+        self.rec.phase("before eavesdropper" if o.eavesdrop_at is not None else "running")
+        self.start_traffic()
+        self.say(f"demo: tunnel up, traffic running ({o.rate} datagrams/s each way)")
+        t0 = self.traffic_t0
+        next_view = t0
+        eve_end = None
+        while not self.stopped.is_set():
+            now = time.monotonic()
+            el = now - t0
+            if o.duration is not None and el >= o.duration:
+                break
+            if o.eavesdrop_at is not None and not self.eve_on and eve_end is None \
+                    and el >= o.eavesdrop_at:
+                self.set_eavesdropper(True)
+                eve_end = (o.eavesdrop_at + o.eavesdrop_for) if o.eavesdrop_for > 0 else float("inf")
+            if self.eve_on and eve_end is not None and el >= eve_end:
+                self.set_eavesdropper(False)
+            self._phase_from_actions()
+            if now >= next_view:
+                self.say(render(self.snapshot(o.view_interval)))
+                next_view = now + o.view_interval
+            self.stopped.wait(0.1)
+
+    def _phase_from_actions(self) -> None:
+        acts = self.rec.actions[self._seen_actions:]
+        self._seen_actions += len(acts)
+        for a in acts:
+            if a["action"] == "block" and a["gateway"] == "gw-a":
+                self.rec.phase("blocked")
+            elif a["action"] == "recovery" and a["gateway"] == "gw-a" and \
+                    self.rec.phases and self.rec.phases[-1][0] == "blocked":
+                self.rec.phase("recovered")
+
+    def finish(self) -> dict[str, Any]:
+        """Stop traffic, take the figures, stop everything; the summary."""
+        end = time.monotonic()
+        for s in self.streams:
+            s.stop(drain=1.0)
+        traffic: dict[str, Any] = {"streams": {}, "sent": 0, "received": 0, "lost": 0}
+        for s in self.streams:
+            by_phase = loss_by_phase(s.sent_at, s.received, self.rec.phases, end)
+            c = {k: sum(row[k] for row in by_phase.values()) for k in ("sent", "received", "lost")}
+            c.update(rate=s.rate, send_errors=s.send_errors, by_phase=by_phase)
+            traffic["streams"][s.name] = c
+            for k in ("sent", "received", "lost"):
+                traffic[k] += c[k]
+        traffic["phases"] = [{"phase": p, "t": self.rec.elapsed(t)} for p, t in self.rec.phases]
+        link = None
+        try:
+            link = self.link_state()
+        except Exception:
+            pass
+        errors = self.cleanup.run()
+        left = dn.list_demo_namespaces(self.net.tag)
+        cfg = {**asdict(self.opts), "namespaces_tag": self.net.tag}
+        return self.rec.summary(traffic=traffic, config=cfg, kernel=os.uname().release, link=link,
+                                cleanup={"errors": errors, "namespaces_left": left,
+                                         "namespaces_created": list(self.net.ns.values())})

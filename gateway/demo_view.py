@@ -1,0 +1,223 @@
+"""The demo's live view and JSON summary, from daemon events and snapshots.
+
+Theory of operation: :class:`Recorder` receives every daemon event (the
+daemon's hook, docs/daemon.md) from the daemons' threads, stamps it with
+the run's elapsed time, and derives what the summary reports: rekeys and
+generations per tunnel with their key inputs (QKD key_IDs only), rekey
+latencies, alarms, and the policy's actions (fallback, block, recovery).
+:func:`render` turns one snapshot (status of both daemons, the simulated
+QKD link, traffic counters) into a compact block of plain lines: the demo
+may run inside the lab VM with no terminal, so there is no curses, only
+text that streams.
+
+Nothing here reads key material: the view prints whitelisted fields only
+(generation numbers, algorithm names, key_IDs, counters), so a secret that
+found its way into a status dict by mistake would still not be printed.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Callable
+
+KEY_EVENTS = {"rekey_done", "rekey_failed", "policy_fallback", "policy_recovered",
+              "tunnel_blocked", "sa_hard_lifetime_block", "sa_switched", "qkd_error",
+              "key_source_down", "key_source_up", "tunnel_error", "install_failed",
+              "qkd_fallback", "qkd_recovered", "peer_restarted"}
+
+
+def percentile(values: list[float], p: float) -> float | None:
+    """Nearest-rank percentile (p in 0..100); None for no values."""
+    if not values:
+        return None
+    xs = sorted(values)
+    k = max(0, min(len(xs) - 1, int(-(-p * len(xs) // 100)) - 1))
+    return xs[k]
+
+
+def _inputs_text(inputs: dict[str, Any] | None) -> str:
+    if not inputs:
+        return "-"
+    legs = []
+    if inputs.get("kem"):
+        legs.append(str(inputs["kem"]))
+    if inputs.get("x25519"):
+        legs.append("X25519")
+    ids = inputs.get("qkd_key_ids") or []
+    legs.append(f"QKD[{','.join(str(i)[:8] for i in ids)}]" if ids else "no QKD")
+    return "+".join(legs)
+
+
+class Recorder:
+    """Collects events from any thread; everything derived is computed from them."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time) -> None:
+        self.clock, self.wall = clock, wall
+        self.t0 = clock()
+        self.wall0 = wall()
+        self._lock = threading.Lock()
+        self.events: list[dict[str, Any]] = []
+        self.alarms: list[dict[str, Any]] = []
+        self.actions: list[dict[str, Any]] = []
+        self.phases: list[tuple[str, float]] = []     # (label, monotonic start)
+        self._blocked: set[tuple[str, str]] = set()
+        self.notes: list[str] = []
+        self.setup_seconds: float | None = None
+        self._shown = 0              # notes already printed by the view
+
+    def start_clock(self) -> None:
+        """Traffic starts: time 0 of the run (``--eavesdrop-at`` counts from here)."""
+        now = self.clock()
+        with self._lock:
+            self.setup_seconds = round(now - self.t0, 2)
+            self.t0 = now
+
+    def new_notes(self) -> list[str]:
+        """Notes not yet shown (each line of the view appears once)."""
+        with self._lock:
+            out = self.notes[self._shown:]
+            self._shown = len(self.notes)
+        return out
+
+    def elapsed(self, at: float | None = None) -> float:
+        return round((self.clock() if at is None else at) - self.t0, 2)
+
+    def phase(self, label: str) -> None:
+        with self._lock:
+            self.phases.append((label, self.clock()))
+
+    def note(self, text: str) -> None:
+        with self._lock:
+            self.notes.append(f"{self.elapsed():6.1f}s {text}")
+
+    def alarm(self, source: str, alarm: str, qber: float | None = None, **extra: Any) -> None:
+        a = {"t": self.elapsed(), "source": source, "alarm": alarm,
+             "qber": round(qber, 4) if qber is not None else None, **extra}
+        with self._lock:
+            self.alarms.append(a)
+        self.note(f"ALARM {alarm} on {source}" + (f" (QBER {qber:.1%})" if qber is not None else ""))
+
+    def on_event(self, ev: dict[str, Any]) -> None:
+        """Daemon hook (called in the daemon's thread)."""
+        name = ev.get("event")
+        if name not in KEY_EVENTS:
+            return
+        gw, tid = str(ev.get("gateway", "?")), str(ev.get("tunnel", ""))
+        e = {k: v for k, v in ev.items() if k in ("event", "gateway", "tunnel", "generation",
+                                                    "inputs", "latency_ms", "reason", "policy",
+                                                    "error", "source", "direction", "spi")}
+        e["t"] = self.elapsed()
+        with self._lock:
+            self.events.append(e)
+        action = None
+        if name == "policy_fallback":
+            action = ("fallback", f"PQC-only (ML-KEM + X25519) from generation {ev.get('generation')}")
+        elif name == "policy_recovered":
+            action = ("recovery", f"QKD keys again from generation {ev.get('generation')}")
+        elif name == "tunnel_blocked":
+            self._blocked.add((gw, tid))
+            action = ("block", f"traffic blocked: {ev.get('reason')}")
+        elif name == "sa_switched" and (gw, tid) in self._blocked:
+            self._blocked.discard((gw, tid))
+            action = ("recovery", f"unblocked with generation {ev.get('generation')}")
+        if action:
+            with self._lock:
+                self.actions.append({"t": e["t"], "gateway": gw, "tunnel": tid,
+                                     "action": action[0], "detail": action[1]})
+            self.note(f"POLICY {gw}/{tid}: {action[0]}: {action[1]}")
+        elif name in ("rekey_failed", "key_source_down", "qkd_error", "tunnel_error",
+                      "install_failed"):
+            self.note(f"{gw}: {name} {ev.get('reason') or ev.get('error') or ''}"[:160])
+
+    # ----------------------------------------------------------- derived
+
+    def rekeys(self) -> dict[str, dict[str, Any]]:
+        """Per gateway/tunnel: rekeys done, generations with their inputs."""
+        out: dict[str, dict[str, Any]] = {}
+        for e in self.events:
+            if e["event"] != "rekey_done":
+                continue
+            row = out.setdefault(f"{e['gateway']}/{e['tunnel']}",
+                                 {"rekeys": 0, "failed": 0, "generations": [], "latency_ms": []})
+            row["rekeys"] += 1
+            inputs = e.get("inputs") or {}
+            row["generations"].append({
+                "generation": e.get("generation"), "t": e["t"], "kem": inputs.get("kem"),
+                "x25519": inputs.get("x25519"), "qkd_key_ids": list(inputs.get("qkd_key_ids") or [])})
+            if isinstance(e.get("latency_ms"), (int, float)):
+                row["latency_ms"].append(float(e["latency_ms"]))
+        for e in self.events:
+            if e["event"] == "rekey_failed":
+                key = f"{e['gateway']}/{e['tunnel']}"
+                out.setdefault(key, {"rekeys": 0, "failed": 0, "generations": [],
+                                     "latency_ms": []})["failed"] += 1
+        return out
+
+    def summary(self, *, traffic: dict[str, Any], config: dict[str, Any],
+                kernel: str, link: dict[str, Any] | None, cleanup: dict[str, Any]) -> dict[str, Any]:
+        tunnels = {}
+        all_lat: list[float] = []
+        for key, row in self.rekeys().items():
+            lat = row.pop("latency_ms")
+            all_lat += lat
+            tunnels[key] = {**row, "last_generation": max(
+                (g["generation"] or 0 for g in row["generations"]), default=0),
+                "rekey_latency_ms": {"p50": percentile(lat, 50), "p99": percentile(lat, 99),
+                                     "n": len(lat)}}
+        return {
+            "version": 1, "started_at": self.wall0, "setup_seconds": self.setup_seconds,
+            "duration": self.elapsed(),
+            "config": config, "kernel": kernel,
+            "tunnels": tunnels,
+            "rekeys": sum(t["rekeys"] for t in tunnels.values()),
+            "rekey_latency_ms": {"p50": percentile(all_lat, 50), "p99": percentile(all_lat, 99)},
+            "traffic": traffic,
+            "alarms": list(self.alarms),
+            "policy_actions": list(self.actions),
+            "qkd_link": link,
+            "events": len(self.events),
+            "cleanup": cleanup,
+        }
+
+
+def render(snap: dict[str, Any]) -> str:
+    """One status block (plain text, a handful of lines) from a snapshot."""
+    lines = []
+    eve = snap.get("eavesdropper")
+    head = (f"[{snap.get('t', 0):6.1f}s] qkdgate demo  policy {snap.get('policy')}  "
+            f"eavesdropper {'ON' if eve else 'off'}")
+    if snap.get("remaining") is not None:
+        head += f"  ends in {snap['remaining']:.0f}s"
+    lines.append(head)
+    link = snap.get("link")
+    if link:
+        alarms = ",".join(str(a) for a in link.get("alarms", [])) or "none"
+        lines.append(f"  QKD link {'-'.join(map(str, link.get('kmes', [])))}: pool "
+                     f"{int(link.get('stored_keys', 0))} keys, QBER {float(link.get('qber', 0)):.1%}, "
+                     f"key rate {float(link.get('secret_key_rate_bps', 0)) / 1000:.1f} kbit/s, "
+                     f"alarms {alarms}")
+    for gw, st in sorted((snap.get("gateways") or {}).items()):
+        for t in (st or {}).get("tunnels", []):
+            state = str(t.get("state", "?")).upper()
+            flag = " FALLBACK(PQC-only)" if t.get("fallback") else ""
+            nxt = t.get("next_rekey_in")
+            key = f"{gw}/{t.get('tunnel')}"
+            lat = (snap.get("latency") or {}).get(key)
+            gen = t.get("generation")
+            line = (f"  {gw} {t.get('tunnel')} ({t.get('type')}): {state}{flag} "
+                    f"gen {gen if gen is not None else '-'} inputs {_inputs_text(t.get('inputs'))} "
+                    f"rekeys {int((snap.get('rekeys') or {}).get(key, 0))}")
+            if isinstance(lat, (int, float)):
+                line += f" last {lat:.0f} ms"
+            if isinstance(nxt, (int, float)):
+                line += f" next in {float(nxt):.1f}s"
+            lines.append(line)
+    for name, c in sorted((snap.get("traffic") or {}).items()):
+        lines.append(f"  traffic {name}: sent {c.get('sent', 0)} received {c.get('received', 0)} "
+                     f"lost {c.get('lost', 0)}  last {c.get('window', 0):.0f}s: "
+                     f"{c.get('window_received', 0)}/{c.get('window_sent', 0)} through")
+    for r in snap.get("recent") or []:
+        lines.append(f"  > {r}")
+    return "\n".join(lines)
