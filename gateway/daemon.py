@@ -177,6 +177,8 @@ class Daemon(EventHandlers):
         if self.journal is None and self.config_path is not None:
             self.journal = build.open_journal(cfg)
         host = str(cfg.gateway.listen.address)
+        if host == "0.0.0.0" and any(p.address.version == 6 for p in cfg.peers):
+            host = "::"     # a dual-stack socket reaches IPv4 and IPv6 peers alike
         transport, self.endpoint = await open_endpoint(
             host, cfg.gateway.listen.port,
             bypass=getattr(self._ipsec, "bypass_socket", None))

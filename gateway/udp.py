@@ -43,6 +43,7 @@ class PeerDriver:
         self.on_event = on_event
         self.loop = loop or asyncio.get_running_loop()
         self.transport: asyncio.DatagramTransport | None = None
+        self.send_address = address     # IPv4 peers become ::ffff:a.b.c.d on a dual-stack socket
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._pumping = False
@@ -122,7 +123,7 @@ class PeerDriver:
             if self.transport is None or self.transport.is_closing():
                 break
             try:
-                self.transport.sendto(dgram, self.address)
+                self.transport.sendto(dgram, self.send_address)
                 self.stats["tx"] += 1
                 self.stats["tx_bytes"] += len(dgram)
             except OSError as exc:    # e.g. ENETUNREACH: the retransmit timer tries again
@@ -175,7 +176,16 @@ class GatewayEndpoint(asyncio.DatagramProtocol):
         host, port = _norm(driver.address[0]), driver.address[1]
         self.by_addr[(host, port)] = driver
         self.by_host.setdefault(host, []).append(driver)
+        self._attach(driver)
+
+    def _attach(self, driver: PeerDriver) -> None:
         driver.transport = self.transport
+        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
+        host, port = driver.address
+        if sock is not None and sock.family == socket.AF_INET6 and ":" not in host:
+            driver.send_address = ("::ffff:" + host, port)   # RFC 4291 2.5.5.2
+        else:
+            driver.send_address = (host, port)
 
     def remove(self, driver: PeerDriver) -> None:
         host, port = _norm(driver.address[0]), driver.address[1]
@@ -186,7 +196,7 @@ class GatewayEndpoint(asyncio.DatagramProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         for d in self.by_addr.values():
-            d.transport = self.transport
+            self._attach(d)
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         host, port = _norm(addr[0]), addr[1]

@@ -49,6 +49,9 @@ class Transport:
     def is_closing(self):
         return False
 
+    def get_extra_info(self, name, default=None):
+        return default
+
 
 async def test_pump_sends_delivers_events_and_handles_reentrant_answers():
     s = Session()
@@ -128,3 +131,37 @@ async def test_two_endpoints_talk_over_loopback():
     finally:
         ta.close()
         tb.close()
+
+
+async def test_dual_stack_socket_reaches_ipv4_and_ipv6_peers():
+    loop = asyncio.get_running_loop()
+    t6, e6 = await open_endpoint("::", 0)
+    t4, e4 = await open_endpoint("127.0.0.1", 0)
+    t66, e66 = await open_endpoint("::1", 0)
+    p6 = t6.get_extra_info("sockname")[1]
+    try:
+        s_dual_to_v4, s_dual_to_v6 = Session(), Session()
+        s_v4, s_v6 = Session(), Session()
+        d1 = PeerDriver("v4", s_dual_to_v4, ("127.0.0.1", t4.get_extra_info("sockname")[1]),
+                        clock=loop.time, on_event=lambda *a: None)
+        d2 = PeerDriver("v6", s_dual_to_v6, ("::1", t66.get_extra_info("sockname")[1]),
+                        clock=loop.time, on_event=lambda *a: None)
+        e6.add(d1)
+        e6.add(d2)
+        assert d1.send_address[0] == "::ffff:127.0.0.1" and d2.send_address[0] == "::1"
+        e4.add(PeerDriver("dual", s_v4, ("127.0.0.1", p6), clock=loop.time,
+                          on_event=lambda *a: None))
+        e66.add(PeerDriver("dual", s_v6, ("::1", p6), clock=loop.time, on_event=lambda *a: None))
+        s_dual_to_v4.out.append(b"ping")
+        s_dual_to_v6.out.append(b"ping")
+        d1.pump()
+        d2.pump()
+        for _ in range(50):
+            if s_dual_to_v4.rx and s_dual_to_v6.rx:
+                break
+            await asyncio.sleep(0.01)
+        assert s_v4.rx == [b"ping"] and s_v6.rx == [b"ping"]
+        assert s_dual_to_v4.rx == [b"pong"] and s_dual_to_v6.rx == [b"pong"]
+    finally:
+        for t in (t6, t4, t66):
+            t.close()
