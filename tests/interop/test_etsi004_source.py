@@ -399,3 +399,32 @@ def test_hostile_answers_raise_only_key_source_errors(fuzz_state, answer, call, 
                 await a.close()
                 await b.close()
     asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
+# ------------------------------------------------------------ configuration
+
+async def test_yaml_config_with_kind_etsi004_builds_a_working_source(sim, tmp_path):
+    from pathlib import Path
+
+    from qkdgate.gateway.config import parse_config
+    base = (Path(__file__).parent.parent / "config" / "good-minimal.yaml").read_text()
+    cred = sim.credentials("SAE-A")
+    entry = (f"  - name: kme-a\n    kind: etsi004\n    url: {cred.url}\n    kme_id: KME-A\n"
+             f"    tls: {{cert: {cred.cert}, key: {cred.key}, ca: {cred.ca}}}\n"
+             f"    options: {{key_size: 256, qos: {{priority: 1}}}}\n")
+    start = base.index("  - name: kme-a")
+    text = base[:start] + entry + base[base.index("tunnels:"):]
+    cfg = parse_config(text, str(tmp_path / "gw.yaml"))
+    ks = cfg.key_sources[0]
+    assert ks.kind == "etsi004"
+    a = registry.create_key_source(ks.kind, ks)
+    b = _source(sim, "SAE-B")
+    try:
+        await b.connect("SAE-A")
+        keys = await a.get_new_keys("SAE-B", 1, cfg.peers[0].qkd.key_size)
+        assert (await b.get_keys_by_id("SAE-A", [keys[0].key_id]))[0].key == keys[0].key
+    finally:
+        await a.close()
+        await b.close()
+    with pytest.raises(ConfigError, match="unknown key source kind"):
+        parse_config(text.replace("kind: etsi004", "kind: etsi04"), str(tmp_path / "gw.yaml"))
