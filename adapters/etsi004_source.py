@@ -200,7 +200,7 @@ class Etsi004KeySource:
                               expected=", ".join(sorted(OPTIONS)))
         self.key_size = _key_size(opts.get("key_size", 256), s.where("options.key_size"))
         self._qos = _qos(opts.get("qos") or {}, self.key_size // 8, s.where("options.qos"))
-        self._accept_counter = bool(opts.get("accept_qos_counter", True))
+        self._accept_counter = _flag(opts, "accept_qos_counter", s)
         scheme = opts.get("uri_scheme", "qkd")
         if not isinstance(scheme, str) or not re.fullmatch(r"[a-z][a-z0-9+.-]{0,31}", scheme):
             raise ConfigError("uri_scheme must be a URI scheme", path=s.where("options.uri_scheme"),
@@ -214,7 +214,7 @@ class Etsi004KeySource:
             raise ConfigError("local SAE ID needed: set options.local_sae_id (no spaces, '/', "
                               "'?', '#')", path=s.where("options.local_sae_id"), found=repr(local))
         self.local_sae_id = local
-        http_opts = {"reuse_connections": bool(opts.get("reuse_connections", True))}
+        http_opts = {"reuse_connections": _flag(opts, "reuse_connections", s)}
         self.client = Etsi004Client(s, ssl_context=ssl_context, sleep=sleep, rng=rng, **http_opts)
         self._rng_bytes = rng_bytes
         self._streams: dict[str, _Stream] = {}
@@ -459,6 +459,14 @@ def _key_size(v: object, where: str) -> int:
     if not isinstance(v, int) or isinstance(v, bool) or v % 8 or not 64 <= v <= 8192:
         raise ConfigError("key_size must be a multiple of 8 bits", path=where,
                           expected="64..8192", found=repr(v))
+    return v
+
+
+def _flag(opts: Mapping[str, Any], name: str, s: SourceSettings) -> bool:
+    v = opts.get(name, True)
+    if not isinstance(v, bool):
+        raise ConfigError(f"{name} must be true or false", path=s.where(f"options.{name}"),
+                          found=repr(v)[:40])
     return v
 
 

@@ -318,7 +318,8 @@ def test_bad_options(sim):
     cases = [({"key_size": 250}, "key_size"), ({"key_stream_id": "nope"}, "key_stream_id"),
              ({"qos": {"key_chunk_size": 8}}, "options.qos.key_chunk_size"),
              ({"qos": {"ttl": -1}}, "options.qos"), ({"colour": 1}, "options.colour"),
-             ({"local_sae_id": "a/b"}, "local_sae_id"), ({"uri_scheme": "1x"}, "uri_scheme")]
+             ({"local_sae_id": "a/b"}, "local_sae_id"), ({"uri_scheme": "1x"}, "uri_scheme"),
+             ({"accept_qos_counter": "false"}, "accept_qos_counter")]
     for opts, path in cases:
         with pytest.raises(ConfigError) as ei:
             Etsi004KeySource(settings(**opts))
