@@ -255,5 +255,18 @@ class MacsecBackend:
                 return st
         raise TunnelError("query_tx_sa", errno.ENODEV, f"no TX SA on AN {an} of {link}")
 
+    def rx_sc_stats(self, link: str) -> dict[int, dict[str, int]]:
+        """Per receive channel (by SCI) the u64 counters of
+        ``enum macsec_rxsc_stats_attr`` (IEEE 802.1AE-2018 10.7.9), named as
+        in the header without the prefix: ``IN_PKTS_LATE``, ``IN_PKTS_NOT_USING_SA``..."""
+        out: dict[int, dict[str, int]] = {}
+        for _i, entry in iter_nlas(self._txsc_dump(link).get(m.MACSEC_ATTR_RXSC_LIST, b"")):
+            a = parse_nlas(entry)
+            sci = struct.unpack(">Q", a[m.MACSEC_RXSC_ATTR_SCI][:8])[0]
+            stats = parse_nlas(a.get(m.MACSEC_RXSC_ATTR_STATS, b""))
+            out[sci] = {name: struct.unpack("=Q", stats[i][:8])[0]
+                        for i, name in enumerate(m.RXSC_STATS_NAMES) if i in stats and name}
+        return out
+
     def encoding_sa(self, link: str) -> int:
         return self._secy(link)[m.MACSEC_SECY_ATTR_ENCODING_SA][0]
