@@ -74,10 +74,15 @@ class Cleanup:
         return [w for w, _ in self._actions]
 
     def run(self) -> list[str]:
-        with self._lock:
-            actions, self._actions = self._actions, []
-            self.done = True
-        for what, fn in reversed(actions):
+        """Undo everything still registered. Actions are taken one at a time,
+        so a run cut short (a second Ctrl-C) is finished by the next call
+        (atexit)."""
+        self.done = True
+        while True:
+            with self._lock:
+                if not self._actions:
+                    break
+                what, fn = self._actions.pop()
             try:
                 fn()
             except Exception as exc:   # keep going: the next namespace must go too

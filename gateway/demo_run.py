@@ -19,6 +19,7 @@ so the end, an error or Ctrl-C removes every namespace and thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
@@ -28,7 +29,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, Iterator, TextIO
 
 from qkdgate.errors import QkdgateError
 from qkdgate.gateway import demo_net as dn
@@ -76,7 +77,6 @@ class DemoRun:
         self.traffic_t0: float | None = None
         self.stopped = threading.Event()
         self._last_link: dict[str, Any] | None = None
-        self._seen_actions = 0
 
     def say(self, text: str) -> None:
         print(text, file=self.out, flush=True)
@@ -89,9 +89,12 @@ class DemoRun:
         self._logging()
         self.say(f"demo: namespaces {dn.PREFIX}{self.net.tag}-*, state {self.state_dir}")
         self.cleanup.push("namespaces", self._net_down)
-        self.net.up()
-        write_identities(self.state_dir)
-        self._start_kme()
+        with self._step("namespaces"):
+            self.net.up()
+        with self._step("identities"):
+            write_identities(self.state_dir)
+        with self._step("KME simulator"):
+            self._start_kme()
         sim = self.sim
         eps = []
         for sae, port in (("SAE-A", self.fwd_ports[0]), ("SAE-B", self.fwd_ports[1])):
@@ -103,8 +106,15 @@ class DemoRun:
                                timers=Timers.for_interval(self.opts.rekey_interval),
                                macsec_macs=macs)
         self.config_paths = (pa, pb)
-        for name, ns, path in (("gw-a", self.net.gA, pa), ("gw-b", self.net.gB, pb)):
-            self._start_daemon(name, ns, path)
+        with self._step("daemons"):
+            for name, ns, path in (("gw-a", self.net.gA, pa), ("gw-b", self.net.gB, pb)):
+                self._start_daemon(name, ns, path)
+
+    @contextlib.contextmanager
+    def _step(self, what: str) -> Iterator[None]:
+        t0 = time.monotonic()
+        yield
+        log.info("demo setup: %s in %.1f s", what, time.monotonic() - t0)
 
     def _logging(self) -> None:
         logger = logging.getLogger("qkdgate")
@@ -236,7 +246,7 @@ class DemoRun:
             self.sim.set_eavesdropper(self.opts.eve_fraction if on else 0.0)
         self.kme.call(set_())
         self.eve_on = on
-        self.rec.phase("eavesdropper" if on else "after eavesdropper")
+        self.rec.eavesdropper("on" if on else "after")
         self.rec.note("eavesdropper ON: intercept-resend on "
                       f"{self.opts.eve_fraction:.0%} of photons" if on else "eavesdropper gone")
         self.link_state()
@@ -263,7 +273,7 @@ class DemoRun:
                               f"addr add {addr}/24 dev qm-link\nlink set qm-link up\n")
                 if r.returncode:
                     raise QkdgateError(f"MACsec link address in {ns}: {r.stderr.strip()}")
-            self.streams.append(UdpStream("gA=gB(macsec)", 3, n.gA, dn.MS_A, n.gB, dn.MS_B,
+            self.streams.append(UdpStream("gA->gB (MACsec)", 3, n.gA, dn.MS_A, n.gB, dn.MS_B,
                                           rate=self.opts.rate, port=5002).start())
         for s in self.streams:
             self.cleanup.push(f"stream {s.name}", lambda s=s: s.stop(0.0))
@@ -298,9 +308,10 @@ class DemoRun:
         self.setup()
         self.say(f"demo: two gateways, KME simulator up; policy {o.policy}, rekey every "
                  f"{o.rekey_interval:g} s; waiting for the first generation ...")
-        self.wait_ready()
+        with self._step("first generation"):
+            self.wait_ready()
         self.rec.start_clock()
-        self.rec.phase("before eavesdropper" if o.eavesdrop_at is not None else "running")
+        self.rec.eavesdropper("before" if o.eavesdrop_at is not None else None)
         self.start_traffic()
         self.say(f"demo: tunnel up, traffic running ({o.rate} datagrams/s each way)")
         t0 = self.traffic_t0
@@ -317,21 +328,10 @@ class DemoRun:
                 eve_end = (o.eavesdrop_at + o.eavesdrop_for) if o.eavesdrop_for > 0 else float("inf")
             if self.eve_on and eve_end is not None and el >= eve_end:
                 self.set_eavesdropper(False)
-            self._phase_from_actions()
             if now >= next_view:
                 self.say(render(self.snapshot(o.view_interval)))
                 next_view = now + o.view_interval
             self.stopped.wait(0.1)
-
-    def _phase_from_actions(self) -> None:
-        acts = self.rec.actions[self._seen_actions:]
-        self._seen_actions += len(acts)
-        for a in acts:
-            if a["action"] == "block" and a["gateway"] == "gw-a":
-                self.rec.phase("blocked")
-            elif a["action"] == "recovery" and a["gateway"] == "gw-a" and \
-                    self.rec.phases and self.rec.phases[-1][0] == "blocked":
-                self.rec.phase("recovered")
 
     def finish(self) -> dict[str, Any]:
         """Stop traffic, take the figures, stop everything; the summary."""

@@ -63,6 +63,8 @@ class Recorder:
         self.actions: list[dict[str, Any]] = []
         self.phases: list[tuple[str, float]] = []     # (label, monotonic start)
         self._blocked: set[tuple[str, str]] = set()
+        self._fallback: set[tuple[str, str]] = set()
+        self._eve: str | None = None   # None (no eavesdropper planned), "before", "on", "after"
         self.notes: list[str] = []
         self.setup_seconds: float | None = None
         self._shown = 0              # notes already printed by the view
@@ -87,6 +89,26 @@ class Recorder:
     def phase(self, label: str) -> None:
         with self._lock:
             self.phases.append((label, self.clock()))
+
+    def phase_label(self) -> str:
+        """The run's phase: the eavesdropper's state and the policy's state
+        (any tunnel blocked / on the PQC fallback); losses are counted per phase."""
+        eve = {None: "running", "before": "before eavesdropper", "on": "eavesdropper",
+               "after": "after eavesdropper"}[self._eve]
+        if self._blocked:
+            return eve + ", blocked"
+        if self._fallback:
+            return eve + ", PQC fallback"
+        return eve
+
+    def _update_phase(self) -> None:
+        label = self.phase_label()
+        if not self.phases or self.phases[-1][0] != label:
+            self.phase(label)
+
+    def eavesdropper(self, state: str | None) -> None:
+        self._eve = state
+        self._update_phase()
 
     def note(self, text: str) -> None:
         with self._lock:
@@ -113,8 +135,10 @@ class Recorder:
             self.events.append(e)
         action = None
         if name == "policy_fallback":
+            self._fallback.add((gw, tid))
             action = ("fallback", f"PQC-only (ML-KEM + X25519) from generation {ev.get('generation')}")
         elif name == "policy_recovered":
+            self._fallback.discard((gw, tid))
             action = ("recovery", f"QKD keys again from generation {ev.get('generation')}")
         elif name == "tunnel_blocked":
             self._blocked.add((gw, tid))
@@ -123,6 +147,8 @@ class Recorder:
             self._blocked.discard((gw, tid))
             action = ("recovery", f"unblocked with generation {ev.get('generation')}")
         if action:
+            if self.phases:            # phases start with the traffic
+                self._update_phase()
             with self._lock:
                 self.actions.append({"t": e["t"], "gateway": gw, "tunnel": tid,
                                      "action": action[0], "detail": action[1]})
