@@ -107,6 +107,12 @@ class KeyPolicy(enum.Enum):
         return POLICY_LEGS[self][1]
 
     @property
+    def blocks_on_qkd_loss(self) -> bool:
+        """``qkd-mandatory``: when the QKD source fails or alarms, block at
+        once instead of running the current keys to their hard lifetime."""
+        return self is KeyPolicy.QKD_MANDATORY
+
+    @property
     def uses_qkd(self) -> bool:
         return "qkd" in self.required or "qkd" in self.optional
 
@@ -115,7 +121,7 @@ LEGS = ("x25519", "mlkem", "qkd")
 POLICY_LEGS: dict[KeyPolicy, tuple[frozenset[str], frozenset[str]]] = {
     KeyPolicy.HYBRID_REQUIRED: (frozenset({"x25519", "mlkem", "qkd"}), frozenset()),
     KeyPolicy.PQC_FALLBACK: (frozenset({"x25519", "mlkem"}), frozenset({"qkd"})),
-    KeyPolicy.QKD_MANDATORY: (frozenset({"qkd", "x25519"}), frozenset({"mlkem"})),
+    KeyPolicy.QKD_MANDATORY: (frozenset({"x25519", "mlkem", "qkd"}), frozenset()),
     KeyPolicy.PQC_ONLY: (frozenset({"x25519", "mlkem"}), frozenset()),
 }
 

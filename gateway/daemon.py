@@ -47,6 +47,7 @@ log = logging.getLogger("qkdgate.daemon")
 
 Subscriber = Callable[[dict[str, Any]], Awaitable[None] | None]
 POLL_INTERVAL = 10.0        # kernel counters (soft byte limits, status)
+QKD_HEALTH_MAX = 5.0        # poll each peer's KME status at least this often
 
 
 class Daemon(EventHandlers):
@@ -77,6 +78,7 @@ class Daemon(EventHandlers):
         self.metrics: Any = None            # qkdgate.gateway.metrics.Metrics when enabled
         self.telemetry: Any = None          # qkdgate.gateway.telemetry.Telemetry when enabled
         self._source_up: dict[str, bool] = {}
+        self._alarmed: dict[str, tuple[str, ...]] = {}   # key source -> last alarms seen
         self._services: list[Any] = []
         self.tunnels = TunnelManager()
         self.peers: dict[str, PeerState] = {}
@@ -133,6 +135,8 @@ class Daemon(EventHandlers):
                     loops.append(tg.create_task(self._watchdog_loop(), name="watchdog"))
                 if self.telemetry is not None:
                     loops.append(tg.create_task(self.telemetry.run(), name="telemetry"))
+                if any(p.qkd for p in self.config.peers):
+                    loops.append(tg.create_task(self._qkd_health_loop(), name="qkd-health"))
                 self.ready.set()
                 self.notifier.ready(self._status_line())
                 self.emit({"event": "daemon_started", "tunnels": list(self.tunnels.tunnels)})
@@ -285,6 +289,18 @@ class Daemon(EventHandlers):
                     await self._kick.wait()
             except TimeoutError:
                 pass
+
+    async def _qkd_health_loop(self) -> None:
+        """Poll each peer's KME status (ETSI GS QKD 014 6.1). Both roles see
+        a QKD link alarm this way, also the slave, which otherwise only
+        talks to its KME when the master sends key_IDs; the status (pool,
+        QBER, alarms) feeds telemetry and ``qkd-mandatory`` blocking."""
+        period = min([QKD_HEALTH_MAX] + [t.rekey.interval for t in self.config.tunnels])
+        while True:
+            for peer in self.config.peers:
+                if peer.qkd is not None and peer.name in self.drivers:
+                    await self._qkd_health(self.drivers[peer.name], peer.qkd)
+            await asyncio.sleep(period)
 
     def wake(self) -> None:
         """Re-evaluate tunnel timers now (after installs, or a clock jump in tests)."""

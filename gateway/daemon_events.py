@@ -91,6 +91,7 @@ class EventHandlers:
                         extra={"peer": driver.name})
             self.emit({"event": "qkd_error", "peer": driver.name, "error": str(exc),
                        "kind": type(exc).__name__})
+            self._block_qkd_mandatory(driver, f"QKD unavailable: {exc}")
             driver.call("qkd_failed", lambda e=exc: driver.session.qkd_failed(ev.request_id, e,
                                                                           self.clock()))
             return
@@ -111,7 +112,7 @@ class EventHandlers:
 
     def _key_source_health(self, source: str, peer: str, role: str, t0: float,
                            error: BaseException | None) -> None:
-        op = "get_new_keys" if role == "master" else "get_keys_by_id"
+        op = {"master": "get_new_keys", "slave": "get_keys_by_id"}.get(role, role)
         if self.metrics is not None:
             self.metrics.observe_key_source_call(source, op, self.clock() - t0, error)
         up = error is None
@@ -120,6 +121,46 @@ class EventHandlers:
             self.emit({"event": "key_source_up" if up else "key_source_down", "source": source,
                        "peer": peer,
                        "reason": "ok" if up else f"{type(error).__name__}: {error}"})
+
+    async def _qkd_health(self, driver: PeerDriver, qkd: Any) -> None:
+        src = (self._key_sources or {}).get(qkd.key_source)
+        if src is None:
+            return
+        t0 = self.clock()
+        try:
+            async with asyncio.timeout(self._kme_timeout(qkd.key_source)):
+                connect = getattr(src, "connect", None)   # StreamKeySource (ETSI 004):
+                if connect is not None:                   # both SAEs must attach first;
+                    await connect(qkd.peer_sae_id)        # idempotent, so on every poll
+                st = await src.status(qkd.peer_sae_id)
+        except Exception as exc:   # a broken adapter plugin must not stop the daemon
+            if isinstance(exc, KeySourceError):
+                err = exc
+            elif isinstance(exc, TimeoutError):
+                err = KeySourceTimeout("status timed out")
+            else:
+                log.error("key source %s: status() failed: %r", qkd.key_source, exc,
+                          extra={"peer": driver.name})
+                err = KeySourceError(f"status() failed: {type(exc).__name__}")
+            self._key_source_health(qkd.key_source, driver.name, "status", t0, err)
+            self._block_qkd_mandatory(driver, f"QKD key source unreachable: {err}")
+            return
+        healthy = st.link_up and not st.alarms
+        self.emit({"event": "qkd_status", "peer": driver.name, "source": qkd.key_source,
+                   "stored_key_count": st.stored_key_count, "max_key_count": st.max_key_count,
+                   "qber": st.qber, "link_up": st.link_up, "alarms": list(st.alarms)})
+        if st.alarms and self._alarmed.get(qkd.key_source) != st.alarms:
+            self.emit({"event": "qkd_alarm", "peer": driver.name, "source": qkd.key_source,
+                       "qber": st.qber, "threshold": st.extensions.get("qkdgate_qber_threshold"),
+                       "alarms": list(st.alarms)})
+        self._alarmed[qkd.key_source] = st.alarms
+        if healthy:
+            self._key_source_health(qkd.key_source, driver.name, "status", t0, None)
+        else:
+            reason = ", ".join(st.alarms) or "QKD link down"
+            self._key_source_health(qkd.key_source, driver.name, "status", t0,
+                                    KeySourceError(reason))
+            self._block_qkd_mandatory(driver, f"QKD link alarm: {reason}")
 
     def _kme_timeout(self, name: str) -> float:
         try:
@@ -192,6 +233,17 @@ class EventHandlers:
         log.warning("peer %s: QKD unavailable, PQC-only generations where policy allows: %s",
                     driver.name, ev.reason, extra={"peer": driver.name})
         self.emit({"event": "qkd_fallback", "peer": driver.name, "reason": ev.reason})
+        self._block_qkd_mandatory(driver, f"QKD unavailable: {ev.reason}")
+
+    def _block_qkd_mandatory(self, driver: PeerDriver, reason: str) -> None:
+        """``qkd-mandatory`` tunnels stop carrying traffic the moment QKD
+        fails (a hybrid-required one runs its current keys to their hard
+        lifetime); the next generation with a QKD key unblocks them."""
+        now = self.clock()
+        for tid in self.peers[driver.name].tunnels:
+            tunnel = self.tunnels.get(tid)
+            if tunnel.policy.blocks_on_qkd_loss and tunnel.state != "blocked":
+                tunnel.block(now, reason)
 
     def _ev_QkdRecovered(self, driver: PeerDriver, ev: Any) -> None:
         self.peers[driver.name].qkd_fallback = False

@@ -26,7 +26,7 @@ def free_udp_port() -> int:
 def gateway_yaml(me: str, peer: str, my_port: int, peer_port: int, folder: Path, *,
                  role: str, policy: str, interval: str, soft: str, hard: str,
                  grace: str = "500ms", mine: str, theirs: str, qkd: bool = True,
-                 kme: object = None, macsec: bool = False) -> str:
+                 kme: object = None, macsec: bool = False, kind: str = "etsi014") -> str:
     a = me == "gw-a"
     qkd_block = f"""
     qkd:
@@ -38,7 +38,7 @@ def gateway_yaml(me: str, peer: str, my_port: int, peer_port: int, folder: Path,
         ks = f"""
 key_sources:
   - name: kme
-    kind: etsi014
+    kind: {kind}
     url: {kme.url}
     kme_id: {kme.kme_id}
     timeout: 2s
@@ -93,7 +93,7 @@ peers:
 
 def write_pair(folder: Path, *, policy: str = "hybrid-required", interval: str = "1s",
                soft: str = "3s", hard: str = "5s", qkd: bool = True, kme: object = None,
-               macsec: bool = False) -> tuple:
+               macsec: bool = False, kind: str = "etsi014") -> tuple:
     """Write identities and both config files; returns (config_a, config_b, path_a, path_b)."""
     pa, pb = free_udp_port(), free_udp_port()
     for name in ("gw-a", "gw-b"):
@@ -107,7 +107,7 @@ def write_pair(folder: Path, *, policy: str = "hybrid-required", interval: str =
         path = folder / f"{me}.yaml"
         path.write_text(gateway_yaml(me, peer, mp, pp, folder, role=role, policy=policy,
                                      interval=interval, soft=soft, hard=hard, mine=mine,
-                                     theirs=theirs, qkd=qkd, macsec=macsec,
+                                     theirs=theirs, qkd=qkd, macsec=macsec, kind=kind,
                                      kme=kme.credentials("SAE-A" if me == "gw-a" else "SAE-B")
                                      if kme is not None else None))
         os.chmod(path, 0o600)

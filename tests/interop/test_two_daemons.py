@@ -6,6 +6,7 @@ for every SA the key A installed outbound is the key B installed inbound
 daemon adopts its SAs and re-keys with its peer."""
 
 import asyncio
+import uuid
 import contextlib
 import logging
 
@@ -146,6 +147,18 @@ async def test_establish_rekey_on_schedule_identical_keys(tmp_path, kme, caplog)
         assert sa.spec.key.reveal()[:16].hex() not in logs
 
 
+async def test_etsi004_key_streams_key_both_daemons(tmp_path, kme):
+    # ETSI GS QKD 004: both gateways attach to one key stream; the key_IDs
+    # that travel in the exchange name stream positions (docs/qkd.md).
+    p = Pair(tmp_path, kme, kind="etsi004")
+    async with p.running():
+        assert await wait_for(both_past(p, 2), 15), "no rekeys over ETSI 004"
+        ids = [e["inputs"]["qkd_key_ids"] for e in p.events_a if e["event"] == "rekey_done"]
+        assert all(ids) and len({i for batch in ids for i in batch}) == len(ids)
+        assert all(uuid.UUID(batch[0]).version == 8 for batch in ids)
+        keys_match(p.be_a, p.be_b)
+
+
 async def test_pqc_fallback_continues_without_qkd_and_returns_to_hybrid(tmp_path, kme):
     p = Pair(tmp_path, kme, policy="pqc-fallback")
     async with p.running():
@@ -183,6 +196,31 @@ async def test_hybrid_required_blocks_at_hard_lifetime_and_recovers(tmp_path, km
         assert await wait_for(lambda: p.a.tunnels.get("t1").state == "up"
                               and p.b.tunnels.get("t1").state == "up", 8), "no recovery"
         assert gen(p.a) > g
+        keys_match(p.be_a, p.be_b)
+
+
+async def test_qkd_mandatory_blocks_at_once_when_qkd_fails(tmp_path, kme):
+    # Lifetimes far away: a hybrid-required tunnel would keep forwarding for
+    # a minute; qkd-mandatory must block on the first QKD failure.
+    p = Pair(tmp_path, kme, policy="qkd-mandatory", interval="1s", soft="50s", hard="60s")
+    async with p.running():
+        assert await wait_for(both_past(p, 0), 10)
+        kme.set_eavesdropper(1.0)    # intercept-resend on every photon: QBER ~25 %
+        assert await wait_for(lambda: p.a.tunnels.get("t1").state == "blocked"
+                              and p.b.tunnels.get("t1").state == "blocked", 6), \
+            "qkd-mandatory kept forwarding after the QKD link alarmed"
+        # both gateways saw the alarm from their own KME, the slave too
+        for events in (p.events_a, p.events_b):
+            (alarm, *_) = [e for e in events if e["event"] == "qkd_alarm"]
+            assert alarm["qber"] > alarm["threshold"] and alarm["alarms"]
+        assert p.be_a.sas == {} and p.be_b.sas == {}
+        for be in (p.be_a, p.be_b):
+            (out,) = [x for x in be.policies.values() if x.direction is Direction.OUT]
+            assert out.action is PolicyAction.BLOCK
+        assert all(e["inputs"]["qkd_key_ids"] for e in p.events_a if e["event"] == "rekey_done")
+        kme.set_eavesdropper(0.0)
+        assert await wait_for(lambda: p.a.tunnels.get("t1").state == "up"
+                              and p.b.tunnels.get("t1").state == "up", 10), "no recovery"
         keys_match(p.be_a, p.be_b)
 
 

@@ -154,14 +154,16 @@ def test_hybrid_required_refuses_generation_without_qkd_and_installs_nothing():
     assert be.sas == {} and "requires qkd" in t.last_error
 
 
-def test_qkd_mandatory_needs_qkd_and_x25519_but_not_mlkem():
+def test_qkd_mandatory_needs_every_leg():
     t, be = tunnel(policy=TunnelPolicy.QKD_MANDATORY)
     t.setup(0.0)
-    with pytest.raises(GenerationRefused):
+    with pytest.raises(GenerationRefused, match="qkd"):
         t.install_inbound(1, Session(b"x", Prov(qkd_key_ids=())), "initiator", 0xC0000200, 0)
     with pytest.raises(GenerationRefused, match="x25519"):
         t.install_inbound(1, Session(b"x", Prov(x25519=False)), "initiator", 0xC0000200, 0)
-    establish(t, 1, Session(b"g1", Prov(kem_name="")))
+    with pytest.raises(GenerationRefused, match="mlkem"):
+        t.install_inbound(1, Session(b"x", Prov(kem_name="")), "initiator", 0xC0000200, 0)
+    establish(t, 1, Session(b"g1", Prov()))
     assert t.state == "up"
 
 
