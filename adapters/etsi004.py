@@ -35,7 +35,7 @@ import enum
 import json
 import ssl
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
 from yarl import URL
@@ -83,7 +83,7 @@ class QoS:
             raise KeySourceProtocolError("ETSI 004: qos must be an object")
         vals: dict[str, Any] = {}
         for name in ("key_chunk_size", "max_bps", "min_bps", "jitter", "priority", "timeout", "ttl"):
-            v = doc.get(name, getattr(cls, name))
+            v = doc.get(name, _QOS_DEFAULTS[name])
             if not isinstance(v, int) or isinstance(v, bool) or v < 0 or v > 2**32:
                 raise KeySourceProtocolError(f"ETSI 004: qos.{name} must be an unsigned integer")
             vals[name] = v
@@ -94,6 +94,11 @@ class QoS:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# Field defaults by name: getattr(QoS, name) on a slots dataclass gives the
+# member descriptor, not the default.
+_QOS_DEFAULTS = {f.name: f.default for f in fields(QoS)}
 
 
 @dataclass(frozen=True, slots=True)

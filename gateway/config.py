@@ -149,6 +149,9 @@ KIND_NEEDS_URL = ("etsi014", "etsi004", "idq-cerberis-xgr", "toshiba")
 # (qkdgate.adapters.profiles) that options may override.
 KIND_NEEDS_MTLS = {"etsi014": "generic", "idq-cerberis-xgr": "idq-cerberis-xgr",
                    "toshiba": "toshiba"}
+# Kinds whose KME link must be HTTPS with mutual TLS: the ETSI 014 ones, and
+# ETSI 004, whose JSON binding (docs/qkd.md) runs over the same mutual TLS.
+MTLS_KINDS = frozenset(KIND_NEEDS_MTLS) | {"etsi004"}
 
 
 # ---------------------------------------------------------------- gateway

@@ -30,7 +30,7 @@ _SECRET_KEY_RE = re.compile(r"(?i)(passw(or)?d|secret|token|psk|private|api_?key
 
 
 def validate(cfg: "Config") -> None:
-    from qkdgate.gateway.config import (BUILTIN_KEY_SOURCE_KINDS, KIND_NEEDS_MTLS,
+    from qkdgate.gateway.config import (BUILTIN_KEY_SOURCE_KINDS, KIND_NEEDS_MTLS, MTLS_KINDS,
                                         IDENTITY_PREFIX, KIND_NEEDS_URL, REQID_SPAN,
                                         SUPPORTED_VERSIONS, KemSuite, Profile,
                                         TunnelType)
@@ -64,12 +64,14 @@ def validate(cfg: "Config") -> None:
                             expected="url: https://...", found="no url")
         if ks.url is not None:
             _check_url(cfg, f"{at}.url", ks.url, ks.kind)
-        if ks.kind in KIND_NEEDS_MTLS:
+        if ks.kind in MTLS_KINDS:
             missing = [k for k in ("cert", "key", "ca") if getattr(ks.tls, k, None) is None]
             if missing:
                 raise cfg.error(f"{at}.tls" if ks.tls else at,
                                 f"key source kind {ks.kind} needs mutual TLS "
-                                "(ETSI GS QKD 014 requires it)", expected="tls: {cert, key, ca}",
+                                + ("(ETSI GS QKD 014 requires it)" if ks.kind in KIND_NEEDS_MTLS
+                                   else "(qkdgate's ETSI 004 binding runs over it)"),
+                                expected="tls: {cert, key, ca}",
                                 found="no " + ", ".join("tls." + k for k in missing))
         if ks.tls is not None:
             _check_tls(cfg, f"{at}.tls", ks.tls)
@@ -316,8 +318,8 @@ def _check_url(cfg: "Config", at: str, url: str, kind: str) -> None:
     if not host:
         raise cfg.error(at, "URL without a valid host", expected="https://HOST[:PORT]",
                         found=f"'{url}'")
-    from qkdgate.gateway.config import KIND_NEEDS_MTLS
-    if kind in KIND_NEEDS_MTLS and parts.scheme != "https":
+    from qkdgate.gateway.config import MTLS_KINDS
+    if kind in MTLS_KINDS and parts.scheme != "https":
         # ETSI GS QKD 014 5.1: HTTPS only; plain HTTP would hand keys to the path
         raise cfg.error(at, "the KME interface must use HTTPS (ETSI GS QKD 014 requires it)",
                         expected="an https:// URL", found=f"'{url}'")

@@ -121,6 +121,13 @@ class ControlServer:
             if uid not in self.allowed_uids:
                 log.warning("control: refused connection from uid %d", uid)
                 answer = _error("permission", "only root may use the control socket")
+                # Read (and ignore) the request first: closing an AF_UNIX socket
+                # with unread data resets the peer, which would then see
+                # ECONNRESET instead of this answer.
+                try:
+                    await asyncio.wait_for(reader.readline(), timeout=1.0)
+                except (asyncio.TimeoutError, ValueError, asyncio.LimitOverrunError):
+                    pass
             else:
                 answer = await self._answer(reader)
             writer.write(json.dumps(answer, separators=(",", ":")).encode() + b"\n")
