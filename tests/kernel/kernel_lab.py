@@ -102,6 +102,13 @@ class Topology:
                                                         ("hA", "gA", "w", "gB", "hB"))
         self.all = [self.hA, self.gA, self.wire, self.gB, self.hB]
 
+    @classmethod
+    def from_names(cls, names: list[str]) -> "Topology":
+        t = cls.__new__(cls)
+        t.hA, t.gA, t.wire, t.gB, t.hB = names
+        t.all = list(names)
+        return t
+
     def up(self) -> "Topology":
         hA, gA, w, gB, hB = self.all
         ipbatch([f"netns add {n}" for n in self.all] + [

@@ -1,0 +1,128 @@
+"""Kernel test 4: fail closed when the daemon dies.
+
+A child process installs the tunnel through qkdgate's backends and is
+SIGKILLed, so nobody rekeys or cleans up. IPsec: traffic survives the kill
+(the keys are in the kernel) until the SA's hard lifetime, then stops, and
+not one cleartext packet reaches the wire. Then, as systemd's ExecStopPost
+would, `python -m qkdgate failsafe` stops IPsec and MACsec at once while
+the blocking policies stay."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from kernel_lab import (HA, HB, MS_A, MS_B, Capture, Stream, analyse_pcap)
+from qkdgate.interfaces import Direction
+from qkdgate.tunnels.macsec import MacsecBackend
+from qkdgate.tunnels.xfrm import XfrmBackend
+
+HERE = os.path.dirname(__file__)
+
+
+def start_stub(topo, kind: str, state: str, hard: int = 0) -> tuple[subprocess.Popen, float]:
+    args = [sys.executable, os.path.join(HERE, "daemon_stub.py"), kind, json.dumps(topo.all), state]
+    if hard:
+        args.append(str(hard))
+    p = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+    line = p.stdout.readline()
+    assert line.startswith("READY"), f"stub failed: {line!r} rc={p.poll()}"
+    return p, float(line.split()[1])
+
+
+def kill(p: subprocess.Popen) -> float:
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    return time.time()
+
+
+def failsafe(state: str) -> str:
+    r = subprocess.run([sys.executable, "-m", "qkdgate", "failsafe", "--state", state],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout
+
+
+def wall_to_mono(t: float) -> float:
+    return time.monotonic() - (time.time() - t)
+
+
+def policies_kept(topo) -> None:
+    for ns in (topo.gA, topo.gB):
+        be = XfrmBackend(ns)
+        pols = be.list_policies()
+        assert {p.direction for p in pols} == {Direction.IN, Direction.OUT, Direction.FWD}
+        assert all(p.template is not None and not p.template.optional for p in pols)
+        assert be.list_sas() == []
+        be.close()
+
+
+def test_ipsec_hard_lifetime_stops_traffic_after_sigkill(topo, tmp_path):
+    hard = 6
+    stub, t_installed = start_stub(topo, "ipsec", str(tmp_path / "tunnels.json"), hard)
+    cap = Capture(topo, str(tmp_path / "kill.pcap"))
+    s = Stream(topo.hA, topo.hB, HA, HB, rate=200).start()
+    time.sleep(0.5)
+    t_kill = wall_to_mono(kill(stub))
+    time.sleep(1.0)
+    assert s.received_since(t_kill + 0.1) > 50, "traffic should survive the daemon until expiry"
+    # the kernel's hard lifetime is the backstop (its timer has 1 s resolution)
+    deadline = wall_to_mono(t_installed) + hard + 1.5
+    time.sleep(max(0.0, deadline - time.monotonic()))
+    time.sleep(1.5)
+    s.stop(drain=0.5)
+    rep = analyse_pcap(cap.stop())
+    after = s.received_since(deadline)
+    sent_after = sum(1 for t in s.sent_at if t >= deadline)
+    assert sent_after > 200 and after == 0, (sent_after, after)
+    assert rep.cleartext == 0 and rep.pattern_hits == 0 and rep.esp > 0, rep
+    policies_kept(topo)
+
+
+def test_failsafe_stops_ipsec_at_once_after_sigkill(topo, tmp_path):
+    state = str(tmp_path / "tunnels.json")
+    stub, _ = start_stub(topo, "ipsec", state, 3600)
+    reg = json.load(open(state))
+    assert set(reg["namespaces"]) == {topo.gA, topo.gB}
+    cap = Capture(topo, str(tmp_path / "fs.pcap"))
+    s = Stream(topo.hA, topo.hB, HA, HB, rate=200).start()
+    time.sleep(0.5)
+    t_kill = wall_to_mono(kill(stub))
+    time.sleep(1.0)
+    assert s.received_since(t_kill + 0.1) > 50
+    out = failsafe(state)
+    t_fs = time.monotonic()
+    time.sleep(1.5)
+    s.stop(drain=0.5)
+    rep = analyse_pcap(cap.stop())
+    assert "deleted 2 SA(s)" in out, out
+    assert s.received_since(t_fs + 0.05) == 0
+    assert rep.cleartext == 0 and rep.pattern_hits == 0, rep
+    policies_kept(topo)
+
+
+def test_failsafe_stops_macsec_after_sigkill(topo, tmp_path):
+    state = str(tmp_path / "tunnels.json")
+    stub, _ = start_stub(topo, "macsec", state)
+    cap = Capture(topo, str(tmp_path / "ms-fs.pcap"))
+    s = Stream(topo.gA, topo.gB, MS_A, MS_B, rate=200).start()
+    time.sleep(0.5)
+    t_kill = wall_to_mono(kill(stub))
+    time.sleep(1.0)
+    assert s.received_since(t_kill + 0.1) > 50, "MACsec SAs have no lifetime: traffic goes on"
+    out = failsafe(state)
+    t_fs = time.monotonic()
+    time.sleep(1.5)
+    s.stop(drain=0.5)
+    rep = analyse_pcap(cap.stop())
+    assert "taken down" in out, out
+    assert s.received_since(t_fs + 0.05) == 0
+    assert rep.cleartext == 0 and rep.pattern_hits == 0 and rep.macsec > 0, rep
+    for ns in (topo.gA, topo.gB):
+        be = MacsecBackend(ns)
+        assert be.tx_sas("ms0") and not any(st.active for st in be.tx_sas("ms0"))
+        be.close()
