@@ -79,12 +79,20 @@ class ControlServer:
         if stat.S_IMODE(st.st_mode) & 0o002 and not st.st_mode & stat.S_ISVTX:
             raise ControlError(f"control socket directory {directory} is world-writable")
         self._remove_stale()
-        old = os.umask(0o177)   # the socket is born 0600: no window with looser mode
+        # The socket is born 0600 (no window with a looser mode). Bind it
+        # synchronously: the umask is process-wide, so it must not be held
+        # across an await where other tasks create files.
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        old = os.umask(0o177)
         try:
-            self._server = await asyncio.start_unix_server(self._serve, path=self.path,
-                                                           limit=MAX_REQUEST)
+            sock.bind(self.path)
+        except BaseException:
+            sock.close()
+            raise
         finally:
             os.umask(old)
+        self._server = await asyncio.start_unix_server(self._serve, sock=sock,
+                                                       limit=MAX_REQUEST)
         os.chmod(self.path, 0o600)
         log.info("control socket listening on %s", self.path)
 
