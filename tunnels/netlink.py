@@ -98,6 +98,9 @@ class NetlinkChannel:
             except OSError:  # very old kernels: plain errors still work
                 pass
         self.sock.bind((0, 0))
+        # one receive buffer for the channel's life: recv(1 MiB) would
+        # allocate (and under TCG fault in) a fresh megabyte per reply
+        self._buf = bytearray(1 << 18)
         self._seq = 0
         self._lock = threading.Lock()
 
@@ -151,11 +154,14 @@ class NetlinkChannel:
                 results += self._acks(op, first, self._seq)
         return results
 
+    def _recv(self) -> bytes:
+        n = self.sock.recv_into(self._buf)
+        return bytes(memoryview(self._buf)[:n])
+
     def _acks(self, op: str, first: int, last: int) -> list[TunnelError | None]:
         got: dict[int, TunnelError | None] = {}
         while len(got) < last - first + 1:
-            data = self.sock.recv(1 << 20)
-            for mtype, mflags, mseq, body in _split(data):
+            for mtype, mflags, mseq, body in _split(self._recv()):
                 if mtype == NLMSG_ERROR:
                     got[mseq] = _error_of(op, mflags, body)
         return [got.get(s) for s in range(first, last + 1)]
@@ -163,8 +169,7 @@ class NetlinkChannel:
     def _collect(self, op: str, seq: int, dump: bool) -> list[tuple[int, bytes]]:
         out: list[tuple[int, bytes]] = []
         while True:
-            data = self.sock.recv(1 << 20)
-            for mtype, mflags, mseq, body in _split(data):
+            for mtype, mflags, mseq, body in _split(self._recv()):
                 if mseq != seq:
                     continue  # a late reply to an earlier, abandoned request
                 if mtype == NLMSG_DONE:
