@@ -323,8 +323,9 @@ class IpsecPair:
                  base: int = 0x10000, a_net=LAN_A, b_net=LAN_B, ga=GA, gb=GB,
                  lifetime: Lifetime = Lifetime(soft_add_seconds=3000, hard_add_seconds=3600),
                  be_a: XfrmBackend | None = None, be_b: XfrmBackend | None = None,
-                 grace: float = 0.1) -> None:
+                 grace: float = 0.1, encap=None) -> None:
         self.topo, self.session, self.tid, self.base = topo, session, tunnel_id, base
+        self.encap = encap
         self.a_net, self.b_net, self.ga, self.gb = a_net, b_net, ga, gb
         self.lifetime, self.grace = lifetime, grace
         self.a = be_a or XfrmBackend(topo.gA)
@@ -364,15 +365,15 @@ class IpsecPair:
         sel_ab, sel_ba = Selector(self.a_net, self.b_net), Selector(self.b_net, self.a_net)
         # 1. new inbound on both ends (read back inside the backend)
         self.b.install_inbound(SaId(self.ga, self.gb, spi_ab),
-                               SaSpec(k_ab, self.base, selector=sel_ab, lifetime=self.lifetime))
+                               SaSpec(k_ab, self.base, selector=sel_ab, lifetime=self.lifetime, encap=self.encap))
         self.a.install_inbound(SaId(self.gb, self.ga, spi_ba),
-                               SaSpec(k_ba, self.base, selector=sel_ba, lifetime=self.lifetime))
+                               SaSpec(k_ba, self.base, selector=sel_ba, lifetime=self.lifetime, encap=self.encap))
         # 2. (key confirmation happens in the peer protocol; both inbound SAs exist now)
         out = self.base + 1 + n % 8
         self.a.install_outbound(SaId(self.ga, self.gb, spi_ab),
-                                SaSpec(k_ab, out, selector=sel_ab, lifetime=self.lifetime))
+                                SaSpec(k_ab, out, selector=sel_ab, lifetime=self.lifetime, encap=self.encap))
         self.b.install_outbound(SaId(self.gb, self.ga, spi_ba),
-                                SaSpec(k_ba, out, selector=sel_ba, lifetime=self.lifetime))
+                                SaSpec(k_ba, out, selector=sel_ba, lifetime=self.lifetime, encap=self.encap))
         # 3. switch: one atomic UPDPOLICY per side
         self.a.switch_outbound(self._out_policy("a", out))
         self.b.switch_outbound(self._out_policy("b", out))

@@ -17,7 +17,8 @@ from scapy.utils import rdpcap
 from kernel_lab import (GA, GB, HA, HA6, HB, HB6, LAN_A6, LAN_B6, GA6, GB6, PATTERN, Capture,
                         IpsecPair, Stream, analyse_pcap, fixed_session, inject, mac_of,
                         xfrm_stats)
-from qkdgate.interfaces import SaId
+from qkdgate.interfaces import SaId, UdpEncap
+from qkdgate.tunnels.xfrm import XfrmBackend
 from qkdgate.tunnels.netlink import open_socket_in_netns
 
 
@@ -109,3 +110,25 @@ def test_scapy_decrypts_with_the_keymix_key(topo, tmp_path, v6):
                                 tunnel_header=hdr, esn_en=True, esn=0)
     with pytest.raises(Exception):
         stale.decrypt(pkt[outer])
+
+
+def test_esp_in_udp_encapsulation(topo, tmp_path):
+    # RFC 3948: ESP inside UDP 4500 for NAT and UDP-only paths; the receiving
+    # kernel decapsulates only on a socket marked UDP_ENCAP_ESPINUDP
+    socks = [be.open_encap_socket(4500) for be in (XfrmBackend(topo.gA), XfrmBackend(topo.gB))]
+    try:
+        pair = IpsecPair(topo, fixed_session(), "nat", encap=UdpEncap(4500, 4500))
+        pair.setup()
+        cap = Capture(topo, str(tmp_path / "nat.pcap"))
+        s = Stream(topo.hA, topo.hB, HA, HB, rate=100).start()
+        time.sleep(1.0)
+        pair.rekey()
+        time.sleep(0.5)
+        s.stop(drain=0.5)
+        rep = analyse_pcap(cap.stop())
+        assert len(s.sent_at) > 100 and not s.lost(), len(s.lost())
+        assert rep.esp_in_udp >= len(s.sent_at) and rep.esp == 0, rep
+        assert rep.cleartext == 0 and rep.pattern_hits == 0, rep
+    finally:
+        for sk in socks:
+            sk.close()
