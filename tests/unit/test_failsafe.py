@@ -1,0 +1,150 @@
+"""qkdgate failsafe and the tunnel registry it reads, against fake kernels."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import socket
+
+import pytest
+
+from qkdgate.errors import ConfigError, TunnelError
+from qkdgate.fakes import RecordingIpsecBackend, RecordingMacsecBackend
+from qkdgate.interfaces import (Direction, MacsecLinkSpec, MacsecSaSpec, PolicySpec, SaId, SaSpec,
+                                Selector, Template)
+from qkdgate.keymix.secret import SecretBytes
+from qkdgate.tunnels import failsafe
+from qkdgate.tunnels.state import TunnelRegistry
+
+A, B = ipaddress.ip_address("192.0.2.1"), ipaddress.ip_address("192.0.2.2")
+
+
+def test_registry_records_ranges_and_links_atomically(tmp_path):
+    path = str(tmp_path / "run" / "tunnels.json")
+    reg = TunnelRegistry(path)
+    reg.add_reqid("gw", 0x10005)
+    reg.add_reqid("gw", 0x10001)
+    reg.add_reqid("gw", 0x10003)           # inside: no rewrite needed
+    reg.add_macsec_link(None, "ms0")
+    reg.add_macsec_link(None, "ms1")
+    reg.remove_macsec_link(None, "ms0")
+    assert oct(os.stat(path).st_mode & 0o777) == "0o600"
+    data = TunnelRegistry.load(path)
+    assert data["gw"]["ipsec_reqids"] == [0x10001, 0x10005]
+    assert data[""]["macsec_links"] == ["ms1"]
+    assert not [f for f in os.listdir(tmp_path / "run") if f.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("content", ["", "{", "[]", '{"version": 2, "namespaces": {}}',
+                                     '{"version": 1, "namespaces": {"x": {"ipsec_reqids": [1]}}}'])
+def test_damaged_registry_reads_as_empty(tmp_path, content):
+    p = tmp_path / "t.json"
+    p.write_text(content)
+    assert TunnelRegistry.load(str(p)) == {}
+
+
+class FakeXfrm(RecordingIpsecBackend):
+    instances: dict = {}
+
+    def __init__(self, netns=None, verify=True):
+        super().__init__()
+        self.closed = False
+        FakeXfrm.instances.setdefault(netns, self)
+        self.__dict__.update(FakeXfrm.instances[netns].__dict__)
+
+    def close(self):
+        self.closed = True
+
+
+class FakeMacsec(RecordingMacsecBackend):
+    shared = RecordingMacsecBackend()
+
+    def __init__(self, netns=None):
+        self.__dict__ = FakeMacsec.shared.__dict__
+
+    def tx_sas(self, link):
+        return [self.query_tx_sa(link, an) for an in self._link("tx_sas", link).tx]
+
+    def macsec_links(self):
+        return list(self.links)
+
+    def close(self):
+        pass
+
+
+@pytest.fixture
+def kernel(monkeypatch):
+    import qkdgate.tunnels.macsec as macsec_mod
+    import qkdgate.tunnels.xfrm as xfrm_mod
+    FakeXfrm.instances = {}
+    FakeMacsec.shared = RecordingMacsecBackend()
+    monkeypatch.setattr(xfrm_mod, "XfrmBackend", FakeXfrm)
+    monkeypatch.setattr(macsec_mod, "MacsecBackend", FakeMacsec)
+    x = FakeXfrm("gw")
+    sel = Selector(ipaddress.ip_network("10.1.0.0/24"), ipaddress.ip_network("10.2.0.0/24"))
+    x.install_policy(PolicySpec(sel, Direction.OUT, template=Template(A, B, reqid=0x10002)))
+    for spi, reqid in ((0x1001, 0x10000), (0x1002, 0x10002), (0x1003, 7)):
+        x.install_outbound(SaId(A, B, spi), SaSpec(SecretBytes(bytes(36)), reqid))
+    ms = FakeMacsec()
+    ms.create_link(MacsecLinkSpec("ms0", "eth0"))
+    ms.create_link(MacsecLinkSpec("ms9", "eth1"))
+    for link in ("ms0", "ms9"):
+        ms.add_tx_sa(link, MacsecSaSpec(an=0, key=SecretBytes(bytes(32)), keyid=bytes(16)))
+    return x, ms
+
+
+def run(*argv: str) -> int:
+    p = argparse.ArgumentParser()
+    failsafe.add_arguments(p)
+    return failsafe.run(p.parse_args(list(argv)))
+
+
+def test_failsafe_deletes_recorded_sas_keeps_policies_and_stops_macsec(kernel, tmp_path, capsys):
+    x, ms = kernel
+    state = str(tmp_path / "tunnels.json")
+    reg = TunnelRegistry(state)
+    reg.add_reqid("gw", 0x10000)
+    reg.add_reqid("gw", 0x1003F)
+    reg.add_macsec_link("gw", "ms0")
+    assert run("--state", state) == 0
+    assert {st.reqid for st in x.list_sas()} == {7}      # not ours: untouched
+    assert len(x.list_policies()) == 1                   # blocking policy kept
+    assert not ms.links["ms0"].tx[0].active and not ms.links["ms0"].up
+    assert ms.links["ms9"].tx[0].active and ms.links["ms9"].up   # not recorded, no --all-macsec
+    out = capsys.readouterr().out
+    assert "deleted 2 SA(s)" in out and "1 policy(ies)" in out and "taken down" in out
+
+
+def test_failsafe_sweeps_without_a_registry(kernel, tmp_path):
+    x, ms = kernel
+    missing = str(tmp_path / "none.json")
+    assert run("--state", missing, "--netns", "gw", "--reqids", "1-100", "--all-macsec") == 0
+    assert {st.reqid for st in x.list_sas()} == {0x10000, 0x10002}
+    assert not any(l.up for l in ms.links.values())
+
+
+def test_failsafe_dry_run_changes_nothing(kernel, tmp_path, capsys):
+    x, ms = kernel
+    assert run("--state", str(tmp_path / "n.json"), "--netns", "gw", "--reqids",
+               "0x10000-0x1ffff", "--all-macsec", "--dry-run") == 0
+    assert len(x.list_sas()) == 3 and all(l.up for l in ms.links.values())
+    assert "would delete SA" in capsys.readouterr().out
+
+
+def test_failsafe_reports_failure_but_goes_on(kernel, tmp_path, monkeypatch, capsys):
+    x, ms = kernel
+
+    def broken(self, link, an, active):
+        raise TunnelError("set_tx_sa_active", 1)
+    monkeypatch.setattr(FakeMacsec, "set_tx_sa_active", broken)
+    assert run("--state", str(tmp_path / "n.json"), "--netns", "gw", "--all-macsec") == 1
+    assert not any(l.up for l in ms.links.values())     # links still taken down
+    assert "EPERM" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("bad", ["abc", "5", "10-1", "0-5", "1-99999999999"])
+def test_bad_reqid_range_is_a_config_error(bad):
+    with pytest.raises(ConfigError):
+        run("--reqids", bad)
