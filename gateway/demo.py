@@ -190,6 +190,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--where", choices=("auto", "host", "vm"), default="auto",
                    help="run on this kernel, in the lab VM, or decide by probing (default)")
     p.add_argument("--verbose", action="store_true", help="debug logs in the run's log file")
+    p.add_argument("--remove-leftovers", action="store_true",
+                   help="delete the namespaces of demo runs that were killed (qd<tag>-*) and exit; "
+                        "do not use while another demo runs")
     p.add_argument("--log-file", metavar="FILE",
                    help="the daemons' and simulator's log (default: in the run's temporary "
                         "state directory, removed at the end)")
@@ -230,6 +233,18 @@ def run(args: argparse.Namespace) -> int:
     if os.geteuid() != 0:
         raise QkdgateError("the demo creates network namespaces and kernel SAs: run it as root "
                            "(./run-demo does the rest)")
+    from qkdgate.gateway import demo_net
+    leftovers = demo_net.list_demo_namespaces()
+    if args.remove_leftovers:
+        failed = demo_net.remove_namespaces(leftovers)
+        print(f"demo: removed {len(leftovers) - len(failed)} namespace(s)"
+              + (f"; failed: {'; '.join(failed)}" if failed else ""), flush=True)
+        return 1 if failed else 0
+    if leftovers:
+        print(f"demo: note: {len(leftovers)} namespace(s) of another or a killed demo run exist "
+              f"({', '.join(leftovers[:3])}{', ...' if len(leftovers) > 3 else ''}); "
+              "this run does not touch them (qkdgate demo --remove-leftovers deletes them)",
+              flush=True)
     kernel = os.uname().release
     if args.where == "vm" and not in_lab_vm():
         where, line = "vm", "running the demo inside the kernel lab VM (--where vm)"

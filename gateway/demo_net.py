@@ -29,6 +29,7 @@ import ctypes
 import errno
 import logging
 import os
+import re
 import secrets
 import socket
 import subprocess
@@ -159,14 +160,32 @@ class DemoNet:
         return failed
 
 
+_NAME = re.compile(rf"^{PREFIX}([0-9a-f]{{6}})-(hA|gA|w|gB|hB|k|probe)$")
+
+
 def list_demo_namespaces(tag: str | None = None) -> list[str]:
-    """Namespaces that look like ours (``qd<tag>-``): leftovers or a live run."""
+    """Namespaces named like ours (``qd<6 hex>-<role>``), of run ``tag`` or
+    of any run: a live run or the leftovers of one killed with SIGKILL."""
     try:
         names = os.listdir(NETNS_DIR)
     except FileNotFoundError:
         return []
-    want = f"{PREFIX}{tag}-" if tag else PREFIX
-    return sorted(n for n in names if n.startswith(want) and "-" in n)
+    out = []
+    for n in names:
+        m = _NAME.match(n)
+        if m and (tag is None or m.group(1) == tag):
+            out.append(n)
+    return sorted(out)
+
+
+def remove_namespaces(names: Sequence[str], runner: Runner = run_ip) -> list[str]:
+    """Delete the given namespaces; returns the failures."""
+    failed = []
+    for n in names:
+        r = runner(["ip", "netns", "del", n], "")
+        if r.returncode:
+            failed.append(f"{n}: {r.stderr.strip()}")
+    return failed
 
 
 # ------------------------------------------------------------ namespaces/threads

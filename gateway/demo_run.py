@@ -352,9 +352,13 @@ class DemoRun:
             link = self.link_state()
         except Exception:
             pass
+        t_clean = time.monotonic()
         errors = self.cleanup.run()
+        clean_s = round(time.monotonic() - t_clean, 2)
+        log.info("demo: cleanup in %.1f s", clean_s)
         left = dn.list_demo_namespaces(self.net.tag)
         cfg = {**asdict(self.opts), "namespaces_tag": self.net.tag}
         return self.rec.summary(traffic=traffic, config=cfg, kernel=os.uname().release, link=link,
                                 cleanup={"errors": errors, "namespaces_left": left,
+                                         "seconds": clean_s,
                                          "namespaces_created": list(self.net.ns.values())})

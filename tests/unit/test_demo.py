@@ -246,13 +246,36 @@ def test_full_topology_then_down_deletes_every_namespace(monkeypatch):
 
 
 def test_leftover_listing_matches_only_demo_namespaces(tmp_path, monkeypatch):
-    for n in ("qdabc123-gA", "qdabc123-k", "qd0000ff-hB", "qdrogue", "other-ns", "q1234hA"):
+    # other tools' names (the kernel tests' q<tag>hA, anything else) are never ours
+    for n in ("qdabc123-gA", "qdabc123-k", "qd0000ff-hB", "qd0000ff-probe", "qdrogue",
+              "qdabc123-x", "qdABC123-gA", "other-ns", "q1234hA"):
         (tmp_path / n).write_text("")
     monkeypatch.setattr(dn, "NETNS_DIR", str(tmp_path))
     assert dn.list_demo_namespaces("abc123") == ["qdabc123-gA", "qdabc123-k"]
-    assert dn.list_demo_namespaces() == ["qd0000ff-hB", "qdabc123-gA", "qdabc123-k"]
+    ours = ["qd0000ff-hB", "qd0000ff-probe", "qdabc123-gA", "qdabc123-k"]
+    assert dn.list_demo_namespaces() == ours
+    ip = FakeIp()
+    assert dn.remove_namespaces(ours, runner=ip) == []
+    assert [c[3] for c, _ in ip.cmds] == ours
     monkeypatch.setattr(dn, "NETNS_DIR", str(tmp_path / "missing"))
     assert dn.list_demo_namespaces() == []
+
+
+def test_remove_leftovers_deletes_only_demo_namespaces(tmp_path, monkeypatch, capsys):
+    for n in ("qd00aa11-gA", "qd00aa11-w", "q1234hA"):
+        (tmp_path / n).write_text("")
+    monkeypatch.setattr(dn, "NETNS_DIR", str(tmp_path))
+    monkeypatch.setattr(demo.os, "geteuid", lambda: 0)
+    deleted = []
+
+    def fake_del(cmd, stdin=""):
+        deleted.append(cmd[3])
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+    monkeypatch.setattr(dn, "run_ip", fake_del)
+    monkeypatch.setattr(dn.remove_namespaces, "__defaults__", (fake_del,))
+    assert cli.main(["demo", "--remove-leftovers"]) == 0
+    assert deleted == ["qd00aa11-gA", "qd00aa11-w"]
+    assert "removed 2 namespace(s)" in capsys.readouterr().out
 
 
 def test_run_needs_root(monkeypatch, capsys):
