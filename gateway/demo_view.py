@@ -36,6 +36,21 @@ def percentile(values: list[float], p: float) -> float | None:
     return xs[k]
 
 
+def _spi(v: Any) -> str | None:
+    if isinstance(v, int) and not isinstance(v, bool):
+        return f"{v:#010x}"
+    return str(v) if v is not None else None
+
+
+def _active_sas(t: dict[str, Any]) -> str:
+    """The active generation's SAs, e.g. ``out 0x1a2b3c4d in 0x5e6f7a8b``."""
+    for g in t.get("generations") or []:
+        if g.get("active"):
+            return " ".join(f"{sa.get('direction')} {sa.get('spi')}" for sa in g.get("sas") or []
+                            if isinstance(sa, dict))
+    return ""
+
+
 def _inputs_text(inputs: dict[str, Any] | None) -> str:
     if not inputs:
         return "-"
@@ -162,6 +177,8 @@ class Recorder:
     def rekeys(self) -> dict[str, dict[str, Any]]:
         """Per gateway/tunnel: rekeys done, generations with their inputs."""
         out: dict[str, dict[str, Any]] = {}
+        spis = {(e["gateway"], e["tunnel"], e.get("generation")): e.get("spi")
+                for e in self.events if e["event"] == "sa_switched"}
         for e in self.events:
             if e["event"] != "rekey_done":
                 continue
@@ -171,7 +188,8 @@ class Recorder:
             inputs = e.get("inputs") or {}
             row["generations"].append({
                 "generation": e.get("generation"), "t": e["t"], "kem": inputs.get("kem"),
-                "x25519": inputs.get("x25519"), "qkd_key_ids": list(inputs.get("qkd_key_ids") or [])})
+                "x25519": inputs.get("x25519"), "qkd_key_ids": list(inputs.get("qkd_key_ids") or []),
+                "outbound_spi": _spi(spis.get((e["gateway"], e["tunnel"], e.get("generation"))))})
             if isinstance(e.get("latency_ms"), (int, float)):
                 row["latency_ms"].append(float(e["latency_ms"]))
         for e in self.events:
@@ -239,6 +257,9 @@ def render(snap: dict[str, Any]) -> str:
                 line += f" last {lat:.0f} ms"
             if isinstance(nxt, (int, float)):
                 line += f" next in {float(nxt):.1f}s"
+            sas = _active_sas(t)
+            if sas:
+                line += f" SAs {sas}"
             lines.append(line)
     for name, c in sorted((snap.get("traffic") or {}).items()):
         lines.append(f"  traffic {name}: sent {c.get('sent', 0)} received {c.get('received', 0)} "

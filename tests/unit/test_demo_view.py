@@ -36,6 +36,8 @@ def scripted_run(policy_block: bool):
     rec.eavesdropper("before")
     for g in (1, 2):
         clk.t += 3
+        rec.on_event({"event": "sa_switched", "gateway": "gw-a", "tunnel": "lan",
+                      "generation": g, "spi": 0xC0DE0000 + g, "previous": g - 1})
         rec.on_event(rekey_done("gw-a", g, latency=10.0 * g))
         rec.on_event(rekey_done("gw-b", g, latency=20.0 * g))
     clk.t += 1
@@ -74,6 +76,7 @@ def test_pqc_fallback_actions_rekeys_and_latency_in_the_summary():
     a = s["tunnels"]["gw-a/lan"]
     assert a["rekeys"] == 3 and a["last_generation"] == 3
     assert [g["qkd_key_ids"] for g in a["generations"]] == [[IDS[1]], [IDS[0]], []]
+    assert [g["outbound_spi"] for g in a["generations"]] == ["0xc0de0001", "0xc0de0002", None]
     assert a["rekey_latency_ms"] == {"p50": 20.0, "p99": 40.0, "n": 3}
     assert s["rekeys"] == 5 and s["rekey_latency_ms"]["p99"] == 40.0
     assert [p for p, _t in rec.phases] == ["before eavesdropper", "eavesdropper",
@@ -99,6 +102,13 @@ def test_view_and_summary_never_print_key_material():
     _clk, rec = scripted_run(policy_block=False)
     status = {"tunnels": [{"tunnel": "lan", "type": "ipsec", "state": "up", "generation": 3,
                            "fallback": True, "next_rekey_in": 1.5, "key": SECRET.hex(),
+                           "generations": [
+                               {"generation": 2, "active": False,
+                                "sas": [{"direction": "in", "spi": "0x00000bad"}]},
+                               {"generation": 3, "active": True, "key": SECRET.hex(),
+                                "sas": [{"direction": "out", "spi": "0x1a2b3c4d", "reqid": 101,
+                                         "key": SecretBytes(SECRET)},
+                                        {"direction": "in", "spi": "0x5e6f7a8b"}]}],
                            "secret": SecretBytes(SECRET),
                            "inputs": {"kem": "ML-KEM-768", "x25519": True, "qkd_key_ids": IDS,
                                       "qkd_key": SECRET.hex()}}]}
@@ -121,6 +131,7 @@ def test_view_and_summary_never_print_key_material():
     assert "ML-KEM-768+X25519+QKD[6f1c3a52,0c2b8e55]" in text
     assert "QBER 14.0%" in text and "ALARM QBER_ABOVE_THRESHOLD" in text
     assert "POLICY gw-a/lan: fallback" in text and "last 42 ms" in text
+    assert "SAs out 0x1a2b3c4d in 0x5e6f7a8b" in text and "0x00000bad" not in text
     assert rec.new_notes() == []               # each note is shown once
 
 
