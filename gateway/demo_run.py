@@ -39,6 +39,29 @@ from qkdgate.gateway.demo_view import Recorder, render
 
 log = logging.getLogger("qkdgate.demo")
 READY_TIMEOUT = 120.0      # first generation on both gateways (slow under QEMU TCG)
+# What the daemons and the simulator import when they start. Under QEMU TCG
+# with the root filesystem over 9p an import costs seconds (every stat is a
+# round trip), so a thread imports them while the namespaces are built
+# (that part waits on `ip` processes, not on Python).
+PREFETCH = ("qkdgate.gateway.daemon", "qkdgate.gateway.daemon_build", "qkdgate.gateway.identity",
+            "qkdgate.gateway.config", "qkdgate.adapters.registry", "qkdgate.adapters.etsi014",
+            "qkdgate.adapters.kmesim.server", "qkdgate.tunnels.xfrm", "qkdgate.tunnels.macsec",
+            "qkdgate.gateway.tunnel_ipsec", "qkdgate.gateway.tunnel_macsec",
+            "qkdgate.gateway.protocol", "qkdgate.gateway.journal", "aiohttp")
+
+
+def prefetch_imports(names: tuple[str, ...] = PREFETCH) -> threading.Thread:
+    import importlib
+
+    def body() -> None:
+        for n in names:
+            try:
+                importlib.import_module(n)
+            except Exception as exc:      # the real import later reports it properly
+                log.debug("prefetch %s: %s", n, exc)
+    t = threading.Thread(target=body, name="prefetch", daemon=True)
+    t.start()
+    return t
 
 
 @dataclass(frozen=True)
@@ -89,6 +112,7 @@ class DemoRun:
         self._logging()
         self.say(f"demo: namespaces {dn.PREFIX}{self.net.tag}-*, state {self.state_dir}")
         self.cleanup.push("namespaces", self._net_down)
+        prefetch_imports()
         with self._step("namespaces"):
             self.net.up()
         with self._step("identities"):

@@ -43,11 +43,25 @@ def _spi(v: Any) -> str | None:
 
 
 def _active_sas(t: dict[str, Any]) -> str:
-    """The active generation's SAs, e.g. ``out 0x1a2b3c4d in 0x5e6f7a8b``."""
+    """The active generation's SAs: ``out 0x1a2b3c4d in 0x5e6f7a8b`` (ESP SPIs),
+    ``tx AN 1 rx AN 1`` (MACsec association numbers, IEEE 802.1AE 10.7.14)."""
+    macsec = t.get("type") == "macsec"
     for g in t.get("generations") or []:
         if g.get("active"):
-            return " ".join(f"{sa.get('direction')} {sa.get('spi')}" for sa in g.get("sas") or []
-                            if isinstance(sa, dict))
+            parts = []
+            for sa in g.get("sas") or []:
+                if not isinstance(sa, dict):
+                    continue
+                d, spi = str(sa.get("direction")), sa.get("spi")
+                if macsec:
+                    try:
+                        an = int(str(spi), 0)
+                    except ValueError:
+                        an = spi
+                    parts.append(f"{'tx' if d == 'out' else 'rx'} AN {an}")
+                else:
+                    parts.append(f"{d} {spi}")
+            return " ".join(parts)
     return ""
 
 

@@ -132,6 +132,10 @@ def test_view_and_summary_never_print_key_material():
     assert "QBER 14.0%" in text and "ALARM QBER_ABOVE_THRESHOLD" in text
     assert "POLICY gw-a/lan: fallback" in text and "last 42 ms" in text
     assert "SAs out 0x1a2b3c4d in 0x5e6f7a8b" in text and "0x00000bad" not in text
+    ms = {"tunnel": "link", "type": "macsec", "state": "up", "generation": 3,
+          "generations": [{"active": True, "sas": [{"direction": "out", "spi": "0x00000002"},
+                                                   {"direction": "in", "spi": "0x00000003"}]}]}
+    assert "SAs tx AN 2 rx AN 3" in render({"gateways": {"gw-a": {"tunnels": [ms]}}})
     assert rec.new_notes() == []               # each note is shown once
 
 
