@@ -52,10 +52,9 @@ from typing import Any, Awaitable, Callable, Mapping, Sequence
 from yarl import URL
 
 from qkdgate.adapters.etsi004 import (Etsi004Client, KeyChunk, OpenResult, QoS, Status,
-                                      parse_get_key, parse_open)
-from qkdgate.adapters.etsi014_codec import parse_error
+                                      _classify, parse_get_key, parse_open)
 from qkdgate.adapters.settings import SourceSettings, source_settings
-from qkdgate.errors import (ConfigError, KeyNotFound, KeySourceAuthError, KeySourceError,
+from qkdgate.errors import (ConfigError, KeyNotFound,
                             KeySourceProtocolError, KeySourceTimeout, KeyUnavailable,
                             LocalProtocolError, QkdgateError)
 from qkdgate.interfaces import KeySourceStatus, QkdKey
@@ -153,14 +152,6 @@ def _peek_status(raw: bytes) -> int | None:
     v = doc.get("status") if isinstance(doc, dict) else None
     return v if isinstance(v, int) and not isinstance(v, bool) else None
 
-
-def _classify(what: str, status: int, raw: bytes) -> KeySourceError:
-    msg = f"ETSI 004 {what}: HTTP {status}: {parse_error(raw).message}"
-    if status in (401, 403):
-        return KeySourceAuthError(msg)
-    if status >= 500:
-        return KeyUnavailable(msg)
-    return KeySourceProtocolError(msg)
 
 
 def _cert_common_name(path: str, where: str) -> str:
