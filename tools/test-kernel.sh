@@ -12,7 +12,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 bash lab/setup.sh || { echo "test-kernel: lab setup FAILED" >&2; exit 126; }
 LAB_TIMEOUT=${LAB_TIMEOUT:-1800} bash lab/run.sh -- env QKDGATE_KERNEL_TESTS=1 \
-    .venv/bin/python -m pytest tests/kernel -p no:cacheprovider -q -ra "$@"
+    .venv/bin/python -m pytest tests/kernel -p no:cacheprovider -q -ra --durations=8 "$@"
 rc=$?
 case $rc in
   0) echo "test-kernel: kernel tests passed in the lab VM" ;;

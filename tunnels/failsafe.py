@@ -99,22 +99,19 @@ def _failsafe_ns(ns: str | None, reqids: list[int] | None, extra: tuple[int, int
 
 
 def _ipsec(ns: str | None, ranges: list[tuple[int, ...]], dry: bool) -> int:
-    from qkdgate.errors import TunnelError
     from qkdgate.tunnels.xfrm import XfrmBackend
 
     failures = 0
     be = XfrmBackend(ns, verify=False)
     try:
         doomed = [st for st in be.list_sas() if any(lo <= st.reqid <= hi for lo, hi in ranges)]
-        for st in doomed:
-            if dry:
+        if dry:
+            for st in doomed:
                 _say(ns, f"would delete SA spi={st.sa_id.spi:#x} reqid={st.reqid}")
-                continue
-            try:
-                be.remove_sa(st.sa_id)
-            except TunnelError as exc:
-                if exc.errno != 3:  # ESRCH: expired meanwhile, which is what we want
-                    _say(ns, f"delete SA spi={st.sa_id.spi:#x}: {exc}")
+        else:
+            for st, err in zip(doomed, be.remove_sas([st.sa_id for st in doomed])):
+                if err is not None and err.errno != 3:  # ESRCH: expired meanwhile, fine
+                    _say(ns, f"delete SA spi={st.sa_id.spi:#x}: {err}")
                     failures += 1
         guarded = [p for p in be.list_policies()
                    if p.template is not None and not p.template.optional]

@@ -231,6 +231,14 @@ class XfrmBackend:
         self._larval.discard((sa_id.dst.packed, sa_id.spi))
         self.nl.request("remove_sa", m.XFRM_MSG_DELSA, self._sa_id_message(sa_id))
 
+    def remove_sas(self, sa_ids: list[SaId]) -> list[TunnelError | None]:
+        """Delete many SAs in pipelined batches (failsafe, mass teardown);
+        one result per SA, ``None`` when deleted."""
+        for s in sa_ids:
+            self._larval.discard((s.dst.packed, s.spi))
+        return self.nl.request_many("remove_sa", [(m.XFRM_MSG_DELSA, self._sa_id_message(s), 0)
+                                                  for s in sa_ids])
+
     def list_sas(self, reqid_min: int = 0, reqid_max: int = 0xFFFFFFFF) -> list[SaState]:
         # xfrm_dump_sa parses attributes right after the netlink header: an
         # empty request (a fixed header would be logged as "bytes leftover").

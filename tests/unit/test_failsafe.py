@@ -57,6 +57,16 @@ class FakeXfrm(RecordingIpsecBackend):
     def close(self):
         self.closed = True
 
+    def remove_sas(self, sa_ids):
+        out = []
+        for s in sa_ids:
+            try:
+                self.remove_sa(s)
+                out.append(None)
+            except TunnelError as exc:
+                out.append(exc)
+        return out
+
 
 class FakeMacsec(RecordingMacsecBackend):
     shared = RecordingMacsecBackend()

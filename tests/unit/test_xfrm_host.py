@@ -129,3 +129,13 @@ def test_block_policy_drops(pair):
     be = XfrmBackend(na)
     be.install_policy(PolicySpec(Selector(NET_A, NET_B), Direction.OUT, action=PolicyAction.BLOCK))
     assert not _udp_delivered(na, nb, None)
+
+
+def test_bulk_remove_reports_each_result(pair):
+    be = XfrmBackend(pair[0])
+    spis = [be.allocate_spi(B, A) for _ in range(300)]       # larval states
+    ids = [SaId(B, A, s) for s in spis] + [SaId(B, A, 0x777)]  # the last does not exist
+    results = be.remove_sas(ids)
+    assert results[:-1] == [None] * 300
+    assert results[-1].errno == errno.ESRCH and results[-1].op == "remove_sa"
+    assert be.list_sas() == []
