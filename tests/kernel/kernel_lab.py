@@ -24,7 +24,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from qkdgate.interfaces import (Direction, Lifetime, MacsecCipher, MacsecLinkSpec, MacsecSaSpec,
-                                PolicySpec, SaId, SaSpec, Selector, Template)
+                                Mode, PolicySpec, SaId, SaSpec, Selector, Template)
 from qkdgate.keymix.combiner import HybridInputs, combine
 from qkdgate.keymix.schedule import esp_key, macsec_keys
 from qkdgate.tunnels.macsec import MacsecBackend
@@ -323,9 +323,10 @@ class IpsecPair:
                  base: int = 0x10000, a_net=LAN_A, b_net=LAN_B, ga=GA, gb=GB,
                  lifetime: Lifetime = Lifetime(soft_add_seconds=3000, hard_add_seconds=3600),
                  be_a: XfrmBackend | None = None, be_b: XfrmBackend | None = None,
-                 grace: float = 0.1, encap=None) -> None:
+                 grace: float = 0.1, encap=None, if_id: int | None = None,
+                 mode: Mode = Mode.TUNNEL) -> None:
         self.topo, self.session, self.tid, self.base = topo, session, tunnel_id, base
-        self.encap = encap
+        self.encap, self.if_id, self.mode = encap, if_id, mode
         self.a_net, self.b_net, self.ga, self.gb = a_net, b_net, ga, gb
         self.lifetime, self.grace = lifetime, grace
         self.a = be_a or XfrmBackend(topo.gA)
@@ -333,20 +334,23 @@ class IpsecPair:
         self.gens: list[Gen] = []
         self.windows: list[tuple[float, float]] = []
 
+    def _id(self, src, dst, spi: int) -> SaId:
+        return SaId(src, dst, spi, if_id=self.if_id)
+
     def _out_policy(self, side: str, reqid: int) -> PolicySpec:
         if side == "a":
-            return PolicySpec(Selector(self.a_net, self.b_net), Direction.OUT,
-                              template=Template(self.ga, self.gb, reqid=reqid))
-        return PolicySpec(Selector(self.b_net, self.a_net), Direction.OUT,
-                          template=Template(self.gb, self.ga, reqid=reqid))
+            return PolicySpec(Selector(self.a_net, self.b_net), Direction.OUT, if_id=self.if_id,
+                              template=Template(self.ga, self.gb, reqid=reqid, mode=self.mode))
+        return PolicySpec(Selector(self.b_net, self.a_net), Direction.OUT, if_id=self.if_id,
+                          template=Template(self.gb, self.ga, reqid=reqid, mode=self.mode))
 
     def policies(self, side: str) -> list[PolicySpec]:
         me, peer, mine, theirs = ((self.ga, self.gb, self.a_net, self.b_net) if side == "a"
                                   else (self.gb, self.ga, self.b_net, self.a_net))
-        tin = Template(peer, me, reqid=self.base)
+        tin = Template(peer, me, reqid=self.base, mode=self.mode)
         return [self._out_policy(side, self.base + 1),
-                PolicySpec(Selector(theirs, mine), Direction.IN, template=tin),
-                PolicySpec(Selector(theirs, mine), Direction.FWD, template=tin)]
+                PolicySpec(Selector(theirs, mine), Direction.IN, template=tin, if_id=self.if_id),
+                PolicySpec(Selector(theirs, mine), Direction.FWD, template=tin, if_id=self.if_id)]
 
     def setup(self) -> None:
         # fail closed from the start: policies (required templates) before any SA
@@ -364,16 +368,16 @@ class IpsecPair:
         k_ba = esp_key(self.session, self.tid, "r2i", spi_ba, n)
         sel_ab, sel_ba = Selector(self.a_net, self.b_net), Selector(self.b_net, self.a_net)
         # 1. new inbound on both ends (read back inside the backend)
-        self.b.install_inbound(SaId(self.ga, self.gb, spi_ab),
-                               SaSpec(k_ab, self.base, selector=sel_ab, lifetime=self.lifetime, encap=self.encap))
-        self.a.install_inbound(SaId(self.gb, self.ga, spi_ba),
-                               SaSpec(k_ba, self.base, selector=sel_ba, lifetime=self.lifetime, encap=self.encap))
+        self.b.install_inbound(self._id(self.ga, self.gb, spi_ab),
+                               SaSpec(k_ab, self.base, selector=sel_ab, lifetime=self.lifetime, encap=self.encap, mode=self.mode))
+        self.a.install_inbound(self._id(self.gb, self.ga, spi_ba),
+                               SaSpec(k_ba, self.base, selector=sel_ba, lifetime=self.lifetime, encap=self.encap, mode=self.mode))
         # 2. (key confirmation happens in the peer protocol; both inbound SAs exist now)
         out = self.base + 1 + n % 8
-        self.a.install_outbound(SaId(self.ga, self.gb, spi_ab),
-                                SaSpec(k_ab, out, selector=sel_ab, lifetime=self.lifetime, encap=self.encap))
-        self.b.install_outbound(SaId(self.gb, self.ga, spi_ba),
-                                SaSpec(k_ba, out, selector=sel_ba, lifetime=self.lifetime, encap=self.encap))
+        self.a.install_outbound(self._id(self.ga, self.gb, spi_ab),
+                                SaSpec(k_ab, out, selector=sel_ab, lifetime=self.lifetime, encap=self.encap, mode=self.mode))
+        self.b.install_outbound(self._id(self.gb, self.ga, spi_ba),
+                                SaSpec(k_ba, out, selector=sel_ba, lifetime=self.lifetime, encap=self.encap, mode=self.mode))
         # 3. switch: one atomic UPDPOLICY per side
         self.a.switch_outbound(self._out_policy("a", out))
         self.b.switch_outbound(self._out_policy("b", out))
@@ -387,10 +391,10 @@ class IpsecPair:
         return gen
 
     def retire(self, g: Gen) -> None:
-        self.a.remove_sa(SaId(self.ga, self.gb, g.spi_ab))
-        self.b.remove_sa(SaId(self.ga, self.gb, g.spi_ab))
-        self.a.remove_sa(SaId(self.gb, self.ga, g.spi_ba))
-        self.b.remove_sa(SaId(self.gb, self.ga, g.spi_ba))
+        self.a.remove_sa(self._id(self.ga, self.gb, g.spi_ab))
+        self.b.remove_sa(self._id(self.ga, self.gb, g.spi_ab))
+        self.a.remove_sa(self._id(self.gb, self.ga, g.spi_ba))
+        self.b.remove_sa(self._id(self.gb, self.ga, g.spi_ba))
 
     def key_for_spi(self, spi: int) -> tuple[SecretBytes, str]:
         for g in self.gens:
