@@ -44,7 +44,7 @@ def slab_kb() -> int:
 
 
 def bench_pairs(ns: str, n: int, verify: bool) -> float:
-    be = XfrmBackend(ns, verify=verify)
+    be = XfrmBackend(ns, verify=verify, registry=None)
     spec = SaSpec(key=KEY, reqid=7, lifetime=LT)
     t0 = time.perf_counter()
     for i in range(n):
@@ -135,7 +135,7 @@ def main() -> int:
               f"(with read-back {ours_v:,.0f}), ip -batch {ipb:,.0f}; "
               f"ratio qkdgate/ip-batch {ours / ipb:.2f} (with read-back {ours_v / ipb:.2f})")
         for n in (int(x) for x in args.sizes.split(",")):
-            a, b = XfrmBackend(na), XfrmBackend(nb)
+            a, b = XfrmBackend(na, registry=None), XfrmBackend(nb, registry=None)
             slab0 = slab_kb()
             tracemalloc.start()
             tunnels = [Tunnel(i, a, b) for i in range(n)]

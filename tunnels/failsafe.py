@@ -66,6 +66,12 @@ def run(args: argparse.Namespace) -> int:
         plan.setdefault(ns, {"reqids": None, "links": []})
     if not plan:
         plan[""] = {"reqids": None, "links": []}
+    if not extra and not args.all_macsec and not any(
+            t["reqids"] or t["links"] for t in plan.values()):
+        # Nothing recorded and nothing asked: say so rather than pretend.
+        print(f"failsafe: no tunnels recorded in {args.state}; nothing done "
+              "(use --reqids and --all-macsec to sweep)", file=sys.stderr)
+        return 0
     failures = 0
     for ns, todo in plan.items():
         failures += _failsafe_ns(ns or None, todo["reqids"], extra, todo["links"],

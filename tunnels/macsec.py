@@ -26,7 +26,7 @@ from qkdgate.interfaces import MacsecCipher, MacsecLinkSpec, MacsecSaSpec, Macse
 from qkdgate.tunnels import macsec_msg as m
 from qkdgate.tunnels.netlink import (NetlinkChannel, NLM_F_CREATE, NLM_F_EXCL, iter_nlas, nla,
                                      nla_nested, parse_nlas)
-from qkdgate.tunnels.state import TunnelRegistry
+from qkdgate.tunnels.state import DEFAULT, TunnelRegistry, resolve
 
 NETLINK_ROUTE, NETLINK_GENERIC = 0, 16
 _IFINFO = struct.Struct("=BxHiII")       # struct ifinfomsg
@@ -51,11 +51,12 @@ def _sci(t: int, sci: int) -> bytes:
 class MacsecBackend:
     """:class:`~qkdgate.interfaces.MacsecBackend` on the Linux macsec driver."""
 
-    def __init__(self, netns: str | None = None, *, registry: TunnelRegistry | None = None) -> None:
+    def __init__(self, netns: str | None = None, *,
+                 registry: TunnelRegistry | str | None = DEFAULT) -> None:
         self.netns = netns
         self.rt = NetlinkChannel(NETLINK_ROUTE, netns)
         self.genl = NetlinkChannel(NETLINK_GENERIC, netns)
-        self.registry = registry
+        self.registry = resolve(registry)   # default: /run/qkdgate/tunnels.json
         self._family: int | None = None
         self._xpn: dict[str, bool] = {}
 

@@ -19,11 +19,33 @@ to sweeping by kind (every macsec link, the configured reqid range).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 from typing import Any
 
+log = logging.getLogger("qkdgate.tunnels")
+
 DEFAULT_PATH = "/run/qkdgate/tunnels.json"
+DEFAULT = "default"   # backends' registry argument: the registry at DEFAULT_PATH
+
+
+def resolve(registry: "TunnelRegistry | str | None") -> "TunnelRegistry | None":
+    """The backends record by default (so ``ExecStopPost=qkdgate failsafe``
+    works without configuration); ``None`` turns recording off (tests)."""
+    if registry == DEFAULT:
+        return _default_registry()
+    return registry  # type: ignore[return-value]
+
+
+_default: "TunnelRegistry | None" = None
+
+
+def _default_registry() -> "TunnelRegistry":
+    global _default
+    if _default is None:
+        _default = TunnelRegistry(DEFAULT_PATH)
+    return _default
 
 
 class TunnelRegistry:
@@ -56,6 +78,15 @@ class TunnelRegistry:
         return self.data.setdefault(netns or "", {"ipsec_reqids": None, "macsec_links": []})
 
     def _save(self) -> None:
+        try:
+            self._write()
+        except OSError as exc:
+            # Installing the SA anyway beats failing the tunnel: its kernel
+            # hard lifetime stays the backstop. Say loudly that failsafe is blind.
+            log.warning("cannot record tunnels in %s (%s): qkdgate failsafe will not find "
+                        "them; pass --reqids/--all-macsec", self.path, exc.strerror)
+
+    def _write(self) -> None:
         d = os.path.dirname(self.path) or "."
         os.makedirs(d, mode=0o700, exist_ok=True)
         tmp = f"{self.path}.{os.getpid()}.tmp"

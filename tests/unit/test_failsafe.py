@@ -158,3 +158,29 @@ def test_failsafe_reports_failure_but_goes_on(kernel, tmp_path, monkeypatch, cap
 def test_bad_reqid_range_is_a_config_error(bad):
     with pytest.raises(ConfigError):
         run("--reqids", bad)
+
+
+def test_nothing_recorded_nothing_asked_says_so(tmp_path, capsys):
+    assert run("--state", str(tmp_path / "absent.json")) == 0
+    assert "no tunnels recorded" in capsys.readouterr().err
+
+
+def test_unwritable_registry_warns_but_does_not_break_installs(caplog):
+    reg = TunnelRegistry("/proc/qkdgate-no-such-dir/tunnels.json")
+    reg.add_reqid(None, 5)                      # must not raise
+    assert "failsafe will not find" in caplog.text
+
+
+def test_backends_record_in_the_default_registry_unless_told_not_to(monkeypatch, tmp_path):
+    from qkdgate.tunnels import state
+    from qkdgate.tunnels.xfrm import XfrmBackend
+    monkeypatch.setattr(state, "DEFAULT_PATH", str(tmp_path / "t.json"))
+    monkeypatch.setattr(state, "_default", None)
+
+    class Ok:
+        def request(self, *a, **k):
+            return []
+    be = XfrmBackend(channel=Ok(), verify=False)
+    be.install_inbound(SaId(A, B, 0x5000), SaSpec(SecretBytes(bytes(36)), reqid=0x20000))
+    assert TunnelRegistry.load(str(tmp_path / "t.json"))[""]["ipsec_reqids"] == [0x20000, 0x20000]
+    assert XfrmBackend(channel=Ok(), registry=None).registry is None

@@ -55,7 +55,7 @@ def pair():
 
 
 def test_policy_install_switch_list_remove(pair):
-    be = XfrmBackend(pair[0])
+    be = XfrmBackend(pair[0], registry=None)
     sel = Selector(NET_A, NET_B)
     out = PolicySpec(sel, Direction.OUT, template=Template(A, B, reqid=0x10001, mode=Mode.TRANSPORT),
                      mark=Mark(9))
@@ -77,7 +77,7 @@ def test_policy_install_switch_list_remove(pair):
 
 
 def test_allocate_spi_reserves_distinct_spis_in_range(pair):
-    be = XfrmBackend(pair[0])
+    be = XfrmBackend(pair[0], registry=None)
     spis = {be.allocate_spi(B, A, low=0xC0000000, high=0xC00000FF) for _ in range(5)}
     assert len(spis) == 5 and all(0xC0000000 <= s <= 0xC00000FF for s in spis)
     larval = {st.sa_id.spi for st in be.list_sas()}
@@ -85,7 +85,7 @@ def test_allocate_spi_reserves_distinct_spis_in_range(pair):
 
 
 def test_sa_install_errors_carry_errno_and_operation(pair):
-    be = XfrmBackend(pair[0])
+    be = XfrmBackend(pair[0], registry=None)
     spec = SaSpec(key=SecretBytes(bytes(36)), reqid=1, aead="rfc4106(no-such-cipher)")
     with pytest.raises(TunnelError) as ei:
         be.install_outbound(SaId(A, B, 0x5000), spec)
@@ -116,7 +116,7 @@ def _udp_delivered(na: str, nb: str, bypass: XfrmBackend | None) -> bool:
 
 def test_required_template_without_sa_drops_and_bypass_socket_passes(pair):
     na, nb = pair
-    be = XfrmBackend(na)
+    be = XfrmBackend(na, registry=None)
     assert _udp_delivered(na, nb, None)          # clear path works before any policy
     be.install_policy(PolicySpec(Selector(NET_A, NET_B), Direction.OUT,
                                  template=Template(A, B, reqid=0x10001, mode=Mode.TRANSPORT)))
@@ -126,13 +126,13 @@ def test_required_template_without_sa_drops_and_bypass_socket_passes(pair):
 
 def test_block_policy_drops(pair):
     na, nb = pair
-    be = XfrmBackend(na)
+    be = XfrmBackend(na, registry=None)
     be.install_policy(PolicySpec(Selector(NET_A, NET_B), Direction.OUT, action=PolicyAction.BLOCK))
     assert not _udp_delivered(na, nb, None)
 
 
 def test_bulk_remove_reports_each_result(pair):
-    be = XfrmBackend(pair[0])
+    be = XfrmBackend(pair[0], registry=None)
     spis = [be.allocate_spi(B, A) for _ in range(300)]       # larval states
     ids = [SaId(B, A, s) for s in spis] + [SaId(B, A, 0x777)]  # the last does not exist
     results = be.remove_sas(ids)
