@@ -164,3 +164,24 @@ def test_no_limit_is_inf_for_counts_but_zero_for_seconds():
     pv = m.USERPOLICY_INFO.unpack(backend()._policy_message(PolicySpec(sel, Direction.IN)))
     assert all(pv[f"lft.{n}"] == 0 for n, _ in m.xfrm_lifetime_cfg if n.endswith("seconds"))
     assert pv["lft.soft_byte_limit"] == m.XFRM_INF
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_attribute_parser_parses_or_raises_valueerror(data):
+    try:
+        attrs = parse_nlas(data)
+    except ValueError:
+        return
+    assert all(0 <= t <= 0x3FFF for t in attrs)
+
+
+@given(st.lists(st.tuples(st.integers(0, 0x3FFF), st.binary(max_size=40)), max_size=8))
+def test_attribute_round_trip(items):
+    raw = b"".join(nla(t, v) for t, v in items)
+    assert len(raw) % 4 == 0
+    from qkdgate.tunnels.netlink import iter_nlas
+    assert list(iter_nlas(raw)) == items
