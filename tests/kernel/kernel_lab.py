@@ -1,6 +1,6 @@
-"""Kernel-test helpers: a five-namespace topology, a wire capture, a sequenced
-UDP stream and a make-before-break IPsec pair driven through qkdgate's
-backends. Runs inside the lab VM (lab/run.sh); setup uses `ip -batch` (one
+"""Kernel-test helpers: a five-namespace topology and make-before-break IPsec
+and MACsec pairs driven through qkdgate's backends (traffic, capture and
+counters are in kernel_traffic.py). Runs inside the lab VM (lab/run.sh); setup uses `ip -batch` (one
 process per namespace: process start costs 0.2-0.6 s under TCG), everything
 else is done in-process through the backends and namespace-bound sockets.
 
@@ -12,38 +12,31 @@ else is done in-process through the backends and namespace-bound sockets.
 
 from __future__ import annotations
 
-import ipaddress
 import os
-import signal
 import socket
-import struct
 import subprocess
-import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from qkdgate.interfaces import (Direction, Lifetime, MacsecCipher, MacsecLinkSpec, MacsecSaSpec,
                                 Mode, PolicySpec, SaId, SaSpec, Selector, Template)
 from qkdgate.keymix.combiner import HybridInputs, combine
 from qkdgate.keymix.schedule import esp_key, macsec_keys
-from qkdgate.tunnels.macsec import MacsecBackend
 from qkdgate.keymix.secret import SecretBytes
+from qkdgate.tunnels.macsec import MacsecBackend
 from qkdgate.tunnels.netlink import NetlinkChannel, in_netns, open_socket_in_netns, parse_nlas
 from qkdgate.tunnels.xfrm import XfrmBackend
 
-PATTERN = b"QKDGATE-SECRET-PAYLOAD-7f3a"
-ip = ipaddress.ip_address
-net = ipaddress.ip_network
+from kernel_traffic import (PATTERN, PROTECTED, Capture, LAN_A, LAN_A6, LAN_B, LAN_B6,  # noqa: F401
+                            MS_NET, Stream, WireReport, analyse_pcap, attribute_loss, ip,
+                            link_drops, net, proc_net, udp_rcvbuf_errors, xfrm_stats)
+
 GA, GB = ip("192.0.2.1"), ip("192.0.2.2")
 GA6, GB6 = ip("fd00:ff::1"), ip("fd00:ff::2")
 HA, HB = ip("10.1.0.2"), ip("10.2.0.2")
 HA6, HB6 = ip("fd01::2"), ip("fd02::2")
-LAN_A, LAN_B = net("10.1.0.0/24"), net("10.2.0.0/24")
-LAN_A6, LAN_B6 = net("fd01::/64"), net("fd02::/64")
-MS_NET = net("172.16.0.0/24")
 MS_A, MS_B = ip("172.16.0.1"), ip("172.16.0.2")
-PROTECTED = (LAN_A, LAN_B, LAN_A6, LAN_B6, MS_NET)
 
 
 def fixed_session(tag: bytes = b"lab") -> object:
@@ -66,33 +59,6 @@ def sysctl(netns: str, path: str, value: str) -> None:
     with in_netns(netns):
         with open(f"/proc/sys/{path}", "w") as f:
             f.write(value)
-
-
-def proc_net(netns: str, name: str) -> str:
-    with in_netns(netns):
-        with open(f"/proc/thread-self/net/{name}") as f:
-            return f.read()
-
-
-def xfrm_stats(netns: str) -> dict[str, int]:
-    return {k: int(v) for k, v in (l.split() for l in proc_net(netns, "xfrm_stat").splitlines())}
-
-
-def udp_rcvbuf_errors(netns: str) -> int:
-    lines = [l.split() for l in proc_net(netns, "snmp").splitlines() if l.startswith("Udp:")]
-    hdr, val = lines[0], lines[1]
-    return int(val[hdr.index("RcvbufErrors")]) + int(val[hdr.index("InErrors")])
-
-
-def link_drops(netns: str) -> int:
-    """rx_dropped + tx_dropped over every link (rtnl_link_stats64, IFLA_STATS64)."""
-    total = 0
-    with NetlinkChannel(0, netns) as ch:
-        for _t, body in ch.request("list_links", 18, bytes(16), dump=True):
-            st = parse_nlas(body, 16).get(23)
-            if st and len(st) >= 64:
-                total += sum(struct.unpack_from("=8Q", st)[6:8])
-    return total
 
 
 class Topology:
@@ -153,153 +119,6 @@ class Topology:
 
     def down(self) -> None:
         ipbatch([f"netns del {n}" for n in self.all])
-
-
-class Capture:
-    """tcpdump on the wire bridge into a pcap; ``stop()`` returns the path."""
-
-    def __init__(self, topo: Topology, path: str, iface: str = "br0") -> None:
-        self.path = path
-        self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", topo.wire, "tcpdump", "-i", iface, "-n", "-U", "-s", "0",
-             "-w", path], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 30
-        line = ""
-        while "listening" not in line:
-            line = self.proc.stderr.readline()
-            if not line and self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"tcpdump did not start: {line}")
-        self.dropped = 0
-
-    def stop(self) -> str:
-        time.sleep(0.3)
-        self.proc.send_signal(signal.SIGINT)
-        err = self.proc.communicate(timeout=30)[1]
-        for l in err.splitlines():
-            if "dropped by kernel" in l:
-                self.dropped = int(l.split()[0])
-        return self.path
-
-
-@dataclass
-class WireReport:
-    frames: int = 0
-    esp: int = 0
-    esp_in_udp: int = 0
-    macsec: int = 0
-    cleartext: int = 0            # IP packets to/from protected nets that are not ESP
-    pattern_hits: int = 0
-    other: dict[str, int] = field(default_factory=dict)
-    spis: dict[int, int] = field(default_factory=dict)
-
-
-def analyse_pcap(path: str) -> WireReport:
-    """A minimal pcap reader (fast under TCG, unlike scapy for 10^5 frames)."""
-    data = open(path, "rb").read()
-    rep = WireReport(pattern_hits=data.count(PATTERN))
-    off = 24
-    while off + 16 <= len(data):
-        caplen = struct.unpack_from("=I", data, off + 8)[0]
-        frame = data[off + 16:off + 16 + caplen]
-        off += 16 + caplen
-        rep.frames += 1
-        etype = struct.unpack_from("!H", frame, 12)[0]
-        if etype == 0x88E5:
-            rep.macsec += 1
-            continue
-        if etype == 0x0800:
-            ihl = (frame[14] & 0xF) * 4
-            proto, src, dst = frame[23], ip(frame[26:30]), ip(frame[30:34])
-            l4 = 14 + ihl
-        elif etype == 0x86DD:
-            proto, src, dst = frame[20], ip(frame[22:38]), ip(frame[38:54])
-            l4 = 54
-        else:
-            rep.other[hex(etype)] = rep.other.get(hex(etype), 0) + 1
-            continue
-        if proto == 50:
-            rep.esp += 1
-            spi = struct.unpack_from("!I", frame, l4)[0]
-            rep.spis[spi] = rep.spis.get(spi, 0) + 1
-        elif proto == 17 and struct.unpack_from("!H", frame, l4 + 2)[0] == 4500:
-            rep.esp_in_udp += 1
-        elif any(src in n or dst in n for n in PROTECTED):
-            rep.cleartext += 1
-        else:
-            k = f"ip-proto-{proto}"
-            rep.other[k] = rep.other.get(k, 0) + 1
-    return rep
-
-
-class Stream:
-    """A paced UDP stream with sequence numbers from one namespace to another."""
-
-    def __init__(self, src_ns: str, dst_ns: str, src: object, dst: object, rate: int = 500,
-                 port: int = 5001) -> None:
-        fam = socket.AF_INET if dst.version == 4 else socket.AF_INET6
-        self.rx = open_socket_in_netns(fam, socket.SOCK_DGRAM, dst_ns)
-        self.rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        self.rx.bind((str(dst), port))
-        self.rx.settimeout(0.2)
-        self.tx = open_socket_in_netns(fam, socket.SOCK_DGRAM, src_ns)
-        self.tx.bind((str(src), 0))
-        self.dst, self.port, self.rate = str(dst), port, rate
-        self.dst_ns = dst_ns
-        self.sent_at: list[float] = []
-        self.send_errors = 0
-        self.received: set[int] = set()
-        self._stop = threading.Event()
-        self._rx_stop = threading.Event()
-        self.rcvbuf0 = udp_rcvbuf_errors(dst_ns)
-
-    def start(self) -> "Stream":
-        self._t_rx = threading.Thread(target=self._recv, daemon=True)
-        self._t_tx = threading.Thread(target=self._send, daemon=True)
-        self._t_rx.start()
-        self._t_tx.start()
-        return self
-
-    def _send(self) -> None:
-        seq, t0 = 0, time.monotonic()
-        pad = b"." * 64
-        while not self._stop.is_set():
-            due = t0 + seq / self.rate
-            now = time.monotonic()
-            if due > now:
-                time.sleep(min(due - now, 0.01))
-                continue
-            self.sent_at.append(now)
-            try:
-                self.tx.sendto(PATTERN + struct.pack("!Q", seq) + pad, (self.dst, self.port))
-            except OSError:
-                self.send_errors += 1
-            seq += 1
-
-    def _recv(self) -> None:
-        n = len(PATTERN)
-        while not self._rx_stop.is_set():
-            try:
-                data = self.rx.recv(2048)
-            except socket.timeout:
-                continue
-            if data.startswith(PATTERN):
-                self.received.add(struct.unpack_from("!Q", data, n)[0])
-
-    def received_since(self, t: float) -> int:
-        return sum(1 for s in self.received if s < len(self.sent_at) and self.sent_at[s] >= t)
-
-    def stop(self, drain: float = 1.0) -> None:
-        self._stop.set()
-        self._t_tx.join()
-        time.sleep(drain)
-        self._rx_stop.set()
-        self._t_rx.join()
-        self.rcvbuf_errors = udp_rcvbuf_errors(self.dst_ns) - self.rcvbuf0
-        self.rx.close()
-        self.tx.close()
-
-    def lost(self) -> list[int]:
-        return [s for s in range(len(self.sent_at)) if s not in self.received]
 
 
 @dataclass
@@ -403,20 +222,6 @@ class IpsecPair:
             if g.spi_ba == spi:
                 return esp_key(self.session, self.tid, "r2i", spi, g.n), "r2i"
         raise KeyError(hex(spi))
-
-
-def attribute_loss(stream: Stream, windows: list[tuple[float, float]],
-                   host_drops: int) -> tuple[list[int], list[int]]:
-    """Split lost sequence numbers into (in a rekey window, outside any).
-
-    A packet counts against a rekey window if it was sent between the
-    window's start and 50 ms after its end (time in flight through two
-    ESP gateways under TCG is well below that)."""
-    in_win, outside = [], []
-    for s in stream.lost():
-        t = stream.sent_at[s]
-        (in_win if any(a <= t <= b + 0.05 for a, b in windows) else outside).append(s)
-    return in_win, outside
 
 
 def pid_alive(pid: int) -> bool:
