@@ -288,7 +288,10 @@ class MacsecConfig:
     cipher: MacsecCipher = MacsecCipher.GCM_AES_XPN_256
     port: Annotated[int, Range(1, 65535)] = 1    # SCI port (IEEE 802.1AE-2018 8.2.1)
     encrypt: bool = True
-    replay_window: Annotated[int, Range(0, 0xFFFFFFFF)] = 0
+    # IEEE 802.1AE-2018 10.6.2 replayWindow. Not 0 (strict order): frames
+    # that multi-queue NICs or several CPUs reorder by a few would count as
+    # late and be dropped (seen in the kernel lab); 32 still refuses replays.
+    replay_window: Annotated[int, Range(0, 0xFFFFFFFF)] = 32
 
     _yaml_label = "macsec settings"
 

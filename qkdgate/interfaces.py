@@ -301,7 +301,7 @@ class MacsecLinkSpec:
     encrypt: bool = True
     validate_strict: bool = True
     replay_protect: bool = True
-    replay_window: int = 0
+    replay_window: int = 32      # 0 = strict order: reordered frames count as late
     icv_len: int = 16
 
 

@@ -17,6 +17,15 @@ falls back to sweeping by kind when the registry is missing or damaged.
   accept) traffic forever. The parent interface carries no protected
   traffic: it only ever sees MACsec frames or nothing.
 
+Under systemd (``--systemd``, as the unit runs it) failsafe reads
+``$SERVICE_RESULT`` (systemd.exec(5)). After a *clean* exit
+(``success``: the daemon stopped on SIGTERM and chose what to leave) the
+IPsec SAs are kept: each carries a kernel hard lifetime, so none outlives
+its key, and a ``systemctl restart`` or upgrade is hitless (the new daemon
+adopts and replaces them, docs/daemon.md). After a crash, SIGKILL, watchdog
+kill or failed start, everything above is done. MACsec is neutralised
+either way: it has no kernel lifetime to fall back on.
+
 Each step is attempted even if an earlier one failed; the exit status is 1
 if anything could not be done, so systemd records the failure.
 """
@@ -24,6 +33,7 @@ if anything could not be done, so systemd records the failure.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -40,6 +50,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--all-macsec", action="store_true",
                    help="deactivate and take down every macsec link, recorded or not")
     p.add_argument("--dry-run", action="store_true", help="say what would be done, do nothing")
+    p.add_argument("--systemd", action="store_true",
+                   help="run as ExecStopPost: after a clean exit ($SERVICE_RESULT=success) "
+                        "keep IPsec SAs to their kernel hard lifetime (hitless restart)")
+
+
+def keep_ipsec_sas(args: argparse.Namespace, environ: dict[str, str]) -> bool:
+    """True when IPsec SAs may stay: a clean stop under systemd. Anything
+    else (a crash, SIGKILL, watchdog, no $SERVICE_RESULT) deletes them."""
+    return bool(args.systemd) and environ.get("SERVICE_RESULT") == "success"
 
 
 def _parse_range(text: str) -> tuple[int, int]:
@@ -72,6 +91,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"failsafe: no tunnels recorded in {args.state}; nothing done "
               "(use --reqids and --all-macsec to sweep)", file=sys.stderr)
         return 0
+    if keep_ipsec_sas(args, dict(os.environ)):
+        print("failsafe: clean exit: IPsec SAs kept until their kernel hard lifetime "
+              "(hitless restart); MACsec neutralised", flush=True)
+        for todo in plan.values():
+            todo["reqids"] = None
+        extra = None
     failures = 0
     for ns, todo in plan.items():
         failures += _failsafe_ns(ns or None, todo["reqids"], extra, todo["links"],

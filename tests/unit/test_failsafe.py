@@ -127,6 +127,35 @@ def test_failsafe_deletes_recorded_sas_keeps_policies_and_stops_macsec(kernel, t
     assert "deleted 2 SA(s)" in out and "1 policy(ies)" in out and "taken down" in out
 
 
+@pytest.mark.parametrize("result, kept", [("success", True), ("signal", False),
+                                          ("watchdog", False), ("exit-code", False), (None, False)])
+def test_under_systemd_a_clean_exit_keeps_ipsec_sas_but_never_macsec(kernel, tmp_path,
+                                                                     monkeypatch, result, kept):
+    x, ms = kernel
+    state = str(tmp_path / "tunnels.json")
+    reg = TunnelRegistry(state)
+    reg.add_reqid("gw", 0x10000)
+    reg.add_reqid("gw", 0x1003F)
+    reg.add_macsec_link("gw", "ms0")
+    if result is None:
+        monkeypatch.delenv("SERVICE_RESULT", raising=False)
+    else:
+        monkeypatch.setenv("SERVICE_RESULT", result)
+    assert run("--state", state, "--systemd") == 0
+    assert len(x.list_sas()) == (3 if kept else 1)
+    assert len(x.list_policies()) == 1
+    assert not ms.links["ms0"].tx[0].active and not ms.links["ms0"].up
+
+
+def test_without_systemd_flag_success_is_ignored(kernel, tmp_path, monkeypatch):
+    x, ms = kernel
+    state = str(tmp_path / "tunnels.json")
+    TunnelRegistry(state).add_reqid("gw", 0x10000)
+    monkeypatch.setenv("SERVICE_RESULT", "success")
+    assert run("--state", state) == 0
+    assert {st.reqid for st in x.list_sas()} == {7, 0x10002}
+
+
 def test_failsafe_sweeps_without_a_registry(kernel, tmp_path):
     x, ms = kernel
     missing = str(tmp_path / "none.json")

@@ -59,7 +59,7 @@ def test_required_directives():
     assert one(d, "Service.ExecReload") == "/bin/kill -HUP $MAINPID"
     assert one(d, "Service.ExecStart") == f"{INSTALLED} run --config /etc/qkdgate/qkdgate.yaml"
     assert one(d, "Service.ExecStartPre").startswith(f"{INSTALLED} check-config --check-files")
-    assert one(d, "Service.ExecStopPost") == f"{INSTALLED} failsafe"
+    assert one(d, "Service.ExecStopPost") == f"{INSTALLED} failsafe --systemd"
     for kind in ("Configuration", "State", "Runtime"):
         assert one(d, f"Service.{kind}Directory") == "qkdgate"
     assert one(d, "Service.UMask") == "0077"
