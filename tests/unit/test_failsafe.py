@@ -111,13 +111,19 @@ def run(*argv: str) -> int:
     return failsafe.run(p.parse_args(list(argv)))
 
 
-def test_failsafe_deletes_recorded_sas_keeps_policies_and_stops_macsec(kernel, tmp_path, capsys):
-    x, ms = kernel
+def recorded(tmp_path) -> str:
+    """A registry naming reqids 0x10000-0x1003F and link ms0 in netns gw."""
     state = str(tmp_path / "tunnels.json")
     reg = TunnelRegistry(state)
     reg.add_reqid("gw", 0x10000)
     reg.add_reqid("gw", 0x1003F)
     reg.add_macsec_link("gw", "ms0")
+    return state
+
+
+def test_failsafe_deletes_recorded_sas_keeps_policies_and_stops_macsec(kernel, tmp_path, capsys):
+    x, ms = kernel
+    state = recorded(tmp_path)
     assert run("--state", state) == 0
     assert {st.reqid for st in x.list_sas()} == {7}      # not ours: untouched
     assert len(x.list_policies()) == 1                   # blocking policy kept
@@ -132,11 +138,7 @@ def test_failsafe_deletes_recorded_sas_keeps_policies_and_stops_macsec(kernel, t
 def test_under_systemd_a_clean_exit_keeps_ipsec_sas_but_never_macsec(kernel, tmp_path,
                                                                      monkeypatch, result, kept):
     x, ms = kernel
-    state = str(tmp_path / "tunnels.json")
-    reg = TunnelRegistry(state)
-    reg.add_reqid("gw", 0x10000)
-    reg.add_reqid("gw", 0x1003F)
-    reg.add_macsec_link("gw", "ms0")
+    state = recorded(tmp_path)
     if result is None:
         monkeypatch.delenv("SERVICE_RESULT", raising=False)
     else:
