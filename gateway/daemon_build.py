@@ -17,6 +17,7 @@ from dataclasses import replace
 from typing import Any, Callable
 
 from qkdgate.errors import ConfigError
+from qkdgate.gateway.private_file import read_private_file
 from qkdgate.gateway.config import (REQID_SPAN, Config, KeyPolicy, PeerConfig, TunnelConfig,
                                     TunnelType)
 from qkdgate.gateway.tunnel_ipsec import IpsecTunnel, IpsecTunnelSpec
@@ -106,18 +107,7 @@ def backends(cfg: Config, ipsec: Any, macsec: Any) -> tuple[Any, Any]:
 # ---------------------------------------------------------------- peers
 
 def read_secret_file(path: str, what: str) -> SecretBytes:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError as exc:
-        raise ConfigError(f"cannot open {what}: {exc.strerror}", file=path) from None
-    try:
-        st = os.fstat(fd)
-        if st.st_mode & 0o077:
-            raise ConfigError(f"{what} is readable by group or others", file=path,
-                              expected="mode 0600", found=f"mode {st.st_mode & 0o777:04o}")
-        data = os.read(fd, 4097)
-    finally:
-        os.close(fd)
+    data = read_private_file(path, what, 4097)
     text = data.strip()
     try:   # a hex file (as `openssl rand -hex 32` writes) or raw bytes
         raw = bytes.fromhex(text.decode("ascii"))

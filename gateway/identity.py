@@ -33,11 +33,11 @@ import binascii
 import hashlib
 import json
 import os
-import stat
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from qkdgate.errors import AuthenticationFailed, ConfigError, CryptoUnavailable
+from qkdgate.gateway.private_file import read_private_file
 from qkdgate.keymix.secret import SecretBytes
 
 PUBLIC_PREFIX = "qkdgate-id1"
@@ -282,26 +282,12 @@ class LocalIdentity:
     @classmethod
     def load(cls, path: str) -> "LocalIdentity":
         """Read a private identity file, refusing one others can read."""
+        raw = read_private_file(path, "identity file", 65536)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-        except OSError as exc:
-            raise ConfigError(f"cannot open identity file: {exc.strerror}", file=path) from None
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise ConfigError("identity file is not a regular file", file=path)
-            if st.st_mode & 0o077:
-                raise ConfigError("identity file is readable by group or others",
-                                  file=path, expected="mode 0600",
-                                  found=f"mode {stat.S_IMODE(st.st_mode):04o}")
-            if st.st_uid != os.geteuid():
-                raise ConfigError("identity file is owned by another user", file=path)
-            with os.fdopen(fd, "r", encoding="utf-8") as fh:
-                fd = -1
-                return cls.from_json(fh.read(65536), file=path)
-        finally:
-            if fd >= 0:
-                os.close(fd)
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError("identity file is not UTF-8 text", file=path) from None
+        return cls.from_json(text, file=path)
 
     def save(self, path: str, *, overwrite: bool = False) -> None:
         """Write the private file with mode 0600 from the start (never a

@@ -162,3 +162,26 @@ def test_keygen_show_and_refusals(tmp_path, capsys):
     assert cli.main(["keygen", "-o", str(link), "--force"]) == 2
     assert not target.exists()
     assert cli.main(["keygen", "--show", str(link)]) == 2
+
+
+def test_private_files_must_be_regular_and_ours(tmp_path):
+    # The identity and PSK readers share one check (gateway/private_file.py).
+    from qkdgate.errors import ConfigError
+    from qkdgate.gateway.daemon_build import read_secret_file
+
+    fifo = tmp_path / "psk"
+    os.mkfifo(fifo, 0o600)
+    with pytest.raises(ConfigError, match="PSK file is not a regular file"):
+        read_secret_file(str(fifo), "PSK file")
+    psk = tmp_path / "psk2"
+    psk.write_text("00" * 32)
+    os.chmod(psk, 0o640)
+    with pytest.raises(ConfigError, match="readable by group or others"):
+        read_secret_file(str(psk), "PSK file")
+    os.chmod(psk, 0o600)
+    assert len(read_secret_file(str(psk), "PSK file")) == 32
+    bad = tmp_path / "id.json"
+    bad.write_bytes(b"\xff\xfe")
+    os.chmod(bad, 0o600)
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        LocalIdentity.load(str(bad))
