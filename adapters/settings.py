@@ -1,6 +1,6 @@
 """Key-source settings as the adapters read them.
 
-Theory of operation: the gateway's config loader (gateway/config.py) turns
+Theory of operation: the gateway's config loader (gateway/config/model.py) turns
 a ``key_sources:`` YAML entry into its own dataclass; tests and third-party
 code may pass a plain mapping. :func:`source_settings` accepts either (an
 object with attributes or a mapping with the same names) and returns one

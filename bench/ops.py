@@ -25,8 +25,8 @@ import tempfile
 import time
 import uuid
 
-from qkdgate.gateway.journal import Journal
-from qkdgate.gateway.telemetry import MqttOptions, Telemetry
+from qkdgate.gateway.daemon.journal import Journal
+from qkdgate.gateway.telemetry.mqtt import MqttOptions, Telemetry
 
 
 def pct(xs: list[float], p: float) -> float:

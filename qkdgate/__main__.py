@@ -1,5 +1,5 @@
 import sys
 
-from qkdgate.gateway.cli import main
+from qkdgate.gateway.cli.main import main
 
 sys.exit(main())

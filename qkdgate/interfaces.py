@@ -4,7 +4,7 @@ Theory of operation: this module is pure (no I/O, no asyncio, no netlink).
 The protocol core and the daemon depend only on these definitions;
 ``qkdgate.adapters`` implements :class:`KeySource`, ``qkdgate.tunnels``
 implements :class:`IpsecBackend` and :class:`MacsecBackend`, and
-``qkdgate.fakes`` holds in-memory recording versions of both for tests.
+``qkdgate.testing.fakes`` holds in-memory recording versions of both for tests.
 
 The kernel interface follows strongSwan's ``kernel_ipsec``: a few narrow
 operations taking parameter objects (:class:`SaId`, :class:`SaSpec`,

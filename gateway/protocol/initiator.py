@@ -17,7 +17,7 @@ from typing import Any
 
 from qkdgate.errors import (AuthenticationFailed, LocalProtocolError, RemoteProtocolError,
                             TunnelError)
-from qkdgate.gateway.identity import select_identity
+from qkdgate.gateway.protocol.identity import select_identity
 from qkdgate.gateway.protocol import exchange as X
 from qkdgate.gateway.protocol import messages as m
 from qkdgate.gateway.protocol.events import InstallInbound, InstallOutbound, NeedQkdKeys

@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from qkdgate.errors import RemoteProtocolError
-from qkdgate.gateway.identity import select_identity
+from qkdgate.gateway.protocol.identity import select_identity
 from qkdgate.gateway.protocol import exchange as X
 from qkdgate.gateway.protocol import messages as m
 from qkdgate.gateway.protocol.events import (PeerRestarted, QkdFallback, QkdRecovered,

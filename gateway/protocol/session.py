@@ -43,7 +43,7 @@ from typing import Any, Callable, Sequence
 from qkdgate.errors import (AuthenticationFailed, KeyNotFound, KeySourceAuthError,
                             KeySourceError, KeySourceTimeout, LocalProtocolError,
                             RemoteProtocolError)
-from qkdgate.gateway.identity import LocalIdentity, PeerIdentity
+from qkdgate.gateway.protocol.identity import LocalIdentity, PeerIdentity
 from qkdgate.gateway.protocol import exchange as X
 from qkdgate.gateway.protocol import messages as m
 from qkdgate.gateway.protocol.config import SessionConfig, TunnelRef

@@ -13,8 +13,8 @@ import os
 import socket
 from pathlib import Path
 
-from qkdgate.gateway.config import load_config
-from qkdgate.gateway.identity import LocalIdentity
+from qkdgate.gateway.config.model import load_config
+from qkdgate.gateway.protocol.identity import LocalIdentity
 
 
 def free_udp_port() -> int:

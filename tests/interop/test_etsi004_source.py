@@ -103,7 +103,7 @@ async def test_master_and_slave_read_identical_keys(sim, pair):
 
 
 async def test_registry_builds_it_and_config_knows_the_kind(sim):
-    from qkdgate.gateway.config import BUILTIN_KEY_SOURCE_KINDS, KIND_NEEDS_URL
+    from qkdgate.gateway.config.model import BUILTIN_KEY_SOURCE_KINDS, KIND_NEEDS_URL
     assert "etsi004" in registry.available_kinds()
     assert "etsi004" in BUILTIN_KEY_SOURCE_KINDS and "etsi004" in KIND_NEEDS_URL
     src = registry.create_key_source("etsi004", sim.credentials("SAE-A").settings())
@@ -407,7 +407,7 @@ def test_hostile_answers_raise_only_key_source_errors(fuzz_state, answer, call, 
 async def test_yaml_config_with_kind_etsi004_builds_a_working_source(sim, tmp_path):
     from pathlib import Path
 
-    from qkdgate.gateway.config import parse_config
+    from qkdgate.gateway.config.model import parse_config
     base = (Path(__file__).parent.parent / "config" / "good-minimal.yaml").read_text()
     cred = sim.credentials("SAE-A")
     entry = (f"  - name: kme-a\n    kind: etsi004\n    url: {cred.url}\n    kme_id: KME-A\n"

@@ -338,7 +338,7 @@ async def test_kme_not_listening_is_unavailable_after_retries(sim):
 
 
 async def test_built_from_the_gateway_config_dataclass(sim):
-    config = pytest.importorskip("qkdgate.gateway.config")
+    config = pytest.importorskip("qkdgate.gateway.config.model")
     cred = sim.credentials("SAE-A")
     entry = config.KeySourceConfig(
         name="kme-a", kind="idq-cerberis-xgr", url=cred.url, kme_id="KME-A",

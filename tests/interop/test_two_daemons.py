@@ -13,9 +13,9 @@ import logging
 import pytest
 
 from qkdgate.adapters.kmesim.server import KmeSimulator
-from qkdgate.fakes import RecordingIpsecBackend, RecordingMacsecBackend
-from qkdgate.gateway.daemon import Daemon
-from qkdgate.gateway.sdnotify import SdNotifier
+from qkdgate.testing.fakes import RecordingIpsecBackend, RecordingMacsecBackend
+from qkdgate.gateway.daemon.daemon import Daemon
+from qkdgate.gateway.daemon.sdnotify import SdNotifier
 from qkdgate.interfaces import Direction, PolicyAction
 
 from daemon_pair import write_pair

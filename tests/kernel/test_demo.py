@@ -16,7 +16,7 @@ import time
 
 def run_demo(tmp_path, *args: str) -> tuple[dict, str]:
     out = tmp_path / "summary.json"
-    r = subprocess.run([sys.executable, "-m", "qkdgate.gateway.cli", "demo", "--where", "host",
+    r = subprocess.run([sys.executable, "-m", "qkdgate.gateway.cli.main", "demo", "--where", "host",
                         "--json", str(out), *args], capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, f"demo exit {r.returncode}\n{r.stdout[-4000:]}\n{r.stderr[-3000:]}"
     s = json.loads(out.read_text())
@@ -90,7 +90,7 @@ def test_demo_terminated_during_setup_cleans_up(tmp_path):
     """SIGTERM (systemd, kill) takes the Ctrl-C path: summary, cleanup, exit 130;
     sent while the daemons, the KME simulator and every namespace exist but
     the first handshake may still run (the hardest moment to clean up)."""
-    p = subprocess.Popen([sys.executable, "-m", "qkdgate.gateway.cli", "demo", "--where", "host",
+    p = subprocess.Popen([sys.executable, "-m", "qkdgate.gateway.cli.main", "demo", "--where", "host",
                           "--json", str(tmp_path / "s.json")], stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True)
     seen = []

@@ -1,7 +1,7 @@
 """Two PeerSessions in memory, driven step by step (aioquic-style helpers).
 
 A :class:`Gateway` plays the daemon for one session: it answers NeedQkdKeys
-from a shared :class:`~qkdgate.fakes.FakeQkdLink`, acknowledges installs
+from a shared :class:`~qkdgate.testing.fakes.FakeQkdLink`, acknowledges installs
 (deriving the per-SA ESP keys with keymix.schedule so tests can compare
 both sides), and records every event. :class:`Pair` moves datagrams between
 the two through an optional ``network`` hook (loss, duplication, reordering,
@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from qkdgate.errors import KeySourceError, TunnelError
-from qkdgate.fakes import FakeQkdLink
-from qkdgate.gateway.identity import LocalIdentity
+from qkdgate.testing.fakes import FakeQkdLink
+from qkdgate.gateway.protocol.identity import LocalIdentity
 from qkdgate.gateway.protocol import events as E
 from qkdgate.gateway.protocol.config import SessionConfig, TunnelRef
 from qkdgate.gateway.protocol.session import PeerSession

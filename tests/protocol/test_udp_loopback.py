@@ -1,6 +1,6 @@
 """The sans-IO core over real UDP sockets on loopback, with a minimal driver.
 
-Not the daemon (that is gateway/daemon.py and its own tests): a thirty-line
+Not the daemon (that is gateway/daemon/daemon.py and its own tests): a thirty-line
 asyncio driver that proves the datagrams, fragmentation and timers work on a
 real socket and a real clock, with the QKD fake answering asynchronously.
 """
@@ -11,7 +11,7 @@ import asyncio
 import time
 
 from protocol_harness import identity, seeded
-from qkdgate.fakes import FakeQkdLink
+from qkdgate.testing.fakes import FakeQkdLink
 from qkdgate.gateway.protocol import events as E
 from qkdgate.gateway.protocol.config import SessionConfig, TunnelRef
 

@@ -1,4 +1,4 @@
-"""gateway/config.py: strict typing, defaults, cross-checks, lookups."""
+"""gateway/config/model.py: strict typing, defaults, cross-checks, lookups."""
 
 import dataclasses
 import ipaddress
@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from qkdgate.errors import ConfigError
-from qkdgate.gateway.config import (POLICY_LEGS, REQID_SPAN, Config, IpsecCipher, KemSuite,
+from qkdgate.gateway.config.model import (POLICY_LEGS, REQID_SPAN, Config, IpsecCipher, KemSuite,
                                     KeyPolicy, LogLevel, Profile, QkdRole, TunnelType,
                                     load_config, parse_config)
-from qkdgate.gateway.config_validate import warnings
+from qkdgate.gateway.config.validate import warnings
 from qkdgate.interfaces import MacsecCipher, Mode
 
 BASE = (Path(__file__).resolve().parents[1] / "config" / "good-minimal.yaml").read_text()
@@ -201,7 +201,7 @@ def test_cnsa2_profile_defaults_to_mlkem1024():
 
 
 def test_inline_pinned_identity_is_checked_by_the_identity_parser():
-    from qkdgate.gateway.identity import LocalIdentity
+    from qkdgate.gateway.protocol.identity import LocalIdentity
     pub = LocalIdentity.generate(rng=lambda n: bytes(range(n))).public.to_string()
     c = parse(cfg_with(("[gw-b.pub]", f'["{pub}", gw-b.next.pub]')))
     assert c.peer("gw-b").identities == (pub, "/etc/qkdgate/gw-b.next.pub")

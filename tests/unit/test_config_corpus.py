@@ -76,7 +76,7 @@ def test_missing_file_is_a_config_error(tmp_path):
 
 
 def test_check_files_wants_private_secret_files(tmp_path):
-    from qkdgate.gateway.identity import LocalIdentity
+    from qkdgate.gateway.protocol.identity import LocalIdentity
     text = (CORPUS / "good-minimal.yaml").read_text()
     cfg = tmp_path / "qkdgate.yaml"
     cfg.write_text(text)

@@ -1,12 +1,12 @@
 """docs/config.md documents every key of the schema, and the shipped
-example sets every key, so neither can drift from gateway/config.py."""
+example sets every key, so neither can drift from gateway/config/model.py."""
 
 import dataclasses
 import re
 import typing
 from pathlib import Path
 
-from qkdgate.gateway.config import Config
+from qkdgate.gateway.config.model import Config
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = (ROOT / "docs" / "config.md").read_text()

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qkdgate.errors import ConfigError
-from qkdgate.gateway.config import Config, parse_config
+from qkdgate.gateway.config.model import Config, parse_config
 
 BASE = (Path(__file__).resolve().parents[1] / "config" / "good-minimal.yaml").read_text()
 LINES = BASE.splitlines()

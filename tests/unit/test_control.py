@@ -9,9 +9,9 @@ import stat
 import pytest
 
 from qkdgate.errors import ConfigError, KeyUnavailable
-from qkdgate.gateway import cli
-from qkdgate.gateway.cmd_status import inputs_text, render
-from qkdgate.gateway.control import ControlError, ControlServer, request
+from qkdgate.gateway.cli import main as cli
+from qkdgate.gateway.cli.status import inputs_text, render
+from qkdgate.gateway.daemon.control import ControlError, ControlServer, request
 
 STATUS = {
     "gateway": "gw-a", "uptime": 75.0, "peers": [{"peer": "gw-b", "state": "established"}],

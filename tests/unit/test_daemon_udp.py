@@ -3,7 +3,7 @@ and isolation of a misbehaving session from the event loop."""
 
 import asyncio
 
-from qkdgate.gateway.udp import GatewayEndpoint, PeerDriver, open_endpoint
+from qkdgate.gateway.daemon.udp import GatewayEndpoint, PeerDriver, open_endpoint
 
 
 class Session:

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 
 from qkdgate.errors import ConfigError, QkdgateError
-from qkdgate.gateway import cli, demo
-from qkdgate.gateway import demo_net as dn
-from qkdgate.gateway.config import load_config
-from qkdgate.gateway.demo_config import KmeEndpoint, Timers, write_configs, write_identities
+from qkdgate.gateway.cli import main as cli
+from qkdgate.gateway.demo import command as demo
+from qkdgate.gateway.demo import net as dn
+from qkdgate.gateway.config.model import load_config
+from qkdgate.gateway.demo.config import KmeEndpoint, Timers, write_configs, write_identities
 
 
 def parse(*argv: str) -> argparse.Namespace:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 
-from qkdgate.gateway.demo_traffic import HEADER, MAGIC, loss_by_phase
-from qkdgate.gateway.demo_view import Recorder, percentile, render
+from qkdgate.gateway.demo.traffic import HEADER, MAGIC, loss_by_phase
+from qkdgate.gateway.demo.view import Recorder, percentile, render
 from qkdgate.keymix.secret import SecretBytes
 
 SECRET = bytes(range(0xA0, 0xC0))

@@ -11,7 +11,7 @@ import socket
 import pytest
 
 from qkdgate.errors import ConfigError, TunnelError
-from qkdgate.fakes import RecordingIpsecBackend, RecordingMacsecBackend
+from qkdgate.testing.fakes import RecordingIpsecBackend, RecordingMacsecBackend
 from qkdgate.interfaces import (Direction, MacsecLinkSpec, MacsecSaSpec, PolicySpec, SaId, SaSpec,
                                 Selector, Template)
 from qkdgate.keymix.secret import SecretBytes

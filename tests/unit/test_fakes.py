@@ -7,7 +7,7 @@ import ipaddress
 import pytest
 
 from qkdgate.errors import KeyNotFound, KeySourceAuthError, KeyUnavailable, TunnelError
-from qkdgate.fakes import FakeQkdLink, RecordingIpsecBackend, RecordingMacsecBackend
+from qkdgate.testing.fakes import FakeQkdLink, RecordingIpsecBackend, RecordingMacsecBackend
 from qkdgate.interfaces import MacsecLinkSpec, MacsecSaSpec, SaId, SaSpec
 from qkdgate.keymix.secret import SecretBytes
 

@@ -10,8 +10,8 @@ import stat
 import pytest
 
 from qkdgate.errors import AuthenticationFailed, ConfigError
-from qkdgate.gateway import cli
-from qkdgate.gateway.identity import (LocalIdentity, PeerIdentity, get_profile,
+from qkdgate.gateway.cli import main as cli
+from qkdgate.gateway.protocol.identity import (LocalIdentity, PeerIdentity, get_profile,
                                       select_identity)
 
 
@@ -165,9 +165,9 @@ def test_keygen_show_and_refusals(tmp_path, capsys):
 
 
 def test_private_files_must_be_regular_and_ours(tmp_path):
-    # The identity and PSK readers share one check (gateway/private_file.py).
+    # The identity and PSK readers share one check (qkdgate/private_file.py).
     from qkdgate.errors import ConfigError
-    from qkdgate.gateway.daemon_build import read_secret_file
+    from qkdgate.gateway.daemon.build import read_secret_file
 
     fifo = tmp_path / "psk"
     os.mkfifo(fifo, 0o600)

@@ -10,7 +10,7 @@ import uuid
 import pytest
 
 from qkdgate.errors import QkdgateError
-from qkdgate.gateway.journal import (GenerationRegression, Journal, JournalCorrupt, JournalError,
+from qkdgate.gateway.daemon.journal import (GenerationRegression, Journal, JournalCorrupt, JournalError,
                                      JournalLocked, KeyIdReused)
 
 

@@ -20,8 +20,8 @@ import sys
 
 import pytest
 
-from qkdgate.fakes import FakeQkdLink
-from qkdgate.gateway.journal import Journal, KeyIdReused
+from qkdgate.testing.fakes import FakeQkdLink
+from qkdgate.gateway.daemon.journal import Journal, KeyIdReused
 
 ROUNDS = 3
 TUNNEL = "t"

@@ -50,7 +50,7 @@ def crash_point(point):
         note(kind="killed", point=label)
         os.kill(os.getpid(), signal.SIGKILL)
 
-from qkdgate.gateway import journal as J
+from qkdgate.gateway.daemon import journal as J
 _init = J.Journal.__init__
 def _journal_init(self, *a, **kw):
     kw["_crash_hook"] = crash_point
@@ -67,7 +67,7 @@ def _labelled(name, fn):
 J.Journal.reserve_qkd_keys = _labelled("reserve", J.Journal.reserve_qkd_keys)
 J.Journal.record_generation = _labelled("record", J.Journal.record_generation)
 if os.environ.get("QG_NO_JOURNAL"):
-    from qkdgate.gateway import daemon_build
+    from qkdgate.gateway.daemon import build as daemon_build
     daemon_build.open_journal = lambda cfg: None
 
 from qkdgate.keymix import combiner
@@ -80,7 +80,7 @@ def _logged_combine(inputs):
     return session
 combiner.combine = _logged_combine
 
-from qkdgate.gateway import tunnel_manager as TM
+from qkdgate.tunnels import manager as TM
 _install = TM.TunnelManager.install_inbound
 def _logged_install(self, generation, *a, **kw):
     note(kind="install", gen=generation)
@@ -142,7 +142,7 @@ class ReplayingKme:
 from qkdgate.adapters import registry
 registry.create_key_source = lambda kind, settings: ReplayingKme()
 
-from qkdgate.gateway.cli import main
+from qkdgate.gateway.cli.main import main
 sys.exit(main(sys.argv[1:]))
 '''
 

@@ -14,7 +14,7 @@ import prometheus_client
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from qkdgate.gateway.metrics import MAX_REASONS, Metrics, configure_logging, with_context
+from qkdgate.gateway.telemetry.metrics import MAX_REASONS, Metrics, configure_logging, with_context
 from qkdgate.interfaces import MacsecSaState, SaId, SaState
 from qkdgate.keymix.secret import SecretBytes
 

@@ -108,7 +108,7 @@ class _Tls:
 
 
 @dataclass(frozen=True)
-class _Entry:   # the shape of gateway/config.py's KeySourceConfig
+class _Entry:   # the shape of gateway/config/model.py's KeySourceConfig
     name: str = "kme-a"
     kind: str = "etsi014"
     url: str = "https://10.0.0.1:8443"
@@ -128,7 +128,7 @@ def test_settings_from_a_config_dataclass_or_mapping():
 
 
 def test_kme_sim_refuses_state_dir_in_source_tree():
-    from qkdgate.adapters.kmesim import cli
+    from qkdgate.gateway.cli import kme_sim as cli
     p = argparse.ArgumentParser()
     cli.add_arguments(p)
     args = p.parse_args(["--state-dir", str(cli._SOURCE_TREE / "state")])

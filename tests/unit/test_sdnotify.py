@@ -3,7 +3,7 @@ import socket
 
 import pytest
 
-from qkdgate.gateway.sdnotify import SdNotifier
+from qkdgate.gateway.daemon.sdnotify import SdNotifier
 
 
 @pytest.fixture

@@ -24,8 +24,8 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
-from qkdgate.fakes import FakeQkdLink, RecordingIpsecBackend
-from qkdgate.gateway.telemetry import MqttOptions, Telemetry
+from qkdgate.testing.fakes import FakeQkdLink, RecordingIpsecBackend
+from qkdgate.gateway.telemetry.mqtt import MqttOptions, Telemetry
 from qkdgate.interfaces import SaId, SaSpec
 from qkdgate.keymix.secret import SecretBytes
 
@@ -252,7 +252,7 @@ async def test_retained_online_and_last_will_offline_when_killed(broker, tmp_pat
     # A gateway process SIGKILLed mid-session: the broker publishes its will.
     script = (
         "import asyncio, sys\n"
-        "from qkdgate.gateway.telemetry import MqttOptions, Telemetry\n"
+        "from qkdgate.gateway.telemetry.mqtt import MqttOptions, Telemetry\n"
         "async def main():\n"
         f"    t = Telemetry(MqttOptions(port={broker.port}, keepalive=5), 'gw-k')\n"
         "    asyncio.create_task(t.run())\n"

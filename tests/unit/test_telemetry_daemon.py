@@ -20,10 +20,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "interop"))
 from daemon_pair import write_pair  # noqa: E402
 
-from qkdgate.fakes import FakeQkdLink, RecordingIpsecBackend  # noqa: E402
-from qkdgate.gateway.config import load_config  # noqa: E402
-from qkdgate.gateway.daemon import Daemon  # noqa: E402
-from qkdgate.gateway.sdnotify import SdNotifier  # noqa: E402
+from qkdgate.testing.fakes import FakeQkdLink, RecordingIpsecBackend  # noqa: E402
+from qkdgate.gateway.config.model import load_config  # noqa: E402
+from qkdgate.gateway.daemon.daemon import Daemon  # noqa: E402
+from qkdgate.gateway.daemon.sdnotify import SdNotifier  # noqa: E402
 from test_telemetry import Broker, Subscriber, free_port, leaks  # noqa: E402
 from test_telemetry import pytestmark  # noqa: E402,F401
 

@@ -15,8 +15,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from qkdgate.errors import ConfigError
-from qkdgate.gateway.config import MqttConfig, TlsConfig
-from qkdgate.gateway.telemetry import MqttOptions, Telemetry
+from qkdgate.gateway.config.model import MqttConfig, TlsConfig
+from qkdgate.gateway.telemetry.mqtt import MqttOptions, Telemetry
 from test_telemetry import Broker, Subscriber, free_port, until
 from test_telemetry import pytestmark as needs_mosquitto
 

@@ -7,9 +7,9 @@ import json
 import pytest
 
 from qkdgate.errors import TunnelError
-from qkdgate.fakes import RecordingIpsecBackend
-from qkdgate.gateway.tunnel_ipsec import IpsecTunnel, IpsecTunnelSpec
-from qkdgate.gateway.tunnel_manager import (GenerationRefused, Lifetimes, TunnelManager,
+from qkdgate.testing.fakes import RecordingIpsecBackend
+from qkdgate.tunnels.ipsec_tunnel import IpsecTunnel, IpsecTunnelSpec
+from qkdgate.tunnels.manager import (GenerationRefused, Lifetimes, TunnelManager,
                                             TunnelPolicy)
 from qkdgate.interfaces import Direction, Mode, PolicyAction, SaId
 
@@ -356,7 +356,7 @@ def test_setup_reasserts_an_inbound_policy_that_no_longer_matches():
 
 
 def test_poll_sums_counters_asks_for_rekey_at_soft_bytes_and_feeds_the_observer():
-    from qkdgate.gateway.metrics import Metrics
+    from qkdgate.gateway.telemetry.metrics import Metrics
     be = RecordingIpsecBackend()
     t, _ = tunnel(backend=be, lifetimes=Lifetimes(soft_seconds=50, hard_seconds=60,
                                                   soft_bytes=1000, hard_bytes=2000))

@@ -6,10 +6,10 @@ import ipaddress
 import pytest
 
 from qkdgate.errors import TunnelError
-from qkdgate.fakes import RecordingIpsecBackend, RecordingMacsecBackend
-from qkdgate.gateway.tunnel_ipsec import IpsecTunnel, IpsecTunnelSpec
-from qkdgate.gateway.tunnel_macsec import MacsecTunnel, MacsecTunnelSpec
-from qkdgate.gateway.tunnel_manager import Lifetimes, TunnelPolicy
+from qkdgate.testing.fakes import RecordingIpsecBackend, RecordingMacsecBackend
+from qkdgate.tunnels.ipsec_tunnel import IpsecTunnel, IpsecTunnelSpec
+from qkdgate.tunnels.macsec_tunnel import MacsecTunnel, MacsecTunnelSpec
+from qkdgate.tunnels.manager import Lifetimes, TunnelPolicy
 from qkdgate.interfaces import MacsecCipher, MacsecLinkSpec, MacsecSaState, SaId
 from qkdgate.keymix import labels
 from qkdgate.keymix.combiner import Provenance, SessionSecret

@@ -57,7 +57,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Protocol
 
 from qkdgate.errors import QkdgateError, TunnelError
-from qkdgate.gateway.config import KeyPolicy
+from qkdgate.gateway.config.model import KeyPolicy
 
 log = logging.getLogger("qkdgate.tunnels")
 

@@ -149,7 +149,7 @@ class MqttOptions:
 
     @classmethod
     def from_config(cls, cfg: Any, **overrides: Any) -> "MqttOptions":
-        """From ``qkdgate.gateway.config.MqttConfig``: reads the password
+        """From ``qkdgate.gateway.config.model.MqttConfig``: reads the password
         file and builds the TLS context (verification always on)."""
         tls = None
         if cfg.tls is not None:

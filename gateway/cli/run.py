@@ -3,7 +3,7 @@
 Theory of operation: load and validate the configuration (a bad file exits
 with status 2 before anything touches the kernel), turn off core dumps
 (key material must never reach a disk), configure structured logging, and
-run :class:`~qkdgate.gateway.daemon.Daemon` until SIGTERM/SIGINT. SIGHUP
+run :class:`~qkdgate.gateway.daemon.daemon.Daemon` until SIGTERM/SIGINT. SIGHUP
 reloads the file (validated first; a bad file changes nothing).
 
 Exit policy: by default the daemon leaves its blocking policies (and XFRM
@@ -40,9 +40,9 @@ def run(args: argparse.Namespace) -> int:
     import asyncio
     import logging
 
-    from qkdgate.gateway.config import load_config
-    from qkdgate.gateway.daemon import Daemon
-    from qkdgate.gateway.metrics import configure_logging
+    from qkdgate.gateway.config.model import load_config
+    from qkdgate.gateway.daemon.daemon import Daemon
+    from qkdgate.gateway.telemetry.metrics import configure_logging
     from qkdgate.keymix.secret import disable_core_dumps
 
     cfg = load_config(args.config)          # ConfigError -> exit 2, nothing touched

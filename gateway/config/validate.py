@@ -23,14 +23,14 @@ from urllib.parse import urlsplit
 from qkdgate.interfaces import Mode
 
 if TYPE_CHECKING:
-    from qkdgate.gateway.config import Config
+    from qkdgate.gateway.config.model import Config
 
 
 _SECRET_KEY_RE = re.compile(r"(?i)(passw(or)?d|secret|token|psk|private|api_?key|credential)")
 
 
 def validate(cfg: "Config") -> None:
-    from qkdgate.gateway.config import (BUILTIN_KEY_SOURCE_KINDS, KIND_NEEDS_MTLS, MTLS_KINDS,
+    from qkdgate.gateway.config.model import (BUILTIN_KEY_SOURCE_KINDS, KIND_NEEDS_MTLS, MTLS_KINDS,
                                         IDENTITY_PREFIX, KIND_NEEDS_URL, REQID_SPAN,
                                         SUPPORTED_VERSIONS, KemSuite, Profile,
                                         TunnelType)
@@ -318,7 +318,7 @@ def _check_url(cfg: "Config", at: str, url: str, kind: str) -> None:
     if not host:
         raise cfg.error(at, "URL without a valid host", expected="https://HOST[:PORT]",
                         found=f"'{url}'")
-    from qkdgate.gateway.config import MTLS_KINDS
+    from qkdgate.gateway.config.model import MTLS_KINDS
     if kind in MTLS_KINDS and parts.scheme != "https":
         # ETSI GS QKD 014 5.1: HTTPS only; plain HTTP would hand keys to the path
         raise cfg.error(at, "the KME interface must use HTTPS (ETSI GS QKD 014 requires it)",
@@ -369,11 +369,11 @@ def _check_ipsec(cfg: "Config", at: str, s: Any) -> None:
 
 
 def _check_identity(cfg: "Config", at: str, text: str) -> None:
-    """An inline pinned identity must parse (qkdgate.gateway.identity is the
+    """An inline pinned identity must parse (qkdgate.gateway.protocol.identity is the
     one parser of that format); its error is re-located to our path/line."""
     from qkdgate.errors import ConfigError
     try:
-        from qkdgate.gateway.identity import PeerIdentity
+        from qkdgate.gateway.protocol.identity import PeerIdentity
     except ImportError:  # pragma: no cover - identity support not in this build
         return
     try:

@@ -237,6 +237,6 @@ def socket_path(args: Any) -> str:
     if getattr(args, "socket", None):
         return args.socket
     if getattr(args, "config", None):
-        from qkdgate.gateway.config import load_config
+        from qkdgate.gateway.config.model import load_config
         return load_config(args.config).gateway.control_socket
     return DEFAULT_PATH

@@ -1,7 +1,7 @@
 """``qkdgate status``: what every tunnel is doing, from the running daemon.
 
 Theory of operation: asks the daemon over the control socket
-(:mod:`qkdgate.gateway.control`) and prints one row per tunnel: state,
+(:mod:`qkdgate.gateway.daemon.control`) and prints one row per tunnel: state,
 generation, SA age, the key inputs that made the current SAs (ML-KEM
 algorithm, X25519, QKD key_IDs -- IDs only, never keys), time to the next
 rekey, traffic counters and the last error. ``--json`` prints the daemon's
@@ -30,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qkdgate.gateway.control import request, socket_path
+    from qkdgate.gateway.daemon.control import request, socket_path
 
     result = request(socket_path(args), "status")
     tunnels = result.get("tunnels", [])

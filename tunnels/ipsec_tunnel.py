@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from qkdgate.errors import TunnelError
-from qkdgate.gateway.tunnel_manager import (Generation, Lifetimes, KeySchedule, SaRecord, Tunnel,
+from qkdgate.tunnels.manager import (Generation, Lifetimes, KeySchedule, SaRecord, Tunnel,
                                             TunnelPolicy)
 from qkdgate.interfaces import (Direction, IPAddress, IpsecBackend, IPNetwork, Lifetime, Mark,
                                 Mode, PolicyAction, PolicySpec, SaId, SaSpec, Selector, Template,

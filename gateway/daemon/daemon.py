@@ -1,13 +1,13 @@
 """The gateway daemon: the composition root.
 
 Theory of operation: :class:`Daemon` turns a validated
-:class:`~qkdgate.gateway.config.Config` into running parts and wires them
+:class:`~qkdgate.gateway.config.model.Config` into running parts and wires them
 together inside one :class:`asyncio.TaskGroup`:
 
-* one UDP socket (:mod:`qkdgate.gateway.udp`) and, per peer, a
+* one UDP socket (:mod:`qkdgate.gateway.daemon.udp`) and, per peer, a
   :class:`PeerSession` (sans-IO protocol core) with its :class:`PeerDriver`;
 * key sources (``qkdgate.adapters.registry``) that answer ``NeedQkdKeys``;
-* the :class:`TunnelManager` (:mod:`qkdgate.gateway.tunnel_manager`) that
+* the :class:`TunnelManager` (:mod:`qkdgate.tunnels.manager`) that
   turns ``InstallInbound`` / ``InstallOutbound`` / ``RetireGeneration`` into
   kernel SAs, make-before-break, under the tunnel's key policy;
 * the control socket (``qkdgate status`` / ``rekey``), sd_notify, and an
@@ -35,13 +35,13 @@ import time
 from typing import Any, Awaitable, Callable, Mapping
 
 from qkdgate.errors import ConfigError, QkdgateError
-from qkdgate.gateway import daemon_build as build
-from qkdgate.gateway.config import Config, load_config
-from qkdgate.gateway.control import ControlError, ControlServer
-from qkdgate.gateway.daemon_events import EventHandlers, PeerState
-from qkdgate.gateway.sdnotify import SdNotifier
-from qkdgate.gateway.tunnel_manager import TunnelManager
-from qkdgate.gateway.udp import GatewayEndpoint, PeerDriver, open_endpoint
+from qkdgate.gateway.daemon import build
+from qkdgate.gateway.config.model import Config, load_config
+from qkdgate.gateway.daemon.control import ControlError, ControlServer
+from qkdgate.gateway.daemon.events import EventHandlers, PeerState
+from qkdgate.gateway.daemon.sdnotify import SdNotifier
+from qkdgate.tunnels.manager import TunnelManager
+from qkdgate.gateway.daemon.udp import GatewayEndpoint, PeerDriver, open_endpoint
 
 log = logging.getLogger("qkdgate.daemon")
 
@@ -75,8 +75,8 @@ class Daemon(EventHandlers):
         self._session_factory = session_factory
         self.journal = journal
         self.subscribers: list[Subscriber] = []
-        self.metrics: Any = None            # qkdgate.gateway.metrics.Metrics when enabled
-        self.telemetry: Any = None          # qkdgate.gateway.telemetry.Telemetry when enabled
+        self.metrics: Any = None            # qkdgate.gateway.telemetry.metrics.Metrics when enabled
+        self.telemetry: Any = None          # qkdgate.gateway.telemetry.mqtt.Telemetry when enabled
         self._source_up: dict[str, bool] = {}
         self._alarmed: dict[str, tuple[str, ...]] = {}   # key source -> last alarms seen
         self._services: list[Any] = []
@@ -214,7 +214,7 @@ class Daemon(EventHandlers):
         """MQTT and Prometheus, when enabled: both are event-hook subscribers."""
         tel = self.config.telemetry
         if tel.prometheus.enabled and self.metrics is None:
-            from qkdgate.gateway.metrics import Metrics
+            from qkdgate.gateway.telemetry.metrics import Metrics
             self.metrics = Metrics()
             self._services.append(await self.metrics.serve(str(tel.prometheus.address),
                                                            tel.prometheus.port))
@@ -223,7 +223,7 @@ class Daemon(EventHandlers):
             for tunnel in self.tunnels.tunnels.values():
                 tunnel.on_sa_state = self.metrics.observe_sa
         if tel.mqtt.enabled and self.telemetry is None:
-            from qkdgate.gateway.telemetry import MqttOptions, Telemetry
+            from qkdgate.gateway.telemetry.mqtt import MqttOptions, Telemetry
             self.telemetry = Telemetry(MqttOptions.from_config(tel.mqtt), self.config.gateway.name,
                                        bypass=getattr(self._ipsec, "bypass_socket", None),
                                        status=self.status)

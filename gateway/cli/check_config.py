@@ -1,7 +1,7 @@
 """``qkdgate check-config FILE``: validate a configuration without running.
 
 Theory of operation: loads the file exactly as the daemon would
-(:func:`qkdgate.gateway.config.load_config`, including every cross-check).
+(:func:`qkdgate.gateway.config.model.load_config`, including every cross-check).
 On success it prints a short summary, or with ``--json`` the parsed
 configuration (which holds no secrets: those are file paths), and exits 0.
 A :class:`~qkdgate.errors.ConfigError` propagates to ``cli.main``, which
@@ -30,8 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qkdgate.gateway.config import load_config, parse_config
-    from qkdgate.gateway.config_validate import warnings
+    from qkdgate.gateway.config.model import load_config, parse_config
+    from qkdgate.gateway.config.validate import warnings
 
     if args.file == "-":
         # relative paths in a piped config resolve against the current folder
@@ -80,7 +80,7 @@ def summary(cfg, filename: str) -> str:
 def check_files(cfg) -> None:
     """Referenced files exist; secret files are private regular files; pinned
     identity files hold a public identity."""
-    from qkdgate.gateway.config import IDENTITY_PREFIX
+    from qkdgate.gateway.config.model import IDENTITY_PREFIX
     g = cfg.gateway
     wanted: list[tuple[str, str, bool]] = [("gateway.identity", g.identity, True)]
     for i, p in enumerate(cfg.peers):
@@ -122,7 +122,7 @@ def check_files(cfg) -> None:
 def _check_pinned_file(cfg, at: str, path: str) -> None:
     """A pinned identity file must hold one public identity string."""
     from qkdgate.errors import ConfigError
-    from qkdgate.gateway.identity import PeerIdentity
+    from qkdgate.gateway.protocol.identity import PeerIdentity
     try:
         with open(path, encoding="ascii") as fh:
             text = fh.read(65536)

@@ -23,7 +23,7 @@ import time
 from bisect import bisect_right
 from typing import Callable
 
-from qkdgate.gateway.demo_net import enter_netns
+from qkdgate.gateway.demo.net import enter_netns
 
 MAGIC = b"QKDGATE-DEMO"
 HEADER = struct.Struct("!12sBQ")

@@ -21,14 +21,14 @@ from qkdgate.errors import ConfigError, QkdgateError
 # (name, module, one-line help). A command whose module is not present in
 # this build is left out of the parser.
 COMMANDS: list[tuple[str, str, str]] = [
-    ("run", "qkdgate.gateway.cmd_run", "run the gateway daemon"),
-    ("status", "qkdgate.gateway.cmd_status", "show tunnels, generations and key inputs"),
-    ("rekey", "qkdgate.gateway.cmd_rekey", "rekey a tunnel now"),
-    ("keygen", "qkdgate.gateway.cmd_keygen", "create a gateway identity (ML-DSA + Ed25519)"),
-    ("check-config", "qkdgate.gateway.cmd_check_config", "validate a configuration file"),
-    ("kme-sim", "qkdgate.adapters.kmesim.cli", "run the ETSI QKD 014/004 KME simulator"),
+    ("run", "qkdgate.gateway.cli.run", "run the gateway daemon"),
+    ("status", "qkdgate.gateway.cli.status", "show tunnels, generations and key inputs"),
+    ("rekey", "qkdgate.gateway.cli.rekey", "rekey a tunnel now"),
+    ("keygen", "qkdgate.gateway.cli.keygen", "create a gateway identity (ML-DSA + Ed25519)"),
+    ("check-config", "qkdgate.gateway.cli.check_config", "validate a configuration file"),
+    ("kme-sim", "qkdgate.gateway.cli.kme_sim", "run the ETSI QKD 014/004 KME simulator"),
     ("failsafe", "qkdgate.tunnels.failsafe", "block all protected traffic (for ExecStopPost)"),
-    ("demo", "qkdgate.gateway.demo", "two-gateway demo with the built-in QKD simulator"),
+    ("demo", "qkdgate.gateway.demo.command", "two-gateway demo with the built-in QKD simulator"),
     ("probe", "qkdgate.keymix.probe", "report which crypto algorithms are available"),
 ]
 

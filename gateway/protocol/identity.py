@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from qkdgate.errors import AuthenticationFailed, ConfigError, CryptoUnavailable
-from qkdgate.gateway.private_file import read_private_file
+from qkdgate.private_file import read_private_file
 from qkdgate.keymix.secret import SecretBytes
 
 PUBLIC_PREFIX = "qkdgate-id1"

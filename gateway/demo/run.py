@@ -1,10 +1,10 @@
 """The demo conductor: namespaces, KME simulator, two daemons, traffic, view.
 
 Theory of operation: :class:`DemoRun` builds the topology
-(:mod:`~qkdgate.gateway.demo_net`), starts the KME simulator in its own
+(:mod:`~qkdgate.gateway.demo.net`), starts the KME simulator in its own
 namespace with a TCP forwarder on each gateway's loopback, writes the two
-gateway configurations (:mod:`~qkdgate.gateway.demo_config`) and runs the
-real :class:`~qkdgate.gateway.daemon.Daemon` for each gateway in a thread
+gateway configurations (:mod:`~qkdgate.gateway.demo.config`) and runs the
+real :class:`~qkdgate.gateway.daemon.daemon.Daemon` for each gateway in a thread
 that lives in the gateway's namespace, so its UDP socket, its HTTPS client
 to the KME and its netlink sockets (XFRM, MACsec) are all that gateway's.
 Once both gateways hold generation 1, UDP streams run between the hosts;
@@ -12,7 +12,7 @@ every ``view_interval`` the conductor prints a status block; at
 ``eavesdrop_at`` it puts an intercept-resend eavesdropper on the simulated
 QKD link (the QBER alarm follows from the link model), and the configured
 policy acts in the daemons on its own. Every step that creates something
-registers its undo with :class:`~qkdgate.gateway.demo_net.Cleanup` first,
+registers its undo with :class:`~qkdgate.gateway.demo.net.Cleanup` first,
 so the end, an error or Ctrl-C removes every namespace and thread.
 """
 
@@ -32,10 +32,10 @@ from pathlib import Path
 from typing import Any, Iterator, TextIO
 
 from qkdgate.errors import QkdgateError
-from qkdgate.gateway import demo_net as dn
-from qkdgate.gateway.demo_config import KmeEndpoint, Timers, write_configs, write_identities
-from qkdgate.gateway.demo_traffic import UdpStream, loss_by_phase
-from qkdgate.gateway.demo_view import Recorder, render
+from qkdgate.gateway.demo import net as dn
+from qkdgate.gateway.demo.config import KmeEndpoint, Timers, write_configs, write_identities
+from qkdgate.gateway.demo.traffic import UdpStream, loss_by_phase
+from qkdgate.gateway.demo.view import Recorder, render
 
 log = logging.getLogger("qkdgate.demo")
 READY_TIMEOUT = 120.0      # first generation on both gateways (slow under QEMU TCG)
@@ -43,11 +43,11 @@ READY_TIMEOUT = 120.0      # first generation on both gateways (slow under QEMU 
 # with the root filesystem over 9p an import costs seconds (every stat is a
 # round trip), so a thread imports them while the namespaces are built
 # (that part waits on `ip` processes, not on Python).
-PREFETCH = ("qkdgate.gateway.daemon", "qkdgate.gateway.daemon_build", "qkdgate.gateway.identity",
-            "qkdgate.gateway.config", "qkdgate.adapters.registry", "qkdgate.adapters.etsi014",
+PREFETCH = ("qkdgate.gateway.daemon.daemon", "qkdgate.gateway.daemon.build", "qkdgate.gateway.protocol.identity",
+            "qkdgate.gateway.config.model", "qkdgate.adapters.registry", "qkdgate.adapters.etsi014",
             "qkdgate.adapters.kmesim.server", "qkdgate.tunnels.xfrm", "qkdgate.tunnels.macsec",
-            "qkdgate.gateway.tunnel_ipsec", "qkdgate.gateway.tunnel_macsec",
-            "qkdgate.gateway.protocol", "qkdgate.gateway.journal", "aiohttp")
+            "qkdgate.tunnels.ipsec_tunnel", "qkdgate.tunnels.macsec_tunnel",
+            "qkdgate.gateway.protocol", "qkdgate.gateway.daemon.journal", "aiohttp")
 
 
 def prefetch_imports(names: tuple[str, ...] = PREFETCH) -> threading.Thread:
@@ -201,9 +201,9 @@ class DemoRun:
                 log.warning("KME simulator: %s", exc)
 
     def _start_daemon(self, name: str, ns: str, path: str) -> None:
-        from qkdgate.gateway.config import load_config
-        from qkdgate.gateway.daemon import Daemon
-        from qkdgate.gateway.sdnotify import SdNotifier
+        from qkdgate.gateway.config.model import load_config
+        from qkdgate.gateway.daemon.daemon import Daemon
+        from qkdgate.gateway.daemon.sdnotify import SdNotifier
         cfg = load_config(path)
         lt = dn.LoopThread(ns, name).start()
         self.threads[name] = lt

@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from qkdgate.gateway.demo_net import GA, GB, LAN_A, LAN_B
+from qkdgate.gateway.demo.net import GA, GB, LAN_A, LAN_B
 
 POLICIES = {"pqc-fallback": "pqc-fallback", "block": "hybrid-required",
             "hybrid-required": "hybrid-required"}
@@ -114,7 +114,7 @@ tunnels:
 
 
 def write_identities(folder: Path) -> None:
-    from qkdgate.gateway.identity import LocalIdentity
+    from qkdgate.gateway.protocol.identity import LocalIdentity
     for name in ("gw-a", "gw-b"):
         ident = LocalIdentity.generate(name=name)
         ident.save(str(folder / f"{name}.identity"))

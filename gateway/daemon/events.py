@@ -1,6 +1,6 @@
 """Protocol-event handlers of the daemon (a mixin of :class:`Daemon`).
 
-Theory of operation: :class:`~qkdgate.gateway.udp.PeerDriver` hands every
+Theory of operation: :class:`~qkdgate.gateway.daemon.udp.PeerDriver` hands every
 event a :class:`PeerSession` emits to ``_on_event``, which dispatches on the
 event's class name to ``_ev_<Name>``. Imperative events are answered on the
 session (``provide_qkd_keys`` / ``qkd_failed``, ``installed`` /
@@ -17,8 +17,8 @@ import logging
 from typing import Any
 
 from qkdgate.errors import KeySourceError, KeySourceTimeout, QkdgateError
-from qkdgate.gateway.tunnel_manager import provenance_dict
-from qkdgate.gateway.udp import PeerDriver
+from qkdgate.tunnels.manager import provenance_dict
+from qkdgate.gateway.daemon.udp import PeerDriver
 
 log = logging.getLogger("qkdgate.daemon")
 

@@ -28,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qkdgate.gateway.control import request, socket_path
+    from qkdgate.gateway.daemon.control import request, socket_path
 
     path = socket_path(args)
     result = request(path, "rekey", tunnel=args.tunnel)

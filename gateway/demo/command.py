@@ -4,7 +4,7 @@ Theory of operation: the demo needs a kernel with ESP + rfc4106(gcm(aes))
 (and MACsec for ``--macsec``). :func:`probe_kernel` tries exactly what the
 demo will do, in a throw-away namespace: add an XFRM state with GCM, and a
 macsec link on a veth. When the kernel can, the demo runs here
-(:mod:`qkdgate.gateway.demo_run`). When it cannot, :func:`decide` says so
+(:mod:`qkdgate.gateway.demo.run`). When it cannot, :func:`decide` says so
 in one line and the demo re-runs itself inside the kernel lab VM
 (``lab/setup.sh`` + ``lab/run.sh``: Debian's distro kernel under QEMU),
 which streams the VM's output live; the JSON summary is written to the
@@ -153,7 +153,7 @@ def run_in_vm(args: argparse.Namespace, *, root: Path | None = None,
     summary = out / "summary.json"
     timeout = 3600 * 24 if args.duration is None else int(args.duration) + 900
     env = {**os.environ, "LAB_OUT": str(out), "LAB_TIMEOUT": str(timeout)}
-    cmd = ["bash", str(run), "--", sys.executable, "-m", "qkdgate.gateway.cli", "demo",
+    cmd = ["bash", str(run), "--", sys.executable, "-m", "qkdgate.gateway.cli.main", "demo",
            *vm_argv(args, str(summary), str(out / "demo.log"))]
     rc = call(cmd, env=env, cwd=str(root))
     if args.json:
@@ -220,7 +220,7 @@ def check_args(a: argparse.Namespace) -> None:
 
 
 def options(a: argparse.Namespace) -> Any:
-    from qkdgate.gateway.demo_run import DemoOptions
+    from qkdgate.gateway.demo.run import DemoOptions
     return DemoOptions(duration=a.duration, eavesdrop_at=a.eavesdrop_at,
                        eavesdrop_for=a.eavesdrop_for, eve_fraction=a.eve_fraction,
                        policy=a.policy, macsec=a.macsec, rekey_interval=a.rekey_interval,
@@ -233,7 +233,7 @@ def run(args: argparse.Namespace) -> int:
     if os.geteuid() != 0:
         raise QkdgateError("the demo creates network namespaces and kernel SAs: run it as root "
                            "(./run-demo does the rest)")
-    from qkdgate.gateway import demo_net
+    from qkdgate.gateway.demo import net as demo_net
     leftovers = demo_net.list_demo_namespaces()
     if args.remove_leftovers:
         failed = demo_net.remove_namespaces(leftovers)
@@ -259,8 +259,8 @@ def run(args: argparse.Namespace) -> int:
 
 def run_here(args: argparse.Namespace) -> int:
     import atexit
-    from qkdgate.gateway.demo_net import Cleanup
-    from qkdgate.gateway.demo_run import DemoRun
+    from qkdgate.gateway.demo.net import Cleanup
+    from qkdgate.gateway.demo.run import DemoRun
     cleanup = Cleanup()
     atexit.register(cleanup.run)
     demo = DemoRun(options(args), cleanup=cleanup)

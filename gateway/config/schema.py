@@ -3,7 +3,7 @@
 Theory of operation: ruamel.yaml only *composes* the file into a node tree
 (no construction, so no YAML 1.1 or 1.2 implicit typing decides anything and
 no tag can instantiate an object). This module then walks that tree guided
-by the dataclass type hints in :mod:`qkdgate.gateway.config`: every value is
+by the dataclass type hints in :mod:`qkdgate.gateway.config.model`: every value is
 converted by the type the schema wants, from the scalar's *source text*.
 
 Consequences an operator can rely on:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qkdgate.errors import TunnelError
-from qkdgate.gateway.tunnel_manager import (Generation, KeySchedule, Lifetimes, SaRecord, Tunnel,
+from qkdgate.tunnels.manager import (Generation, KeySchedule, Lifetimes, SaRecord, Tunnel,
                                             TunnelPolicy)
 from qkdgate.interfaces import MacsecBackend, MacsecCipher, MacsecLinkSpec, MacsecSaSpec
 

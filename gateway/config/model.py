@@ -2,7 +2,7 @@
 
 Theory of operation: :func:`load_config` / :func:`parse_config` compose the
 YAML text with ruamel.yaml (YAML 1.2, nodes only) and hand the node tree to
-the strict schema walker in :mod:`qkdgate.gateway.config_schema`, which
+the strict schema walker in :mod:`qkdgate.gateway.config.schema`, which
 builds the frozen dataclasses below from their type hints. The walker checks
 each value on its own (types, ranges, unknown/duplicate keys, the YAML 1.1
 traps); :meth:`Config.validate` then cross-checks values against each other
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, Mapping
 
 from qkdgate.errors import ConfigError
-from qkdgate.gateway.config_schema import (Duration, FilePath, Length, Name, PathOrLiteral,
+from qkdgate.gateway.config.schema import (Duration, FilePath, Length, Name, PathOrLiteral,
                                            Pattern, Range, Walk)
 from qkdgate.interfaces import IPAddress, IPNetwork, MacsecCipher, Mark, Mode
 
@@ -42,7 +42,7 @@ MqttTopic = Annotated[str, Pattern(r"[^#+/\s][^#+\s]*(?<!/)",
                                    "spaces or leading/trailing '/'")]
 
 SUPPORTED_VERSIONS = (1,)
-IDENTITY_PREFIX = "qkdgate-id1:"     # qkdgate.gateway.identity.PUBLIC_PREFIX
+IDENTITY_PREFIX = "qkdgate-id1:"     # qkdgate.gateway.protocol.identity.PUBLIC_PREFIX
 # Each tunnel generation uses reqids base .. base+REQID_SPAN-1 (make-before-
 # break needs the old and new generation side by side), so tunnels' ranges
 # must not overlap.
@@ -183,7 +183,7 @@ class GatewayConfig:
 
     @property
     def identity_profile(self) -> str:
-        """The hybrid signature profile of identities (qkdgate.gateway.identity):
+        """The hybrid signature profile of identities (qkdgate.gateway.protocol.identity):
         ML-DSA (FIPS 204) AND Ed25519, ML-DSA-87 under cnsa2."""
         return "mldsa87-ed25519" if self.profile is Profile.CNSA2 else "mldsa65-ed25519"
 
@@ -418,7 +418,7 @@ class Config:
 
     def validate(self) -> "Config":
         """Cross-check values against each other; raises ConfigError."""
-        from qkdgate.gateway.config_validate import validate
+        from qkdgate.gateway.config.validate import validate
         validate(self)
         return self
 
@@ -436,7 +436,7 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able data (the ``check-config --json`` output). Holds no
         secrets: the schema has only paths to secret files."""
-        from qkdgate.gateway.config_validate import to_plain
+        from qkdgate.gateway.config.validate import to_plain
         return to_plain(self)
 
 
@@ -493,7 +493,7 @@ def parse_config(text: str, filename: str = "<config>", *, base_dir: str | None 
                           found="an empty document")
     walk = Walk(file=filename, base_dir=base_dir)
     if node.id != "mapping":
-        from qkdgate.gateway.config_schema import describe
+        from qkdgate.gateway.config.schema import describe
         raise walk.error(node, "", "the top level must be a mapping",
                          expected="a mapping with version, gateway, peers, ...",
                          found=describe(node))

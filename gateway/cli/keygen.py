@@ -31,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from qkdgate.errors import ConfigError
-    from qkdgate.gateway.identity import LocalIdentity, get_profile
+    from qkdgate.gateway.protocol.identity import LocalIdentity, get_profile
 
     if args.show:
         ident = LocalIdentity.load(args.show)

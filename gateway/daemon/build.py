@@ -1,6 +1,6 @@
 """Builders that turn the validated config into the daemon's parts.
 
-Theory of operation: :mod:`qkdgate.gateway.daemon` wires parts together;
+Theory of operation: :mod:`qkdgate.gateway.daemon.daemon` wires parts together;
 this module makes them, one small function per part, so each translation
 from config dataclass to runtime object is readable (and testable) on its
 own: tunnel specs and lifetimes, the per-peer :class:`SessionConfig`, key
@@ -17,12 +17,12 @@ from dataclasses import replace
 from typing import Any, Callable
 
 from qkdgate.errors import ConfigError
-from qkdgate.gateway.private_file import read_private_file
-from qkdgate.gateway.config import (REQID_SPAN, Config, KeyPolicy, PeerConfig, TunnelConfig,
+from qkdgate.private_file import read_private_file
+from qkdgate.gateway.config.model import (REQID_SPAN, Config, KeyPolicy, PeerConfig, TunnelConfig,
                                     TunnelType)
-from qkdgate.gateway.tunnel_ipsec import IpsecTunnel, IpsecTunnelSpec
-from qkdgate.gateway.tunnel_macsec import MacsecTunnel, MacsecTunnelSpec
-from qkdgate.gateway.tunnel_manager import Lifetimes, Tunnel
+from qkdgate.tunnels.ipsec_tunnel import IpsecTunnel, IpsecTunnelSpec
+from qkdgate.tunnels.macsec_tunnel import MacsecTunnel, MacsecTunnelSpec
+from qkdgate.tunnels.manager import Lifetimes, Tunnel
 from qkdgate.interfaces import MacsecLinkSpec, UdpEncap
 from qkdgate.keymix.secret import SecretBytes
 
@@ -89,7 +89,7 @@ def tunnels(cfg: Config, ipsec_backend: Any, macsec_backend: Any,
 def backends(cfg: Config, ipsec: Any, macsec: Any) -> tuple[Any, Any]:
     """The kernel backends: given ones, ``"recording"`` for the in-memory
     fakes, else the netlink backends (only if a tunnel needs them)."""
-    from qkdgate import fakes
+    from qkdgate.testing import fakes
     if ipsec == "recording":
         ipsec = fakes.RecordingIpsecBackend()
     if macsec == "recording":
@@ -147,13 +147,13 @@ def session_factory() -> Callable[..., Any]:
 
 
 def local_identity(cfg: Config) -> Any:
-    from qkdgate.gateway.identity import LocalIdentity
+    from qkdgate.gateway.protocol.identity import LocalIdentity
     return LocalIdentity.load(cfg.gateway.identity)
 
 
 def peer_identities(peer: PeerConfig) -> list[Any]:
     """Pinned identities: inline public strings or files holding one."""
-    from qkdgate.gateway.identity import PUBLIC_PREFIX, PeerIdentity
+    from qkdgate.gateway.protocol.identity import PUBLIC_PREFIX, PeerIdentity
     out = []
     for entry in peer.identities:
         if entry.startswith(PUBLIC_PREFIX + ":"):
@@ -180,7 +180,7 @@ def key_sources(cfg: Config) -> dict[str, Any]:
 
 
 def open_journal(cfg: Config) -> Any:
-    from qkdgate.gateway.journal import Journal
+    from qkdgate.gateway.daemon.journal import Journal
     os.makedirs(cfg.gateway.state_dir, mode=0o700, exist_ok=True)
     return Journal.open(cfg.gateway.state_dir)
 
