@@ -31,6 +31,9 @@ from qkdgate.errors import ConfigError
 from qkdgate.gateway.config.schema import (Duration, FilePath, Length, Name, PathOrLiteral,
                                            Pattern, Range, Walk)
 from qkdgate.interfaces import IPAddress, IPNetwork, MacsecCipher, Mark, Mode
+# The tunnels layer owns the key policy (it enforces it per generation);
+# the config names it and re-exports it for its readers.
+from qkdgate.tunnels.policy import LEGS, POLICY_LEGS, KeyPolicy  # noqa: F401
 
 Port = Annotated[int, Range(1, 65535)]
 Seconds = Annotated[float, Duration, Range(0, gt=True)]
@@ -87,43 +90,6 @@ class IpsecCipher(enum.Enum):
     def key_bytes(self) -> int:
         """Key length including the 4-byte salt/nonce (RFC 4106 8.1, RFC 7634 2)."""
         return 36
-
-
-class KeyPolicy(enum.Enum):
-    """Which key legs a tunnel's rekey needs. A *required* leg missing makes
-    the rekey fail (closed: the old SA expires, traffic stops); an *optional*
-    leg is mixed in when available. See :data:`POLICY_LEGS`."""
-    HYBRID_REQUIRED = "hybrid-required"
-    PQC_FALLBACK = "pqc-fallback"
-    QKD_MANDATORY = "qkd-mandatory"
-    PQC_ONLY = "pqc-only"
-
-    @property
-    def required(self) -> frozenset[str]:
-        return POLICY_LEGS[self][0]
-
-    @property
-    def optional(self) -> frozenset[str]:
-        return POLICY_LEGS[self][1]
-
-    @property
-    def blocks_on_qkd_loss(self) -> bool:
-        """``qkd-mandatory``: when the QKD source fails or alarms, block at
-        once instead of running the current keys to their hard lifetime."""
-        return self is KeyPolicy.QKD_MANDATORY
-
-    @property
-    def uses_qkd(self) -> bool:
-        return "qkd" in self.required or "qkd" in self.optional
-
-
-LEGS = ("x25519", "mlkem", "qkd")
-POLICY_LEGS: dict[KeyPolicy, tuple[frozenset[str], frozenset[str]]] = {
-    KeyPolicy.HYBRID_REQUIRED: (frozenset({"x25519", "mlkem", "qkd"}), frozenset()),
-    KeyPolicy.PQC_FALLBACK: (frozenset({"x25519", "mlkem"}), frozenset({"qkd"})),
-    KeyPolicy.QKD_MANDATORY: (frozenset({"x25519", "mlkem", "qkd"}), frozenset()),
-    KeyPolicy.PQC_ONLY: (frozenset({"x25519", "mlkem"}), frozenset()),
-}
 
 
 class LogLevel(enum.Enum):
