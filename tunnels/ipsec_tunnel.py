@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from qkdgate.errors import TunnelError
+from qkdgate.tunnels.events import SaAdopted, TunnelEventSink
 from qkdgate.tunnels.manager import (Generation, Lifetimes, KeySchedule, SaRecord, Tunnel,
                                             TunnelPolicy)
 from qkdgate.interfaces import (Direction, IPAddress, IpsecBackend, IPNetwork, Lifetime, Mark,
@@ -72,7 +73,7 @@ class IpsecTunnel(Tunnel):
 
     def __init__(self, spec: IpsecTunnelSpec, backend: IpsecBackend, *, policy: TunnelPolicy,
                  lifetimes: Lifetimes, schedule: KeySchedule | None = None,
-                 emit: Any = None) -> None:
+                 emit: TunnelEventSink | None = None) -> None:
         super().__init__(spec.tunnel_id, policy=policy, lifetimes=lifetimes, schedule=schedule,
                          emit=emit)
         self.spec = spec
@@ -155,7 +156,7 @@ class IpsecTunnel(Tunnel):
             self._next_out_reqid = gen.outbound.reqid + 1
         log.info("tunnel %s: adopted %d SA(s) from a previous run", self.tunnel_id, len(found),
                  extra={"tunnel": self.tunnel_id})
-        self.emit("sa_adopted", count=len(found))
+        self.emit(SaAdopted(self.tunnel_id, len(found)))
 
     # ---- SAs ----------------------------------------------------------------
     def allocate_spi(self) -> int:

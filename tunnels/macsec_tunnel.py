@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qkdgate.errors import TunnelError
+from qkdgate.tunnels.events import SaStaleRemoved, TunnelEventSink
 from qkdgate.tunnels.manager import (Generation, KeySchedule, Lifetimes, SaRecord, Tunnel,
                                             TunnelPolicy)
 from qkdgate.interfaces import MacsecBackend, MacsecCipher, MacsecLinkSpec, MacsecSaSpec
@@ -52,7 +53,7 @@ class MacsecTunnel(Tunnel):
 
     def __init__(self, spec: MacsecTunnelSpec, backend: MacsecBackend, *, policy: TunnelPolicy,
                  lifetimes: Lifetimes, schedule: KeySchedule | None = None,
-                 emit: Any = None) -> None:
+                 emit: TunnelEventSink | None = None) -> None:
         super().__init__(spec.tunnel_id, policy=policy, lifetimes=lifetimes, schedule=schedule,
                          emit=emit)
         self.spec = spec
@@ -108,7 +109,7 @@ class MacsecTunnel(Tunnel):
         if removed:
             log.warning("tunnel %s: removed %d stale MACsec SA(s) left by a previous run",
                         self.tunnel_id, removed, extra={"tunnel": self.tunnel_id})
-            self.emit("sa_stale_removed", count=removed)
+            self.emit(SaStaleRemoved(self.tunnel_id, removed))
 
     def allocate_spi(self) -> int:
         used = {g.inbound.spi for g in self.generations.values() if g.inbound is not None}

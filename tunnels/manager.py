@@ -40,10 +40,10 @@ SCI+AN, generation), so both gateways derive the same key for the same SA.
 Every SA records its provenance (ML-KEM algorithm, X25519 yes/no, QKD
 key_IDs); keys themselves never leave :class:`SecretBytes`.
 
-Events (``emit``, small dicts for the daemon's hook; docs/daemon.md):
-``sa_installed``, ``sa_switched``, ``sa_retired``, ``sa_adopted``,
-``policy_fallback`` / ``policy_recovered``, ``sa_hard_lifetime_block`` (one
-per SA), ``tunnel_blocked``, ``tunnel_error``.
+Events: every change is reported to the injected sink as a frozen
+dataclass of :mod:`qkdgate.tunnels.events` (``SaInstalled``, ``SaSwitched``,
+``SaRetired``, ``SaAdopted``, ``PolicyFallback`` / ``PolicyRecovered``,
+``SaHardLifetimeBlock`` (one per SA), ``TunnelBlocked``, ``TunnelOpFailed``).
 
 The module is sans-IO in the aioquic sense: the caller passes ``now``
 (monotonic seconds) and calls :meth:`TunnelManager.handle_timer` at
@@ -57,7 +57,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Protocol
 
 from qkdgate.errors import QkdgateError, TunnelError
-from qkdgate.gateway.config.model import KeyPolicy
+from qkdgate.tunnels.events import (KeyInputs, PolicyFallback, PolicyRecovered, SaHardLifetimeBlock,
+                                    SaInstalled, SaRetired, SaSwitched, TunnelBlocked,
+                                    TunnelEvent, TunnelEventSink, TunnelOpFailed, discard)
+from qkdgate.tunnels.policy import KeyPolicy
 
 log = logging.getLogger("qkdgate.tunnels")
 
@@ -110,10 +113,7 @@ class Lifetimes:
 
 def provenance_dict(prov: Any) -> dict[str, Any]:
     """The safe-to-print summary of a generation's key inputs."""
-    if prov is None:
-        return {"kem": None, "x25519": None, "qkd_key_ids": []}
-    return {"kem": prov.kem_name, "x25519": bool(prov.x25519),
-            "qkd_key_ids": list(prov.qkd_key_ids)}
+    return KeyInputs.of(prov).as_dict()
 
 
 def legs_of(prov: Any) -> frozenset[str]:
@@ -205,12 +205,12 @@ class Tunnel:
 
     def __init__(self, tunnel_id: str, *, policy: TunnelPolicy, lifetimes: Lifetimes,
                  schedule: KeySchedule | None = None,
-                 emit: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 emit: TunnelEventSink | None = None) -> None:
         self.tunnel_id = tunnel_id
         self.policy = policy
         self.lifetimes = lifetimes
         self._schedule = schedule
-        self._emit = emit or (lambda ev: None)
+        self._emit: TunnelEventSink = emit or discard
         self.generations: dict[int, Generation] = {}
         self.active: Generation | None = None     # the generation we send under
         self.state = "down"                        # down | up | blocked
@@ -237,14 +237,14 @@ class Tunnel:
             self._schedule = default_schedule()
         return self._schedule
 
-    def emit(self, event: str, **fields: Any) -> None:
-        self._emit({"event": event, "tunnel": self.tunnel_id, **fields})
+    def emit(self, event: TunnelEvent) -> None:
+        self._emit(event)
 
     def _fail(self, op: str, exc: BaseException) -> None:
         self.last_error = f"{op}: {exc}"
         log.error("tunnel %s: %s failed: %s", self.tunnel_id, op, exc,
                   extra={"tunnel": self.tunnel_id})
-        self.emit("tunnel_error", op=op, error=str(exc))
+        self.emit(TunnelOpFailed(self.tunnel_id, op, str(exc)))
 
     def _generation(self, number: int, session: Any, role: str, now: float) -> Generation:
         gen = self.generations.get(number)
@@ -271,8 +271,8 @@ class Tunnel:
         log.info("tunnel %s: generation %d inbound SA %#x installed (inputs %s)",
                  self.tunnel_id, generation, spi, provenance_dict(session.provenance),
                  extra={"tunnel": self.tunnel_id})
-        self.emit("sa_installed", generation=generation, direction="in", spi=spi,
-                  inputs=provenance_dict(session.provenance), fallback=fallback)
+        self.emit(SaInstalled(self.tunnel_id, generation, "in", spi,
+                              KeyInputs.of(session.provenance), fallback))
 
     def install_outbound(self, generation: int, session: Any, role: str, spi: int,
                          now: float) -> None:
@@ -307,18 +307,18 @@ class Tunnel:
         inputs = provenance_dict(session.provenance)
         log.info("tunnel %s: switched outbound to generation %d SA %#x (inputs %s)",
                  self.tunnel_id, generation, spi, inputs, extra={"tunnel": self.tunnel_id})
-        self.emit("sa_switched", generation=generation, spi=spi, inputs=inputs,
-                  previous=previous.number if previous else None)
+        self.emit(SaSwitched(self.tunnel_id, generation, spi, KeyInputs.of(session.provenance),
+                             previous.number if previous else None))
         if fallback and not was_fallback:
             log.warning("tunnel %s: generation %d has no QKD key: running on the PQC "
                         "fallback (policy %s)", self.tunnel_id, generation, self.policy.value,
                         extra={"tunnel": self.tunnel_id})
-            self.emit("policy_fallback", policy=self.policy.value, generation=generation,
-                      reason="generation without a QKD key")
+            self.emit(PolicyFallback(self.tunnel_id, self.policy.value, generation,
+                                     "generation without a QKD key"))
         elif was_fallback and not fallback:
             log.info("tunnel %s: QKD keys again from generation %d", self.tunnel_id,
                      generation, extra={"tunnel": self.tunnel_id})
-            self.emit("policy_recovered", policy=self.policy.value, generation=generation)
+            self.emit(PolicyRecovered(self.tunnel_id, self.policy.value, generation))
 
     def retire(self, generation: int, now: float) -> None:
         """RetireGeneration: remove that generation's SAs (never the active one)."""
@@ -332,8 +332,8 @@ class Tunnel:
         act = self.active
         if act is not None and now >= act.hard_at(self.lifetimes):
             for rec in act.records():
-                self.emit("sa_hard_lifetime_block", direction=rec.direction,
-                          spi=rec.spi, generation=act.number)
+                self.emit(SaHardLifetimeBlock(self.tunnel_id, rec.direction, rec.spi,
+                                              act.number))
         for gen in list(self.generations.values()):
             self._drop_generation(gen)
         self.active = None
@@ -345,7 +345,7 @@ class Tunnel:
         self.last_error = reason
         log.warning("tunnel %s: blocked: %s", self.tunnel_id, reason,
                     extra={"tunnel": self.tunnel_id})
-        self.emit("tunnel_blocked", reason=reason)
+        self.emit(TunnelBlocked(self.tunnel_id, reason))
 
     # ---- time ------------------------------------------------------------
     def get_timer(self) -> float | None:
@@ -424,7 +424,7 @@ class Tunnel:
         self.generations.pop(gen.number, None)
         log.info("tunnel %s: generation %d retired", self.tunnel_id, gen.number,
                  extra={"tunnel": self.tunnel_id})
-        self.emit("sa_retired", generation=gen.number)
+        self.emit(SaRetired(self.tunnel_id, gen.number))
 
     def _remove_record(self, rec: SaRecord) -> None:
         try:

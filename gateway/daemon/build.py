@@ -22,6 +22,7 @@ from qkdgate.gateway.config.model import (REQID_SPAN, Config, KeyPolicy, PeerCon
                                     TunnelType)
 from qkdgate.tunnels.ipsec_tunnel import IpsecTunnel, IpsecTunnelSpec
 from qkdgate.tunnels.macsec_tunnel import MacsecTunnel, MacsecTunnelSpec
+from qkdgate.tunnels.events import TunnelEventSink
 from qkdgate.tunnels.manager import Lifetimes, Tunnel
 from qkdgate.interfaces import MacsecLinkSpec, UdpEncap
 from qkdgate.keymix.secret import SecretBytes
@@ -74,7 +75,7 @@ def macsec_spec(t: TunnelConfig) -> MacsecTunnelSpec:
 
 
 def tunnels(cfg: Config, ipsec_backend: Any, macsec_backend: Any,
-            emit: Callable[[dict], None]) -> list[Tunnel]:
+            emit: TunnelEventSink) -> list[Tunnel]:
     out: list[Tunnel] = []
     for t in cfg.tunnels:
         if t.type is TunnelType.IPSEC:

@@ -17,6 +17,7 @@ import logging
 from typing import Any
 
 from qkdgate.errors import KeySourceError, KeySourceTimeout, QkdgateError
+from qkdgate.tunnels.events import TunnelEvent
 from qkdgate.tunnels.manager import provenance_dict
 from qkdgate.gateway.daemon.udp import PeerDriver
 
@@ -46,8 +47,8 @@ class EventHandlers:
     ``metrics``, ``notifier``, ``_key_sources``, ``_source_up``, ``emit``,
     ``_spawn``, ``wake`` and ``_status_line`` from :class:`Daemon`."""
 
-    def _tunnel_event(self, event: dict[str, Any]) -> None:
-        self.emit(event)
+    def _tunnel_event(self, event: TunnelEvent) -> None:
+        self.emit(event.to_dict())
 
     def _on_event(self, driver: PeerDriver, event: Any) -> None:
         handler = getattr(self, "_ev_" + type(event).__name__, None)

@@ -8,6 +8,8 @@ import pytest
 
 from qkdgate.errors import TunnelError
 from qkdgate.testing.fakes import RecordingIpsecBackend
+from qkdgate.tunnels.events import (PolicyFallback, PolicyRecovered, SaHardLifetimeBlock,
+                                    TunnelBlocked)
 from qkdgate.tunnels.ipsec_tunnel import IpsecTunnel, IpsecTunnelSpec
 from qkdgate.tunnels.manager import (GenerationRefused, Lifetimes, TunnelManager,
                                             TunnelPolicy)
@@ -137,10 +139,10 @@ def test_soft_lifetime_asks_for_one_rekey_and_hard_lifetime_blocks():
     assert out.action is PolicyAction.BLOCK and out.template is None
     assert len(be.policies) == 3                 # in/fwd still drop cleartext
     assert t.state == "blocked" and "hard lifetime" in t.last_error
-    assert events[-1]["event"] == "tunnel_blocked"
-    blocks = [e for e in events if e["event"] == "sa_hard_lifetime_block"]
-    assert sorted(e["direction"] for e in blocks) == ["in", "out"]
-    assert all(e["generation"] == 1 and e["tunnel"] == "t1" for e in blocks)
+    assert isinstance(events[-1], TunnelBlocked)
+    blocks = [e for e in events if isinstance(e, SaHardLifetimeBlock)]
+    assert sorted(e.direction for e in blocks) == ["in", "out"]
+    assert all(e.generation == 1 and e.tunnel == "t1" for e in blocks)
     # a later generation unblocks
     establish(t, 2, Session(b"g2"), now=170.0)
     assert out_policies(be)[0].action is PolicyAction.ALLOW and t.state == "up"
@@ -173,7 +175,7 @@ def test_pqc_only_never_needs_qkd_and_raises_no_alarm():
     t.setup(0.0)
     establish(t, 1, Session(b"g1", Prov(qkd_key_ids=())))
     assert t.state == "up" and not t.fallback
-    assert "policy_fallback" not in [e["event"] for e in events]
+    assert not any(isinstance(e, PolicyFallback) for e in events)
 
 
 def test_pqc_fallback_alarms_and_recovers():
@@ -182,9 +184,9 @@ def test_pqc_fallback_alarms_and_recovers():
     t.setup(0.0)
     establish(t, 1, Session(b"g1", Prov(qkd_key_ids=())))
     assert t.fallback and t.state == "up"
-    assert "policy_fallback" in [e["event"] for e in events]
+    assert any(isinstance(e, PolicyFallback) for e in events)
     establish(t, 2, Session(b"g2"), now=1)
-    assert not t.fallback and events[-1]["event"] == "policy_recovered"
+    assert not t.fallback and isinstance(events[-1], PolicyRecovered)
 
 
 def test_pqc_fallback_still_requires_mlkem_and_x25519():

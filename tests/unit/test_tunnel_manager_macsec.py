@@ -7,6 +7,7 @@ import pytest
 
 from qkdgate.errors import TunnelError
 from qkdgate.testing.fakes import RecordingIpsecBackend, RecordingMacsecBackend
+from qkdgate.tunnels.events import SaStaleRemoved
 from qkdgate.tunnels.ipsec_tunnel import IpsecTunnel, IpsecTunnelSpec
 from qkdgate.tunnels.macsec_tunnel import MacsecTunnel, MacsecTunnelSpec
 from qkdgate.tunnels.manager import Lifetimes, TunnelPolicy
@@ -175,4 +176,4 @@ def test_stale_sas_of_a_crashed_run_are_removed_at_setup():
     t.setup(0)
     link = be.links["qm-a"]
     assert link.tx == {} and link.rx[spec.peer_sci] == {} and t.state == "blocked"
-    assert events[-1] == {"event": "sa_stale_removed", "tunnel": "m1", "count": 2}
+    assert events[-1] == SaStaleRemoved("m1", 2)
