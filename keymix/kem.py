@@ -61,7 +61,8 @@ class KemProvider(Protocol):
     ciphertext_size: int
     shared_secret_size: int
 
-    def generate_keypair(self) -> tuple[KemPrivateKey, bytes]: ...
+    def generate_keypair(self, rng: Callable[[int], bytes] | None = None
+                         ) -> tuple[KemPrivateKey, bytes]: ...
 
     def encapsulate(self, public_key: bytes) -> tuple[bytes, SecretBytes]: ...
 
@@ -214,7 +215,10 @@ class OqsKem:
     _oqs: Any
     backend: str = "liboqs"
 
-    def generate_keypair(self) -> tuple[KemPrivateKey, bytes]:
+    def generate_keypair(self, rng: Callable[[int], bytes] | None = None
+                         ) -> tuple[KemPrivateKey, bytes]:
+        """``rng`` is accepted for the interface and NOT used: liboqs-python
+        has no seeded key generation, so liboqs runs never replay."""
         with self._oqs.KeyEncapsulation(self.name) as kem:
             public = kem.generate_keypair()
             secret = SecretBytes(kem.export_secret_key())

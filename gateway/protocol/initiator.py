@@ -76,11 +76,13 @@ class InitiatorMixin:
         cfg = self.config
         if not self._alloc_spis(ex, now):
             return
-        ex.kem_priv, kem_pk = self._kem.generate_keypair()
+        # every key is drawn from the injected rng where the library allows
+        # it (ML-KEM seed d || z, X25519 scalar), so a run replays exactly
+        ex.kem_priv, kem_pk = self._kem.generate_keypair(self._rng)
         x_pk = b""
         if cfg.x25519:
             from qkdgate.keymix.classical import x25519_keypair
-            ex.x_priv, x_pk = x25519_keypair()
+            ex.x_priv, x_pk = x25519_keypair(self._rng)
         ex.nonce_i = self._rng(32)
         values = {"generation_min": self._gen_high + 1, "nonce": ex.nonce_i,
                   "kem_id": m.KEM_IDS[cfg.kem], "kem_public": kem_pk, "x25519_public": x_pk,

@@ -111,7 +111,7 @@ class ResponderMixin:
         ex.kem_ciphertext, ex.kem_secret = self._kem.encapsulate(msg["kem_public"])
         if cfg.x25519:
             from qkdgate.keymix.classical import x25519_keypair, x25519_shared
-            priv, ex.x_public = x25519_keypair()
+            priv, ex.x_public = x25519_keypair(self._rng)
             ex.x_secret = x25519_shared(priv, msg["x25519_public"])
         mode, role = msg["qkd_mode"], cfg.qkd_role
         pqc_ok = bool(msg["qkd_flags"] & m.QKD_FLAG_PQC_OK)

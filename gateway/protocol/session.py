@@ -57,6 +57,7 @@ from qkdgate.gateway.protocol.lifecycle import LifecycleMixin
 from qkdgate.gateway.protocol.messages import AbortCode, MsgType, QkdMode, QkdReason
 from qkdgate.gateway.protocol.responder import ResponderMixin
 from qkdgate.interfaces import QkdKey
+from qkdgate.keymix.kem import KemProvider
 
 __all__ = ["PeerSession", "SessionConfig", "TunnelRef"]
 
@@ -77,7 +78,8 @@ def _qkd_reason(error: BaseException) -> QkdReason:
 class PeerSession(InitiatorMixin, ResponderMixin, LifecycleMixin):
     def __init__(self, config: SessionConfig, *, identity: LocalIdentity,
                  peer_identities: Sequence[PeerIdentity], rng: Callable[[int], bytes] = os.urandom,
-                 now: float, allocate_spi: Callable[[str], int]) -> None:
+                 now: float, allocate_spi: Callable[[str], int],
+                 kem: KemProvider | None = None) -> None:
         config.validate()
         if not 1 <= len(peer_identities) <= 4:
             raise LocalProtocolError("pin 1..4 identities per peer (2 during a rollover)")
@@ -87,7 +89,11 @@ class PeerSession(InitiatorMixin, ResponderMixin, LifecycleMixin):
         self.peer_identities = tuple(peer_identities)
         self._rng = rng
         self._allocate_spi = allocate_spi
-        self._kem = get_kem(config.kem)
+        # ``kem`` lets tests inject a deterministic provider (qkdgate.testing)
+        if kem is not None and kem.name != config.kem:
+            raise LocalProtocolError(f"injected KEM {kem.name} is not the configured {config.kem}")
+        self._kem_injected = kem
+        self._kem = kem if kem is not None else get_kem(config.kem)
         self._kinds = {t.tunnel_id: t.kind for t in config.tunnels}
         psk = config.psk.reveal() if config.psk is not None else None
         self._psk = psk
@@ -208,7 +214,8 @@ class PeerSession(InitiatorMixin, ResponderMixin, LifecycleMixin):
         if not 1 <= len(peer_identities) <= 4:
             raise ConfigError("pin 1..4 identities per peer (2 during a rollover)")
         from qkdgate.keymix.kem import get_kem
-        kem = get_kem(config.kem)
+        inj = self._kem_injected
+        kem = inj if inj is not None and inj.name == config.kem else get_kem(config.kem)
         self.config, self.peer_identities, self._kem = config, tuple(peer_identities), kem
         self._kinds = {t.tunnel_id: t.kind for t in config.tunnels}
         self._psk = config.psk.reveal() if config.psk is not None else None
