@@ -1,13 +1,14 @@
 """IPsec (XFRM) tunnels for the tunnel manager.
 
-Theory of operation: one :class:`IpsecTunnel` owns a reqid range
+Theory of operation: one :class:`IpsecDriver` (the kernel half of an IPsec
+:class:`~qkdgate.tunnels.manager.Tunnel`) owns a reqid range
 ``[reqid_base, reqid_base + reqid_span)``. ``reqid_base`` is the *inbound*
 reqid every generation's inbound SA carries, so the ``in``/``fwd`` policy
 templates match old and new inbound SAs during an overlap. Each generation's
 outbound SA gets the next free reqid of the rest of the range; switching
 traffic to it is one XFRM_MSG_UPDPOLICY of each ``out`` policy (its template
 names the new reqid). That range is also how a restarted daemon recognises
-its own SAs (:meth:`IpsecTunnel.setup` adopts them: they keep forwarding
+its own SAs (:meth:`IpsecDriver.setup` reports them for adoption: they keep forwarding
 until a new generation replaces them or their kernel lifetime ends).
 
 Policies per (local net, remote net) pair: ``out`` (BLOCK until the first
@@ -20,15 +21,16 @@ from __future__ import annotations
 import errno
 import logging
 from dataclasses import dataclass, replace
-from typing import Any
 
 from qkdgate.errors import TunnelError
-from qkdgate.tunnels.events import SaAdopted, TunnelEventSink
-from qkdgate.tunnels.manager import (Generation, Lifetimes, KeySchedule, SaRecord, Tunnel,
-                                            TunnelPolicy)
 from qkdgate.interfaces import (Direction, IPAddress, IpsecBackend, IPNetwork, Lifetime, Mark,
-                                Mode, PolicyAction, PolicySpec, SaId, SaSpec, Selector, Template,
-                                UdpEncap)
+                                Mode, PolicyAction, PolicySpec, SaId, SaSpec, SaState, Selector,
+                                Template, UdpEncap)
+from qkdgate.keymix.secret import SecretBytes
+from qkdgate.tunnels.driver import (CounterReading, KeySchedule, NewSa, SaRecord, SetupReport)
+from qkdgate.tunnels.events import TunnelEventSink
+from qkdgate.tunnels.manager import Tunnel, TunnelPolicy
+from qkdgate.tunnels.timers import Lifetimes
 
 log = logging.getLogger("qkdgate.tunnels")
 
@@ -60,7 +62,7 @@ class IpsecTunnelSpec:
 
     def selectors(self) -> list[tuple[Selector, Selector]]:
         """(outbound, inbound) selector for every local x remote net pair of the same family."""
-        pairs = []
+        pairs: list[tuple[Selector, Selector]] = []
         for ln in self.local_nets:
             for rn in self.remote_nets:
                 if ln.version == rn.version:
@@ -68,18 +70,29 @@ class IpsecTunnelSpec:
         return pairs
 
 
-class IpsecTunnel(Tunnel):
-    kind = "ipsec"
-
-    def __init__(self, spec: IpsecTunnelSpec, backend: IpsecBackend, *, policy: TunnelPolicy,
+def ipsec_tunnel(spec: IpsecTunnelSpec, backend: IpsecBackend, *, policy: TunnelPolicy,
                  lifetimes: Lifetimes, schedule: KeySchedule | None = None,
-                 emit: TunnelEventSink | None = None) -> None:
-        super().__init__(spec.tunnel_id, policy=policy, lifetimes=lifetimes, schedule=schedule,
-                         emit=emit)
+                 emit: TunnelEventSink | None = None) -> Tunnel:
+    """An IPsec :class:`Tunnel`: the generation manager over an :class:`IpsecDriver`."""
+    return Tunnel(IpsecDriver(spec, backend), policy=policy, lifetimes=lifetimes,
+                  schedule=schedule, emit=emit)
+
+
+class IpsecDriver:
+    """XFRM policies and SAs of one tunnel (kernel operations only)."""
+
+    kind = "ipsec"
+    sas_outlive_daemon = True     # every SA carries a kernel hard lifetime
+
+    def __init__(self, spec: IpsecTunnelSpec, backend: IpsecBackend) -> None:
         self.spec = spec
         self.backend = backend
         self._next_out_reqid = spec.reqid_base + 1
         self._out_policies: list[PolicySpec] = []
+
+    @property
+    def tunnel_id(self) -> str:
+        return self.spec.tunnel_id
 
     # ---- policies ---------------------------------------------------------
     def _policy(self, sel: Selector, direction: Direction, template: Template | None,
@@ -95,8 +108,18 @@ class IpsecTunnel(Tunnel):
     def _owned(self, reqid: int) -> bool:
         return self.spec.reqid_base <= reqid < self.spec.reqid_base + self.spec.reqid_span
 
-    def setup(self, now: float) -> None:
-        """Install the fail-closed policies; adopt SAs a previous run left."""
+    def _update_policy(self, policy: PolicySpec) -> None:
+        # switch_outbound is for template swaps; a backend with update_policy
+        # (XFRM_MSG_UPDPOLICY for any policy) also takes a template-less BLOCK.
+        update = getattr(self.backend, "update_policy", None)
+        if update is None:
+            self.backend.remove_policy(policy)
+            self.backend.install_policy(policy)
+        else:
+            update(policy)
+
+    def setup(self, now: float) -> SetupReport:
+        """Install the fail-closed policies; report SAs a previous run left."""
         existing = {(p.selector, p.direction, p.mark, p.if_id): p
                     for p in self.backend.list_policies()}
         self._out_policies = []
@@ -117,53 +140,31 @@ class IpsecTunnel(Tunnel):
                 if have is None:
                     self.backend.install_policy(want)
                 elif (have.action, have.template) != (want.action, want.template):
-                    # e.g. the reqid changed in the config: re-assert ours
-                    update = getattr(self.backend, "update_policy", None)
-                    if update is None:
-                        self.backend.remove_policy(have)
-                        self.backend.install_policy(want)
-                    else:
-                        update(want)
-        self._adopt(now)
-        self.state = "up" if self.active else "blocked"
-        if self.active is None:
-            self.last_error = None
+                    self._update_policy(want)   # e.g. the reqid changed in the config
+        return self._adoptable(now)
 
-    def _adopt(self, now: float) -> None:
-        """SAs in our reqid range from a previous run become generation 0."""
+    def _adoptable(self, now: float) -> SetupReport:
+        """SAs in our reqid range from a previous run, for generation 0."""
         found = self.backend.list_sas(self.spec.reqid_base,
                                       self.spec.reqid_base + self.spec.reqid_span - 1)
-        if not found:
-            return
-        gen = Generation(0, None, "adopted", now, adopted=True)
-        # The kernel enforces their hard lifetime; we retire them once a new
-        # generation is switched in, or at our hard lifetime from now at the
-        # latest, whichever is first.
-        gen.hard_at_override = now + self.lifetimes.hard_seconds
-        for st in found:
-            direction = "in" if st.reqid == self.spec.reqid_base else "out"
-            rec = SaRecord(direction, st.sa_id.spi, st.reqid, now, st.sa_id)
-            if direction == "in" and gen.inbound is None:
-                gen.inbound = rec
-            elif direction == "out" and gen.outbound is None:
-                gen.outbound = rec
-            else:
-                gen.extra.append(rec)
-        self.generations[0] = gen
+        records = tuple(
+            SaRecord("in" if st.reqid == self.spec.reqid_base else "out", st.sa_id.spi,
+                     st.reqid, now, st.sa_id) for st in found)
         out_reqids = {p.template.reqid for p in self._out_policies if p.template}
-        if gen.outbound is not None and gen.outbound.reqid in out_reqids:
-            self.active = gen
-            self._next_out_reqid = gen.outbound.reqid + 1
-        log.info("tunnel %s: adopted %d SA(s) from a previous run", self.tunnel_id, len(found),
-                 extra={"tunnel": self.tunnel_id})
-        self.emit(SaAdopted(self.tunnel_id, len(found)))
+        first_out = next((r for r in records if r.direction == "out"), None)
+        sending = None
+        if first_out is not None and first_out.reqid in out_reqids:
+            sending = first_out.reqid
+            self._next_out_reqid = first_out.reqid + 1
+        return SetupReport(adopted=records, sending_reqid=sending)
 
     # ---- SAs ----------------------------------------------------------------
-    def allocate_spi(self) -> int:
+    def allocate_spi(self, inbound_in_use: frozenset[int]) -> int:
         return self.backend.allocate_spi(self.spec.remote, self.spec.local)
 
-    def _sa_spec(self, key: Any, reqid: int, out_sel: Selector) -> SaSpec:
-        s, lt = self.spec, self.lifetimes
+    def _sa_spec(self, key: SecretBytes, reqid: int, out_sel: Selector,
+                 lt: Lifetimes) -> SaSpec:
+        s = self.spec
         # RFC 4301 4.4.2.1: soft then hard lifetime; the kernel enforces both
         # even if this daemon dies. Seconds are rounded up so the kernel never
         # expires an SA before our own (finer) clock rekeys it.
@@ -175,18 +176,16 @@ class IpsecTunnel(Tunnel):
                       replay_window=s.replay_window, esn=s.esn, lifetime=lifetime,
                       encap=s.encap)
 
-    def _add_inbound(self, gen: Generation, session: Any, direction: str, spi: int,
-                     now: float) -> SaRecord:
+    def add_inbound(self, sa: NewSa) -> SaRecord:
         s = self.spec
-        sa_id = SaId(src=s.remote, dst=s.local, spi=spi, mark=s.mark, if_id=s.if_id)
-        key = self.schedule.esp_key(session, s.tunnel_id, direction, spi, gen.number)
-        self.backend.install_inbound(sa_id, self._sa_spec(key, s.reqid_base, s.selectors()[0][1]))
-        return SaRecord("in", spi, s.reqid_base, now, sa_id)
+        sa_id = SaId(src=s.remote, dst=s.local, spi=sa.spi, mark=s.mark, if_id=s.if_id)
+        key = sa.schedule.esp_key(sa.session, s.tunnel_id, sa.direction, sa.spi, sa.generation)
+        self.backend.install_inbound(sa_id, self._sa_spec(key, s.reqid_base,
+                                                          s.selectors()[0][1], sa.lifetimes))
+        return SaRecord("in", sa.spi, s.reqid_base, sa.now, sa_id)
 
-    def _take_out_reqid(self) -> int:
+    def _take_out_reqid(self, used: frozenset[int]) -> int:
         s = self.spec
-        used = {r.reqid for g in self.generations.values() for r in g.records()
-                if r.direction == "out"}
         for _ in range(s.reqid_span):
             reqid = self._next_out_reqid
             self._next_out_reqid += 1
@@ -196,19 +195,18 @@ class IpsecTunnel(Tunnel):
                 return reqid
         raise TunnelError("allocate_reqid", errno.ENOSPC, f"reqid range of {s.tunnel_id} in use")
 
-    def _add_outbound(self, gen: Generation, session: Any, direction: str, spi: int,
-                      now: float) -> SaRecord:
+    def add_outbound(self, sa: NewSa, reqids_in_use: frozenset[int]) -> SaRecord:
         s = self.spec
-        reqid = self._take_out_reqid()
-        sa_id = SaId(src=s.local, dst=s.remote, spi=spi, mark=s.mark, if_id=s.if_id)
-        key = self.schedule.esp_key(session, s.tunnel_id, direction, spi, gen.number)
-        self.backend.install_outbound(sa_id, self._sa_spec(key, reqid, s.selectors()[0][0]))
-        return SaRecord("out", spi, reqid, now, sa_id)
+        reqid = self._take_out_reqid(reqids_in_use)
+        sa_id = SaId(src=s.local, dst=s.remote, spi=sa.spi, mark=s.mark, if_id=s.if_id)
+        key = sa.schedule.esp_key(sa.session, s.tunnel_id, sa.direction, sa.spi, sa.generation)
+        self.backend.install_outbound(sa_id, self._sa_spec(key, reqid, s.selectors()[0][0],
+                                                           sa.lifetimes))
+        return SaRecord("out", sa.spi, reqid, sa.now, sa_id)
 
-    def _switch_to(self, gen: Generation) -> None:
-        assert gen.outbound is not None
+    def switch_to(self, outbound: SaRecord) -> None:
         s = self.spec
-        tmpl = Template(src=s.local, dst=s.remote, reqid=gen.outbound.reqid, mode=s.mode)
+        tmpl = Template(src=s.local, dst=s.remote, reqid=outbound.reqid, mode=s.mode)
         done: list[PolicySpec] = []
         try:
             for i, pol in enumerate(self._out_policies):
@@ -226,24 +224,22 @@ class IpsecTunnel(Tunnel):
                     pass
             raise
 
-    def _block_outbound(self) -> None:
-        # switch_outbound is for template swaps; a backend with update_policy
-        # (XFRM_MSG_UPDPOLICY for any policy) takes the template-less BLOCK.
+    def block_outbound(self) -> None:
         update = getattr(self.backend, "update_policy", None) or self.backend.switch_outbound
         for i, pol in enumerate(self._out_policies):
             blocked = replace(pol, action=PolicyAction.BLOCK, template=None)
             update(blocked)
             self._out_policies[i] = blocked
 
-    def _remove_sa(self, rec: SaRecord) -> None:
+    def remove_sa(self, rec: SaRecord) -> None:
+        assert isinstance(rec.handle, SaId)
         self.backend.remove_sa(rec.handle)
 
-    def _poll_counters(self) -> str | None:
-        act = self.active
-        if act is None:
-            return None
+    def poll(self, records: list[SaRecord]) -> CounterReading:
         totals = {"bytes_out": 0, "bytes_in": 0, "packets_out": 0, "packets_in": 0}
-        for rec in act.records():
+        observed: list[tuple[str, SaState]] = []
+        for rec in records:
+            assert isinstance(rec.handle, SaId)
             try:
                 st = self.backend.query_sa(rec.handle)
             except TunnelError as exc:
@@ -252,32 +248,21 @@ class IpsecTunnel(Tunnel):
                 raise
             totals[f"bytes_{rec.direction}"] += st.bytes
             totals[f"packets_{rec.direction}"] += st.packets
-            self._observe(rec.direction, st)
-        self.counters = totals
-        soft = self.lifetimes.soft_bytes
-        if soft and max(totals["bytes_out"], totals["bytes_in"]) >= soft:
-            return "soft_bytes"
-        return None
+            observed.append((rec.direction, st))
+        return CounterReading(counters=totals, observed=tuple(observed))
 
-    def shutdown(self, teardown: bool) -> None:
-        """Default (``teardown=False``): keep policies *and* SAs. The SAs
-        expire on their kernel lifetimes, after which the policies block; a
-        restarted daemon adopts them. ``teardown=True`` removes everything:
-        the operator's explicit choice to leave traffic unprotected by us."""
-        if not teardown:
-            log.info("tunnel %s: exit keeps policies and SAs (kernel lifetimes apply)",
-                     self.tunnel_id, extra={"tunnel": self.tunnel_id})
-            return
-        for gen in list(self.generations.values()):
-            self._drop_generation(gen)
-        self.active = None
+    def teardown(self) -> bool:
+        """Remove our policies (the SAs went with their generations)."""
+        first: TunnelError | None = None
         for pol in list(self.backend.list_policies()):
             if self._mine(pol):
                 try:
                     self.backend.remove_policy(pol)
                 except TunnelError as exc:
-                    self._fail("remove_policy", exc)
-        self.state = "down"
+                    first = first or exc
+        if first is not None:
+            raise first
+        return True
 
     def _mine(self, pol: PolicySpec) -> bool:
         sels = {sel for pair in self.spec.selectors() for sel in pair}

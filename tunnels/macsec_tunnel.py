@@ -1,6 +1,7 @@
 """MACsec (IEEE 802.1AE) tunnels for the tunnel manager.
 
-Theory of operation: one :class:`MacsecTunnel` drives one macsec netdevice
+Theory of operation: one :class:`MacsecDriver` (the kernel half of a MACsec
+:class:`~qkdgate.tunnels.manager.Tunnel`) drives one macsec netdevice
 on a parent Ethernet port, with one RX secure channel for the peer's SCI.
 A generation's "SPI" is an association number (AN, 0..3): the *receiver*
 chooses it for the SA it will accept (rotating, never one still in use), and
@@ -24,15 +25,18 @@ from __future__ import annotations
 import errno
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 from qkdgate.errors import TunnelError
-from qkdgate.tunnels.events import SaStaleRemoved, TunnelEventSink
-from qkdgate.tunnels.manager import (Generation, KeySchedule, Lifetimes, SaRecord, Tunnel,
-                                            TunnelPolicy)
-from qkdgate.interfaces import MacsecBackend, MacsecCipher, MacsecLinkSpec, MacsecSaSpec
+from qkdgate.interfaces import (MacsecBackend, MacsecCipher, MacsecLinkSpec, MacsecSaSpec,
+                                MacsecSaState)
+from qkdgate.tunnels.driver import (CounterReading, KeySchedule, MacsecKeyMaterial, NewSa,
+                                    SaRecord, SetupReport)
+from qkdgate.tunnels.events import TunnelEventSink
+from qkdgate.tunnels.manager import Tunnel, TunnelPolicy
+from qkdgate.tunnels.timers import Lifetimes
 
 log = logging.getLogger("qkdgate.tunnels")
+
 
 @dataclass(frozen=True, slots=True)
 class MacsecTunnelSpec:
@@ -48,14 +52,21 @@ class MacsecTunnelSpec:
             raise ValueError("peer SCI must be a 64-bit value (MAC address << 16 | port)")
 
 
-class MacsecTunnel(Tunnel):
-    kind = "macsec"
+def macsec_tunnel(spec: MacsecTunnelSpec, backend: MacsecBackend, *, policy: TunnelPolicy,
+                  lifetimes: Lifetimes, schedule: KeySchedule | None = None,
+                  emit: TunnelEventSink | None = None) -> Tunnel:
+    """A MACsec :class:`Tunnel`: the generation manager over a :class:`MacsecDriver`."""
+    return Tunnel(MacsecDriver(spec, backend), policy=policy, lifetimes=lifetimes,
+                  schedule=schedule, emit=emit)
 
-    def __init__(self, spec: MacsecTunnelSpec, backend: MacsecBackend, *, policy: TunnelPolicy,
-                 lifetimes: Lifetimes, schedule: KeySchedule | None = None,
-                 emit: TunnelEventSink | None = None) -> None:
-        super().__init__(spec.tunnel_id, policy=policy, lifetimes=lifetimes, schedule=schedule,
-                         emit=emit)
+
+class MacsecDriver:
+    """One macsec netdevice and its SAs (kernel operations only)."""
+
+    kind = "macsec"
+    sas_outlive_daemon = False    # MACsec has no kernel lifetimes
+
+    def __init__(self, spec: MacsecTunnelSpec, backend: MacsecBackend) -> None:
         self.spec = spec
         self.backend = backend
         self.local_sci: int | None = None
@@ -63,10 +74,14 @@ class MacsecTunnel(Tunnel):
         self._last_an = 3            # the first AN handed out is 0
 
     @property
+    def tunnel_id(self) -> str:
+        return self.spec.tunnel_id
+
+    @property
     def link(self) -> str:
         return self.spec.link.name
 
-    def setup(self, now: float) -> None:
+    def setup(self, now: float) -> SetupReport:
         existed = False
         try:
             self.backend.create_link(self.spec.link)
@@ -81,15 +96,16 @@ class MacsecTunnel(Tunnel):
         except TunnelError as exc:
             if exc.errno != errno.EEXIST:
                 raise
+        removed = 0
         if existed:
             # A previous run's link (it crashed: a clean exit removes them).
             # Its SAs carry keys whose age nobody knows any more, and MACsec
             # has no kernel lifetime to end them: remove, block, re-key.
-            self._remove_stale()
+            removed = self._remove_stale()
         self.backend.set_link_up(self.link, True)
-        self.state = "blocked"
+        return SetupReport(stale_removed=removed)
 
-    def _remove_stale(self) -> None:
+    def _remove_stale(self) -> int:
         removed = 0
         for an in range(4):
             for remove, deactivate in (
@@ -106,53 +122,47 @@ class MacsecTunnel(Tunnel):
                     deactivate()          # the kernel refuses to delete an active SA
                     remove()
                 removed += 1
-        if removed:
-            log.warning("tunnel %s: removed %d stale MACsec SA(s) left by a previous run",
-                        self.tunnel_id, removed, extra={"tunnel": self.tunnel_id})
-            self.emit(SaStaleRemoved(self.tunnel_id, removed))
+        return removed
 
-    def allocate_spi(self) -> int:
-        used = {g.inbound.spi for g in self.generations.values() if g.inbound is not None}
+    def allocate_spi(self, inbound_in_use: frozenset[int]) -> int:
         for step in range(1, 5):
             an = (self._last_an + step) % 4
-            if an not in used:
+            if an not in inbound_in_use:
                 self._last_an = an
                 return an
         raise TunnelError("allocate_an", errno.EBUSY, "all four ANs in use")
 
-    def _keys(self, gen: Generation, session: Any, direction: str, sci: int, an: int) -> Any:
-        return self.schedule.macsec_keys(session, self.tunnel_id, direction, sci, an, gen.number,
-                                         self.spec.link.cipher)
+    def _keys(self, sa: NewSa, sci: int) -> MacsecKeyMaterial:
+        return sa.schedule.macsec_keys(sa.session, self.tunnel_id, sa.direction, sci, sa.spi,
+                                       sa.generation, self.spec.link.cipher)
 
-    def _sa(self, keys: Any, an: int) -> MacsecSaSpec:
+    def _sa(self, keys: MacsecKeyMaterial, an: int) -> MacsecSaSpec:
         xpn = self.spec.link.cipher is MacsecCipher.GCM_AES_XPN_256
         return MacsecSaSpec(an=an, key=keys.sak, keyid=keys.keyid, pn=1, active=True,
                             ssci=keys.ssci if xpn else None, salt=keys.salt if xpn else None)
 
-    def _add_inbound(self, gen: Generation, session: Any, direction: str, spi: int,
-                     now: float) -> SaRecord:
-        keys = self._keys(gen, session, direction, self.spec.peer_sci, spi)
-        self.backend.add_rx_sa(self.link, self.spec.peer_sci, self._sa(keys, spi))
-        return SaRecord("in", spi, 0, now, (self.spec.peer_sci, spi))
+    def add_inbound(self, sa: NewSa) -> SaRecord:
+        keys = self._keys(sa, self.spec.peer_sci)
+        self.backend.add_rx_sa(self.link, self.spec.peer_sci, self._sa(keys, sa.spi))
+        return SaRecord("in", sa.spi, 0, sa.now, (self.spec.peer_sci, sa.spi))
 
-    def _add_outbound(self, gen: Generation, session: Any, direction: str, spi: int,
-                      now: float) -> SaRecord:
+    def add_outbound(self, sa: NewSa, reqids_in_use: frozenset[int]) -> SaRecord:
         if self.local_sci is None:
             raise TunnelError("add_tx_sa", errno.ENODEV, f"{self.link} not set up")
-        if not 0 <= spi <= 3:
-            raise TunnelError("add_tx_sa", errno.EINVAL, f"AN {spi} out of range")
-        keys = self._keys(gen, session, direction, self.local_sci, spi)
-        self.backend.add_tx_sa(self.link, self._sa(keys, spi))
-        return SaRecord("out", spi, 0, now, (self.local_sci, spi))
+        if not 0 <= sa.spi <= 3:
+            raise TunnelError("add_tx_sa", errno.EINVAL, f"AN {sa.spi} out of range")
+        keys = self._keys(sa, self.local_sci)
+        self.backend.add_tx_sa(self.link, self._sa(keys, sa.spi))
+        return SaRecord("out", sa.spi, 0, sa.now, (self.local_sci, sa.spi))
 
-    def _switch_to(self, gen: Generation) -> None:
-        assert gen.outbound is not None
-        self.backend.set_encoding_sa(self.link, gen.outbound.spi)
+    def switch_to(self, outbound: SaRecord) -> None:
+        self.backend.set_encoding_sa(self.link, outbound.spi)
 
-    def _block_outbound(self) -> None:
+    def block_outbound(self) -> None:
         pass  # every TX SA is gone: the kernel drops frames with no active encoding SA
 
-    def _remove_sa(self, rec: SaRecord) -> None:
+    def remove_sa(self, rec: SaRecord) -> None:
+        assert isinstance(rec.handle, tuple)
         sci, an = rec.handle
         if rec.direction == "out":
             self.backend.set_tx_sa_active(self.link, an, False)
@@ -161,32 +171,21 @@ class MacsecTunnel(Tunnel):
             self.backend.set_rx_sa_active(self.link, sci, an, False)
             self.backend.remove_rx_sa(self.link, sci, an)
 
-    def _poll_counters(self) -> str | None:
-        act = self.active
-        if act is None or act.outbound is None:
-            return None
-        st = self.backend.query_tx_sa(self.link, act.outbound.spi)
-        self._observe("out", st)
-        self.counters = {**self.counters, "bytes_out": st.octets, "packets_out": st.packets}
+    def poll(self, records: list[SaRecord]) -> CounterReading:
+        out = next((r for r in records if r.direction == "out"), None)
+        if out is None:
+            return CounterReading()
+        st: MacsecSaState = self.backend.query_tx_sa(self.link, out.spi)
         bits = 64 if self.spec.link.cipher is MacsecCipher.GCM_AES_XPN_256 else 32
-        if st.next_pn >= int(self.spec.pn_threshold * (1 << bits)):
-            return "pn_exhaustion"
-        soft = self.lifetimes.soft_bytes
-        if soft and st.octets >= soft:
-            return "soft_bytes"
-        return None
+        # IEEE 802.1AE-2018 10.6.2: a PN never repeats under one SAK.
+        reason = "pn_exhaustion" if st.next_pn >= int(self.spec.pn_threshold * (1 << bits)) \
+            else None
+        return CounterReading(counters={"bytes_out": st.octets, "packets_out": st.packets},
+                              observed=(("out", st),), rekey_reason=reason)
 
-    def shutdown(self, teardown: bool) -> None:
-        """Remove every SA (no kernel lifetimes would ever end them); keep
-        the strict link so traffic blocks, unless ``teardown`` also deletes
-        a link we created."""
-        for gen in list(self.generations.values()):
-            self._drop_generation(gen)
-        self.active = None
-        self.state = "blocked"
-        if teardown and self._created:
-            try:
-                self.backend.destroy_link(self.link)
-                self.state = "down"
-            except TunnelError as exc:
-                self._fail("destroy_link", exc)
+    def teardown(self) -> bool:
+        """Delete the link if we created it (True: the tunnel is down)."""
+        if not self._created:
+            return False
+        self.backend.destroy_link(self.link)
+        return True

@@ -52,83 +52,65 @@ The module is sans-IO in the aioquic sense: the caller passes ``now``
 
 from __future__ import annotations
 
+import errno
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Protocol
+from typing import TYPE_CHECKING, Callable, Mapping, Protocol
 
 from qkdgate.errors import QkdgateError, TunnelError
-from qkdgate.tunnels.events import (KeyInputs, PolicyFallback, PolicyRecovered, SaHardLifetimeBlock,
-                                    SaInstalled, SaRetired, SaSwitched, TunnelBlocked,
-                                    TunnelEvent, TunnelEventSink, TunnelOpFailed, discard)
+from qkdgate.interfaces import MacsecSaState, SaState
+from qkdgate.tunnels.driver import KeySchedule, NewSa, SaRecord, TunnelDriver
+from qkdgate.tunnels.events import (KeyInputs, PolicyFallback, PolicyRecovered, SaAdopted,
+                                    SaHardLifetimeBlock, SaInstalled, SaRetired, SaStaleRemoved,
+                                    SaSwitched, TunnelBlocked, TunnelEvent, TunnelEventSink,
+                                    TunnelOpFailed, discard)
 from qkdgate.tunnels.policy import KeyPolicy
+from qkdgate.tunnels.timers import Lifetimes
+
+if TYPE_CHECKING:
+    from qkdgate.keymix.combiner import Provenance, SessionSecret
+
+__all__ = ["GenerationRefused", "Generation", "KeySchedule", "Lifetimes", "SaRecord", "Tunnel",
+           "TunnelDriver", "TunnelManager", "TunnelPolicy", "check_policy", "legs_of",
+           "provenance_dict"]
 
 log = logging.getLogger("qkdgate.tunnels")
 
 
-# The per-tunnel key policy is the config's: which key legs ("x25519",
-# "mlkem", "qkd") a generation must have, and which it may lack.
+# The per-tunnel key policy: which key legs ("x25519", "mlkem", "qkd") a
+# generation must have, and which it may lack.
 TunnelPolicy = KeyPolicy
+
+SaObserver = Callable[[str, str, "SaState | MacsecSaState"], None]
 
 
 class GenerationRefused(QkdgateError):
     """The tunnel policy forbids installing this generation (fail closed)."""
 
 
-class KeySchedule(Protocol):
-    """The part of ``qkdgate.keymix.schedule`` the tunnels use."""
-
-    def esp_key(self, session: Any, tunnel_id: str, direction: str, spi: int,
-                generation: int) -> Any: ...
-
-    def macsec_keys(self, session: Any, tunnel_id: str, direction: str, sci: int, an: int,
-                    generation: int, cipher: Any) -> Any: ...
-
-
 def default_schedule() -> KeySchedule:
     from qkdgate.keymix import schedule  # late: keymix may load optional backends
-    return schedule  # type: ignore[return-value]
+    return schedule
 
 
-@dataclass(frozen=True, slots=True)
-class Lifetimes:
-    """SA lifetimes. ``soft`` asks for a rekey, ``hard`` removes the SA and
-    blocks. Seconds count from installation. ``grace_seconds``: how long
-    the previous generation still accepts inbound traffic after a switch
-    (packets in flight, the peer switching a moment later)."""
-
-    soft_seconds: float = 3000.0
-    hard_seconds: float = 3600.0
-    soft_bytes: int = 0          # 0 = no byte limit
-    hard_bytes: int = 0
-    grace_seconds: float = 5.0
-
-    def __post_init__(self) -> None:
-        if not 0 < self.soft_seconds < self.hard_seconds:
-            raise ValueError("lifetimes need 0 < soft_seconds < hard_seconds")
-        if self.hard_bytes and not 0 < self.soft_bytes < self.hard_bytes:
-            raise ValueError("lifetimes need 0 < soft_bytes < hard_bytes")
-        if self.grace_seconds < 0:
-            raise ValueError("grace_seconds must not be negative")
-
-
-def provenance_dict(prov: Any) -> dict[str, Any]:
+def provenance_dict(prov: Provenance | None) -> dict[str, object]:
     """The safe-to-print summary of a generation's key inputs."""
     return KeyInputs.of(prov).as_dict()
 
 
-def legs_of(prov: Any) -> frozenset[str]:
+def legs_of(prov: Provenance | None) -> frozenset[str]:
     """The key legs a generation was made from, as named in the config."""
     legs = set()
-    if getattr(prov, "kem_name", None):
+    if prov is not None and prov.kem_name:
         legs.add("mlkem")
-    if getattr(prov, "x25519", False):
+    if prov is not None and prov.x25519:
         legs.add("x25519")
-    if getattr(prov, "qkd_key_ids", ()):
+    if prov is not None and prov.qkd_key_ids:
         legs.add("qkd")
     return frozenset(legs)
 
 
-def check_policy(policy: TunnelPolicy, prov: Any) -> bool:
+def check_policy(policy: TunnelPolicy, prov: Provenance | None) -> bool:
     """Raise :class:`GenerationRefused` unless ``prov`` has every leg
     ``policy`` requires. Returns True when an optional QKD leg is missing
     (the PQC fallback alarm)."""
@@ -146,24 +128,10 @@ def check_policy(policy: TunnelPolicy, prov: Any) -> bool:
 # --------------------------------------------------------------------------
 
 @dataclass
-class SaRecord:
-    """One installed SA (IPsec) or SA on an AN (MACsec), with what made it."""
-
-    direction: str                 # "in" | "out"
-    spi: int                       # ESP SPI, or MACsec AN
-    reqid: int
-    installed_at: float
-    handle: Any = None             # SaId for IPsec; (sci, an) for MACsec
-
-    def describe(self) -> dict[str, Any]:
-        return {"direction": self.direction, "spi": f"{self.spi:#010x}", "reqid": self.reqid}
-
-
-@dataclass
 class Generation:
     number: int
-    provenance: Any
-    role: str                      # "initiator" | "responder"
+    provenance: Provenance | None
+    role: str                      # "initiator" | "responder" | "adopted"
     created_at: float
     inbound: SaRecord | None = None
     outbound: SaRecord | None = None
@@ -194,19 +162,26 @@ def directions(role: str) -> tuple[str, str]:
     raise ValueError(f"unknown handshake role {role!r}")
 
 
+class _Keyed(Protocol):
+    """What the tunnels read from a generation's session secret."""
+
+    @property
+    def provenance(self) -> Provenance: ...
+
+
 # --------------------------------------------------------------------------
-# the per-tunnel state machine shared by IPsec and MACsec
+# one tunnel: generations over one kernel driver
 # --------------------------------------------------------------------------
 
 class Tunnel:
-    """Generations of one tunnel; subclasses talk to one kernel backend."""
+    """Generations of one tunnel over one :class:`TunnelDriver`."""
 
-    kind = "?"
-
-    def __init__(self, tunnel_id: str, *, policy: TunnelPolicy, lifetimes: Lifetimes,
+    def __init__(self, driver: TunnelDriver, *, policy: TunnelPolicy, lifetimes: Lifetimes,
                  schedule: KeySchedule | None = None,
                  emit: TunnelEventSink | None = None) -> None:
-        self.tunnel_id = tunnel_id
+        self.driver = driver
+        self.tunnel_id = driver.tunnel_id
+        self.kind = driver.kind
         self.policy = policy
         self.lifetimes = lifetimes
         self._schedule = schedule
@@ -221,9 +196,9 @@ class Tunnel:
                                          "packets_in": 0}
         # observer of raw kernel SA counters (tunnel, direction, SaState or
         # MacsecSaState): the Prometheus metrics fold them into per-tunnel counters
-        self.on_sa_state: Callable[[str, str, Any], None] | None = None
+        self.on_sa_state: SaObserver | None = None
 
-    def _observe(self, direction: str, state: Any) -> None:
+    def _observe(self, direction: str, state: SaState | MacsecSaState) -> None:
         if self.on_sa_state is not None:
             try:
                 self.on_sa_state(self.tunnel_id, direction, state)
@@ -246,15 +221,83 @@ class Tunnel:
                   extra={"tunnel": self.tunnel_id})
         self.emit(TunnelOpFailed(self.tunnel_id, op, str(exc)))
 
-    def _generation(self, number: int, session: Any, role: str, now: float) -> Generation:
+    def _generation(self, number: int, session: _Keyed, role: str, now: float) -> Generation:
         gen = self.generations.get(number)
         if gen is None:
             gen = Generation(number, session.provenance, role, now)
             self.generations[number] = gen
         return gen
 
+    def _new_sa(self, session: SessionSecret, gen: Generation, direction: str, spi: int,
+                now: float) -> NewSa:
+        return NewSa(session=session, generation=gen.number, direction=direction, spi=spi,
+                     lifetimes=self.lifetimes, schedule=self.schedule, now=now)
+
+    # ---- start and stop -------------------------------------------------
+    def setup(self, now: float) -> None:
+        """Install the fail-closed kernel state; adopt what a previous run left."""
+        report = self.driver.setup(now)
+        if report.adopted:
+            self._adopt(report.adopted, report.sending_reqid, now)
+        if report.stale_removed:
+            log.warning("tunnel %s: removed %d stale SA(s) left by a previous run",
+                        self.tunnel_id, report.stale_removed, extra={"tunnel": self.tunnel_id})
+            self.emit(SaStaleRemoved(self.tunnel_id, report.stale_removed))
+        self.state = "up" if self.active else "blocked"
+        if self.active is None:
+            self.last_error = None
+
+    def _adopt(self, found: tuple[SaRecord, ...], sending_reqid: int | None,
+               now: float) -> None:
+        """SAs a previous run left become generation 0."""
+        gen = Generation(0, None, "adopted", now, adopted=True)
+        # The kernel enforces their hard lifetime; we retire them once a new
+        # generation is switched in, or at our hard lifetime from now at the
+        # latest, whichever is first.
+        gen.hard_at_override = now + self.lifetimes.hard_seconds
+        for rec in found:
+            if rec.direction == "in" and gen.inbound is None:
+                gen.inbound = rec
+            elif rec.direction == "out" and gen.outbound is None:
+                gen.outbound = rec
+            else:
+                gen.extra.append(rec)
+        self.generations[0] = gen
+        if gen.outbound is not None and gen.outbound.reqid == sending_reqid:
+            self.active = gen
+        log.info("tunnel %s: adopted %d SA(s) from a previous run", self.tunnel_id, len(found),
+                 extra={"tunnel": self.tunnel_id})
+        self.emit(SaAdopted(self.tunnel_id, len(found)))
+
+    def shutdown(self, teardown: bool) -> None:
+        """Default (``teardown=False``): IPsec keeps policies *and* SAs (their
+        kernel lifetimes end them; a restarted daemon adopts them); MACsec
+        SAs, which nothing would ever end, are removed and the strict link
+        stays, so traffic blocks. ``teardown=True`` removes everything we
+        installed: the operator's explicit choice to leave traffic
+        unprotected by us."""
+        if not teardown and self.driver.sas_outlive_daemon:
+            log.info("tunnel %s: exit keeps policies and SAs (kernel lifetimes apply)",
+                     self.tunnel_id, extra={"tunnel": self.tunnel_id})
+            return
+        for gen in list(self.generations.values()):
+            self._drop_generation(gen)
+        self.active = None
+        self.state = "blocked"
+        if teardown:
+            try:
+                if self.driver.teardown():
+                    self.state = "down"
+            except TunnelError as exc:
+                self._fail("teardown", exc)
+
+    def allocate_spi(self) -> int:
+        in_use = frozenset(g.inbound.spi for g in self.generations.values()
+                           if g.inbound is not None)
+        return self.driver.allocate_spi(in_use)
+
     # ---- protocol-driven operations -------------------------------------
-    def install_inbound(self, generation: int, session: Any, role: str, spi: int,
+    def install_inbound(self, generation: int, session: SessionSecret, role: str, spi: int,
                         now: float) -> None:
         """Accept traffic under ``generation`` (InstallInbound). Raises
         GenerationRefused or TunnelError; nothing is half-installed."""
@@ -264,7 +307,7 @@ class Tunnel:
             if gen.inbound is not None:
                 return  # a retransmitted event: the SA is already there
             in_dir, _ = directions(role)
-            gen.inbound = self._add_inbound(gen, session, in_dir, spi, now)
+            gen.inbound = self.driver.add_inbound(self._new_sa(session, gen, in_dir, spi, now))
         except QkdgateError as exc:
             self._fail("install_inbound", exc)
             raise
@@ -274,7 +317,7 @@ class Tunnel:
         self.emit(SaInstalled(self.tunnel_id, generation, "in", spi,
                               KeyInputs.of(session.provenance), fallback))
 
-    def install_outbound(self, generation: int, session: Any, role: str, spi: int,
+    def install_outbound(self, generation: int, session: SessionSecret, role: str, spi: int,
                          now: float) -> None:
         """Send under ``generation`` from now on (InstallOutbound): new
         outbound SA, atomic switch, previous generation retires after grace."""
@@ -284,10 +327,13 @@ class Tunnel:
             if gen.outbound is not None:
                 return
             _, out_dir = directions(role)
-            record = self._add_outbound(gen, session, out_dir, spi, now)
+            in_use = frozenset(r.reqid for g in self.generations.values() for r in g.records()
+                               if r.direction == "out")
+            record = self.driver.add_outbound(self._new_sa(session, gen, out_dir, spi, now),
+                                              in_use)
             gen.outbound = record
             try:
-                self._switch_to(gen)
+                self.driver.switch_to(record)
             except QkdgateError:
                 gen.outbound = None
                 self._remove_record(record)   # never leave an unused keyed SA behind
@@ -338,7 +384,7 @@ class Tunnel:
             self._drop_generation(gen)
         self.active = None
         try:
-            self._block_outbound()
+            self.driver.block_outbound()
         except QkdgateError as exc:
             self._fail("block", exc)
         self.state = "blocked"
@@ -383,18 +429,29 @@ class Tunnel:
 
     def poll(self, now: float) -> list[str]:
         """Read kernel counters; returns rekey reasons (soft byte limit)."""
+        act = self.active
+        if act is None:
+            return []
         try:
-            reason = self._poll_counters()
+            reading = self.driver.poll(act.records())
         except QkdgateError as exc:
             self._fail("query", exc)
             return []
+        for direction, st in reading.observed:
+            self._observe(direction, st)
+        self.counters = {**self.counters, **reading.counters}
+        reason = reading.rekey_reason
+        soft = self.lifetimes.soft_bytes
+        if reason is None and soft and \
+                max(self.counters["bytes_out"], self.counters["bytes_in"]) >= soft:
+            reason = "soft_bytes"
         if reason and self.rekey_requested_at is None:
             self.rekey_requested_at = now
             return [reason]
         return []
 
     # ---- introspection ---------------------------------------------------
-    def status(self, now: float) -> dict[str, Any]:
+    def status(self, now: float) -> dict[str, object]:
         act = self.active
         gens = []
         for g in sorted(self.generations.values(), key=lambda g: g.number):
@@ -428,23 +485,10 @@ class Tunnel:
 
     def _remove_record(self, rec: SaRecord) -> None:
         try:
-            self._remove_sa(rec)
+            self.driver.remove_sa(rec)
         except TunnelError as exc:
-            if exc.errno not in (3, 19):   # ESRCH / ENODEV: the kernel expired it already
+            if exc.errno not in (errno.ESRCH, errno.ENODEV):   # the kernel expired it already
                 self._fail("remove_sa", exc)
-
-    # ---- backend-specific ------------------------------------------------
-    def setup(self, now: float) -> None: raise NotImplementedError
-    def shutdown(self, teardown: bool) -> None: raise NotImplementedError
-    def allocate_spi(self) -> int: raise NotImplementedError
-    def _add_inbound(self, gen: Generation, session: Any, direction: str, spi: int,
-                     now: float) -> SaRecord: raise NotImplementedError
-    def _add_outbound(self, gen: Generation, session: Any, direction: str, spi: int,
-                      now: float) -> SaRecord: raise NotImplementedError
-    def _switch_to(self, gen: Generation) -> None: raise NotImplementedError
-    def _block_outbound(self) -> None: raise NotImplementedError
-    def _remove_sa(self, rec: SaRecord) -> None: raise NotImplementedError
-    def _poll_counters(self) -> str | None: raise NotImplementedError
 
 
 # --------------------------------------------------------------------------
@@ -465,7 +509,7 @@ class TunnelManager:
     def get(self, tunnel_id: str) -> Tunnel:
         return self.tunnels[tunnel_id]
 
-    def install_inbound(self, generation: int, session: Any, role: str,
+    def install_inbound(self, generation: int, session: SessionSecret, role: str,
                         spis: Mapping[str, int], now: float) -> None:
         """Install one generation's inbound SAs on every tunnel of a peer.
 
@@ -493,7 +537,7 @@ class TunnelManager:
         if refused and not done:
             raise refused[0]
 
-    def install_outbound(self, generation: int, session: Any, role: str,
+    def install_outbound(self, generation: int, session: SessionSecret, role: str,
                          spis: Mapping[str, int], now: float) -> None:
         errors: list[BaseException] = []
         switched = 0
@@ -519,5 +563,5 @@ class TunnelManager:
     def handle_timer(self, now: float) -> dict[str, list[str]]:
         return {tid: r for tid, t in self.tunnels.items() if (r := t.handle_timer(now))}
 
-    def status(self, now: float) -> list[dict[str, Any]]:
+    def status(self, now: float) -> list[dict[str, object]]:
         return [t.status(now) for t in self.tunnels.values()]

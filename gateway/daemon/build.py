@@ -20,8 +20,8 @@ from qkdgate.errors import ConfigError
 from qkdgate.private_file import read_private_file
 from qkdgate.gateway.config.model import (REQID_SPAN, Config, KeyPolicy, PeerConfig, TunnelConfig,
                                     TunnelType)
-from qkdgate.tunnels.ipsec_tunnel import IpsecTunnel, IpsecTunnelSpec
-from qkdgate.tunnels.macsec_tunnel import MacsecTunnel, MacsecTunnelSpec
+from qkdgate.tunnels.ipsec_tunnel import IpsecTunnelSpec, ipsec_tunnel
+from qkdgate.tunnels.macsec_tunnel import MacsecTunnelSpec, macsec_tunnel
 from qkdgate.tunnels.events import TunnelEventSink
 from qkdgate.tunnels.manager import Lifetimes, Tunnel
 from qkdgate.interfaces import MacsecLinkSpec, UdpEncap
@@ -79,10 +79,10 @@ def tunnels(cfg: Config, ipsec_backend: Any, macsec_backend: Any,
     out: list[Tunnel] = []
     for t in cfg.tunnels:
         if t.type is TunnelType.IPSEC:
-            out.append(IpsecTunnel(ipsec_spec(t), ipsec_backend, policy=t.policy,
+            out.append(ipsec_tunnel(ipsec_spec(t), ipsec_backend, policy=t.policy,
                                    lifetimes=lifetimes(t), emit=emit))
         else:
-            out.append(MacsecTunnel(macsec_spec(t), macsec_backend, policy=t.policy,
+            out.append(macsec_tunnel(macsec_spec(t), macsec_backend, policy=t.policy,
                                     lifetimes=lifetimes(t), emit=emit))
     return out
 

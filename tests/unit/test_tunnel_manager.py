@@ -10,7 +10,7 @@ from qkdgate.errors import TunnelError
 from qkdgate.testing.fakes import RecordingIpsecBackend
 from qkdgate.tunnels.events import (PolicyFallback, PolicyRecovered, SaHardLifetimeBlock,
                                     TunnelBlocked)
-from qkdgate.tunnels.ipsec_tunnel import IpsecTunnel, IpsecTunnelSpec
+from qkdgate.tunnels.ipsec_tunnel import IpsecTunnelSpec, ipsec_tunnel
 from qkdgate.tunnels.manager import (GenerationRefused, Lifetimes, TunnelManager,
                                             TunnelPolicy)
 from qkdgate.interfaces import Direction, Mode, PolicyAction, SaId
@@ -28,7 +28,7 @@ def spec(local=A, remote=B, lnet=NET_A, rnet=NET_B, **kw):
 
 def tunnel(backend=None, policy=TunnelPolicy.HYBRID_REQUIRED, lifetimes=LT, events=None, **kw):
     backend = backend or RecordingIpsecBackend()
-    t = IpsecTunnel(spec(**kw), backend, policy=policy, lifetimes=lifetimes, schedule=Schedule(),
+    t = ipsec_tunnel(spec(**kw), backend, policy=policy, lifetimes=lifetimes, schedule=Schedule(),
                     emit=(events.append if events is not None else None))
     return t, backend
 
@@ -275,9 +275,9 @@ def test_status_shows_inputs_and_never_keys():
 
 def two_tunnels(be, p2=TunnelPolicy.HYBRID_REQUIRED):
     m = TunnelManager()
-    t1 = IpsecTunnel(spec(), be, policy=TunnelPolicy.PQC_FALLBACK, lifetimes=LT,
+    t1 = ipsec_tunnel(spec(), be, policy=TunnelPolicy.PQC_FALLBACK, lifetimes=LT,
                      schedule=Schedule())
-    t2 = IpsecTunnel(IpsecTunnelSpec("t2", A, B, (ipaddress.ip_network("10.3.0.0/16"),), (NET_B,),
+    t2 = ipsec_tunnel(IpsecTunnelSpec("t2", A, B, (ipaddress.ip_network("10.3.0.0/16"),), (NET_B,),
                                      reqid_base=0x2000), be, policy=p2,
                      lifetimes=LT, schedule=Schedule())
     m.add(t1), m.add(t2)
@@ -348,7 +348,7 @@ def test_hard_lifetime_block_uses_update_policy_when_the_backend_has_it():
 
 def test_setup_reasserts_an_inbound_policy_that_no_longer_matches():
     be = RecordingIpsecBackend()
-    old = IpsecTunnel(IpsecTunnelSpec("t1", A, B, (NET_A,), (NET_B,), reqid_base=0x500), be,
+    old = ipsec_tunnel(IpsecTunnelSpec("t1", A, B, (NET_A,), (NET_B,), reqid_base=0x500), be,
                       policy=TunnelPolicy.HYBRID_REQUIRED, lifetimes=LT, schedule=Schedule())
     old.setup(0)
     t, _ = tunnel(backend=be)                  # same selectors, reqid now 0x1000

@@ -8,8 +8,8 @@ import pytest
 from qkdgate.errors import TunnelError
 from qkdgate.testing.fakes import RecordingIpsecBackend, RecordingMacsecBackend
 from qkdgate.tunnels.events import SaStaleRemoved
-from qkdgate.tunnels.ipsec_tunnel import IpsecTunnel, IpsecTunnelSpec
-from qkdgate.tunnels.macsec_tunnel import MacsecTunnel, MacsecTunnelSpec
+from qkdgate.tunnels.ipsec_tunnel import IpsecTunnelSpec, ipsec_tunnel
+from qkdgate.tunnels.macsec_tunnel import MacsecTunnelSpec, macsec_tunnel
 from qkdgate.tunnels.manager import Lifetimes, TunnelPolicy
 from qkdgate.interfaces import MacsecCipher, MacsecLinkSpec, MacsecSaState, SaId
 from qkdgate.keymix import labels
@@ -24,24 +24,24 @@ LT = Lifetimes(soft_seconds=50, hard_seconds=60, grace_seconds=2)
 def pair(cipher=MacsecCipher.GCM_AES_XPN_256, schedule=None):
     ba, bb = RecordingMacsecBackend(), RecordingMacsecBackend()
     # Each side's fake assigns SCIs from its own counter; learn them first.
-    ta = MacsecTunnel(MacsecTunnelSpec("m1", MacsecLinkSpec("qm-a", "eth0", cipher=cipher), 1),
+    ta = macsec_tunnel(MacsecTunnelSpec("m1", MacsecLinkSpec("qm-a", "eth0", cipher=cipher), 1),
                       ba, policy=TunnelPolicy.HYBRID_REQUIRED, lifetimes=LT,
                       schedule=schedule or Schedule())
-    ba.create_link(ta.spec.link)
+    ba.create_link(ta.driver.spec.link)
     bb._ifindex = 200
     bb.create_link(MacsecLinkSpec("qm-b", "eth0", cipher=cipher))
     sci_a, sci_b = ba.link_sci("qm-a"), bb.link_sci("qm-b")
     ba.destroy_link("qm-a"), bb.destroy_link("qm-b")
     bb._ifindex = 200
     ba._ifindex = 100
-    ta = MacsecTunnel(MacsecTunnelSpec("m1", MacsecLinkSpec("qm-a", "eth0", cipher=cipher), sci_b),
+    ta = macsec_tunnel(MacsecTunnelSpec("m1", MacsecLinkSpec("qm-a", "eth0", cipher=cipher), sci_b),
                       ba, policy=TunnelPolicy.HYBRID_REQUIRED, lifetimes=LT,
                       schedule=schedule or Schedule())
-    tb = MacsecTunnel(MacsecTunnelSpec("m1", MacsecLinkSpec("qm-b", "eth0", cipher=cipher), sci_a),
+    tb = macsec_tunnel(MacsecTunnelSpec("m1", MacsecLinkSpec("qm-b", "eth0", cipher=cipher), sci_a),
                       bb, policy=TunnelPolicy.HYBRID_REQUIRED, lifetimes=LT,
                       schedule=schedule or Schedule())
     ta.setup(0), tb.setup(0)
-    assert ta.local_sci == sci_a and tb.local_sci == sci_b
+    assert ta.driver.local_sci == sci_a and tb.driver.local_sci == sci_b
     return ta, ba, tb, bb
 
 
@@ -57,12 +57,12 @@ def generation(ta, tb, gen, session, now=0.0):
 def test_setup_is_fail_closed_and_sas_match_across_peers():
     ta, ba, tb, bb = pair()
     la, lb = ba.links["qm-a"], bb.links["qm-b"]
-    assert la.spec.validate_strict and la.tx == {} and list(la.rx) == [tb.local_sci]
+    assert la.spec.validate_strict and la.tx == {} and list(la.rx) == [tb.driver.local_sci]
     an_a, an_b = generation(ta, tb, 1, Session(b"s1"))
     # A's TX SA on AN an_b is B's RX SA for SCI A on the same AN, same key
-    assert la.tx[an_b].key == lb.rx[ta.local_sci][an_b].key
-    assert la.tx[an_b].keyid == lb.rx[ta.local_sci][an_b].keyid
-    assert lb.tx[an_a].key == la.rx[tb.local_sci][an_a].key
+    assert la.tx[an_b].key == lb.rx[ta.driver.local_sci][an_b].key
+    assert la.tx[an_b].keyid == lb.rx[ta.driver.local_sci][an_b].keyid
+    assert lb.tx[an_a].key == la.rx[tb.driver.local_sci][an_a].key
     assert la.tx[an_b].key != lb.tx[an_a].key
     assert la.encoding_an == an_b and lb.encoding_an == an_a
     assert la.tx[an_b].salt is not None and la.tx[an_b].ssci is not None   # XPN
@@ -77,7 +77,7 @@ def test_rotation_uses_next_an_and_retires_old_after_grace():
     assert set(la.tx) == {b1, b2} and la.encoding_an == b2
     ba.ops.clear()
     ta.handle_timer(12.0)
-    assert set(la.tx) == {b2} and set(la.rx[tb.local_sci]) == {a2}
+    assert set(la.tx) == {b2} and set(la.rx[tb.driver.local_sci]) == {a2}
     names = [op for op, _ in ba.ops]
     # the kernel refuses to delete an active SA: deactivate first
     assert names.index("set_tx_sa_active") < names.index("remove_tx_sa")
@@ -97,7 +97,7 @@ def test_hard_lifetime_removes_all_macsec_sas():
     generation(ta, tb, 1, Session(b"s1"))
     ta.handle_timer(60.0)
     la = ba.links["qm-a"]
-    assert la.tx == {} and la.rx[tb.local_sci] == {} and ta.state == "blocked"
+    assert la.tx == {} and la.rx[tb.driver.local_sci] == {} and ta.state == "blocked"
 
 
 def test_default_exit_removes_sas_but_keeps_strict_link():
@@ -132,9 +132,9 @@ def test_real_key_schedule_gives_identical_keys_on_both_gateways():
     a, b = ipaddress.ip_address("198.51.100.1"), ipaddress.ip_address("198.51.100.2")
     na, nb = ipaddress.ip_network("10.8.0.0/24"), ipaddress.ip_network("10.9.0.0/24")
     ba, bb = RecordingIpsecBackend(), RecordingIpsecBackend()
-    ta = IpsecTunnel(IpsecTunnelSpec("x", a, b, (na,), (nb,), reqid_base=100), ba,
+    ta = ipsec_tunnel(IpsecTunnelSpec("x", a, b, (na,), (nb,), reqid_base=100), ba,
                      policy=TunnelPolicy.HYBRID_REQUIRED, lifetimes=LT)
-    tb = IpsecTunnel(IpsecTunnelSpec("x", b, a, (nb,), (na,), reqid_base=100), bb,
+    tb = ipsec_tunnel(IpsecTunnelSpec("x", b, a, (nb,), (na,), reqid_base=100), bb,
                      policy=TunnelPolicy.HYBRID_REQUIRED, lifetimes=LT)
     ta.setup(0), tb.setup(0)
     s = real_session(b"\x11\x22")
@@ -149,7 +149,7 @@ def test_real_key_schedule_gives_identical_keys_on_both_gateways():
     generation(ma, mb, 1, s)
     la, lb = mba.links["qm-a"], mbb.links["qm-b"]
     an = la.encoding_an
-    assert la.tx[an].key == lb.rx[ma.local_sci][an].key
+    assert la.tx[an].key == lb.rx[ma.driver.local_sci][an].key
 
 
 def test_install_with_bad_an_is_refused():
@@ -171,7 +171,7 @@ def test_stale_sas_of_a_crashed_run_are_removed_at_setup():
     be.add_tx_sa("qm-a", MacsecSaSpec(an=0, key=stale.sak, keyid=stale.keyid))
     be.add_rx_sa("qm-a", spec.peer_sci, MacsecSaSpec(an=2, key=stale.sak, keyid=stale.keyid))
     events = []
-    t = MacsecTunnel(spec, be, policy=TunnelPolicy.HYBRID_REQUIRED, lifetimes=LT,
+    t = macsec_tunnel(spec, be, policy=TunnelPolicy.HYBRID_REQUIRED, lifetimes=LT,
                      schedule=Schedule(), emit=events.append)
     t.setup(0)
     link = be.links["qm-a"]

@@ -1,0 +1,137 @@
+"""The kernel half of a tunnel: what IPsec and MACsec do differently.
+
+Theory of operation: one :class:`~qkdgate.tunnels.manager.Tunnel` owns the
+generations of a tunnel (make-before-break, key policy, lifetimes, retire
+grace); it holds one :class:`TunnelDriver` that performs the kernel
+operations of its kind and nothing else: no clock, no generation table, no
+events. :class:`~qkdgate.tunnels.ipsec_tunnel.IpsecDriver` drives XFRM
+policies and SAs, :class:`~qkdgate.tunnels.macsec_tunnel.MacsecDriver` one
+macsec netdevice. Every operation either completes or raises
+:class:`~qkdgate.errors.TunnelError`; the tunnel decides what that means.
+
+This is Arnika's key-sink shape (install this key; invalidate the tunnel) and
+strongSwan's ``kernel_ipsec`` narrow interface, one level up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from qkdgate.interfaces import MacsecCipher, MacsecSaState, SaId, SaState
+from qkdgate.keymix.secret import SecretBytes
+from qkdgate.tunnels.timers import Lifetimes
+
+if TYPE_CHECKING:
+    from qkdgate.keymix.combiner import SessionSecret
+
+
+class MacsecKeyMaterial(Protocol):
+    """What the key schedule hands a MACsec SA (IEEE 802.1AE-2018 10.7.27)."""
+
+    @property
+    def sak(self) -> SecretBytes: ...
+    @property
+    def keyid(self) -> bytes: ...
+    @property
+    def salt(self) -> SecretBytes: ...
+    @property
+    def ssci(self) -> int: ...
+
+
+class KeySchedule(Protocol):
+    """The part of ``qkdgate.keymix.schedule`` the tunnels use."""
+
+    def esp_key(self, session: SessionSecret, tunnel_id: str, direction: str, spi: int,
+                generation: int) -> SecretBytes: ...
+
+    def macsec_keys(self, session: SessionSecret, tunnel_id: str, direction: str, sci: int,
+                    an: int, generation: int, cipher: MacsecCipher) -> MacsecKeyMaterial: ...
+
+
+SaHandle = SaId | tuple[int, int]     # SaId for IPsec; (sci, an) for MACsec
+
+
+@dataclass
+class SaRecord:
+    """One installed SA (IPsec) or SA on an AN (MACsec)."""
+
+    direction: str                 # "in" | "out"
+    spi: int                       # ESP SPI, or MACsec AN
+    reqid: int
+    installed_at: float
+    handle: SaHandle
+
+    def describe(self) -> dict[str, object]:
+        return {"direction": self.direction, "spi": f"{self.spi:#010x}", "reqid": self.reqid}
+
+
+@dataclass(frozen=True, slots=True)
+class NewSa:
+    """Everything a driver needs to key and install one SA of a generation."""
+
+    session: SessionSecret
+    generation: int
+    direction: str                 # key-schedule direction: "i2r" | "r2i"
+    spi: int                       # ESP SPI, or MACsec AN
+    lifetimes: Lifetimes
+    schedule: KeySchedule
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class SetupReport:
+    """What :meth:`TunnelDriver.setup` found in the kernel.
+
+    ``adopted``: SAs of a previous run the tunnel takes over (keys unknown,
+    bounded by their kernel lifetime); ``sending_reqid``: the reqid the
+    outbound policy sends under, if it names one of them; ``stale_removed``:
+    SAs removed because nothing bounds their life."""
+
+    adopted: tuple[SaRecord, ...] = ()
+    sending_reqid: int | None = None
+    stale_removed: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class CounterReading:
+    """Kernel counters of the sending generation's SAs."""
+
+    counters: dict[str, int] = field(default_factory=dict)
+    observed: tuple[tuple[str, SaState | MacsecSaState], ...] = ()
+    rekey_reason: str | None = None      # a kind-specific limit (MACsec PN space)
+
+
+class TunnelDriver(Protocol):
+    """Kernel operations of one tunnel kind. Raise TunnelError on failure."""
+
+    @property
+    def tunnel_id(self) -> str: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def sas_outlive_daemon(self) -> bool:
+        """True when the kernel ends SAs on its own (XFRM lifetimes), so a
+        clean exit may leave them in place for a restart to adopt."""
+
+    def setup(self, now: float) -> SetupReport:
+        """Install the fail-closed state (blocking policies, strict link)."""
+
+    def allocate_spi(self, inbound_in_use: frozenset[int]) -> int: ...
+
+    def add_inbound(self, sa: NewSa) -> SaRecord: ...
+
+    def add_outbound(self, sa: NewSa, reqids_in_use: frozenset[int]) -> SaRecord: ...
+
+    def switch_to(self, outbound: SaRecord) -> None:
+        """Send under ``outbound`` from now on, atomically."""
+
+    def block_outbound(self) -> None:
+        """Send nothing (the Arnika 'invalidate' verb)."""
+
+    def remove_sa(self, rec: SaRecord) -> None: ...
+
+    def poll(self, records: list[SaRecord]) -> CounterReading: ...
+
+    def teardown(self) -> bool:
+        """Remove what setup installed; True when the tunnel is down."""
