@@ -22,9 +22,13 @@ import enum
 import ipaddress
 import socket
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
 
+# Re-exported: defined beside the key schedule that depends on it, and part of
+# this module's vocabulary (MacsecLinkSpec, MacsecSaSpec).
+from qkdgate.keymix.ciphers import MacsecCipher as MacsecCipher
 from qkdgate.keymix.secret import SecretBytes
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -284,11 +288,6 @@ class IpsecBackend(Protocol):
 # --------------------------------------------------------------------------
 # MACsec (IEEE 802.1AE)
 # --------------------------------------------------------------------------
-
-class MacsecCipher(enum.Enum):
-    GCM_AES_256 = "gcm-aes-256"
-    GCM_AES_XPN_256 = "gcm-aes-xpn-256"   # 64-bit PN, needs salt + SSCI
-
 
 @dataclass(frozen=True, slots=True)
 class MacsecLinkSpec:
