@@ -13,7 +13,7 @@ order that forces the all-zero shared secret (RFC 7748 6.1 "check"), raises
 from __future__ import annotations
 
 import hmac
-from typing import Callable
+from collections.abc import Callable
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import NoReturn, SupportsIndex
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
@@ -120,7 +121,7 @@ class SessionSecret:
     from it (label "session id") that both ends compute identically.
     """
 
-    __slots__ = ("secret", "provenance", "root_label", "session_id")
+    __slots__ = ("provenance", "root_label", "secret", "session_id")
 
     def __init__(self, secret: SecretBytes, provenance: Provenance) -> None:
         if not isinstance(secret, SecretBytes) or len(secret) != L.HASH_LEN:
@@ -134,7 +135,7 @@ class SessionSecret:
         return (f"<SessionSecret {self.session_id.hex()} {self.root_label!r} "
                 f"fp={self.secret.fingerprint()}>")
 
-    def __reduce_ex__(self, protocol: object) -> object:
+    def __reduce_ex__(self, protocol: SupportsIndex) -> NoReturn:
         raise TypeError("SessionSecret cannot be pickled")
 
     def wipe(self) -> None:
@@ -152,8 +153,8 @@ def fixed_info(inputs: HybridInputs) -> bytes:
         L.u8(presence),
         L.lp16(inputs.kem_name),
         L.u16(len(inputs.kem_secret)),
-        L.u16(len(inputs.x25519_secret) if x else 0),
-        L.u16(len(inputs.qkd_key) if q else 0),
+        L.u16(len(inputs.x25519_secret) if inputs.x25519_secret is not None else 0),
+        L.u16(len(inputs.qkd_key) if inputs.qkd_key is not None else 0),
         L.u16(len(inputs.qkd_key_ids)),
         *(L.lp16(k) for k in inputs.qkd_key_ids),
         L.lp16(bytes(inputs.transcript_hash)),

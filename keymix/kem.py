@@ -24,8 +24,9 @@ import ctypes.util
 import glob
 import importlib.util
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, NoReturn, Protocol, SupportsIndex, runtime_checkable
 
 from qkdgate.errors import CryptoUnavailable, LocalProtocolError, RemoteProtocolError
 from qkdgate.keymix.secret import SecretBytes
@@ -41,7 +42,7 @@ class KemPrivateKey:
     :class:`SecretBytes`).
     """
 
-    __slots__ = ("kem_name", "_key")
+    __slots__ = ("_key", "kem_name")
 
     def __init__(self, kem_name: str, key: Any) -> None:
         self.kem_name = kem_name
@@ -50,16 +51,21 @@ class KemPrivateKey:
     def __repr__(self) -> str:
         return f"<KemPrivateKey {self.kem_name}>"
 
-    def __reduce_ex__(self, protocol: object) -> object:
+    def __reduce_ex__(self, protocol: SupportsIndex) -> NoReturn:
         raise TypeError("KEM private keys cannot be pickled")
 
 
 @runtime_checkable
 class KemProvider(Protocol):
-    name: str
-    public_key_size: int
-    ciphertext_size: int
-    shared_secret_size: int
+    # Read-only members: the providers are frozen dataclasses.
+    @property
+    def name(self) -> str: ...
+    @property
+    def public_key_size(self) -> int: ...
+    @property
+    def ciphertext_size(self) -> int: ...
+    @property
+    def shared_secret_size(self) -> int: ...
 
     def generate_keypair(self, rng: Callable[[int], bytes] | None = None
                          ) -> tuple[KemPrivateKey, bytes]: ...
@@ -196,7 +202,7 @@ def _import_oqs() -> Any:
     if not ok:
         raise CryptoUnavailable(f"liboqs provider unavailable: {why}")
     try:
-        import oqs  # type: ignore[import-not-found]
+        import oqs
     except (ImportError, RuntimeError, OSError, SystemExit) as exc:
         raise CryptoUnavailable(f"liboqs provider unavailable: importing oqs failed: {exc}") \
             from None

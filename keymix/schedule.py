@@ -27,10 +27,11 @@ from __future__ import annotations
 
 import hmac
 from dataclasses import dataclass
+from typing import NoReturn, SupportsIndex
 
 from qkdgate.errors import AuthenticationFailed, LocalProtocolError
-from qkdgate.interfaces import MacsecCipher
 from qkdgate.keymix import labels as L
+from qkdgate.keymix.ciphers import MacsecCipher
 from qkdgate.keymix.combiner import SessionSecret, expand
 from qkdgate.keymix.secret import SecretBytes
 
@@ -58,7 +59,7 @@ class MacsecKeys:
     salt: SecretBytes | None = None
     ssci: int | None = None
 
-    def __reduce_ex__(self, protocol: object) -> object:
+    def __reduce_ex__(self, protocol: SupportsIndex) -> NoReturn:
         raise TypeError("MacsecKeys cannot be pickled")
 
 

@@ -17,10 +17,12 @@ disables core dumps (``PR_SET_DUMPABLE`` 0) so they cannot reach a disk.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import os
 from dataclasses import dataclass
+from typing import NoReturn, SupportsIndex
 
 # Per-process random salt for fingerprints: equal fingerprints within one run
 # let logs correlate keys, but an offline attacker cannot test key guesses.
@@ -28,7 +30,7 @@ _FP_SALT = os.urandom(16)
 
 
 class SecretBytes:
-    __slots__ = ("_buf", "__weakref__")
+    __slots__ = ("__weakref__", "_buf")
 
     def __init__(self, data: bytes | bytearray | memoryview) -> None:
         if not isinstance(data, (bytes, bytearray, memoryview)):
@@ -65,13 +67,13 @@ class SecretBytes:
     def __bytes__(self) -> bytes:
         raise TypeError("use SecretBytes.reveal() to take a copy of a secret")
 
-    def __reduce_ex__(self, protocol: object) -> object:
+    def __reduce_ex__(self, protocol: SupportsIndex) -> NoReturn:
         raise TypeError("SecretBytes cannot be pickled")
 
-    def __copy__(self) -> "SecretBytes":
+    def __copy__(self) -> SecretBytes:
         return SecretBytes(self._buf)
 
-    def __deepcopy__(self, memo: dict) -> "SecretBytes":
+    def __deepcopy__(self, memo: dict[int, object]) -> SecretBytes:
         return SecretBytes(self._buf)
 
     def wipe(self) -> None:
@@ -84,18 +86,16 @@ class SecretBytes:
         buf = self._buf
         buf[:] = bytes(len(buf))   # same-length slice assignment: in place
         self._buf = bytearray()
-        try:
+        with contextlib.suppress(BufferError):  # exported to a memoryview: already zeroed
             buf.clear()
-        except BufferError:  # exported to a memoryview: already zeroed
-            pass
 
     def __del__(self) -> None:
-        try:
+        # At interpreter shutdown even builtins may be gone, and an exception
+        # raised by __del__ reaches nobody (it is only printed).
+        with contextlib.suppress(Exception):
             self.wipe()
-        except Exception:  # interpreter shutdown
-            pass
 
-    def __enter__(self) -> "SecretBytes":
+    def __enter__(self) -> SecretBytes:
         return self
 
     def __exit__(self, *exc: object) -> None:
