@@ -27,6 +27,18 @@ carrying it names a generation at or below the committed one, which the
 protocol refuses anyway; the KME also deletes delivered keys (ETSI GS QKD
 014 5.1: a key is delivered once to each SAE).
 
+Epochs (issue 17 finding 3): each start of the peer protocol takes a fresh
+local epoch from :meth:`Journal.next_local_epoch`, a counter that is fsynced
+before it is returned, so it is above every epoch this state directory ever
+handed out, across restarts and crashes. It is also at least the current
+Unix time in seconds (injected ``now``): if the state directory is lost, a
+gateway with a sane clock still comes back above the epochs its peers
+remember (WireGuard's TAI64N timestamp serves the same purpose). For each
+peer the journal keeps the highest epoch that peer has *authenticated*
+(:meth:`Journal.record_peer_epoch`, a durable high-water mark that only
+grows), so a message replayed from a peer's earlier life can be dropped
+before any KEM, signature or QKD work, even after our own restart.
+
 One daemon per state directory: an exclusive ``flock`` on ``journal.lock``.
 """
 
@@ -39,11 +51,12 @@ import time
 import uuid
 import zlib
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 from qkdgate.errors import QkdgateError
 
 FORMAT_VERSION = 1
+EPOCH_MAX = (1 << 64) - 1   # the wire header carries epochs as 64-bit (messages.HEADER)
 JOURNAL_NAME = "journal"
 LOCK_NAME = "journal.lock"
 
@@ -92,6 +105,8 @@ class JournalState:
 
     tunnels: dict[str, TunnelState] = field(default_factory=dict)
     key_ids: dict[str, None] = field(default_factory=dict)  # insertion-ordered set
+    local_epoch: int = 0                                   # highest epoch handed out
+    peer_epochs: dict[str, int] = field(default_factory=dict)  # highest authenticated
     records: int = 0
     truncated_bytes: int = 0   # torn tail removed on open
 
@@ -108,6 +123,15 @@ def _canonical_key_id(key_id: str) -> str:
 def _check_tunnel(tunnel: str) -> None:
     if not isinstance(tunnel, str) or not tunnel or len(tunnel) > 255:
         raise JournalError(f"tunnel name must be a non-empty string, not {tunnel!r}")
+
+
+def _check_peer(peer: str) -> None:
+    if not isinstance(peer, str) or not peer or len(peer) > 255:
+        raise JournalError(f"peer name must be a non-empty string, not {peer!r}")
+
+
+def _is_epoch(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= EPOCH_MAX
 
 
 def _encode(record: dict) -> bytes:
@@ -135,6 +159,18 @@ def _apply(state: JournalState, rec: dict) -> None:
         if rec.get("v") != FORMAT_VERSION:
             raise JournalCorrupt(f"journal format version {rec.get('v')!r} is not supported")
         return
+    if kind == "epoch":
+        epoch = rec.get("e")
+        if not _is_epoch(epoch):
+            raise JournalCorrupt("malformed local epoch record in journal")
+        state.local_epoch = max(state.local_epoch, epoch)  # type: ignore[type-var]
+        return
+    if kind == "peer":
+        peer, epoch = rec.get("peer"), rec.get("e")
+        if not isinstance(peer, str) or not peer or not _is_epoch(epoch):
+            raise JournalCorrupt("malformed peer epoch record in journal")
+        state.peer_epochs[peer] = max(state.peer_epochs.get(peer, 0), epoch)  # type: ignore[type-var]
+        return
     tunnel = rec.get("tun")
     gen = rec.get("gen")
     if not isinstance(tunnel, str) or not isinstance(gen, int):
@@ -159,6 +195,23 @@ def _apply(state: JournalState, rec: dict) -> None:
         raise JournalCorrupt(f"unknown journal record type {kind!r}")
 
 
+class FileOps(Protocol):
+    """The three calls that change the journal file on disk. Injectable so
+    tests can make them fail (short write, ENOSPC, EIO) on demand."""
+
+    def write(self, fd: int, data: bytes) -> int: ...
+
+    def fsync(self, fd: int) -> None: ...
+
+    def ftruncate(self, fd: int, length: int) -> None: ...
+
+
+class _OsFileOps:
+    write = staticmethod(os.write)
+    fsync = staticmethod(os.fsync)
+    ftruncate = staticmethod(os.ftruncate)
+
+
 class Journal:
     """Append-only, fsynced record of consumed QKD keys and generations.
 
@@ -172,6 +225,7 @@ class Journal:
 
     def __init__(self, state_dir: str, *, fsync: bool = True, max_key_ids: int = 50_000,
                  compact_after: int = 10_000, now: Callable[[], float] = time.time,
+                 file_ops: FileOps | None = None,
                  _crash_hook: Callable[[str], None] | None = None) -> None:
         self.dir = os.fspath(state_dir)
         self.path = os.path.join(self.dir, JOURNAL_NAME)
@@ -181,6 +235,7 @@ class Journal:
         self._now = now
         self._hook = _crash_hook or (lambda point: None)
         self._split = _crash_hook is not None
+        self._ops: FileOps = file_ops or _OsFileOps()
         self._state = JournalState()
         self._fd = -1
         self._lock_fd = -1
@@ -270,6 +325,15 @@ class Journal:
     def is_consumed(self, key_id: str) -> bool:
         return _canonical_key_id(key_id) in self._state.key_ids
 
+    def peer_epoch(self, peer: str) -> int:
+        """The highest epoch ``peer`` has authenticated with (0 if none)."""
+        return self._state.peer_epochs.get(peer, 0)
+
+    @property
+    def local_epoch(self) -> int:
+        """The last epoch :meth:`next_local_epoch` handed out (0 if none)."""
+        return self._state.local_epoch
+
     @property
     def tunnels(self) -> dict[str, TunnelState]:
         return {k: TunnelState(v.committed, v.started) for k, v in self._state.tunnels.items()}
@@ -316,11 +380,45 @@ class Journal:
         _apply(self._state, rec)
         self._maybe_compact()
 
+    def next_local_epoch(self) -> int:
+        """A new local epoch: above every value returned before from this
+        state directory (across restarts and crashes) and at least the
+        current Unix time in seconds. Durable (fsynced) before it is
+        returned; if it raises, no epoch was handed out."""
+        self._check_open()
+        epoch = max(self._state.local_epoch + 1, int(self._now()))
+        if epoch > EPOCH_MAX:
+            raise JournalError("local epoch counter exhausted")
+        rec = {"t": "epoch", "e": epoch}
+        self._append(rec)
+        _apply(self._state, rec)
+        self._maybe_compact()
+        return epoch
+
+    def record_peer_epoch(self, peer: str, epoch: int) -> None:
+        """Durably raise ``peer``'s high-water mark to ``epoch`` (an epoch the
+        peer has just authenticated with). A value at or below the mark is a
+        no-op: the mark only grows. Returns once the record is on disk."""
+        self._check_open()
+        _check_peer(peer)
+        if not _is_epoch(epoch):
+            raise JournalError(f"epoch must be an integer in 1..2**64-1, not {epoch!r}")
+        if epoch <= self.peer_epoch(peer):
+            return
+        rec = {"t": "peer", "peer": peer, "e": epoch}
+        self._append(rec)
+        _apply(self._state, rec)
+        self._maybe_compact()
+
     def compact(self) -> None:
         """Rewrite the journal as a snapshot (atomic: temp, fsync, rename)."""
         self._check_open()
         keep = list(self._state.key_ids)[-self.max_key_ids:] if self.max_key_ids else []
         recs: list[dict] = [{"t": "hdr", "v": FORMAT_VERSION, "created": int(self._now())}]
+        if self._state.local_epoch:
+            recs.append({"t": "epoch", "e": self._state.local_epoch})
+        for peer, epoch in sorted(self._state.peer_epochs.items()):
+            recs.append({"t": "peer", "peer": peer, "e": epoch})
         for name, ts in sorted(self._state.tunnels.items()):
             recs.append({"t": "snap", "tun": name, "gen": ts.committed, "started": ts.started})
         for i in range(0, len(keep), 1000):
@@ -334,7 +432,7 @@ class Journal:
             os.write(fd, b"".join(_encode(r) for r in recs))
             self._hook("compact-written")
             if self._fsync:
-                os.fsync(fd)
+                self._ops.fsync(fd)
         finally:
             os.close(fd)
         self._hook("compact-synced")
@@ -377,16 +475,16 @@ class Journal:
         self._hook("append-before")
         if self._split:  # crash tests: let a kill land inside a record
             half = len(data) // 2
-            os.write(self._fd, data[:half])
+            self._ops.write(self._fd, data[:half])
             self._hook("append-torn")
-            n = half + os.write(self._fd, data[half:])
+            n = half + self._ops.write(self._fd, data[half:])
         else:
-            n = os.write(self._fd, data)
+            n = self._ops.write(self._fd, data)
         if n != len(data):  # a short write on a full disk: make it look torn
             raise JournalError(f"short write to {self.path} ({n} of {len(data)} bytes)")
         self._hook("append-written")
         if self._fsync:
-            os.fsync(self._fd)
+            self._ops.fsync(self._fd)
         self._state.records += 1
         self._hook("append-synced")
 
