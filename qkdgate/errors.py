@@ -4,7 +4,8 @@ Theory of operation: every error a caller can see derives from
 :class:`QkdgateError`, and its class says who must act:
 
 * :class:`ConfigError` -- the operator's file or CLI arguments are wrong.
-* :class:`LocalProtocolError` -- our own bug or a caller misusing an API.
+* :class:`LocalProtocolError` -- our own bug or a caller misusing an API;
+  :class:`SessionFailed` -- a protocol session was poisoned by one.
 * :class:`RemoteProtocolError` -- the peer gateway sent garbage, a replay or
   a forgery; never a reason to crash the daemon (h11's split).
 * :class:`KeySourceError` -- the QKD key source (KME) failed; subclasses say
@@ -53,6 +54,14 @@ class ConfigError(QkdgateError):
 
 class LocalProtocolError(QkdgateError):
     """We (or our caller) did something the protocol or API does not allow."""
+
+
+class SessionFailed(LocalProtocolError):
+    """A protocol session hit an unexpected exception (a bug: ours, a
+    driver's, or a dependency's) and is poisoned (h11's ERROR state): its
+    exchange secrets are wiped and every later call raises this again. The
+    driver fails the session's tunnels closed by their policy, reports, and
+    builds a fresh session. ``__cause__`` is the original exception."""
 
 
 class RemoteProtocolError(QkdgateError):

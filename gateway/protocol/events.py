@@ -9,8 +9,10 @@ style). Two kinds:
   (answer with ``provide_qkd_keys`` or ``qkd_failed``), :class:`InstallInbound`
   and :class:`InstallOutbound` (answer with ``installed`` or
   ``install_failed``), :class:`RetireGeneration` (no answer);
-* reporting (past tense): :class:`SessionEstablished`, :class:`RekeyFailed`,
-  :class:`QkdFallback`, :class:`QkdRecovered`, :class:`PeerRestarted`,
+* reporting (past tense): :class:`SessionEstablished`, :class:`RekeyFailed`
+  (with a typed :class:`FailureCause`), :class:`QkdFallback`,
+  :class:`QkdRecovered`, :class:`PeerRestarted`,
+  :class:`PeerEpochAuthenticated` (the driver persists it),
   :class:`ProtocolViolation`.
 
 Events carry IDs, provenance and :class:`SessionSecret` objects whose secret
@@ -19,6 +21,7 @@ part never prints, so an event can be logged with ``repr`` safely.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -108,14 +111,39 @@ class SessionEstablished(Event):
     qkd_fallback: str = ""             # non-empty: PQC-only generation, and why
 
 
+class FailureCause(enum.Enum):
+    """Why an exchange was abandoned, typed so the driver can apply policy
+    without parsing ``reason`` (a ``qkd-mandatory`` tunnel blocks on
+    :attr:`QKD_LOCAL` and :attr:`QKD_PEER` alike: issue 17 finding 7)."""
+
+    TIMEOUT = "timeout"            # no (authentic) answer within exchange_timeout
+    QKD_LOCAL = "qkd-local"        # our key source failed (or timed out) and policy needs QKD
+    QKD_PEER = "qkd-peer"          # the peer's QKD failed: signed ABORT QKD_UNAVAILABLE /
+                                   # QKD_KEY_LOST, or a signed RESP with QKD absent
+    AUTH = "auth"                  # a signed message carried a key confirmation that
+                                   # does not verify: the two sides disagree on the secret
+    POLICY = "policy"              # suite, tunnel set or QKD roles differ; we refused
+    INSTALL = "install"            # our kernel refused SPIs or SAs
+    PEER_ABORT = "peer-abort"      # the peer aborted (signed) for a non-QKD reason
+    PEER_RESTARTED = "peer-restarted"  # the peer authenticated a new epoch mid-exchange
+    LOCAL_BUG = "local-bug"        # an unexpected exception: the session is poisoned
+
+
 @dataclass(frozen=True, slots=True)
 class RekeyFailed(Event):
     """An exchange was abandoned; the previous generation (if any) stays.
-    ``retry_at`` says when the session will try again on its own."""
+    ``cause`` says why (typed, for policy); ``reason`` is the text for
+    humans. ``retry_at`` says when the session will try again on its own."""
 
     generation: int | None
     reason: str
     retry_at: float | None = None
+    cause: FailureCause = field(kw_only=True)   # required: every failure site says why
+
+    @property
+    def qkd_caused(self) -> bool:
+        """QKD failed on either side (the cause a ``qkd-mandatory`` policy acts on)."""
+        return self.cause in (FailureCause.QKD_LOCAL, FailureCause.QKD_PEER)
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +168,17 @@ class PeerRestarted(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class PeerEpochAuthenticated(Event):
+    """The peer authenticated (hybrid signature) with ``epoch``, higher than
+    any epoch authenticated from it before. The driver persists it as the
+    peer's epoch floor (journal) and passes it back as ``peer_epoch_floor``
+    after a restart, so INITs recorded earlier are dropped before any work
+    (issue 17 finding 3)."""
+
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
 class ProtocolViolation(Event):
     """Something from the peer (or something claiming to be it) was dropped.
     Rate of these is telemetry; none of them changes session state."""
@@ -151,6 +190,6 @@ class ProtocolViolation(Event):
 
 __all__ = [
     "Event", "NeedQkdKeys", "InstallInbound", "InstallOutbound", "RetireGeneration",
-    "SessionEstablished", "RekeyFailed", "QkdFallback", "QkdRecovered", "PeerRestarted",
-    "ProtocolViolation",
+    "SessionEstablished", "FailureCause", "RekeyFailed", "QkdFallback", "QkdRecovered",
+    "PeerRestarted", "PeerEpochAuthenticated", "ProtocolViolation",
 ]

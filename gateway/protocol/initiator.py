@@ -20,7 +20,8 @@ from qkdgate.errors import (AuthenticationFailed, LocalProtocolError, RemoteProt
 from qkdgate.gateway.protocol.identity import select_identity
 from qkdgate.gateway.protocol import exchange as X
 from qkdgate.gateway.protocol import messages as m
-from qkdgate.gateway.protocol.events import InstallInbound, InstallOutbound, NeedQkdKeys
+from qkdgate.gateway.protocol.events import (FailureCause, InstallInbound, InstallOutbound,
+                                             NeedQkdKeys)
 from qkdgate.gateway.protocol.exchange import REASON_TEXT as _REASON_TEXT
 from qkdgate.gateway.protocol.exchange import Exchange
 from qkdgate.gateway.protocol.messages import AbortCode, Message, MsgType, QkdMode
@@ -62,7 +63,7 @@ class InitiatorMixin:
             spis = {t: self._allocate_spi(t) for t in self._kinds}
         except TunnelError as exc:
             self._abort(ex, AbortCode.INSTALL_FAILED, "SPI allocation failed", now)
-            self._fail(ex, f"SPI allocation failed: {exc}", now)
+            self._fail(ex, f"SPI allocation failed: {exc}", FailureCause.INSTALL, now)
             return False
         for t, v in spis.items():
             ok = 0x100 <= v <= 0xFFFFFFFF if self._kinds[t] == "ipsec" else 0 <= v <= 3
@@ -138,6 +139,14 @@ class InitiatorMixin:
         ex.retx_at = None
         self._bump_gen(gen)
         self._peer_authenticated(msg.sender_epoch, None)
+        if msg["qkd_mode"] == QkdMode.ABSENT and not self.config.allow_pqc_only:
+            # checked after the signature: only the real peer's QKD failure
+            # fails the exchange (a forged RESP is merely dropped)
+            self._abort(ex, AbortCode.POLICY, "PQC-only generation refused: policy requires QKD",
+                        now)
+            self._fail(ex, "peer has no QKD key and policy requires QKD: " + _REASON_TEXT.get(
+                msg["qkd_reason"], "QKD absent"), FailureCause.QKD_PEER, now)
+            return
         if msg["qkd_mode"] == QkdMode.ABSENT:
             # the peer could not get the key: ours must not be used by one side only
             if ex.qkd_key is not None:
@@ -161,13 +170,11 @@ class InitiatorMixin:
         if mode not in ok:
             raise RemoteProtocolError(f"RESP QKD mode {mode} does not answer our {ex.qkd_mode}"
                                       " (QKD roles configured inconsistently?)")
-        if mode == QkdMode.ABSENT and not self.config.allow_pqc_only:
-            raise RemoteProtocolError("peer offers a PQC-only generation; policy forbids it")
 
     def _auth_failure(self: Any, ex: Exchange, now: float) -> None:
         ex.auth_failures += 1
         if ex.auth_failures >= MAX_AUTH_FAILURES:
-            self._fail(ex, "too many answers that failed authentication", now)
+            self._fail(ex, "too many answers that failed authentication", FailureCause.AUTH, now)
 
     def _initiator_finish(self: Any, ex: Exchange, now: float) -> None:
         resp = ex.resp
@@ -184,7 +191,7 @@ class InitiatorMixin:
             # R signed this RESP, so it is R's real answer: a bad share or a
             # tag that does not match means we disagree on the secret.
             self._abort(ex, AbortCode.AUTH_FAILED, "responder key confirmation failed", now)
-            self._fail(ex, f"key confirmation failed: {exc}", now)
+            self._fail(ex, f"key confirmation failed: {exc}", FailureCause.AUTH, now)
             return
         finally:
             ex.kem_priv = ex.x_priv = None

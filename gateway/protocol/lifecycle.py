@@ -20,7 +20,8 @@ from qkdgate.errors import RemoteProtocolError
 from qkdgate.gateway.protocol.identity import select_identity
 from qkdgate.gateway.protocol import exchange as X
 from qkdgate.gateway.protocol import messages as m
-from qkdgate.gateway.protocol.events import (PeerRestarted, QkdFallback, QkdRecovered,
+from qkdgate.gateway.protocol.events import (FailureCause, PeerEpochAuthenticated,
+                                             PeerRestarted, QkdFallback, QkdRecovered,
                                              RekeyFailed, RetireGeneration, SessionEstablished)
 from qkdgate.gateway.protocol.exchange import Exchange
 from qkdgate.gateway.protocol.messages import AbortCode, Message, MsgType, QkdMode, QkdReason
@@ -85,14 +86,17 @@ class LifecycleMixin:
             # authenticated: the peer will never send on this generation
             self._open_gens.discard(ex.generation)
             self._events.append(RetireGeneration(ex.generation, "aborted"))
+        cause = FailureCause.QKD_PEER if code in (AbortCode.QKD_KEY_LOST,
+                                                  AbortCode.QKD_UNAVAILABLE) \
+            else FailureCause.PEER_ABORT
         if ex.role == "initiator" and code == AbortCode.QKD_KEY_LOST:
-            self._fail(ex, text, now, retry_in=0.0)   # new exchange, NEW keys
+            self._fail(ex, text, cause, now, retry_in=0.0)   # new exchange, NEW keys
         elif ex.role == "initiator" and code == AbortCode.QKD_UNAVAILABLE \
                 and self.config.allow_pqc_only and ex.qkd_mode != QkdMode.ABSENT:
             self._pqc_only_next = QkdReason.PEER
-            self._fail(ex, text, now, retry_in=0.0)
+            self._fail(ex, text, cause, now, retry_in=0.0)
         else:
-            self._fail(ex, text, now)
+            self._fail(ex, text, cause, now)
 
     def _on_cookie(self: Any, msg: Message, now: float) -> None:
         ex = self._ini
@@ -125,7 +129,7 @@ class LifecycleMixin:
         """Abandon an exchange silently (lost a collision, superseded)."""
         self._forget(ex)
 
-    def _fail(self: Any, ex: Exchange, reason: str, now: float,
+    def _fail(self: Any, ex: Exchange, reason: str, cause: FailureCause, now: float,
               retry_in: float | None = None) -> None:
         self._forget(ex)
         cfg = self.config
@@ -143,13 +147,15 @@ class LifecycleMixin:
             if self._rekey_at is None or retry_at < self._rekey_at:
                 self._rekey_at, self._rekey_reason = retry_at, "retry"
             retry_at = self._rekey_at
-        self._events.append(RekeyFailed(ex.generation, reason, retry_at))
+        self._events.append(RekeyFailed(ex.generation, reason, retry_at, cause=cause))
 
     def _peer_authenticated(self: Any, epoch: int, xid: int | None) -> None:
         if self.peer_epoch is not None and epoch != self.peer_epoch:
             self._dead_epochs.append(self.peer_epoch)
             self._events.append(PeerRestarted(f"{self.peer_epoch:016x}", f"{epoch:016x}"))
             self._peer_xid_high = 0
+        if epoch != self.peer_epoch:
+            self._events.append(PeerEpochAuthenticated(epoch))
         self.peer_epoch = epoch
         if xid is not None:
             self._peer_xid_high = max(self._peer_xid_high, xid)

@@ -20,7 +20,7 @@ from qkdgate.errors import RemoteProtocolError
 from qkdgate.gateway.protocol.identity import select_identity
 from qkdgate.gateway.protocol import exchange as X
 from qkdgate.gateway.protocol import messages as m
-from qkdgate.gateway.protocol.events import InstallInbound, NeedQkdKeys
+from qkdgate.gateway.protocol.events import FailureCause, InstallInbound, NeedQkdKeys
 from qkdgate.gateway.protocol.exchange import Exchange
 from qkdgate.gateway.protocol.messages import AbortCode, Message, MsgType, QkdMode, QkdReason
 
@@ -73,7 +73,8 @@ class ResponderMixin:
                 self.stats["collision_lost"] += 1
                 self._drop(ini)
             elif ini.peer_epoch != ep:
-                self._fail(ini, "peer restarted during our exchange", now)
+                self._fail(ini, "peer restarted during our exchange", FailureCause.PEER_RESTARTED,
+                           now)
             else:
                 self.stats["stale"] += 1
                 return
@@ -142,7 +143,7 @@ class ResponderMixin:
 
     def _refuse(self: Any, ex: Exchange, code: AbortCode, detail: str, now: float) -> None:
         self._abort(ex, code, detail, now)
-        self._fail(ex, f"refused the peer's INIT: {detail}", now)
+        self._fail(ex, f"refused the peer's INIT: {detail}", FailureCause.POLICY, now)
 
     def _responder_compute(self: Any, ex: Exchange, now: float, mode: int, reason: int) -> None:
         cfg = self.config
@@ -197,7 +198,7 @@ class ResponderMixin:
         except RemoteProtocolError:
             # signed by the peer, yet another secret: never install this one
             self._abort(ex, AbortCode.AUTH_FAILED, "initiator key confirmation failed", now)
-            self._fail(ex, "initiator key confirmation failed", now)
+            self._fail(ex, "initiator key confirmation failed", FailureCause.AUTH, now)
             raise
         ex.confirm_core = msg.core
         self._peer_authenticated(ex.peer_epoch, ex.xid)

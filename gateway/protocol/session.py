@@ -48,7 +48,7 @@ from qkdgate.gateway.protocol import exchange as X
 from qkdgate.gateway.protocol import messages as m
 from qkdgate.gateway.protocol.config import SessionConfig, TunnelRef
 from qkdgate.gateway.protocol.dos import CookieJar, TokenBucket
-from qkdgate.gateway.protocol.events import (Event, InstallInbound, InstallOutbound,
+from qkdgate.gateway.protocol.events import (Event, FailureCause, InstallInbound, InstallOutbound,
                                              ProtocolViolation, RetireGeneration)
 from qkdgate.gateway.protocol.exchange import Exchange
 from qkdgate.gateway.protocol.fragment import Reassembler, fragment
@@ -62,6 +62,7 @@ from qkdgate.keymix.kem import KemProvider
 __all__ = ["PeerSession", "SessionConfig", "TunnelRef"]
 
 VIOLATION_EVENT_INTERVAL = 1.0
+QKD_WAIT_STATES = (X.I_QKD, X.I_QKD_SLAVE, X.R_QKD)
 _REASON_TEXT = X.REASON_TEXT
 
 
@@ -165,7 +166,9 @@ class PeerSession(InitiatorMixin, ResponderMixin, LifecycleMixin):
             if ex is None:
                 continue
             if now >= ex.deadline:
-                self._fail(ex, f"exchange timed out in state {ex.state}", now)
+                cause = FailureCause.QKD_LOCAL if ex.state in QKD_WAIT_STATES \
+                    else FailureCause.TIMEOUT    # a KME that never answered is a QKD failure
+                self._fail(ex, f"exchange timed out in state {ex.state}", cause, now)
             elif ex.retx_at is not None and now >= ex.retx_at:
                 self.stats["retransmit"] += 1
                 self._send(ex.wire)
@@ -304,32 +307,34 @@ class PeerSession(InitiatorMixin, ResponderMixin, LifecycleMixin):
                 self._send_init(ex, now)
             else:
                 self._fail(ex, f"QKD unavailable ({_REASON_TEXT[reason]}) and policy "
-                               "requires QKD", now)
+                               "requires QKD", FailureCause.QKD_LOCAL, now)
         elif ex.state == X.I_QKD_SLAVE:
             if isinstance(error, KeyNotFound):
                 # ETSI GS QKD 014 dec_keys is not idempotent: the key is gone.
                 # Never use a key on one side only: abort, restart with new keys.
                 self._abort(ex, AbortCode.QKD_KEY_LOST, "dec_keys: key_ID not found", now)
-                self._fail(ex, "QKD key lost (dec_keys found no such key_ID)", now,
-                           retry_in=0.0)
+                self._fail(ex, "QKD key lost (dec_keys found no such key_ID)",
+                           FailureCause.QKD_LOCAL, now, retry_in=0.0)
             else:
                 self._abort(ex, AbortCode.QKD_UNAVAILABLE, _REASON_TEXT[reason], now)
                 if allow:
                     self._pqc_only_next = reason
-                self._fail(ex, f"QKD unavailable at this side: {_REASON_TEXT[reason]}", now,
+                self._fail(ex, f"QKD unavailable at this side: {_REASON_TEXT[reason]}",
+                           FailureCause.QKD_LOCAL, now,
                            retry_in=0.0 if allow else None)
         elif ex.state == X.R_QKD:
             peer_ok = bool(ex.init["qkd_flags"] & m.QKD_FLAG_PQC_OK)
             if isinstance(error, KeyNotFound):
                 self._abort(ex, AbortCode.QKD_KEY_LOST, "dec_keys: key_ID not found", now)
-                self._fail(ex, "QKD key lost (dec_keys found no such key_ID)", now)
+                self._fail(ex, "QKD key lost (dec_keys found no such key_ID)",
+                           FailureCause.QKD_LOCAL, now)
             elif allow and peer_ok:
                 ex.qkd_fallback = _REASON_TEXT[reason]
                 self._responder_compute(ex, now, QkdMode.ABSENT, reason)
             else:
                 self._abort(ex, AbortCode.QKD_UNAVAILABLE, _REASON_TEXT[reason], now)
                 self._fail(ex, f"QKD unavailable ({_REASON_TEXT[reason]}) and policy "
-                               "requires QKD", now)
+                               "requires QKD", FailureCause.QKD_LOCAL, now)
 
     def installed(self, request_id: int, now: float) -> None:
         ex = self._take_request(request_id, "install")
@@ -352,7 +357,7 @@ class PeerSession(InitiatorMixin, ResponderMixin, LifecycleMixin):
         if ex is None:
             return
         self._abort(ex, AbortCode.INSTALL_FAILED, "SA installation failed", now)
-        self._fail(ex, f"installing SAs failed: {error}", now)
+        self._fail(ex, f"installing SAs failed: {error}", FailureCause.INSTALL, now)
 
     # ================================================================ internals
 

@@ -19,6 +19,10 @@ def test_qkd_down_policy_requires_qkd_nothing_installed_then_recovers(qkd):
     fails = p.a.of(E.RekeyFailed)
     assert fails and all(f.retry_at is not None for f in fails)
     assert any("QKD" in f.reason for f in fails)
+    # typed cause: a qkd-mandatory tunnel blocks on either side's QKD failure
+    causes = {f.cause for f in fails + p.b.of(E.RekeyFailed)}
+    assert causes and causes <= {E.FailureCause.QKD_LOCAL, E.FailureCause.QKD_PEER}
+    assert all(f.qkd_caused for f in fails)
     p.a.link.down = False
     p.roundtrip_until_done(timeout=60)
     est = p.a.of(E.SessionEstablished)[0]
@@ -51,7 +55,9 @@ def test_fallback_needs_both_sides_to_allow_it():
     p.advance(p.now + 10)
     assert not p.b.of(E.SessionEstablished) and p.b.inbound == {}
     assert "policy requires QKD" in p.b.of(E.RekeyFailed)[0].reason
+    assert p.b.of(E.RekeyFailed)[0].cause is E.FailureCause.POLICY
     assert "POLICY" in p.a.of(E.RekeyFailed)[0].reason
+    assert p.a.of(E.RekeyFailed)[0].cause is E.FailureCause.PEER_ABORT
 
 
 @pytest.mark.parametrize("allow", [True, False])
@@ -67,6 +73,8 @@ def test_slave_kme_failure(allow):
     else:
         p.advance(p.now + 1)
         assert "QKD_UNAVAILABLE" in p.a.of(E.RekeyFailed)[0].reason
+        assert p.a.of(E.RekeyFailed)[0].cause is E.FailureCause.QKD_PEER   # signed ABORT
+        assert p.b.of(E.RekeyFailed)[0].cause is E.FailureCause.QKD_LOCAL
         assert p.a.inbound == {} and p.b.inbound == {}
         p.roundtrip_until_done()    # the retry finds the slave's KME back
         assert p.a.of(E.SessionEstablished)[0].provenance.qkd
@@ -98,6 +106,7 @@ def test_master_enc_keys_fails_hybrid_required():
     p.a.qkd_error = KeyUnavailable("pool empty")
     p.advance(p.now + 0.1)
     assert p.a.of(E.RekeyFailed) and p.a.session.datagrams_to_send(p.now) == []
+    assert p.a.of(E.RekeyFailed)[0].cause is E.FailureCause.QKD_LOCAL
     assert p.b.session.stats["kem_encaps"] == 0   # nothing was even sent
 
 
@@ -108,7 +117,9 @@ def test_install_failure_aborts_and_retries(who):
     gw.install_error = True
     p.advance(p.now + 0.5)
     assert gw.of(E.RekeyFailed) and "installing SAs failed" in gw.of(E.RekeyFailed)[0].reason
+    assert gw.of(E.RekeyFailed)[0].cause is E.FailureCause.INSTALL
     assert p.other(gw).of(E.RekeyFailed)           # the peer was told (ABORT)
+    assert p.other(gw).of(E.RekeyFailed)[0].cause is E.FailureCause.PEER_ABORT
     assert not p.a.outbound and not p.b.outbound   # nobody switched
     gw.install_error = False
     p.roundtrip_until_done()
@@ -182,3 +193,20 @@ def test_spi_allocation_failure_fails_the_exchange_cleanly(who):
     assert "SPI allocation failed" in gw.of(E.RekeyFailed)[0].reason
     p.roundtrip_until_done(timeout=10)
     assert_keys_match(p, p.a.session.generation)
+
+
+def test_signed_resp_without_qkd_against_policy_is_a_peer_qkd_failure():
+    """The responder answers PQC-only (its KME failed) although our policy,
+    tightened since the INIT left, requires QKD: only after the RESP's
+    signature verified does the exchange fail, with cause QKD_PEER."""
+    import dataclasses
+    p = make_pair(allow_pqc=True)
+    p.b.qkd_error = KeyUnavailable("pool empty")       # b is the slave here
+    p.a.session.handle_timer(p.now)
+    p.a.pump(p.now)                                    # a's KME answers, INIT queued
+    p.a.session.config = dataclasses.replace(p.a.session.config, allow_pqc_only=False)
+    p.advance(p.now + 1)
+    fails = p.a.of(E.RekeyFailed)
+    assert fails and fails[0].cause is E.FailureCause.QKD_PEER and fails[0].qkd_caused
+    assert not p.a.of(E.SessionEstablished) and p.a.inbound == {}
+    assert p.b.of(E.RekeyFailed)[0].cause is E.FailureCause.PEER_ABORT   # told by ABORT
