@@ -39,11 +39,21 @@ peer the journal keeps the highest epoch that peer has *authenticated*
 grows), so a message replayed from a peer's earlier life can be dropped
 before any KEM, signature or QKD work, even after our own restart.
 
+I/O errors (issue 17 finding 8d): a failed append (short write, ENOSPC,
+EIO, a failed fsync) truncates the file back to the end of the last good
+record before anything else is written, so one full disk does not become a
+damaged journal at the next start; the caller sees :class:`JournalIOError`
+(with ``errno``) and the in-memory state is unchanged. If even the
+truncation fails, every later update tries it again first and raises until
+it succeeds. Callers treat any :class:`JournalError` as "no new QKD
+generation now" (finding 5), never as a reason to exit.
+
 One daemon per state directory: an exclusive ``flock`` on ``journal.lock``.
 """
 
 from __future__ import annotations
 
+import errno as _errno
 import fcntl
 import json
 import os
@@ -68,6 +78,23 @@ class JournalError(QkdgateError):
 class JournalCorrupt(JournalError):
     """The journal is damaged before its last record: which QKD keys were
     consumed is unknown, so the daemon must not start (fail closed)."""
+
+
+class JournalIOError(JournalError):
+    """Reading or writing the journal failed (ENOSPC, EIO, a short write, a
+    failed fsync). The record being written did not happen: the file was cut
+    back to the last good record (or will be before the next write) and the
+    in-memory state is unchanged. ``op`` names the step, ``errno`` is the
+    OS error number (``None`` for a short write that reported no error)."""
+
+    def __init__(self, op: str, errno: int | None, path: str, detail: str = "") -> None:
+        self.op, self.errno, self.path = op, errno, path
+        text = f"journal {op} failed"
+        if errno is not None:
+            text += f": [{_errno.errorcode.get(errno, str(errno))}] {os.strerror(errno)}"
+        if detail:
+            text += f" ({detail})"
+        super().__init__(f"{text}: {path}")
 
 
 class JournalLocked(JournalError):
@@ -239,6 +266,8 @@ class Journal:
         self._state = JournalState()
         self._fd = -1
         self._lock_fd = -1
+        self._good_end = 0      # file size after the last good record
+        self._torn = False      # an append failed and its bytes may still be there
 
     # -- opening -----------------------------------------------------------
 
@@ -273,9 +302,13 @@ class Journal:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
                                0o600)
             os.fchmod(self._fd, 0o600)
+            self._good_end = os.fstat(self._fd).st_size
             if self._state.records == 0:
                 self._append({"t": "hdr", "v": FORMAT_VERSION, "created": int(self._now())})
                 self._sync_dir()
+        except OSError as exc:
+            self.close()
+            raise JournalIOError("open", exc.errno, self.path) from None
         except BaseException:
             self.close()
             raise
@@ -425,24 +458,43 @@ class Journal:
             # Retained IDs travel as "keys" records under generation 0 so they
             # never move any tunnel's counters.
             recs.append({"t": "keys", "tun": "", "gen": 0, "ids": keep[i:i + 1000]})
+        data = b"".join(_encode(r) for r in recs)
         tmp = self.path + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        # The new file's descriptor is opened before the rename so that once
+        # the rename is done we can never append to the replaced inode.
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                         0o600)
+        except OSError as exc:
+            raise JournalIOError("compact", exc.errno, tmp) from None
         try:
             os.fchmod(fd, 0o600)
-            os.write(fd, b"".join(_encode(r) for r in recs))
+            self._write_all(fd, data, "compact")
             self._hook("compact-written")
             if self._fsync:
                 self._ops.fsync(fd)
-        finally:
+            self._hook("compact-synced")
+            os.replace(tmp, self.path)
+        except BaseException as exc:
+            # The old journal is untouched and still ours.
             os.close(fd)
-        self._hook("compact-synced")
-        os.replace(tmp, self.path)
-        self._hook("compact-renamed")
-        self._sync_dir()
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass   # removed at the next open
+            if isinstance(exc, OSError):
+                raise JournalIOError("compact", exc.errno, tmp) from None
+            raise
         os.close(self._fd)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        self._fd, self._good_end, self._torn = fd, len(data), False
         self._state.key_ids = dict.fromkeys(keep)
         self._state.records = len(recs)
+        self._hook("compact-renamed")
+        try:
+            self._sync_dir()
+        except OSError as exc:
+            # Either file is complete; the rename may only not be durable yet.
+            raise JournalIOError("compact directory fsync", exc.errno, self.dir) from None
 
     def close(self) -> None:
         for attr in ("_fd", "_lock_fd"):
@@ -470,23 +522,58 @@ class Journal:
         if generation <= committed:
             raise GenerationRegression(tunnel, generation, committed)
 
+    def _write_all(self, fd: int, data: bytes, op: str) -> None:
+        # POSIX allows a write to be short; the rest is retried, and a write
+        # that makes no progress is a full disk that did not say so.
+        view, done = memoryview(data), 0
+        while done < len(data):
+            if self._split and done == 0 and len(data) > 1:
+                # crash tests: let a kill land inside a record
+                n = self._ops.write(fd, view[:len(data) // 2])
+                self._hook("append-torn" if op == "append" else "compact-torn")
+            else:
+                n = self._ops.write(fd, view[done:])
+            if n <= 0:
+                raise JournalIOError(op, None, self.path,
+                                     f"short write: {done} of {len(data)} bytes")
+            done += n
+
     def _append(self, rec: dict) -> None:
         data = _encode(rec)
+        if self._torn:
+            self._repair()
         self._hook("append-before")
-        if self._split:  # crash tests: let a kill land inside a record
-            half = len(data) // 2
-            self._ops.write(self._fd, data[:half])
-            self._hook("append-torn")
-            n = half + self._ops.write(self._fd, data[half:])
-        else:
-            n = self._ops.write(self._fd, data)
-        if n != len(data):  # a short write on a full disk: make it look torn
-            raise JournalError(f"short write to {self.path} ({n} of {len(data)} bytes)")
-        self._hook("append-written")
-        if self._fsync:
-            self._ops.fsync(self._fd)
+        self._torn = True   # from here until fsync returns, the tail is suspect
+        try:
+            self._write_all(self._fd, data, "append")
+            self._hook("append-written")
+            if self._fsync:
+                self._ops.fsync(self._fd)
+        except (OSError, JournalIOError) as exc:
+            err = exc if isinstance(exc, JournalIOError) else \
+                JournalIOError("append", exc.errno, self.path)
+            try:
+                self._repair()
+            except JournalIOError as again:
+                raise err from again
+            raise err from None
+        self._torn = False
+        self._good_end += len(data)
         self._state.records += 1
         self._hook("append-synced")
+
+    def _repair(self) -> None:
+        """Cut the file back to the last good record and make that durable."""
+        # After a failed fsync the kernel may already have dropped the dirty
+        # pages (fsync(2), ERRORS): the failed record is not trusted whether
+        # or not some of it reached the disk.
+        try:
+            self._ops.ftruncate(self._fd, self._good_end)
+            if self._fsync:
+                self._ops.fsync(self._fd)
+        except OSError as exc:
+            raise JournalIOError("truncate after a failed append", exc.errno, self.path) from None
+        self._torn = False
 
     def _maybe_compact(self) -> None:
         if self.compact_after and self._state.records >= self.compact_after:
