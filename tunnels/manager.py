@@ -65,7 +65,7 @@ from qkdgate.tunnels.events import (KeyInputs, PolicyFallback, PolicyRecovered, 
                                     SaSwitched, TunnelBlocked, TunnelEvent, TunnelEventSink,
                                     TunnelOpFailed, discard)
 from qkdgate.tunnels.policy import KeyPolicy
-from qkdgate.tunnels.timers import Lifetimes
+from qkdgate.tunnels.timers import Expiry, Lifetimes, TunnelTimers
 
 if TYPE_CHECKING:
     from qkdgate.keymix.combiner import Provenance, SessionSecret
@@ -129,25 +129,16 @@ def check_policy(policy: TunnelPolicy, prov: Provenance | None) -> bool:
 
 @dataclass
 class Generation:
+    """The SAs of one generation and what made them (its deadlines are
+    :class:`~qkdgate.tunnels.timers.TunnelTimers`')."""
+
     number: int
     provenance: Provenance | None
     role: str                      # "initiator" | "responder" | "adopted"
-    created_at: float
     inbound: SaRecord | None = None
     outbound: SaRecord | None = None
-    switched_at: float | None = None
-    retire_at: float | None = None
     adopted: bool = False          # found in the kernel at start, keys unknown to us
-    hard_at_override: float | None = None
     extra: list[SaRecord] = field(default_factory=list)   # more adopted SAs
-
-    def soft_at(self, lt: Lifetimes) -> float:
-        return self.created_at + lt.soft_seconds
-
-    def hard_at(self, lt: Lifetimes) -> float:
-        if self.hard_at_override is not None:
-            return self.hard_at_override
-        return self.created_at + lt.hard_seconds
 
     def records(self) -> list[SaRecord]:
         return [r for r in (self.inbound, self.outbound) if r is not None] + self.extra
@@ -183,15 +174,13 @@ class Tunnel:
         self.tunnel_id = driver.tunnel_id
         self.kind = driver.kind
         self.policy = policy
-        self.lifetimes = lifetimes
+        self.timers = TunnelTimers(lifetimes)
         self._schedule = schedule
         self._emit: TunnelEventSink = emit or discard
         self.generations: dict[int, Generation] = {}
-        self.active: Generation | None = None     # the generation we send under
         self.state = "down"                        # down | up | blocked
         self.last_error: str | None = None
         self.fallback = False                      # running on a PQC-only generation
-        self.rekey_requested_at: float | None = None
         self.counters: dict[str, int] = {"bytes_out": 0, "bytes_in": 0, "packets_out": 0,
                                          "packets_in": 0}
         # observer of raw kernel SA counters (tunnel, direction, SaState or
@@ -206,6 +195,20 @@ class Tunnel:
                 log.exception("tunnel %s: SA counter observer failed", self.tunnel_id)
 
     # ---- helpers -------------------------------------------------------
+    @property
+    def lifetimes(self) -> Lifetimes:
+        return self.timers.lifetimes
+
+    @lifetimes.setter
+    def lifetimes(self, value: Lifetimes) -> None:   # a config reload
+        self.timers.lifetimes = value
+
+    @property
+    def active(self) -> Generation | None:
+        """The generation we send under."""
+        n = self.timers.active
+        return None if n is None else self.generations.get(n)
+
     @property
     def schedule(self) -> KeySchedule:
         if self._schedule is None:
@@ -224,8 +227,9 @@ class Tunnel:
     def _generation(self, number: int, session: _Keyed, role: str, now: float) -> Generation:
         gen = self.generations.get(number)
         if gen is None:
-            gen = Generation(number, session.provenance, role, now)
+            gen = Generation(number, session.provenance, role)
             self.generations[number] = gen
+            self.timers.generation_created(number, now)
         return gen
 
     def _new_sa(self, session: SessionSecret, gen: Generation, direction: str, spi: int,
@@ -250,11 +254,7 @@ class Tunnel:
     def _adopt(self, found: tuple[SaRecord, ...], sending_reqid: int | None,
                now: float) -> None:
         """SAs a previous run left become generation 0."""
-        gen = Generation(0, None, "adopted", now, adopted=True)
-        # The kernel enforces their hard lifetime; we retire them once a new
-        # generation is switched in, or at our hard lifetime from now at the
-        # latest, whichever is first.
-        gen.hard_at_override = now + self.lifetimes.hard_seconds
+        gen = Generation(0, None, "adopted", adopted=True)
         for rec in found:
             if rec.direction == "in" and gen.inbound is None:
                 gen.inbound = rec
@@ -263,8 +263,8 @@ class Tunnel:
             else:
                 gen.extra.append(rec)
         self.generations[0] = gen
-        if gen.outbound is not None and gen.outbound.reqid == sending_reqid:
-            self.active = gen
+        self.timers.generation_adopted(
+            0, now, sending=gen.outbound is not None and gen.outbound.reqid == sending_reqid)
         log.info("tunnel %s: adopted %d SA(s) from a previous run", self.tunnel_id, len(found),
                  extra={"tunnel": self.tunnel_id})
         self.emit(SaAdopted(self.tunnel_id, len(found)))
@@ -282,7 +282,6 @@ class Tunnel:
             return
         for gen in list(self.generations.values()):
             self._drop_generation(gen)
-        self.active = None
         self.state = "blocked"
         if teardown:
             try:
@@ -341,14 +340,10 @@ class Tunnel:
         except QkdgateError as exc:
             self._fail("install_outbound", exc)
             raise
-        previous, self.active = self.active, gen
-        gen.switched_at = now
+        previous = self.active
+        self.timers.generation_switched(gen.number, now)
         self.state = "up"
         self.last_error = None
-        self.rekey_requested_at = None
-        for old in self.generations.values():
-            if old is not gen and old.number < gen.number and old.retire_at is None:
-                old.retire_at = now + self.lifetimes.grace_seconds
         was_fallback, self.fallback = self.fallback, fallback
         inputs = provenance_dict(session.provenance)
         log.info("tunnel %s: switched outbound to generation %d SA %#x (inputs %s)",
@@ -376,13 +371,12 @@ class Tunnel:
     def block(self, now: float, reason: str) -> None:
         """Remove every SA and block (the policies stay)."""
         act = self.active
-        if act is not None and now >= act.hard_at(self.lifetimes):
+        if act is not None and now >= self.timers.hard_at(act.number):
             for rec in act.records():
                 self.emit(SaHardLifetimeBlock(self.tunnel_id, rec.direction, rec.spi,
                                               act.number))
         for gen in list(self.generations.values()):
             self._drop_generation(gen)
-        self.active = None
         try:
             self.driver.block_outbound()
         except QkdgateError as exc:
@@ -393,39 +387,36 @@ class Tunnel:
                     extra={"tunnel": self.tunnel_id})
         self.emit(TunnelBlocked(self.tunnel_id, reason))
 
-    # ---- time ------------------------------------------------------------
+    # ---- time (every deadline is TunnelTimers') -----------------------
     def get_timer(self) -> float | None:
-        times = [g.retire_at for g in self.generations.values()
-                 if g.retire_at is not None and g is not self.active]
-        if self.active is not None:
-            times.append(self.active.hard_at(self.lifetimes))
-            if self.rekey_requested_at is None:
-                times.append(self.active.soft_at(self.lifetimes))
-        for g in self.generations.values():   # inbound-only generations that never switched
-            if g is not self.active and g.retire_at is None:
-                times.append(g.hard_at(self.lifetimes))
-        return min(times) if times else None
+        return self.timers.next_deadline()
 
     def handle_timer(self, now: float) -> list[str]:
-        """Expire what is due; returns rekey reasons the daemon must act on."""
+        """Act on the deadlines that passed; returns rekey reasons the daemon
+        must act on."""
         wants: list[str] = []
-        for gen in list(self.generations.values()):
-            if gen is self.active:
+        for kind, number in self.timers.expired(now):
+            gen = self.generations.get(number)
+            if gen is None:
                 continue
-            if (gen.retire_at is not None and now >= gen.retire_at) or \
-                    now >= gen.hard_at(self.lifetimes):
-                self._drop_generation(gen)
-        act = self.active
-        if act is not None:
-            if now >= act.hard_at(self.lifetimes):
-                # RFC 4301 4.4.2.1: a hard lifetime ends the SA; we block
-                # rather than send clear or under a stale key.
-                self.block(now, f"hard lifetime of generation {act.number} reached "
-                                "without a new generation")
-            elif self.rekey_requested_at is None and now >= act.soft_at(self.lifetimes):
-                self.rekey_requested_at = now
+            if kind is Expiry.RETIRE or kind is Expiry.HARD_UNUSED:
+                self.expired_generation(gen)
+            elif kind is Expiry.HARD_ACTIVE:
+                self.expired_hard_lifetime(gen, now)
+            elif kind is Expiry.SOFT:
+                self.timers.rekey_requested(now)
                 wants.append("soft_lifetime")
         return wants
+
+    def expired_generation(self, gen: Generation) -> None:
+        """A superseded generation's grace (or an unused one's hard lifetime) is over."""
+        self._drop_generation(gen)
+
+    def expired_hard_lifetime(self, gen: Generation, now: float) -> None:
+        # RFC 4301 4.4.2.1: a hard lifetime ends the SA; we block rather
+        # than send clear or under a stale key.
+        self.block(now, f"hard lifetime of generation {gen.number} reached "
+                        "without a new generation")
 
     def poll(self, now: float) -> list[str]:
         """Read kernel counters; returns rekey reasons (soft byte limit)."""
@@ -445,8 +436,8 @@ class Tunnel:
         if reason is None and soft and \
                 max(self.counters["bytes_out"], self.counters["bytes_in"]) >= soft:
             reason = "soft_bytes"
-        if reason and self.rekey_requested_at is None:
-            self.rekey_requested_at = now
+        if reason and self.timers.rekey_requested_at is None:
+            self.timers.rekey_requested(now)
             return [reason]
         return []
 
@@ -457,18 +448,18 @@ class Tunnel:
         for g in sorted(self.generations.values(), key=lambda g: g.number):
             gens.append({
                 "generation": g.number, "role": g.role, "adopted": g.adopted,
-                "active": g is act, "age": round(now - g.created_at, 1),
+                "active": g is act, "age": round(now - self.timers.created_at(g.number), 1),
                 "inputs": provenance_dict(g.provenance),
                 "sas": [r.describe() for r in g.records()],
             })
         return {
             "tunnel": self.tunnel_id, "type": self.kind, "policy": self.policy.value,
             "state": self.state, "generation": act.number if act else None,
-            "sa_age": round(now - act.created_at, 1) if act else None,
+            "sa_age": round(now - self.timers.created_at(act.number), 1) if act else None,
             "inputs": provenance_dict(act.provenance) if act else None,
             "fallback": self.fallback,
-            "soft_expiry_in": round(act.soft_at(self.lifetimes) - now, 1) if act else None,
-            "hard_expiry_in": round(act.hard_at(self.lifetimes) - now, 1) if act else None,
+            "soft_expiry_in": round(self.timers.soft_at(act.number) - now, 1) if act else None,
+            "hard_expiry_in": round(self.timers.hard_at(act.number) - now, 1) if act else None,
             **self.counters, "last_error": self.last_error, "generations": gens,
         }
 
@@ -479,6 +470,7 @@ class Tunnel:
         gen.inbound = gen.outbound = None
         gen.extra = []
         self.generations.pop(gen.number, None)
+        self.timers.generation_dropped(gen.number)
         log.info("tunnel %s: generation %d retired", self.tunnel_id, gen.number,
                  extra={"tunnel": self.tunnel_id})
         self.emit(SaRetired(self.tunnel_id, gen.number))

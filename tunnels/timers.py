@@ -9,6 +9,7 @@ fixed grace period after the switch.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 # RFC 4301 4.4.2.1 soft/hard lifetimes; the config overrides them per tunnel.
@@ -39,3 +40,110 @@ class Lifetimes:
             raise ValueError("lifetimes need 0 < soft_bytes < hard_bytes")
         if self.grace_seconds < 0:
             raise ValueError("grace_seconds must not be negative")
+
+
+class Expiry(enum.Enum):
+    """What a deadline means when it passes (the ``expired*`` hooks)."""
+
+    RETIRE = "retire"              # the grace after a switch is over: remove the old SAs
+    HARD_UNUSED = "hard_unused"    # a generation that never sent reached its hard lifetime
+    HARD_ACTIVE = "hard_active"    # the sending generation reached it: block (RFC 4301 4.4.2.1)
+    SOFT = "soft"                  # the sending generation wants a rekey
+
+
+@dataclass(slots=True)
+class _Deadlines:
+    created_at: float
+    hard_at: float | None = None   # fixed at adoption; else created_at + hard lifetime
+    retire_at: float | None = None
+
+
+class TunnelTimers:
+    """Every deadline of one tunnel's generations.
+
+    The tunnel calls a hook when something happens to a generation
+    (``generation_created``, ``generation_adopted``, ``generation_switched``,
+    ``rekey_requested``, ``generation_dropped``); :meth:`expired` says which
+    deadlines have passed, in the order the tunnel must act on them, and
+    :meth:`next_deadline` when to ask again. Nothing else in the tunnels
+    reads the clock or computes a deadline. ``lifetimes`` may be replaced at
+    any time (a config reload); deadlines derive from it when asked.
+    """
+
+    def __init__(self, lifetimes: Lifetimes) -> None:
+        self.lifetimes = lifetimes
+        self._gens: dict[int, _Deadlines] = {}
+        self.active: int | None = None            # the generation we send under
+        self.rekey_requested_at: float | None = None
+
+    # ---- hooks -----------------------------------------------------------
+    def generation_created(self, number: int, now: float) -> None:
+        """First SA of ``number`` installed: its lifetimes start now."""
+        self._gens.setdefault(number, _Deadlines(now))
+
+    def generation_adopted(self, number: int, now: float, sending: bool) -> None:
+        """SAs of a previous run: the kernel enforces their own hard
+        lifetime; ours ends them a full hard lifetime from now at the latest
+        (or at the grace after a new generation switches in)."""
+        self._gens[number] = _Deadlines(now, hard_at=now + self.lifetimes.hard_seconds)
+        if sending:
+            self.active = number
+
+    def generation_switched(self, number: int, now: float) -> None:
+        """``number`` sends from now on: every older generation retires
+        after the grace period, and the soft lifetime is armed again."""
+        self.active = number
+        self.rekey_requested_at = None
+        for n, d in self._gens.items():
+            if n < number and d.retire_at is None:
+                d.retire_at = now + self.lifetimes.grace_seconds
+
+    def rekey_requested(self, now: float) -> None:
+        """A rekey was asked for (soft lifetime, byte or PN limit): not again
+        until a new generation switches in."""
+        self.rekey_requested_at = now
+
+    def generation_dropped(self, number: int) -> None:
+        self._gens.pop(number, None)
+        if self.active == number:
+            self.active = None
+
+    # ---- queries ---------------------------------------------------------
+    def created_at(self, number: int) -> float:
+        return self._gens[number].created_at
+
+    def soft_at(self, number: int) -> float:
+        return self._gens[number].created_at + self.lifetimes.soft_seconds
+
+    def hard_at(self, number: int) -> float:
+        d = self._gens[number]
+        return d.hard_at if d.hard_at is not None else d.created_at + self.lifetimes.hard_seconds
+
+    def retire_at(self, number: int) -> float | None:
+        return self._gens[number].retire_at
+
+    def _deadlines(self) -> list[tuple[float, Expiry, int]]:
+        out: list[tuple[float, Expiry, int]] = []
+        for n, d in self._gens.items():
+            if n == self.active:
+                out.append((self.hard_at(n), Expiry.HARD_ACTIVE, n))
+                if self.rekey_requested_at is None:
+                    out.append((self.soft_at(n), Expiry.SOFT, n))
+            elif d.retire_at is not None:
+                out.append((min(d.retire_at, self.hard_at(n)), Expiry.RETIRE, n))
+            else:      # inbound only, never switched: its hard lifetime bounds it
+                out.append((self.hard_at(n), Expiry.HARD_UNUSED, n))
+        return out
+
+    def next_deadline(self) -> float | None:
+        times = [t for t, _, _ in self._deadlines()]
+        return min(times) if times else None
+
+    def expired(self, now: float) -> list[tuple[Expiry, int]]:
+        """Deadlines passed at ``now``: superseded generations first, then the
+        sending one (a hard lifetime wins over a soft one)."""
+        due = [(kind, n) for t, kind, n in self._deadlines() if now >= t]
+        hard_active = {n for kind, n in due if kind is Expiry.HARD_ACTIVE}
+        order = [Expiry.RETIRE, Expiry.HARD_UNUSED, Expiry.HARD_ACTIVE, Expiry.SOFT]
+        return sorted(((k, n) for k, n in due if not (k is Expiry.SOFT and n in hard_active)),
+                      key=lambda e: (order.index(e[0]), e[1]))

@@ -1,0 +1,63 @@
+"""TunnelTimers, the one owner of a tunnel generation's deadlines: which
+deadline passes when, and in which order the tunnel must act on them."""
+
+import pytest
+
+from qkdgate.tunnels.timers import RETIRE_GRACE_SECONDS, Expiry, Lifetimes, TunnelTimers
+
+LT = Lifetimes(soft_seconds=50, hard_seconds=60, grace_seconds=2)
+
+
+def test_one_grace_value_default():
+    assert Lifetimes().grace_seconds == RETIRE_GRACE_SECONDS == 5.0
+
+
+def test_superseded_generation_retires_one_grace_after_the_switch():
+    t = TunnelTimers(LT)
+    t.generation_created(1, 0.0)
+    t.generation_switched(1, 0.0)
+    t.generation_created(2, 30.0)
+    assert t.next_deadline() == 50.0                 # gen 1 soft lifetime
+    t.generation_switched(2, 31.0)
+    assert t.retire_at(1) == 33.0
+    assert t.expired(32.9) == []
+    assert t.expired(33.0) == [(Expiry.RETIRE, 1)]
+    t.generation_dropped(1)
+    assert t.next_deadline() == 80.0                 # gen 2 soft: 30 + 50
+
+
+def test_soft_fires_once_until_the_next_switch_and_hard_wins_over_soft():
+    t = TunnelTimers(LT)
+    t.generation_created(1, 0.0)
+    t.generation_switched(1, 0.0)
+    assert t.expired(50.0) == [(Expiry.SOFT, 1)]
+    t.rekey_requested(50.0)
+    assert t.expired(55.0) == [] and t.next_deadline() == 60.0
+    assert t.expired(60.0) == [(Expiry.HARD_ACTIVE, 1)]
+    u = TunnelTimers(LT)
+    u.generation_created(1, 0.0)
+    u.generation_switched(1, 0.0)
+    assert u.expired(61.0) == [(Expiry.HARD_ACTIVE, 1)]   # not also SOFT
+
+
+def test_inbound_only_generation_ends_at_its_hard_lifetime():
+    t = TunnelTimers(LT)
+    t.generation_created(4, 10.0)
+    assert t.next_deadline() == 70.0
+    assert t.expired(70.0) == [(Expiry.HARD_UNUSED, 4)]
+
+
+def test_adopted_generation_lives_one_hard_lifetime_from_adoption_and_reload_moves_deadlines():
+    t = TunnelTimers(LT)
+    t.generation_adopted(0, 100.0, sending=True)
+    assert t.active == 0 and t.hard_at(0) == 160.0
+    t.generation_created(1, 0.0)
+    t.lifetimes = Lifetimes(soft_seconds=20, hard_seconds=40, grace_seconds=1)
+    assert t.hard_at(1) == 40.0 and t.hard_at(0) == 160.0
+
+
+@pytest.mark.parametrize("bad", [dict(soft_seconds=60, hard_seconds=60),
+                                 dict(grace_seconds=-1)])
+def test_lifetimes_refuse_nonsense(bad):
+    with pytest.raises(ValueError):
+        Lifetimes(**bad)
