@@ -26,7 +26,7 @@ from qkdgate.interfaces import MacsecCipher, MacsecLinkSpec, MacsecSaSpec, Macse
 from qkdgate.tunnels import macsec_msg as m
 from qkdgate.tunnels.netlink import (NetlinkChannel, NLM_F_CREATE, NLM_F_EXCL, iter_nlas, nla,
                                      nla_nested, parse_nlas)
-from qkdgate.tunnels.state import DEFAULT, TunnelRegistry, resolve
+from qkdgate.tunnels.state import TunnelRegistry
 
 NETLINK_ROUTE, NETLINK_GENERIC = 0, 16
 _IFINFO = struct.Struct("=BxHiII")       # struct ifinfomsg
@@ -52,11 +52,11 @@ class MacsecBackend:
     """:class:`~qkdgate.interfaces.MacsecBackend` on the Linux macsec driver."""
 
     def __init__(self, netns: str | None = None, *,
-                 registry: TunnelRegistry | str | None = DEFAULT) -> None:
+                 registry: TunnelRegistry | None = None) -> None:
         self.netns = netns
         self.rt = NetlinkChannel(NETLINK_ROUTE, netns)
         self.genl = NetlinkChannel(NETLINK_GENERIC, netns)
-        self.registry = resolve(registry)   # default: /run/qkdgate/tunnels.json
+        self.registry = registry   # what failsafe reads; None: record nothing
         self._family: int | None = None
         self._xpn: dict[str, bool] = {}
 

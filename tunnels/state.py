@@ -9,6 +9,11 @@ on tmpfs so it vanishes with the kernel state it describes):
     {"version": 1, "namespaces": {"": {"ipsec_reqids": [min, max],
                                         "macsec_links": ["macsec0"]}}}
 
+Whoever builds the backends (``qkdgate.gateway.daemon.build``) makes one
+registry and hands it to each backend's constructor; a backend given none
+records nothing (tests, benches, the failsafe itself). There is no
+process-wide default object.
+
 The key ``""`` is the daemon's own namespace, others are netns names. Writes
 are atomic (temporary file + rename) and happen only when the recorded set
 changes (a new reqid range bound or link), never per rekey. Reading a
@@ -27,27 +32,6 @@ from typing import Any
 log = logging.getLogger("qkdgate.tunnels")
 
 DEFAULT_PATH = "/run/qkdgate/tunnels.json"
-DEFAULT = "default"   # backends' registry argument: the registry at DEFAULT_PATH
-
-
-def resolve(registry: "TunnelRegistry | str | None") -> "TunnelRegistry | None":
-    """The backends record by default (so ``ExecStopPost=qkdgate failsafe``
-    works without configuration); ``None`` turns recording off (tests)."""
-    if registry == DEFAULT:
-        return _default_registry()
-    return registry  # type: ignore[return-value]
-
-
-_default: "TunnelRegistry | None" = None
-
-
-def _default_registry() -> "TunnelRegistry":
-    global _default
-    if _default is None:
-        _default = TunnelRegistry(DEFAULT_PATH)
-    return _default
-
-
 class TunnelRegistry:
     def __init__(self, path: str = DEFAULT_PATH) -> None:
         self.path = path

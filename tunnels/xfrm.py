@@ -37,7 +37,7 @@ from qkdgate.interfaces import (Direction, IPAddress, Lifetime, Mark, Mode, Poli
 from qkdgate.tunnels import xfrm_msg as m
 from qkdgate.tunnels.netlink import (NLM_F_CREATE, NLM_F_EXCL, NetlinkChannel, iter_nlas, nla,
                                      open_socket_in_netns, parse_nlas)
-from qkdgate.tunnels.state import DEFAULT, TunnelRegistry, resolve
+from qkdgate.tunnels.state import TunnelRegistry
 
 NETLINK_XFRM = 6
 _DIR = {Direction.IN: m.XFRM_POLICY_IN, Direction.OUT: m.XFRM_POLICY_OUT,
@@ -106,15 +106,15 @@ class XfrmBackend:
     open ``channel``. ``verify``: read every installed SA back (default).
     ``default_hard_seconds``: the hard lifetime given to SAs whose spec has
     none (the soft one is 90 % of it). ``registry``: where the reqids of
-    installed SAs are recorded for ``qkdgate failsafe`` (default: the
-    registry at /run/qkdgate/tunnels.json; ``None``: do not record).
+    installed SAs are recorded for ``qkdgate failsafe`` (the daemon passes
+    the one at /run/qkdgate/tunnels.json; ``None``: do not record).
     """
 
     def __init__(self, netns: str | None = None, *, channel: NetlinkChannel | None = None,
                  verify: bool = True, default_hard_seconds: int = 3600,
-                 registry: TunnelRegistry | str | None = DEFAULT) -> None:
+                 registry: TunnelRegistry | None = None) -> None:
         self.netns = netns
-        self.registry = resolve(registry)
+        self.registry = registry
         self.nl = channel or NetlinkChannel(NETLINK_XFRM, netns)
         self.verify = verify
         self.default_hard_seconds = default_hard_seconds

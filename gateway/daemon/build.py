@@ -23,6 +23,7 @@ from qkdgate.gateway.config.model import (REQID_SPAN, Config, KeyPolicy, PeerCon
 from qkdgate.tunnels.ipsec_tunnel import IpsecTunnelSpec, ipsec_tunnel
 from qkdgate.tunnels.macsec_tunnel import MacsecTunnelSpec, macsec_tunnel
 from qkdgate.tunnels.events import TunnelEventSink
+from qkdgate.tunnels.state import DEFAULT_PATH as REGISTRY_PATH, TunnelRegistry
 from qkdgate.tunnels.manager import Lifetimes, Tunnel
 from qkdgate.interfaces import MacsecLinkSpec, UdpEncap
 from qkdgate.keymix.secret import SecretBytes
@@ -87,7 +88,8 @@ def tunnels(cfg: Config, ipsec_backend: Any, macsec_backend: Any,
     return out
 
 
-def backends(cfg: Config, ipsec: Any, macsec: Any) -> tuple[Any, Any]:
+def backends(cfg: Config, ipsec: Any, macsec: Any,
+             registry_path: str = REGISTRY_PATH) -> tuple[Any, Any]:
     """The kernel backends: given ones, ``"recording"`` for the in-memory
     fakes, else the netlink backends (only if a tunnel needs them)."""
     from qkdgate.testing import fakes
@@ -96,12 +98,17 @@ def backends(cfg: Config, ipsec: Any, macsec: Any) -> tuple[Any, Any]:
     if macsec == "recording":
         macsec = fakes.RecordingMacsecBackend()
     kinds = {t.type for t in cfg.tunnels}
+    registry: TunnelRegistry | None = None
+    if (ipsec is None and TunnelType.IPSEC in kinds) or \
+            (macsec is None and TunnelType.MACSEC in kinds):
+        # One registry for both backends: what `qkdgate failsafe` reads.
+        registry = TunnelRegistry(registry_path)
     if ipsec is None and TunnelType.IPSEC in kinds:
         from qkdgate.tunnels.xfrm import XfrmBackend
-        ipsec = XfrmBackend()
+        ipsec = XfrmBackend(registry=registry)
     if macsec is None and TunnelType.MACSEC in kinds:
         from qkdgate.tunnels.macsec import MacsecBackend
-        macsec = MacsecBackend()
+        macsec = MacsecBackend(registry=registry)
     return ipsec, macsec
 
 

@@ -202,16 +202,28 @@ def test_unwritable_registry_warns_but_does_not_break_installs(caplog):
     assert "failsafe will not find" in caplog.text
 
 
-def test_backends_record_in_the_default_registry_unless_told_not_to(monkeypatch, tmp_path):
-    from qkdgate.tunnels import state
+def test_backends_record_in_the_registry_they_are_given_and_only_there(tmp_path):
     from qkdgate.tunnels.xfrm import XfrmBackend
-    monkeypatch.setattr(state, "DEFAULT_PATH", str(tmp_path / "t.json"))
-    monkeypatch.setattr(state, "_default", None)
 
     class Ok:
         def request(self, *a, **k):
             return []
-    be = XfrmBackend(channel=Ok(), verify=False)
+    be = XfrmBackend(channel=Ok(), verify=False, registry=TunnelRegistry(str(tmp_path / "t.json")))
     be.install_inbound(SaId(A, B, 0x5000), SaSpec(SecretBytes(bytes(36)), reqid=0x20000))
     assert TunnelRegistry.load(str(tmp_path / "t.json"))[""]["ipsec_reqids"] == [0x20000, 0x20000]
-    assert XfrmBackend(channel=Ok(), registry=None).registry is None
+    assert XfrmBackend(channel=Ok()).registry is None     # no process-global default
+
+
+def test_the_daemon_builder_hands_one_registry_to_both_backends(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from qkdgate.gateway.config.model import TunnelType
+    from qkdgate.gateway.daemon import build
+    from qkdgate.tunnels import macsec, xfrm
+    made = {}
+    monkeypatch.setattr(xfrm, "XfrmBackend", lambda registry: made.setdefault("x", registry))
+    monkeypatch.setattr(macsec, "MacsecBackend", lambda registry: made.setdefault("m", registry))
+    cfg = SimpleNamespace(tunnels=[SimpleNamespace(type=TunnelType.IPSEC),
+                                   SimpleNamespace(type=TunnelType.MACSEC)])
+    build.backends(cfg, None, None, registry_path=str(tmp_path / "r.json"))
+    assert made["x"] is made["m"] and made["x"].path == str(tmp_path / "r.json")
