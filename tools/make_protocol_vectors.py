@@ -31,8 +31,8 @@ VECTORS = ROOT / "tests" / "vectors"
 sys.path.insert(0, str(VECTORS))
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey  # noqa: E402
-
 from protocol_run import decode_messages, run_exchange  # noqa: E402
+
 from qkdgate.gateway.protocol import events as E  # noqa: E402
 from qkdgate.gateway.protocol import messages as m  # noqa: E402
 from qkdgate.keymix import schedule  # noqa: E402
@@ -133,7 +133,8 @@ def build(cid: str, description: str, inputs: dict) -> dict:
     seed = next(b for n, b in run.rng_draws["initiator"] if n == 64)
     pyca = get_kem(inputs["kem"])
     sk, ek = pyca.keypair_from_seed(SecretBytes(seed))
-    assert ek == init["kem_public"]
+    if ek != init["kem_public"]:
+        raise SystemExit(f"{cid}: the INIT's ML-KEM key is not the one from the 64-byte draw")
     z_kem = pyca.decapsulate(sk, resp["kem_ciphertext"]).reveal()
     m_enc = [b for n, b in run.rng_draws["kem_encaps"] if n == 32]
     x = None
@@ -216,7 +217,7 @@ def main() -> int:
         if args.check:
             from test_protocol_vectors import replay_mismatches
             problems = replay_mismatches(json.loads(path.read_text()))
-            print(f"{cid}: {'replays byte for byte' if not problems else problems}")
+            print(f"{cid}: {problems if problems else 'replays byte for byte'}")
             bad += bool(problems)
             continue
         desc, inputs = CASES[cid]

@@ -21,7 +21,8 @@ constant time; nothing shipped imports this module.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from qkdgate.errors import LocalProtocolError, RemoteProtocolError
 from qkdgate.keymix.kem import KemPrivateKey

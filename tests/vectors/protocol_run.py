@@ -25,13 +25,14 @@ test_protocol_vectors.py (to replay them).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from qkdgate.gateway.protocol import events as E
 from qkdgate.gateway.protocol import messages as m
-from qkdgate.gateway.protocol.fragment import parse_header
 from qkdgate.gateway.protocol.config import SessionConfig, TunnelRef
+from qkdgate.gateway.protocol.fragment import parse_header
 from qkdgate.gateway.protocol.identity import LocalIdentity
 from qkdgate.gateway.protocol.session import PeerSession
 from qkdgate.interfaces import QkdKey
@@ -117,7 +118,7 @@ def run_exchange(inputs: dict, *, signatures: dict[str, list] | None = None,
     now = float(inputs["now"])
     kem = KyberPyMlKem(inputs["kem"], shake_rng(H(inputs["kem_encaps_rng_seed"]),
                                                 run.rng_draws.setdefault("kem_encaps", [])))
-    for role, peer in (("initiator", "responder"), ("responder", "initiator")):
+    for role in ("initiator", "responder"):
         side = inputs[role]
         args = (side["profile"], SecretBytes(H(side["ed25519_seed"])),
                 SecretBytes(H(side["mldsa_seed"])), side["name"])
@@ -187,7 +188,7 @@ def decode_messages(datagrams: list[tuple[str, bytes]]) -> list[dict]:
     out: list[dict] = []
     open_: dict[tuple[str, int], dict] = {}
     for sender, d in datagrams:
-        mid, index, count, total, payload = parse_header(d)
+        mid, index, count, _total, payload = parse_header(d)
         entry = open_.get((sender, mid))
         if entry is None:
             entry = open_[(sender, mid)] = {"sender": sender, "message_id": mid,

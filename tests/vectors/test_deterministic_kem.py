@@ -21,7 +21,8 @@ def test_shake_rng_is_one_stream_whatever_the_call_sizes():
     assert a(5) + a(40) + a(3) == b(48) == hashlib.shake_256(b"seed").digest(48)
     log: list = []
     c = shake_rng(b"other", log)
-    assert c(2) != b(2) and log == [(2, hashlib.shake_256(b"other").digest(2))]
+    assert c(2) != b(2)
+    assert log == [(2, hashlib.shake_256(b"other").digest(2))]
 
 
 @pytest.mark.parametrize("name", KEMS)
@@ -31,7 +32,8 @@ def test_same_seed_same_public_key_as_pyca(name):
     assert isinstance(kp, KemProvider)
     _, ek = kp.keypair_from_seed(seed)
     _, ek_pyca = get_kem(name).keypair_from_seed(seed)
-    assert ek == ek_pyca and len(ek) == kp.public_key_size
+    assert ek == ek_pyca
+    assert len(ek) == kp.public_key_size
 
 
 @pytest.mark.parametrize("name", KEMS)
@@ -58,8 +60,10 @@ def test_replays_from_seeds_and_draws_m_from_its_rng():
     for _ in range(2):
         kp = KyberPyMlKem("ML-KEM-768", shake_rng(b"provider"))
         _, ek = kp.generate_keypair(shake_rng(b"session"))
-        runs.append((ek,) + kp.encapsulate(ek))
-    assert runs[0][0] == runs[1][0] and runs[0][1] == runs[1][1] and runs[0][2] == runs[1][2]
+        runs.append((ek, *kp.encapsulate(ek)))
+    assert runs[0][0] == runs[1][0]
+    assert runs[0][1] == runs[1][1]
+    assert runs[0][2] == runs[1][2]
     kp = KyberPyMlKem("ML-KEM-768", shake_rng(b"provider"))
     m = hashlib.shake_256(b"provider").digest(32)
     assert kp.encapsulate_with(runs[0][0], m)[0] == runs[0][1]

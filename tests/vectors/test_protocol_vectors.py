@@ -22,12 +22,13 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from protocol_run import decode_messages, run_exchange  # noqa: E402
-from qkdgate.gateway.protocol import messages as m  # noqa: E402
-from qkdgate.gateway.protocol.identity import LocalIdentity, PeerIdentity  # noqa: E402
-from qkdgate.keymix.kem import get_kem  # noqa: E402
-from qkdgate.keymix.secret import SecretBytes  # noqa: E402
-from qkdgate.testing.deterministic import KyberPyMlKem, shake_rng  # noqa: E402
+from protocol_run import decode_messages, run_exchange
+
+from qkdgate.gateway.protocol import messages as m
+from qkdgate.gateway.protocol.identity import LocalIdentity, PeerIdentity
+from qkdgate.keymix.kem import get_kem
+from qkdgate.keymix.secret import SecretBytes
+from qkdgate.testing.deterministic import KyberPyMlKem, shake_rng
 
 H = bytes.fromhex
 FILES = sorted(Path(__file__).parent.glob("protocol-*.json"))
@@ -54,12 +55,12 @@ def replay_mismatches(vec: dict, kem_for=None) -> list[str]:
     problems = list(run.problems)
     if len(got) != len(want):
         problems.append(f"{len(got)} datagrams, vector has {len(want)}")
-    for i, (g, w) in enumerate(zip(got, want)):
+    for i, (g, w) in enumerate(zip(got, want, strict=False)):
         if g != w:
             problems.append(f"first difference in datagram {i} (from {w[0]})")
             break
     got_m, want_m = decode_messages(run.datagrams), vec["messages"]
-    for i, (g, w) in enumerate(zip(got_m, want_m)):
+    for i, (g, w) in enumerate(zip(got_m, want_m, strict=False)):
         if g["fields"] != w["fields"] or g["header"] != w["header"]:
             diff = sorted(k for k in set(g["fields"]) | set(w["fields"])
                           if g["fields"].get(k) != w["fields"].get(k))
@@ -131,7 +132,8 @@ def test_intermediate_values(vec):
     assert ek == init["kem_public"]
     assert pyca.decapsulate(sk, resp["kem_ciphertext"]).reveal().hex() == x["kem_secret"]
     ct, ss = KyberPyMlKem(i["kem"], shake_rng(b"")).encapsulate_with(ek, H(x["kem_encaps_m"]))
-    assert ct == resp["kem_ciphertext"] and ss.reveal().hex() == x["kem_secret"]
+    assert ct == resp["kem_ciphertext"]
+    assert ss.reveal().hex() == x["kem_secret"]
     assert hashlib.shake_256(H(i["kem_encaps_rng_seed"])).digest(32).hex() == x["kem_encaps_m"]
     if i["x25519"]:
         from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -141,7 +143,8 @@ def test_intermediate_values(vec):
         assert xr.public_key().public_bytes_raw() == resp["x25519_public"]
         assert xi.exchange(xr.public_key()).hex() == x["x25519"]["secret"]
     else:
-        assert x["x25519"] is None and init["x25519_public"] == resp["x25519_public"] == b""
+        assert x["x25519"] is None
+        assert init["x25519_public"] == resp["x25519_public"] == b""
     # the tags on the wire are the recorded ones
     assert resp["tag"].hex() == x["tag_responder"]
     assert msgs["CONFIRM"]["tag"].hex() == x["tag_initiator"]

@@ -56,6 +56,7 @@ def test_init_replays_byte_for_byte_pqc_only():
 
 def test_injected_kem_is_used_and_must_match_the_suite():
     import pytest
+
     from qkdgate.errors import LocalProtocolError
     from qkdgate.keymix.kem import get_kem
 
