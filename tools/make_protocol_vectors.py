@@ -57,18 +57,21 @@ def det_uuid(case: str, i: int) -> str:
 
 
 def side(case: str, role: str, name: str, profile: str, qkd_role: str | None,
-         spis: dict[str, int], floor: int = 0, allow_pqc_only: bool = False) -> dict:
+         spis: dict[str, int], floor: int = 0, allow_pqc_only: bool = False,
+         kme_error: str | None = None) -> dict:
     return {"name": name, "profile": profile,
             "ed25519_seed": det(case, f"{role} ed25519 seed", 32).hex(),
             "mldsa_seed": det(case, f"{role} ML-DSA seed", 32).hex(),
             "rng_seed": det(case, f"{role} rng seed", 32).hex(),
             "qkd_role": qkd_role, "sae_id": f"sae-{name}" if qkd_role else "",
-            "allow_pqc_only": allow_pqc_only, "generation_floor": floor, "spis": spis}
+            "allow_pqc_only": allow_pqc_only, "kme_error": kme_error,
+            "generation_floor": floor, "spis": spis}
 
 
 def case_inputs(cid: str, *, kem: str, x25519: bool, psk: bool, qkd: str | None,
                 profile: str, tunnels: list[tuple[str, str]], spis_i: dict, spis_r: dict,
-                floors: tuple[int, int] = (0, 0), qkd_bits: int = 256) -> dict:
+                floors: tuple[int, int] = (0, 0), qkd_bits: int = 256,
+                fallback: str | None = None) -> dict:
     roles = {"initiator-master": ("master", "slave"), "responder-master": ("slave", "master"),
              None: (None, None)}[qkd]
     return {
@@ -78,11 +81,11 @@ def case_inputs(cid: str, *, kem: str, x25519: bool, psk: bool, qkd: str | None,
         "tunnels": [list(t) for t in tunnels],
         "kem_encaps_rng_seed": det(cid, "ML-KEM encapsulation rng seed", 32).hex(),
         "qkd": ({"key_ids": [det_uuid(cid, 0)], "key": det(cid, "QKD key", qkd_bits // 8).hex()}
-                if qkd else None),
+                if qkd and not fallback else None),
         "initiator": side(cid, "initiator", "gw-alpha.example", profile, roles[0], spis_i,
-                          floors[0]),
+                          floors[0], allow_pqc_only=bool(fallback), kme_error=fallback),
         "responder": side(cid, "responder", "gw-bravo.example", profile, roles[1], spis_r,
-                          floors[1]),
+                          floors[1], allow_pqc_only=bool(fallback)),
     }
 
 
@@ -115,6 +118,15 @@ CASES = {
                     profile="mldsa87-ed25519", tunnels=[("core-1", "ipsec")],
                     spis_i={"core-1": 0xA0000001}, spis_r={"core-1": 0xB0000002},
                     qkd_bits=512)),
+    "protocol-qkd-fallback-kme-timeout": (
+        "ML-KEM-768 + X25519; QKD configured (initiator master) but the initiator's KME "
+        "times out: both sides allow the PQC fallback, so INIT says ABSENT with reason 2 "
+        "(KME timeout) and flag bit 0, RESP answers ABSENT with reason 5 (peer asked), and "
+        "the generation is keyed without QKD; one MACsec tunnel only",
+        case_inputs("protocol-qkd-fallback-kme-timeout", kem="ML-KEM-768", x25519=True,
+                    psk=False, qkd="initiator-master", profile="mldsa65-ed25519",
+                    tunnels=[("lan-0", "macsec")], spis_i={"lan-0": 3},
+                    spis_r={"lan-0": 2}, fallback="timeout")),
 }
 
 
@@ -149,7 +161,7 @@ def build(cid: str, description: str, inputs: dict) -> dict:
         x = {"initiator_private": xi.hex(), "responder_private": xr.hex(),
              "initiator_public": init["x25519_public"].hex(),
              "responder_public": resp["x25519_public"].hex(), "secret": z_x.hex()}
-    key_ids = list(sess.provenance.qkd_key_ids) if inputs["qkd"] else []
+    key_ids = list(sess.provenance.qkd_key_ids)
     hybrid = HybridInputs(inputs["kem"], SecretBytes(z_kem),
                           SecretBytes(H(x["secret"])) if x else None,
                           SecretBytes(H(inputs["qkd"]["key"])) if inputs["qkd"] else None,

@@ -194,6 +194,7 @@ def done_hash(th: bytes) -> bytes:                                      # 4.6
 MLDSA_SIG_SIZE = {"mldsa65-ed25519": 3309, "mldsa87-ed25519": 4627}
 KEM_IDS = {"ML-KEM-768": 1, "ML-KEM-1024": 2}
 QKD_MODE = {"NONE": 0, "KEYS": 1, "EXPECT": 2, "ABSENT": 3, "USING": 4}
+QKD_REASON = {"unavailable": 1, "timeout": 2, "refused": 3, "protocol": 4, "peer": 5}
 
 
 # --- RFC 8032 5.1.7 Ed25519 verification (after RFC 8032 6's reference code) --

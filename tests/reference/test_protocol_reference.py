@@ -122,7 +122,16 @@ def test_reference_agrees_with_vector(vec):
         assert f["spis"] == [[t, kinds[t], i[role]["spis"][t]] for t in sorted(kinds)]  # A.3
     assert len(fi["x25519_public"]) == len(fr["x25519_public"]) == (32 if i["x25519"] else 0)
     qkd = i["qkd"]
-    if qkd is None:
+    assert fi["qkd_flags"] == (1 if i["initiator"]["allow_pqc_only"] else 0)
+    kme_error = i["initiator"].get("kme_error")
+    if kme_error:      # 4.3 ABSENT with the KME's reason; R answers ABSENT, "peer asked"
+        assert (fi["qkd_mode"], fi["qkd_reason"]) == (ref.QKD_MODE["ABSENT"],
+                                                      ref.QKD_REASON[kme_error])
+        assert (fr["qkd_mode"], fr["qkd_reason"]) == (ref.QKD_MODE["ABSENT"],
+                                                      ref.QKD_REASON["peer"])
+        assert fi["key_ids"] == fr["key_ids"] == []
+        combiner_ids = []
+    elif qkd is None:
         assert fi["qkd_mode"] == fr["qkd_mode"] == ref.QKD_MODE["NONE"]
         combiner_ids = []
     elif i["initiator"]["qkd_role"] == "master":

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from qkdgate.errors import KeySourceTimeout, KeyUnavailable
 from qkdgate.gateway.protocol import events as E
 from qkdgate.gateway.protocol import messages as m
 from qkdgate.gateway.protocol.config import SessionConfig, TunnelRef
@@ -141,7 +142,7 @@ def run_exchange(inputs: dict, *, signatures: dict[str, list] | None = None,
             while (ev := s.next_event()) is not None:
                 moved = True
                 run.events[role].append(ev)
-                _answer(inputs, s, ev, now)
+                _answer(inputs, role, s, ev, now)
             for d in s.datagrams_to_send(now):
                 moved = True
                 run.datagrams.append((role, d))
@@ -160,8 +161,15 @@ def run_exchange(inputs: dict, *, signatures: dict[str, list] | None = None,
     return run
 
 
-def _answer(inputs: dict, s: PeerSession, ev: Any, now: float) -> None:
-    if isinstance(ev, E.NeedQkdKeys):
+# a side's ``kme_error``: what its KME answers instead of keys
+KME_ERRORS = {"timeout": KeySourceTimeout, "unavailable": KeyUnavailable}
+
+
+def _answer(inputs: dict, role: str, s: PeerSession, ev: Any, now: float) -> None:
+    if isinstance(ev, E.NeedQkdKeys) and inputs[role].get("kme_error"):
+        err = KME_ERRORS[inputs[role]["kme_error"]]("KME did not answer (vector input)")
+        s.qkd_failed(ev.request_id, err, now)
+    elif isinstance(ev, E.NeedQkdKeys):
         qkd = inputs["qkd"]
         if ev.role == "slave" and tuple(ev.key_ids) != tuple(qkd["key_ids"]):
             raise AssertionError(f"slave asked for {ev.key_ids}, not the vector's key_IDs")

@@ -91,6 +91,7 @@ def test_vectors_cover_the_required_exchanges():
     assert ("master", True, False) in kinds          # QKD master initiator with X25519
     assert (False, True, False) in kinds             # PQC-only (no QKD)
     assert any(psk for _, _, psk in kinds)           # with a PSK
+    assert any(v["inputs"]["initiator"].get("kme_error") for v in VECTORS)   # QKD fallback
     assert {v["inputs"]["kem"] for v in VECTORS} == {"ML-KEM-768", "ML-KEM-1024"}
     for v in VECTORS:
         assert [x["type"] for x in v["messages"]] == ["INIT", "RESP", "CONFIRM", "DONE"]
