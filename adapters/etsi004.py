@@ -35,8 +35,9 @@ import enum
 import json
 import ssl
 import uuid
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Mapping
+from typing import Any
 
 from yarl import URL
 
@@ -44,9 +45,15 @@ from qkdgate.adapters.etsi014_codec import parse_error
 from qkdgate.adapters.https import KmeHttps
 from qkdgate.adapters.settings import source_settings
 from qkdgate.adapters.tls import client_context
-from qkdgate.errors import (ConfigError, KeySourceAuthError, KeySourceError,
-                            KeySourceProtocolError, KeySourceTimeout, KeyUnavailable,
-                            LocalProtocolError)
+from qkdgate.errors import (
+    ConfigError,
+    KeySourceAuthError,
+    KeySourceError,
+    KeySourceProtocolError,
+    KeySourceTimeout,
+    KeyUnavailable,
+    LocalProtocolError,
+)
 from qkdgate.keymix.secret import SecretBytes
 
 
@@ -78,11 +85,12 @@ class QoS:
     metadata_mimetype: str = "application/json"
 
     @classmethod
-    def from_json(cls, doc: object) -> "QoS":
+    def from_json(cls, doc: object) -> QoS:
         if not isinstance(doc, dict):
             raise KeySourceProtocolError("ETSI 004: qos must be an object")
         vals: dict[str, Any] = {}
-        for name in ("key_chunk_size", "max_bps", "min_bps", "jitter", "priority", "timeout", "ttl"):
+        for name in ("key_chunk_size", "max_bps", "min_bps", "jitter", "priority", "timeout",
+                     "ttl"):
             v = doc.get(name, _QOS_DEFAULTS[name])
             if not isinstance(v, int) or isinstance(v, bool) or v < 0 or v > 2**32:
                 raise KeySourceProtocolError(f"ETSI 004: qos.{name} must be an unsigned integer")
@@ -163,7 +171,8 @@ def parse_open(raw: bytes) -> OpenResult:
         raise KeySourceProtocolError(f"ETSI 004 OPEN_CONNECT: status {st.name} not allowed here")
     raw_ksid = doc.get("key_stream_ID")
     # A counter-proposal may come before any stream exists: no ID yet.
-    ksid = None if raw_ksid is None and st is Status.QOS_NOT_MET else _ksid(raw_ksid, "OPEN_CONNECT")
+    ksid = (None if raw_ksid is None and st is Status.QOS_NOT_MET
+            else _ksid(raw_ksid, "OPEN_CONNECT"))
     return OpenResult(st, ksid, QoS.from_json(doc.get("qos", {})))
 
 
@@ -175,7 +184,8 @@ def parse_get_key(raw: bytes, chunk_size: int | None) -> KeyChunk | int:
     if st is Status.METADATA_TOO_SMALL:
         need = doc.get("metadata_size")
         if not isinstance(need, int) or isinstance(need, bool) or not 0 < need < 2**20:
-            raise KeySourceProtocolError("ETSI 004 GET_KEY: status 8 without a usable metadata_size")
+            raise KeySourceProtocolError(
+                "ETSI 004 GET_KEY: status 8 without a usable metadata_size")
         return need
     if st is not Status.SUCCESSFUL:
         raise KeySourceProtocolError(f"ETSI 004 GET_KEY: status {st.name} not allowed here")
@@ -216,8 +226,9 @@ class Etsi004Client:
         if ssl_context is None:
             if s.tls is None:
                 raise ConfigError("ETSI 004 needs mutual TLS files", path=s.where("tls"))
+            check_hostname = bool(s.options.get("verify_hostname", True))
             ssl_context = client_context(s.tls.cert, s.tls.key, s.tls.ca,
-                                         check_hostname=bool(s.options.get("verify_hostname", True)))
+                                         check_hostname=check_hostname)
         self._base = s.url
         self.http = KmeHttps(ssl_context=ssl_context, timeout=s.timeout, retries=s.retries,
                              kme_id=s.kme_id, label=f"KME {s.kme_id or s.url}",
@@ -236,7 +247,8 @@ class Etsi004Client:
         raw = await self.http.request("OPEN_CONNECT", "POST", self._url("open_connect"),
                                       _classify, body=body, retries=0)
         res = parse_open(raw)
-        if key_stream_id is not None and res.key_stream_id not in (None, str(uuid.UUID(key_stream_id))):
+        if key_stream_id is not None \
+                and res.key_stream_id not in (None, str(uuid.UUID(key_stream_id))):
             raise KeySourceProtocolError("ETSI 004 OPEN_CONNECT: KME changed our key_stream_ID")
         if res.status is not Status.QOS_NOT_MET and res.key_stream_id is not None:
             self.chunk_sizes[res.key_stream_id] = res.qos.key_chunk_size

@@ -39,6 +39,7 @@ KeyUnavailable; 8 -> one retry with the metadata size the KME asked for.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -46,17 +47,32 @@ import random
 import re
 import ssl
 import uuid
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Mapping, Sequence
+from typing import Any
 
 from yarl import URL
 
-from qkdgate.adapters.etsi004 import (Etsi004Client, KeyChunk, OpenResult, QoS, Status,
-                                      _classify, parse_get_key, parse_open)
+from qkdgate.adapters.etsi004 import (
+    Etsi004Client,
+    KeyChunk,
+    OpenResult,
+    QoS,
+    Status,
+    _classify,
+    parse_get_key,
+    parse_open,
+)
 from qkdgate.adapters.settings import SourceSettings, source_settings
-from qkdgate.errors import (ConfigError, KeyNotFound,
-                            KeySourceProtocolError, KeySourceTimeout, KeyUnavailable,
-                            LocalProtocolError, QkdgateError)
+from qkdgate.errors import (
+    ConfigError,
+    KeyNotFound,
+    KeySourceProtocolError,
+    KeySourceTimeout,
+    KeyUnavailable,
+    LocalProtocolError,
+    QkdgateError,
+)
 from qkdgate.interfaces import KeySourceStatus, QkdKey
 
 STREAM_LABEL = b"qkdgate etsi004 key_stream_ID v1"
@@ -197,7 +213,8 @@ class Etsi004KeySource:
             raise ConfigError("uri_scheme must be a URI scheme", path=s.where("options.uri_scheme"),
                               found=repr(scheme))
         self._scheme = scheme
-        self._fixed_ids = _fixed_stream_ids(opts.get("key_stream_id"), s.where("options.key_stream_id"))
+        self._fixed_ids = _fixed_stream_ids(opts.get("key_stream_id"),
+                                            s.where("options.key_stream_id"))
         local = opts.get("local_sae_id")
         if local is None and s.tls is not None:
             local = _cert_common_name(s.tls.cert, s.where("tls.cert"))
@@ -211,7 +228,7 @@ class Etsi004KeySource:
         self._streams: dict[str, _Stream] = {}
 
     @classmethod
-    def from_settings(cls, settings: Any) -> "Etsi004KeySource":
+    def from_settings(cls, settings: Any) -> Etsi004KeySource:
         return cls(settings)
 
     def __repr__(self) -> str:
@@ -226,7 +243,8 @@ class Etsi004KeySource:
     def _stream(self, peer: str) -> _Stream:
         st = self._streams.get(peer)
         if st is None:
-            if not isinstance(peer, str) or not SAE_ID_RE.fullmatch(peer) or peer == self.local_sae_id:
+            if not isinstance(peer, str) or not SAE_ID_RE.fullmatch(peer) \
+                    or peer == self.local_sae_id:
                 raise LocalProtocolError(f"invalid peer SAE ID {str(peer)[:40]!r}")
             ksid = self._fixed_ids.get(peer) or self._fixed_ids.get("*") \
                 or derive_stream_id(self.local_sae_id, peer)
@@ -238,7 +256,8 @@ class Etsi004KeySource:
     def _url(self, op: str) -> URL:
         return URL(f"{self.settings.url}/api/v1/qkd004/{op}")
 
-    async def _post(self, what: str, op: str, body: Mapping[str, Any], retries: int | None) -> bytes:
+    async def _post(self, what: str, op: str, body: Mapping[str, Any],
+                    retries: int | None) -> bytes:
         return await self.client.http.request(what, "POST", self._url(op), _classify,
                                               body=body, retries=retries)
 
@@ -303,10 +322,8 @@ class Etsi004KeySource:
 
     async def _close_quietly(self, st: _Stream) -> None:
         st.open = False
-        try:
+        with contextlib.suppress(QkdgateError):   # gone already, or the KME is unreachable
             await self.client.close_stream(st.ksid)
-        except QkdgateError:
-            pass                        # gone already, or the KME is unreachable
 
     async def _read(self, st: _Stream, index: int | None) -> KeyChunk:
         where = f"ETSI 004 GET_KEY stream {st.ksid} index {'next' if index is None else index}"
@@ -427,7 +444,8 @@ class Etsi004KeySource:
             stored_key_count=0, max_key_count=0, max_key_per_request=MAX_KEYS_PER_CALL,
             max_key_size=self.key_size, min_key_size=self.key_size,
             link_up=st.link_up is not False,
-            qber=float(qber) if isinstance(qber, (int, float)) and not isinstance(qber, bool) else None,
+            qber=(float(qber) if isinstance(qber, (int, float)) and not isinstance(qber, bool)
+                  else None),
             alarms=tuple(alarms), extensions=ext)
 
     async def close(self) -> None:
@@ -437,7 +455,7 @@ class Etsi004KeySource:
                 await self._close_quietly(st)
         await self.client.close()
 
-    async def __aenter__(self) -> "Etsi004KeySource":
+    async def __aenter__(self) -> Etsi004KeySource:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

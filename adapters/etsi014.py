@@ -25,7 +25,8 @@ import logging
 import random
 import ssl
 import time
-from typing import Any, Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
 from urllib.parse import quote
 
 from yarl import URL
@@ -35,8 +36,14 @@ from qkdgate.adapters.https import KmeHttps
 from qkdgate.adapters.profiles import Profile, get_profile
 from qkdgate.adapters.settings import SourceSettings, source_settings
 from qkdgate.adapters.tls import client_context
-from qkdgate.errors import (ConfigError, KeyNotFound, KeySourceError, KeySourceProtocolError,
-                            KeyUnavailable, LocalProtocolError)
+from qkdgate.errors import (
+    ConfigError,
+    KeyNotFound,
+    KeySourceError,
+    KeySourceProtocolError,
+    KeyUnavailable,
+    LocalProtocolError,
+)
 from qkdgate.interfaces import KeySourceStatus, QkdKey
 
 log = logging.getLogger("qkdgate.adapters.etsi014")
@@ -82,7 +89,8 @@ class Etsi014KeySource:
                                          check_hostname=verify_hostname)
         self.http = KmeHttps(
             ssl_context=ssl_context, timeout=s.timeout, retries=s.retries, kme_id=s.kme_id,
-            label=f"KME {s.kme_id or base}", reuse_connections=bool(opts.get("reuse_connections", True)),
+            label=f"KME {s.kme_id or base}",
+            reuse_connections=bool(opts.get("reuse_connections", True)),
             server_hostname=opts.get("server_hostname"), backoff=float(opts.get("backoff", 0.2)),
             max_backoff=float(opts.get("max_backoff", 5.0)), sleep=sleep, rng=rng)
         self._ext_mandatory = list(opts.get("extension_mandatory", ()))
@@ -90,7 +98,7 @@ class Etsi014KeySource:
         self.last_status: codec.Status | None = None
 
     @classmethod
-    def from_settings(cls, settings: Any) -> "Etsi014KeySource":
+    def from_settings(cls, settings: Any) -> Etsi014KeySource:
         return cls(settings)
 
     def __repr__(self) -> str:
@@ -132,7 +140,8 @@ class Etsi014KeySource:
         if not isinstance(number, int) or number < 1:
             raise LocalProtocolError(f"number of keys must be >= 1, not {number!r}")
         if not isinstance(size_bits, int) or size_bits <= 0 or size_bits % 8:
-            raise LocalProtocolError(f"key size must be a positive multiple of 8 bits, not {size_bits!r}")
+            raise LocalProtocolError(
+                f"key size must be a positive multiple of 8 bits, not {size_bits!r}")
         peer = self._sae(peer_sae_id)
         extra = [self._sae(x) for x in additional_slave_sae_ids]
         body = codec.key_request(
@@ -174,7 +183,8 @@ class Etsi014KeySource:
         try:
             wanted = [codec.normalise_key_id(k) for k in key_ids]
         except KeySourceProtocolError:
-            raise LocalProtocolError("key_IDs must be UUIDs (validate them at the peer edge)") from None
+            raise LocalProtocolError(
+                "key_IDs must be UUIDs (validate them at the peer edge)") from None
         if len(set(wanted)) != len(wanted):
             raise LocalProtocolError("duplicate key_IDs in one request")
         url = self._url(self._sae(master_sae_id), "dec_keys")
@@ -212,7 +222,9 @@ class Etsi014KeySource:
         ``extensions``)."""
         st = await self.etsi_status(peer_sae_id)
         out = to_key_source_status(st)
-        return out if out.recent_rate is not None else _with_rate(out, self._observed_rate(peer_sae_id, st))
+        if out.recent_rate is not None:
+            return out
+        return _with_rate(out, self._observed_rate(peer_sae_id, st))
 
     def _observed_rate(self, peer: str, st: codec.Status) -> float | None:
         """Keys/s produced since the previous status call: growth of the pool
@@ -228,7 +240,7 @@ class Etsi014KeySource:
     async def close(self) -> None:
         await self.http.close()
 
-    async def __aenter__(self) -> "Etsi014KeySource":
+    async def __aenter__(self) -> Etsi014KeySource:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -260,7 +272,8 @@ def to_key_source_status(st: codec.Status) -> KeySourceStatus:
         max_key_size=st.max_key_size, min_key_size=st.min_key_size,
         link_up=link_up if isinstance(link_up, bool) else True,
         qber=float(qber) if isinstance(qber, (int, float)) and not isinstance(qber, bool) else None,
-        recent_rate=float(rate) if isinstance(rate, (int, float)) and not isinstance(rate, bool) else None,
+        recent_rate=(float(rate) if isinstance(rate, (int, float)) and not isinstance(rate, bool)
+                     else None),
         alarms=tuple(str(a)[:80] for a in alarms[:16]) if isinstance(alarms, list) else (),
         extensions=ext)
 

@@ -25,11 +25,17 @@ import binascii
 import json
 import re
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
-from qkdgate.errors import (KeyNotFound, KeySourceAuthError, KeySourceError,
-                            KeySourceProtocolError, KeyUnavailable)
+from qkdgate.errors import (
+    KeyNotFound,
+    KeySourceAuthError,
+    KeySourceError,
+    KeySourceProtocolError,
+    KeyUnavailable,
+)
 from qkdgate.interfaces import QkdKey
 from qkdgate.keymix.secret import SecretBytes
 
@@ -194,7 +200,14 @@ def parse_status(raw: bytes) -> Status:
                                      f"max_key_size {ints['max_key_size']}")
     ids = {n: _id_field(doc, n, what) for n in (
         "source_KME_ID", "target_KME_ID", "master_SAE_ID", "slave_SAE_ID")}
-    return Status(**ids, **ints, status_extension=_ext(doc, "status_extension", what) or {})
+    return Status(
+        source_KME_ID=ids["source_KME_ID"], target_KME_ID=ids["target_KME_ID"],
+        master_SAE_ID=ids["master_SAE_ID"], slave_SAE_ID=ids["slave_SAE_ID"],
+        key_size=ints["key_size"], stored_key_count=ints["stored_key_count"],
+        max_key_count=ints["max_key_count"], max_key_per_request=ints["max_key_per_request"],
+        max_key_size=ints["max_key_size"], min_key_size=ints["min_key_size"],
+        max_SAE_ID_count=ints["max_SAE_ID_count"],
+        status_extension=_ext(doc, "status_extension", what) or {})
 
 
 def _decode_key(text: object, key_id: str, what: str) -> bytes:
@@ -222,7 +235,8 @@ def parse_key_container(raw: bytes, *, size_bits: int | None = None,
     if not isinstance(items, list):
         raise KeySourceProtocolError(f"{what}: 'keys' must be an array, got {_kind(items)}")
     if max_keys is not None and len(items) > max_keys:
-        raise KeySourceProtocolError(f"{what}: {len(items)} keys returned, at most {max_keys} asked")
+        raise KeySourceProtocolError(
+            f"{what}: {len(items)} keys returned, at most {max_keys} asked")
     keys: list[QkdKey] = []
     id_ext: dict[str, Any] = {}
     key_ext: dict[str, Any] = {}

@@ -24,14 +24,20 @@ import logging
 import random
 import socket
 import ssl
-from typing import Any, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 import aiohttp
 from yarl import URL
 
 from qkdgate.adapters.tls import check_peer_id
-from qkdgate.errors import (KeySourceAuthError, KeySourceError, KeySourceProtocolError,
-                            KeySourceTimeout, KeyUnavailable)
+from qkdgate.errors import (
+    KeySourceAuthError,
+    KeySourceError,
+    KeySourceProtocolError,
+    KeySourceTimeout,
+    KeyUnavailable,
+)
 
 log = logging.getLogger("qkdgate.adapters.https")
 
@@ -106,8 +112,9 @@ class KmeHttps:
                 raise KeySourceAuthError(f"{kme} {what}: KME certificate not trusted "
                                          f"({_reason(exc.certificate_error)})") from None
             except aiohttp.ClientSSLError as exc:
-                raise KeySourceAuthError(f"{kme} {what}: TLS handshake failed ({_reason(exc)})") from None
-            except asyncio.TimeoutError:
+                raise KeySourceAuthError(
+                    f"{kme} {what}: TLS handshake failed ({_reason(exc)})") from None
+            except TimeoutError:
                 last = KeySourceTimeout(f"{kme} {what}: no answer within {self.timeout} s")
                 continue
             except (aiohttp.ClientError, OSError) as exc:
@@ -144,10 +151,10 @@ def _probe(ctx: ssl.SSLContext, host: str, port: int, server_hostname: str | Non
     (like aiohttp) abort without one, so a connection that closes without
     answering a harmless HEAD counts as a refusal too."""
     try:
-        with socket.create_connection((host, port), timeout=timeout) as raw:
-            with ctx.wrap_socket(raw, server_hostname=server_hostname or host) as tls:
-                tls.sendall(b"HEAD / HTTP/1.1\r\nHost: kme\r\nConnection: close\r\n\r\n")
-                first = tls.recv(1)
+        with (socket.create_connection((host, port), timeout=timeout) as raw,
+              ctx.wrap_socket(raw, server_hostname=server_hostname or host) as tls):
+            tls.sendall(b"HEAD / HTTP/1.1\r\nHost: kme\r\nConnection: close\r\n\r\n")
+            first = tls.recv(1)
     except ssl.SSLError as exc:
         return _reason(exc)
     except OSError:
@@ -189,7 +196,8 @@ class _KmeConnector(aiohttp.TCPConnector):
 async def _read_bounded(resp: aiohttp.ClientResponse) -> bytes:
     if (resp.content_length or 0) > MAX_BODY_BYTES:
         raise KeySourceProtocolError(f"KME answer of {resp.content_length} bytes is too large")
-    chunks, size = [], 0
+    chunks: list[bytes] = []
+    size = 0
     while True:
         chunk = await resp.content.readany()
         if not chunk:
@@ -217,5 +225,6 @@ def _is_tls_alert(exc: BaseException) -> bool:
 def _reason(exc: BaseException | None) -> str:
     if exc is None:
         return "unknown"
-    r = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    r = (getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
+         or type(exc).__name__)
     return " ".join(str(r).split())[:160]

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Mapping
+from typing import Any
 
 from qkdgate.errors import ConfigError
 
@@ -34,7 +35,8 @@ class Profile:
     sources: tuple[str, ...] = (SPEC,)
 
     def __post_init__(self) -> None:
-        if self.enc_keys_method not in ("POST", "GET") or self.dec_keys_method not in ("POST", "GET"):
+        if self.enc_keys_method not in ("POST", "GET") \
+                or self.dec_keys_method not in ("POST", "GET"):
             raise ConfigError("method must be POST or GET", path="options.enc_keys_method")
         if self.default_key_bits <= 0 or self.default_key_bits % 8:
             raise ConfigError("default key size must be a positive multiple of 8 bits",

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import importlib
 import logging
+from collections.abc import Callable
 from importlib.metadata import entry_points
-from typing import Any, Callable
+from typing import Any
 
 from qkdgate.errors import ConfigError
 from qkdgate.interfaces import KeySource
@@ -61,9 +62,11 @@ def create_toshiba(settings: Any) -> KeySource:
 
 def _load(target: str) -> Factory:
     module, _, attr = target.partition(":")
-    obj: Any = importlib.import_module(module)
+    obj: object = importlib.import_module(module)
     for part in attr.split("."):
         obj = getattr(obj, part)
+    if not callable(obj):
+        raise ConfigError(f"key source factory {target} is not callable", path="kind")
     return obj
 
 
@@ -84,10 +87,13 @@ def find_factory(kind: str) -> Factory:
         raise ConfigError(f"key source kind {kind!r} is registered by several packages: "
                           + ", ".join(sorted({ep.value for ep in matches})), path="kind")
     try:
-        return matches[0].load()
-    except Exception as exc:   # a broken plugin is the operator's to fix, not a crash
+        factory: object = matches[0].load()
+    except Exception as exc:  # noqa: BLE001  a broken plugin is the operator's to fix, not a crash
         raise ConfigError(f"cannot load key source plugin {matches[0].value}: "
                           f"{type(exc).__name__}: {exc}", path="kind") from None
+    if not callable(factory):
+        raise ConfigError(f"key source plugin {matches[0].value} is not callable", path="kind")
+    return factory
 
 
 def create_key_source(kind: str, settings: Any) -> KeySource:

@@ -10,8 +10,9 @@ module and every error names the entry (``key_sources[kme-a].tls.cert``).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 from qkdgate.errors import ConfigError

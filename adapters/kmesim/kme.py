@@ -26,11 +26,15 @@ import base64
 import os
 import time
 import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
-from qkdgate.adapters.etsi014_codec import (MSG_EXT_MANDATORY_UNSUPPORTED, MSG_KEYS_NOT_FOUND,
-                                            MSG_SIZE_MULTIPLE_OF_8)
+from qkdgate.adapters.etsi014_codec import (
+    MSG_EXT_MANDATORY_UNSUPPORTED,
+    MSG_KEYS_NOT_FOUND,
+    MSG_SIZE_MULTIPLE_OF_8,
+)
 from qkdgate.adapters.kmesim.linkmodel import ALARM_LINK_DOWN, ALARM_QBER, QkdLink
 
 BAD_REQUEST = "Bad request format"
@@ -87,8 +91,8 @@ class SimNetwork:
 
     # ------------------------------------------------------------ topology
 
-    def add_kme(self, kme_id: str, **limits: int) -> SimKme:
-        kme = self.kmes[kme_id] = SimKme(kme_id, **limits)
+    def add_kme(self, kme_id: str, *, key_size: int = 256) -> SimKme:
+        kme = self.kmes[kme_id] = SimKme(kme_id, key_size=key_size)
         return kme
 
     def attach(self, sae_id: str, kme_id: str) -> None:
@@ -147,7 +151,7 @@ class SimNetwork:
             },
         })
 
-    def enc_keys(self, kme_id: str, caller: str, slave: str, req: Mapping[str, Any]) -> Reply:
+    def enc_keys(self, kme_id: str, caller: str, slave: str, req: object) -> Reply:
         """ETSI GS QKD 014 5.3 / 6.2 / 6.3."""
         pair = self._pair(kme_id, caller, slave)
         if isinstance(pair, Reply):

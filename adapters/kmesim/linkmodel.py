@@ -173,5 +173,6 @@ class QkdLink:
         self.stored_bits = 0
         self._carry = 0.0
 
-    def with_params(self, **changes: object) -> None:
-        self.params = replace(self.params, **changes)
+    def with_params(self, *, distance_km: float) -> None:
+        """Change the fibre length (the admin API's one live knob); LinkParams checks it."""
+        self.params = replace(self.params, distance_km=distance_km)

@@ -68,7 +68,8 @@ def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
 def _load(cred: Credential) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     cert = x509.load_pem_x509_certificate(cred.cert.read_bytes())
     key = serialization.load_pem_private_key(cred.key.read_bytes(), None)
-    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{cred.key}: not an EC private key")
     return cert, key
 
 
@@ -85,9 +86,10 @@ def _make_ca(cred: Credential, cn: str, now: dt.datetime) -> None:
             .not_valid_before(now - dt.timedelta(minutes=5))
             .not_valid_after(now + dt.timedelta(days=3650))
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False),
-                           critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False,
+                                         False), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                           critical=False)
             .sign(key, hashes.SHA256()))
     _write_key(cred.key, key)
     cred.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
@@ -130,7 +132,7 @@ def ensure_pki(state_dir: str | Path, kme_ids: list[str], sae_ids: list[str],
     d = Path(state_dir) / "pki"
     d.mkdir(parents=True, exist_ok=True, mode=0o700)
     pki = Pki(d, d / "ca.pem", d / "rogue-ca.pem")
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     ca = Credential(pki.ca, d / "ca.key")
     rogue_ca = Credential(pki.rogue_ca, d / "rogue-ca.key")
     for cred, cn in ((ca, "qkdgate demo CA"), (rogue_ca, "untrusted rogue CA")):

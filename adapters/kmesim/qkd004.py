@@ -15,8 +15,9 @@ from __future__ import annotations
 import base64
 import json
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping
+from typing import Any
 
 from qkdgate.adapters.etsi004 import QoS, Status
 from qkdgate.adapters.kmesim.kme import BAD_REQUEST, Reply, SimNetwork, error
@@ -72,7 +73,8 @@ class Qkd004Service:
     def open_connect(self, caller: str, doc: Mapping[str, Any]) -> Reply:
         src, dst = _sae(doc.get("source")), _sae(doc.get("destination"))
         if src is None or dst is None or caller not in (src, dst) or src == dst:
-            return error(400, BAD_REQUEST, hint="source and destination must name two SAEs, one the caller")
+            return error(400, BAD_REQUEST,
+                         hint="source and destination must name two SAEs, one the caller")
         try:
             qos = QoS.from_json(doc.get("qos", {}))
         except KeySourceProtocolError as exc:

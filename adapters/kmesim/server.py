@@ -28,9 +28,10 @@ import logging
 import os
 import ssl
 import time
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Mapping
+from typing import Any
 
 from aiohttp import web
 
@@ -48,7 +49,8 @@ KME_ID = web.AppKey("kme_id", str)
 GARBAGE = {
     "bytes": (b"\x00\xff\xfe garbage \x89PNG\r\n", "application/json"),
     "html": (b"<html><body><h1>502 Bad Gateway</h1></body></html>", "text/html"),
-    "json": (b'{"keys": [{"key_ID": "not-a-uuid", "key": "%%%"}], "status": 7}', "application/json"),
+    "json": (b'{"keys": [{"key_ID": "not-a-uuid", "key": "%%%"}], "status": 7}',
+             "application/json"),
     "truncated": (b'{"keys": [{"key_ID": "bc490419-7d60-487f', "application/json"),
 }
 
@@ -107,12 +109,13 @@ class KmeSimulator:
                     link_params: LinkParams = REALISTIC, key_size: int = 256,
                     max_key_count: int = 100000, prefill: int | None = None,
                     now: Callable[[], float] = time.monotonic,
-                    rng: Callable[[int], bytes] = os.urandom) -> AsyncIterator["KmeSimulator"]:
+                    rng: Callable[[int], bytes] = os.urandom) -> AsyncIterator[KmeSimulator]:
         """Start the KMEs (ports 0 = ephemeral) and stop them on exit.
         ``saes`` maps SAE ID -> KME ID (default: SAE-A at KME-A, ...);
         ``prefill`` puts that many keys in every link pool."""
         state = Path(state_dir)
-        saes = dict(saes) if saes is not None else {default_sae(k, i): k for i, k in enumerate(kmes)}
+        saes = (dict(saes) if saes is not None
+                else {default_sae(k, i): k for i, k in enumerate(kmes)})
         net = SimNetwork(now=now, rng=rng)
         for k in kmes:
             net.add_kme(k, key_size=key_size)
@@ -165,7 +168,7 @@ class KmeSimulator:
         for rdn in (cert or {}).get("subject", ()):
             for attr, value in rdn:
                 if attr == "commonName":
-                    return value
+                    return str(value)
         return None
 
     async def _respond(self, request: web.Request, kme_id: str, what: str,
@@ -195,7 +198,8 @@ class KmeSimulator:
         method, sae = request.match_info["method"], request.match_info["sae"]
         caller = self._caller(request)
         if caller is None:
-            return await self._respond(request, kme_id, method, Reply(401, {"message": "Unauthorized"}))
+            return await self._respond(request, kme_id, method,
+                                       Reply(401, {"message": "Unauthorized"}))
         net = self.network
         if method == "status" and request.method == "GET":
             reply = net.status(kme_id, caller, sae)
@@ -252,7 +256,7 @@ class KmeSimulator:
 
     def link(self, a: str | None = None, b: str | None = None) -> QkdLink:
         """The link between KMEs ``a`` and ``b`` (default: the first link)."""
-        if a is None:
+        if a is None or b is None:
             return next(iter(self.network.links.values()))
         link = self.network.links[frozenset((a, b))]
         return link
@@ -276,8 +280,8 @@ class KmeSimulator:
     def state(self) -> dict[str, Any]:
         out: dict[str, Any] = {"kmes": {}, "links": []}
         for k in self.network.kmes:
-            out["kmes"][k] = {"url": self.url(k), "faults": {**asdict(self.faults[k]),
-                                                                      "raw": self.faults[k].raw is not None},
+            faults = {**asdict(self.faults[k]), "raw": self.faults[k].raw is not None}
+            out["kmes"][k] = {"url": self.url(k), "faults": faults,
                               "saes": sorted(s for s, h in self.network.sae_home.items() if h == k),
                               "keys_awaiting_slaves": len(self.network.kmes[k].issued)}
         for link in self.network.links.values():
@@ -285,7 +289,8 @@ class KmeSimulator:
             skr, qber = link.rate()
             out["links"].append({"kmes": [link.kme_a, link.kme_b], "up": link.up,
                                  "paused": link.paused, "eve_fraction": link.eve_fraction,
-                                 "stored_keys": link.stored_keys(), "max_key_count": link.max_key_count,
+                                 "stored_keys": link.stored_keys(),
+                                 "max_key_count": link.max_key_count,
                                  "secret_key_rate_bps": round(skr, 1), "qber": round(qber, 5),
                                  "alarms": link.alarms(), "distance_km": link.params.distance_km})
         return out
@@ -294,7 +299,10 @@ class KmeSimulator:
 
     async def _serve_admin(self, port: int) -> None:
         app = web.Application(client_max_size=64 * 1024)
-        app.router.add_get("/admin/state", lambda r: web.json_response(self.state()))
+        async def admin_state(request: web.Request) -> web.Response:
+            return web.json_response(self.state())
+
+        app.router.add_get("/admin/state", admin_state)
         app.router.add_post("/admin/fault", self._admin_fault)
         app.router.add_post("/admin/link", self._admin_link)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
@@ -337,7 +345,8 @@ class KmeSimulator:
             if doc.get("drain"):
                 self.exhaust(link.kme_a, link.kme_b, refill=not doc.get("pause", True))
             if "fill" in doc:
-                self.fill(None if doc["fill"] == "full" else int(doc["fill"]), link.kme_a, link.kme_b)
+                keys = None if doc["fill"] == "full" else int(doc["fill"])
+                self.fill(keys, link.kme_a, link.kme_b)
             if "distance_km" in doc:
                 link.with_params(distance_km=float(doc["distance_km"]))
         except (KeyError, TypeError, ValueError) as exc:
@@ -350,7 +359,8 @@ async def _request_object(request: web.Request, query_ints: set[str]) -> dict[st
     parameters named in ``query_ints`` as integers (ETSI GS QKD 014 5.3)."""
     if request.method == "GET":
         if set(request.query) - query_ints:
-            return error(400, BAD_REQUEST, unknown_parameters=sorted(set(request.query) - query_ints))
+            return error(400, BAD_REQUEST,
+                         unknown_parameters=sorted(set(request.query) - query_ints))
         out: dict[str, Any] = {}
         for k in query_ints & set(request.query):
             try:
