@@ -24,13 +24,23 @@ import enum
 import ipaddress
 import os
 import types
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Mapping
+from typing import Annotated, Any
 
 from qkdgate.errors import ConfigError
-from qkdgate.gateway.config.schema import (Duration, FilePath, Length, Name, PathOrLiteral,
-                                           Pattern, Range, Walk)
+from qkdgate.gateway.config.schema import (
+    Duration,
+    FilePath,
+    Length,
+    Name,
+    PathOrLiteral,
+    Pattern,
+    Range,
+    Walk,
+)
 from qkdgate.interfaces import IPAddress, IPNetwork, MacsecCipher, Mark, Mode
+
 # The tunnels layer owns the key policy (it enforces it per generation);
 # the config names it and re-exports it for its readers.
 from qkdgate.tunnels.policy import LEGS, POLICY_LEGS, KeyPolicy  # noqa: F401
@@ -40,6 +50,7 @@ Seconds = Annotated[float, Duration, Range(0, gt=True)]
 IfName = Annotated[str, Pattern(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,14}",
                                 "a Linux interface name (1-15 letters, digits, '_', '.', '-')")]
 Hostname = Annotated[str, Pattern(r"[A-Za-z0-9:.\[\]_-]{1,253}", "a host name or IP address")]
+SaeId = Annotated[str, Pattern(r"[^\s/?#]{1,128}", "an SAE ID (no spaces, '/', '?', '#')")]
 MqttTopic = Annotated[str, Pattern(r"[^#+/\s][^#+\s]*(?<!/)",
                                    "an MQTT topic prefix without wildcards (+, #), "
                                    "spaces or leading/trailing '/'")]
@@ -125,7 +136,8 @@ MTLS_KINDS = frozenset(KIND_NEEDS_MTLS) | {"etsi004"}
 @dataclass(frozen=True, slots=True)
 class Listen:
     """Where the peer protocol listens (UDP)."""
-    address: IPAddress = ipaddress.ip_address("0.0.0.0")
+    # Immutable default; all interfaces is the documented default for the peer port.
+    address: IPAddress = ipaddress.IPv4Address("0.0.0.0")  # noqa: RUF009, S104
     port: Port = 4600
 
 
@@ -161,8 +173,8 @@ class PeerQkd:
     """How this gateway gets QKD keys it shares with one peer."""
     key_source: Annotated[str, Name]
     role: QkdRole
-    local_sae_id: Annotated[str, Pattern(r"[^\s/?#]{1,128}", "an SAE ID (no spaces, '/', '?', '#')")]
-    peer_sae_id: Annotated[str, Pattern(r"[^\s/?#]{1,128}", "an SAE ID (no spaces, '/', '?', '#')")]
+    local_sae_id: SaeId
+    peer_sae_id: SaeId
     key_size: Annotated[int, Range(128, 8192)] = 256   # bits; ETSI GS QKD 014 6.2 size
 
     _yaml_label = "peer qkd"
@@ -322,7 +334,7 @@ class MqttConfig:
 @dataclass(frozen=True, slots=True)
 class PrometheusConfig:
     enabled: bool = False
-    address: IPAddress = ipaddress.ip_address("127.0.0.1")
+    address: IPAddress = ipaddress.IPv4Address("127.0.0.1")  # noqa: RUF009  immutable value
     port: Port = 9464
 
     _yaml_label = "prometheus settings"
@@ -382,7 +394,7 @@ class Config:
     def tunnels_for(self, peer: str) -> tuple[TunnelConfig, ...]:
         return tuple(t for t in self.tunnels if t.peer == peer)
 
-    def validate(self) -> "Config":
+    def validate(self) -> Config:
         """Cross-check values against each other; raises ConfigError."""
         from qkdgate.gateway.config.validate import validate
         validate(self)
@@ -403,7 +415,8 @@ class Config:
         """Plain JSON-able data (the ``check-config --json`` output). Holds no
         secrets: the schema has only paths to secret files."""
         from qkdgate.gateway.config.validate import to_plain
-        return to_plain(self)
+        plain: dict[str, Any] = to_plain(self)
+        return plain
 
 
 # ---------------------------------------------------------------- loading

@@ -36,8 +36,9 @@ import re
 import types
 import typing
 from collections import abc
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from qkdgate.errors import ConfigError
 
@@ -128,7 +129,7 @@ class Walk:
     def build(self, tp: Any, node: Any, path: str) -> Any:
         self._check_node(node, path)
         self.lines.setdefault(path, node.start_mark.line + 1)
-        markers: tuple = ()
+        markers: tuple[object, ...] = ()
         if typing.get_origin(tp) is typing.Annotated:
             tp, *rest = typing.get_args(tp)
             markers = tuple(rest)
@@ -151,7 +152,7 @@ class Walk:
             return self._sequence(args[0], markers, node, path)
         if origin in (dict, abc.Mapping) or tp is Mapping:
             return self._free_mapping(node, path)
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             return self.dataclass(tp, node, path)
         if isinstance(tp, type) and issubclass(tp, enum.Enum):
             return self._enum(tp, node, path)
@@ -202,7 +203,8 @@ class Walk:
     def dataclass(self, cls: type, node: Any, path: str) -> Any:
         items = self._mapping_items(node, path, f"a mapping ({_label(cls)})")
         hints = typing.get_type_hints(cls, include_extras=True)
-        fields = {f.name: f for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")}
+        fields = {f.name: f for f in dataclasses.fields(cls)
+                  if f.init and not f.name.startswith("_")}
         values: dict[str, Any] = {}
         for key, knode, vnode in items:
             kpath = _join(path, key)
@@ -223,10 +225,12 @@ class Walk:
                                  found="keys " + (", ".join(k for k, _, _ in items) or "none"))
         return cls(**values)
 
-    def _sequence(self, item_tp: Any, markers: tuple, node: Any, path: str) -> tuple:
+    def _sequence(self, item_tp: Any, markers: tuple[object, ...], node: Any,
+                  path: str) -> tuple[object, ...]:
         if node.id != "sequence":
             raise self.error(node, path, "wrong type", expected="a list", found=describe(node))
-        out = tuple(self.build(item_tp, child, f"{path}[{i}]") for i, child in enumerate(node.value))
+        out = tuple(self.build(item_tp, child, f"{path}[{i}]")
+                    for i, child in enumerate(node.value))
         for m in markers:
             if isinstance(m, Length) and not (m.lo <= len(out) <= (m.hi if m.hi is not None
                                                                    else len(out))):
@@ -270,9 +274,9 @@ class Walk:
     def _scalar(self, node: Any, path: str, expected: str) -> str:
         if node.id != "scalar":
             raise self.error(node, path, "wrong type", expected=expected, found=describe(node))
-        return node.value
+        return str(node.value)
 
-    def _string(self, node: Any, path: str, markers: tuple) -> str:
+    def _string(self, node: Any, path: str, markers: tuple[object, ...]) -> str:
         if _is_null(node):
             raise self.error(node, path, "missing value", expected=_expect_str(markers),
                              found="null")
@@ -356,7 +360,8 @@ class Walk:
                              expected=expected, found=f"'{text}'")
         raise self.error(node, path, "invalid duration", expected=expected, found=describe(node))
 
-    def _ranged(self, value: float, markers: tuple, node: Any, path: str, unit: str = "") -> Any:
+    def _ranged(self, value: float, markers: tuple[object, ...], node: Any, path: str,
+                unit: str = "") -> Any:
         for m in markers:
             if not isinstance(m, Range):
                 continue
@@ -428,10 +433,11 @@ def _join(path: str, key: str) -> str:
 
 
 def _label(cls: type) -> str:
-    return getattr(cls, "_yaml_label", None) or re.sub(r"(?<!^)(?=[A-Z])", " ", cls.__name__).lower()
+    label = getattr(cls, "_yaml_label", None)
+    return str(label) if label else re.sub(r"(?<!^)(?=[A-Z])", " ", cls.__name__).lower()
 
 
-def _expect_str(markers: tuple) -> str:
+def _expect_str(markers: tuple[object, ...]) -> str:
     for m in markers:
         if m is Name:
             return "a name of letters, digits, '.', '_', '-' (at most 63, starting alphanumeric)"

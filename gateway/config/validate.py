@@ -17,7 +17,8 @@ import enum
 import ipaddress
 import re
 import types
-from typing import TYPE_CHECKING, Any, Iterable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from qkdgate.interfaces import Mode
@@ -29,11 +30,19 @@ if TYPE_CHECKING:
 _SECRET_KEY_RE = re.compile(r"(?i)(passw(or)?d|secret|token|psk|private|api_?key|credential)")
 
 
-def validate(cfg: "Config") -> None:
-    from qkdgate.gateway.config.model import (BUILTIN_KEY_SOURCE_KINDS, KIND_NEEDS_MTLS, MTLS_KINDS,
-                                        IDENTITY_PREFIX, KIND_NEEDS_URL, REQID_SPAN,
-                                        SUPPORTED_VERSIONS, KemSuite, Profile,
-                                        TunnelType)
+def validate(cfg: Config) -> None:
+    from qkdgate.gateway.config.model import (
+        BUILTIN_KEY_SOURCE_KINDS,
+        IDENTITY_PREFIX,
+        KIND_NEEDS_MTLS,
+        KIND_NEEDS_URL,
+        MTLS_KINDS,
+        REQID_SPAN,
+        SUPPORTED_VERSIONS,
+        KemSuite,
+        Profile,
+        TunnelType,
+    )
 
     if cfg.version not in SUPPORTED_VERSIONS:
         raise cfg.error("version", "unsupported configuration version",
@@ -181,7 +190,8 @@ def validate(cfg: "Config") -> None:
             reqids.append((0, 0))
         if t.macsec is not None:
             name = t.macsec_interface
-            assert name is not None
+            if name is None:
+                raise TypeError(f"{at}: MACsec tunnel without an interface name")   # our bug
             if name == t.macsec.parent:
                 raise cfg.error(f"{at}.macsec.interface", "interface equals its parent",
                                 expected=f"a name other than '{name}'", found=f"'{name}'")
@@ -213,7 +223,7 @@ def validate(cfg: "Config") -> None:
         _check_tls(cfg, "telemetry.mqtt.tls", m.tls)
 
 
-def warnings(cfg: "Config") -> list[str]:
+def warnings(cfg: Config) -> list[str]:
     """Legal but suspicious settings, as 'path: text' lines."""
     out = []
     for i, t in enumerate(cfg.tunnels):
@@ -284,7 +294,7 @@ def to_plain(obj: Any) -> Any:
 
 # ---------------------------------------------------------------- helpers
 
-def _unique(cfg: "Config", at: str, names: list[str], what: str) -> None:
+def _unique(cfg: Config, at: str, names: list[str], what: str) -> None:
     seen: dict[str, int] = {}
     field = {"peers": ".name", "key_sources": ".name", "tunnels": ".name"}.get(at, "")
     for i, n in enumerate(names):
@@ -303,13 +313,13 @@ def _s(seconds: float) -> str:
     return f"{seconds:g}s"
 
 
-def _check_unicast(cfg: "Config", at: str, addr: Any) -> None:
+def _check_unicast(cfg: Config, at: str, addr: Any) -> None:
     if addr.is_unspecified or addr.is_multicast:
         raise cfg.error(at, "not a unicast address", expected="a unicast IP address",
                         found=str(addr))
 
 
-def _check_url(cfg: "Config", at: str, url: str, kind: str) -> None:
+def _check_url(cfg: Config, at: str, url: str, kind: str) -> None:
     parts = urlsplit(url)
     try:
         host, port = parts.hostname, parts.port
@@ -326,14 +336,14 @@ def _check_url(cfg: "Config", at: str, url: str, kind: str) -> None:
     del port
 
 
-def _check_tls(cfg: "Config", at: str, tls: Any) -> None:
+def _check_tls(cfg: Config, at: str, tls: Any) -> None:
     if (tls.cert is None) != (tls.key is None):
         missing = "key" if tls.key is None else "cert"
         raise cfg.error(at, f"client certificate and key go together; '{missing}' is missing",
                         expected="both cert and key, or neither", found=f"no {missing}")
 
 
-def _check_ipsec(cfg: "Config", at: str, s: Any) -> None:
+def _check_ipsec(cfg: Config, at: str, s: Any) -> None:
     _check_unicast(cfg, f"{at}.local_address", s.local_address)
     _check_unicast(cfg, f"{at}.remote_address", s.remote_address)
     if s.local_address.version != s.remote_address.version:
@@ -368,7 +378,7 @@ def _check_ipsec(cfg: "Config", at: str, s: Any) -> None:
                                     found=str(net))
 
 
-def _check_identity(cfg: "Config", at: str, text: str) -> None:
+def _check_identity(cfg: Config, at: str, text: str) -> None:
     """An inline pinned identity must parse (qkdgate.gateway.protocol.identity is the
     one parser of that format); its error is re-located to our path/line."""
     from qkdgate.errors import ConfigError
@@ -393,7 +403,7 @@ def _known_kinds(fallback: Iterable[str]) -> set[str]:
     return set(available_kinds())
 
 
-def _check_vendor_options(cfg: "Config", i: int, default_profile: str) -> None:
+def _check_vendor_options(cfg: Config, i: int, default_profile: str) -> None:
     """Apply the ETSI 014 adapter's own option and SAE ID checks now, so
     check-config reports them with a line number instead of the daemon
     failing at start. The adapter module owns these rules."""
