@@ -17,6 +17,11 @@ import json
 import os
 import stat
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the command module stays light to import (cli/main.py)
+    from qkdgate.gateway.config.model import Config
+    from qkdgate.interfaces import IPAddress
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def summary(cfg, filename: str) -> str:
+def summary(cfg: Config, filename: str) -> str:
     g = cfg.gateway
     lines = [f"{filename}: OK",
              f"gateway {g.name}: {g.kem_suite.value} + X25519, profile {g.profile.value}, "
@@ -77,7 +82,7 @@ def summary(cfg, filename: str) -> str:
     return "\n".join(lines)
 
 
-def check_files(cfg) -> None:
+def check_files(cfg: Config) -> None:
     """Referenced files exist; secret files are private regular files; pinned
     identity files hold a public identity."""
     from qkdgate.gateway.config.model import IDENTITY_PREFIX
@@ -119,7 +124,7 @@ def check_files(cfg) -> None:
             _check_pinned_file(cfg, at, path)
 
 
-def _check_pinned_file(cfg, at: str, path: str) -> None:
+def _check_pinned_file(cfg: Config, at: str, path: str) -> None:
     """A pinned identity file must hold one public identity string."""
     from qkdgate.errors import ConfigError
     from qkdgate.gateway.protocol.identity import PeerIdentity
@@ -140,5 +145,5 @@ def _n(count: int, noun: str) -> str:
     return f"{count} {noun}" + ("" if count == 1 else "s")
 
 
-def _hostport(addr, port: int) -> str:
+def _hostport(addr: IPAddress, port: int) -> str:
     return f"[{addr}]:{port}" if getattr(addr, "version", 4) == 6 else f"{addr}:{port}"

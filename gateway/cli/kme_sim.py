@@ -32,16 +32,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8441,
                    help="port of the first KME, the others follow (default 8441; 0 = any)")
     p.add_argument("--admin-port", type=int, default=8440,
-                   help="loopback HTTP port of the fault-injection endpoint (default 8440; -1 = off)")
+                   help="loopback HTTP port of the fault-injection endpoint "
+                        "(default 8440; -1 = off)")
     p.add_argument("--distance-km", type=float, default=10.0, help="fibre length (default 10)")
     p.add_argument("--detector", choices=("ingaas", "snspd"), default="ingaas")
-    p.add_argument("--rep-rate-ghz", type=float, default=1.0, help="source repetition rate (default 1)")
+    p.add_argument("--rep-rate-ghz", type=float, default=1.0,
+                   help="source repetition rate (default 1)")
     p.add_argument("--fibre-loss", type=float, default=0.2,
                    help="dB/km (default 0.2; 0.16 for ultra-low-loss fibre)")
     p.add_argument("--qber-threshold", type=float, default=0.08,
                    help="QBER above which the link stops producing key (default 0.08)")
     p.add_argument("--finite-key-factor", type=float, default=0.06,
-                   help="scales the asymptotic rate to a commercial one (default 0.06: ~1 Mb/s at 10 km)")
+                   help="scales the asymptotic rate to a commercial one "
+                        "(default 0.06: ~1 Mb/s at 10 km)")
     p.add_argument("--max-key-count", type=int, default=100000)
     p.add_argument("--key-size", type=int, default=256, help="default key size in bits")
     p.add_argument("--prefill", type=int, default=1000, help="keys in each pool at start")
@@ -107,9 +110,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_banner(sim: "object") -> None:
+def _print_banner(sim: object) -> None:
     from qkdgate.adapters.kmesim.server import KmeSimulator
-    assert isinstance(sim, KmeSimulator)
+    if not isinstance(sim, KmeSimulator):
+        raise TypeError(f"expected a KmeSimulator, not {type(sim).__name__}")   # our bug
     print(f"KME simulator state directory: {sim.state_dir}")
     print(f"  demo CA:        {sim.pki.ca}")
     saes = sorted(sim.network.sae_home)

@@ -41,8 +41,11 @@ def run(args: argparse.Namespace) -> int:
         while time.monotonic() < deadline:
             tunnels = request(path, "status").get("tunnels", [])
             status = next((t for t in tunnels if t.get("tunnel") == args.tunnel), None)
-            gen = status.get("generation") if status else None
-            if gen is not None and (before is None or gen != before) and status["state"] == "up":
+            if status is None:
+                gen, state = None, None
+            else:
+                gen, state = status.get("generation"), status.get("state")
+            if gen is not None and (before is None or gen != before) and state == "up":
                 rc = 0
                 break
             time.sleep(0.2)

@@ -24,9 +24,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from qkdgate.errors import ConfigError, QkdgateError
 
@@ -53,7 +54,7 @@ class KernelSupport:
 Runner = Callable[[Sequence[str], str], Any]
 
 
-def _run(cmd: Sequence[str], stdin: str = "") -> subprocess.CompletedProcess:
+def _run(cmd: Sequence[str], stdin: str = "") -> subprocess.CompletedProcess[str]:
     return subprocess.run(list(cmd), input=stdin, text=True, capture_output=True)
 
 
@@ -68,12 +69,12 @@ def probe_kernel(runner: Runner = _run, tag: str | None = None) -> KernelSupport
     try:
         state = ["ip", "-n", ns, "xfrm", "state", "add", "src", "10.0.0.1", "dst", "10.0.0.2",
                  "proto", "esp", "spi", "0x100", "reqid", "1", "mode", "tunnel"]
-        r = runner(state + ["aead", "rfc4106(gcm(aes))", GCM_KEY, "128"], "")
+        r = runner([*state, "aead", "rfc4106(gcm(aes))", GCM_KEY, "128"], "")
         if r.returncode == 0:
             ks.esp = ks.gcm = True
         else:
             ks.problems.append(f"ESP with rfc4106(gcm(aes)): {r.stderr.strip()}")
-            r2 = runner(state[:-4] + ["spi", "0x101", "reqid", "1", "mode", "tunnel", "enc",
+            r2 = runner([*state[:-4], "spi", "0x101", "reqid", "1", "mode", "tunnel", "enc",
                                       "cbc(aes)", "0x" + "22" * 16, "auth", "hmac(sha256)",
                                       "0x" + "33" * 32], "")
             ks.esp = r2.returncode == 0
@@ -259,6 +260,7 @@ def run(args: argparse.Namespace) -> int:
 
 def run_here(args: argparse.Namespace) -> int:
     import atexit
+
     from qkdgate.gateway.demo.net import Cleanup
     from qkdgate.gateway.demo.run import DemoRun
     cleanup = Cleanup()
@@ -277,7 +279,7 @@ def run_here(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             interrupted = True
             print("demo: interrupted, cleaning up", flush=True)
-        except Exception as exc:     # report after cleanup, with the summary so far
+        except Exception as exc:  # noqa: BLE001  reported after cleanup, with the summary so far
             failure = exc
             print(f"demo: failed: {type(exc).__name__}: {exc}; cleaning up", flush=True)
         summary = demo.finish()

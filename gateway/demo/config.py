@@ -44,12 +44,12 @@ class Timers:
     grace: float = 1.0
 
     @classmethod
-    def for_interval(cls, interval: float) -> "Timers":
+    def for_interval(cls, interval: float) -> Timers:
         return cls(interval, 2 * interval, 3 * interval, min(1.0, interval / 3))
 
 
 def _s(x: float) -> str:
-    return f"{int(round(x * 1000))}ms"
+    return f"{round(x * 1000)}ms"
 
 
 def gateway_yaml(side: str, folder: Path, kme: KmeEndpoint, *, policy: str, timers: Timers,

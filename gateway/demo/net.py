@@ -25,6 +25,7 @@ interrupted (the caller wires it to ``finally``, ``atexit`` and signals).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import errno
 import logging
@@ -34,10 +35,13 @@ import secrets
 import socket
 import subprocess
 import threading
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import Future
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 from qkdgate.errors import TunnelError
+
+T = TypeVar("T")
 
 log = logging.getLogger("qkdgate.demo")
 
@@ -53,7 +57,7 @@ MS_A, MS_B = "172.16.0.1", "172.16.0.2"     # addresses on the MACsec link
 Runner = Callable[[Sequence[str], str], "subprocess.CompletedProcess[str]"]
 
 
-def run_ip(cmd: Sequence[str], stdin: str = "") -> "subprocess.CompletedProcess[str]":
+def run_ip(cmd: Sequence[str], stdin: str = "") -> subprocess.CompletedProcess[str]:
     return subprocess.run(list(cmd), input=stdin, text=True, capture_output=True)
 
 
@@ -86,7 +90,7 @@ class Cleanup:
                 what, fn = self._actions.pop()
             try:
                 fn()
-            except Exception as exc:   # keep going: the next namespace must go too
+            except Exception as exc:  # noqa: BLE001  keep going: the next namespace must go too
                 self.errors.append(f"{what}: {exc}")
                 log.warning("cleanup: %s failed: %s", what, exc)
         return self.errors
@@ -106,7 +110,7 @@ class DemoNet:
     def __getattr__(self, role: str) -> str:
         ns = self.__dict__.get("ns", {})
         if role in ns:
-            return ns[role]
+            return str(ns[role])
         raise AttributeError(role)
 
     def _batch(self, lines: list[str], netns: str | None = None) -> None:
@@ -116,7 +120,7 @@ class DemoNet:
             raise TunnelError("demo_topology", errno.EINVAL,
                               f"ip -batch in {netns or 'the root namespace'}: {r.stderr.strip()}")
 
-    def up(self) -> "DemoNet":
+    def up(self) -> DemoNet:
         n = self.ns
         for name in n.values():           # one by one, so down() knows what exists
             self._batch([f"netns add {name}"])
@@ -204,16 +208,16 @@ def enter_netns(name: str) -> None:
         os.close(fd)
 
 
-def in_thread_netns(name: str, fn: Callable[[], Any]) -> Any:
+def in_thread_netns(name: str, fn: Callable[[], T]) -> T:
     """Run ``fn`` in a short-lived thread inside ``name``; sockets it opens
     stay in that namespace for their whole life."""
-    box: Future = Future()
+    box: Future[T] = Future()
 
     def body() -> None:
         try:
             enter_netns(name)
             box.set_result(fn())
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001  handed to the caller by box.result()
             box.set_exception(exc)
     t = threading.Thread(target=body, name=f"ns-{name}", daemon=True)
     t.start()
@@ -243,7 +247,7 @@ class LoopThread:
         self._error: BaseException | None = None
         self.thread = threading.Thread(target=self._main, name=name, daemon=True)
 
-    def start(self) -> "LoopThread":
+    def start(self) -> LoopThread:
         self.thread.start()
         self._started.wait()
         if self._error is not None:
@@ -254,7 +258,7 @@ class LoopThread:
         try:
             enter_netns(self.netns)
             self.loop = asyncio.new_event_loop()
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001  re-raised in the caller by start()
             self._error = exc
             self._started.set()
             return
@@ -265,11 +269,12 @@ class LoopThread:
         finally:
             self.loop.close()
 
-    def submit(self, coro: Awaitable[Any]) -> Future:
-        assert self.loop is not None
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)  # type: ignore[arg-type]
+    def submit(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
+        if self.loop is None:
+            raise RuntimeError("LoopThread.submit before start()")
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
-    def call(self, coro: Awaitable[Any], timeout: float = 30.0) -> Any:
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
         return self.submit(coro).result(timeout)
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -293,7 +298,7 @@ class TcpForwarder:
 
     @property
     def port(self) -> int:
-        return self.listen.getsockname()[1]
+        return int(self.listen.getsockname()[1])
 
     async def start(self) -> None:
         self.listen.setblocking(False)
@@ -315,10 +320,8 @@ class TcpForwarder:
             except (OSError, asyncio.IncompleteReadError):
                 pass
             finally:
-                try:
+                with contextlib.suppress(OSError, RuntimeError):   # closed, or loop closing
                     w.close()
-                except Exception:
-                    pass
         await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer))
 
     async def close(self) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -27,9 +28,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, TextIO
+from typing import Any, TextIO
 
 from qkdgate.errors import QkdgateError
 from qkdgate.gateway.demo import net as dn
@@ -43,7 +45,8 @@ READY_TIMEOUT = 120.0      # first generation on both gateways (slow under QEMU 
 # with the root filesystem over 9p an import costs seconds (every stat is a
 # round trip), so a thread imports them while the namespaces are built
 # (that part waits on `ip` processes, not on Python).
-PREFETCH = ("qkdgate.gateway.daemon.daemon", "qkdgate.gateway.daemon.build", "qkdgate.gateway.protocol.identity",
+PREFETCH = ("qkdgate.gateway.daemon.daemon", "qkdgate.gateway.daemon.build",
+            "qkdgate.gateway.protocol.identity",
             "qkdgate.gateway.config.model", "qkdgate.adapters.registry", "qkdgate.adapters.etsi014",
             "qkdgate.adapters.kmesim.server", "qkdgate.tunnels.xfrm", "qkdgate.tunnels.macsec",
             "qkdgate.tunnels.ipsec_tunnel", "qkdgate.tunnels.macsec_tunnel",
@@ -57,7 +60,7 @@ def prefetch_imports(names: tuple[str, ...] = PREFETCH) -> threading.Thread:
         for n in names:
             try:
                 importlib.import_module(n)
-            except Exception as exc:      # the real import later reports it properly
+            except Exception as exc:  # noqa: BLE001  the real import later reports it properly
                 log.debug("prefetch %s: %s", n, exc)
     t = threading.Thread(target=body, name="prefetch", daemon=True)
     t.start()
@@ -101,14 +104,19 @@ class DemoRun:
         self.stopped = threading.Event()
         self._last_link: dict[str, Any] | None = None
 
+    def _state_dir(self) -> Path:
+        if self.state_dir is None:
+            raise RuntimeError("DemoRun.setup() has not run")   # our bug
+        return self.state_dir
+
     def say(self, text: str) -> None:
         print(text, file=self.out, flush=True)
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
-        self.state_dir = Path(tempfile.mkdtemp(prefix="qkdgate-demo-"))
-        os.chmod(self.state_dir, 0o700)
-        self.cleanup.push("state directory", lambda: shutil.rmtree(self.state_dir, True))
+        state_dir = self.state_dir = Path(tempfile.mkdtemp(prefix="qkdgate-demo-"))
+        os.chmod(state_dir, 0o700)
+        self.cleanup.push("state directory", lambda: shutil.rmtree(state_dir, True))
         self._logging()
         self.say(f"demo: namespaces {dn.PREFIX}{self.net.tag}-*, state {self.state_dir}")
         self.cleanup.push("namespaces", self._net_down)
@@ -143,7 +151,7 @@ class DemoRun:
     def _logging(self) -> None:
         logger = logging.getLogger("qkdgate")
         logger.setLevel(logging.DEBUG if self.opts.verbose else logging.INFO)
-        self.log_path = self.opts.log_file or str(self.state_dir / "demo.log")
+        self.log_path = self.opts.log_file or str(self._state_dir() / "demo.log")
         h = logging.FileHandler(self.log_path)
         h.setFormatter(logging.Formatter("%(asctime)s %(threadName)s %(name)s %(levelname)s "
                                          "%(message)s"))
@@ -175,9 +183,9 @@ class DemoRun:
 
         async def main() -> None:
             self._kme_stop = asyncio.Event()
-            async with KmeSimulator.start(self.state_dir / "kme", prefill=1000) as sim:
+            async with KmeSimulator.start(self._state_dir() / "kme", prefill=1000) as sim:
                 fwds = [dn.TcpForwarder(s, ("127.0.0.1", sim.ports[k]))
-                        for s, k in zip(listeners, ("KME-A", "KME-B"))]
+                        for s, k in zip(listeners, ("KME-A", "KME-B"), strict=True)]
                 for f in fwds:
                     await f.start()
                 self.sim = sim
@@ -197,7 +205,7 @@ class DemoRun:
             self.kme.loop.call_soon_threadsafe(self._kme_stop.set)
             try:
                 fut.result(10)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001  stopping: report how it ended, stop the rest
                 log.warning("KME simulator: %s", exc)
 
     def _start_daemon(self, name: str, ns: str, path: str) -> None:
@@ -227,7 +235,7 @@ class DemoRun:
             lt.loop.call_soon_threadsafe(d.stop)
         try:
             fut.result(20)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001  stopping: report how it ended, stop the rest
             log.warning("%s: stopped with %s", name, exc)
 
     # ------------------------------------------------------------ observing
@@ -242,7 +250,8 @@ class DemoRun:
             return None
 
         async def get() -> dict[str, Any]:
-            return d.status()
+            status: dict[str, Any] = d.status()
+            return status
         try:
             return lt.call(get(), timeout=10)
         except TimeoutError:     # a busy loop under TCG: show it, do not die
@@ -254,7 +263,8 @@ class DemoRun:
             return None
 
         async def get() -> dict[str, Any]:
-            return self.sim.state()["links"][0]
+            link: dict[str, Any] = self.sim.state()["links"][0]
+            return link
         link = self.kme.call(get(), timeout=10)
         prev = set((self._last_link or {}).get("alarms", []))
         for a in link.get("alarms", []):
@@ -268,6 +278,8 @@ class DemoRun:
     def set_eavesdropper(self, on: bool) -> None:
         async def set_() -> None:
             self.sim.set_eavesdropper(self.opts.eve_fraction if on else 0.0)
+        if self.kme is None:
+            raise RuntimeError("set_eavesdropper before the KME simulator runs")   # our bug
         self.kme.call(set_())
         self.eve_on = on
         self.rec.eavesdropper("on" if on else "after")
@@ -286,7 +298,8 @@ class DemoRun:
         raise QkdgateError(f"the tunnels did not come up within {READY_TIMEOUT:.0f} s "
                            f"(log: {self.log_path})")
 
-    def start_traffic(self) -> None:
+    def start_traffic(self) -> float:
+        """Start the streams; returns the time traffic started (time.monotonic)."""
         n = self.net
         self.streams = [
             UdpStream("hA->hB", 1, n.hA, dn.HA, n.hB, dn.HB, rate=self.opts.rate).start(),
@@ -300,8 +313,9 @@ class DemoRun:
             self.streams.append(UdpStream("gA->gB (MACsec)", 3, n.gA, dn.MS_A, n.gB, dn.MS_B,
                                           rate=self.opts.rate, port=5002).start())
         for s in self.streams:
-            self.cleanup.push(f"stream {s.name}", lambda s=s: s.stop(0.0))
-        self.traffic_t0 = time.monotonic()
+            self.cleanup.push(f"stream {s.name}", functools.partial(s.stop, 0.0))
+        t0 = self.traffic_t0 = time.monotonic()
+        return t0
 
     def snapshot(self, window: float) -> dict[str, Any]:
         now = time.monotonic()
@@ -309,11 +323,11 @@ class DemoRun:
         rekeys = self.rec.rekeys()
         traffic = {}
         for s in self.streams:
-            c = s.counters()
             since = now - window
-            c.update(window=window, window_sent=sum(1 for t in s.sent_at[-int(window * s.rate * 2 + 10):]
-                                                    if t >= since),
-                     window_received=s.received_since(since))
+            recent = s.sent_at[-int(window * s.rate * 2 + 10):]
+            c: dict[str, float] = {**s.counters(), "window": window,
+                                   "window_sent": sum(1 for t in recent if t >= since),
+                                   "window_received": s.received_since(since)}
             traffic[s.name] = c
         remaining = None
         if self.opts.duration is not None and self.traffic_t0 is not None:
@@ -336,9 +350,8 @@ class DemoRun:
             self.wait_ready()
         self.rec.start_clock()
         self.rec.eavesdropper("before" if o.eavesdrop_at is not None else None)
-        self.start_traffic()
+        t0 = self.start_traffic()
         self.say(f"demo: tunnel up, traffic running ({o.rate} datagrams/s each way)")
-        t0 = self.traffic_t0
         next_view = t0
         eve_end = None
         while not self.stopped.is_set():
@@ -349,7 +362,8 @@ class DemoRun:
             if o.eavesdrop_at is not None and not self.eve_on and eve_end is None \
                     and el >= o.eavesdrop_at:
                 self.set_eavesdropper(True)
-                eve_end = (o.eavesdrop_at + o.eavesdrop_for) if o.eavesdrop_for > 0 else float("inf")
+                eve_end = (o.eavesdrop_at + o.eavesdrop_for if o.eavesdrop_for > 0
+                           else float("inf"))
             if self.eve_on and eve_end is not None and el >= eve_end:
                 self.set_eavesdropper(False)
             if now >= next_view:
@@ -365,7 +379,8 @@ class DemoRun:
         traffic: dict[str, Any] = {"streams": {}, "sent": 0, "received": 0, "lost": 0}
         for s in self.streams:
             by_phase = loss_by_phase(s.sent_at, s.received, self.rec.phases, end)
-            c = {k: sum(row[k] for row in by_phase.values()) for k in ("sent", "received", "lost")}
+            c: dict[str, Any] = {k: sum(row[k] for row in by_phase.values())
+                                 for k in ("sent", "received", "lost")}
             c.update(rate=s.rate, send_errors=s.send_errors, by_phase=by_phase)
             traffic["streams"][s.name] = c
             for k in ("sent", "received", "lost"):
@@ -374,8 +389,8 @@ class DemoRun:
         link = None
         try:
             link = self.link_state()
-        except Exception:
-            pass
+        except Exception as exc:  # noqa: BLE001  the summary is still worth having
+            log.warning("QKD link state for the summary: %s", exc)
         t_clean = time.monotonic()
         errors = self.cleanup.run()
         clean_s = round(time.monotonic() - t_clean, 2)

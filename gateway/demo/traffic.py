@@ -21,7 +21,7 @@ import struct
 import threading
 import time
 from bisect import bisect_right
-from typing import Callable
+from collections.abc import Callable
 
 from qkdgate.gateway.demo.net import enter_netns
 
@@ -52,7 +52,7 @@ class UdpStream:
     def sent(self) -> int:
         return len(self.sent_at)
 
-    def start(self) -> "UdpStream":
+    def start(self) -> UdpStream:
         self._threads = [threading.Thread(target=self._rx, name=f"rx-{self.name}", daemon=True),
                          threading.Thread(target=self._tx, name=f"tx-{self.name}", daemon=True)]
         for t in self._threads:
@@ -71,7 +71,7 @@ class UdpStream:
             while not self._stop_rx.is_set():
                 try:
                     data = s.recv(2048)
-                except socket.timeout:
+                except TimeoutError:
                     continue
                 except OSError:
                     break
@@ -128,14 +128,15 @@ class UdpStream:
 
 
 def loss_by_phase(sent_at: list[float], received: set[int],
-                  phases: list[tuple[str, float]], end: float | None = None) -> dict[str, dict]:
+                  phases: list[tuple[str, float]],
+                  end: float | None = None) -> dict[str, dict[str, int]]:
     """Attribute each datagram to the phase it was sent in.
 
     ``phases`` is ``[(label, start), ...]`` in time order; a phase lasts until
     the next one starts. Datagrams sent after ``end`` (still in flight when
     the run stopped) are left out. Returns ``{label: {sent, received, lost}}``
     with the labels in phase order (a label may repeat: counts add up)."""
-    out: dict[str, dict] = {}
+    out: dict[str, dict[str, int]] = {}
     starts = [t for _l, t in phases]
     for label, _t in phases:
         out.setdefault(label, {"sent": 0, "received": 0, "lost": 0})
