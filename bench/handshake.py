@@ -52,8 +52,8 @@ def primitives(kem_name: str, ident_a, ident_b) -> dict[str, float]:
     kem = get_kem(kem_name)
     priv, pk = kem.generate_keypair()
     ct, ss = kem.encapsulate(pk)
-    xa, xpa = x25519_keypair()
-    xb, xpb = x25519_keypair()
+    xa, _xpa = x25519_keypair()
+    _xb, xpb = x25519_keypair()
     msg = os.urandom(32)
     sig_a = ident_a.sign(msg, b"RESP")
     ed = ident_a.sign_ed25519(msg, b"INIT")
@@ -123,7 +123,8 @@ def main() -> int:
     print(f"full handshake, both sides   {full * 1e3:8.3f} ms   "
           f"(session setup {setup * 1e3:.3f} ms excluded)")
     print(f"rekey, both sides            {per_rekey * 1e3:8.3f} ms")
-    print(f"protocol overhead ratio      {per_rekey / prim_sum:8.2f} x  (rekey / sum of primitives)")
+    print(f"protocol overhead ratio      {per_rekey / prim_sum:8.2f} x  "
+          "(rekey / sum of primitives)")
     from qkdgate.gateway.protocol.fragment import Reassembler
     from qkdgate.gateway.protocol.messages import decode
     p = make_pair(kem=kem_name, id_a=ida, id_b=idb)

@@ -62,14 +62,15 @@ def bench_kems(seconds: float) -> None:
             cls, pub_cls = bare_cls[name]
             bpriv = cls.generate()
             bct = bpriv.public_key().encapsulate()[1]
-            bare = (rate(lambda: cls.generate().public_key().public_bytes_raw(), seconds),
-                    rate(lambda: pub_cls.from_public_bytes(pub).encapsulate(), seconds),
-                    rate(lambda: bpriv.decapsulate(bct), seconds))
+            bare = (rate(lambda c=cls: c.generate().public_key().public_bytes_raw(), seconds),
+                    rate(lambda c=pub_cls, p=pub: c.from_public_bytes(p).encapsulate(), seconds),
+                    rate(lambda k=bpriv, c=bct: k.decapsulate(c), seconds))
         else:
             bare = (None, None, None)
         row(f"{label} keygen", rate(kem.generate_keypair, seconds), bare[0])
-        row(f"{label} encaps", rate(lambda: kem.encapsulate(pub), seconds), bare[1])
-        row(f"{label} decaps", rate(lambda: kem.decapsulate(priv, ct), seconds), bare[2])
+        row(f"{label} encaps", rate(lambda k=kem, p=pub: k.encapsulate(p), seconds), bare[1])
+        row(f"{label} decaps", rate(lambda k=kem, p=priv, c=ct: k.decapsulate(p, c), seconds),
+            bare[2])
 
 
 def bench_x25519(seconds: float) -> None:
@@ -113,7 +114,7 @@ def full_rekey_bare(cls) -> None:
     ss_i = priv.decapsulate(ct)
     a, b = X25519PrivateKey.generate(), X25519PrivateKey.generate()
     xs = [a.exchange(b.public_key()), b.exchange(a.public_key())]
-    for ss, x in zip((ss_i, ss_r), xs):
+    for ss, x in zip((ss_i, ss_r), xs, strict=True):
         s = HKDF(hashes.SHA384(), 48, b"salt", b"info").derive(ss + x + qkd)
         for n in range(SA_KEYS + 2):
             HKDFExpand(hashes.SHA384(), 36, n.to_bytes(4, "big")).derive(s)
@@ -131,12 +132,13 @@ def main() -> None:
     for name, cls in (("ML-KEM-768", mlkem.MLKEM768PrivateKey),
                       ("ML-KEM-1024", mlkem.MLKEM1024PrivateKey)):
         row(f"rekey {name}+X25519+QKD, 2 sides x {SA_KEYS} SA keys",
-            rate(lambda: full_rekey_ours(name), args.seconds),
-            rate(lambda: full_rekey_bare(cls), args.seconds))
+            rate(lambda n=name: full_rekey_ours(n), args.seconds),
+            rate(lambda c=cls: full_rekey_bare(c), args.seconds))
     s = combine(HybridInputs("ML-KEM-768", SecretBytes(os.urandom(32)), None, None, (), TH))
     row("one ESP SA key (HKDF-Expand + checks)",
         rate(lambda: schedule.esp_key(s, "t", "i2r", 0xC0000001, 1), args.seconds),
-        rate(lambda: HKDFExpand(hashes.SHA384(), 36, b"x" * 60).derive(os.urandom(48)), args.seconds))
+        rate(lambda: HKDFExpand(hashes.SHA384(), 36, b"x" * 60).derive(os.urandom(48)),
+             args.seconds))
 
 
 if __name__ == "__main__":

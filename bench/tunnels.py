@@ -22,8 +22,7 @@ import time
 import tracemalloc
 import uuid
 
-from qkdgate.interfaces import (Direction, Lifetime, PolicySpec, SaId, SaSpec, Selector,
-                                Template)
+from qkdgate.interfaces import Direction, Lifetime, PolicySpec, SaId, SaSpec, Selector, Template
 from qkdgate.keymix.secret import SecretBytes
 from qkdgate.tunnels.xfrm import XfrmBackend
 
@@ -37,9 +36,10 @@ def netns(name: str, op: str = "add") -> None:
 
 
 def slab_kb() -> int:
-    for line in open("/proc/meminfo"):
-        if line.startswith("Slab:"):
-            return int(line.split()[1])
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("Slab:"):
+                return int(line.split()[1])
     return 0
 
 
@@ -85,8 +85,10 @@ class Tunnel:
 
     def out_policy(self, side: str, reqid: int) -> PolicySpec:
         if side == "a":
-            return PolicySpec(Selector(self.na, self.nb), Direction.OUT, template=Template(GA, GB, reqid))
-        return PolicySpec(Selector(self.nb, self.na), Direction.OUT, template=Template(GB, GA, reqid))
+            return PolicySpec(Selector(self.na, self.nb), Direction.OUT,
+                              template=Template(GA, GB, reqid))
+        return PolicySpec(Selector(self.nb, self.na), Direction.OUT,
+                          template=Template(GB, GA, reqid))
 
     def setup(self) -> None:
         for side, be, me, peer, mine, theirs in (("a", self.a, GA, GB, self.na, self.nb),
@@ -148,7 +150,8 @@ def main() -> int:
             for t in tunnels:
                 t.rekey()
             dt = time.perf_counter() - t0
-            print(f"rekey {n:5d} tunnel(s): {dt * 1000:8.1f} ms ({dt * 1000 / n:.2f} ms per tunnel, "
+            print(f"rekey {n:5d} tunnel(s): {dt * 1000:8.1f} ms "
+                  f"({dt * 1000 / n:.2f} ms per tunnel, "
                   f"both gateways, read-back on); kernel memory "
                   f"{(slab1 - slab0) * 1024 / n / 2:,.0f} B per tunnel per gateway "
                   f"(2 SAs + 3 policies); Python {py_bytes / n:,.0f} B per tunnel")
