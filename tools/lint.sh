@@ -25,6 +25,14 @@ CHECKED=(
   qkdgate/__init__.py qkdgate/__main__.py qkdgate/errors.py qkdgate/interfaces.py
   qkdgate/private_file.py
   keymix
+  adapters
+  gateway/config
+  gateway/cli/__init__.py gateway/cli/main.py gateway/cli/check_config.py gateway/cli/keygen.py
+  gateway/cli/kme_sim.py gateway/cli/rekey.py
+  gateway/demo/__init__.py gateway/demo/command.py gateway/demo/config.py gateway/demo/net.py
+  gateway/demo/run.py gateway/demo/traffic.py
+  bench
+  tools/make_vectors.py
 )
 
 mirror=$ROOT/build/typecheck
