@@ -32,7 +32,7 @@ CHECKED=(
   gateway/demo/__init__.py gateway/demo/command.py gateway/demo/config.py gateway/demo/net.py
   gateway/demo/run.py gateway/demo/traffic.py
   bench
-  tools/make_vectors.py
+  tools
 )
 
 mirror=$ROOT/build/typecheck
