@@ -21,62 +21,70 @@ R installs nothing before it has authenticated I (CONFIRM): a responder
 that keyed inbound SAs after RESP would accept traffic from anyone who can
 run an INIT. Each side switches outbound only when it knows the other holds
 the key AND has its inbound SAs: R after CONFIRM, I after DONE (wireguard's
-"confirm before switching"). The old generation is retired after a grace.
+"confirm before switching").
 
-Losses are repaired by the initiator retransmitting (INIT until RESP,
-CONFIRM until DONE, exponential backoff); the responder only ever answers,
-and answers a duplicate with its cached reply (no new crypto). Simultaneous
-INITs: the one with the larger nonce wins; the other side abandons its own
-attempt and answers. A restarted peer comes back with a new random epoch;
-its fresh INIT is accepted like any other and :class:`PeerRestarted` is
-reported once it has authenticated. Generations only grow: the responder
-picks ``max(initiator's floor, own highest + 1)``, so neither side ever
-reuses a generation it has installed, even after the other restarted.
+The initiator owns liveness: it retransmits (INIT until RESP, CONFIRM until
+DONE, exponential backoff); the responder only ever answers, and answers a
+duplicate with its cached reply (no new crypto). Simultaneous INITs: the one
+with the larger nonce wins; the other side abandons its own attempt and
+answers. Generations only grow: the responder picks ``max(initiator's floor,
+own highest + 1)``.
+
+The class is one file on purpose (no mixins): the exchange's states and
+their legal moves are in :mod:`.exchange` (one table, checked in
+:meth:`PeerSession._transition`), the pure computations in
+:mod:`.handshake`. Errors (h11 ``_connection.py`` style): peer garbage
+(:class:`~qkdgate.errors.RemoteProtocolError`) is counted and dropped
+inside :meth:`receive_datagram`; any other exception in a driver call is a
+bug, and it poisons the session: exchange secrets are wiped, and this and
+every later call raise :class:`~qkdgate.errors.SessionFailed`. The driver
+then fails the session's tunnels closed and builds a fresh session.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hmac
 import os
 from collections import Counter, deque
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
-from qkdgate.errors import (AuthenticationFailed, KeyNotFound, KeySourceAuthError,
-                            KeySourceError, KeySourceTimeout, LocalProtocolError,
-                            RemoteProtocolError)
-from qkdgate.gateway.protocol.identity import LocalIdentity, PeerIdentity
-from qkdgate.gateway.protocol import exchange as X
+from qkdgate.errors import (AuthenticationFailed, ConfigError, KeyNotFound, KeySourceError,
+                            KeySourceProtocolError, LocalProtocolError, QkdgateError,
+                            RemoteProtocolError, SessionFailed, TunnelError)
+from qkdgate.gateway.protocol import handshake as H
 from qkdgate.gateway.protocol import messages as m
 from qkdgate.gateway.protocol.config import SessionConfig, TunnelRef
 from qkdgate.gateway.protocol.dos import CookieJar, TokenBucket
-from qkdgate.gateway.protocol.events import (Event, FailureCause, InstallInbound, InstallOutbound,
-                                             ProtocolViolation, RetireGeneration)
-from qkdgate.gateway.protocol.exchange import Exchange
+from qkdgate.gateway.protocol.events import (Event, FailureCause, InstallInbound,
+                                             InstallOutbound, NeedQkdKeys, PeerEpochAuthenticated,
+                                             PeerRestarted, ProtocolViolation, QkdFallback,
+                                             QkdRecovered, RekeyFailed, RetireGeneration,
+                                             SessionEstablished)
+from qkdgate.gateway.protocol.exchange import (MESSAGE_STATES, QKD_WAIT_STATES, TERMINAL,
+                                               TRANSITIONS, Exchange)
+from qkdgate.gateway.protocol.exchange import ExchangeState as S
 from qkdgate.gateway.protocol.fragment import Reassembler, fragment
-from qkdgate.gateway.protocol.initiator import InitiatorMixin
-from qkdgate.gateway.protocol.lifecycle import LifecycleMixin
-from qkdgate.gateway.protocol.messages import AbortCode, MsgType, QkdMode, QkdReason
-from qkdgate.gateway.protocol.responder import ResponderMixin
+from qkdgate.gateway.protocol.identity import LocalIdentity, PeerIdentity, select_identity
+from qkdgate.gateway.protocol.messages import AbortCode, Message, MsgType, QkdMode, QkdReason
 from qkdgate.interfaces import QkdKey
-from qkdgate.keymix.kem import KemProvider
+
+if TYPE_CHECKING:
+    from qkdgate.keymix.combiner import Provenance, SessionSecret
+    from qkdgate.keymix.kem import KemProvider
+    from qkdgate.keymix.secret import SecretBytes
 
 __all__ = ["PeerSession", "SessionConfig", "TunnelRef"]
 
 VIOLATION_EVENT_INTERVAL = 1.0
-QKD_WAIT_STATES = (X.I_QKD, X.I_QKD_SLAVE, X.R_QKD)
-_REASON_TEXT = X.REASON_TEXT
+MAX_AUTH_FAILURES = 8      # forged answers tolerated per exchange before giving up
+IMMEDIATE_RETRIES = 3      # fast restarts (lost QKD key, fallback) before backoff applies
+
+Handler = Callable[[Message, float], None]
 
 
-def _qkd_reason(error: BaseException) -> QkdReason:
-    if isinstance(error, KeySourceTimeout):
-        return QkdReason.TIMEOUT
-    if isinstance(error, KeySourceAuthError):
-        return QkdReason.AUTH
-    if isinstance(error, KeySourceError) and type(error).__name__ == "KeySourceProtocolError":
-        return QkdReason.PROTOCOL
-    return QkdReason.UNAVAILABLE
-
-
-class PeerSession(InitiatorMixin, ResponderMixin, LifecycleMixin):
+class PeerSession:
     def __init__(self, config: SessionConfig, *, identity: LocalIdentity,
                  peer_identities: Sequence[PeerIdentity], rng: Callable[[int], bytes] = os.urandom,
                  now: float, allocate_spi: Callable[[str], int],
@@ -96,10 +104,9 @@ class PeerSession(InitiatorMixin, ResponderMixin, LifecycleMixin):
         self._kem_injected = kem
         self._kem = kem if kem is not None else get_kem(config.kem)
         self._kinds = {t.tunnel_id: t.kind for t in config.tunnels}
-        psk = config.psk.reveal() if config.psk is not None else None
-        self._psk = psk
-        self._mac_in = m.mac1_key(config.local_name, psk)
-        self._mac_out = m.mac1_key(config.peer_name, psk)
+        self._psk = config.psk.reveal() if config.psk is not None else None
+        self._mac_in = m.mac1_key(config.local_name, self._psk)
+        self._mac_out = m.mac1_key(config.peer_name, self._psk)
         self.epoch = int.from_bytes(rng(8), "big") | 1
         self._next_xid = 1
         self._next_msg_id = int.from_bytes(rng(4), "big")
@@ -112,6 +119,7 @@ class PeerSession(InitiatorMixin, ResponderMixin, LifecycleMixin):
         self._cookies = CookieJar(rng, now)
         self.stats: Counter[str] = Counter()
         self._last_violation: dict[str, float] = {}
+        self._failure: BaseException | None = None   # set once: the session is poisoned
         # peer state
         self.peer_epoch: int | None = None        # authenticated epoch of the peer
         self._peer_xid_high = 0                   # highest INIT xid from peer_epoch
@@ -126,77 +134,129 @@ class PeerSession(InitiatorMixin, ResponderMixin, LifecycleMixin):
         self._gen_high = config.generation_floor
         self._open_gens: set[int] = set()         # inbound installed, not retired
         self._retire: list[tuple[float, int, str]] = []
-        self.provenance: Any = None
+        self.provenance: Provenance | None = None
         self.established_at: float | None = None
         self._in_fallback = False
         self._pqc_only_next: QkdReason | None = None
         self._failures = 0
         self._rekey_at: float | None = now if config.initiate_on_start else None
         self._rekey_reason = "start"
+        # message dispatch: one bound method per type, typed by MsgType
+        self._handlers: dict[MsgType, Handler] = {
+            MsgType.INIT: self._on_init, MsgType.RESP: self._on_resp,
+            MsgType.CONFIRM: self._on_confirm, MsgType.DONE: self._on_done,
+            MsgType.ABORT: self._on_abort, MsgType.COOKIE: self._on_cookie}
+
+    # ================================================================ the guard
+
+    @property
+    def failed(self) -> bool:
+        """True once a bug poisoned the session (build a fresh one)."""
+        return self._failure is not None
+
+    @contextlib.contextmanager
+    def _guard(self) -> Iterator[None]:
+        """Every driver call runs under this (h11 ``_connection.py``): an
+        exception that is not the peer's fault leaves no half-changed session
+        running. Peer faults never get here: :meth:`receive_datagram` counts
+        and drops them. :class:`~qkdgate.errors.ConfigError` from a reload is
+        raised before anything changes and passes through."""
+        if self._failure is not None:
+            raise SessionFailed(f"session with {self.config.peer_name} failed earlier; "
+                                "build a new one") from self._failure
+        try:
+            yield
+        except ConfigError:
+            raise
+        except Exception as exc:
+            self._poison(exc)
+            what = f"{type(exc).__name__}: {exc}" if isinstance(exc, QkdgateError) \
+                else type(exc).__name__          # a foreign message may quote anything
+            raise SessionFailed(f"session with {self.config.peer_name} failed ({what[:200]})"
+                                ) from exc
+
+    def _poison(self, exc: BaseException) -> None:
+        self._failure = exc
+        for ex in (self._ini, self._res):
+            if ex is not None and ex.state not in TERMINAL:
+                ex.state = S.FAILED   # no transition check: the table may be what broke
+                ex.wipe(session=True)
+        self._ini = self._res = self._last_res = None
+        self._requests.clear()
+        self._events.clear()      # answers to a broken session must not be acted on
+        self._out.clear()
+        self._retire.clear()
+        self._rekey_at = None
 
     # ================================================================ driver API
 
     def receive_datagram(self, data: bytes, now: float) -> None:
         """Feed one UDP payload from the peer. Never raises on peer garbage:
         it is counted in :attr:`stats` and reported as ProtocolViolation."""
-        try:
-            raw = self._reasm.feed(data, now)
-        except RemoteProtocolError as exc:
-            self._violation("fragment", str(exc), now)
-            return
-        if raw is None:
-            return
-        if not m.check_mac1(raw, self._mac_in):
-            self._violation("mac1", "bad mac1 (not for us, wrong PSK, or forged)", now)
-            return
-        try:
-            msg = m.decode(raw)
-            self._dispatch(msg, now)
-        except AuthenticationFailed as exc:
-            self._violation("auth", str(exc), now)
-        except RemoteProtocolError as exc:
-            self._violation("malformed", str(exc), now)
+        with self._guard():
+            try:
+                raw = self._reasm.feed(data, now)
+            except RemoteProtocolError as exc:
+                self._violation("fragment", str(exc), now)
+                return
+            if raw is None:
+                return
+            if not m.check_mac1(raw, self._mac_in):
+                self._violation("mac1", "bad mac1 (not for us, wrong PSK, or forged)", now)
+                return
+            try:
+                msg = m.decode(raw)
+                self._handlers[msg.type](msg, now)
+            except AuthenticationFailed as exc:
+                self._violation("auth", str(exc), now)
+            except RemoteProtocolError as exc:
+                self._violation("malformed", str(exc), now)
 
     def handle_timer(self, now: float) -> None:
-        while self._retire and self._retire[0][0] <= now:
-            _, gen, why = self._retire.pop(0)
-            self._open_gens.discard(gen)
-            self._events.append(RetireGeneration(gen, why))
-        for ex in (self._ini, self._res):
-            if ex is None:
-                continue
-            if now >= ex.deadline:
-                cause = FailureCause.QKD_LOCAL if ex.state in QKD_WAIT_STATES \
-                    else FailureCause.TIMEOUT    # a KME that never answered is a QKD failure
-                self._fail(ex, f"exchange timed out in state {ex.state}", cause, now)
-            elif ex.retx_at is not None and now >= ex.retx_at:
-                self.stats["retransmit"] += 1
-                self._send(ex.wire)
-                ex.retx_interval = min(ex.retx_interval * 2, self.config.retransmit_max)
-                ex.retx_at = now + ex.retx_interval
-        if self._rekey_at is not None and now >= self._rekey_at and self._ini is None \
-                and self._res is None:
-            self._rekey_at = None
-            self._start(now, self._rekey_reason)
-        self._reasm.expire(now)
+        with self._guard():
+            while self._retire and self._retire[0][0] <= now:
+                _, gen, why = self._retire.pop(0)
+                self._open_gens.discard(gen)
+                self._events.append(RetireGeneration(gen, why))
+            for ex in (self._ini, self._res):
+                if ex is None:
+                    continue
+                if now >= ex.deadline:
+                    # a KME that never answered is a QKD failure, not a network one
+                    cause = FailureCause.QKD_LOCAL if ex.state in QKD_WAIT_STATES \
+                        else FailureCause.TIMEOUT
+                    self._fail(ex, f"exchange timed out in state {ex.state}", cause, now)
+                elif ex.retx_at is not None and now >= ex.retx_at:
+                    self.stats["retransmit"] += 1
+                    self._send(ex.wire)
+                    ex.retx_interval = min(ex.retx_interval * 2, self.config.retransmit_max)
+                    ex.retx_at = now + ex.retx_interval
+            if self._rekey_at is not None and now >= self._rekey_at and self._ini is None \
+                    and self._res is None:
+                self._rekey_at = None
+                self._start(now, self._rekey_reason)
+            self._reasm.expire(now)
 
     def get_timer(self) -> float | None:
-        times = [t for t, _, _ in self._retire[:1]]
-        for ex in (self._ini, self._res):
-            if ex is not None:
-                times.append(ex.deadline)
-                if ex.retx_at is not None:
-                    times.append(ex.retx_at)
-        if self._rekey_at is not None and self._ini is None and self._res is None:
-            times.append(self._rekey_at)   # a due rekey waits for the running exchange
-        return min(times) if times else None
+        with self._guard():
+            times = [t for t, _, _ in self._retire[:1]]
+            for ex in (self._ini, self._res):
+                if ex is not None:
+                    times.append(ex.deadline)
+                    if ex.retx_at is not None:
+                        times.append(ex.retx_at)
+            if self._rekey_at is not None and self._ini is None and self._res is None:
+                times.append(self._rekey_at)   # a due rekey waits for the running exchange
+            return min(times) if times else None
 
     def datagrams_to_send(self, now: float) -> list[bytes]:
-        out, self._out = self._out, []
-        return out
+        with self._guard():
+            out, self._out = self._out, []
+            return out
 
     def next_event(self) -> Event | None:
-        return self._events.popleft() if self._events else None
+        with self._guard():
+            return self._events.popleft() if self._events else None
 
     def reconfigure(self, config: SessionConfig, peer_identities: Sequence[PeerIdentity],
                     now: float) -> None:
@@ -207,33 +267,34 @@ class PeerSession(InitiatorMixin, ResponderMixin, LifecycleMixin):
         finishes under the settings it began with, except that a new PSK
         changes mac1 at once. The names identify the session and cannot
         change (build a new session for another peer). Validation happens
-        before anything changes: a bad config leaves the session as it was.
+        before anything changes: a bad config leaves the session as it was
+        (ConfigError, not poisoned).
         """
-        from qkdgate.errors import ConfigError
-        config.validate()
-        if (config.local_name, config.peer_name) != (self.config.local_name,
-                                                     self.config.peer_name):
-            raise ConfigError("a session's names cannot change on reload", path="peer_name")
-        if not 1 <= len(peer_identities) <= 4:
-            raise ConfigError("pin 1..4 identities per peer (2 during a rollover)")
-        from qkdgate.keymix.kem import get_kem
-        inj = self._kem_injected
-        kem = inj if inj is not None and inj.name == config.kem else get_kem(config.kem)
-        self.config, self.peer_identities, self._kem = config, tuple(peer_identities), kem
-        self._kinds = {t.tunnel_id: t.kind for t in config.tunnels}
-        self._psk = config.psk.reveal() if config.psk is not None else None
-        self._mac_in = m.mac1_key(config.local_name, self._psk)
-        self._mac_out = m.mac1_key(config.peer_name, self._psk)
-        self._bucket = TokenBucket(config.rate_per_second, config.rate_burst, now)
-        self._cookie_bucket = TokenBucket(config.rate_per_second, config.rate_burst, now)
-        if self.established_at is not None and self._rekey_reason == "timer":
-            due = self.established_at + config.rekey_interval
-            if self._rekey_at is None or due < self._rekey_at:
-                self._rekey_at = max(now, due)
+        with self._guard():
+            config.validate()
+            if (config.local_name, config.peer_name) != (self.config.local_name,
+                                                         self.config.peer_name):
+                raise ConfigError("a session's names cannot change on reload", path="peer_name")
+            if not 1 <= len(peer_identities) <= 4:
+                raise ConfigError("pin 1..4 identities per peer (2 during a rollover)")
+            from qkdgate.keymix.kem import get_kem
+            inj = self._kem_injected
+            kem = inj if inj is not None and inj.name == config.kem else get_kem(config.kem)
+            self.config, self.peer_identities, self._kem = config, tuple(peer_identities), kem
+            self._kinds = {t.tunnel_id: t.kind for t in config.tunnels}
+            self._psk = config.psk.reveal() if config.psk is not None else None
+            self._mac_in = m.mac1_key(config.local_name, self._psk)
+            self._mac_out = m.mac1_key(config.peer_name, self._psk)
+            self._bucket = TokenBucket(config.rate_per_second, config.rate_burst, now)
+            self._cookie_bucket = TokenBucket(config.rate_per_second, config.rate_burst, now)
+            if self.established_at is not None and self._rekey_reason == "timer":
+                due = self.established_at + config.rekey_interval
+                if self._rekey_at is None or due < self._rekey_at:
+                    self._rekey_at = max(now, due)
 
-    def snapshot(self, now: float) -> dict[str, Any]:
+    def snapshot(self, now: float) -> dict[str, object]:
         """Status for ``qkdgate status`` and telemetry: IDs and counters,
-        never key material. JSON-serialisable."""
+        never key material. JSON-serialisable. Works on a poisoned session."""
         ex = self._ini or self._res
         prov = self.provenance
         return {
@@ -248,11 +309,12 @@ class PeerSession(InitiatorMixin, ResponderMixin, LifecycleMixin):
                 "qkd_key_ids": list(prov.qkd_key_ids)},
             "qkd_fallback": self._in_fallback,
             "exchange": None if ex is None else {
-                "role": ex.role, "state": ex.state, "reason": ex.reason,
+                "role": ex.role, "state": str(ex.state), "reason": ex.reason,
                 "age": now - ex.started, "generation": ex.generation},
             "next_rekey_in": (self._rekey_at - now if self._rekey_at is not None
                               and ex is None else None),
             "failures": self._failures,
+            "failed": self._failure is not None,
             "stats": dict(self.stats),
         }
 
@@ -260,106 +322,651 @@ class PeerSession(InitiatorMixin, ResponderMixin, LifecycleMixin):
         """Start a fresh exchange now (operator, traffic volume, MACsec PN
         exhaustion...). Ignored while an exchange is already running: that
         one produces the fresh generation asked for."""
-        if self._ini is not None or self._res is not None:
-            self.stats["rekey_coalesced"] += 1
-            return
-        self._rekey_at = None
-        self._start(now, reason)
+        with self._guard():
+            if self._ini is not None or self._res is not None:
+                self.stats["rekey_coalesced"] += 1
+                return
+            self._rekey_at = None
+            self._start(now, reason)
 
     def provide_qkd_keys(self, request_id: int, keys: list[QkdKey], now: float) -> None:
-        ex = self._take_request(request_id, "qkd")
-        if ex is None:
-            return
-        want_ids = ex.init["key_ids"] if (ex.role == "responder" and ex.state == X.R_QKD
-                                          and ex.init["qkd_mode"] == QkdMode.KEYS) else \
-            ex.resp["key_ids"] if ex.state == X.I_QKD_SLAVE else None
-        if not keys or (want_ids is not None and tuple(k.key_id for k in keys) != want_ids) \
-                or (want_ids is None and len(keys) != 1) \
-                or any(len(k.key) * 8 != self.config.qkd_key_bits for k in keys):
-            from qkdgate.errors import KeySourceProtocolError
-            self.qkd_failed(request_id, KeySourceProtocolError(
-                "key source returned other keys than requested"), now, _taken=ex)
-            return
-        from qkdgate.keymix.secret import SecretBytes
-        ex.qkd_key = SecretBytes(b"".join(k.key.reveal() for k in keys))
-        ex.qkd_ids = tuple(k.key_id for k in keys)
-        if ex.state == X.I_QKD:
-            ex.qkd_mode = QkdMode.KEYS
-            self._send_init(ex, now)
-        elif ex.state == X.I_QKD_SLAVE:
-            self._initiator_finish(ex, now)
-        else:
-            self._responder_compute(ex, now, QkdMode.KEYS if ex.init["qkd_mode"]
-                                    == QkdMode.EXPECT else QkdMode.USING, QkdReason.NONE)
+        with self._guard():
+            ex = self._take_request(request_id, "qkd")
+            if ex is None:
+                return
+            want_ids: tuple[str, ...] | None = None
+            if ex.state == S.R_QKD and ex.init is not None \
+                    and ex.init["qkd_mode"] == QkdMode.KEYS:
+                want_ids = ex.init["key_ids"]
+            elif ex.state == S.I_QKD_SLAVE and ex.resp is not None:
+                want_ids = ex.resp["key_ids"]
+            if not keys or (want_ids is not None and tuple(k.key_id for k in keys) != want_ids) \
+                    or (want_ids is None and len(keys) != 1) \
+                    or any(len(k.key) * 8 != self.config.qkd_key_bits for k in keys):
+                self._qkd_failed(ex, KeySourceProtocolError(
+                    "key source returned other keys than requested"), now)
+                return
+            from qkdgate.keymix.secret import SecretBytes
+            ex.qkd_key = SecretBytes(b"".join(k.key.reveal() for k in keys))
+            ex.qkd_ids = tuple(k.key_id for k in keys)
+            if ex.state == S.I_QKD:
+                ex.qkd_mode = QkdMode.KEYS
+                self._send_init(ex, now)
+            elif ex.state == S.I_QKD_SLAVE:
+                self._initiator_finish(ex, now)
+            elif ex.state == S.R_QKD and ex.init is not None:
+                self._responder_compute(ex, now, QkdMode.KEYS if ex.init["qkd_mode"]
+                                        == QkdMode.EXPECT else QkdMode.USING, QkdReason.NONE)
+            else:
+                raise LocalProtocolError(f"QKD keys arrived in state {ex.state}")
 
-    def qkd_failed(self, request_id: int, error: KeySourceError, now: float, *,
-                   _taken: Exchange | None = None) -> None:
-        ex = _taken or self._take_request(request_id, "qkd")
-        if ex is None:
+    def qkd_failed(self, request_id: int, error: KeySourceError, now: float) -> None:
+        with self._guard():
+            ex = self._take_request(request_id, "qkd")
+            if ex is not None:
+                self._qkd_failed(ex, error, now)
+
+    def installed(self, request_id: int, now: float) -> None:
+        with self._guard():
+            ex = self._take_request(request_id, "install")
+            if ex is None:
+                return
+            if ex.state == S.I_INSTALL_IN:
+                self._send_confirm(ex, now)
+            elif ex.state == S.R_INSTALL_IN:
+                ex.done_wire = m.seal(H.done_core(self.epoch, ex.peer_epoch, ex.xid,
+                                                  self._gen(ex), H.tag(self._secret(ex),
+                                                  "responder", H.done_hash(ex.th))),
+                                      self._mac_out)
+                self._send(ex.done_wire)
+                self._request_install(ex, InstallOutbound, S.R_INSTALL_OUT, ex.peer_spis)
+            elif ex.state in (S.I_INSTALL_OUT, S.R_INSTALL_OUT):
+                self._established(ex, now)
+            else:
+                raise LocalProtocolError(f"install answer in state {ex.state}")
+
+    def install_failed(self, request_id: int, error: Exception, now: float) -> None:
+        with self._guard():
+            ex = self._take_request(request_id, "install")
+            if ex is None:
+                return
+            self._abort(ex, AbortCode.INSTALL_FAILED, "SA installation failed")
+            self._fail(ex, f"installing SAs failed: {error}", FailureCause.INSTALL, now)
+
+    # ================================================================ state table
+
+    def _transition(self, ex: Exchange, new: S) -> None:
+        """The one place an exchange changes state (exchange.TRANSITIONS)."""
+        allowed = TRANSITIONS.get((ex.role, ex.state), frozenset())
+        if new not in allowed:
+            raise LocalProtocolError(f"illegal transition {ex.role} {ex.state} -> {new}")
+        ex.state = new
+
+    def _expects(self, ex: Exchange | None, msg: Message) -> bool:
+        """Is ``msg`` legal for the exchange it addresses (exchange.MESSAGE_STATES)?"""
+        return ex is not None and ex.state in MESSAGE_STATES[msg.type]
+
+    # ================================================================ initiator
+
+    def _start(self, now: float, reason: str) -> None:
+        cfg = self.config
+        ex = Exchange("initiator", self._next_xid, now, now + cfg.exchange_timeout, reason,
+                      peer_epoch=self.peer_epoch or 0)
+        self._next_xid += 1
+        self._ini = ex
+        forced = self._pqc_only_next
+        self._pqc_only_next = None
+        if cfg.qkd_role is None:
+            ex.qkd_mode = QkdMode.NONE
+        elif forced is not None:
+            ex.qkd_mode, ex.qkd_reason = QkdMode.ABSENT, forced
+            ex.qkd_fallback = H.REASON_TEXT[forced]
+        elif cfg.qkd_role == "master":
+            self._transition(ex, S.I_QKD)
+            rid = self._new_request(ex, "qkd")
+            self._events.append(NeedQkdKeys(rid, "master", cfg.peer_sae_id, (), 1,
+                                            cfg.qkd_key_bits))
             return
-        reason = _qkd_reason(error)
+        else:
+            ex.qkd_mode = QkdMode.EXPECT
+        self._send_init(ex, now)
+
+    def _alloc_spis(self, ex: Exchange, now: float) -> bool:
+        """Ask the driver for our SPIs / ANs; a kernel refusal fails the
+        exchange cleanly (the driver sees RekeyFailed, not an exception);
+        a value that does not fit is the driver's bug (poisons)."""
+        try:
+            spis = {t: self._allocate_spi(t) for t in self._kinds}
+        except TunnelError as exc:
+            self._abort(ex, AbortCode.INSTALL_FAILED, "SPI allocation failed")
+            self._fail(ex, f"SPI allocation failed: {exc}", FailureCause.INSTALL, now)
+            return False
+        H.check_our_spis(spis, self._kinds)
+        ex.our_spis = spis
+        return True
+
+    def _send_init(self, ex: Exchange, now: float) -> None:
+        cfg = self.config
+        if not self._alloc_spis(ex, now):
+            return
+        # every key is drawn from the injected rng where the library allows
+        # it (ML-KEM seed d || z, X25519 scalar), so a run replays exactly
+        ex.kem_priv, kem_pk = self._kem.generate_keypair(self._rng)
+        x_pk = b""
+        if cfg.x25519:
+            from qkdgate.keymix.classical import x25519_keypair
+            ex.x_priv, x_pk = x25519_keypair(self._rng)
+        ex.nonce_i = self._rng(32)
+        values: dict[str, object] = {
+            "generation_min": self._gen_high + 1, "nonce": ex.nonce_i,
+            "kem_id": m.KEM_IDS[cfg.kem], "kem_public": kem_pk, "x25519_public": x_pk,
+            "qkd_mode": ex.qkd_mode, "qkd_reason": ex.qkd_reason,
+            "qkd_flags": m.QKD_FLAG_PQC_OK if cfg.allow_pqc_only else 0,
+            "key_ids": ex.qkd_ids if ex.qkd_mode == QkdMode.KEYS else (),
+            "spis": H.spi_entries(ex.our_spis, self._kinds)}
+        self.stats["sign_ed25519"] += 1
+        ex.init_core = H.init_core(self.identity, self.epoch, ex.peer_epoch, ex.xid, values)
+        self._transition(ex, S.I_INIT_SENT)
+        self._transmit(ex, m.seal(ex.init_core, self._mac_out), now)
+
+    def _transmit(self, ex: Exchange, wire: bytes, now: float) -> None:
+        """Send and retransmit until answered (initiator messages only)."""
+        ex.wire = wire
+        ex.retx_interval = self.config.retransmit_base
+        ex.retx_at = now + ex.retx_interval
+        self._send(wire)
+
+    def _on_resp(self, msg: Message, now: float) -> None:
+        ex = self._ini
+        if ex is None or msg.exchange_id != ex.xid or msg.receiver_epoch != self.epoch:
+            self.stats["stale"] += 1
+            return
+        if not self._expects(ex, msg):
+            self.stats["duplicate" if msg.core == ex.resp_core else "stale"] += 1
+            return
+        peer = select_identity(self.peer_identities, msg["signer_id"])
+        gen = msg["generation"]
+        if gen < self._gen_high + 1 or gen >= 2 ** 63:
+            raise RemoteProtocolError(f"RESP generation {gen} is stale")
+        if len(msg["kem_ciphertext"]) != self._kem.ciphertext_size:
+            raise RemoteProtocolError("KEM ciphertext has the wrong length")
+        if bool(msg["x25519_public"]) != self.config.x25519:
+            raise RemoteProtocolError("X25519 share present/absent against our suite")
+        H.check_resp_qkd(ex.qkd_mode, msg["qkd_mode"])
+        peer_spis = H.check_spis(msg, self._kinds)
+        th = m.transcript_hash(self._psk, self.config.local_name, self.config.peer_name,
+                               ex.init_core, msg.prefix("tag"))
+        self.stats["verify_hybrid"] += 1
+        try:
+            H.verify_resp(peer, th, msg)
+        except AuthenticationFailed:
+            self._auth_failure(ex, now)
+            raise
+        # authenticated: this is the peer's real answer to our INIT
+        ex.resp, ex.resp_core, ex.th, ex.peer_spis = msg, msg.core, th, peer_spis
+        ex.peer_epoch, ex.generation = msg.sender_epoch, gen
+        ex.retx_at = None
+        self._bump_gen(gen)
+        self._peer_authenticated(msg.sender_epoch, None)
+        if msg["qkd_mode"] == QkdMode.ABSENT and not self.config.allow_pqc_only:
+            # checked after the signature: only the real peer's QKD failure
+            # fails the exchange (a forged RESP is merely dropped)
+            self._abort(ex, AbortCode.POLICY, "PQC-only generation refused: policy requires QKD")
+            self._fail(ex, "peer has no QKD key and policy requires QKD: "
+                       + H.reason_text(msg["qkd_reason"]), FailureCause.QKD_PEER, now)
+            return
+        if msg["qkd_mode"] == QkdMode.ABSENT:
+            # the peer could not get the key: ours must not be used by one side only
+            if ex.qkd_key is not None:
+                ex.qkd_key.wipe()
+            ex.qkd_key, ex.qkd_ids = None, ()
+            ex.qkd_fallback = ex.qkd_fallback or "peer: " + H.reason_text(msg["qkd_reason"])
+        if msg["qkd_mode"] == QkdMode.KEYS:
+            self._transition(ex, S.I_QKD_SLAVE)
+            rid = self._new_request(ex, "qkd")
+            self._events.append(NeedQkdKeys(rid, "slave", self.config.peer_sae_id,
+                                            msg["key_ids"], 0, self.config.qkd_key_bits))
+            return
+        self._initiator_finish(ex, now)
+
+    def _auth_failure(self, ex: Exchange, now: float) -> None:
+        ex.auth_failures += 1
+        if ex.auth_failures >= MAX_AUTH_FAILURES:
+            self._fail(ex, "too many answers that failed authentication", FailureCause.AUTH,
+                       now)
+
+    def _initiator_finish(self, ex: Exchange, now: float) -> None:
+        resp = ex.resp
+        if resp is None or ex.kem_priv is None:
+            raise LocalProtocolError("initiator finishing without RESP or KEM key")
+        try:
+            self.stats["kem_decaps"] += 1
+            kem_ss = self._kem.decapsulate(ex.kem_priv, resp["kem_ciphertext"])
+            x_ss = None
+            if self.config.x25519:
+                from qkdgate.keymix.classical import x25519_shared
+                if ex.x_priv is None:
+                    raise LocalProtocolError("initiator lost its X25519 key")
+                x_ss = x25519_shared(ex.x_priv, resp["x25519_public"])
+            ex.session = self._combine(ex, kem_ss, x_ss)
+            H.verify_tag(ex.session, "responder", ex.th, resp["tag"])
+        except RemoteProtocolError as exc:
+            # R signed this RESP, so it is R's real answer: a bad share or a
+            # tag that does not match means we disagree on the secret.
+            self._abort(ex, AbortCode.AUTH_FAILED, "responder key confirmation failed")
+            self._fail(ex, f"key confirmation failed: {exc}", FailureCause.AUTH, now)
+            return
+        finally:
+            ex.kem_priv = ex.x_priv = None
+        self._request_install(ex, InstallInbound, S.I_INSTALL_IN, ex.our_spis)
+
+    def _combine(self, ex: Exchange, kem_ss: SecretBytes, x_ss: SecretBytes | None
+                 ) -> SessionSecret:
+        try:
+            return H.combine(self.config.kem, kem_ss, x_ss, ex.qkd_key, ex.qkd_ids, ex.th)
+        finally:
+            if ex.qkd_key is not None:
+                ex.qkd_key.wipe()
+                ex.qkd_key = None
+
+    def _send_confirm(self, ex: Exchange, now: float) -> None:
+        self.stats["sign_hybrid"] += 1
+        core = H.confirm_core(self.identity, self.epoch, ex.peer_epoch, ex.xid, self._gen(ex),
+                              ex.th, H.tag(self._secret(ex), "initiator", ex.th))
+        self._transition(ex, S.I_CONFIRM_SENT)
+        self._transmit(ex, m.seal(core, self._mac_out), now)
+
+    def _on_done(self, msg: Message, now: float) -> None:
+        ex = self._ini
+        if ex is None or msg.exchange_id != ex.xid or not self._expects(ex, msg) \
+                or msg.sender_epoch != ex.peer_epoch or msg.receiver_epoch != self.epoch:
+            self.stats["stale"] += 1
+            return
+        if msg["generation"] != ex.generation:
+            raise RemoteProtocolError("DONE for another generation")
+        want = H.tag(self._secret(ex), "responder", H.done_hash(ex.th))
+        if not hmac.compare_digest(want, msg["tag"]):
+            self._auth_failure(ex, now)
+            raise AuthenticationFailed("DONE tag does not verify")
+        ex.retx_at = None
+        self._request_install(ex, InstallOutbound, S.I_INSTALL_OUT, ex.peer_spis)
+
+    def _on_cookie(self, msg: Message, now: float) -> None:
+        ex = self._ini
+        if ex is None or not self._expects(ex, msg) or ex.xid != msg.exchange_id \
+                or msg.receiver_epoch != self.epoch or msg["cookie"] == ex.cookie \
+                or now - ex.cookie_at < self.config.retransmit_base:
+            self.stats["stale"] += 1
+            return
+        self.stats["cookie_received"] += 1
+        ex.cookie, ex.cookie_at = msg["cookie"], now
+        self._transmit(ex, m.seal(ex.init_core, self._mac_out, ex.cookie), now)
+
+    # ================================================================ responder
+
+    def _on_init(self, msg: Message, now: float) -> None:
+        """The cheap gates in order before any expensive work
+        (docs/protocol.md 8): mac1 (checked before decoding), replay and
+        duplicate checks, the token bucket (over the limit: a stateless
+        cookie is demanded), then the Ed25519 half of the initiator's
+        identity. Only then are collisions resolved (a forged INIT must never
+        make us abandon our own exchange) and the responder encapsulates,
+        fetches QKD keys, signs."""
+        ep, xid = msg.sender_epoch, msg.exchange_id
+        if ep in self._dead_epochs:
+            self.stats["stale"] += 1
+            return
+        for old in (self._res, self._last_res):
+            if old is not None and old.peer_epoch == ep and old.xid == xid:
+                if old.init_core != msg.core:
+                    self.stats["stale"] += 1
+                    return
+                self.stats["duplicate"] += 1
+                # cached RESP, no new crypto; at most one per half retransmit
+                # interval so replayed INITs cannot be amplified into RESPs
+                if old is self._res and old.state == S.R_RESP_SENT \
+                        and now - old.cookie_at >= self.config.retransmit_base / 2:
+                    old.cookie_at = now
+                    self._send(old.wire)
+                return
+        if ep == self.peer_epoch and xid <= self._peer_xid_high:
+            self.stats["stale"] += 1      # replay of an INIT we already handled
+            return
+        if not self._bucket.take(now):
+            if not (msg.cookie and self._cookies.check(msg.core, msg.cookie, now)):
+                self.stats["rate_limited"] += 1
+                self._answer_cookie(msg, now)
+                return
+            if not self._cookie_bucket.take(now):
+                self.stats["rate_limited"] += 1
+                return
+        peer = select_identity(self.peer_identities, msg["signer_id"])
+        self.stats["verify_ed25519"] += 1
+        peer.verify_ed25519(msg.prefix("ed25519_sig"), msg["ed25519_sig"], b"INIT")
+        # The INIT is from a pinned identity (classically). Resolve collisions.
+        ini = self._ini
+        if ini is not None:
+            if ini.state in (S.I_QKD, S.I_INIT_SENT):
+                if ini.nonce_i and ini.nonce_i > msg["nonce"]:
+                    self.stats["collision_won"] += 1   # the peer will answer ours
+                    return
+                self.stats["collision_lost"] += 1
+                self._drop(ini)
+            elif ini.peer_epoch != ep:
+                self._fail(ini, "peer restarted during our exchange",
+                           FailureCause.PEER_RESTARTED, now)
+            else:
+                self.stats["stale"] += 1
+                return
+        if self._res is not None:
+            self._drop(self._res)         # the peer gave up on that one
+        if ep == self.peer_epoch:
+            self._peer_xid_high = max(self._peer_xid_high, xid)
+        if msg["generation_min"] >= 2 ** 63:
+            raise RemoteProtocolError("generation out of range")
+        ex = Exchange("responder", xid, now, now + self.config.exchange_timeout, "peer",
+                      peer_epoch=ep, init=msg, init_core=msg.core,
+                      generation=max(msg["generation_min"], self._gen_high + 1))
+        self._transition(ex, S.R_QKD)
+        self._bump_gen(self._gen(ex))
+        self._res = ex
+        try:
+            self._responder_start(ex, msg, now)
+        except RemoteProtocolError:
+            self._forget(ex)     # e.g. a KEM key failing the FIPS 203 modulus check
+            ex.state = S.DROPPED
+            raise
+
+    def _responder_start(self, ex: Exchange, msg: Message, now: float) -> None:
+        cfg = self.config
+        if m.KEM_NAMES[msg["kem_id"]] != cfg.kem or bool(msg["x25519_public"]) != cfg.x25519:
+            self._refuse(ex, AbortCode.SUITE_MISMATCH,
+                         f"suite differs: here {cfg.kem}, X25519 {'on' if cfg.x25519 else 'off'}",
+                         now)
+            return
+        try:
+            peer_spis = H.check_spis(msg, self._kinds)
+        except RemoteProtocolError as exc:
+            self._refuse(ex, AbortCode.POLICY, str(exc), now)
+            return
+        ex.peer_spis = peer_spis
+        self.stats["kem_encaps"] += 1
+        ex.kem_ciphertext, ex.kem_secret = self._kem.encapsulate(msg["kem_public"])
+        if cfg.x25519:
+            from qkdgate.keymix.classical import x25519_keypair, x25519_shared
+            priv, ex.x_public = x25519_keypair(self._rng)
+            ex.x_secret = x25519_shared(priv, msg["x25519_public"])
+        mode, role = msg["qkd_mode"], cfg.qkd_role
+        pqc_ok = bool(msg["qkd_flags"] & m.QKD_FLAG_PQC_OK)
+        if role is None:
+            if mode != QkdMode.NONE:
+                self._refuse(ex, AbortCode.POLICY, "the initiator uses QKD, this side has no "
+                             "QKD link configured", now)
+                return
+            self._responder_compute(ex, now, QkdMode.NONE, QkdReason.NONE)
+        elif mode == QkdMode.ABSENT:
+            if not (cfg.allow_pqc_only and pqc_ok):
+                self._refuse(ex, AbortCode.POLICY, "PQC-only generation refused: policy "
+                             "requires QKD", now)
+                return
+            ex.qkd_fallback = "peer: " + H.reason_text(msg["qkd_reason"])
+            self._responder_compute(ex, now, QkdMode.ABSENT, QkdReason.PEER)
+        elif role == "slave" and mode == QkdMode.KEYS:
+            rid = self._new_request(ex, "qkd")
+            self._events.append(NeedQkdKeys(rid, "slave", cfg.peer_sae_id, msg["key_ids"], 0,
+                                            cfg.qkd_key_bits))
+        elif role == "master" and mode == QkdMode.EXPECT:
+            rid = self._new_request(ex, "qkd")
+            self._events.append(NeedQkdKeys(rid, "master", cfg.peer_sae_id, (), 1,
+                                            cfg.qkd_key_bits))
+        else:
+            self._refuse(ex, AbortCode.POLICY, f"QKD roles inconsistent: here {role}, "
+                         f"initiator mode {QkdMode(mode).name}", now)
+
+    def _refuse(self, ex: Exchange, code: AbortCode, detail: str, now: float) -> None:
+        self._abort(ex, code, detail)
+        self._fail(ex, f"refused the peer's INIT: {detail}", FailureCause.POLICY, now)
+
+    def _responder_compute(self, ex: Exchange, now: float, mode: QkdMode,
+                           reason: QkdReason) -> None:
+        cfg = self.config
+        if not self._alloc_spis(ex, now):
+            return
+        if ex.init is None or ex.kem_secret is None:
+            raise LocalProtocolError("responder computing without INIT or KEM secret")
+        values: dict[str, object] = {
+            "generation": self._gen(ex), "nonce": self._rng(32),
+            "kem_ciphertext": ex.kem_ciphertext, "x25519_public": ex.x_public,
+            "qkd_mode": mode, "qkd_reason": reason,
+            "key_ids": ex.qkd_ids if mode == QkdMode.KEYS else (),
+            "spis": H.spi_entries(ex.our_spis, self._kinds)}
+        prefix = H.resp_prefix(self.identity, self.epoch, ex.peer_epoch, ex.xid, values)
+        ex.th = m.transcript_hash(self._psk, cfg.peer_name, cfg.local_name, ex.init_core, prefix)
+        if mode == QkdMode.USING:
+            ex.qkd_ids = ex.init["key_ids"]
+        ex.session = self._combine(ex, ex.kem_secret, ex.x_secret)
+        ex.kem_secret = ex.x_secret = None
+        self.stats["sign_hybrid"] += 1
+        rest = H.resp_rest(self.identity, ex.th, values, H.tag(ex.session, "responder", ex.th))
+        ex.wire = m.seal(prefix + rest, self._mac_out)
+        self._transition(ex, S.R_RESP_SENT)
+        ex.cookie_at = now
+        self._send(ex.wire)
+
+    def _on_confirm(self, msg: Message, now: float) -> None:
+        ex = self._res
+        if ex is None or msg.exchange_id != ex.xid or msg.sender_epoch != ex.peer_epoch \
+                or msg.receiver_epoch != self.epoch or not self._expects(ex, msg):
+            for done in (self._res, self._last_res):
+                if done is not None and done.confirm_core == msg.core \
+                        and now < done.deadline:
+                    self.stats["duplicate"] += 1
+                    if done.done_wire:
+                        self._send(done.done_wire)   # the DONE was lost: repeat it
+                    return
+            self.stats["stale"] += 1
+            return
+        if msg["generation"] != ex.generation:
+            raise RemoteProtocolError("CONFIRM for another generation")
+        peer = select_identity(self.peer_identities, msg["signer_id"])
+        self.stats["verify_hybrid"] += 1
+        try:
+            H.verify_confirm(peer, ex.th, msg)
+        except RemoteProtocolError:
+            self._auth_failure(ex, now)
+            raise
+        try:
+            H.verify_tag(self._secret(ex), "initiator", ex.th, msg["tag"])
+        except RemoteProtocolError:
+            # signed by the peer, yet another secret: never install this one
+            self._abort(ex, AbortCode.AUTH_FAILED, "initiator key confirmation failed")
+            self._fail(ex, "initiator key confirmation failed", FailureCause.AUTH, now)
+            raise
+        ex.confirm_core = msg.core
+        self._peer_authenticated(ex.peer_epoch, ex.xid)
+        self._request_install(ex, InstallInbound, S.R_INSTALL_IN, ex.our_spis)
+
+    def _answer_cookie(self, msg: Message, now: float) -> None:
+        self.stats["cookie_sent"] += 1
+        self._send(m.seal(H.cookie_core(self.epoch, msg, self._cookies.make(msg.core, now)),
+                          self._mac_out))
+
+    # ================================================================ QKD answers
+
+    def _qkd_failed(self, ex: Exchange, error: KeySourceError, now: float) -> None:
+        reason = H.qkd_reason(error)
+        text = H.REASON_TEXT[reason]
         allow = self.config.allow_pqc_only
         self.stats["qkd_failed"] += 1
-        if ex.state == X.I_QKD:
+        if ex.state == S.I_QKD:
             if allow:
                 ex.qkd_mode, ex.qkd_reason = QkdMode.ABSENT, reason
-                ex.qkd_fallback = _REASON_TEXT[reason]
+                ex.qkd_fallback = text
                 self._send_init(ex, now)
             else:
-                self._fail(ex, f"QKD unavailable ({_REASON_TEXT[reason]}) and policy "
-                               "requires QKD", FailureCause.QKD_LOCAL, now)
-        elif ex.state == X.I_QKD_SLAVE:
+                self._fail(ex, f"QKD unavailable ({text}) and policy requires QKD",
+                           FailureCause.QKD_LOCAL, now)
+        elif ex.state == S.I_QKD_SLAVE:
             if isinstance(error, KeyNotFound):
                 # ETSI GS QKD 014 dec_keys is not idempotent: the key is gone.
                 # Never use a key on one side only: abort, restart with new keys.
-                self._abort(ex, AbortCode.QKD_KEY_LOST, "dec_keys: key_ID not found", now)
+                self._abort(ex, AbortCode.QKD_KEY_LOST, "dec_keys: key_ID not found")
                 self._fail(ex, "QKD key lost (dec_keys found no such key_ID)",
                            FailureCause.QKD_LOCAL, now, retry_in=0.0)
             else:
-                self._abort(ex, AbortCode.QKD_UNAVAILABLE, _REASON_TEXT[reason], now)
+                self._abort(ex, AbortCode.QKD_UNAVAILABLE, text)
                 if allow:
                     self._pqc_only_next = reason
-                self._fail(ex, f"QKD unavailable at this side: {_REASON_TEXT[reason]}",
-                           FailureCause.QKD_LOCAL, now,
-                           retry_in=0.0 if allow else None)
-        elif ex.state == X.R_QKD:
+                self._fail(ex, f"QKD unavailable at this side: {text}", FailureCause.QKD_LOCAL,
+                           now, retry_in=0.0 if allow else None)
+        elif ex.state == S.R_QKD and ex.init is not None:
             peer_ok = bool(ex.init["qkd_flags"] & m.QKD_FLAG_PQC_OK)
             if isinstance(error, KeyNotFound):
-                self._abort(ex, AbortCode.QKD_KEY_LOST, "dec_keys: key_ID not found", now)
+                self._abort(ex, AbortCode.QKD_KEY_LOST, "dec_keys: key_ID not found")
                 self._fail(ex, "QKD key lost (dec_keys found no such key_ID)",
                            FailureCause.QKD_LOCAL, now)
             elif allow and peer_ok:
-                ex.qkd_fallback = _REASON_TEXT[reason]
+                ex.qkd_fallback = text
                 self._responder_compute(ex, now, QkdMode.ABSENT, reason)
             else:
-                self._abort(ex, AbortCode.QKD_UNAVAILABLE, _REASON_TEXT[reason], now)
-                self._fail(ex, f"QKD unavailable ({_REASON_TEXT[reason]}) and policy "
-                               "requires QKD", FailureCause.QKD_LOCAL, now)
+                self._abort(ex, AbortCode.QKD_UNAVAILABLE, text)
+                self._fail(ex, f"QKD unavailable ({text}) and policy requires QKD",
+                           FailureCause.QKD_LOCAL, now)
+        else:
+            raise LocalProtocolError(f"QKD failure reported in state {ex.state}")
 
-    def installed(self, request_id: int, now: float) -> None:
-        ex = self._take_request(request_id, "install")
-        if ex is None:
+    # ================================================================ aborts
+
+    def _abort(self, ex: Exchange, code: AbortCode, detail: str) -> None:
+        """Tell the peer, authenticated, that this exchange is over."""
+        if not ex.init_core:
+            return  # nothing was sent yet: the peer knows of no exchange
+        role = m.ROLE_INITIATOR if ex.role == "initiator" else m.ROLE_RESPONDER
+        self.stats["sign_hybrid"] += 1
+        self.stats["abort_sent"] += 1
+        core = H.abort_core(self.identity, self.epoch, ex.peer_epoch, ex.xid, ex.init_core,
+                            ex.generation or 0, role, code, detail)
+        self._send(m.seal(core, self._mac_out))
+
+    def _on_abort(self, msg: Message, now: float) -> None:
+        ex = self._res if msg["sender_role"] == m.ROLE_INITIATOR else self._ini
+        if ex is None or ex.xid != msg.exchange_id or msg.receiver_epoch != self.epoch \
+                or not ex.init_core or not self._expects(ex, msg) \
+                or (ex.state != S.I_INIT_SENT and ex.peer_epoch != msg.sender_epoch):
+            self.stats["stale"] += 1
             return
-        if ex.state == X.I_INSTALL_IN:
-            self._send_confirm(ex, now)
-        elif ex.state == X.R_INSTALL_IN:
-            done = {"generation": ex.generation,
-                    "tag": self._tag(ex.session, "responder", X.done_hash(ex.th))}
-            ex.done_wire = m.seal(m.encode_core(MsgType.DONE, self.epoch, ex.peer_epoch, ex.xid,
-                                                done), self._mac_out)
-            self._send(ex.done_wire)
-            self._request_install(ex, InstallOutbound, X.R_INSTALL_OUT, ex.peer_spis)
-        elif ex.state in (X.I_INSTALL_OUT, X.R_INSTALL_OUT):
-            self._established(ex, now)
-
-    def install_failed(self, request_id: int, error: Exception, now: float) -> None:
-        ex = self._take_request(request_id, "install")
-        if ex is None:
+        peer = select_identity(self.peer_identities, msg["signer_id"])
+        self.stats["verify_hybrid"] += 1
+        try:
+            H.verify_abort(peer, ex.init_core, msg)
+        except RemoteProtocolError:
+            self._auth_failure(ex, now)
+            raise
+        code, detail = AbortCode(msg["code"]), msg["detail"]
+        self.stats["abort_received"] += 1
+        if ex.state in (S.I_INSTALL_OUT, S.R_INSTALL_IN, S.R_INSTALL_OUT):
+            # The peer already proved its inbound SAs exist (DONE, CONFIRM):
+            # its failure was on its own outbound side, which it repairs by
+            # rekeying itself. Our switch to this generation stays valid.
+            self.stats["abort_ignored_after_confirm"] += 1
             return
-        self._abort(ex, AbortCode.INSTALL_FAILED, "SA installation failed", now)
-        self._fail(ex, f"installing SAs failed: {error}", FailureCause.INSTALL, now)
+        text = f"peer aborted ({code.name}): {detail}"
+        if ex.inbound_requested and ex.generation is not None:
+            # authenticated: the peer will never send on this generation
+            self._open_gens.discard(ex.generation)
+            self._events.append(RetireGeneration(ex.generation, "aborted"))
+        cause = FailureCause.QKD_PEER if code in (AbortCode.QKD_KEY_LOST,
+                                                  AbortCode.QKD_UNAVAILABLE) \
+            else FailureCause.PEER_ABORT
+        if ex.role == "initiator" and code == AbortCode.QKD_KEY_LOST:
+            self._fail(ex, text, cause, now, retry_in=0.0)   # new exchange, NEW keys
+        elif ex.role == "initiator" and code == AbortCode.QKD_UNAVAILABLE \
+                and self.config.allow_pqc_only and ex.qkd_mode != QkdMode.ABSENT:
+            self._pqc_only_next = QkdReason.PEER
+            self._fail(ex, text, cause, now, retry_in=0.0)
+        else:
+            self._fail(ex, text, cause, now)
 
-    # ================================================================ internals
+    # ================================================================ endings
+
+    def _forget(self, ex: Exchange) -> None:
+        if ex is self._ini:
+            self._ini = None
+        if ex is self._res:
+            self._res = None
+        if ex.request_id is not None:
+            self._requests.pop(ex.request_id, None)
+            ex.request_id = None
+        ex.retx_at = None
+        ex.wipe()
+
+    def _drop(self, ex: Exchange) -> None:
+        """Abandon an exchange silently (lost a collision, superseded)."""
+        self._forget(ex)
+        self._transition(ex, S.DROPPED)
+
+    def _fail(self, ex: Exchange, reason: str, cause: FailureCause, now: float,
+              retry_in: float | None = None) -> None:
+        self._forget(ex)
+        self._transition(ex, S.FAILED)
+        cfg = self.config
+        retry_at = self._rekey_at
+        # The initiator owns retries. A responder retries too once it had
+        # authenticated the peer and begun installing: the peer may already
+        # have switched to keys we could not finish, so waiting for the next
+        # scheduled rekey could leave a direction down for a whole interval.
+        if ex.role == "initiator" or ex.inbound_requested:
+            self._failures += 1
+            if retry_in is None or self._failures > IMMEDIATE_RETRIES:
+                retry_in = min(cfg.retry_max, cfg.retry_base * 2 ** min(self._failures - 1, 30))
+                retry_in *= 1 + cfg.rekey_jitter * self._jitter()
+            retry_at = now + retry_in
+            if self._rekey_at is None or retry_at < self._rekey_at:
+                self._rekey_at, self._rekey_reason = retry_at, "retry"
+            retry_at = self._rekey_at
+        self._events.append(RekeyFailed(ex.generation, reason, retry_at, cause=cause))
+
+    def _peer_authenticated(self, epoch: int, xid: int | None) -> None:
+        if self.peer_epoch is not None and epoch != self.peer_epoch:
+            self._dead_epochs.append(self.peer_epoch)
+            self._events.append(PeerRestarted(f"{self.peer_epoch:016x}", f"{epoch:016x}"))
+            self._peer_xid_high = 0
+        if epoch != self.peer_epoch:
+            self._events.append(PeerEpochAuthenticated(epoch))
+        self.peer_epoch = epoch
+        if xid is not None:
+            self._peer_xid_high = max(self._peer_xid_high, xid)
+
+    def _established(self, ex: Exchange, now: float) -> None:
+        self._forget(ex)
+        self._transition(ex, S.ESTABLISHED)
+        cfg = self.config
+        # Keep the finished responder exchange only to repeat DONE to a
+        # retransmitted CONFIRM, and only for a while; a newer generation
+        # makes the old answer moot.
+        self._last_res = ex if ex.role == "responder" else None
+        ex.deadline = now + cfg.exchange_timeout
+        gen, session = self._gen(ex), self._secret(ex)
+        self.generation, self.provenance, self.established_at = gen, session.provenance, now
+        self._failures = 0
+        scheduled = {g for _, g, _ in self._retire}
+        for old in sorted(self._open_gens):
+            if old < gen and old not in scheduled:
+                self._retire.append((now + cfg.retire_grace, old, "superseded"))
+        self._retire.sort()
+        self._events.append(SessionEstablished(gen, session.provenance, now - ex.started,
+                                               ex.role, ex.reason, ex.qkd_fallback))
+        if cfg.qkd_role is not None:
+            if not session.provenance.qkd and not self._in_fallback:
+                self._in_fallback = True
+                self._events.append(QkdFallback(ex.qkd_fallback or "QKD absent"))
+            elif session.provenance.qkd and self._in_fallback:
+                self._in_fallback = False
+                self._events.append(QkdRecovered())
+        self._rekey_at = now + cfg.rekey_interval * (1 - cfg.rekey_jitter * self._jitter())
+        self._rekey_reason = "timer"
+
+    # ================================================================ helpers
 
     def _violation(self, kind: str, detail: str, now: float) -> None:
         self.stats["violation_" + kind] += 1
@@ -372,9 +979,20 @@ class PeerSession(InitiatorMixin, ResponderMixin, LifecycleMixin):
         self._next_msg_id = (self._next_msg_id + 1) & 0xFFFFFFFF
         self._out.extend(fragment(wire, self._next_msg_id))
 
-    def _tag(self, session: Any, role: str, th: bytes) -> bytes:
-        from qkdgate.keymix.schedule import confirmation_tag
-        return confirmation_tag(session, role, th)
+    def _jitter(self) -> float:
+        return int.from_bytes(self._rng(2), "big") / 65536.0
+
+    @staticmethod
+    def _gen(ex: Exchange) -> int:
+        if ex.generation is None:
+            raise LocalProtocolError(f"{ex.role} exchange in {ex.state} has no generation")
+        return ex.generation
+
+    @staticmethod
+    def _secret(ex: Exchange) -> SessionSecret:
+        if ex.session is None:
+            raise LocalProtocolError(f"{ex.role} exchange in {ex.state} has no session secret")
+        return ex.session
 
     def _take_request(self, request_id: int, kind: str) -> Exchange | None:
         entry = self._requests.pop(request_id, None)
@@ -391,13 +1009,16 @@ class PeerSession(InitiatorMixin, ResponderMixin, LifecycleMixin):
         ex.request_id = rid
         return rid
 
-    def _request_install(self, ex: Exchange, cls: type, state: str, spis: dict) -> None:
-        ex.state = state
+    def _request_install(self, ex: Exchange, cls: type[InstallInbound] | type[InstallOutbound],
+                         state: S, spis: dict[str, int]) -> None:
+        self._transition(ex, state)
         rid = self._new_request(ex, "install")
+        gen = self._gen(ex)
         if cls is InstallInbound:
             ex.inbound_requested = True
-            self._open_gens.add(ex.generation)
-        self._events.append(cls(rid, ex.generation, ex.session, ex.role, dict(spis)))
+            self._open_gens.add(gen)
+        self._events.append(cls(rid, gen, self._secret(ex), ex.role, dict(spis)))
 
     def _bump_gen(self, gen: int) -> None:
         self._gen_high = max(self._gen_high, gen)
+
