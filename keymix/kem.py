@@ -44,7 +44,7 @@ class KemPrivateKey:
 
     __slots__ = ("_key", "kem_name")
 
-    def __init__(self, kem_name: str, key: Any) -> None:
+    def __init__(self, kem_name: str, key: object) -> None:
         self.kem_name = kem_name
         self._key = key
 

@@ -68,9 +68,17 @@ def _liboqs() -> dict[str, Any]:
     return {"available": True, "detail": why, "kems": names}
 
 
-def probe() -> dict[str, Any]:
+# The report is JSON (``qkdgate probe --json``).
+Json = None | bool | int | float | str | list["Json"] | dict[str, "Json"]
+
+
+def probe() -> dict[str, Json]:
     """A JSON-able report: ``{"openssl", "kems": {name: {...}}, "x25519",
     "hkdf_sha384", "liboqs", "default_suite_ok", "unavailable": [reasons]}``."""
+    return _report()
+
+
+def _report() -> dict[str, Any]:
     from cryptography import __version__ as pyca_version
     from cryptography.hazmat.backends.openssl.backend import backend
 
@@ -109,7 +117,7 @@ def _line(name: str, r: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Exit 0 when the default suite (ML-KEM-768 + X25519 + HKDF-SHA384) works, else 1."""
-    report = probe()
+    report = _report()
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))
     else:
