@@ -29,13 +29,15 @@ LocalProtocolError (we reused a stream ID), 6 KeySourceTimeout.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import enum
 import json
+import random
 import ssl
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -43,7 +45,7 @@ from yarl import URL
 
 from qkdgate.adapters.etsi014_codec import parse_error
 from qkdgate.adapters.https import KmeHttps
-from qkdgate.adapters.settings import source_settings
+from qkdgate.adapters.settings import source_settings, to_float
 from qkdgate.adapters.tls import client_context
 from qkdgate.errors import (
     ConfigError,
@@ -100,7 +102,7 @@ class QoS:
             raise KeySourceProtocolError("ETSI 004: qos.metadata_mimetype must be a string")
         return cls(**vals, metadata_mimetype=mime[:128])
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, object]:
         return asdict(self)
 
 
@@ -120,10 +122,10 @@ class OpenResult:
 class KeyChunk:
     index: int
     key: SecretBytes
-    metadata: Mapping[str, Any] | None
+    metadata: Mapping[str, object] | None
 
 
-def _obj(raw: bytes, what: str) -> dict[str, Any]:
+def _obj(raw: bytes, what: str) -> dict[str, object]:
     try:
         doc = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
@@ -133,7 +135,7 @@ def _obj(raw: bytes, what: str) -> dict[str, Any]:
     return doc
 
 
-def _status(doc: Mapping[str, Any], what: str) -> Status:
+def _status(doc: Mapping[str, object], what: str) -> Status:
     v = doc.get("status")
     if not isinstance(v, int) or isinstance(v, bool):
         raise KeySourceProtocolError(f"ETSI 004 {what}: status missing")
@@ -220,8 +222,10 @@ def _classify(what: str, status: int, raw: bytes) -> KeySourceError:
 class Etsi004Client:
     """One application's ETSI 004 session with its KME."""
 
-    def __init__(self, settings: Any, *, ssl_context: ssl.SSLContext | None = None,
-                 **http_options: Any) -> None:
+    def __init__(self, settings: object, *, ssl_context: ssl.SSLContext | None = None,
+                 reuse_connections: bool = True,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                 rng: Callable[[], float] = random.random) -> None:
         s = source_settings(settings, "etsi004")
         if ssl_context is None:
             if s.tls is None:
@@ -232,7 +236,8 @@ class Etsi004Client:
         self._base = s.url
         self.http = KmeHttps(ssl_context=ssl_context, timeout=s.timeout, retries=s.retries,
                              kme_id=s.kme_id, label=f"KME {s.kme_id or s.url}",
-                             backoff=float(s.options.get("backoff", 0.2)), **http_options)
+                             backoff=to_float(s.options.get("backoff", 0.2)),
+                             reuse_connections=reuse_connections, sleep=sleep, rng=rng)
         self.chunk_sizes: dict[str, int] = {}
 
     def _url(self, op: str) -> URL:

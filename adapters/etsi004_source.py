@@ -156,7 +156,7 @@ class _Stream:
     next_index: int | None = None       # None: ask the KME (index null)
     qos: QoS | None = None
     reads: int = 0
-    metadata: Mapping[str, Any] = field(default_factory=dict)
+    metadata: Mapping[str, object] = field(default_factory=dict)
 
 
 def _peek_status(raw: bytes) -> int | None:
@@ -192,7 +192,7 @@ class Etsi004KeySource:
     ``sleep``/``rng`` drive the retry backoff, ``rng_bytes`` the per-open
     key_ID nonce (all injected for tests)."""
 
-    def __init__(self, settings: SourceSettings | Mapping[str, Any] | Any, *,
+    def __init__(self, settings: object, *,
                  ssl_context: ssl.SSLContext | None = None,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
                  rng: Callable[[], float] = random.random,
@@ -222,13 +222,13 @@ class Etsi004KeySource:
             raise ConfigError("local SAE ID needed: set options.local_sae_id (no spaces, '/', "
                               "'?', '#')", path=s.where("options.local_sae_id"), found=repr(local))
         self.local_sae_id = local
-        http_opts = {"reuse_connections": _flag(opts, "reuse_connections", s)}
-        self.client = Etsi004Client(s, ssl_context=ssl_context, sleep=sleep, rng=rng, **http_opts)
+        self.client = Etsi004Client(s, ssl_context=ssl_context, sleep=sleep, rng=rng,
+                                    reuse_connections=_flag(opts, "reuse_connections", s))
         self._rng_bytes = rng_bytes
         self._streams: dict[str, _Stream] = {}
 
     @classmethod
-    def from_settings(cls, settings: Any) -> Etsi004KeySource:
+    def from_settings(cls, settings: object) -> Etsi004KeySource:
         return cls(settings)
 
     def __repr__(self) -> str:
@@ -256,7 +256,7 @@ class Etsi004KeySource:
     def _url(self, op: str) -> URL:
         return URL(f"{self.settings.url}/api/v1/qkd004/{op}")
 
-    async def _post(self, what: str, op: str, body: Mapping[str, Any],
+    async def _post(self, what: str, op: str, body: Mapping[str, object],
                     retries: int | None) -> bytes:
         return await self.client.http.request(what, "POST", self._url(op), _classify,
                                               body=body, retries=retries)
@@ -471,7 +471,7 @@ def _key_size(v: object, where: str) -> int:
     return v
 
 
-def _flag(opts: Mapping[str, Any], name: str, s: SourceSettings) -> bool:
+def _flag(opts: Mapping[str, object], name: str, s: SourceSettings) -> bool:
     v = opts.get(name, True)
     if not isinstance(v, bool):
         raise ConfigError(f"{name} must be true or false", path=s.where(f"options.{name}"),
@@ -511,6 +511,6 @@ def _fixed_stream_ids(v: object, where: str) -> dict[str, str]:
     return out
 
 
-def from_settings(settings: Any) -> Etsi004KeySource:
+def from_settings(settings: object) -> Etsi004KeySource:
     """Entry point ``qkdgate.key_sources: etsi004``."""
     return Etsi004KeySource(settings)

@@ -26,7 +26,6 @@ import random
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any
 from urllib.parse import quote
 
 from yarl import URL
@@ -34,7 +33,7 @@ from yarl import URL
 from qkdgate.adapters import etsi014_codec as codec
 from qkdgate.adapters.https import KmeHttps
 from qkdgate.adapters.profiles import Profile, get_profile
-from qkdgate.adapters.settings import SourceSettings, source_settings
+from qkdgate.adapters.settings import SourceSettings, source_settings, to_float
 from qkdgate.adapters.tls import client_context
 from qkdgate.errors import (
     ConfigError,
@@ -57,7 +56,7 @@ class Etsi014KeySource:
     settings' files (tests, or an HSM-backed context).
     """
 
-    def __init__(self, settings: SourceSettings | Mapping[str, Any] | Any, *,
+    def __init__(self, settings: object, *,
                  ssl_context: ssl.SSLContext | None = None,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
                  rng: Callable[[], float] = random.random,
@@ -91,14 +90,15 @@ class Etsi014KeySource:
             ssl_context=ssl_context, timeout=s.timeout, retries=s.retries, kme_id=s.kme_id,
             label=f"KME {s.kme_id or base}",
             reuse_connections=bool(opts.get("reuse_connections", True)),
-            server_hostname=opts.get("server_hostname"), backoff=float(opts.get("backoff", 0.2)),
-            max_backoff=float(opts.get("max_backoff", 5.0)), sleep=sleep, rng=rng)
-        self._ext_mandatory = list(opts.get("extension_mandatory", ()))
-        self._ext_optional = list(opts.get("extension_optional", ()))
+            server_hostname=_opt_str(opts, "server_hostname", s),
+            backoff=to_float(opts.get("backoff", 0.2)),
+            max_backoff=to_float(opts.get("max_backoff", 5.0)), sleep=sleep, rng=rng)
+        self._ext_mandatory = _extensions(opts, "extension_mandatory", s)
+        self._ext_optional = _extensions(opts, "extension_optional", s)
         self.last_status: codec.Status | None = None
 
     @classmethod
-    def from_settings(cls, settings: Any) -> Etsi014KeySource:
+    def from_settings(cls, settings: object) -> Etsi014KeySource:
         return cls(settings)
 
     def __repr__(self) -> str:
@@ -116,7 +116,7 @@ class Etsi014KeySource:
 
     async def _call(self, what: str, http_method: str, url: URL, *,
                     params: Mapping[str, str] | None = None,
-                    body: Mapping[str, Any] | None = None) -> bytes:
+                    body: Mapping[str, object] | None = None) -> bytes:
         return await self.http.request(what, http_method, url, self._classify,
                                        params=params, body=body)
 
@@ -129,8 +129,8 @@ class Etsi014KeySource:
 
     async def enc_keys(self, peer_sae_id: str, number: int = 1, size_bits: int | None = None,
                        additional_slave_sae_ids: Sequence[str] = (),
-                       extension_mandatory: Sequence[Mapping[str, Any]] | None = None,
-                       extension_optional: Sequence[Mapping[str, Any]] | None = None,
+                       extension_mandatory: Sequence[Mapping[str, object]] | None = None,
+                       extension_optional: Sequence[Mapping[str, object]] | None = None,
                        ) -> codec.KeyContainer:
         """Get key with the whole answer: per-key and container extensions
         come back as the KME sent them. Extensions default to the configured
@@ -175,7 +175,7 @@ class Etsi014KeySource:
 
     async def dec_keys(self, master_sae_id: str, key_ids: Sequence[str],
                        size_bits: int | None = None,
-                       key_ids_extension: Mapping[str, Any] | None = None) -> codec.KeyContainer:
+                       key_ids_extension: Mapping[str, object] | None = None) -> codec.KeyContainer:
         """Get key with key IDs with the whole answer (extensions included),
         keys in the order of ``key_ids``."""
         if not key_ids:
@@ -279,6 +279,23 @@ def to_key_source_status(st: codec.Status) -> KeySourceStatus:
 
 
 
-def from_settings(settings: Any) -> Etsi014KeySource:
+def _opt_str(opts: Mapping[str, object], name: str, s: SourceSettings) -> str | None:
+    value = opts.get(name)
+    if value is not None and not isinstance(value, str):
+        raise ConfigError("expected a string", path=s.where(f"options.{name}"), found=repr(value))
+    return value
+
+
+def _extensions(opts: Mapping[str, object], name: str,
+                s: SourceSettings) -> list[Mapping[str, object]]:
+    """ETSI GS QKD 014 6.2 extension_mandatory / extension_optional: a list of objects."""
+    value = opts.get(name, ())
+    if not isinstance(value, (list, tuple)) or not all(isinstance(e, Mapping) for e in value):
+        raise ConfigError("expected a list of mappings", path=s.where(f"options.{name}"),
+                          found=repr(value)[:60])
+    return list(value)
+
+
+def from_settings(settings: object) -> Etsi014KeySource:
     """Entry point ``qkdgate.key_sources: etsi014``."""
     return Etsi014KeySource(settings)

@@ -74,7 +74,7 @@ class Status:
     max_key_size: int
     min_key_size: int
     max_SAE_ID_count: int
-    status_extension: Mapping[str, Any] = field(default_factory=dict)
+    status_extension: Mapping[str, object] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,9 +82,9 @@ class KeyContainer:
     """ETSI GS QKD 014 6.3 Key container, decoded and checked."""
 
     keys: list[QkdKey]
-    key_ID_extensions: dict[str, Any] = field(default_factory=dict)   # key_ID -> extension
-    key_extensions: dict[str, Any] = field(default_factory=dict)
-    key_container_extension: Mapping[str, Any] | None = None
+    key_ID_extensions: dict[str, object] = field(default_factory=dict)   # key_ID -> extension
+    key_extensions: dict[str, object] = field(default_factory=dict)
+    key_container_extension: Mapping[str, object] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +93,7 @@ class ErrorBody:
     says whether the body was the spec's JSON or something else (HTML...)."""
 
     message: str
-    details: tuple[Any, ...] = ()
+    details: tuple[object, ...] = ()
     json: bool = True
 
 
@@ -103,11 +103,11 @@ class ErrorBody:
 
 def key_request(number: int | None = None, size: int | None = None,
                 additional_slave_sae_ids: Sequence[str] = (),
-                extension_mandatory: Sequence[Mapping[str, Any]] = (),
-                extension_optional: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
+                extension_mandatory: Sequence[Mapping[str, object]] = (),
+                extension_optional: Sequence[Mapping[str, object]] = ()) -> dict[str, object]:
     """A Key request body (ETSI GS QKD 014 6.2); absent fields are left out
     so the KME applies its own defaults."""
-    body: dict[str, Any] = {}
+    body: dict[str, object] = {}
     if number is not None:
         body["number"] = number
     if size is not None:
@@ -122,15 +122,15 @@ def key_request(number: int | None = None, size: int | None = None,
 
 
 def key_ids_request(key_ids: Sequence[str],
-                    key_IDs_extension: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                    key_IDs_extension: Mapping[str, object] | None = None) -> dict[str, object]:
     """A Key IDs body (ETSI GS QKD 014 6.4)."""
-    body: dict[str, Any] = {"key_IDs": [{"key_ID": k} for k in key_ids]}
+    body: dict[str, object] = {"key_IDs": [{"key_ID": k} for k in key_ids]}
     if key_IDs_extension:
         body["key_IDs_extension"] = dict(key_IDs_extension)
     return body
 
 
-def can_use_get(body: Mapping[str, Any]) -> bool:
+def can_use_get(body: Mapping[str, object]) -> bool:
     """ETSI GS QKD 014 5.2: the GET form of enc_keys carries only number and size."""
     return set(body) <= {"number", "size"}
 
@@ -139,7 +139,7 @@ def can_use_get(body: Mapping[str, Any]) -> bool:
 # responses
 # --------------------------------------------------------------------------
 
-def _load_object(raw: bytes, what: str) -> dict[str, Any]:
+def _load_object(raw: bytes, what: str) -> dict[str, object]:
     if len(raw) > MAX_BODY_BYTES:
         raise KeySourceProtocolError(f"{what}: body of {len(raw)} bytes is too large")
     try:
@@ -151,7 +151,7 @@ def _load_object(raw: bytes, what: str) -> dict[str, Any]:
     return doc
 
 
-def _int_field(doc: Mapping[str, Any], name: str, what: str, *, minimum: int = 0) -> int:
+def _int_field(doc: Mapping[str, object], name: str, what: str, *, minimum: int = 0) -> int:
     v = doc.get(name)
     # bool is an int subclass in Python; JSON true is not a count.
     if not isinstance(v, int) or isinstance(v, bool):
@@ -161,7 +161,7 @@ def _int_field(doc: Mapping[str, Any], name: str, what: str, *, minimum: int = 0
     return v
 
 
-def _id_field(doc: Mapping[str, Any], name: str, what: str) -> str:
+def _id_field(doc: Mapping[str, object], name: str, what: str) -> str:
     v = doc.get(name)
     # SAE and KME IDs are strings in the spec; some KMEs send integers.
     if isinstance(v, int) and not isinstance(v, bool):
@@ -175,7 +175,7 @@ def _kind(v: object) -> str:
     return "nothing" if v is None else type(v).__name__
 
 
-def _ext(doc: Mapping[str, Any], name: str, what: str) -> Mapping[str, Any] | None:
+def _ext(doc: Mapping[str, object], name: str, what: str) -> Mapping[str, object] | None:
     v = doc.get(name)
     if v is None:
         return None

@@ -84,7 +84,7 @@ class KmeHttps:
 
     async def request(self, what: str, http_method: str, url: URL, classify: Classifier, *,
                       params: Mapping[str, str] | None = None,
-                      body: Mapping[str, Any] | None = None,
+                      body: Mapping[str, object] | None = None,
                       retries: int | None = None) -> bytes:
         """One logical request: a 200 body, or a KeySourceError subclass.
         ``retries`` overrides the configured count (0 for calls that must

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from qkdgate.adapters.settings import to_int
 from qkdgate.errors import ConfigError
 
 SPEC = "ETSI GS QKD 014 V1.1.1 (2019-02), 5.2-5.4 and 6"
@@ -88,7 +89,13 @@ PROFILES: dict[str, Profile] = {
 PROFILES["idq"] = PROFILES["idq-cerberis-xgr"]
 
 
-def get_profile(name: str, overrides: Mapping[str, Any] | None = None) -> Profile:
+def _int_set(value: object) -> frozenset[int]:
+    if not isinstance(value, (list, tuple, set, frozenset)):
+        raise TypeError(f"expected a list of integers, not {type(value).__name__}")
+    return frozenset(to_int(x) for x in value)
+
+
+def get_profile(name: str, overrides: Mapping[str, object] | None = None) -> Profile:
     """The named profile with per-source ``options`` overrides applied."""
     base = PROFILES.get(name)
     if base is None:
@@ -97,11 +104,13 @@ def get_profile(name: str, overrides: Mapping[str, Any] | None = None) -> Profil
     if not overrides:
         return base
     changes: dict[str, Any] = {}
-    for key, conv in (("enc_keys_method", lambda v: str(v).upper()),
-                      ("dec_keys_method", lambda v: str(v).upper()),
-                      ("key_size", int), ("default_key_bits", int),
-                      ("sae_id_format", str),
-                      ("empty_pool_statuses", lambda v: frozenset(int(x) for x in v))):
+    convs: tuple[tuple[str, Callable[[object], object]], ...] = (
+        ("enc_keys_method", lambda v: str(v).upper()),
+        ("dec_keys_method", lambda v: str(v).upper()),
+        ("key_size", to_int), ("default_key_bits", to_int),
+        ("sae_id_format", str),
+        ("empty_pool_statuses", _int_set))
+    for key, conv in convs:
         if key in overrides:
             try:
                 value = conv(overrides[key])

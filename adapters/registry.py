@@ -20,7 +20,6 @@ import importlib
 import logging
 from collections.abc import Callable
 from importlib.metadata import entry_points
-from typing import Any
 
 from qkdgate.errors import ConfigError
 from qkdgate.interfaces import KeySource
@@ -38,10 +37,10 @@ BUILTIN: dict[str, str] = {
     "toshiba": "qkdgate.adapters.registry:create_toshiba",
 }
 
-Factory = Callable[[Any], KeySource]
+Factory = Callable[[object], KeySource]
 
 
-def _with_profile(settings: Any, profile: str) -> KeySource:
+def _with_profile(settings: object, profile: str) -> KeySource:
     from dataclasses import replace
 
     from qkdgate.adapters.etsi014 import Etsi014KeySource
@@ -52,11 +51,11 @@ def _with_profile(settings: Any, profile: str) -> KeySource:
     return Etsi014KeySource(replace(s, options=opts))
 
 
-def create_idq(settings: Any) -> KeySource:
+def create_idq(settings: object) -> KeySource:
     return _with_profile(settings, "idq-cerberis-xgr")
 
 
-def create_toshiba(settings: Any) -> KeySource:
+def create_toshiba(settings: object) -> KeySource:
     return _with_profile(settings, "toshiba")
 
 
@@ -96,7 +95,7 @@ def find_factory(kind: str) -> Factory:
     return factory
 
 
-def create_key_source(kind: str, settings: Any) -> KeySource:
+def create_key_source(kind: str, settings: object) -> KeySource:
     """Build the key source for one ``key_sources`` entry."""
     source = find_factory(kind)(settings)
     if not isinstance(source, KeySource):

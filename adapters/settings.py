@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 from urllib.parse import urlsplit
 
 from qkdgate.errors import ConfigError
@@ -34,13 +33,28 @@ class SourceSettings:
     kme_id: str | None = None
     timeout: float = 5.0
     retries: int = 3
-    options: Mapping[str, Any] = field(default_factory=dict)
+    options: Mapping[str, object] = field(default_factory=dict)
 
     def where(self, key: str) -> str:
         return f"key_sources[{self.name}].{key}"
 
 
-def _get(obj: Any, name: str, default: Any = None) -> Any:
+def to_float(value: object) -> float:
+    """``float(value)`` for what YAML or a caller may give (int, float, str);
+    TypeError for anything else, ValueError for a string that is no number."""
+    if not isinstance(value, (int, float, str)):
+        raise TypeError(f"expected a number, not {type(value).__name__}")
+    return float(value)
+
+
+def to_int(value: object) -> int:
+    """``int(value)`` for int, float or str; TypeError for anything else."""
+    if not isinstance(value, (int, float, str)):
+        raise TypeError(f"expected an integer, not {type(value).__name__}")
+    return int(value)
+
+
+def _get(obj: object, name: str, default: object = None) -> object:
     if obj is None:
         return default
     if isinstance(obj, Mapping):
@@ -48,7 +62,7 @@ def _get(obj: Any, name: str, default: Any = None) -> Any:
     return getattr(obj, name, default)
 
 
-def source_settings(settings: Any, kind: str | None = None) -> SourceSettings:
+def source_settings(settings: object, kind: str | None = None) -> SourceSettings:
     """Normalise and validate a key-source entry (mapping or dataclass)."""
     if isinstance(settings, SourceSettings):
         return settings
@@ -77,8 +91,8 @@ def source_settings(settings: Any, kind: str | None = None) -> SourceSettings:
     timeout = _get(settings, "timeout", 5.0)
     retries = _get(settings, "retries", 3)
     try:
-        timeout = float(timeout)
-        retries = int(retries)
+        timeout = to_float(timeout)
+        retries = to_int(retries)
     except (TypeError, ValueError):
         raise ConfigError("timeout must be a number and retries an integer",
                           path=f"{where}.timeout") from None

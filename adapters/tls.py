@@ -17,8 +17,8 @@ QKD keys; docs/qkd.md explains why that link must stay inside the site.
 from __future__ import annotations
 
 import ssl
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
 
 from qkdgate.errors import ConfigError, KeySourceAuthError
 
@@ -58,20 +58,28 @@ def _load(ctx: ssl.SSLContext, cert: str | Path, key: str | Path, ca: str | Path
         raise ConfigError(f"cannot load CA ({exc})", path="tls.ca") from None
 
 
-def cert_names(peercert: dict[str, Any] | None) -> set[str]:
+def cert_names(peercert: Mapping[str, object] | None) -> set[str]:
     """Subject CNs and SAN DNS/URI/IP entries of a certificate as returned
     by :meth:`ssl.SSLSocket.getpeercert` (the verified, decoded form)."""
     names: set[str] = set()
     if not peercert:
         return names
-    for rdn in peercert.get("subject", ()):
-        for attr, value in rdn:
+    subject = peercert.get("subject", ())
+    for rdn in subject if isinstance(subject, (tuple, list)) else ():
+        for attr, value in _pairs(rdn):
             if attr == "commonName":
-                names.add(value)
-    for kind, value in peercert.get("subjectAltName", ()):
+                names.add(str(value))
+    for kind, value in _pairs(peercert.get("subjectAltName", ())):
         if kind in ("DNS", "URI", "IP Address"):
-            names.add(value)
+            names.add(str(value))
     return names
+
+
+def _pairs(seq: object) -> Iterator[tuple[object, object]]:
+    """The (name, value) pairs of getpeercert()'s nested tuples."""
+    for item in seq if isinstance(seq, (tuple, list)) else ():
+        if isinstance(item, tuple) and len(item) == 2:
+            yield item[0], item[1]
 
 
 def check_peer_id(ssl_object: ssl.SSLObject | ssl.SSLSocket | None, expected: str,

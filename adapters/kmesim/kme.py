@@ -43,10 +43,10 @@ BAD_REQUEST = "Bad request format"
 @dataclass(frozen=True, slots=True)
 class Reply:
     status: int
-    body: Mapping[str, Any] | None = None
+    body: Mapping[str, object] | None = None
 
 
-def error(status: int, message: str, **details: Any) -> Reply:
+def error(status: int, message: str, **details: object) -> Reply:
     # ETSI GS QKD 014 6.5 Error: message, optional details array of objects.
     body: dict[str, Any] = {"message": message}
     if details:

@@ -17,7 +17,6 @@ import json
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 from qkdgate.adapters.etsi004 import QoS, Status
 from qkdgate.adapters.kmesim.kme import BAD_REQUEST, Reply, SimNetwork, error
@@ -54,7 +53,7 @@ class Qkd004Service:
         self.net = network
         self.streams: dict[str, _Stream] = {}
 
-    def handle(self, kme_id: str, caller: str, op: str, doc: Mapping[str, Any]) -> Reply:
+    def handle(self, kme_id: str, caller: str, op: str, doc: Mapping[str, object]) -> Reply:
         if op == "open_connect":
             return self.open_connect(caller, doc)
         ksid = doc.get("key_stream_ID")
@@ -70,7 +69,7 @@ class Qkd004Service:
             return self.close(caller, ksid)
         return error(404, "no such operation")
 
-    def open_connect(self, caller: str, doc: Mapping[str, Any]) -> Reply:
+    def open_connect(self, caller: str, doc: Mapping[str, object]) -> Reply:
         src, dst = _sae(doc.get("source")), _sae(doc.get("destination"))
         if src is None or dst is None or caller not in (src, dst) or src == dst:
             return error(400, BAD_REQUEST,
@@ -81,8 +80,10 @@ class Qkd004Service:
             return error(400, BAD_REQUEST, qos=str(exc))
         ksid_in = doc.get("key_stream_ID")
         try:
+            if ksid_in is not None and not isinstance(ksid_in, str):
+                raise TypeError("key_stream_ID must be a string")
             ksid = str(uuid.UUID(ksid_in)) if ksid_in is not None else None
-        except (ValueError, TypeError, AttributeError):
+        except (ValueError, TypeError):
             return error(400, BAD_REQUEST, invalid_key_stream_ID=True)
         ka, kb = self.net.sae_home.get(src), self.net.sae_home.get(dst)
         link = self.net.link(ka, kb) if ka and kb and ka != kb else None

@@ -77,7 +77,7 @@ class SaeCredentials:
     key: Path
     ca: Path
 
-    def settings(self, name: str | None = None, **options: Any) -> dict[str, Any]:
+    def settings(self, name: str | None = None, **options: object) -> dict[str, object]:
         """A key-source entry for :func:`qkdgate.adapters.registry.create_key_source`."""
         return {"name": name or self.sae_id, "kind": "etsi014", "url": self.url,
                 "kme_id": self.kme_id, "timeout": options.pop("timeout", 5.0),
@@ -277,7 +277,7 @@ class KmeSimulator:
         link.paused = False
         link.fill(keys)
 
-    def state(self) -> dict[str, Any]:
+    def state(self) -> dict[str, object]:
         out: dict[str, Any] = {"kmes": {}, "links": []}
         for k in self.network.kmes:
             faults = {**asdict(self.faults[k]), "raw": self.faults[k].raw is not None}
