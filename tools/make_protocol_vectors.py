@@ -57,21 +57,21 @@ def det_uuid(case: str, i: int) -> str:
 
 
 def side(case: str, role: str, name: str, profile: str, qkd_role: str | None,
-         spis: dict[str, int], floor: int = 0, allow_pqc_only: bool = False,
+         spis: dict[str, int], floor: int = 0, allow_pqc_only: bool | None = None,
          kme_error: str | None = None) -> dict:
     return {"name": name, "profile": profile,
             "ed25519_seed": det(case, f"{role} ed25519 seed", 32).hex(),
             "mldsa_seed": det(case, f"{role} ML-DSA seed", 32).hex(),
             "rng_seed": det(case, f"{role} rng seed", 32).hex(),
             "qkd_role": qkd_role, "sae_id": f"sae-{name}" if qkd_role else "",
-            "allow_pqc_only": allow_pqc_only, "kme_error": kme_error,
+            "allow_pqc_only": bool(allow_pqc_only), "kme_error": kme_error,
             "generation_floor": floor, "spis": spis}
 
 
 def case_inputs(cid: str, *, kem: str, x25519: bool, psk: bool, qkd: str | None,
                 profile: str, tunnels: list[tuple[str, str]], spis_i: dict, spis_r: dict,
                 floors: tuple[int, int] = (0, 0), qkd_bits: int = 256,
-                fallback: str | None = None) -> dict:
+                fallback: str | None = None, responder_allows_fallback: bool = True) -> dict:
     roles = {"initiator-master": ("master", "slave"), "responder-master": ("slave", "master"),
              None: (None, None)}[qkd]
     return {
@@ -85,7 +85,9 @@ def case_inputs(cid: str, *, kem: str, x25519: bool, psk: bool, qkd: str | None,
         "initiator": side(cid, "initiator", "gw-alpha.example", profile, roles[0], spis_i,
                           floors[0], allow_pqc_only=bool(fallback), kme_error=fallback),
         "responder": side(cid, "responder", "gw-bravo.example", profile, roles[1], spis_r,
-                          floors[1], allow_pqc_only=bool(fallback)),
+                          floors[1],
+                          allow_pqc_only=bool(fallback) and responder_allows_fallback),
+        "outcome": "established" if responder_allows_fallback else "aborted",
     }
 
 
@@ -127,10 +129,65 @@ CASES = {
                     psk=False, qkd="initiator-master", profile="mldsa65-ed25519",
                     tunnels=[("lan-0", "macsec")], spis_i={"lan-0": 3},
                     spis_r={"lan-0": 2}, fallback="timeout")),
+    "protocol-abort-policy-refuses-fallback": (
+        "ML-KEM-768 + X25519; the initiator (QKD master) gets no key (KME unavailable) and "
+        "asks for a PQC-only generation (INIT ABSENT reason 1), but the responder's policy "
+        "requires QKD: it answers with an ABORT (code 3 POLICY, sender_role 2, generation 1) "
+        "signed over H(\"qkdgate/1 abort\" || 0x00 || H(INIT core) || ABORT prefix); "
+        "nothing is installed on either side",
+        case_inputs("protocol-abort-policy-refuses-fallback", kem="ML-KEM-768", x25519=True,
+                    psk=False, qkd="initiator-master", profile="mldsa65-ed25519",
+                    tunnels=[("site-a", "ipsec")], spis_i={"site-a": 0x0000AB01},
+                    spis_r={"site-a": 0x0000CD02}, fallback="unavailable",
+                    responder_allows_fallback=False)),
 }
 
 
+def _signatures(run) -> list[dict]:
+    return [{"signer": role, "context": ctx.decode(), "message": msg.hex(),
+             "ed25519": sig[:64].hex(), "mldsa": sig[64:].hex()}
+            for role in ("initiator", "responder") for ctx, msg, sig in run.identities[role].signed]
+
+
+def _common(cid: str, description: str, inputs: dict, run, msgs: list[dict]) -> dict:
+    psk = H(inputs["psk"]) if inputs["psk"] else None
+    n_i, n_r = inputs["initiator"]["name"], inputs["responder"]["name"]
+    return {
+        "id": cid, "description": description, "inputs": inputs,
+        "identities": {role: {"public": run.identities[role].public.to_string(),
+                              "key_id": run.identities[role].key_id.hex()}
+                       for role in ("initiator", "responder")},
+        "messages": msgs,
+        "intermediate": {
+            "mac1_key_to_initiator": m.mac1_key(n_i, psk).hex(),
+            "mac1_key_to_responder": m.mac1_key(n_r, psk).hex()},
+        "signatures": _signatures(run),
+        "events": {role: [type(e).__name__ for e in run.events[role]]
+                   for role in ("initiator", "responder")},
+        "rng_draws": {k: [[n, b.hex()] for n, b in v] for k, v in run.rng_draws.items()},
+    }
+
+
+def build_aborted(cid: str, description: str, inputs: dict) -> dict:
+    """An exchange the responder refuses: INIT, then a signed ABORT (4.7)."""
+    run = run_exchange(inputs)
+    msgs = decode_messages(run.datagrams)
+    if [x["type"] for x in msgs] != ["INIT", "ABORT"]:
+        raise SystemExit(f"{cid}: expected INIT and ABORT, got {[x['type'] for x in msgs]}")
+    init, abort = (m.decode(H(x["message"])) for x in msgs)
+    vec = _common(cid, description, inputs, run, msgs)
+    digest = hashlib.sha256(b"qkdgate/1 abort\0" + hashlib.sha256(init.core).digest()
+                            + abort.prefix("signature")).digest()
+    vec["intermediate"].update({
+        "initiator_epoch": init.sender_epoch, "responder_epoch": abort.sender_epoch,
+        "exchange_id": init.exchange_id, "init_core_hash": hashlib.sha256(init.core).hexdigest(),
+        "abort_prefix_length": len(abort.prefix("signature")), "abort_digest": digest.hex()})
+    return vec
+
+
 def build(cid: str, description: str, inputs: dict) -> dict:
+    if inputs.get("outcome") == "aborted":
+        return build_aborted(cid, description, inputs)
     run = run_exchange(inputs)
     msgs = decode_messages(run.datagrams)
     by_type = {x["type"]: m.decode(H(x["message"])) for x in msgs}

@@ -191,9 +191,15 @@ def done_hash(th: bytes) -> bytes:                                      # 4.6
     return H(LABEL + b" done" + b"\0" + th)
 
 
+def abort_digest(init_core: bytes, abort_prefix: bytes) -> bytes:        # 4.7
+    return H(LABEL + b" abort" + b"\0" + H(init_core) + abort_prefix)
+
+
 MLDSA_SIG_SIZE = {"mldsa65-ed25519": 3309, "mldsa87-ed25519": 4627}
 KEM_IDS = {"ML-KEM-768": 1, "ML-KEM-1024": 2}
 QKD_MODE = {"NONE": 0, "KEYS": 1, "EXPECT": 2, "ABSENT": 3, "USING": 4}
+ABORT_CODE = {"QKD_KEY_LOST": 1, "QKD_UNAVAILABLE": 2, "POLICY": 3, "INSTALL_FAILED": 4,
+              "SUITE_MISMATCH": 5, "AUTH_FAILED": 6}
 QKD_REASON = {"unavailable": 1, "timeout": 2, "refused": 3, "protocol": 4, "peer": 5}
 
 

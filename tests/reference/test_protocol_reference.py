@@ -27,7 +27,8 @@ kref = _load("keymix_ref")
 H = bytes.fromhex
 FILES = sorted((Path(__file__).parents[1] / "vectors").glob("protocol-*.json"))
 VECTORS = [json.loads(p.read_text()) for p in FILES]
-IDS = [v["id"] for v in VECTORS]
+DONE = [v for v in VECTORS if v["inputs"].get("outcome", "established") == "established"]
+ABORTED = [v for v in VECTORS if v["inputs"].get("outcome") == "aborted"]
 
 
 def _jsonish(v):
@@ -51,7 +52,6 @@ def _messages(vec):
         assert len(msg["core"]) == x["core_length"]
         assert msg["cookie"].hex() == x["cookie"]
         out[x["type"]] = (x["sender"], msg)
-    assert list(out) == ["INIT", "RESP", "CONFIRM", "DONE"]
     return out
 
 
@@ -71,10 +71,43 @@ def test_reference_ed25519_rfc8032_test_1():
     assert not ref.ed25519_verify(pk, b"x", sig)
 
 
-@pytest.mark.parametrize("vec", VECTORS, ids=IDS)
+@pytest.mark.parametrize("vec", ABORTED, ids=[v["id"] for v in ABORTED])
+def test_reference_agrees_with_aborted_vector(vec):
+    i, x = vec["inputs"], vec["intermediate"]
+    msgs = _messages(vec)
+    assert list(msgs) == ["INIT", "ABORT"]
+    (_, init), (sender, abort) = msgs["INIT"], msgs["ABORT"]
+    psk = H(i["psk"]) if i["psk"] else None
+    assert sender == "responder"
+    assert abort["mac1"] == ref.mac1(ref.k_mac1(i["initiator"]["name"], psk), abort["core"])
+    assert init["mac1"] == ref.mac1(ref.k_mac1(i["responder"]["name"], psk), init["core"])
+    fi, fa = init["fields"], abort["fields"]
+    # 4.7: R's epoch and I's, I's exchange id; the exchange's generation (6.1)
+    assert (abort["header"]["sender_epoch"], abort["header"]["receiver_epoch"],
+            abort["header"]["exchange_id"]) == (x["responder_epoch"], x["initiator_epoch"],
+                                                init["header"]["exchange_id"])
+    assert fa["generation"] == max(fi["generation_min"], i["responder"]["generation_floor"] + 1)
+    assert fa["sender_role"] == 2
+    assert fa["code"] == ref.ABORT_CODE["POLICY"]
+    assert fi["qkd_mode"] == ref.QKD_MODE["ABSENT"]
+    assert fi["qkd_reason"] == ref.QKD_REASON[i["initiator"]["kme_error"]]
+    assert fi["qkd_flags"] == 1
+    assert not i["responder"]["allow_pqc_only"]
+    profile, ed, ml = ref.parse_identity(vec["identities"]["responder"]["public"])
+    assert fa["signer_id"] == ref.key_id(profile, ed, ml)
+    digest = ref.abort_digest(init["core"], ref.prefix(abort, "signature"))
+    assert digest.hex() == x["abort_digest"]
+    sig = vec["signatures"][0]
+    assert (sig["context"], H(sig["message"])) == ("ABORT", digest)
+    assert fa["signature"] == H(sig["ed25519"]) + H(sig["mldsa"])
+    assert ref.ed25519_verify(ed, ref.ed25519_signed_bytes("ABORT", digest), H(sig["ed25519"]))
+
+
+@pytest.mark.parametrize("vec", DONE, ids=[v["id"] for v in DONE])
 def test_reference_agrees_with_vector(vec):
     i, x = vec["inputs"], vec["intermediate"]
     msgs = _messages(vec)
+    assert list(msgs) == ["INIT", "RESP", "CONFIRM", "DONE"]
     psk = H(i["psk"]) if i["psk"] else None
     name = {"initiator": i["initiator"]["name"], "responder": i["responder"]["name"]}
     peer = {"initiator": "responder", "responder": "initiator"}

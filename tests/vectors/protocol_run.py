@@ -151,10 +151,15 @@ def run_exchange(inputs: dict, *, signatures: dict[str, list] | None = None,
             break
     else:
         raise AssertionError("the exchange did not settle")
+    # ``outcome``: "established" (default) or "aborted" (both sides report a
+    # failed rekey and neither established a generation)
+    want = E.RekeyFailed if inputs.get("outcome") == "aborted" else E.SessionEstablished
     for role in ("initiator", "responder"):
-        if not any(isinstance(e, E.SessionEstablished) for e in run.events[role]):
-            names = [type(e).__name__ for e in run.events[role]]
-            run.problems.append(f"{role} did not establish a generation: {names}")
+        names = [type(e).__name__ for e in run.events[role]]
+        if not any(isinstance(e, want) for e in run.events[role]):
+            run.problems.append(f"{role} reported no {want.__name__}: {names}")
+        if want is E.RekeyFailed and "SessionEstablished" in names:
+            run.problems.append(f"{role} established a generation in an aborted exchange")
         run.problems += getattr(run.identities[role], "problems", [])
     if strict and run.problems:
         raise AssertionError("; ".join(run.problems))

@@ -34,6 +34,8 @@ H = bytes.fromhex
 FILES = sorted(Path(__file__).parent.glob("protocol-*.json"))
 VECTORS = [json.loads(p.read_text()) for p in FILES]
 IDS = [v["id"] for v in VECTORS]
+DONE = [v for v in VECTORS if v["inputs"].get("outcome", "established") == "established"]
+ABORTED = [v for v in VECTORS if v["inputs"].get("outcome") == "aborted"]
 
 
 def recorded_signatures(vec: dict) -> dict[str, list[tuple[bytes, bytes, bytes]]]:
@@ -93,8 +95,11 @@ def test_vectors_cover_the_required_exchanges():
     assert any(psk for _, _, psk in kinds)           # with a PSK
     assert any(v["inputs"]["initiator"].get("kme_error") for v in VECTORS)   # QKD fallback
     assert {v["inputs"]["kem"] for v in VECTORS} == {"ML-KEM-768", "ML-KEM-1024"}
-    for v in VECTORS:
+    for v in DONE:
         assert [x["type"] for x in v["messages"]] == ["INIT", "RESP", "CONFIRM", "DONE"]
+    assert ABORTED
+    for v in ABORTED:
+        assert [x["type"] for x in v["messages"]] == ["INIT", "ABORT"]
 
 
 @pytest.mark.parametrize("vec", VECTORS, ids=IDS)
@@ -113,10 +118,28 @@ def test_identities_and_signatures(vec):
     init = next(x for x in vec["messages"] if x["type"] == "INIT")
     core = H(init["message"])[:init["core_length"]]
     pinned["initiator"].verify_ed25519(core[:-64], core[-64:], b"INIT")
-    assert [s["context"] for s in vec["signatures"]] == ["CONFIRM", "RESP"]
+    want = ["CONFIRM", "RESP"] if vec in DONE else ["ABORT"]
+    assert [s["context"] for s in vec["signatures"]] == want
 
 
-@pytest.mark.parametrize("vec", VECTORS, ids=IDS)
+@pytest.mark.parametrize("vec", ABORTED, ids=[v["id"] for v in ABORTED])
+def test_aborted_exchange(vec):
+    """The ABORT's signature covers H("qkdgate/1 abort" || 0x00 || H(INIT core) ||
+    ABORT core up to the signature) (docs/protocol.md 4.7); nothing was installed."""
+    x = vec["intermediate"]
+    init, abort = (m.decode(H(y["message"])) for y in vec["messages"])
+    digest = hashlib.sha256(b"qkdgate/1 abort\0" + hashlib.sha256(init.core).digest()
+                            + abort.prefix("signature")).digest()
+    assert digest.hex() == x["abort_digest"]
+    assert vec["signatures"][0]["message"] == x["abort_digest"]
+    assert abort["signature"] == H(vec["signatures"][0]["ed25519"]) + H(
+        vec["signatures"][0]["mldsa"])
+    for role in ("initiator", "responder"):
+        assert "RekeyFailed" in vec["events"][role]
+        assert not {"InstallInbound", "InstallOutbound"} & set(vec["events"][role])
+
+
+@pytest.mark.parametrize("vec", DONE, ids=[v["id"] for v in DONE])
 def test_intermediate_values(vec):
     i, x = vec["inputs"], vec["intermediate"]
     msgs = {y["type"]: m.decode(H(y["message"])) for y in vec["messages"]}
