@@ -21,6 +21,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
+from qkdgate.gateway.protocol.dos import TokenBucket
 from qkdgate.gateway.protocol.messages import Message, MsgType, QkdMode
 
 if TYPE_CHECKING:
@@ -102,6 +103,7 @@ class Exchange:
     started: float
     deadline: float
     reason: str
+    verify_budget: TokenBucket      # bounds hybrid verifications (forgeries cost this only)
     state: ExchangeState = ExchangeState.NEW
     peer_epoch: int = 0             # 0 until known
     generation: int | None = None
@@ -126,7 +128,6 @@ class Exchange:
     wire: bytes = b""               # our last message, for retransmission / duplicates
     retx_at: float | None = None
     retx_interval: float = 0.0
-    auth_failures: int = 0
     inbound_requested: bool = False
     done_wire: bytes = b""
     confirm_core: bytes = b""

@@ -164,8 +164,11 @@ def resp_rest(identity: LocalIdentity, th: bytes, values: dict[str, object],
     return m.encode_fields(MsgType.RESP, values, "tag")
 
 
-def verify_resp(peer: PeerIdentity, th: bytes, msg: Message) -> None:
-    peer.verify(th + msg["tag"], msg["signature"], b"RESP")
+Signed = tuple[bytes, bytes, bytes]    # (signed data, hybrid signature, context)
+
+
+def resp_signed(th: bytes, msg: Message) -> Signed:
+    return th + msg["tag"], msg["signature"], b"RESP"
 
 
 def confirm_core(identity: LocalIdentity, epoch: int, peer_epoch: int, xid: int,
@@ -177,8 +180,8 @@ def confirm_core(identity: LocalIdentity, epoch: int, peer_epoch: int, xid: int,
     return prefix + m.encode_fields(MsgType.CONFIRM, values, "signature")
 
 
-def verify_confirm(peer: PeerIdentity, th: bytes, msg: Message) -> None:
-    peer.verify(th + msg.prefix("signature"), msg["signature"], b"CONFIRM")
+def confirm_signed(th: bytes, msg: Message) -> Signed:
+    return th + msg.prefix("signature"), msg["signature"], b"CONFIRM"
 
 
 def done_core(epoch: int, peer_epoch: int, xid: int, generation: int,
@@ -196,8 +199,16 @@ def abort_core(identity: LocalIdentity, epoch: int, peer_epoch: int, xid: int,
     return prefix + m.encode_fields(MsgType.ABORT, values, "signature")
 
 
-def verify_abort(peer: PeerIdentity, init: bytes, msg: Message) -> None:
-    peer.verify(abort_digest(init, msg.prefix("signature")), msg["signature"], b"ABORT")
+def abort_signed(init: bytes, msg: Message) -> Signed:
+    return abort_digest(init, msg.prefix("signature")), msg["signature"], b"ABORT"
+
+
+def verify_ed25519_half(peer: PeerIdentity, signed: Signed) -> None:
+    """The classical half of a hybrid signature alone (the first
+    ``ED25519_SIG`` bytes, same context): the cheap gate before ML-DSA."""
+    from qkdgate.gateway.protocol.identity import ED25519_SIG
+    data, signature, context = signed
+    peer.verify_ed25519(data, signature[:ED25519_SIG], context)
 
 
 def cookie_core(epoch: int, msg: Message, cookie: bytes) -> bytes:

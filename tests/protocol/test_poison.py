@@ -11,6 +11,7 @@ from protocol_harness import make_pair
 from qkdgate.errors import ConfigError, LocalProtocolError, SessionFailed
 from qkdgate.gateway.protocol import events as E
 from qkdgate.gateway.protocol import handshake as H
+from qkdgate.gateway.protocol.dos import TokenBucket
 from qkdgate.gateway.protocol.exchange import (MESSAGE_STATES, TERMINAL, TRANSITIONS, Exchange,
                                                ExchangeState)
 
@@ -82,7 +83,7 @@ def test_bad_reload_is_refused_without_poisoning():
 
 def test_illegal_transition_is_a_bug():
     p = make_pair(qkd=None)
-    ex = Exchange("initiator", 1, p.now, p.now + 30, "test")
+    ex = Exchange("initiator", 1, p.now, p.now + 30, "test", TokenBucket(1, 1, p.now))
     with pytest.raises(LocalProtocolError, match="illegal transition"):
         p.a.session._transition(ex, ExchangeState.R_RESP_SENT)
     with pytest.raises(LocalProtocolError, match="illegal transition"):
