@@ -20,7 +20,9 @@ from qkdgate.gateway.protocol import messages as m
 from qkdgate.gateway.protocol.fragment import Reassembler, fragment, parse_header
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "protocol"))
-from protocol_harness import make_pair  # noqa: E402
+import contextlib
+
+from protocol_harness import make_pair
 
 SETTINGS = settings(max_examples=300, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow,
@@ -57,10 +59,8 @@ edits = st.lists(st.tuples(st.integers(0, 20000), st.integers(0, 255)), max_size
 @SETTINGS
 @given(st.binary(max_size=3000))
 def test_decoder_random_bytes(data):
-    try:
+    with contextlib.suppress(RemoteProtocolError):
         m.decode(data)
-    except RemoteProtocolError:
-        pass
 
 
 @SETTINGS
@@ -80,10 +80,8 @@ def test_decoder_mutated_messages(data, ed, cut):
 @SETTINGS
 @given(st.binary(max_size=1300))
 def test_fragment_parser(data):
-    try:
+    with contextlib.suppress(RemoteProtocolError):
         parse_header(data)
-    except RemoteProtocolError:
-        pass
 
 
 @SETTINGS
@@ -91,10 +89,8 @@ def test_fragment_parser(data):
 def test_reassembler_never_exceeds_its_bounds(datagrams):
     r = Reassembler()
     for i, d in enumerate(datagrams):
-        try:
+        with contextlib.suppress(RemoteProtocolError):
             r.feed(d, float(i))
-        except RemoteProtocolError:
-            pass
         assert r.pending <= 4
 
 
@@ -202,7 +198,7 @@ def _staged(stage: str):
         dgrams = src.session.datagrams_to_send(p.now)
         if i == want:
             r = R()
-            raw = [x for x in (r.feed(d, 0.0) for d in dgrams) if x is not None][0]
+            raw = next(x for x in (r.feed(d, 0.0) for d in dgrams) if x is not None)
             return p, dst, raw
         for d in dgrams:
             dst.session.receive_datagram(d, p.now)
@@ -217,6 +213,7 @@ def _staged(stage: str):
 def test_mutated_expected_message_never_raises_and_installs_nothing(stage, ed, cut):
     import hashlib
     import hmac
+
     from qkdgate.gateway.protocol import events as E
     p, dst, raw = _staged(stage)
     data = mutate(raw[:-16], ed, cut)

@@ -47,7 +47,7 @@ def make_source(sim):
         src = Etsi014KeySource(settings, sleep=_no_sleep)
         made.append(src)
         return src
-    yield make
+    return make
     # closed by the async finaliser below
 
 

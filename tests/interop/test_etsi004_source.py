@@ -13,11 +13,23 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qkdgate.adapters import registry
-from qkdgate.adapters.etsi004_source import (Etsi004KeySource, derive_stream_id, make_key_id,
-                                             parse_key_id, stream_tag)
+from qkdgate.adapters.etsi004_source import (
+    Etsi004KeySource,
+    derive_stream_id,
+    make_key_id,
+    parse_key_id,
+    stream_tag,
+)
 from qkdgate.adapters.kmesim.server import KmeSimulator
-from qkdgate.errors import (ConfigError, KeyNotFound, KeySourceError, KeySourceProtocolError,
-                            KeySourceTimeout, KeyUnavailable, LocalProtocolError)
+from qkdgate.errors import (
+    ConfigError,
+    KeyNotFound,
+    KeySourceError,
+    KeySourceProtocolError,
+    KeySourceTimeout,
+    KeyUnavailable,
+    LocalProtocolError,
+)
 from qkdgate.interfaces import KeySource, StreamKeySource
 
 

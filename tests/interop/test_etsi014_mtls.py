@@ -8,8 +8,15 @@ import pytest
 
 from qkdgate.adapters.etsi014 import Etsi014KeySource
 from qkdgate.adapters.registry import create_key_source
-from qkdgate.errors import (ConfigError, KeyNotFound, KeySourceAuthError, KeySourceProtocolError,
-                            KeySourceTimeout, KeyUnavailable, LocalProtocolError)
+from qkdgate.errors import (
+    ConfigError,
+    KeyNotFound,
+    KeySourceAuthError,
+    KeySourceProtocolError,
+    KeySourceTimeout,
+    KeyUnavailable,
+    LocalProtocolError,
+)
 from qkdgate.interfaces import KeySource
 
 
@@ -139,7 +146,7 @@ async def test_wrong_client_certificate_refused_in_tls(sim):
     settings["tls"].update(cert=str(rogue.cert), key=str(rogue.key))
     src = Etsi014KeySource(settings)
     try:
-        with pytest.raises(KeySourceAuthError, match="refused|handshake"):
+        with pytest.raises(KeySourceAuthError, match=r"refused|handshake"):
             await src.status("SAE-B")
         assert src.http.requests == 1        # an auth refusal is not retried
     finally:

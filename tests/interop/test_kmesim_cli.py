@@ -37,7 +37,7 @@ def test_kme_sim_command_curl_and_admin(tmp_path):
         lines = _banner(proc)
         assert any(str(tmp_path / "pki" / "ca.pem") in l for l in lines)
         curl = shlex.split(lines[-1])
-        out = subprocess.run(curl + ["-s", "--fail"], capture_output=True, text=True, timeout=20)
+        out = subprocess.run([*curl, "-s", "--fail"], capture_output=True, text=True, timeout=20)
         assert out.returncode == 0, out.stderr
         status = json.loads(out.stdout)
         assert (status["source_KME_ID"], status["slave_SAE_ID"]) == ("KME-A", "SAE-B")
@@ -47,13 +47,13 @@ def test_kme_sim_command_curl_and_admin(tmp_path):
         req = urllib.request.Request(admin + "/admin/link", data=b'{"eve": 0.6}', method="POST")
         with urllib.request.urlopen(req, timeout=10) as r:
             assert json.load(r)["links"][0]["alarms"] == ["QBER_ABOVE_THRESHOLD"]
-        status = json.loads(subprocess.run(curl + ["-s"], capture_output=True, text=True,
+        status = json.loads(subprocess.run([*curl, "-s"], capture_output=True, text=True,
                                            timeout=20).stdout)
         assert status["status_extension"]["qkdgate_alarms"] == ["QBER_ABOVE_THRESHOLD"]
 
         # without a client certificate the KME refuses the TLS handshake
         no_cert = [a for a in curl if a not in curl[curl.index("--cert"):curl.index("--cert") + 4]]
-        assert subprocess.run(no_cert + ["-s"], capture_output=True, timeout=20).returncode != 0
+        assert subprocess.run([*no_cert, "-s"], capture_output=True, timeout=20).returncode != 0
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

@@ -12,9 +12,10 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from kernel_lab import Topology, flush_xfrm  # noqa: E402
-from qkdgate.tunnels.macsec import MacsecBackend  # noqa: E402
-from qkdgate.tunnels.xfrm import XfrmBackend  # noqa: E402
+from kernel_lab import Topology, flush_xfrm
+
+from qkdgate.tunnels.macsec import MacsecBackend
+from qkdgate.tunnels.xfrm import XfrmBackend
 
 
 def pytest_collection_modifyitems(config, items):

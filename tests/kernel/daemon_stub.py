@@ -12,11 +12,12 @@ import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from kernel_lab import IpsecPair, MacsecPair, Topology, fixed_session  # noqa: E402
-from qkdgate.interfaces import Lifetime  # noqa: E402
-from qkdgate.tunnels.macsec import MacsecBackend  # noqa: E402
-from qkdgate.tunnels.state import TunnelRegistry  # noqa: E402
-from qkdgate.tunnels.xfrm import XfrmBackend  # noqa: E402
+from kernel_lab import IpsecPair, MacsecPair, Topology, fixed_session
+
+from qkdgate.interfaces import Lifetime
+from qkdgate.tunnels.macsec import MacsecBackend
+from qkdgate.tunnels.state import TunnelRegistry
+from qkdgate.tunnels.xfrm import XfrmBackend
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ else is done in-process through the backends and namespace-bound sockets.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -19,18 +20,46 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from qkdgate.interfaces import (Direction, Lifetime, MacsecCipher, MacsecLinkSpec, MacsecSaSpec,
-                                Mode, PolicySpec, SaId, SaSpec, Selector, Template)
+from kernel_traffic import (  # noqa: F401
+    LAN_A,
+    LAN_A6,
+    LAN_B,
+    LAN_B6,
+    MS_NET,
+    PATTERN,
+    PROTECTED,
+    Capture,
+    Stream,
+    WireReport,
+    analyse_pcap,
+    attribute_loss,
+    ip,
+    link_drops,
+    net,
+    proc_net,
+    udp_rcvbuf_errors,
+    xfrm_stats,
+)
+
+from qkdgate.interfaces import (
+    Direction,
+    Lifetime,
+    MacsecCipher,
+    MacsecLinkSpec,
+    MacsecSaSpec,
+    Mode,
+    PolicySpec,
+    SaId,
+    SaSpec,
+    Selector,
+    Template,
+)
 from qkdgate.keymix.combiner import HybridInputs, combine
 from qkdgate.keymix.schedule import esp_key, macsec_keys
 from qkdgate.keymix.secret import SecretBytes
 from qkdgate.tunnels.macsec import MacsecBackend
 from qkdgate.tunnels.netlink import NetlinkChannel, in_netns, open_socket_in_netns, parse_nlas
 from qkdgate.tunnels.xfrm import XfrmBackend
-
-from kernel_traffic import (PATTERN, PROTECTED, Capture, LAN_A, LAN_A6, LAN_B, LAN_B6,  # noqa: F401
-                            MS_NET, Stream, WireReport, analyse_pcap, attribute_loss, ip,
-                            link_drops, net, proc_net, udp_rcvbuf_errors, xfrm_stats)
 
 GA, GB = ip("192.0.2.1"), ip("192.0.2.2")
 GA6, GB6 = ip("fd00:ff::1"), ip("fd00:ff::2")
@@ -56,10 +85,12 @@ def ipbatch(lines: list[str], netns: str | None = None) -> None:
 
 
 def sysctl(netns: str, path: str, value: str) -> None:
-    with in_netns(netns):
-        with open(f"/proc/sys/{path}", "w") as f:
-            f.write(value)
+    with in_netns(netns), open(f"/proc/sys/{path}", "w") as f:
+        f.write(value)
 
+
+# Frozen, so one shared default is safe.
+LAB_LIFETIME = Lifetime(soft_add_seconds=3000, hard_add_seconds=3600)
 
 class Topology:
     def __init__(self) -> None:
@@ -69,13 +100,13 @@ class Topology:
         self.all = [self.hA, self.gA, self.wire, self.gB, self.hB]
 
     @classmethod
-    def from_names(cls, names: list[str]) -> "Topology":
+    def from_names(cls, names: list[str]) -> Topology:
         t = cls.__new__(cls)
         t.hA, t.gA, t.wire, t.gB, t.hB = names
         t.all = list(names)
         return t
 
-    def up(self) -> "Topology":
+    def up(self) -> Topology:
         hA, gA, w, gB, hB = self.all
         ipbatch([f"netns add {n}" for n in self.all] + [
             f"link add a0 netns {hA} type veth peer name a1 netns {gA}",
@@ -140,7 +171,7 @@ class IpsecPair:
 
     def __init__(self, topo: Topology, session: object, tunnel_id: str = "t0", *,
                  base: int = 0x10000, a_net=LAN_A, b_net=LAN_B, ga=GA, gb=GB,
-                 lifetime: Lifetime = Lifetime(soft_add_seconds=3000, hard_add_seconds=3600),
+                 lifetime: Lifetime = LAB_LIFETIME,
                  be_a: XfrmBackend | None = None, be_b: XfrmBackend | None = None,
                  grace: float = 0.1, encap=None, if_id: int | None = None,
                  mode: Mode = Mode.TUNNEL) -> None:
@@ -300,10 +331,8 @@ class MacsecPair:
 
     def teardown(self) -> None:
         for be in (self.a, self.b):
-            try:
+            with contextlib.suppress(Exception):
                 be.destroy_link("ms0")
-            except Exception:
-                pass
 
 
 def mac_of(netns: str, ifname: str) -> bytes:
@@ -329,12 +358,8 @@ def inject(topo: Topology, frame: bytes, iface: str = "br0") -> None:
 
 def flush_xfrm(be: XfrmBackend) -> None:
     for st in be.list_sas():
-        try:
+        with contextlib.suppress(Exception):
             be.remove_sa(st.sa_id)
-        except Exception:
-            pass
     for p in be.list_policies():
-        try:
+        with contextlib.suppress(Exception):
             be.remove_policy(p)
-        except Exception:
-            pass

@@ -13,8 +13,12 @@ import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from qkdgate.tunnels.netlink import NetlinkChannel, in_netns, open_socket_in_netns, parse_nlas
+
+if TYPE_CHECKING:   # kernel_lab imports this module
+    from kernel_lab import Topology
 
 PATTERN = b"QKDGATE-SECRET-PAYLOAD-7f3a"
 ip = ipaddress.ip_address
@@ -26,9 +30,8 @@ PROTECTED = (LAN_A, LAN_B, LAN_A6, LAN_B6, MS_NET)
 
 
 def proc_net(netns: str, name: str) -> str:
-    with in_netns(netns):
-        with open(f"/proc/thread-self/net/{name}") as f:
-            return f.read()
+    with in_netns(netns), open(f"/proc/thread-self/net/{name}") as f:
+        return f.read()
 
 
 def xfrm_stats(netns: str) -> dict[str, int]:
@@ -64,7 +67,7 @@ class Capture:
         line = ""
         while "listening" not in line:
             line = self.proc.stderr.readline()
-            if not line and self.proc.poll() is not None or time.monotonic() > deadline:
+            if (not line and self.proc.poll() is not None) or time.monotonic() > deadline:
                 raise RuntimeError(f"tcpdump did not start: {line}")
         self.dropped = 0
 
@@ -92,7 +95,8 @@ class WireReport:
 
 def analyse_pcap(path: str) -> WireReport:
     """A minimal pcap reader (fast under TCG, unlike scapy for 10^5 frames)."""
-    data = open(path, "rb").read()
+    with open(path, "rb") as f:
+        data = f.read()
     rep = WireReport(pattern_hits=data.count(PATTERN))
     off = 24
     while off + 16 <= len(data):
@@ -149,7 +153,7 @@ class Stream:
         self._rx_stop = threading.Event()
         self.rcvbuf0 = udp_rcvbuf_errors(dst_ns)
 
-    def start(self) -> "Stream":
+    def start(self) -> Stream:
         self._t_rx = threading.Thread(target=self._recv, daemon=True)
         self._t_tx = threading.Thread(target=self._send, daemon=True)
         self._t_rx.start()
@@ -177,7 +181,7 @@ class Stream:
         while not self._rx_stop.is_set():
             try:
                 data = self.rx.recv(2048)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             if data.startswith(PATTERN):
                 self.received.add(struct.unpack_from("!Q", data, n)[0])

@@ -16,7 +16,8 @@ import subprocess
 import sys
 import time
 
-from kernel_lab import (HA, HB, MS_A, MS_B, Capture, Stream, analyse_pcap)
+from kernel_lab import HA, HB, MS_A, MS_B, Capture, Stream, analyse_pcap
+
 from qkdgate.interfaces import Direction
 from qkdgate.tunnels.macsec import MacsecBackend
 from qkdgate.tunnels.xfrm import XfrmBackend
@@ -86,7 +87,8 @@ def test_ipsec_hard_lifetime_stops_traffic_after_sigkill(topo, tmp_path):
 def test_failsafe_stops_ipsec_at_once_after_sigkill(topo, tmp_path):
     state = str(tmp_path / "tunnels.json")
     stub, _ = start_stub(topo, "ipsec", state, 3600)
-    reg = json.load(open(state))
+    with open(state) as f:
+        reg = json.load(f)
     assert set(reg["namespaces"]) == {topo.gA, topo.gB}
     cap = Capture(topo, str(tmp_path / "fs.pcap"))
     s = Stream(topo.hA, topo.hB, HA, HB, rate=200).start()

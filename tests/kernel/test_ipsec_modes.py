@@ -6,8 +6,19 @@ from __future__ import annotations
 import ipaddress
 import time
 
-from kernel_lab import (GA, GB, HA, HB, Capture, IpsecPair, Stream, analyse_pcap, fixed_session,
-                        ipbatch)
+from kernel_lab import (
+    GA,
+    GB,
+    HA,
+    HB,
+    Capture,
+    IpsecPair,
+    Stream,
+    analyse_pcap,
+    fixed_session,
+    ipbatch,
+)
+
 from qkdgate.interfaces import Mode
 
 
@@ -29,7 +40,7 @@ def _run(topo, tmp_path, pair, src_ns, dst_ns, src, dst, name):
 
 
 def test_route_based_with_if_id(topo, tmp_path):
-    for g, peer_lan, via in ((topo.gA, "10.2.0.0/24", "192.0.2.2"),
+    for g, peer_lan, _via in ((topo.gA, "10.2.0.0/24", "192.0.2.2"),
                              (topo.gB, "10.1.0.0/24", "192.0.2.1")):
         ipbatch(["link add ipsec42 type xfrm dev w0 if_id 42", "link set ipsec42 up",
                  f"route replace {peer_lan} dev ipsec42"], g)

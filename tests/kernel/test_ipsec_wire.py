@@ -8,18 +8,36 @@ import socket
 import time
 
 import pytest
+from kernel_lab import (
+    GA,
+    GA6,
+    GB,
+    GB6,
+    HA,
+    HA6,
+    HB,
+    HB6,
+    LAN_A6,
+    LAN_B6,
+    PATTERN,
+    Capture,
+    IpsecPair,
+    Stream,
+    analyse_pcap,
+    fixed_session,
+    inject,
+    mac_of,
+    xfrm_stats,
+)
 from scapy.layers.inet import IP, UDP
 from scapy.layers.inet6 import IPv6
-from scapy.layers.ipsec import ESP, SecurityAssociation
+from scapy.layers.ipsec import ESP, IPSecIntegrityError, SecurityAssociation
 from scapy.layers.l2 import Ether
 from scapy.utils import rdpcap
 
-from kernel_lab import (GA, GB, HA, HA6, HB, HB6, LAN_A6, LAN_B6, GA6, GB6, PATTERN, Capture,
-                        IpsecPair, Stream, analyse_pcap, fixed_session, inject, mac_of,
-                        xfrm_stats)
 from qkdgate.interfaces import SaId, UdpEncap
-from qkdgate.tunnels.xfrm import XfrmBackend
 from qkdgate.tunnels.netlink import open_socket_in_netns
+from qkdgate.tunnels.xfrm import XfrmBackend
 
 
 def test_esp_only_on_the_wire_and_sa_read_back(topo, tmp_path):
@@ -102,13 +120,13 @@ def test_scapy_decrypts_with_the_keymix_key(topo, tmp_path, v6):
     bad[5] ^= 0x01
     wrong = SecurityAssociation(ESP, spi=g.spi_ab, crypt_algo="AES-GCM", crypt_key=bytes(bad),
                                 tunnel_header=hdr, esn_en=True, esn=0)
-    with pytest.raises(Exception):
+    with pytest.raises(IPSecIntegrityError):
         wrong.decrypt(pkt[outer])
     # the previous generation's key does not open it either
     old, _ = pair.key_for_spi(pair.gens[0].spi_ab)
     stale = SecurityAssociation(ESP, spi=g.spi_ab, crypt_algo="AES-GCM", crypt_key=old.reveal(),
                                 tunnel_header=hdr, esn_en=True, esn=0)
-    with pytest.raises(Exception):
+    with pytest.raises(IPSecIntegrityError):
         stale.decrypt(pkt[outer])
 
 

@@ -6,10 +6,24 @@ drop counters, reported), or unexplained (a failure)."""
 
 from __future__ import annotations
 
+import itertools
 import time
 
-from kernel_lab import (HA, HB, MS_A, MS_B, Capture, IpsecPair, MacsecPair, Stream,
-                        analyse_pcap, attribute_loss, fixed_session, link_drops, xfrm_stats)
+from kernel_lab import (
+    HA,
+    HB,
+    MS_A,
+    MS_B,
+    Capture,
+    IpsecPair,
+    MacsecPair,
+    Stream,
+    analyse_pcap,
+    attribute_loss,
+    fixed_session,
+    link_drops,
+    xfrm_stats,
+)
 
 REKEYS = 100
 
@@ -49,7 +63,7 @@ def test_ipsec_100_rekeys_under_traffic(topo, tmp_path):
     s.stop()
     rep = analyse_pcap(cap.stop())
     host = sum(link_drops(n) for n in topo.all) - drops0
-    gaps = [b - a for a, b in zip(switch_times, switch_times[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(switch_times)]
     stats = {k: v - stats0.get(k, 0) for k, v in xfrm_stats(topo.gB).items() if v != stats0.get(k, 0)}
     _check(s, pair.windows, host, "ipsec",
            f"rekey gaps {min(gaps):.3f}..{max(gaps):.3f} s, gB xfrm_stat {stats}")

@@ -9,6 +9,7 @@ import ipaddress
 import time
 
 from kernel_lab import HA, HB, LAN_A, LAN_B, Capture, IpsecPair, Stream, analyse_pcap, fixed_session
+
 from qkdgate.interfaces import Direction
 from qkdgate.tunnels.xfrm import XfrmBackend
 

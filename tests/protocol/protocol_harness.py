@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import random
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from qkdgate.errors import KeySourceError, TunnelError
-from qkdgate.testing.fakes import FakeQkdLink
-from qkdgate.gateway.protocol.identity import LocalIdentity
 from qkdgate.gateway.protocol import events as E
 from qkdgate.gateway.protocol.config import SessionConfig, TunnelRef
+from qkdgate.gateway.protocol.identity import LocalIdentity
 from qkdgate.gateway.protocol.session import PeerSession
 from qkdgate.interfaces import MacsecCipher
 from qkdgate.keymix.schedule import esp_key, macsec_keys
+from qkdgate.testing.fakes import FakeQkdLink
 
 TUNNELS = (TunnelRef("t1", "ipsec"), TunnelRef("m1", "macsec"))
 _IDS: dict[tuple[str, int], LocalIdentity] = {}

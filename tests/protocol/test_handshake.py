@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from protocol_harness import assert_keys_match, identity, make_pair
+
 from qkdgate.gateway.protocol import events as E
 from qkdgate.gateway.protocol.fragment import MAX_DATAGRAM, Reassembler
 from qkdgate.gateway.protocol.messages import MsgType, decode
@@ -150,6 +150,7 @@ def test_snapshot_reports_state_without_secrets():
 
 def test_reconfigure_rolls_pins_and_rejects_bad_reloads():
     import dataclasses
+
     from qkdgate.errors import ConfigError
     new_a = identity("gw-a", 1)
     p = make_pair()
@@ -182,6 +183,7 @@ def test_deterministic_at_the_event_level():
     same generations, SPIs, key_IDs and timings (only pyca's own randomness in
     ML-KEM / ML-DSA / X25519 differs, so secrets and signatures do)."""
     from test_network import drop_first
+
     from qkdgate.gateway.protocol.messages import MsgType
 
     def run():

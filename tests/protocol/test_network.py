@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
-
 from protocol_harness import assert_keys_match, make_pair
+
 from qkdgate.gateway.protocol import events as E
 from qkdgate.gateway.protocol.fragment import Reassembler
 from qkdgate.gateway.protocol.messages import MsgType, decode
@@ -131,5 +132,5 @@ def test_retransmission_backs_off_exponentially():
         orig(wire)
     p.a.session._send = spy
     p.advance(p.now + 12)
-    gaps = [round(b - a, 3) for a, b in zip(sent_at, sent_at[1:])]
+    gaps = [round(b - a, 3) for a, b in itertools.pairwise(sent_at)]
     assert gaps[:5] == [0.5, 1.0, 2.0, 4.0, 4.0]

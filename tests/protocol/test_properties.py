@@ -8,8 +8,8 @@ import random
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from protocol_harness import make_pair
+
 from qkdgate.gateway.protocol import events as E
 
 
@@ -81,8 +81,9 @@ ACTIONS = ["restart_a", "restart_b", "lose_key", "link_down", "link_up", "rekey_
 @given(seed=st.integers(0, 2 ** 16), allow=st.booleans(),
        chaos=st.lists(st.tuples(st.floats(0.0, 15.0), st.sampled_from(ACTIONS)), max_size=8))
 def test_chaos_restarts_qkd_faults_partitions(seed, allow, chaos):
-    from qkdgate.errors import KeyNotFound
     from test_restart_dos import restart
+
+    from qkdgate.errors import KeyNotFound
     p = make_pair(seed=seed, allow_pqc=allow, rekey_interval=15.0, exchange_timeout=6.0,
                   retry_base=1.0, retry_max=6.0, retire_grace=2.0)
     cut = {"on": False}

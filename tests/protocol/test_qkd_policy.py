@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from protocol_harness import assert_keys_match, make_pair
+
 from qkdgate.errors import KeyNotFound, KeySourceTimeout, KeyUnavailable
 from qkdgate.gateway.protocol import events as E
 
@@ -90,8 +90,8 @@ def test_lost_dec_keys_response_restarts_with_new_keys(qkd):
     master = p.other(slave)
     slave.qkd_error = KeyNotFound("one or more keys specified are not found on KME")
     p.roundtrip_until_done()
-    first_key = [e for e in master.of(E.NeedQkdKeys)][0]
-    lost_ids = [e.key_ids for e in slave.of(E.NeedQkdKeys)][0]
+    first_key = next(iter(master.of(E.NeedQkdKeys)))
+    lost_ids = next(e.key_ids for e in slave.of(E.NeedQkdKeys))
     est = p.a.of(E.SessionEstablished)
     assert len(est) == 1 and est[0].provenance.qkd
     assert lost_ids[0] not in est[0].provenance.qkd_key_ids

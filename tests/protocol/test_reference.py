@@ -8,11 +8,11 @@ from __future__ import annotations
 import hashlib
 
 import pytest
+import reference_decoder as ref
 from cryptography.hazmat.primitives.asymmetric import mldsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
-import reference_decoder as ref
 from protocol_harness import identity, make_pair
+
 from qkdgate.gateway.protocol import events as E
 from qkdgate.gateway.protocol import messages as m
 from qkdgate.keymix.schedule import confirmation_tag

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from protocol_harness import assert_keys_match, make_pair
+
 from qkdgate.gateway.protocol import events as E
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-
 from protocol_harness import Gateway, assert_keys_match, identity, make_pair, seeded
+
 from qkdgate.gateway.protocol import events as E
 from qkdgate.gateway.protocol import messages as m
 from qkdgate.gateway.protocol.config import SessionConfig

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import pytest
-
 from protocol_harness import assert_keys_match, identity, make_pair
+from test_network import group
+
 from qkdgate.gateway.protocol import events as E
 from qkdgate.gateway.protocol import messages as m
 from qkdgate.gateway.protocol.fragment import fragment
 from qkdgate.gateway.protocol.messages import MsgType
-from test_network import group
 
 HEADER_FIELDS = {"type": 0, "version": 1, "flags": 2, "sender_epoch": 4,
                  "receiver_epoch": 12, "exchange_id": 20}

@@ -8,12 +8,14 @@ real socket and a real clock, with the QKD fake answering asynchronously.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 from protocol_harness import identity, seeded
-from qkdgate.testing.fakes import FakeQkdLink
+
 from qkdgate.gateway.protocol import events as E
 from qkdgate.gateway.protocol.config import SessionConfig, TunnelRef
+from qkdgate.testing.fakes import FakeQkdLink
 
 
 class Driver(asyncio.DatagramProtocol):
@@ -49,11 +51,9 @@ class Driver(asyncio.DatagramProtocol):
             self.flush()
             t = self.session.get_timer()
             self.wake.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(),
                                        None if t is None else max(0.0, t - time.monotonic()))
-            except asyncio.TimeoutError:
-                pass
 
     async def handle(self, ev):
         s, now = self.session, time.monotonic

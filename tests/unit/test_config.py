@@ -7,9 +7,20 @@ from pathlib import Path
 import pytest
 
 from qkdgate.errors import ConfigError
-from qkdgate.gateway.config.model import (POLICY_LEGS, REQID_SPAN, Config, IpsecCipher, KemSuite,
-                                    KeyPolicy, LogLevel, Profile, QkdRole, TunnelType,
-                                    load_config, parse_config)
+from qkdgate.gateway.config.model import (
+    POLICY_LEGS,
+    REQID_SPAN,
+    Config,
+    IpsecCipher,
+    KemSuite,
+    KeyPolicy,
+    LogLevel,
+    Profile,
+    QkdRole,
+    TunnelType,
+    load_config,
+    parse_config,
+)
 from qkdgate.gateway.config.validate import warnings
 from qkdgate.interfaces import MacsecCipher, Mode
 

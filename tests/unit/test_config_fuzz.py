@@ -4,7 +4,6 @@ with a one-line message that points inside the file. Never anything else."""
 from pathlib import Path
 
 import pytest
-
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -54,9 +53,10 @@ def check(text):
         cfg = parse_config(text, "f.yaml", base_dir="/etc/qkdgate")
     except ConfigError as exc:
         msg = str(exc)
+        # parse or fail with a one-line error that names the file (the invariant)
         assert msg.startswith("f.yaml") and "\n" not in msg, msg
         if exc.line is not None:
-            assert 1 <= exc.line <= text.count("\n") + 2, (exc.line, msg)
+            assert 1 <= exc.line <= text.count("\n") + 2, (exc.line, msg)  # noqa: PT017
         return
     assert isinstance(cfg, Config)
     cfg.to_dict()  # a valid config always serialises

@@ -198,7 +198,8 @@ def test_cli_without_daemon_is_a_clear_error(tmp_path, capsys):
     assert rc == 1 and "is `qkdgate run` running?" in capsys.readouterr().err
 
 
-from hypothesis import given, settings, strategies as st  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 
 @settings(max_examples=300, deadline=None)

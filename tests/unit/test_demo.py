@@ -13,9 +13,9 @@ import pytest
 
 from qkdgate.errors import ConfigError, QkdgateError
 from qkdgate.gateway.cli import main as cli
+from qkdgate.gateway.config.model import load_config
 from qkdgate.gateway.demo import command as demo
 from qkdgate.gateway.demo import net as dn
-from qkdgate.gateway.config.model import load_config
 from qkdgate.gateway.demo.config import KmeEndpoint, Timers, write_configs, write_identities
 
 

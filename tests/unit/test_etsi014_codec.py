@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 
 from qkdgate.adapters import etsi014_codec as codec
-from qkdgate.errors import (KeyNotFound, KeySourceAuthError, KeySourceProtocolError,
-                            KeyUnavailable)
+from qkdgate.errors import KeyNotFound, KeySourceAuthError, KeySourceProtocolError, KeyUnavailable
 
 FIX = Path(__file__).parents[1] / "fixtures" / "etsi014"
 

@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-import json
 import os
-import socket
+from typing import ClassVar
 
 import pytest
 
 from qkdgate.errors import ConfigError, TunnelError
-from qkdgate.testing.fakes import RecordingIpsecBackend, RecordingMacsecBackend
-from qkdgate.interfaces import (Direction, MacsecLinkSpec, MacsecSaSpec, PolicySpec, SaId, SaSpec,
-                                Selector, Template)
+from qkdgate.interfaces import (
+    Direction,
+    MacsecLinkSpec,
+    MacsecSaSpec,
+    PolicySpec,
+    SaId,
+    SaSpec,
+    Selector,
+    Template,
+)
 from qkdgate.keymix.secret import SecretBytes
+from qkdgate.testing.fakes import RecordingIpsecBackend, RecordingMacsecBackend
 from qkdgate.tunnels import failsafe
 from qkdgate.tunnels.state import TunnelRegistry
 
@@ -46,7 +53,7 @@ def test_damaged_registry_reads_as_empty(tmp_path, content):
 
 
 class FakeXfrm(RecordingIpsecBackend):
-    instances: dict = {}
+    instances: ClassVar[dict] = {}
 
     def __init__(self, netns=None, verify=True):
         super().__init__()

@@ -7,9 +7,9 @@ import ipaddress
 import pytest
 
 from qkdgate.errors import KeyNotFound, KeySourceAuthError, KeyUnavailable, TunnelError
-from qkdgate.testing.fakes import FakeQkdLink, RecordingIpsecBackend, RecordingMacsecBackend
 from qkdgate.interfaces import MacsecLinkSpec, MacsecSaSpec, SaId, SaSpec
 from qkdgate.keymix.secret import SecretBytes
+from qkdgate.testing.fakes import FakeQkdLink, RecordingIpsecBackend, RecordingMacsecBackend
 
 A, B = ipaddress.ip_address("192.0.2.1"), ipaddress.ip_address("192.0.2.2")
 

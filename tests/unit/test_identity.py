@@ -11,8 +11,12 @@ import pytest
 
 from qkdgate.errors import AuthenticationFailed, ConfigError
 from qkdgate.gateway.cli import main as cli
-from qkdgate.gateway.protocol.identity import (LocalIdentity, PeerIdentity, get_profile,
-                                      select_identity)
+from qkdgate.gateway.protocol.identity import (
+    LocalIdentity,
+    PeerIdentity,
+    get_profile,
+    select_identity,
+)
 
 
 def seeded(seed: int):
@@ -110,11 +114,11 @@ def test_file_roundtrip_mode_and_refusals(tmp_path, ident):
         LocalIdentity.load(str(path))
     os.chmod(path, 0o600)
     doc = json.loads(path.read_text())
+    other_pub = LocalIdentity.generate(rng=seeded(5)).public.to_string()
     for mutate, msg in [(lambda d: d.update(version=2), "version"),
                         (lambda d: d.update(extra=1), "unknown"),
                         (lambda d: d.update(mldsa_seed="AAAA"), "32 bytes"),
                         (lambda d: d.update(public=other_pub), "does not match")]:
-        other_pub = LocalIdentity.generate(rng=seeded(5)).public.to_string()
         d = dict(doc)
         mutate(d)
         with pytest.raises(ConfigError, match=msg):

@@ -10,8 +10,14 @@ import uuid
 import pytest
 
 from qkdgate.errors import QkdgateError
-from qkdgate.gateway.daemon.journal import (GenerationRegression, Journal, JournalCorrupt, JournalError,
-                                     JournalLocked, KeyIdReused)
+from qkdgate.gateway.daemon.journal import (
+    GenerationRegression,
+    Journal,
+    JournalCorrupt,
+    JournalError,
+    JournalLocked,
+    KeyIdReused,
+)
 
 
 def kid(n: int) -> str:
@@ -85,9 +91,8 @@ def test_files_are_private_whatever_the_umask(sdir):
 
 
 def test_one_daemon_per_state_directory(sdir):
-    with Journal.open(sdir):
-        with pytest.raises(JournalLocked):
-            Journal.open(sdir)
+    with Journal.open(sdir), pytest.raises(JournalLocked):
+        Journal.open(sdir)
     Journal.open(sdir).close()   # released on close
 
 
@@ -135,7 +140,8 @@ def test_damage_before_the_tail_fails_closed(sdir):
 
 
 def test_unknown_format_version_is_refused(sdir):
-    import json, zlib
+    import json
+    import zlib
     body = json.dumps({"t": "hdr", "v": 99}).encode()
     os.makedirs(sdir)
     with open(os.path.join(sdir, "journal"), "wb") as f:

@@ -20,8 +20,8 @@ import sys
 
 import pytest
 
-from qkdgate.testing.fakes import FakeQkdLink
 from qkdgate.gateway.daemon.journal import Journal, KeyIdReused
+from qkdgate.testing.fakes import FakeQkdLink
 
 ROUNDS = 3
 TUNNEL = "t"
@@ -115,7 +115,7 @@ def _run_child(state: str, log: str, crash_at: int, durable: bool = True) -> int
         code = 0
         try:
             _gateway_pair(state, log, crash_at, durable)
-        except BaseException:
+        except BaseException:  # noqa: BLE001  forked child: report anything, exit non-zero
             import traceback
             traceback.print_exc()
             code = 3

@@ -166,7 +166,7 @@ def _run_child(state: str, log: str, crash_at: int, durable: bool = True) -> int
         code = 0
         try:
             _life(state, log, crash_at, durable)
-        except BaseException:
+        except BaseException:  # noqa: BLE001  forked child: report anything, exit non-zero
             import traceback
             traceback.print_exc()
             code = 3

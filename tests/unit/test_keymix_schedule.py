@@ -3,6 +3,7 @@
 import hashlib
 
 import pytest
+from test_keymix_combiner import exchange
 
 from qkdgate.errors import AuthenticationFailed, LocalProtocolError
 from qkdgate.interfaces import MacsecCipher, MacsecSaSpec, SaSpec
@@ -10,8 +11,6 @@ from qkdgate.keymix import schedule
 from qkdgate.keymix.combiner import HybridInputs, combine
 from qkdgate.keymix.schedule import confirmation_tag, esp_key, macsec_keys, verify_confirmation
 from qkdgate.keymix.secret import SecretBytes
-
-from test_keymix_combiner import exchange
 
 XPN, GCM = MacsecCipher.GCM_AES_XPN_256, MacsecCipher.GCM_AES_256
 TH = hashlib.sha384(b"final transcript").digest()

@@ -3,8 +3,14 @@ evaluated figures, bursts, the pool cap, and the eavesdropper alarm."""
 
 import pytest
 
-from qkdgate.adapters.kmesim.linkmodel import (ALARM_LINK_DOWN, ALARM_QBER, REALISTIC,
-                                               LinkParams, QkdLink, secret_key_rate)
+from qkdgate.adapters.kmesim.linkmodel import (
+    ALARM_LINK_DOWN,
+    ALARM_QBER,
+    REALISTIC,
+    LinkParams,
+    QkdLink,
+    secret_key_rate,
+)
 
 
 @pytest.mark.parametrize("km,expected_bps", [

@@ -9,11 +9,11 @@ import struct
 import pytest
 
 from qkdgate.errors import LocalProtocolError
-from qkdgate.interfaces import MacsecCipher, MacsecSaSpec
+from qkdgate.interfaces import MacsecSaSpec
 from qkdgate.keymix.secret import SecretBytes
 from qkdgate.tunnels import macsec_msg as m
-from qkdgate.tunnels.macsec import MacsecBackend, _GENL
-from qkdgate.tunnels.netlink import NLA_F_NESTED, iter_nlas, parse_nlas
+from qkdgate.tunnels.macsec import _GENL, MacsecBackend
+from qkdgate.tunnels.netlink import parse_nlas
 
 
 def test_constants_match_the_headers():

@@ -81,13 +81,14 @@ def test_full_derivation_leaks_no_secret(caplog):
                                                  ssci=mk.ssci, salt=mk.salt)]
         tag = schedule.confirmation_tag(session, "initiator", th)
         # every error the core can raise while handling this exchange
-        capture_error(lambda: schedule.verify_confirmation(session, "initiator", th, tag[::-1]))
-        capture_error(lambda: kem.decapsulate(priv, ct[:-1]))
-        capture_error(lambda: kem.encapsulate(pub[:-1]))
-        capture_error(lambda: x25519_shared(a, bytes(32)))
-        capture_error(lambda: schedule.esp_key(session, "t", "sideways", 0x1000, 1))
-        capture_error(lambda: combine(HybridInputs(kem_name, ss_i, xi, qkd.key, (), th)))
-        capture_error(lambda: combine(HybridInputs(kem_name, ss_i, xi, SecretBytes(b"q"), (KEY_ID,), th)))
+        # (capture_error calls each lambda at once, so B023 late binding cannot bite)
+        capture_error(lambda: schedule.verify_confirmation(session, "initiator", th, tag[::-1]))  # noqa: B023
+        capture_error(lambda: kem.decapsulate(priv, ct[:-1]))  # noqa: B023
+        capture_error(lambda: kem.encapsulate(pub[:-1]))  # noqa: B023
+        capture_error(lambda: x25519_shared(a, bytes(32)))  # noqa: B023
+        capture_error(lambda: schedule.esp_key(session, "t", "sideways", 0x1000, 1))  # noqa: B023
+        capture_error(lambda: combine(HybridInputs(kem_name, ss_i, xi, qkd.key, (), th)))  # noqa: B023
+        capture_error(lambda: combine(HybridInputs(kem_name, ss_i, xi, SecretBytes(b"q"), (KEY_ID,), th)))  # noqa: B023
 
     out = io.StringIO()
     import contextlib

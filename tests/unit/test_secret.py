@@ -15,7 +15,9 @@ RAW = bytes(range(32))
 
 def test_no_text_form_shows_the_bytes():
     s = SecretBytes(RAW)
-    for text in (repr(s), str(s), f"{s}", f"{s!r}", f"{s:>80}", "%s" % s, str([s]), str({"k": s})):
+    # every way to turn it into text, %-formatting included
+    for text in (repr(s), str(s), f"{s}", f"{s!r}", f"{s:>80}", "%s" % s,  # noqa: UP031
+                 str([s]), str({"k": s})):
         assert RAW.hex() not in text and "\\x01\\x02" not in text
         assert text.startswith("<SecretBytes len=32 fp=") or "<SecretBytes len=32" in text
 

@@ -24,10 +24,10 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
-from qkdgate.testing.fakes import FakeQkdLink, RecordingIpsecBackend
 from qkdgate.gateway.telemetry.mqtt import MqttOptions, Telemetry
 from qkdgate.interfaces import SaId, SaSpec
 from qkdgate.keymix.secret import SecretBytes
+from qkdgate.testing.fakes import FakeQkdLink, RecordingIpsecBackend
 
 pytestmark = pytest.mark.skipif(shutil.which("mosquitto") is None,
                                 reason="mosquitto not installed (tools/apt-packages.txt)")
@@ -44,15 +44,16 @@ class Broker:
         self.tmp, self.port, self.extra = tmp, port or free_port(), extra
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "Broker":
+    def start(self) -> Broker:
         conf = self.tmp / f"mosquitto-{self.port}.conf"
         # As root, mosquitto would switch to its own user, which cannot read
         # pytest's private temp dirs (the password file).
         user = "user root\n" if os.geteuid() == 0 else ""
         conf.write_text(f"listener {self.port} 127.0.0.1\npersistence false\n{user}"
                         f"log_dest stderr\n{self.extra or 'allow_anonymous true'}\n")
-        self.proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL,
-                                     stderr=open(self.tmp / "mosquitto.log", "ab"))
+        with open(self.tmp / "mosquitto.log", "ab") as log:   # the child keeps its own copy
+            self.proc = subprocess.Popen(["mosquitto", "-c", str(conf)],
+                                         stdout=subprocess.DEVNULL, stderr=log)
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
             try:
@@ -135,11 +136,12 @@ class Subscriber:
 # --------------------------------------------------------------------------
 
 async def real_rekey() -> tuple[list[dict], list[bytes]]:
+    import ipaddress
+
     from qkdgate.keymix.classical import x25519_keypair, x25519_shared
     from qkdgate.keymix.combiner import HybridInputs, combine
     from qkdgate.keymix.kem import get_kem
     from qkdgate.keymix.schedule import esp_key
-    import ipaddress
 
     link = FakeQkdLink("SAE-A", "SAE-B")
     t0 = time.monotonic()

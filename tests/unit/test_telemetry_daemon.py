@@ -11,21 +11,23 @@ from __future__ import annotations
 
 import asyncio
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
-import pytest
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "interop"))
-from daemon_pair import write_pair  # noqa: E402
+from daemon_pair import write_pair
+from test_telemetry import (
+    Broker,
+    Subscriber,
+    free_port,
+    leaks,
+    pytestmark,  # noqa: F401
+)
 
-from qkdgate.testing.fakes import FakeQkdLink, RecordingIpsecBackend  # noqa: E402
-from qkdgate.gateway.config.model import load_config  # noqa: E402
-from qkdgate.gateway.daemon.daemon import Daemon  # noqa: E402
-from qkdgate.gateway.daemon.sdnotify import SdNotifier  # noqa: E402
-from test_telemetry import Broker, Subscriber, free_port, leaks  # noqa: E402
-from test_telemetry import pytestmark  # noqa: E402,F401
+from qkdgate.gateway.config.model import load_config
+from qkdgate.gateway.daemon.daemon import Daemon
+from qkdgate.gateway.daemon.sdnotify import SdNotifier
+from qkdgate.testing.fakes import FakeQkdLink, RecordingIpsecBackend
 
 
 def with_telemetry(path: str, mqtt_port: int, prom_port: int) -> None:

@@ -5,17 +5,19 @@ import ipaddress
 import json
 
 import pytest
+from tunnel_helpers import Prov, Schedule, Session
 
 from qkdgate.errors import TunnelError
-from qkdgate.testing.fakes import RecordingIpsecBackend
-from qkdgate.tunnels.events import (PolicyFallback, PolicyRecovered, SaHardLifetimeBlock,
-                                    TunnelBlocked)
-from qkdgate.tunnels.ipsec_tunnel import IpsecTunnelSpec, ipsec_tunnel
-from qkdgate.tunnels.manager import (GenerationRefused, Lifetimes, TunnelManager,
-                                            TunnelPolicy)
 from qkdgate.interfaces import Direction, Mode, PolicyAction, SaId
-
-from tunnel_helpers import Prov, Schedule, Session
+from qkdgate.testing.fakes import RecordingIpsecBackend
+from qkdgate.tunnels.events import (
+    PolicyFallback,
+    PolicyRecovered,
+    SaHardLifetimeBlock,
+    TunnelBlocked,
+)
+from qkdgate.tunnels.ipsec_tunnel import IpsecTunnelSpec, ipsec_tunnel
+from qkdgate.tunnels.manager import GenerationRefused, Lifetimes, TunnelManager, TunnelPolicy
 
 A, B = ipaddress.ip_address("192.0.2.1"), ipaddress.ip_address("192.0.2.2")
 NET_A, NET_B = ipaddress.ip_network("10.1.0.0/16"), ipaddress.ip_network("10.2.0.0/16")

@@ -4,19 +4,18 @@ end to end (both gateways install the same SAK / ESP key for the same SA)."""
 import ipaddress
 
 import pytest
+from tunnel_helpers import Schedule, Session
 
 from qkdgate.errors import TunnelError
+from qkdgate.interfaces import MacsecCipher, MacsecLinkSpec, MacsecSaState, SaId
+from qkdgate.keymix import labels
+from qkdgate.keymix.combiner import Provenance, SessionSecret
+from qkdgate.keymix.secret import SecretBytes
 from qkdgate.testing.fakes import RecordingIpsecBackend, RecordingMacsecBackend
 from qkdgate.tunnels.events import SaStaleRemoved
 from qkdgate.tunnels.ipsec_tunnel import IpsecTunnelSpec, ipsec_tunnel
 from qkdgate.tunnels.macsec_tunnel import MacsecTunnelSpec, macsec_tunnel
 from qkdgate.tunnels.manager import Lifetimes, TunnelPolicy
-from qkdgate.interfaces import MacsecCipher, MacsecLinkSpec, MacsecSaState, SaId
-from qkdgate.keymix import labels
-from qkdgate.keymix.combiner import Provenance, SessionSecret
-from qkdgate.keymix.secret import SecretBytes
-
-from tunnel_helpers import Schedule, Session
 
 LT = Lifetimes(soft_seconds=50, hard_seconds=60, grace_seconds=2)
 

@@ -19,8 +19,17 @@ import uuid
 import pytest
 
 from qkdgate.errors import TunnelError
-from qkdgate.interfaces import (Direction, Mark, Mode, PolicyAction, PolicySpec, SaId, SaSpec,
-                                Selector, Template)
+from qkdgate.interfaces import (
+    Direction,
+    Mark,
+    Mode,
+    PolicyAction,
+    PolicySpec,
+    SaId,
+    SaSpec,
+    Selector,
+    Template,
+)
 from qkdgate.keymix.secret import SecretBytes
 from qkdgate.tunnels.netlink import open_socket_in_netns
 from qkdgate.tunnels.xfrm import XfrmBackend
@@ -107,7 +116,7 @@ def _udp_delivered(na: str, nb: str, bypass: XfrmBackend | None) -> bool:
             return False
         try:
             return rx.recv(100) == b"probe"
-        except socket.timeout:
+        except TimeoutError:
             return False
     finally:
         rx.close()

@@ -10,8 +10,18 @@ import struct
 import pytest
 
 from qkdgate.errors import LocalProtocolError
-from qkdgate.interfaces import (Direction, Lifetime, Mark, Mode, PolicySpec, SaId, SaSpec,
-                                Selector, Template, UdpEncap)
+from qkdgate.interfaces import (
+    Direction,
+    Lifetime,
+    Mark,
+    Mode,
+    PolicySpec,
+    SaId,
+    SaSpec,
+    Selector,
+    Template,
+    UdpEncap,
+)
 from qkdgate.keymix.secret import SecretBytes
 from qkdgate.tunnels import xfrm_msg as m
 from qkdgate.tunnels.netlink import NLA_F_NESTED, nla, parse_nlas
@@ -166,7 +176,8 @@ def test_no_limit_is_inf_for_counts_but_zero_for_seconds():
     assert pv["lft.soft_byte_limit"] == m.XFRM_INF
 
 
-from hypothesis import given, settings, strategies as st  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 
 @settings(max_examples=300, deadline=None)
