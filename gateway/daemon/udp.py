@@ -227,7 +227,10 @@ async def open_endpoint(host: str, port: int, *, bypass: Callable[[socket.socket
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # No SO_REUSEADDR (or SO_REUSEPORT): on Linux it lets any local user
+        # bind the same UDP port too and receive the peer protocol's
+        # datagrams (socket(7); issue 17 finding 2). A second bind must fail
+        # with EADDRINUSE.
         if family == socket.AF_INET6 and host in ("::", "::0"):
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.bind((host, port))

@@ -165,3 +165,31 @@ async def test_dual_stack_socket_reaches_ipv4_and_ipv6_peers():
     finally:
         for t in (t6, t4, t66):
             t.close()
+
+
+async def test_a_second_bind_of_the_peer_port_is_refused():
+    # Issue 17 finding 2: with SO_REUSEADDR any local user could bind the
+    # same UDP port and steal the peer protocol's datagrams.
+    import errno
+    import socket
+
+    import pytest
+
+    transport, _ = await open_endpoint("127.0.0.1", 0)
+    try:
+        port = transport.get_extra_info("sockname")[1]
+        for reuse in (False, True):    # even a thief asking for SO_REUSEADDR itself
+            thief = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            try:
+                if reuse:
+                    thief.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                with pytest.raises(OSError) as err:
+                    thief.bind(("127.0.0.1", port))
+                assert err.value.errno == errno.EADDRINUSE
+                with pytest.raises(OSError) as err:
+                    thief.bind(("0.0.0.0", port))
+                assert err.value.errno == errno.EADDRINUSE
+            finally:
+                thief.close()
+    finally:
+        transport.close()
