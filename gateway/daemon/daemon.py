@@ -74,6 +74,7 @@ class Daemon(EventHandlers):
         self._peer_identities = peer_identities
         self._session_factory = session_factory
         self.journal = journal
+        self.journal_failure: str | None = None   # set once the journal fails: no more QKD
         self.subscribers: list[Subscriber] = []
         self.metrics: Any = None            # qkdgate.gateway.telemetry.metrics.Metrics when enabled
         self.telemetry: Any = None          # qkdgate.gateway.telemetry.mqtt.Telemetry when enabled

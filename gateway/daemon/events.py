@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from typing import Any
 
-from qkdgate.errors import KeySourceError, KeySourceTimeout, QkdgateError
+from qkdgate.errors import KeySourceError, KeySourceTimeout, KeyUnavailable, QkdgateError
+from qkdgate.gateway.daemon.journal import JournalError, KeyIdReused
 from qkdgate.tunnels.events import TunnelEvent
 from qkdgate.tunnels.manager import provenance_dict
 from qkdgate.gateway.daemon.udp import PeerDriver
@@ -61,55 +63,107 @@ class EventHandlers:
         self._spawn(self._fetch_qkd(driver, ev), f"qkd-{driver.name}-{ev.request_id}")
 
     async def _fetch_qkd(self, driver: PeerDriver, ev: Any) -> None:
+        """Answer one ``NeedQkdKeys``. Runs as a TaskGroup child, so nothing
+        may escape it (issue 17 finding 5): a KME failure, a key-source
+        plug-in bug and a journal error each fail only this exchange, fail
+        the tunnels closed by their policy, are reported, and the daemon
+        goes on."""
         peer = self.config.peer(driver.name)
         qkd = peer.qkd
-        src = (self._key_sources or {}).get(qkd.key_source) if qkd else None
+        source = qkd.key_source if qkd else "?"
+        src = (self._key_sources or {}).get(source) if qkd else None
         t0 = self.clock()
+        if self.journal_failure is not None:
+            # A key we cannot journal as consumed might be mixed twice after
+            # a crash: no new QKD generations until the journal works again.
+            self._refuse_qkd(driver, ev, KeyUnavailable(
+                f"QKD disabled: the key journal failed ({self.journal_failure})"), "JournalError")
+            return
         try:
             if src is None:
                 raise KeySourceError(f"no key source configured for peer {driver.name}")
-            timeout = self._kme_timeout(qkd.key_source)
-            if ev.role == "master":
-                call = src.get_new_keys(ev.peer_sae_id, ev.number, ev.size_bits)
-            else:
-                call = src.get_keys_by_id(ev.peer_sae_id, list(ev.key_ids))
-            try:
-                async with asyncio.timeout(timeout):
-                    keys = await call
-            except TimeoutError:
-                raise KeySourceTimeout(f"key source {qkd.key_source} did not answer "
-                                       f"within {timeout:g} s") from None
-            if self.journal is not None:
-                # Durable before the keys reach any KDF: a crash after this
-                # point can never make us mix the same QKD key twice.
-                jt = "peer-" + driver.name
-                self.journal.reserve_qkd_keys(jt, self.journal.next_generation(jt),
-                                              [k.key_id for k in keys])
+            keys = await self._ask_key_source(src, source, ev)
         except KeySourceError as exc:
-            self._key_source_health(qkd.key_source if qkd else "?", driver.name, ev.role, t0, exc)
+            self._key_source_health(source, driver.name, ev.role, t0, exc)
             self.peers[driver.name].last_error = f"QKD: {exc}"
             log.warning("peer %s: QKD keys unavailable: %s", driver.name, exc,
                         extra={"peer": driver.name})
-            self.emit({"event": "qkd_error", "peer": driver.name, "error": str(exc),
-                       "kind": type(exc).__name__})
-            self._block_qkd_mandatory(driver, f"QKD unavailable: {exc}")
-            driver.call("qkd_failed", lambda e=exc: driver.session.qkd_failed(ev.request_id, e,
-                                                                          self.clock()))
+            self._refuse_qkd(driver, ev, exc, type(exc).__name__)
             return
-        except QkdgateError as exc:       # journal: a reused key_ID is refused, fail closed
-            err = KeySourceError(f"QKD key refused: {exc}")
-            log.error("peer %s: %s", driver.name, err, extra={"peer": driver.name})
-            self.emit({"event": "qkd_error", "peer": driver.name, "error": str(err),
-                       "kind": type(exc).__name__})
-            driver.call("qkd_failed", lambda: driver.session.qkd_failed(ev.request_id, err,
-                                                                        self.clock()))
+        except Exception as exc:  # noqa: BLE001 - a key-source plug-in's bug, not ours
+            # The plug-in is third-party code behind the KeySource interface:
+            # whatever it raises fails this exchange (closed), never the daemon.
+            log.error("peer %s: key source %s raised %s (a plug-in bug); QKD keys refused",
+                      driver.name, source, type(exc).__name__, exc_info=True,
+                      extra={"peer": driver.name})
+            err = KeySourceError(f"key source {source} failed: {type(exc).__name__}")
+            self._key_source_health(source, driver.name, ev.role, t0, err)
+            self.peers[driver.name].last_error = f"QKD: {err}"
+            self._refuse_qkd(driver, ev, err, "KeySourcePluginError")
             return
-        self._key_source_health(qkd.key_source, driver.name, ev.role, t0, None)
+        if self.journal is not None:
+            # Durable before the keys reach any KDF: a crash after this
+            # point can never make us mix the same QKD key twice.
+            jt = "peer-" + driver.name
+            try:
+                self.journal.reserve_qkd_keys(jt, self.journal.next_generation(jt),
+                                              [k.key_id for k in keys])
+            except KeyIdReused as exc:      # a replayed key_ID is refused: fail closed
+                err = KeySourceError(f"QKD key refused: {exc}")
+                log.error("peer %s: %s", driver.name, err, extra={"peer": driver.name})
+                self._refuse_qkd(driver, ev, err, type(exc).__name__)
+                return
+            except (JournalError, OSError) as exc:   # ENOSPC, EIO, a failed fsync
+                self._journal_failed(exc)
+                self._refuse_qkd(driver, ev, KeyUnavailable(
+                    f"QKD disabled: the key journal failed ({self.journal_failure})"),
+                    "JournalError")
+                return
+        self._key_source_health(source, driver.name, ev.role, t0, None)
         self.emit({"event": "qkd_keys", "peer": driver.name, "role": ev.role,
                    "key_ids": [k.key_id for k in keys],
                    "latency_ms": round((self.clock() - t0) * 1000, 1)})
         driver.call("provide_qkd_keys",
                     lambda: driver.session.provide_qkd_keys(ev.request_id, keys, self.clock()))
+
+    async def _ask_key_source(self, src: Any, source: str, ev: Any) -> Any:
+        timeout = self._kme_timeout(source)
+        if ev.role == "master":      # ETSI GS QKD 014 5.2 enc_keys
+            call = src.get_new_keys(ev.peer_sae_id, ev.number, ev.size_bits)
+        else:                        # ETSI GS QKD 014 5.3 dec_keys
+            call = src.get_keys_by_id(ev.peer_sae_id, list(ev.key_ids))
+        try:
+            async with asyncio.timeout(timeout):
+                return await call
+        except TimeoutError:
+            raise KeySourceTimeout(f"key source {source} did not answer "
+                                   f"within {timeout:g} s") from None
+
+    def _refuse_qkd(self, driver: PeerDriver, ev: Any, err: KeySourceError, kind: str) -> None:
+        """This exchange gets no QKD keys: report it, block ``qkd-mandatory``
+        tunnels now, and tell the session (which falls back to PQC-only where
+        the policy allows, else fails the rekey)."""
+        self.emit({"event": "qkd_error", "peer": driver.name, "error": str(err), "kind": kind})
+        self._block_qkd_mandatory(driver, f"QKD unavailable: {err}")
+        driver.call("qkd_failed",
+                    lambda: driver.session.qkd_failed(ev.request_id, err, self.clock()))
+
+    def _journal_failed(self, exc: BaseException) -> None:
+        """The journal cannot record consumed key_IDs (issue 17 finding 5):
+        keep running, but with no new QKD generations (PQC-only where the
+        policy allows; ``qkd-mandatory`` blocks at once, ``hybrid-required``
+        runs its keys to the hard lifetime). Needs a restart once the disk
+        is fixed."""
+        if self.journal_failure is not None:
+            return
+        detail = os.strerror(exc.errno) if isinstance(exc, OSError) and exc.errno \
+            else str(exc)
+        self.journal_failure = f"{type(exc).__name__}: {detail}"
+        log.error("journal: %s; no new QKD generations until restart", self.journal_failure)
+        self.emit({"event": "journal_error", "error": self.journal_failure,
+                   "consequence": "no new QKD generations"})
+        for driver in self.drivers.values():
+            self._block_qkd_mandatory(driver, f"QKD disabled: journal {self.journal_failure}")
 
     def _key_source_health(self, source: str, peer: str, role: str, t0: float,
                            error: BaseException | None) -> None:

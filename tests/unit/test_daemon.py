@@ -456,3 +456,110 @@ async def test_prometheus_metrics_follow_daemon_events(env):
         assert 'qkd="yes"' in text
     finally:
         await stopped(d, task)
+
+
+# ---------------------------------------------------------------- issue 17 finding 5
+
+def make_daemon(tmp_path, policy="hybrid-required", **kw):
+    cfg, _, path, _ = write_pair(tmp_path, policy=policy)
+    link = FakeQkdLink("SAE-A", "SAE-B")
+    clock = Clock()
+    backend = RecordingIpsecBackend(now=clock)
+    events = []
+    args = dict(ipsec_backend=backend, key_sources={"kme": link.source("SAE-A")},
+                identity=object(), peer_identities={"gw-b": [object()]},
+                session_factory=FakeSession, clock=clock, notifier=SdNotifier({}))
+    args.update(kw)
+    d = Daemon(cfg, config_path=path, **args)
+    d.subscribe(events.append)
+    return d, backend, link, events, clock
+
+
+class BuggySource:
+    """A key-source plug-in with a bug: it raises what no KeySource may."""
+
+    def __init__(self, healthy):
+        self.calls = 0
+        self.status = healthy.status        # the KME itself is fine
+
+    async def get_new_keys(self, *a, **kw):
+        self.calls += 1
+        raise ValueError("plug-in bug")
+
+    async def close(self):
+        pass
+
+
+class FullDiskJournal:
+    """The real journal, except that appending a key_ID fails with ENOSPC."""
+
+    def __init__(self, journal):
+        self.j = journal
+
+    def __getattr__(self, name):
+        return getattr(self.j, name)
+
+    def reserve_qkd_keys(self, *a, **kw):
+        import errno
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def establish(d, gen=1):
+    sess = secret()
+    return feed(d, InstallInbound(10 * gen, gen, sess, "initiator", {"t1": 0xC0000900 + gen}),
+                InstallOutbound(10 * gen + 1, gen, sess, "initiator", {"t1": 0xC0000700 + gen}),
+                SessionEstablished(gen, sess.provenance, 0.01))
+
+
+@pytest.mark.expect_logged_exception
+async def test_a_key_source_plugin_bug_fails_the_exchange_not_the_daemon(tmp_path):
+    d, be, link, events, clock = make_daemon(tmp_path, policy="qkd-mandatory")
+    src = d._key_sources["kme"] = BuggySource(d._key_sources["kme"])
+    task = await started(d)
+    try:
+        s = establish(d)
+        assert d.status()["tunnels"][0]["state"] == "up"
+        feed(d, NeedQkdKeys(1, "master", "SAE-B", number=1))
+        await settle()
+        assert not task.done()                              # the daemon lives
+        assert src.calls == 1
+        (failed,) = [c for c in s.calls if c[0] == "qkd_failed"]
+        assert failed[:3] == ("qkd_failed", 1, "KeySourceError")
+        assert "ValueError" in failed[3] and "plug-in bug" not in failed[3]
+        (err,) = [e for e in events if e["event"] == "qkd_error"]
+        assert err["kind"] == "KeySourcePluginError"
+        assert d.status()["tunnels"][0]["state"] == "blocked"   # qkd-mandatory: at once
+        # the next exchange is served again (the plug-in may recover)
+        feed(d, NeedQkdKeys(2, "master", "SAE-B", number=1))
+        await settle()
+        assert src.calls == 2 and not task.done()
+    finally:
+        await stopped(d, task)
+
+
+async def test_a_journal_write_error_stops_qkd_but_not_the_daemon(tmp_path):
+    from qkdgate.gateway.daemon.journal import Journal
+    state = tmp_path / "state"
+    state.mkdir()
+    journal = FullDiskJournal(Journal.open(str(state)))
+    d, be, link, events, clock = make_daemon(tmp_path, policy="qkd-mandatory", journal=journal)
+    task = await started(d)
+    try:
+        s = establish(d)
+        feed(d, NeedQkdKeys(1, "master", "SAE-B", number=1))
+        await settle()
+        assert not task.done()                              # the daemon lives
+        assert [c[:3] for c in s.calls if c[0] in ("keys", "qkd_failed")] == \
+            [("qkd_failed", 1, "KeyUnavailable")]          # the fetched keys are never used
+        (jerr,) = [e for e in events if e["event"] == "journal_error"]
+        assert "No space left on device" in jerr["error"]
+        assert d.status()["tunnels"][0]["state"] == "blocked"   # qkd-mandatory: at once
+        # no new QKD generations: the KME is not even asked again
+        link.down = True       # would turn a KME call into KeyUnavailable "QKD link down"
+        feed(d, NeedQkdKeys(2, "master", "SAE-B", number=1))
+        await settle()
+        assert s.calls[-1][:3] == ("qkd_failed", 2, "KeyUnavailable")
+        assert "journal" in s.calls[-1][3] and "link down" not in s.calls[-1][3]
+    finally:
+        await stopped(d, task)
+        journal.j.close()
