@@ -40,7 +40,7 @@ from qkdgate.gateway.config.model import Config, load_config
 from qkdgate.gateway.daemon.control import ControlError, ControlServer
 from qkdgate.gateway.daemon.events import EventHandlers, PeerState
 from qkdgate.gateway.daemon.sdnotify import SdNotifier
-from qkdgate.tunnels.manager import TunnelManager
+from qkdgate.tunnels.manager import GenerationRefused, TunnelManager, check_policy
 from qkdgate.gateway.daemon.udp import GatewayEndpoint, PeerDriver, open_endpoint
 
 log = logging.getLogger("qkdgate.daemon")
@@ -87,6 +87,7 @@ class Daemon(EventHandlers):
         self.endpoint: GatewayEndpoint | None = None
         self.started_at = clock()
         self.pending_restart: list[str] = []
+        self.short_of_policy: dict[str, str] = {}   # tunnel -> why (tightened by reload)
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
         self._kick = asyncio.Event()       # tunnel timers changed: re-evaluate now
@@ -342,7 +343,10 @@ class Daemon(EventHandlers):
             self.emit({"event": "config_rejected", "error": str(exc)})
             self.notifier.ready(self._status_line())
             raise
+        before = {tid: t.policy for tid, t in self.tunnels.tunnels.items()}
         applied, restart = build.apply_live(self.config, new, self.tunnels, self.drivers)
+        self._enforce_tightened([tid for tid, t in self.tunnels.tunnels.items()
+                                 if t.policy != before[tid]])
         if not restart:
             self.config = new   # else: keep the structure we run with; live parts are applied
         self.pending_restart = restart
@@ -352,6 +356,46 @@ class Daemon(EventHandlers):
         self.emit({"event": "config_reloaded", "applied": applied, "needs_restart": restart})
         self.notifier.ready(self._status_line())
         return {"applied": applied, "needs_restart": restart}
+
+    def _enforce_tightened(self, tunnel_ids: list[str]) -> None:
+        """A reload changed these tunnels' policies (issue 17 finding 6): the
+        generation carrying traffic now is checked against the new policy at
+        once, not at its next rekey. One that falls short is rekeyed now;
+        ``qkd-mandatory`` blocks at once (it never carries traffic without a
+        QKD key), any other policy blocks when that rekey does not bring a
+        generation that meets it (:meth:`_settle_tightened`)."""
+        now = self.clock()
+        for tid in tunnel_ids:
+            tunnel = self.tunnels.get(tid)
+            if tunnel.active is None or tunnel.state == "blocked":
+                continue
+            try:
+                check_policy(tunnel.policy, tunnel.active.provenance)
+                continue
+            except GenerationRefused as exc:
+                short = (f"policy now {tunnel.policy.value}, active generation "
+                         f"{tunnel.active.number} falls short: {exc}")
+            log.warning("tunnel %s: %s; rekeying now", tid, short, extra={"tunnel": tid})
+            self.short_of_policy[tid] = short
+            if tunnel.policy.blocks_on_qkd_loss:
+                tunnel.block(now, short)
+            self._rekey_for(tid, "policy_tightened")
+
+    def _settle_tightened(self, peer: str) -> None:
+        """An exchange with ``peer`` ended (established or failed): every
+        tunnel still short of its tightened policy blocks now."""
+        now = self.clock()
+        for tid in self.peers[peer].tunnels:
+            short = self.short_of_policy.pop(tid, None)
+            if short is None:
+                continue
+            tunnel = self.tunnels.get(tid)
+            if tunnel.active is None or tunnel.state == "blocked":
+                continue
+            try:
+                check_policy(tunnel.policy, tunnel.active.provenance)
+            except GenerationRefused:
+                tunnel.block(now, short + "; the rekey did not bring one that meets it")
 
     # ------------------------------------------------------------------ control
     def status(self) -> dict[str, Any]:

@@ -236,6 +236,7 @@ class EventHandlers:
             driver.call("install_failed",
                         lambda e=exc: driver.session.install_failed(ev.request_id, e,
                                                                     self.clock()))
+            self._settle_tightened(driver.name)
             return
         self.wake()
         driver.call("installed", lambda: driver.session.installed(ev.request_id, self.clock()))
@@ -269,6 +270,7 @@ class EventHandlers:
             self.emit({"event": "rekey_done", "peer": driver.name, "tunnel": tid,
                        "generation": ev.generation, "inputs": inputs,
                        "latency_ms": round(ev.latency * 1000, 1), "reason": ev.reason})
+        self._settle_tightened(driver.name)
         self.notifier.status(self._status_line())
 
     def _ev_RekeyFailed(self, driver: PeerDriver, ev: Any) -> None:
@@ -282,6 +284,7 @@ class EventHandlers:
                        "generation": ev.generation, "reason": ev.reason,
                        "retry_in": round(ev.retry_at - self.clock(), 1)
                        if ev.retry_at is not None else None})
+        self._settle_tightened(driver.name)
 
     def _ev_QkdFallback(self, driver: PeerDriver, ev: Any) -> None:
         self.peers[driver.name].qkd_fallback = True

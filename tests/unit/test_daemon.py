@@ -563,3 +563,70 @@ async def test_a_journal_write_error_stops_qkd_but_not_the_daemon(tmp_path):
     finally:
         await stopped(d, task)
         journal.j.close()
+
+
+# ---------------------------------------------------------------- issue 17 finding 6
+
+def pqc_only_generation(d, gen=1):
+    sess = secret(b"\x05", qkd=())
+    return feed(d, InstallInbound(10 * gen, gen, sess, "initiator", {"t1": 0xC0000900 + gen}),
+                InstallOutbound(10 * gen + 1, gen, sess, "initiator", {"t1": 0xC0000700 + gen}),
+                SessionEstablished(gen, sess.provenance, 0.01))
+
+
+def tighten(d, policy):
+    path = Path(d.config_path)
+    path.write_text(path.read_text().replace("policy: pqc-fallback", f"policy: {policy}"))
+    return d.do_reload()
+
+
+async def test_reload_to_hybrid_required_rekeys_a_pqc_only_generation_now(tmp_path):
+    from qkdgate.gateway.protocol.events import RekeyFailed
+    d, be, link, events, clock = make_daemon(tmp_path, policy="pqc-fallback")
+    task = await started(d)
+    try:
+        s = pqc_only_generation(d)
+        t = d.tunnels.get("t1")
+        assert t.state == "up" and t.fallback
+        res = tighten(d, "hybrid-required")
+        assert "tunnel t1 policy hybrid-required" in res["applied"]
+        assert ("rekey", "policy_tightened") in s.calls      # at once, not at the next rekey
+        assert t.state == "up"                                # until that rekey fails
+        feed(d, RekeyFailed(generation=2, reason="QKD unavailable"))
+        assert t.state == "blocked" and be.sas == {}
+        assert "falls short" in t.last_error
+    finally:
+        await stopped(d, task)
+
+
+async def test_reload_tightening_is_satisfied_by_a_hybrid_rekey(tmp_path):
+    from qkdgate.gateway.protocol.events import RekeyFailed
+    d, be, link, events, clock = make_daemon(tmp_path, policy="pqc-fallback")
+    task = await started(d)
+    try:
+        s = pqc_only_generation(d)
+        tighten(d, "hybrid-required")
+        assert ("rekey", "policy_tightened") in s.calls
+        establish(d, gen=2)                                   # with a QKD key
+        t = d.tunnels.get("t1")
+        assert t.state == "up" and t.active.number == 2
+        feed(d, RekeyFailed(generation=3, reason="a later, unrelated failure"))
+        assert t.state == "up"                                # hard lifetime rules again
+    finally:
+        await stopped(d, task)
+
+
+async def test_reload_to_qkd_mandatory_blocks_a_pqc_only_generation_at_once(tmp_path):
+    d, be, link, events, clock = make_daemon(tmp_path, policy="pqc-fallback")
+    task = await started(d)
+    try:
+        s = pqc_only_generation(d)
+        tighten(d, "qkd-mandatory")
+        t = d.tunnels.get("t1")
+        assert t.state == "blocked" and be.sas == {}
+        (out,) = [p for p in be.policies.values() if p.direction is Direction.OUT]
+        assert out.action is PolicyAction.BLOCK
+        assert ("rekey", "policy_tightened") in s.calls       # a QKD generation unblocks
+        assert any(e["event"] == "tunnel_blocked" for e in events)
+    finally:
+        await stopped(d, task)
