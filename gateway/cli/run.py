@@ -13,8 +13,11 @@ adopts what it left. ``--teardown-on-exit`` removes every SA and policy
 the daemon installed: an explicit choice to stop protecting (and stop
 blocking) the traffic.
 
-``--backend recording`` uses the in-memory kernel fakes (demos, CI
-without ESP): nothing reaches the kernel, and the daemon says so loudly.
+There is no way to run this command without kernel enforcement: the
+in-memory kernel fakes live in ``qkdgate.testing``, which nothing shipped
+imports; tests pass them to :func:`run` (``ipsec_backend=``,
+``macsec_backend=``) from their own entry point
+(tests/interop/run_fake_kernel.py).
 """
 
 from __future__ import annotations
@@ -27,16 +30,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="configuration file (see docs/config.md)")
     p.add_argument("--teardown-on-exit", action="store_true",
                    help="on exit remove every SA and policy (default: keep blocking)")
-    p.add_argument("--backend", choices=("kernel", "recording"), default="kernel",
-                   help="kernel: XFRM/MACsec netlink (default); recording: in-memory, "
-                        "for demos and tests")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
                    help="override telemetry.log.level")
     p.add_argument("--log-format", choices=("text", "json"),
                    help="override telemetry.log.format")
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, *, ipsec_backend: object = None,
+        macsec_backend: object = None) -> int:
+    """Run the daemon; the backends default to the kernel's (XFRM, MACsec)."""
     import asyncio
     import logging
 
@@ -54,14 +56,10 @@ def run(args: argparse.Namespace) -> int:
         log.info("core dumps disabled (PR_SET_DUMPABLE 0, RLIMIT_CORE 0)")
     else:
         log.warning("core dumps only partly disabled: %s", dumps.detail)
-    backend = "recording" if args.backend == "recording" else None
-    if backend:
-        log.warning("--backend recording: NOTHING is installed in the kernel; traffic is "
-                    "not protected by this daemon")
 
     async def main() -> None:
-        daemon = Daemon(cfg, config_path=args.config, ipsec_backend=backend,
-                        macsec_backend=backend, teardown_on_exit=args.teardown_on_exit)
+        daemon = Daemon(cfg, config_path=args.config, ipsec_backend=ipsec_backend,
+                        macsec_backend=macsec_backend, teardown_on_exit=args.teardown_on_exit)
         daemon.install_signal_handlers()
         await daemon.run()
 

@@ -90,13 +90,9 @@ def tunnels(cfg: Config, ipsec_backend: Any, macsec_backend: Any,
 
 def backends(cfg: Config, ipsec: Any, macsec: Any,
              registry_path: str = REGISTRY_PATH) -> tuple[Any, Any]:
-    """The kernel backends: given ones, ``"recording"`` for the in-memory
-    fakes, else the netlink backends (only if a tunnel needs them)."""
-    from qkdgate.testing import fakes
-    if ipsec == "recording":
-        ipsec = fakes.RecordingIpsecBackend()
-    if macsec == "recording":
-        macsec = fakes.RecordingMacsecBackend()
+    """The kernel backends: the given ones (tests pass fakes), else the
+    netlink backends (only if a tunnel needs them). No shipped path builds
+    a backend that does not enforce in the kernel."""
     kinds = {t.type for t in cfg.tunnels}
     registry: TunnelRegistry | None = None
     if (ipsec is None and TunnelType.IPSEC in kinds) or \

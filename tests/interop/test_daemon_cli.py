@@ -1,4 +1,5 @@
-"""`qkdgate run` as real processes: two gateways (recording kernel backend)
+"""`qkdgate run` as real processes: two gateways (recording kernel fakes,
+injected by tests/interop/run_fake_kernel.py; the shipped command has none)
 keyed through the KME simulator over mutual TLS, driven with `qkdgate status`
 and `qkdgate rekey`, reloaded with SIGHUP (a bad file changes nothing) and
 stopped with SIGTERM (exit 0, blocking policies kept)."""
@@ -8,6 +9,7 @@ import json
 import os
 import signal
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -50,7 +52,7 @@ async def test_run_status_rekey_reload_and_sigterm(tmp_path, kme):
     for path, name in ((path_a, "a"), (path_b, "b")):
         log = open(tmp_path / f"{name}.log", "wb")
         procs.append(await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "qkdgate", "run", "-c", path, "--backend", "recording",
+            sys.executable, str(Path(__file__).with_name("run_fake_kernel.py")), "-c", path,
             "--log-format", "json", stdout=log, stderr=asyncio.subprocess.STDOUT, env=env))
     try:
         st = None
@@ -91,3 +93,10 @@ async def test_run_status_rekey_reload_and_sigterm(tmp_path, kme):
     assert any(x.get("tunnel") == "t1" for x in lines)      # structured context
     assert any("blocking policies kept" in x["msg"] for x in lines)
     assert not os.path.exists(tmp_path / "gw-a-run" / "control.sock")
+
+
+async def test_the_shipped_run_command_has_no_fake_kernel():
+    rc, out, err = await qkdgate("run", "--help")
+    assert rc == 0 and "--backend" not in out and "recording" not in out
+    rc, _, err = await qkdgate("run", "-c", "/nonexistent.yaml", "--backend", "recording")
+    assert rc == 2 and "--backend" in err

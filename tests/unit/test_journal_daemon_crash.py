@@ -1,6 +1,6 @@
 """The real daemon SIGKILLed at every durable-state point of a rekey.
 
-Two ``qkdgate run`` processes (recording kernel backend) key one tunnel.
+Two ``qkdgate run`` processes (recording kernel fakes handed to run()) key one tunnel.
 Their KMEs are a stand-in with the dangerous failure mode the journal exists
 for: after the master restarts, its KME hands out again the key the master
 last used and the key it last delivered (as a KME does that thinks those
@@ -142,8 +142,14 @@ class ReplayingKme:
 from qkdgate.adapters import registry
 registry.create_key_source = lambda kind, settings: ReplayingKme()
 
-from qkdgate.gateway.cli.main import main
-sys.exit(main(sys.argv[1:]))
+# The shipped `qkdgate run` has no fake kernel: hand run() the recording fakes.
+import argparse
+from qkdgate.gateway.cli import run as R
+from qkdgate.testing.fakes import RecordingIpsecBackend, RecordingMacsecBackend
+parser = argparse.ArgumentParser()
+R.add_arguments(parser)
+sys.exit(R.run(parser.parse_args(sys.argv[2:]), ipsec_backend=RecordingIpsecBackend(),
+               macsec_backend=RecordingMacsecBackend()))
 '''
 
 
@@ -162,7 +168,7 @@ class Pair:
             env["QG_NO_JOURNAL"] = "1"
         out = open(self.tmp / f"{name}.out", "ab")
         self.procs[name] = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", WRAPPER, "run", "-c", path, "--backend", "recording",
+            sys.executable, "-c", WRAPPER, "run", "-c", path,
             stdout=out, stderr=asyncio.subprocess.STDOUT, env=env)
 
     def records(self) -> list[dict]:
