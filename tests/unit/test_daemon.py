@@ -581,7 +581,7 @@ def tighten(d, policy):
 
 
 async def test_reload_to_hybrid_required_rekeys_a_pqc_only_generation_now(tmp_path):
-    from qkdgate.gateway.protocol.events import RekeyFailed
+    from qkdgate.gateway.protocol.events import FailureCause, RekeyFailed
     d, be, link, events, clock = make_daemon(tmp_path, policy="pqc-fallback")
     task = await started(d)
     try:
@@ -592,7 +592,7 @@ async def test_reload_to_hybrid_required_rekeys_a_pqc_only_generation_now(tmp_pa
         assert "tunnel t1 policy hybrid-required" in res["applied"]
         assert ("rekey", "policy_tightened") in s.calls      # at once, not at the next rekey
         assert t.state == "up"                                # until that rekey fails
-        feed(d, RekeyFailed(generation=2, reason="QKD unavailable"))
+        feed(d, RekeyFailed(generation=2, reason="exchange timed out", cause=FailureCause.TIMEOUT))
         assert t.state == "blocked" and be.sas == {}
         assert "falls short" in t.last_error
     finally:
@@ -600,7 +600,7 @@ async def test_reload_to_hybrid_required_rekeys_a_pqc_only_generation_now(tmp_pa
 
 
 async def test_reload_tightening_is_satisfied_by_a_hybrid_rekey(tmp_path):
-    from qkdgate.gateway.protocol.events import RekeyFailed
+    from qkdgate.gateway.protocol.events import FailureCause, RekeyFailed
     d, be, link, events, clock = make_daemon(tmp_path, policy="pqc-fallback")
     task = await started(d)
     try:
@@ -610,7 +610,8 @@ async def test_reload_tightening_is_satisfied_by_a_hybrid_rekey(tmp_path):
         establish(d, gen=2)                                   # with a QKD key
         t = d.tunnels.get("t1")
         assert t.state == "up" and t.active.number == 2
-        feed(d, RekeyFailed(generation=3, reason="a later, unrelated failure"))
+        feed(d, RekeyFailed(generation=3, reason="a later, unrelated failure",
+                            cause=FailureCause.TIMEOUT))
         assert t.state == "up"                                # hard lifetime rules again
     finally:
         await stopped(d, task)
