@@ -277,13 +277,19 @@ class EventHandlers:
         ps = self.peers[driver.name]
         ps.rekey_failures += 1
         ps.last_error = ev.reason
-        log.warning("peer %s: rekey failed: %s", driver.name, ev.reason,
+        log.warning("peer %s: rekey failed (%s): %s", driver.name, ev.cause.value, ev.reason,
                     extra={"peer": driver.name})
         for tid in ps.tunnels:
             self.emit({"event": "rekey_failed", "tunnel": tid, "peer": driver.name,
                        "generation": ev.generation, "reason": ev.reason,
+                       "cause": ev.cause.value,
                        "retry_in": round(ev.retry_at - self.clock(), 1)
                        if ev.retry_at is not None else None})
+        if ev.qkd_caused:
+            # Issue 17 finding 7: QKD failing on the peer's side (a signed
+            # ABORT with QKD_UNAVAILABLE / QKD_KEY_LOST) blocks qkd-mandatory
+            # tunnels just as our own KME failing does.
+            self._block_qkd_mandatory(driver, f"QKD unavailable ({ev.cause.value}): {ev.reason}")
         self._settle_tightened(driver.name)
 
     def _ev_QkdFallback(self, driver: PeerDriver, ev: Any) -> None:

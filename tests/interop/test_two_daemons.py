@@ -226,6 +226,29 @@ async def test_qkd_mandatory_blocks_at_once_when_qkd_fails(tmp_path, kme):
         assert keys_match(p.be_a, p.be_b) >= 1, "no outbound SA has its peer's inbound SA"
 
 
+async def test_qkd_mandatory_blocks_when_the_peer_reports_its_qkd_failed(tmp_path, kme):
+    # Issue 17 finding 7: only B's KME fails. B answers A's INIT with a signed
+    # ABORT QKD_UNAVAILABLE; A's own KME is fine, yet A's qkd-mandatory
+    # tunnel must block at once, not run its last QKD keys to the hard lifetime.
+    from qkdgate.errors import KeyUnavailable
+    p = Pair(tmp_path, kme, policy="qkd-mandatory", interval="1s", soft="50s", hard="60s")
+    async with p.running():
+        assert await wait_for(both_past(p, 0), 10)
+
+        async def b_kme_lost_the_keys(master_sae_id, key_ids):
+            raise KeyUnavailable("QKD link down at B")
+
+        p.b._key_sources["kme"].get_keys_by_id = b_kme_lost_the_keys
+        assert await wait_for(lambda: p.a.tunnels.get("t1").state == "blocked", 6), \
+            "qkd-mandatory kept forwarding after the peer's QKD failed"
+        failed = [e for e in p.events_a if e["event"] == "rekey_failed"]
+        assert failed and failed[-1]["cause"] == "qkd-peer"
+        assert not [e for e in p.events_a if e["event"] in ("qkd_error", "key_source_down")]
+        assert p.be_a.sas == {}
+        (out,) = [x for x in p.be_a.policies.values() if x.direction is Direction.OUT]
+        assert out.action is PolicyAction.BLOCK
+
+
 async def test_restarted_daemon_adopts_its_sas_and_rekeys_with_the_peer(tmp_path, kme):
     p = Pair(tmp_path, kme, interval="2s", soft="4s", hard="6s")
     task_a = asyncio.create_task(p.a.run())
