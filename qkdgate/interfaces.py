@@ -275,6 +275,10 @@ class IpsecBackend(Protocol):
 
     def install_policy(self, policy: PolicySpec) -> None: ...
 
+    def update_policy(self, policy: PolicySpec) -> None:
+        """Replace the policy with the same selector, direction, mark and
+        if_id in one step (XFRM_MSG_UPDPOLICY), e.g. an ALLOW by a BLOCK."""
+
     def remove_policy(self, policy: PolicySpec) -> None: ...
 
     def list_policies(self) -> list[PolicySpec]: ...

@@ -108,16 +108,6 @@ class IpsecDriver:
     def _owned(self, reqid: int) -> bool:
         return self.spec.reqid_base <= reqid < self.spec.reqid_base + self.spec.reqid_span
 
-    def _update_policy(self, policy: PolicySpec) -> None:
-        # switch_outbound is for template swaps; a backend with update_policy
-        # (XFRM_MSG_UPDPOLICY for any policy) also takes a template-less BLOCK.
-        update = getattr(self.backend, "update_policy", None)
-        if update is None:
-            self.backend.remove_policy(policy)
-            self.backend.install_policy(policy)
-        else:
-            update(policy)
-
     def setup(self, now: float) -> SetupReport:
         """Install the fail-closed policies; report SAs a previous run left."""
         existing = {(p.selector, p.direction, p.mark, p.if_id): p
@@ -140,7 +130,9 @@ class IpsecDriver:
                 if have is None:
                     self.backend.install_policy(want)
                 elif (have.action, have.template) != (want.action, want.template):
-                    self._update_policy(want)   # e.g. the reqid changed in the config
+                    # e.g. the reqid changed in the config: XFRM_MSG_UPDPOLICY
+                    # re-asserts ours in place, never a moment without a policy
+                    self.backend.update_policy(want)
         return self._adoptable(now)
 
     def _adoptable(self, now: float) -> SetupReport:
@@ -225,10 +217,9 @@ class IpsecDriver:
             raise
 
     def block_outbound(self) -> None:
-        update = getattr(self.backend, "update_policy", None) or self.backend.switch_outbound
         for i, pol in enumerate(self._out_policies):
             blocked = replace(pol, action=PolicyAction.BLOCK, template=None)
-            update(blocked)
+            self.backend.update_policy(blocked)   # XFRM_MSG_UPDPOLICY: in place
             self._out_policies[i] = blocked
 
     def remove_sa(self, rec: SaRecord) -> None:

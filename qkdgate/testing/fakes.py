@@ -211,6 +211,13 @@ class RecordingIpsecBackend:
         self.policies[key] = policy
         self.ops.append(("install_policy", policy.direction))
 
+    def update_policy(self, policy: PolicySpec) -> None:
+        key = _policy_key(policy)
+        if key not in self.policies:
+            raise TunnelError("update_policy", errno.ENOENT, "no such policy")
+        self.policies[key] = policy
+        self.ops.append(("update_policy", policy.action))
+
     def remove_policy(self, policy: PolicySpec) -> None:
         if self.policies.pop(_policy_key(policy), None) is None:
             raise TunnelError("remove_policy", errno.ENOENT)
