@@ -330,6 +330,20 @@ class MacsecSaSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class MacsecSecyState:
+    """A macsec link's SecY settings as the kernel reports them
+    (``MACSEC_SECY_ATTR_*``, IEEE 802.1AE-2018 10.7)."""
+
+    cipher: MacsecCipher | None     # None: a suite qkdgate never configures
+    icv_len: int
+    protect: bool
+    encrypt: bool
+    validate_strict: bool
+    replay_protect: bool
+    replay_window: int
+
+
+@dataclass(frozen=True, slots=True)
 class MacsecSaState:
     an: int
     active: bool
@@ -349,6 +363,8 @@ class MacsecBackend(Protocol):
     def destroy_link(self, name: str) -> None: ...
 
     def link_sci(self, name: str) -> int: ...
+
+    def secy_state(self, name: str) -> MacsecSecyState: ...
 
     def add_rx_sc(self, link: str, sci: int) -> None: ...
 

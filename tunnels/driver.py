@@ -91,6 +91,7 @@ class SetupReport:
     adopted: tuple[SaRecord, ...] = ()
     sending_reqid: int | None = None
     stale_removed: int = 0
+    replaced: tuple[tuple[str, str], ...] = ()    # (what, why) weaker objects replaced
 
 
 @dataclass(frozen=True, slots=True)

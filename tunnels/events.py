@@ -113,6 +113,17 @@ class SaStaleRemoved(TunnelEvent):
 
 
 @dataclass(frozen=True, slots=True)
+class KernelStateReplaced(TunnelEvent):
+    """A kernel object found at start was weaker than the configuration
+    (``what``: which one; ``reason``: how) and was replaced, blocking first,
+    instead of being adopted."""
+
+    name: ClassVar[str] = "kernel_state_replaced"
+    what: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class PolicyFallback(TunnelEvent):
     """The tunnel runs on a generation without its optional QKD leg."""
 

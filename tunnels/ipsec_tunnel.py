@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import socket
 from dataclasses import dataclass, replace
 
 from qkdgate.errors import TunnelError
@@ -108,10 +109,42 @@ class IpsecDriver:
     def _owned(self, reqid: int) -> bool:
         return self.spec.reqid_base <= reqid < self.spec.reqid_base + self.spec.reqid_span
 
+    def _weaker_out(self, have: PolicySpec, our_out_reqids: set[int]) -> str | None:
+        """Why an existing ``out`` policy is weaker than ours, or None when
+        it may be adopted: a BLOCK, or a required template naming our
+        endpoints and a reqid of ours that an SA in the kernel carries
+        (issue 17 finding 1; RFC 4301 4.4.1: the SPD decides PROTECT,
+        BYPASS or DISCARD, and a BYPASS here would send in clear)."""
+        if have.action is PolicyAction.BLOCK:
+            return None
+        tmpl = have.template
+        if tmpl is None:
+            return "ALLOW without a template (bypass: cleartext)"
+        if tmpl.optional:
+            return f"template reqid {tmpl.reqid} is optional (cleartext without an SA)"
+        if not self._owned(tmpl.reqid):
+            return f"template reqid {tmpl.reqid} is outside our range"
+        if tmpl.reqid not in our_out_reqids:
+            return f"template reqid {tmpl.reqid} has no SA in the kernel"
+        s = self.spec
+        if (tmpl.src, tmpl.dst, tmpl.mode, tmpl.proto) != (s.local, s.remote, s.mode,
+                                                            socket.IPPROTO_ESP):
+            return "template names other endpoints, mode or protocol"
+        return None
+
     def setup(self, now: float) -> SetupReport:
-        """Install the fail-closed policies; report SAs a previous run left."""
+        """Install the fail-closed policies; report SAs a previous run left.
+
+        An existing policy is kept only if it is at least as strict as ours
+        (:meth:`_weaker_out`; ``in``/``fwd`` must equal ours); otherwise it
+        is replaced in place by XFRM_MSG_UPDPOLICY, so there is never a
+        moment without a policy, and the replacement is reported."""
         existing = {(p.selector, p.direction, p.mark, p.if_id): p
                     for p in self.backend.list_policies()}
+        found = self.backend.list_sas(self.spec.reqid_base,
+                                      self.spec.reqid_base + self.spec.reqid_span - 1)
+        our_out_reqids = {st.reqid for st in found if st.reqid != self.spec.reqid_base}
+        replaced: list[tuple[str, str]] = []
         self._out_policies = []
         for out_sel, in_sel in self.spec.selectors():
             blocked = self._policy(out_sel, Direction.OUT, None, PolicyAction.BLOCK)
@@ -119,6 +152,10 @@ class IpsecDriver:
             if have is None:
                 self.backend.install_policy(blocked)
                 self._out_policies.append(blocked)
+            elif (why := self._weaker_out(have, our_out_reqids)) is not None:
+                self.backend.update_policy(blocked)     # block first, in place
+                self._out_policies.append(blocked)
+                replaced.append((f"out policy {out_sel.src} -> {out_sel.dst}", why))
             else:
                 self._out_policies.append(have)  # keeps forwarding via adopted SAs
             wanted = [(in_sel, Direction.IN)]
@@ -130,25 +167,29 @@ class IpsecDriver:
                 if have is None:
                     self.backend.install_policy(want)
                 elif (have.action, have.template) != (want.action, want.template):
-                    # e.g. the reqid changed in the config: XFRM_MSG_UPDPOLICY
-                    # re-asserts ours in place, never a moment without a policy
+                    # e.g. the reqid changed in the config, or a weaker leftover:
+                    # XFRM_MSG_UPDPOLICY re-asserts ours in place
                     self.backend.update_policy(want)
-        return self._adoptable(now)
+                    replaced.append((f"{d.name.lower()} policy {sel.src} -> {sel.dst}",
+                                     f"{have.action.name} with template {have.template}"
+                                     " differs from ours"))
+        return self._adoptable(found, now, tuple(replaced))
 
-    def _adoptable(self, now: float) -> SetupReport:
+    def _adoptable(self, found: list[SaState], now: float,
+                   replaced: tuple[tuple[str, str], ...]) -> SetupReport:
         """SAs in our reqid range from a previous run, for generation 0."""
-        found = self.backend.list_sas(self.spec.reqid_base,
-                                      self.spec.reqid_base + self.spec.reqid_span - 1)
         records = tuple(
             SaRecord("in" if st.reqid == self.spec.reqid_base else "out", st.sa_id.spi,
                      st.reqid, now, st.sa_id) for st in found)
         out_reqids = {p.template.reqid for p in self._out_policies if p.template}
-        first_out = next((r for r in records if r.direction == "out"), None)
-        sending = None
-        if first_out is not None and first_out.reqid in out_reqids:
-            sending = first_out.reqid
-            self._next_out_reqid = first_out.reqid + 1
-        return SetupReport(adopted=records, sending_reqid=sending)
+        sending = next((r.reqid for r in records
+                        if r.direction == "out" and r.reqid in out_reqids), None)
+        if sending is not None:
+            nxt = sending + 1
+            self._next_out_reqid = nxt if self._owned(nxt) else self.spec.reqid_base + 1
+            # the SA the policy sends under is the adopted generation's outbound
+            records = tuple(sorted(records, key=lambda r: r.reqid != sending))
+        return SetupReport(adopted=records, sending_reqid=sending, replaced=replaced)
 
     # ---- SAs ----------------------------------------------------------------
     def allocate_spi(self, inbound_in_use: frozenset[int]) -> int:

@@ -22,7 +22,8 @@ import errno
 import struct
 
 from qkdgate.errors import LocalProtocolError, TunnelError
-from qkdgate.interfaces import MacsecCipher, MacsecLinkSpec, MacsecSaSpec, MacsecSaState
+from qkdgate.interfaces import (MacsecCipher, MacsecLinkSpec, MacsecSaSpec, MacsecSaState,
+                                MacsecSecyState)
 from qkdgate.tunnels import macsec_msg as m
 from qkdgate.tunnels.netlink import (NetlinkChannel, NLM_F_CREATE, NLM_F_EXCL, iter_nlas, nla,
                                      nla_nested, parse_nlas)
@@ -145,6 +146,24 @@ class MacsecBackend:
 
     def link_sci(self, name: str) -> int:
         return struct.unpack(">Q", self._secy(name)[m.MACSEC_SECY_ATTR_SCI][:8])[0]
+
+    def secy_state(self, name: str) -> MacsecSecyState:
+        """The link's SecY settings (MACSEC_ATTR_SECY of MACSEC_CMD_GET_TXSC;
+        the kernel sends MACSEC_SECY_ATTR_WINDOW only with replay protection)."""
+        secy = self._secy(name)
+
+        def num(attr: int, fmt: str = "=B") -> int:
+            raw = secy.get(attr)
+            return int(struct.unpack_from(fmt, raw)[0]) if raw else 0
+        suite = num(m.MACSEC_SECY_ATTR_CIPHER_SUITE, "=Q")
+        cipher = next((c for c, cid in _CIPHER_ID.items() if cid == suite), None)
+        return MacsecSecyState(
+            cipher=cipher, icv_len=num(m.MACSEC_SECY_ATTR_ICV_LEN),
+            protect=bool(num(m.MACSEC_SECY_ATTR_PROTECT)),
+            encrypt=bool(num(m.MACSEC_SECY_ATTR_ENCRYPT)),
+            validate_strict=num(m.MACSEC_SECY_ATTR_VALIDATE) == m.MACSEC_VALIDATE_STRICT,
+            replay_protect=bool(num(m.MACSEC_SECY_ATTR_REPLAY)),
+            replay_window=num(m.MACSEC_SECY_ATTR_WINDOW, "=I"))
 
     def set_encoding_sa(self, link: str, an: int) -> None:
         if not 0 <= an <= 3:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from qkdgate.errors import TunnelError
 from qkdgate.interfaces import (MacsecBackend, MacsecCipher, MacsecLinkSpec, MacsecSaSpec,
-                                MacsecSaState)
+                                MacsecSaState, MacsecSecyState)
 from qkdgate.tunnels.driver import (CounterReading, KeySchedule, MacsecKeyMaterial, NewSa,
                                     SaRecord, SetupReport)
 from qkdgate.tunnels.events import TunnelEventSink
@@ -81,8 +81,31 @@ class MacsecDriver:
     def link(self) -> str:
         return self.spec.link.name
 
+    def _weaker(self, st: MacsecSecyState) -> list[str]:
+        """How an existing link is weaker than the configured one (empty:
+        at least as strict; IEEE 802.1AE-2018 10.7.8 validateFrames,
+        10.7.9 replayProtect/replayWindow, 10.7.17 confidentiality)."""
+        want, why = self.spec.link, []
+        if st.cipher is not want.cipher:
+            why.append(f"cipher suite {st.cipher.value if st.cipher else 'unknown'}, "
+                       f"configured {want.cipher.value}")
+        if st.icv_len != want.icv_len:
+            why.append(f"ICV length {st.icv_len}, configured {want.icv_len}")
+        if not st.protect:
+            why.append("protect off")
+        if want.encrypt and not st.encrypt:
+            why.append("encrypt off")
+        if want.validate_strict and not st.validate_strict:
+            why.append("validate not strict")
+        if want.replay_protect and not st.replay_protect:
+            why.append("replay protection off")
+        elif want.replay_protect and st.replay_window > want.replay_window:
+            why.append(f"replay window {st.replay_window} > configured {want.replay_window}")
+        return why
+
     def setup(self, now: float) -> SetupReport:
         existed = False
+        replaced: list[tuple[str, str]] = []
         try:
             self.backend.create_link(self.spec.link)
             self._created = True
@@ -90,6 +113,16 @@ class MacsecDriver:
             if exc.errno != errno.EEXIST:
                 raise
             existed = True
+            why = self._weaker(self.backend.secy_state(self.link))
+            if why:
+                # Issue 17 finding 1: never key a link weaker than configured.
+                # Down first (nothing leaves it), then rebuild it as configured.
+                self.backend.set_link_up(self.link, False)
+                self.backend.destroy_link(self.link)
+                self.backend.create_link(self.spec.link)
+                self._created = True
+                existed = False
+                replaced.append((f"macsec link {self.link}", "; ".join(why)))
         self.local_sci = self.backend.link_sci(self.link)
         try:
             self.backend.add_rx_sc(self.link, self.spec.peer_sci)
@@ -103,7 +136,7 @@ class MacsecDriver:
             # has no kernel lifetime to end them: remove, block, re-key.
             removed = self._remove_stale()
         self.backend.set_link_up(self.link, True)
-        return SetupReport(stale_removed=removed)
+        return SetupReport(stale_removed=removed, replaced=tuple(replaced))
 
     def _remove_stale(self) -> int:
         removed = 0

@@ -60,7 +60,7 @@ from typing import TYPE_CHECKING, Callable, Mapping, Protocol
 from qkdgate.errors import QkdgateError, TunnelError
 from qkdgate.interfaces import MacsecSaState, SaState
 from qkdgate.tunnels.driver import KeySchedule, NewSa, SaRecord, TunnelDriver
-from qkdgate.tunnels.events import (KeyInputs, PolicyFallback, PolicyRecovered, SaAdopted,
+from qkdgate.tunnels.events import (KernelStateReplaced, KeyInputs, PolicyFallback, PolicyRecovered, SaAdopted,
                                     SaHardLifetimeBlock, SaInstalled, SaRetired, SaStaleRemoved,
                                     SaSwitched, TunnelBlocked, TunnelEvent, TunnelEventSink,
                                     TunnelOpFailed, discard)
@@ -241,6 +241,10 @@ class Tunnel:
     def setup(self, now: float) -> None:
         """Install the fail-closed kernel state; adopt what a previous run left."""
         report = self.driver.setup(now)
+        for what, why in report.replaced:
+            log.warning("tunnel %s: %s was weaker than the configuration (%s): replaced",
+                        self.tunnel_id, what, why, extra={"tunnel": self.tunnel_id})
+            self.emit(KernelStateReplaced(self.tunnel_id, what, why))
         if report.adopted:
             self._adopt(report.adopted, report.sending_reqid, now)
         if report.stale_removed:

@@ -23,7 +23,8 @@ from typing import Callable, Sequence
 from qkdgate.errors import (KeyNotFound, KeySourceAuthError, KeyUnavailable, LocalProtocolError,
                             TunnelError)
 from qkdgate.interfaces import (IPAddress, KeySourceStatus, MacsecLinkSpec, MacsecSaSpec,
-                                MacsecSaState, PolicySpec, QkdKey, SaId, SaSpec, SaState)
+                                MacsecSaState, MacsecSecyState, PolicySpec, QkdKey, SaId, SaSpec,
+                                SaState)
 from qkdgate.keymix.secret import SecretBytes
 
 
@@ -277,6 +278,13 @@ class RecordingMacsecBackend:
 
     def link_sci(self, name: str) -> int:
         return self._link("link_sci", name).sci
+
+    def secy_state(self, name: str) -> MacsecSecyState:
+        spec = self._link("secy_state", name).spec
+        return MacsecSecyState(cipher=spec.cipher, icv_len=spec.icv_len, protect=True,
+                               encrypt=spec.encrypt, validate_strict=spec.validate_strict,
+                               replay_protect=spec.replay_protect,
+                               replay_window=spec.replay_window)
 
     def add_rx_sc(self, link: str, sci: int) -> None:
         l = self._link("add_rx_sc", link)
