@@ -132,6 +132,10 @@ class TunnelDriver(Protocol):
 
     def remove_sa(self, rec: SaRecord) -> None: ...
 
+    def neutralize(self, rec: SaRecord) -> tuple[str, bool]:
+        """Make an SA that could not be removed harmless. Returns what was
+        done and whether that contains it (False: the tunnel must block)."""
+
     def poll(self, records: list[SaRecord]) -> CounterReading: ...
 
     def teardown(self) -> bool:

@@ -153,6 +153,17 @@ class SaHardLifetimeBlock(TunnelEvent):
 
 
 @dataclass(frozen=True, slots=True)
+class SaRemovalEscalated(TunnelEvent):
+    """SAs of ``generation`` could not be removed after repeated attempts;
+    ``action`` says how they were made harmless (an SA set inactive, the
+    macsec link taken down, the tunnel blocked). Removal is still retried."""
+
+    name: ClassVar[str] = "sa_removal_escalated"
+    generation: int
+    action: str
+
+
+@dataclass(frozen=True, slots=True)
 class TunnelBlocked(TunnelEvent):
     """No SA sends any more; the policies drop the tunnel's traffic."""
 

@@ -267,6 +267,11 @@ class IpsecDriver:
         assert isinstance(rec.handle, SaId)
         self.backend.remove_sa(rec.handle)
 
+    def neutralize(self, rec: SaRecord) -> tuple[str, bool]:
+        # XFRM has no "inactive" SA: the kernel hard lifetime bounds it, and
+        # blocking the out policies keeps anything from being sent under it.
+        return f"{rec.direction} SA {rec.spi:#010x} cannot be deactivated", False
+
     def poll(self, records: list[SaRecord]) -> CounterReading:
         totals = {"bytes_out": 0, "bytes_in": 0, "packets_out": 0, "packets_in": 0}
         observed: list[tuple[str, SaState]] = []

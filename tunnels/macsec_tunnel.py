@@ -204,6 +204,24 @@ class MacsecDriver:
             self.backend.set_rx_sa_active(self.link, sci, an, False)
             self.backend.remove_rx_sa(self.link, sci, an)
 
+    def neutralize(self, rec: SaRecord) -> tuple[str, bool]:
+        """MACsec SAs have no lifetime: an SA we cannot delete is set inactive
+        (IEEE 802.1AE-2018 10.7.22 inUse); if even that fails the link goes
+        down, so no frame is sent or accepted under it."""
+        assert isinstance(rec.handle, tuple)
+        sci, an = rec.handle
+        try:
+            if rec.direction == "out":
+                self.backend.set_tx_sa_active(self.link, an, False)
+            else:
+                self.backend.set_rx_sa_active(self.link, sci, an, False)
+            return f"{rec.direction} SA on AN {an} set inactive", True
+        except TunnelError as exc:
+            if exc.errno in (errno.ENODEV, errno.ESRCH):
+                return f"{rec.direction} SA on AN {an} gone", True
+        self.backend.set_link_up(self.link, False)
+        return f"{rec.direction} SA on AN {an} could not be deactivated: link down", False
+
     def poll(self, records: list[SaRecord]) -> CounterReading:
         out = next((r for r in records if r.direction == "out"), None)
         if out is None:

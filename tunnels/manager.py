@@ -60,12 +60,14 @@ from typing import TYPE_CHECKING, Callable, Mapping, Protocol
 from qkdgate.errors import QkdgateError, TunnelError
 from qkdgate.interfaces import MacsecSaState, SaState
 from qkdgate.tunnels.driver import KeySchedule, NewSa, SaRecord, TunnelDriver
-from qkdgate.tunnels.events import (KernelStateReplaced, KeyInputs, PolicyFallback, PolicyRecovered, SaAdopted,
-                                    SaHardLifetimeBlock, SaInstalled, SaRetired, SaStaleRemoved,
-                                    SaSwitched, TunnelBlocked, TunnelEvent, TunnelEventSink,
-                                    TunnelOpFailed, discard)
+from qkdgate.tunnels.events import (KernelStateReplaced, KeyInputs, PolicyFallback,
+                                    PolicyRecovered, SaAdopted, SaHardLifetimeBlock, SaInstalled,
+                                    SaRemovalEscalated, SaRetired, SaStaleRemoved, SaSwitched,
+                                    TunnelBlocked, TunnelEvent, TunnelEventSink, TunnelOpFailed,
+                                    discard)
 from qkdgate.tunnels.policy import KeyPolicy
-from qkdgate.tunnels.timers import Expiry, Lifetimes, TunnelTimers
+from qkdgate.tunnels.timers import (REMOVE_ATTEMPTS_BEFORE_ESCALATION, Expiry, Lifetimes,
+                                    TunnelTimers)
 
 if TYPE_CHECKING:
     from qkdgate.keymix.combiner import Provenance, SessionSecret
@@ -139,6 +141,8 @@ class Generation:
     outbound: SaRecord | None = None
     adopted: bool = False          # found in the kernel at start, keys unknown to us
     extra: list[SaRecord] = field(default_factory=list)   # more adopted SAs
+    remove_failures: int = 0       # attempts to remove its SAs that failed
+    escalated: bool = False        # made harmless after REMOVE_ATTEMPTS_BEFORE_ESCALATION
 
     def records(self) -> list[SaRecord]:
         return [r for r in (self.inbound, self.outbound) if r is not None] + self.extra
@@ -181,6 +185,7 @@ class Tunnel:
         self.state = "down"                        # down | up | blocked
         self.last_error: str | None = None
         self.fallback = False                      # running on a PQC-only generation
+        self._blocking = False
         self.counters: dict[str, int] = {"bytes_out": 0, "bytes_in": 0, "packets_out": 0,
                                          "packets_in": 0}
         # observer of raw kernel SA counters (tunnel, direction, SaState or
@@ -273,7 +278,7 @@ class Tunnel:
                  extra={"tunnel": self.tunnel_id})
         self.emit(SaAdopted(self.tunnel_id, len(found)))
 
-    def shutdown(self, teardown: bool) -> None:
+    def shutdown(self, teardown: bool, now: float = 0.0) -> None:
         """Default (``teardown=False``): IPsec keeps policies *and* SAs (their
         kernel lifetimes end them; a restarted daemon adopts them); MACsec
         SAs, which nothing would ever end, are removed and the strict link
@@ -285,7 +290,7 @@ class Tunnel:
                      self.tunnel_id, extra={"tunnel": self.tunnel_id})
             return
         for gen in list(self.generations.values()):
-            self._drop_generation(gen)
+            self._drop_generation(gen, now)
         self.state = "blocked"
         if teardown:
             try:
@@ -339,7 +344,8 @@ class Tunnel:
                 self.driver.switch_to(record)
             except QkdgateError:
                 gen.outbound = None
-                self._remove_record(record)   # never leave an unused keyed SA behind
+                if not self._remove_record(record):   # never leave a keyed SA unseen
+                    gen.extra.append(record)
                 raise
         except QkdgateError as exc:
             self._fail("install_outbound", exc)
@@ -370,7 +376,7 @@ class Tunnel:
         gen = self.generations.get(generation)
         if gen is None or gen is self.active:
             return
-        self._drop_generation(gen)
+        self._drop_generation(gen, now)
 
     def block(self, now: float, reason: str) -> None:
         """Remove every SA and block (the policies stay)."""
@@ -379,8 +385,13 @@ class Tunnel:
             for rec in act.records():
                 self.emit(SaHardLifetimeBlock(self.tunnel_id, rec.direction, rec.spi,
                                               act.number))
-        for gen in list(self.generations.values()):
-            self._drop_generation(gen)
+        self._blocking = True
+        try:
+            for gen in list(self.generations.values()):
+                self._drop_generation(gen, now)
+        finally:
+            self._blocking = False
+        self.timers.tunnel_blocked()
         try:
             self.driver.block_outbound()
         except QkdgateError as exc:
@@ -403,8 +414,10 @@ class Tunnel:
             gen = self.generations.get(number)
             if gen is None:
                 continue
-            if kind is Expiry.RETIRE or kind is Expiry.HARD_UNUSED:
-                self.expired_generation(gen)
+            if kind is Expiry.REMOVE_RETRY:
+                self._drop_generation(gen, now)
+            elif kind is Expiry.RETIRE or kind is Expiry.HARD_UNUSED:
+                self.expired_generation(gen, now)
             elif kind is Expiry.HARD_ACTIVE:
                 self.expired_hard_lifetime(gen, now)
             elif kind is Expiry.SOFT:
@@ -412,9 +425,9 @@ class Tunnel:
                 wants.append("soft_lifetime")
         return wants
 
-    def expired_generation(self, gen: Generation) -> None:
+    def expired_generation(self, gen: Generation, now: float) -> None:
         """A superseded generation's grace (or an unused one's hard lifetime) is over."""
-        self._drop_generation(gen)
+        self._drop_generation(gen, now)
 
     def expired_hard_lifetime(self, gen: Generation, now: float) -> None:
         # RFC 4301 4.4.2.1: a hard lifetime ends the SA; we block rather
@@ -455,6 +468,7 @@ class Tunnel:
                 "active": g is act, "age": round(now - self.timers.created_at(g.number), 1),
                 "inputs": provenance_dict(g.provenance),
                 "sas": [r.describe() for r in g.records()],
+                "remove_failures": g.remove_failures,
             })
         return {
             "tunnel": self.tunnel_id, "type": self.kind, "policy": self.policy.value,
@@ -467,24 +481,63 @@ class Tunnel:
             **self.counters, "last_error": self.last_error, "generations": gens,
         }
 
-    def _drop_generation(self, gen: Generation) -> None:
-        for rec in [gen.outbound, gen.inbound, *gen.extra]:
-            if rec is not None:
-                self._remove_record(rec)
-        gen.inbound = gen.outbound = None
-        gen.extra = []
+    def _drop_generation(self, gen: Generation, now: float) -> bool:
+        """Remove every SA of ``gen``; forget it only once they are all gone.
+
+        Issue 17 finding 8a: a failed removal keeps the generation and the
+        records that failed (status shows them), retries on the tunnel's
+        timer, and after REMOVE_ATTEMPTS_BEFORE_ESCALATION failures makes the
+        SAs harmless (:meth:`_escalate`). Returns True when it is gone."""
+        outbound, inbound = gen.outbound, gen.inbound
+        left = [r for r in (outbound, inbound, *gen.extra)
+                if r is not None and not self._remove_record(r)]
+        gen.outbound = outbound if any(r is outbound for r in left) else None
+        gen.inbound = inbound if any(r is inbound for r in left) else None
+        gen.extra = [r for r in left if r is not outbound and r is not inbound]
+        if left:
+            gen.remove_failures += 1
+            self.timers.removal_failed(gen.number, now)
+            if gen.remove_failures >= REMOVE_ATTEMPTS_BEFORE_ESCALATION and not gen.escalated:
+                self._escalate(gen, now)
+            return False
         self.generations.pop(gen.number, None)
         self.timers.generation_dropped(gen.number)
         log.info("tunnel %s: generation %d retired", self.tunnel_id, gen.number,
                  extra={"tunnel": self.tunnel_id})
         self.emit(SaRetired(self.tunnel_id, gen.number))
+        return True
 
-    def _remove_record(self, rec: SaRecord) -> None:
+    def _escalate(self, gen: Generation, now: float) -> None:
+        """SAs that will not go are made harmless by the driver; if it cannot
+        contain them, the tunnel blocks. Removal is still retried."""
+        gen.escalated = True
+        actions: list[str] = []
+        contained = True
+        for rec in gen.records():
+            try:
+                action, ok = self.driver.neutralize(rec)
+            except TunnelError as exc:
+                action, ok = f"{rec.direction} SA {rec.spi:#x}: {exc}", False
+            actions.append(action)
+            contained = contained and ok
+        action = "; ".join(actions)
+        log.error("tunnel %s: SAs of generation %d could not be removed after %d attempts: %s",
+                  self.tunnel_id, gen.number, gen.remove_failures, action,
+                  extra={"tunnel": self.tunnel_id})
+        self.emit(SaRemovalEscalated(self.tunnel_id, gen.number, action))
+        if not contained and not self._blocking:
+            self.block(now, f"SAs of generation {gen.number} could not be removed: {action}")
+
+    def _remove_record(self, rec: SaRecord) -> bool:
+        """Remove one SA; True when it is gone from the kernel."""
         try:
             self.driver.remove_sa(rec)
         except TunnelError as exc:
-            if exc.errno not in (errno.ESRCH, errno.ENODEV):   # the kernel expired it already
-                self._fail("remove_sa", exc)
+            if exc.errno in (errno.ESRCH, errno.ENODEV):   # the kernel expired it already
+                return True
+            self._fail("remove_sa", exc)
+            return False
+        return True
 
 
 # --------------------------------------------------------------------------

@@ -19,6 +19,11 @@ HARD_LIFETIME_SECONDS = 3600.0
 # switch (packets in flight, the peer switching a moment later). The ONE
 # grace value: the protocol keeps no retire timer of its own.
 RETIRE_GRACE_SECONDS = 5.0
+# A failed SA removal (issue 17 finding 8a) is retried this often, and after
+# this many failures the tunnel escalates (MACsec: deactivate the SA or take
+# the link down; IPsec: block). The record stays until the SA is gone.
+REMOVE_RETRY_SECONDS = 1.0
+REMOVE_ATTEMPTS_BEFORE_ESCALATION = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +50,7 @@ class Lifetimes:
 class Expiry(enum.Enum):
     """What a deadline means when it passes (the ``expired*`` hooks)."""
 
+    REMOVE_RETRY = "remove_retry"  # removing a generation's SAs failed: try again
     RETIRE = "retire"              # the grace after a switch is over: remove the old SAs
     HARD_UNUSED = "hard_unused"    # a generation that never sent reached its hard lifetime
     HARD_ACTIVE = "hard_active"    # the sending generation reached it: block (RFC 4301 4.4.2.1)
@@ -56,6 +62,7 @@ class _Deadlines:
     created_at: float
     hard_at: float | None = None   # fixed at adoption; else created_at + hard lifetime
     retire_at: float | None = None
+    retry_at: float | None = None  # removal failed: the only deadline left
 
 
 class TunnelTimers:
@@ -63,7 +70,8 @@ class TunnelTimers:
 
     The tunnel calls a hook when something happens to a generation
     (``generation_created``, ``generation_adopted``, ``generation_switched``,
-    ``rekey_requested``, ``generation_dropped``); :meth:`expired` says which
+    ``rekey_requested``, ``removal_failed``, ``tunnel_blocked``,
+    ``generation_dropped``); :meth:`expired` says which
     deadlines have passed, in the order the tunnel must act on them, and
     :meth:`next_deadline` when to ask again. Nothing else in the tunnels
     reads the clock or computes a deadline. ``lifetimes`` may be replaced at
@@ -103,6 +111,17 @@ class TunnelTimers:
         until a new generation switches in."""
         self.rekey_requested_at = now
 
+    def removal_failed(self, number: int, now: float) -> None:
+        """Some SAs of ``number`` could not be removed: it sends no more and
+        its removal is retried after REMOVE_RETRY_SECONDS."""
+        self._gens[number].retry_at = now + REMOVE_RETRY_SECONDS
+        if self.active == number:
+            self.active = None
+
+    def tunnel_blocked(self) -> None:
+        """Nothing sends any more (SAs removed or being removed)."""
+        self.active = None
+
     def generation_dropped(self, number: int) -> None:
         self._gens.pop(number, None)
         if self.active == number:
@@ -125,7 +144,9 @@ class TunnelTimers:
     def _deadlines(self) -> list[tuple[float, Expiry, int]]:
         out: list[tuple[float, Expiry, int]] = []
         for n, d in self._gens.items():
-            if n == self.active:
+            if d.retry_at is not None:
+                out.append((d.retry_at, Expiry.REMOVE_RETRY, n))
+            elif n == self.active:
                 out.append((self.hard_at(n), Expiry.HARD_ACTIVE, n))
                 if self.rekey_requested_at is None:
                     out.append((self.soft_at(n), Expiry.SOFT, n))
@@ -144,6 +165,7 @@ class TunnelTimers:
         sending one (a hard lifetime wins over a soft one)."""
         due = [(kind, n) for t, kind, n in self._deadlines() if now >= t]
         hard_active = {n for kind, n in due if kind is Expiry.HARD_ACTIVE}
-        order = [Expiry.RETIRE, Expiry.HARD_UNUSED, Expiry.HARD_ACTIVE, Expiry.SOFT]
+        order = [Expiry.REMOVE_RETRY, Expiry.RETIRE, Expiry.HARD_UNUSED, Expiry.HARD_ACTIVE,
+                 Expiry.SOFT]
         return sorted(((k, n) for k, n in due if not (k is Expiry.SOFT and n in hard_active)),
                       key=lambda e: (order.index(e[0]), e[1]))
