@@ -198,9 +198,15 @@ class Daemon(EventHandlers):
             floor = max((self.journal.next_generation(t) - 1 for t in tids), default=0) \
                 if self.journal is not None else 0
             scfg = build.session_config(cfg, peer, generation_floor=floor)
+            # Epochs only grow across restarts (issue 17 finding 3): ours is
+            # the journal's counter, the peer's floor its authenticated high-water.
+            epochs: dict[str, int] = {} if self.journal is None else {
+                "epoch": self.journal.next_local_epoch(),
+                "peer_epoch_floor": self.journal.peer_epoch(peer.name)}
             session = factory(scfg, identity=identity, peer_identities=pins[peer.name],
                               rng=self.rng, now=now,
-                              allocate_spi=lambda tid: self.tunnels.get(tid).allocate_spi())
+                              allocate_spi=lambda tid: self.tunnels.get(tid).allocate_spi(),
+                              **epochs)
             driver = PeerDriver(peer.name, session, (str(peer.address), peer.port),
                                 clock=self.clock, on_event=self._on_event)
             self.endpoint.add(driver)

@@ -314,6 +314,14 @@ class EventHandlers:
         log.info("peer %s: QKD recovered", driver.name, extra={"peer": driver.name})
         self.emit({"event": "qkd_recovered", "peer": driver.name})
 
+    def _ev_PeerEpochAuthenticated(self, driver: PeerDriver, ev: Any) -> None:
+        # the floor for INITs after our next restart (issue 17 finding 3)
+        if self.journal is not None:
+            try:
+                self.journal.record_peer_epoch(driver.name, ev.epoch)
+            except QkdgateError as exc:
+                log.warning("peer %s: journal: %s", driver.name, exc, extra={"peer": driver.name})
+
     def _ev_PeerRestarted(self, driver: PeerDriver, ev: Any) -> None:
         log.warning("peer %s restarted", driver.name, extra={"peer": driver.name})
         self.emit({"event": "peer_restarted", "peer": driver.name})

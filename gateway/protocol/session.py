@@ -94,7 +94,13 @@ class PeerSession:
     def __init__(self, config: SessionConfig, *, identity: LocalIdentity,
                  peer_identities: Sequence[PeerIdentity], rng: Callable[[int], bytes] = os.urandom,
                  now: float, allocate_spi: Callable[[str], int],
-                 kem: KemProvider | None = None) -> None:
+                 kem: KemProvider | None = None, epoch: int | None = None,
+                 peer_epoch_floor: int = 0) -> None:
+        """``epoch``: this gateway's epoch, a persisted counter that only grows
+        across restarts (the daemon's ``journal.next_local_epoch()``); None
+        draws a random one, for tests only. ``peer_epoch_floor``: the highest
+        epoch ever authenticated from this peer (``journal.peer_epoch(peer)``);
+        INITs from below it are dropped before any work (docs/protocol.md 10)."""
         config.validate()
         if not 1 <= len(peer_identities) <= 4:
             raise LocalProtocolError("pin 1..4 identities per peer (2 during a rollover)")
@@ -113,7 +119,11 @@ class PeerSession:
         self._psk = config.psk.reveal() if config.psk is not None else None
         self._mac_in = m.mac1_key(config.local_name, self._psk)
         self._mac_out = m.mac1_key(config.peer_name, self._psk)
-        self.epoch = int.from_bytes(rng(8), "big") | 1
+        if epoch is None:
+            epoch = int.from_bytes(rng(8), "big") | 1      # tests only: see the docstring
+        if not 0 < epoch < 2 ** 64 or not 0 <= peer_epoch_floor < 2 ** 64:
+            raise LocalProtocolError("epochs are u64 values, the local one nonzero")
+        self.epoch = epoch
         self._next_xid = 1
         self._next_msg_id = int.from_bytes(rng(4), "big")
         self._next_request = 1
@@ -127,9 +137,9 @@ class PeerSession:
         self._last_violation: dict[str, float] = {}
         self._failure: BaseException | None = None   # set once: the session is poisoned
         # peer state
-        self.peer_epoch: int | None = None        # authenticated epoch of the peer
+        self.peer_epoch: int | None = None        # epoch the peer authenticated in this run
+        self._peer_floor = peer_epoch_floor       # highest ever authenticated (journal)
         self._peer_xid_high = 0                   # highest INIT xid from peer_epoch
-        self._dead_epochs: deque[int] = deque(maxlen=16)
         # exchanges: at most one as initiator and one as responder at a time
         self._ini: Exchange | None = None
         self._res: Exchange | None = None
@@ -629,8 +639,12 @@ class PeerSession:
         make us abandon our own exchange) and the responder encapsulates,
         fetches QKD keys, signs."""
         ep, xid = msg.sender_epoch, msg.exchange_id
-        if ep in self._dead_epochs:
-            self.stats["stale"] += 1
+        high = max(self._peer_floor, self.peer_epoch or 0)
+        if ep < high:
+            # Epochs only grow (persisted counters): an INIT from below the
+            # highest epoch the peer has authenticated with, ever, is a replay
+            # from before a restart. Dropped before any work (finding 3).
+            self.stats["stale_epoch"] += 1
             return
         for old in (self._res, self._last_res):
             if old is not None and old.peer_epoch == ep and old.xid == xid:
@@ -647,6 +661,18 @@ class PeerSession:
                 return
         if ep == self.peer_epoch and xid <= self._peer_xid_high:
             self.stats["stale"] += 1      # replay of an INIT we already handled
+            return
+        res = self._res
+        if res is not None and ep == res.peer_epoch and xid < res.xid:
+            self.stats["stale"] += 1      # older than the exchange it would replace
+            return
+        if ep == high and ep != self.peer_epoch \
+                and (self._ini is not None or res is not None):
+            # The peer's epoch from before OUR restart (the journal's floor),
+            # not yet authenticated in this run: a genuine INIT and one
+            # recorded before our restart look alike, so it never preempts a
+            # running exchange and never wins a collision (docs/protocol.md 10).
+            self.stats["init_unauthenticated_deferred"] += 1
             return
         if not self._bucket.take(now):
             if not (msg.cookie and self._cookies.check(msg.core, msg.cookie, now)):
@@ -668,7 +694,10 @@ class PeerSession:
                     return
                 self.stats["collision_lost"] += 1
                 self._drop(ini)
+                self._arm_retry(now)
             elif ini.peer_epoch != ep:
+                # an epoch above any we ever authenticated: the peer restarted
+                # and our exchange with its old incarnation cannot complete
                 self._fail(ini, "peer restarted during our exchange",
                            FailureCause.PEER_RESTARTED, now)
             else:
@@ -934,13 +963,27 @@ class PeerSession:
             retry_at = self._rekey_at
         self._events.append(RekeyFailed(ex.generation, reason, retry_at, cause=cause))
 
+    def _arm_retry(self, now: float) -> None:
+        """We gave up our own attempt for the peer's (lost collision): our
+        rekey stays scheduled, so if the peer's exchange fails we try again
+        instead of waiting for the peer to complete one (finding 3). The timer
+        waits while an exchange runs; an establishment re-arms it anyway."""
+        if self._rekey_at is None:
+            cfg = self.config
+            self._rekey_at = now + cfg.retry_base * (1 + cfg.rekey_jitter * self._jitter())
+            self._rekey_reason = "retry"
+
     def _peer_authenticated(self, epoch: int, xid: int | None) -> None:
-        if self.peer_epoch is not None and epoch != self.peer_epoch:
-            self._dead_epochs.append(self.peer_epoch)
-            self._events.append(PeerRestarted(f"{self.peer_epoch:016x}", f"{epoch:016x}"))
-            self._peer_xid_high = 0
+        high = max(self._peer_floor, self.peer_epoch or 0)
+        if epoch < high:
+            raise LocalProtocolError(f"authenticated epoch {epoch} below {high}")
+        if epoch > high and high:
+            self._events.append(PeerRestarted(f"{high:016x}", f"{epoch:016x}"))
         if epoch != self.peer_epoch:
-            self._events.append(PeerEpochAuthenticated(epoch))
+            self._peer_xid_high = 0
+        if epoch > high:
+            self._events.append(PeerEpochAuthenticated(epoch))   # the driver persists it
+            self._peer_floor = epoch
         self.peer_epoch = epoch
         if xid is not None:
             self._peer_xid_high = max(self._peer_xid_high, xid)

@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 from protocol_harness import Gateway, assert_keys_match, identity, make_pair, seeded
+from test_network import group
 
 from qkdgate.gateway.protocol import events as E
 from qkdgate.gateway.protocol import messages as m
@@ -14,12 +15,17 @@ from qkdgate.gateway.protocol.fragment import fragment
 from qkdgate.gateway.protocol.session import PeerSession
 
 
-def restart(p, gw: Gateway, seed: int, floor: int = 0) -> None:
-    """Replace a gateway's session by a fresh one: all protocol state lost."""
+def restart(p, gw: Gateway, seed: int, floor: int = 0, *, epoch: int | None = None,
+            peer_floor: int = 0, start: bool = True) -> None:
+    """Replace a gateway's session by a fresh one: all protocol state lost
+    except what the daemon's journal keeps (generation floor, the local epoch
+    counter, the highest epoch authenticated from the peer)."""
     old = gw.session
-    cfg = dataclasses.replace(old.config, generation_floor=floor, initiate_on_start=True)
+    cfg = dataclasses.replace(old.config, generation_floor=floor, initiate_on_start=start)
     gw.session = PeerSession(cfg, identity=old.identity, peer_identities=old.peer_identities,
-                             rng=seeded(seed), now=p.now, allocate_spi=old._allocate_spi)
+                             rng=seeded(seed), now=p.now, allocate_spi=old._allocate_spi,
+                             epoch=old.epoch + 1 if epoch is None else epoch,
+                             peer_epoch_floor=peer_floor)
     gw.events.clear()
 
 
@@ -179,3 +185,160 @@ def test_replayed_init_is_not_amplified_into_resps():
     for d in init:
         p.b.session.receive_datagram(d, p.now)
     assert len(p.b.session.datagrams_to_send(p.now)) == len(first)
+
+
+# ---------------------------------------------------------------- issue 17 finding 3
+# Epochs are persisted counters (the daemon's journal): a restart only ever
+# raises a gateway's epoch, and the highest epoch authenticated from the peer
+# comes back as ``peer_epoch_floor``. Replays recorded before a restart must
+# cost nothing and disturb nothing.
+
+
+def _inits(log, src: str) -> list[list[bytes]]:
+    """The INITs ``src`` sent, each as its list of datagrams."""
+    return [ds for t, ds in group([d for s, d in log if s == src]) if t == m.MsgType.INIT]
+
+
+def _work(st) -> dict[str, int]:
+    return {k: st[k] for k in ("kem_encaps", "sign_hybrid", "verify_ed25519", "verify_hybrid")}
+
+
+def _feed(gw: Gateway, datagrams: list[bytes], now: float) -> None:
+    for d in datagrams:
+        gw.session.receive_datagram(d, now)
+
+
+def _both_restarted(p, rekeys_before: int = 1):
+    """A runs ``rekeys_before`` exchanges (recorded), restarts with a higher
+    epoch and re-keys with B (B authenticates A's new epoch); then B restarts
+    with A's new epoch as its floor, as the journal would give it, and starts
+    its own exchange. Returns A's INITs recorded from its old epoch."""
+    for _ in range(rekeys_before):
+        p.a.session.initiate_rekey(p.now, "operator")
+        p.roundtrip_until_done()
+    old = _inits(p.log, "gw-a")
+    restart(p, p.a, seed=55, epoch=p.a.session.epoch + 1,
+            peer_floor=p.b.session.epoch, start=False)
+    p.a.session.initiate_rekey(p.now, "operator")
+    p.roundtrip_until_done()
+    assert p.b.of(E.PeerEpochAuthenticated)[-1].epoch == p.a.session.epoch
+    restart(p, p.b, seed=66, epoch=p.b.session.epoch + 1, peer_floor=p.a.session.epoch)
+    return old
+
+
+@pytest.mark.parametrize("step", ["init-sent", "confirm-sent"])
+def test_init_from_an_epoch_below_the_floor_costs_nothing_and_disturbs_nothing(step):
+    """B (QKD master, so a processed INIT would also cost a KME key) restarted;
+    one of A's INITs from before A's own last restart is replayed from a
+    spoofed address while B's own exchange runs."""
+    p = make_pair(qkd="b-master", rekey_interval=3600.0)
+    old = _both_restarted(p)
+    b = p.b
+    b.session.handle_timer(p.now)          # B's start exchange
+    b.pump(p.now)
+    if step == "confirm-sent":            # RESP authenticated, CONFIRM out
+        _feed(p.a, b.session.datagrams_to_send(p.now), p.now)
+        p.a.pump(p.now)
+        _feed(b, p.a.session.datagrams_to_send(p.now), p.now)
+        b.pump(p.now)
+    state = b.session._ini.state
+    b.session.datagrams_to_send(p.now)
+    before, qkd_before = _work(b.session.stats), len(b.of(E.NeedQkdKeys))
+    for ds in old:
+        _feed(b, ds, p.now)
+    b.pump(p.now)
+    assert _work(b.session.stats) == before            # not even Ed25519
+    assert len(b.of(E.NeedQkdKeys)) == qkd_before      # no KME key spent
+    assert b.session.stats["stale_epoch"] == len(old)
+    assert b.session._ini is not None and b.session._ini.state == state
+    assert not b.of(E.RekeyFailed)
+    p.roundtrip_until_done()
+    assert_keys_match(p, b.session.generation)
+
+
+def test_unauthenticated_epoch_never_preempts_an_in_flight_responder_exchange():
+    """B restarted (floor = A's epoch, A did not restart): an INIT of A's
+    from before B's restart is replayed while A's genuine exchange with B is
+    in flight. B has not authenticated A's epoch yet in this run, so the
+    replay must not replace the genuine exchange."""
+    p = make_pair(qkd=None, rekey_interval=3600.0)
+    p.roundtrip_until_done()
+    old = _inits(p.log, "gw-a")
+    restart(p, p.b, seed=66, epoch=p.b.session.epoch + 1, peer_floor=p.a.session.epoch,
+            start=False)
+    a, b = p.a, p.b
+    a.session.initiate_rekey(p.now, "operator")
+    a.pump(p.now)
+    _feed(b, a.session.datagrams_to_send(p.now), p.now)
+    b.pump(p.now)
+    assert b.session._res is not None
+    res, before = b.session._res, _work(b.session.stats)
+    for ds in old:
+        _feed(b, ds, p.now)
+    assert b.session._res is res                       # the genuine one stays
+    assert b.session.stats["kem_encaps"] == before["kem_encaps"]
+    p.roundtrip_until_done()
+    assert a.session.generation == b.session.generation
+    assert_keys_match(p, a.session.generation)
+    assert not a.of(E.RekeyFailed) and not b.of(E.RekeyFailed)
+
+
+def test_unauthenticated_epoch_never_wins_a_collision():
+    """B restarted and is sending its own INIT; every INIT A sent before
+    B's restart is replayed (at least one has the larger nonce). B keeps its
+    exchange: a replay never wins."""
+    p = make_pair(qkd=None, rekey_interval=3600.0)
+    for _ in range(6):
+        p.a.session.initiate_rekey(p.now, "operator")
+        p.roundtrip_until_done()
+    old = _inits(p.log, "gw-a")
+    restart(p, p.b, seed=67, epoch=p.b.session.epoch + 1, peer_floor=p.a.session.epoch)
+    b = p.b
+    b.session.handle_timer(p.now)
+    b.pump(p.now)
+    ini = b.session._ini
+    assert any(m.decode(b"".join(d[12:] for d in ds))["nonce"] > ini.nonce_i for ds in old)
+    for ds in old:
+        _feed(b, ds, p.now)
+    b.pump(p.now)
+    assert b.session._ini is ini and b.session.stats["collision_lost"] == 0
+    assert b.session.stats["kem_encaps"] == 0 and not b.of(E.RekeyFailed)
+    p.roundtrip_until_done()
+    assert_keys_match(p, b.session.generation)
+
+
+def test_a_lost_collision_always_leaves_a_retry_armed():
+    """A real collision (both authenticated) that we lose, then a partition:
+    the winner's exchange dies at its timeout at our side too. Our own rekey
+    must still be scheduled, not left unset until the peer completes one."""
+    p = make_pair(qkd=None, rekey_interval=3600.0, exchange_timeout=10.0)
+    p.roundtrip_until_done()
+    for gw in (p.a, p.b):
+        gw.session.initiate_rekey(p.now, "operator")
+        gw.pump(p.now)
+    cut = {"on": False}
+    p.network = lambda src, ds: [] if cut["on"] else ds
+    p.step()                                    # INITs cross: one side loses
+    cut["on"] = True
+    loser = p.a if p.a.session.stats["collision_lost"] else p.b
+    assert loser.session.stats["collision_lost"] == 1
+    p.advance(p.now + 10.5)                      # the winner's exchange times out at the loser
+    assert loser.session._res is None
+    # the loser's own rekey was retried (its timer fired once the exchange ended)
+    assert loser.session._ini is not None and loser.session._ini.reason == "retry"
+    cut["on"] = False
+    p.roundtrip_until_done(timeout=120)
+
+
+def test_peer_epoch_authenticated_is_reported_once_per_higher_epoch():
+    p = make_pair(qkd=None, rekey_interval=3600.0)
+    p.roundtrip_until_done()
+    assert [e.epoch for e in p.b.of(E.PeerEpochAuthenticated)] == [p.a.session.epoch]
+    p.a.session.initiate_rekey(p.now, "operator")
+    p.roundtrip_until_done()
+    assert len(p.b.of(E.PeerEpochAuthenticated)) == 1     # same epoch: not again
+    # a restarted B whose floor already holds A's epoch reports nothing new
+    restart(p, p.b, seed=66, epoch=p.b.session.epoch + 1, peer_floor=p.a.session.epoch)
+    p.roundtrip_until_done()
+    assert not p.b.of(E.PeerEpochAuthenticated) and not p.b.of(E.PeerRestarted)
+    assert [e.epoch for e in p.a.of(E.PeerEpochAuthenticated)][-1] == p.b.session.epoch
