@@ -11,13 +11,13 @@ changes nothing: the genuine one, or the exchange timeout, decides.
 from __future__ import annotations
 
 import pytest
-
 from protocol_harness import assert_keys_match, make_pair
+from test_network import group
+
 from qkdgate.gateway.protocol import events as E
 from qkdgate.gateway.protocol import messages as m
 from qkdgate.gateway.protocol.fragment import fragment
 from qkdgate.gateway.protocol.messages import MsgType
-from test_network import group
 
 RECEIVER = {MsgType.RESP: "gw-a", MsgType.CONFIRM: "gw-b", MsgType.DONE: "gw-a",
             MsgType.ABORT: "gw-a"}

@@ -6,14 +6,19 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-
 from protocol_harness import make_pair
+
 from qkdgate.errors import ConfigError, LocalProtocolError, SessionFailed
 from qkdgate.gateway.protocol import events as E
 from qkdgate.gateway.protocol import handshake as H
 from qkdgate.gateway.protocol.dos import TokenBucket
-from qkdgate.gateway.protocol.exchange import (MESSAGE_STATES, TERMINAL, TRANSITIONS, Exchange,
-                                               ExchangeState)
+from qkdgate.gateway.protocol.exchange import (
+    MESSAGE_STATES,
+    TERMINAL,
+    TRANSITIONS,
+    Exchange,
+    ExchangeState,
+)
 
 
 def _assert_poisoned(session, now: float) -> None:
