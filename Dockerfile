@@ -30,11 +30,13 @@ RUN apt-get update \
 COPY . /usr/src/qkdgate
 
 # README "Installation": a venv in /opt/qkdgate, qkdgate from the checkout,
-# private config and state directories, the example config.
+# private config and state directories, the example config; and the
+# entrypoint that runs the failsafe when the daemon dies.
 RUN python3 -m venv /opt/qkdgate \
  && /opt/qkdgate/bin/pip install --no-cache-dir /usr/src/qkdgate \
  && install -d -m 0700 /etc/qkdgate /var/lib/qkdgate \
  && install -m 0600 /usr/src/qkdgate/systemd/qkdgate.yaml /etc/qkdgate/qkdgate.yaml \
+ && install -m 0755 /usr/src/qkdgate/container/entrypoint.sh /usr/local/bin/qkdgate-entrypoint \
  && rm -rf /usr/src/qkdgate
 
 ENV PATH=/opt/qkdgate/bin:$PATH \
@@ -52,5 +54,11 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
     CMD ["qkdgate", "status", "--quiet"]
 
 STOPSIGNAL SIGTERM
-ENTRYPOINT ["qkdgate"]
+# PID 1 is a small shell supervisor (container/entrypoint.sh): it passes
+# signals to `qkdgate run` and, when the daemon dies by a signal (SIGKILL,
+# the OOM killer) or a non-zero exit, runs `qkdgate failsafe` as the systemd
+# unit's ExecStopPost does. Other commands (status, check-config...) are
+# exec'd unchanged. Give `docker stop` a timeout above the daemon's shutdown:
+# a SIGKILL of PID 1 ends the container before anything can run.
+ENTRYPOINT ["qkdgate-entrypoint"]
 CMD ["run", "--config", "/etc/qkdgate/qkdgate.yaml"]

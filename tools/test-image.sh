@@ -8,8 +8,10 @@
 #   3. buildah builds the Dockerfile unchanged (vfs storage, chroot
 #      isolation, --pull=never; pip inside the build reaches PyPI);
 #   4. buildah runs qkdgate in the image: --version, check-config on the
-#      shipped example config, probe; and checks the image's metadata
-#      (entrypoint, health check, root user, private config file).
+#      shipped example config, probe; the entrypoint with a stand-in daemon
+#      that is SIGKILLed (the real `qkdgate failsafe` must run); and checks
+#      the image's metadata (entrypoint, health check, root user, private
+#      config file).
 # Needs root. QKDGATE_BUILDAH_ROOT moves the image store.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -77,12 +79,30 @@ if in_image qkdgate probe >/dev/null 2>&1; then log "in image: qkdgate probe ok"
 set +e; in_image qkdgate status --quiet 2>/dev/null; rc=$?; set -e
 [[ $rc == 1 ]] || fail "qkdgate status --quiet without a daemon exited $rc, wanted 1"
 
+# Issue 17 finding 8b: the entrypoint runs the failsafe when the daemon dies
+# by a signal. A stand-in `qkdgate` first in PATH SIGKILLs itself for `run`
+# and hands every other command to the real one, so the real failsafe runs,
+# pointed at a registry that does not exist: then it touches nothing, which
+# matters because the build shares the host's network namespace.
+in_image sh -c 'mkdir -p /tmp/standin && printf "%s\n" "#!/bin/sh" \
+  "[ \"\$1\" = run ] && kill -KILL \$\$" "exec /opt/qkdgate/bin/qkdgate \"\$@\"" \
+  >/tmp/standin/qkdgate && chmod 0755 /tmp/standin/qkdgate' || fail "writing the stand-in daemon"
+set +e
+out=$(in_image env PATH=/tmp/standin:/opt/qkdgate/bin:/usr/local/bin:/usr/bin:/bin \
+        QKDGATE_FAILSAFE_ARGS="--state /tmp/standin/none.json" \
+        qkdgate-entrypoint run --config /etc/qkdgate/qkdgate.yaml 2>&1); rc=$?
+set -e
+[[ $rc == 137 ]] || fail "entrypoint after a SIGKILLed daemon exited $rc, wanted 137: $out"
+[[ $out == *"running qkdgate failsafe"* && $out == *"no tunnels recorded in /tmp/standin/none.json"* ]] \
+  || fail "entrypoint did not run the failsafe after a SIGKILLed daemon: $out"
+log "in image: SIGKILLed daemon -> entrypoint ran qkdgate failsafe"
+
 # The image's metadata, as a builder would see it (Docker format).
 "${BUILDAH[@]}" inspect --type image "$TAG" | python3 -c '
 import json, sys
 cfg = json.load(sys.stdin)["Docker"]["config"]
 checks = {
-    "entrypoint": cfg.get("Entrypoint") == ["qkdgate"],
+    "entrypoint runs the failsafe supervisor": cfg.get("Entrypoint") == ["qkdgate-entrypoint"],
     "cmd": cfg.get("Cmd") == ["run", "--config", "/etc/qkdgate/qkdgate.yaml"],
     "health check runs qkdgate status": (cfg.get("Healthcheck") or {}).get("Test")
                                         == ["CMD", "qkdgate", "status", "--quiet"],

@@ -1,0 +1,64 @@
+#!/bin/sh
+# qkdgate container entrypoint: what systemd's ExecStopPost=qkdgate failsafe
+# gives the unit, for a container (issue 17 finding 8b).
+#
+# Theory of operation: in a container nothing runs after the daemon dies, so
+# a SIGKILL, an OOM kill or a crash would leave its SAs in the kernel; a
+# MACsec SA has no lifetime and would protect (and accept) traffic for ever.
+# This script is PID 1 and the daemon's parent. It starts `qkdgate run ...`,
+# passes TERM, INT, HUP (reload), USR1, USR2 and QUIT on to it, waits, and
+# when the daemon ended by a signal or a non-zero exit runs `qkdgate
+# failsafe` (plus $QKDGATE_FAILSAFE_ARGS) before exiting with the daemon's
+# status. A clean exit (0, e.g. after SIGTERM) runs nothing: the daemon chose
+# what to leave, as with `failsafe --systemd` after SERVICE_RESULT=success.
+#
+# Why a shell and not a Python supervisor: it is the smallest process that
+# can do this (dash, about 1 MB resident), so the kernel's OOM killer, which
+# picks the largest process in the container's cgroup, picks the daemon and
+# not its supervisor; and it has no imports that could fail. What it cannot
+# cover: a SIGKILL of PID 1 itself (`docker kill`, or `docker stop` past its
+# timeout) ends the whole container at once; give `docker stop` a timeout
+# above the daemon's shutdown, or run `qkdgate failsafe` from the host
+# (docs/security.md, "Operator mistakes").
+#
+# Any other command (`status`, `check-config`, `failsafe`...) is exec'd
+# unchanged: a failing `status` must never trigger a failsafe that would
+# sweep a running daemon's SAs in a shared network namespace.
+set -u
+
+if [ "${1:-}" != run ]; then
+    exec qkdgate "$@"
+fi
+
+qkdgate "$@" &
+pid=$!
+got_signal=0
+forward() {
+    got_signal=1
+    kill -s "$1" "$pid" 2>/dev/null || true
+}
+for sig in TERM INT HUP USR1 USR2 QUIT; do
+    # shellcheck disable=SC2064  # expand $sig now: one handler per signal
+    trap "forward $sig" "$sig"
+done
+
+while :; do
+    got_signal=0
+    wait "$pid"
+    rc=$?
+    # POSIX wait: a trapped signal makes wait return >128 at once and its
+    # trap runs; the daemon is then still alive (or a zombie not yet
+    # collected, which kill -0 still finds), so wait again for its status.
+    if [ "$got_signal" = 1 ] && [ "$rc" -gt 128 ] && kill -0 "$pid" 2>/dev/null; then
+        continue
+    fi
+    break
+done
+
+if [ "$rc" -ne 0 ]; then
+    echo "qkdgate-entrypoint: daemon ended with status $rc; running qkdgate failsafe" >&2
+    # shellcheck disable=SC2086  # the extra arguments are split on purpose
+    qkdgate failsafe ${QKDGATE_FAILSAFE_ARGS:-} \
+        || echo "qkdgate-entrypoint: qkdgate failsafe failed" >&2
+fi
+exit "$rc"
