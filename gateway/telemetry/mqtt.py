@@ -45,6 +45,7 @@ from typing import Any, Callable, Mapping
 from qkdgate import __version__
 from qkdgate.errors import ConfigError
 from qkdgate.keymix.secret import SecretBytes
+from qkdgate.private_file import read_private_file
 
 log = logging.getLogger("qkdgate.telemetry")
 
@@ -163,12 +164,18 @@ class MqttOptions:
                                   path="telemetry.mqtt.tls") from None
         password = None
         if cfg.password_file:
+            # The same reader as identity and PSK files (issue 17 finding 8c):
+            # no symlink, regular file (a FIFO is refused, not waited on),
+            # ours, mode 0600. MQTT 3.1.1 3.1.3.5: at most 65535 bytes.
             try:
-                with open(cfg.password_file, "rb") as f:
-                    password = SecretBytes(f.read().rstrip(b"\r\n"))
-            except OSError as exc:
-                raise ConfigError(f"cannot read MQTT password file: {exc.strerror}",
-                                  path="telemetry.mqtt.password_file") from None
+                raw = read_private_file(cfg.password_file, "MQTT password file", 65535 + 3)
+            except ConfigError as exc:
+                raise ConfigError(exc.reason, file=exc.file, path="telemetry.mqtt.password_file",
+                                  expected=exc.expected, found=exc.found) from None
+            password = SecretBytes(raw.rstrip(b"\r\n"))
+            if len(password.reveal()) > 65535:
+                raise ConfigError("MQTT password file is longer than 65535 bytes",
+                                  path="telemetry.mqtt.password_file")
             try:
                 password.reveal().decode("utf-8")   # MQTT 3.1.1 3.1.3.5: UTF-8 in practice
             except UnicodeDecodeError:

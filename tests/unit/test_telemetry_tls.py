@@ -97,6 +97,7 @@ async def test_mutual_tls_from_the_config_section(tmp_path, pki):
 def test_password_file_is_read_once_and_never_shown(tmp_path):
     pw = tmp_path / "pw"
     pw.write_bytes(b"hunter2-long-password\n")
+    pw.chmod(0o600)   # a private file (issue 17 finding 8c)
     o = MqttOptions.from_config(MqttConfig(username="gw-a", password_file=str(pw)))
     assert o.password.reveal() == b"hunter2-long-password"
     assert "hunter2" not in repr(o) and "hunter2" not in str(o)
@@ -112,6 +113,7 @@ def test_config_errors_name_the_setting(tmp_path, pki):
                                                          key=pki["server_key"])))
     bad = tmp_path / "binary"
     bad.write_bytes(b"\xff\xfe\x00")
+    bad.chmod(0o600)
     with pytest.raises(ConfigError, match="not UTF-8"):
         MqttOptions.from_config(MqttConfig(password_file=str(bad)))
     assert MqttOptions.from_config(MqttConfig(host="[2001:db8::1]")).host == "2001:db8::1"
