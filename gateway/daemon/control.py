@@ -162,6 +162,8 @@ class ControlServer:
             request = json.loads(line.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             return _error("bad_request", f"request is not a JSON object: {exc}")
+        except RecursionError:   # nesting deeper than the decoder recurses (control fuzz)
+            return _error("bad_request", "request is nested too deeply")
         if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
             return _error("bad_request", 'request must be an object with a string "cmd"')
         handler = self.handlers.get(request["cmd"])
