@@ -28,7 +28,7 @@ def state(tmp_path_factory):
     return tmp_path_factory.mktemp("kmesim-fuzz")
 
 
-@settings(max_examples=40, deadline=None,
+@settings(max_examples=40, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(answer=answers, call=st.sampled_from(["enc", "dec", "status"]))
 def test_any_answer_yields_only_key_source_errors(state, answer, call):
