@@ -36,6 +36,7 @@ from typing import Any, TextIO
 from qkdgate.errors import QkdgateError
 from qkdgate.gateway.demo import net as dn
 from qkdgate.gateway.demo.config import KmeEndpoint, Timers, write_configs, write_identities
+from qkdgate.gateway.demo.kernelwatch import KernelWatch, Path as KernelPath, overlay_blocked
 from qkdgate.gateway.demo.traffic import UdpStream, loss_by_phase
 from qkdgate.gateway.demo.view import Recorder, render
 
@@ -99,6 +100,7 @@ class DemoRun:
         self.daemons: dict[str, Any] = {}
         self.futures: dict[str, Any] = {}
         self.streams: list[UdpStream] = []
+        self.watch: KernelWatch | None = None
         self.eve_on = False
         self.traffic_t0: float | None = None
         self.stopped = threading.Event()
@@ -301,6 +303,12 @@ class DemoRun:
     def start_traffic(self) -> float:
         """Start the streams; returns the time traffic started (time.monotonic)."""
         n = self.net
+        paths = [KernelPath("hA->hB", "esp", n.gA, n.gB, dn.GA, dn.GB),
+                 KernelPath("hB->hA", "esp", n.gB, n.gA, dn.GB, dn.GA)]
+        if self.opts.macsec:
+            paths.append(KernelPath("gA->gB (MACsec)", "macsec", n.gA, n.gB))
+        self.watch = KernelWatch(paths).start()
+        self.cleanup.push("kernel watch", self.watch.stop)
         self.streams = [
             UdpStream("hA->hB", 1, n.hA, dn.HA, n.hB, dn.HB, rate=self.opts.rate).start(),
             UdpStream("hB->hA", 2, n.hB, dn.HB, n.hA, dn.HA, rate=self.opts.rate).start()]
@@ -377,14 +385,26 @@ class DemoRun:
         for s in self.streams:
             s.stop(drain=1.0)
         traffic: dict[str, Any] = {"streams": {}, "sent": 0, "received": 0, "lost": 0}
+        watch = self.watch
+        if watch is not None:
+            watch.stop()
+        t0 = self.rec.t0
         for s in self.streams:
-            by_phase = loss_by_phase(s.sent_at, s.received, self.rec.phases, end)
+            blocked = watch.blocked(s.name) if watch is not None else []
+            phases = overlay_blocked(self.rec.phases, blocked)
+            by_phase = loss_by_phase(s.sent_at, s.received, phases, end)
             c: dict[str, Any] = {k: sum(row[k] for row in by_phase.values())
                                  for k in ("sent", "received", "lost")}
-            c.update(rate=s.rate, send_errors=s.send_errors, by_phase=by_phase)
+            c.update(rate=s.rate, send_errors=s.send_errors, by_phase=by_phase,
+                     kernel_blocked=[[round(a - t0, 3), round(b - t0, 3)] for a, b in blocked])
             traffic["streams"][s.name] = c
             for k in ("sent", "received", "lost"):
                 traffic[k] += c[k]
+        if watch is not None:
+            traffic["kernel_watch"] = {"reads": watch.reads, "errors": watch.errors,
+                                       "interval_ms": watch.interval * 1000,
+                                       "max_gap_ms": round(watch.max_gap * 1000, 1),
+                                       "sas": watch.sa_report(t0)}
         traffic["phases"] = [{"phase": p, "t": self.rec.elapsed(t)} for p, t in self.rec.phases]
         link = None
         try:

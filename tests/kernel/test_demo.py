@@ -8,6 +8,8 @@ no namespace may be left behind. Each run costs about a minute under TCG
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +21,8 @@ def run_demo(tmp_path, *args: str) -> tuple[dict, str]:
     r = subprocess.run([sys.executable, "-m", "qkdgate.gateway.cli.main", "demo", "--where", "host",
                         "--json", str(out), *args], capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, f"demo exit {r.returncode}\n{r.stdout[-4000:]}\n{r.stderr[-3000:]}"
+    if os.environ.get("LAB_OUT"):      # kept in the lab's output directory to explain a failure
+        shutil.copy(out, os.path.join(os.environ["LAB_OUT"], f"summary-{s_name(args)}.json"))
     s = json.loads(out.read_text())
     tag = s["config"]["namespaces_tag"]
     left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
@@ -26,6 +30,10 @@ def run_demo(tmp_path, *args: str) -> tuple[dict, str]:
     assert len(s["cleanup"]["namespaces_created"]) == 6
     assert f"qd{tag}-" not in left, left
     return s, r.stdout
+
+
+def s_name(args: tuple[str, ...]) -> str:
+    return ("macsec-" if "--macsec" in args else "") + f"{time.time():.0f}"
 
 
 def phase(stream: dict, name: str) -> dict:
@@ -62,6 +70,12 @@ def test_demo_pqc_fallback_alarm_fallback_recovery(tmp_path):
 
 
 def test_demo_block_policy_and_macsec(tmp_path):
+    """Blocked means blocked in the kernel: each stream's "blocked" phase is
+    where the demo's kernel watch read no key for that stream's path (its
+    SAs at both gateways), not where the first tunnel of any gateway
+    reported a block (issue 10: a MACsec frame sent after gw-b/lan blocked
+    but before the MACsec SAs went was counted as a leak). A datagram sent
+    there and delivered crossed a kernel with no key for it."""
     s, out = run_demo(tmp_path, "--policy", "block", "--macsec", "--duration", "28",
                       "--eavesdrop-at", "6", "--eavesdrop-for", "12")
     assert s["config"]["policy"] == "block"
@@ -76,7 +90,13 @@ def test_demo_block_policy_and_macsec(tmp_path):
     assert not any(a == "fallback" for _g, _t, a in acts)
     streams = s["traffic"]["streams"]
     assert set(streams) == {"hA->hB", "hB->hA", "gA->gB (MACsec)"}
+    watch = s["traffic"]["kernel_watch"]
+    assert watch["errors"] == 0 and watch["reads"] > 100, watch
     for name, st in streams.items():
+        # the kernel held no key for the path once (the block), then keys again
+        (blocked_at, unblocked_at), = st["kernel_blocked"]
+        blocks = [a["t"] for a in s["policy_actions"] if a["action"] == "block"]
+        assert min(blocks) - 1 < blocked_at < unblocked_at, (name, st["kernel_blocked"], blocks)
         blocked = phase(st, "eavesdropper, blocked")
         assert blocked["sent"] > 50 and blocked["received"] == 0, (name, st["by_phase"])
         before = phase(st, "before eavesdropper")
