@@ -131,6 +131,8 @@ def vm_argv(args: argparse.Namespace, json_path: str, log_path: str) -> list[str
         out += ["--duration", f"{args.duration:g}"]
     if args.eavesdrop_at is not None:
         out += ["--eavesdrop-at", f"{args.eavesdrop_at:g}"]
+    if args.after_recovery:
+        out += ["--after-recovery", f"{args.after_recovery:g}"]
     if args.macsec:
         out.append("--macsec")
     if args.verbose:
@@ -174,6 +176,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="put an eavesdropper on the QKD link SECONDS after traffic starts")
     p.add_argument("--eavesdrop-for", type=float, default=15.0, metavar="SECONDS",
                    help="how long the eavesdropper stays (default 15; 0 = until the end)")
+    p.add_argument("--after-recovery", type=float, default=0.0, metavar="SECONDS",
+                   help="once the eavesdropper has left, run on until every traffic path has "
+                        "carried keys in the kernel again for SECONDS (--duration is then a "
+                        "minimum; default 0: end at --duration)")
     p.add_argument("--eve-fraction", type=float, default=0.5, metavar="P",
                    help="fraction of photons intercepted (QBER rises ~P*25%%; default 0.5)")
     p.add_argument("--policy", choices=("pqc-fallback", "block", "hybrid-required"),
@@ -210,6 +216,8 @@ def check_args(a: argparse.Namespace) -> None:
                               f"{a.duration:g}")
     if a.eavesdrop_for < 0:
         raise ConfigError("--eavesdrop-for must not be negative")
+    if a.after_recovery < 0:
+        raise ConfigError("--after-recovery must not be negative")
     if not 0 < a.eve_fraction <= 1:
         raise ConfigError("--eve-fraction must be in (0, 1]")
     if a.rekey_interval < 1:
@@ -224,6 +232,7 @@ def options(a: argparse.Namespace) -> Any:
     from qkdgate.gateway.demo.run import DemoOptions
     return DemoOptions(duration=a.duration, eavesdrop_at=a.eavesdrop_at,
                        eavesdrop_for=a.eavesdrop_for, eve_fraction=a.eve_fraction,
+                       after_recovery=a.after_recovery,
                        policy=a.policy, macsec=a.macsec, rekey_interval=a.rekey_interval,
                        rate=a.rate, view_interval=a.view_interval, verbose=a.verbose,
                        log_file=a.log_file)

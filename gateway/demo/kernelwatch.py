@@ -324,6 +324,17 @@ class KernelWatch:
                 last = keyed
         return out
 
+    def keyed_since(self, name: str) -> float | None:
+        """Since when the path has been keyed without a break (the reply of
+        the first keyed read after the last unkeyed one); None while unkeyed
+        or before the first read."""
+        since = None
+        for _t_req, t_rep, keyed in reversed(list(self.obs.get(name, []))):
+            if not keyed:
+                break
+            since = t_rep
+        return since
+
     def blocked(self, name: str) -> list[tuple[float, float]]:
         return blocked_intervals(self.obs.get(name, []))
 

@@ -28,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+from bisect import bisect_left
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,6 +43,7 @@ from qkdgate.gateway.demo.view import Recorder, render
 
 log = logging.getLogger("qkdgate.demo")
 READY_TIMEOUT = 120.0      # first generation on both gateways (slow under QEMU TCG)
+RECOVERY_TIMEOUT = 120.0   # --after-recovery gives up this long after the eavesdropper left
 # What the daemons and the simulator import when they start. Under QEMU TCG
 # with the root filesystem over 9p an import costs seconds (every stat is a
 # round trip), so a thread imports them while the namespaces are built
@@ -74,6 +76,7 @@ class DemoOptions:
     eavesdrop_at: float | None = None
     eavesdrop_for: float = 15.0          # 0: until the end
     eve_fraction: float = 0.5            # ~ +12.5 % QBER, above the 8 % abort threshold
+    after_recovery: float = 0.0          # run on this long once every path is keyed again
     policy: str = "pqc-fallback"
     macsec: bool = False
     rekey_interval: float = 3.0
@@ -102,6 +105,7 @@ class DemoRun:
         self.streams: list[UdpStream] = []
         self.watch: KernelWatch | None = None
         self.eve_on = False
+        self.eve_left_at: float | None = None
         self.traffic_t0: float | None = None
         self.stopped = threading.Event()
         self._last_link: dict[str, Any] | None = None
@@ -284,6 +288,8 @@ class DemoRun:
             raise RuntimeError("set_eavesdropper before the KME simulator runs")   # our bug
         self.kme.call(set_())
         self.eve_on = on
+        if not on:
+            self.eve_left_at = time.monotonic()
         self.rec.eavesdropper("on" if on else "after")
         self.rec.note("eavesdropper ON: intercept-resend on "
                       f"{self.opts.eve_fraction:.0%} of photons" if on else "eavesdropper gone")
@@ -365,19 +371,50 @@ class DemoRun:
         while not self.stopped.is_set():
             now = time.monotonic()
             el = now - t0
-            if o.duration is not None and el >= o.duration:
+            if o.duration is not None and el >= o.duration and self.recovered(now):
                 break
             if o.eavesdrop_at is not None and not self.eve_on and eve_end is None \
                     and el >= o.eavesdrop_at:
                 self.set_eavesdropper(True)
-                eve_end = (o.eavesdrop_at + o.eavesdrop_for if o.eavesdrop_for > 0
-                           else float("inf"))
+                # it stays eavesdrop_for from when it came, however late the
+                # (busy) loop noticed eavesdrop_at
+                eve_end = el + o.eavesdrop_for if o.eavesdrop_for > 0 else float("inf")
             if self.eve_on and eve_end is not None and el >= eve_end:
                 self.set_eavesdropper(False)
             if now >= next_view:
                 self.say(render(self.snapshot(o.view_interval)))
                 next_view = now + o.view_interval
             self.stopped.wait(0.1)
+
+    def recovered(self, now: float) -> bool:
+        """With ``after_recovery``: the eavesdropper has left and every traffic
+        path has carried keys in the kernel (:class:`KernelWatch`) for
+        ``after_recovery`` seconds since, and its stream has sent that many
+        seconds' worth of datagrams, so the run ends with a recovered phase
+        of known size however long recovery took. True without the option
+        or a planned eavesdropper that leaves, or ``RECOVERY_TIMEOUT``
+        after it left (the summary then shows what did not recover)."""
+        o, left, watch = self.opts, self.eve_left_at, self.watch
+        if not o.after_recovery or watch is None or o.eavesdrop_at is None \
+                or not o.eavesdrop_for:
+            return True
+        if left is None:
+            return False           # it came late, so it leaves late: wait for it
+        if now - left > RECOVERY_TIMEOUT:
+            log.warning("demo: not every path recovered within %.0f s", RECOVERY_TIMEOUT)
+            return True
+        streams = {s.name: s for s in self.streams}
+        for p in watch.paths:
+            since = watch.keyed_since(p.name)
+            if since is None or now - max(since, left) < o.after_recovery:
+                return False
+            s = streams.get(p.name)
+            # S seconds' worth of datagrams, too: a starved sender (a loaded
+            # host under TCG) sends fewer than its rate
+            if s is not None and s.sent - bisect_left(s.sent_at, max(since, left)) \
+                    < o.after_recovery * s.rate:
+                return False
+        return True
 
     def finish(self) -> dict[str, Any]:
         """Stop traffic, take the figures, stop everything; the summary."""

@@ -42,7 +42,9 @@ def test_defaults_and_policy_alias():
     (("--rekey-interval", "0.2"), "at least 1 s"),
     (("--rate", "0"), "--rate"),
     (("--view-interval", "0.1"), "--view-interval"),
-], ids=["duration", "eve-after-end", "eve-negative", "fraction", "interval", "rate", "view"])
+    (("--after-recovery", "-1"), "--after-recovery must not be negative"),
+], ids=["duration", "eve-after-end", "eve-negative", "fraction", "interval", "rate", "view",
+        "after-recovery"])
 def test_bad_arguments_are_usage_errors(argv, msg, capsys):
     with pytest.raises(ConfigError, match=msg):
         demo.check_args(parse(*argv))
@@ -53,12 +55,13 @@ def test_bad_arguments_are_usage_errors(argv, msg, capsys):
 
 def test_vm_argv_carries_every_option_and_forces_the_host_path():
     a = parse("--duration", "60", "--eavesdrop-at", "20", "--eavesdrop-for", "5", "--policy",
-              "block", "--macsec", "--rate", "50", "--rekey-interval", "2", "--json", "/x/out.json")
+              "block", "--macsec", "--rate", "50", "--rekey-interval", "2", "--json", "/x/out.json",
+              "--after-recovery", "7")
     inner = parse(*demo.vm_argv(a, "/lab/out/summary.json", "/lab/out/demo.log"))
     assert inner.where == "host"                       # never re-enters a VM
     assert inner.json == "/lab/out/summary.json" and inner.log_file == "/lab/out/demo.log"
     for f in ("duration", "eavesdrop_at", "eavesdrop_for", "policy", "macsec", "rate",
-              "rekey_interval", "eve_fraction", "view_interval"):
+              "rekey_interval", "eve_fraction", "view_interval", "after_recovery"):
         assert getattr(inner, f) == getattr(a, f), f
 
 

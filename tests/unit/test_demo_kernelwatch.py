@@ -108,3 +108,37 @@ def test_watch_records_paths_and_sa_lives_from_reads():
     gone = {(s["netns"], s["gone"]) for s in w.sa_report(0.0)}
     assert gone == {("gA", 2.001), ("gB", 3.001)}
 
+
+def test_keyed_since_is_the_first_keyed_read_after_the_last_unkeyed_one():
+    w = KernelWatch([])
+    w.obs = {"p": [(0, 0.1, True), (1, 1.1, False), (2, 2.1, True), (3, 3.1, True)]}
+    assert w.keyed_since("p") == 2.1
+    w.obs["p"].append((4, 4.1, False))
+    assert w.keyed_since("p") is None and w.keyed_since("nothing read") is None
+
+
+def test_after_recovery_waits_for_every_path_keyed_long_enough_since_eve_left():
+    from qkdgate.gateway.demo import run as dr
+    opts = dr.DemoOptions(duration=28, eavesdrop_at=6, eavesdrop_for=12, after_recovery=7)
+    d = dr.DemoRun(opts)
+    d.watch = KernelWatch([Path("a", "esp", "gA", "gB", GA, GB), Path("m", "macsec", "gA", "gB")])
+    d.watch.obs = {"a": [(10, 10.1, False), (20, 20.1, True)], "m": [(10, 10.1, False)]}
+    assert not d.recovered(100.0)                    # the eavesdropper has not left yet
+    d.eve_left_at = 18.0
+    assert not d.recovered(30.0)                     # MACsec still unkeyed
+    d.watch.obs["m"].append((25, 25.1, True))
+    assert not d.recovered(32.0) and d.recovered(32.2)   # 7 s after the last path came back
+
+    class Stream:
+        name, rate = "m", 100
+        sent_at = [26 + i / 50 for i in range(400)]     # a starved sender: 50/s
+        sent = 400
+    d.streams = [Stream()]
+    assert not d.recovered(32.2)                     # 7 s but only 350 datagrams since
+    Stream.sent_at = Stream.sent_at + [34 + i / 100 for i in range(400)]
+    Stream.sent = 800
+    assert d.recovered(38.0)
+    d.watch.obs["m"].append((33, 33.1, False))
+    assert not d.recovered(40.0)
+    assert d.recovered(18.0 + dr.RECOVERY_TIMEOUT + 1)   # gives up; the summary shows it
+    assert dr.DemoRun(dr.DemoOptions(duration=28)).recovered(0.0)   # without the option
