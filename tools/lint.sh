@@ -30,7 +30,7 @@ CHECKED=(
   gateway/cli/__init__.py gateway/cli/main.py gateway/cli/check_config.py gateway/cli/keygen.py
   gateway/cli/kme_sim.py gateway/cli/rekey.py
   gateway/demo/__init__.py gateway/demo/command.py gateway/demo/config.py gateway/demo/net.py
-  gateway/demo/run.py gateway/demo/traffic.py
+  gateway/demo/run.py gateway/demo/traffic.py gateway/demo/kernelwatch.py
   bench
   tools
 )

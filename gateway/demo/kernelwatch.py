@@ -45,9 +45,11 @@ import logging
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
+from qkdgate.errors import TunnelError
 from qkdgate.tunnels import macsec_msg as mm
 from qkdgate.tunnels import xfrm_msg as xm
 from qkdgate.tunnels.netlink import NetlinkChannel, iter_nlas, nla, parse_nlas
@@ -112,7 +114,7 @@ def blocked_intervals(obs: list[tuple[float, float, bool]]) -> list[tuple[float,
     out = []
     start: float | None = None
     last_req = 0.0
-    for t_req, t_rep, keyed in obs + [(float("inf"), float("inf"), True)]:
+    for t_req, t_rep, keyed in [*obs, (float("inf"), float("inf"), True)]:
         if not keyed:
             if start is None:
                 start = t_rep
@@ -133,10 +135,10 @@ def overlay_blocked(phases: list[tuple[str, float]], blocked: list[tuple[float, 
     def base(label: str) -> str:
         return label[:-len(suffix)] if label.endswith(suffix) else label
 
-    cuts = sorted({t for _l, t in phases} | {t for iv in blocked for t in iv})
+    cuts = sorted({t for _lbl, t in phases} | {t for iv in blocked for t in iv})
     out: list[tuple[str, float]] = []
     for t in cuts:
-        labels = [l for l, s in phases if s <= t]
+        labels = [lbl for lbl, start in phases if start <= t]
         if not labels:
             continue
         label = base(labels[-1])
@@ -181,7 +183,7 @@ class _Reader:
                 mm.CTRL_ATTR_FAMILY_NAME, mm.MACSEC_GENL_NAME.encode() + b"\0")
             try:
                 replies = self.genl.request("watch_family", mm.GENL_ID_CTRL, body)
-            except Exception:        # macsec not loaded: no MACsec paths to watch
+            except TunnelError:      # macsec not loaded: no MACsec paths to watch
                 return None
             attrs = parse_nlas(replies[0][1], _GENL.size)
             self._family = struct.unpack("=H", attrs[mm.CTRL_ATTR_FAMILY_ID][:2])[0]
@@ -260,7 +262,7 @@ class KernelWatch:
         self._thread: threading.Thread | None = None
         self._live: dict[tuple[str, str, tuple[Any, ...]], _SaLife] = {}
 
-    def start(self) -> "KernelWatch":
+    def start(self) -> KernelWatch:
         names = sorted({p.src_ns for p in self.paths} | {p.dst_ns for p in self.paths})
         self._readers = {n: self.reader(n) for n in names}
         self.obs = {p.name: [] for p in self.paths}
@@ -282,7 +284,7 @@ class KernelWatch:
         while not self._stop.is_set():
             try:
                 self.poll_once()
-            except Exception as exc:      # a read failing is a gap, not a verdict
+            except (TunnelError, OSError) as exc:   # a failed read is a gap, not a verdict
                 self.errors += 1
                 log.warning("kernel watch: %s", exc)
             now = self.clock()

@@ -37,7 +37,8 @@ from typing import Any, TextIO
 from qkdgate.errors import QkdgateError
 from qkdgate.gateway.demo import net as dn
 from qkdgate.gateway.demo.config import KmeEndpoint, Timers, write_configs, write_identities
-from qkdgate.gateway.demo.kernelwatch import KernelWatch, Path as KernelPath, overlay_blocked
+from qkdgate.gateway.demo.kernelwatch import KernelWatch, overlay_blocked
+from qkdgate.gateway.demo.kernelwatch import Path as KernelPath
 from qkdgate.gateway.demo.traffic import UdpStream, loss_by_phase
 from qkdgate.gateway.demo.view import Recorder, render
 
