@@ -58,12 +58,13 @@ def det_uuid(case: str, i: int) -> str:
 
 def side(case: str, role: str, name: str, profile: str, qkd_role: str | None,
          spis: dict[str, int], floor: int = 0, allow_pqc_only: bool | None = None,
-         kme_error: str | None = None) -> dict:
+         kme_error: str | None = None, epochs: tuple[int, int] = (1, 0)) -> dict:
     return {"name": name, "profile": profile,
             "ed25519_seed": det(case, f"{role} ed25519 seed", 32).hex(),
             "mldsa_seed": det(case, f"{role} ML-DSA seed", 32).hex(),
             "rng_seed": det(case, f"{role} rng seed", 32).hex(),
             "qkd_role": qkd_role, "sae_id": f"sae-{name}" if qkd_role else "",
+            "epoch": epochs[0], "peer_epoch_floor": epochs[1],
             "allow_pqc_only": bool(allow_pqc_only), "kme_error": kme_error,
             "generation_floor": floor, "spis": spis}
 
@@ -71,7 +72,8 @@ def side(case: str, role: str, name: str, profile: str, qkd_role: str | None,
 def case_inputs(cid: str, *, kem: str, x25519: bool, psk: bool, qkd: str | None,
                 profile: str, tunnels: list[tuple[str, str]], spis_i: dict, spis_r: dict,
                 floors: tuple[int, int] = (0, 0), qkd_bits: int = 256,
-                fallback: str | None = None, responder_allows_fallback: bool = True) -> dict:
+                fallback: str | None = None, responder_allows_fallback: bool = True,
+                epochs: tuple[int, int, int, int] = (1, 0, 1, 0)) -> dict:
     roles = {"initiator-master": ("master", "slave"), "responder-master": ("slave", "master"),
              None: (None, None)}[qkd]
     return {
@@ -83,10 +85,12 @@ def case_inputs(cid: str, *, kem: str, x25519: bool, psk: bool, qkd: str | None,
         "qkd": ({"key_ids": [det_uuid(cid, 0)], "key": det(cid, "QKD key", qkd_bits // 8).hex()}
                 if qkd and not fallback else None),
         "initiator": side(cid, "initiator", "gw-alpha.example", profile, roles[0], spis_i,
-                          floors[0], allow_pqc_only=bool(fallback), kme_error=fallback),
+                          floors[0], allow_pqc_only=bool(fallback), kme_error=fallback,
+                          epochs=epochs[:2]),
         "responder": side(cid, "responder", "gw-bravo.example", profile, roles[1], spis_r,
                           floors[1],
-                          allow_pqc_only=bool(fallback) and responder_allows_fallback),
+                          allow_pqc_only=bool(fallback) and responder_allows_fallback,
+                          epochs=epochs[2:]),
         "outcome": "established" if responder_allows_fallback else "aborted",
     }
 
@@ -104,13 +108,15 @@ CASES = {
     "protocol-pqc-only-no-qkd": (
         "ML-KEM-768 + X25519, no QKD link configured on either side (qkd_mode NONE); "
         "no PSK; the responder's generation floor (7) is above the initiator's, so "
-        "the RESP's generation is 8; two IPsec tunnels",
+        "the RESP's generation is 8; two IPsec tunnels; both gateways restarted before "
+        "(epochs 42 and 18; the responder last authenticated the initiator at epoch 41, "
+        "so the INIT from 42 is above its floor)",
         case_inputs("protocol-pqc-only-no-qkd", kem="ML-KEM-768", x25519=True, psk=False,
                     qkd=None, profile="mldsa65-ed25519",
                     tunnels=[("site-b", "ipsec"), ("site-a", "ipsec")],
                     spis_i={"site-a": 0x00000100, "site-b": 0xFFFFFFFF},
                     spis_r={"site-a": 0x12345678, "site-b": 0x9ABCDEF0},
-                    floors=(2, 7))),
+                    floors=(2, 7), epochs=(42, 17, 18, 41))),
     "protocol-psk-qkd-master-responder-cnsa": (
         "ML-KEM-1024 without X25519 + QKD (512-bit key); the responder is the master "
         "(INIT says EXPECT, RESP carries the key_ID); a 32-byte PSK (mac1 and TH keyed "
@@ -119,7 +125,7 @@ CASES = {
                     x25519=False, psk=True, qkd="responder-master",
                     profile="mldsa87-ed25519", tunnels=[("core-1", "ipsec")],
                     spis_i={"core-1": 0xA0000001}, spis_r={"core-1": 0xB0000002},
-                    qkd_bits=512)),
+                    qkd_bits=512, epochs=(3, 5, 6, 2))),
     "protocol-qkd-fallback-kme-timeout": (
         "ML-KEM-768 + X25519; QKD configured (initiator master) but the initiator's KME "
         "times out: both sides allow the PQC fallback, so INIT says ABSENT with reason 2 "
@@ -128,7 +134,8 @@ CASES = {
         case_inputs("protocol-qkd-fallback-kme-timeout", kem="ML-KEM-768", x25519=True,
                     psk=False, qkd="initiator-master", profile="mldsa65-ed25519",
                     tunnels=[("lan-0", "macsec")], spis_i={"lan-0": 3},
-                    spis_r={"lan-0": 2}, fallback="timeout")),
+                    spis_r={"lan-0": 2}, fallback="timeout",
+                    epochs=(2**40 + 1, 0, 2**63, 0))),
     "protocol-abort-policy-refuses-fallback": (
         "ML-KEM-768 + X25519; the initiator (QKD master) gets no key (KME unavailable) and "
         "asks for a PQC-only generation (INIT ABSENT reason 1), but the responder's policy "

@@ -133,7 +133,9 @@ def run_exchange(inputs: dict, *, signatures: dict[str, list] | None = None,
             _config(inputs, role, peer), identity=run.identities[role],
             peer_identities=[run.identities[peer].public],
             rng=shake_rng(H(side["rng_seed"]), run.rng_draws.setdefault(role, [])),
-            now=now, allocate_spi=spis.__getitem__, kem=provider)
+            now=now, allocate_spi=spis.__getitem__, kem=provider,
+            # persisted counters, as the daemon passes them (docs/protocol.md 4.1, 10)
+            epoch=side.get("epoch"), peer_epoch_floor=side.get("peer_epoch_floor", 0))
     ini, res = run.sessions["initiator"], run.sessions["responder"]
     ini.handle_timer(now)                      # initiate_on_start: the rekey is due now
     for _ in range(100):
