@@ -12,10 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from daemon_pair import write_pair
 
 from qkdgate.adapters.kmesim.server import KmeSimulator
-
-from daemon_pair import write_pair
 
 
 @pytest.fixture
@@ -42,18 +41,18 @@ async def test_run_status_rekey_reload_and_sigterm(tmp_path, kme):
     # point both key sources at the simulator (the pair writes placeholder TLS paths)
     for path, sae in ((path_a, "SAE-A"), (path_b, "SAE-B")):
         c = kme.credentials(sae)
-        text = open(path).read()
+        text = Path(path).read_text()
         text = text.replace("url: https://127.0.0.1:8443", f"url: {c.url}\n    kme_id: {c.kme_id}")
         text = text.replace(f"cert: {tmp_path}/sae.crt, key: {tmp_path}/sae.key, "
                             f"ca: {tmp_path}/ca.crt", f"cert: {c.cert}, key: {c.key}, ca: {c.ca}")
-        open(path, "w").write(text)
+        Path(path).write_text(text)
     env = dict(os.environ)
     procs = []
     for path, name in ((path_a, "a"), (path_b, "b")):
-        log = open(tmp_path / f"{name}.log", "wb")
-        procs.append(await asyncio.create_subprocess_exec(
-            sys.executable, str(Path(__file__).with_name("run_fake_kernel.py")), "-c", path,
-            "--log-format", "json", stdout=log, stderr=asyncio.subprocess.STDOUT, env=env))
+        with open(tmp_path / f"{name}.log", "wb") as log:   # the child keeps its own copy
+            procs.append(await asyncio.create_subprocess_exec(
+                sys.executable, str(Path(__file__).with_name("run_fake_kernel.py")), "-c", path,
+                "--log-format", "json", stdout=log, stderr=asyncio.subprocess.STDOUT, env=env))
     try:
         st = None
         for _ in range(100):
@@ -74,11 +73,11 @@ async def test_run_status_rekey_reload_and_sigterm(tmp_path, kme):
         rc, out, _ = await qkdgate("status", "-c", path_b)
         assert rc == 0 and "ML-KEM-768+X25519+QKD[" in out
 
-        good = open(path_a).read()
-        open(path_a, "w").write(good.replace("policy: hybrid-required", "policy: maybe"))
+        good = Path(path_a).read_text()
+        Path(path_a).write_text(good.replace("policy: hybrid-required", "policy: maybe"))
         procs[0].send_signal(signal.SIGHUP)
         await asyncio.sleep(0.5)
-        open(path_a, "w").write(good)
+        Path(path_a).write_text(good)
         rc, st, _ = await status(path_a)
         assert rc == 0 and st["tunnels"][0]["policy"] == "hybrid-required"
     finally:

@@ -6,19 +6,18 @@ for every SA the key A installed outbound is the key B installed inbound
 daemon adopts its SAs and re-keys with its peer."""
 
 import asyncio
-import uuid
 import contextlib
 import logging
+import uuid
 
 import pytest
+from daemon_pair import write_pair
 
 from qkdgate.adapters.kmesim.server import KmeSimulator
-from qkdgate.testing.fakes import RecordingIpsecBackend, RecordingMacsecBackend
 from qkdgate.gateway.daemon.daemon import Daemon
 from qkdgate.gateway.daemon.sdnotify import SdNotifier
 from qkdgate.interfaces import Direction, PolicyAction
-
-from daemon_pair import write_pair
+from qkdgate.testing.fakes import RecordingIpsecBackend, RecordingMacsecBackend
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import time
 
 from kernel_lab import GA, GB, HA, HB, Capture, Stream, analyse_pcap, ipbatch
 from kernel_traffic import LAN_A, LAN_B
+
 from qkdgate.interfaces import Direction, MacsecCipher, MacsecLinkSpec, PolicyAction
 from qkdgate.tunnels.events import KernelStateReplaced
 from qkdgate.tunnels.ipsec_tunnel import IpsecTunnelSpec, ipsec_tunnel

@@ -12,20 +12,25 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "interop"))
-from daemon_pair import write_pair  # noqa: E402
+from daemon_pair import write_pair
 
-from qkdgate.errors import ConfigError  # noqa: E402
-from qkdgate.testing.fakes import FakeQkdLink, RecordingIpsecBackend  # noqa: E402
-from qkdgate.gateway.cli import main as cli  # noqa: E402
-from qkdgate.gateway.daemon.daemon import Daemon  # noqa: E402
-from qkdgate.gateway.protocol.events import (InstallInbound, InstallOutbound,  # noqa: E402
-                                             NeedQkdKeys, ProtocolViolation, RetireGeneration,
-                                             SessionEstablished)
-from qkdgate.gateway.daemon.sdnotify import SdNotifier  # noqa: E402
-from qkdgate.interfaces import Direction, PolicyAction  # noqa: E402
-from qkdgate.keymix import labels  # noqa: E402
-from qkdgate.keymix.combiner import Provenance, SessionSecret  # noqa: E402
-from qkdgate.keymix.secret import SecretBytes  # noqa: E402
+from qkdgate.errors import ConfigError
+from qkdgate.gateway.cli import main as cli
+from qkdgate.gateway.daemon.daemon import Daemon
+from qkdgate.gateway.daemon.sdnotify import SdNotifier
+from qkdgate.gateway.protocol.events import (
+    InstallInbound,
+    InstallOutbound,
+    NeedQkdKeys,
+    ProtocolViolation,
+    RetireGeneration,
+    SessionEstablished,
+)
+from qkdgate.interfaces import Direction, PolicyAction
+from qkdgate.keymix import labels
+from qkdgate.keymix.combiner import Provenance, SessionSecret
+from qkdgate.keymix.secret import SecretBytes
+from qkdgate.testing.fakes import FakeQkdLink, RecordingIpsecBackend
 
 QKD_ID = "6f1c2a5e-0000-4000-8000-000000000001"
 
@@ -433,6 +438,7 @@ async def test_generations_start_above_the_journal_after_a_restart(env):
 
 async def test_prometheus_metrics_follow_daemon_events(env):
     import urllib.request
+
     from qkdgate.gateway.config.model import load_config
     d, be, link, events, clock, tmp = env
     with socket.socket() as s:

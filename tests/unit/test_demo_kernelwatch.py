@@ -5,9 +5,16 @@ daemon event of some other tunnel reached the demo."""
 from __future__ import annotations
 
 import ipaddress
+from typing import ClassVar
 
-from qkdgate.gateway.demo.kernelwatch import (KernelWatch, Path, Reading, SaView,
-                                              blocked_intervals, overlay_blocked)
+from qkdgate.gateway.demo.kernelwatch import (
+    KernelWatch,
+    Path,
+    Reading,
+    SaView,
+    blocked_intervals,
+    overlay_blocked,
+)
 from qkdgate.gateway.demo.traffic import loss_by_phase
 
 GA, GB = "192.0.2.1", "192.0.2.2"
@@ -33,8 +40,12 @@ def test_esp_path_needs_the_same_spi_at_both_ends():
 
 def test_macsec_path_needs_active_tx_on_the_encoding_an_and_active_rx_on_it():
     p = Path("gA->gB (MACsec)", "macsec", "gA", "gB")
-    tx = lambda an, act=True: SaView("tx", (an,), act, 0)
-    rx = lambda an, act=True: SaView("rx", (an,), act, 0)
+    def tx(an: int, act: bool = True) -> SaView:
+        return SaView("tx", (an,), act, 0)
+
+    def rx(an: int, act: bool = True) -> SaView:
+        return SaView("rx", (an,), act, 0)
+
     assert p.keyed(rd(0, tx(1), enc=1), rd(0, rx(1)))
     assert not p.keyed(rd(0, tx(1), enc=1), rd(0, rx(0)))
     assert not p.keyed(rd(0, tx(1, False), enc=1), rd(0, rx(1)))
@@ -131,7 +142,7 @@ def test_after_recovery_waits_for_every_path_keyed_long_enough_since_eve_left():
 
     class Stream:
         name, rate = "m", 100
-        sent_at = [26 + i / 50 for i in range(400)]     # a starved sender: 50/s
+        sent_at: ClassVar[list[float]] = [26 + i / 50 for i in range(400)]  # starved: 50/s
         sent = 400
     d.streams = [Stream()]
     assert not d.recovered(32.2)                     # 7 s but only 350 datagrams since

@@ -25,10 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "interop"))
-from daemon_pair import write_pair  # noqa: E402
+from daemon_pair import write_pair
 
 WRAPPER = r'''
 import hashlib, hmac, json, os, signal, sys, uuid
@@ -166,10 +164,10 @@ class Pair:
                    QG_KME=str(self.tmp / f"kme-{name}"), QG_CRASH=crash)
         if not journal:
             env["QG_NO_JOURNAL"] = "1"
-        out = open(self.tmp / f"{name}.out", "ab")
-        self.procs[name] = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", WRAPPER, "run", "-c", path,
-            stdout=out, stderr=asyncio.subprocess.STDOUT, env=env)
+        with open(self.tmp / f"{name}.out", "ab") as out:   # the child keeps its own copy
+            self.procs[name] = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", WRAPPER, "run", "-c", path,
+                stdout=out, stderr=asyncio.subprocess.STDOUT, env=env)
 
     def records(self) -> list[dict]:
         if not self.log.exists():

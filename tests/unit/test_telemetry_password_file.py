@@ -37,7 +37,7 @@ def test_private_password_file_is_read(pw):
 def test_symlink_is_refused(pw, tmp_path):
     link = tmp_path / "link"
     link.symlink_to(pw)
-    with pytest.raises(ConfigError, match="telemetry.mqtt.password_file") as ei:
+    with pytest.raises(ConfigError, match=r"telemetry\.mqtt\.password_file") as ei:
         _load(link)
     assert "cannot open MQTT password file" in str(ei.value)
     assert "hunter2" not in str(ei.value)
@@ -68,7 +68,7 @@ def test_fifo_is_refused_without_waiting_for_a_writer(tmp_path):
         try:
             _load(fifo)
             outcome.append(None)
-        except BaseException as exc:   # handed to the test thread
+        except BaseException as exc:  # noqa: BLE001  handed to the test thread
             outcome.append(exc)
 
     t = threading.Thread(target=load, daemon=True)

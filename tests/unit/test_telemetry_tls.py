@@ -13,16 +13,16 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from test_telemetry import Broker, Subscriber, free_port, until
+from test_telemetry import pytestmark as needs_mosquitto
 
 from qkdgate.errors import ConfigError
 from qkdgate.gateway.config.model import MqttConfig, TlsConfig
 from qkdgate.gateway.telemetry.mqtt import MqttOptions, Telemetry
-from test_telemetry import Broker, Subscriber, free_port, until
-from test_telemetry import pytestmark as needs_mosquitto
 
 
 def _cert(subject: str, issuer_key, issuer_name, key, *, ca: bool = False, ip: str | None = None):
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     b = (x509.CertificateBuilder()
          .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
          .issuer_name(issuer_name or x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
@@ -104,11 +104,11 @@ def test_password_file_is_read_once_and_never_shown(tmp_path):
 
 
 def test_config_errors_name_the_setting(tmp_path, pki):
-    with pytest.raises(ConfigError, match="telemetry.mqtt.password_file"):
+    with pytest.raises(ConfigError, match=r"telemetry\.mqtt\.password_file"):
         MqttOptions.from_config(MqttConfig(password_file=str(tmp_path / "missing")))
-    with pytest.raises(ConfigError, match="telemetry.mqtt.tls"):
+    with pytest.raises(ConfigError, match=r"telemetry\.mqtt\.tls"):
         MqttOptions.from_config(MqttConfig(tls=TlsConfig(ca=str(tmp_path / "nope.pem"))))
-    with pytest.raises(ConfigError, match="telemetry.mqtt.tls"):   # key does not match cert
+    with pytest.raises(ConfigError, match=r"telemetry\.mqtt\.tls"):   # key does not match cert
         MqttOptions.from_config(MqttConfig(tls=TlsConfig(cert=pki["client"],
                                                          key=pki["server_key"])))
     bad = tmp_path / "binary"

@@ -7,17 +7,25 @@ or another cipher suite) is replaced, blocking first, and reported."""
 import ipaddress
 
 import pytest
+from tunnel_helpers import Schedule
 
-from qkdgate.interfaces import (Direction, MacsecCipher, MacsecLinkSpec, PolicyAction, PolicySpec,
-                                SaId, SaSpec, Selector, Template)
+from qkdgate.interfaces import (
+    Direction,
+    MacsecCipher,
+    MacsecLinkSpec,
+    PolicyAction,
+    PolicySpec,
+    SaId,
+    SaSpec,
+    Selector,
+    Template,
+)
 from qkdgate.keymix.secret import SecretBytes
 from qkdgate.testing.fakes import RecordingIpsecBackend, RecordingMacsecBackend
 from qkdgate.tunnels.events import KernelStateReplaced, SaAdopted
 from qkdgate.tunnels.ipsec_tunnel import IpsecTunnelSpec, ipsec_tunnel
 from qkdgate.tunnels.macsec_tunnel import MacsecTunnelSpec, macsec_tunnel
 from qkdgate.tunnels.manager import Lifetimes, TunnelPolicy
-
-from tunnel_helpers import Schedule
 
 A, B = ipaddress.ip_address("192.0.2.1"), ipaddress.ip_address("192.0.2.2")
 NET_A, NET_B = ipaddress.ip_network("10.1.0.0/16"), ipaddress.ip_network("10.2.0.0/16")

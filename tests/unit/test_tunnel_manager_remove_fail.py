@@ -7,6 +7,9 @@ Every step is reported. A real kernel will not fail a delete on demand, so a
 fault-injecting backend does."""
 
 import errno
+import ipaddress
+
+from tunnel_helpers import Schedule, Session
 
 from qkdgate.errors import TunnelError
 from qkdgate.interfaces import MacsecLinkSpec, PolicyAction
@@ -16,10 +19,6 @@ from qkdgate.tunnels.ipsec_tunnel import IpsecTunnelSpec, ipsec_tunnel
 from qkdgate.tunnels.macsec_tunnel import MacsecTunnelSpec, macsec_tunnel
 from qkdgate.tunnels.manager import Lifetimes, TunnelPolicy
 from qkdgate.tunnels.timers import REMOVE_ATTEMPTS_BEFORE_ESCALATION, REMOVE_RETRY_SECONDS
-
-import ipaddress
-
-from tunnel_helpers import Schedule, Session
 
 LT = Lifetimes(soft_seconds=50, hard_seconds=60, grace_seconds=2)
 PEER_SCI = 0x0200000000AA0001
