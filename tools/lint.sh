@@ -31,6 +31,7 @@ CHECKED=(
   gateway/cli/kme_sim.py gateway/cli/rekey.py
   gateway/demo/__init__.py gateway/demo/command.py gateway/demo/config.py gateway/demo/net.py
   gateway/demo/run.py gateway/demo/traffic.py gateway/demo/kernelwatch.py
+  tests
   bench
   tools
 )
