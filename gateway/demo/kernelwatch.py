@@ -29,8 +29,10 @@ the kernel was unkeyed at both ends of the interval and nothing in between
 re-keyed it (no rekey completes within one poll interval). A datagram sent
 inside such an interval crossed a kernel that had no key for it, so it must
 not arrive: if it does, something carried it in the clear or under a key
-that was gone. Datagrams around the edges (a poll interval, ~20 ms) are not
-called blocked; they are counted as lost in the neighbouring phase.
+that was gone. Datagrams sent between the last read before a change and
+the first read after it (~20 ms, seconds on a starved host) are in a
+", transition" phase of their own: nobody knows whether the kernel had a
+key for them.
 
 Per-SA counters (ESP packets from the SA's current lifetime; MACsec
 OutPktsProtected+Encrypted per TX SA, InPktsOK per RX SA, IEEE 802.1AE-2018
@@ -41,6 +43,7 @@ each SA carried before it was removed.
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import logging
 import struct
 import threading
@@ -126,23 +129,36 @@ def blocked_intervals(obs: list[tuple[float, float, bool]]) -> list[tuple[float,
     return out
 
 
+def transition_intervals(obs: list[tuple[float, float, bool]]) -> list[tuple[float, float]]:
+    """Where the path's state is not known: between the request of the last
+    read before a change and the reply of the first read after it (on a
+    loaded host reads can be seconds apart)."""
+    return [(a[0], b[1]) for a, b in itertools.pairwise(obs) if a[2] != b[2]]
+
+
 def overlay_blocked(phases: list[tuple[str, float]], blocked: list[tuple[float, float]],
+                    transitions: list[tuple[float, float]] | None = None,
                     suffix: str = ", blocked") -> list[tuple[str, float]]:
     """One stream's phases: the run's phases (the eavesdropper's state, the
     policy's PQC fallback) with the run-wide ", blocked" taken off, and
     ", blocked" put back exactly where this stream's path was blocked in
-    the kernel (a blocked path shows no fallback: nothing flows)."""
+    the kernel (a blocked path shows no fallback: nothing flows). Inside
+    ``transitions`` the label ends in ", transition": whether the kernel
+    had a key there is unknown, so those datagrams count for neither side."""
     def base(label: str) -> str:
         return label[:-len(suffix)] if label.endswith(suffix) else label
 
-    cuts = sorted({t for _lbl, t in phases} | {t for iv in blocked for t in iv})
+    trans = transitions or []
+    cuts = sorted({t for _lbl, t in phases} | {t for iv in blocked + trans for t in iv})
     out: list[tuple[str, float]] = []
     for t in cuts:
         labels = [lbl for lbl, start in phases if start <= t]
         if not labels:
             continue
         label = base(labels[-1])
-        if any(a <= t < b for a, b in blocked):
+        if any(a <= t < b for a, b in trans):
+            label = label.split(", ")[0] + ", transition"
+        elif any(a <= t < b for a, b in blocked):
             label = label.split(", ")[0] + suffix
         if not out or out[-1][0] != label:
             out.append((label, t))
@@ -316,16 +332,6 @@ class KernelWatch:
             for k in [k for k in self._live if k[0] == n and k not in seen]:
                 self._live.pop(k).gone = rd.t_rep
 
-    def transitions(self, name: str, t0: float) -> list[list[Any]]:
-        """The observations where the path's state changed (diagnostics)."""
-        out: list[list[Any]] = []
-        last = None
-        for t_req, t_rep, keyed in self.obs.get(name, []):
-            if keyed != last:
-                out.append([round(t_req - t0, 3), round(t_rep - t0, 3), keyed])
-                last = keyed
-        return out
-
     def keyed_since(self, name: str) -> float | None:
         """Since when the path has been keyed without a break (the reply of
         the first keyed read after the last unkeyed one); None while unkeyed
@@ -339,6 +345,9 @@ class KernelWatch:
 
     def blocked(self, name: str) -> list[tuple[float, float]]:
         return blocked_intervals(self.obs.get(name, []))
+
+    def transitions(self, name: str) -> list[tuple[float, float]]:
+        return transition_intervals(self.obs.get(name, []))
 
     def sa_report(self, t0: float) -> list[dict[str, Any]]:
         """Each SA seen: where, what, when (seconds from ``t0``), packets."""

@@ -429,7 +429,8 @@ class DemoRun:
         t0 = self.rec.t0
         for s in self.streams:
             blocked = watch.blocked(s.name) if watch is not None else []
-            phases = overlay_blocked(self.rec.phases, blocked)
+            trans = watch.transitions(s.name) if watch is not None else []
+            phases = overlay_blocked(self.rec.phases, blocked, trans)
             by_phase = loss_by_phase(s.sent_at, s.received, phases, end)
             c: dict[str, Any] = {k: sum(row[k] for row in by_phase.values())
                                  for k in ("sent", "received", "lost")}

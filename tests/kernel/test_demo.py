@@ -95,12 +95,14 @@ def test_demo_block_policy_and_macsec(tmp_path):
     watch = s["traffic"]["kernel_watch"]
     assert watch["errors"] == 0 and watch["reads"] > 100, watch
     for name, st in streams.items():
-        # the kernel held no key for the path once (the block), then keys again
-        (blocked_at, unblocked_at), = st["kernel_blocked"]
-        blocks = [a["t"] for a in s["policy_actions"] if a["action"] == "block"]
-        assert min(blocks) - 1 < blocked_at < unblocked_at, (name, st["kernel_blocked"], blocks)
+        assert st["kernel_blocked"], (name, "the kernel never held the path without keys")
+        # nothing arrives that was sent while the kernel had no key for it, in
+        # any blocked phase (a starved host may block again after recovery)
+        for label, row in st["by_phase"].items():
+            if label.endswith(", blocked"):
+                assert row["received"] == 0, (name, label, st["by_phase"])
         blocked = phase(st, "eavesdropper, blocked")
-        assert blocked["sent"] > 50 and blocked["received"] == 0, (name, st["by_phase"])
+        assert blocked["sent"] > 50, (name, st["by_phase"])
         before = phase(st, "before eavesdropper")
         assert before["received"] >= 0.98 * before["sent"] > 300, (name, before)
         after = phase(st, "after eavesdropper")

@@ -5,7 +5,6 @@ daemon event of some other tunnel reached the demo."""
 from __future__ import annotations
 
 import ipaddress
-from typing import ClassVar
 
 from qkdgate.gateway.demo.kernelwatch import (
     KernelWatch,
@@ -14,6 +13,7 @@ from qkdgate.gateway.demo.kernelwatch import (
     SaView,
     blocked_intervals,
     overlay_blocked,
+    transition_intervals,
 )
 from qkdgate.gateway.demo.traffic import loss_by_phase
 
@@ -59,6 +59,15 @@ def test_blocked_is_bracketed_by_observations_that_saw_no_key():
            (6.0, 6.01, False), (7.0, 7.01, False)]  # still blocked at the end
     assert blocked_intervals(obs) == [(1.01, 2.0), (6.01, 7.0)]
     assert blocked_intervals([]) == []
+
+
+def test_between_the_reads_around_a_change_the_state_is_unknown():
+    obs = [(0.0, 0.01, True), (1.0, 1.01, False), (2.0, 2.01, False), (5.0, 6.5, True)]
+    assert transition_intervals(obs) == [(0.0, 1.01), (2.0, 6.5)]
+    run = [("eavesdropper", 0.0)]
+    got = overlay_blocked(run, blocked_intervals(obs), transition_intervals(obs))
+    assert got == [("eavesdropper, transition", 0.0), ("eavesdropper, blocked", 1.01),
+                   ("eavesdropper, transition", 2.0), ("eavesdropper", 6.5)]
 
 
 def test_each_stream_is_blocked_only_where_its_own_path_was():
@@ -142,12 +151,13 @@ def test_after_recovery_waits_for_every_path_keyed_long_enough_since_eve_left():
 
     class Stream:
         name, rate = "m", 100
-        sent_at: ClassVar[list[float]] = [26 + i / 50 for i in range(400)]  # starved: 50/s
-        sent = 400
-    d.streams = [Stream()]
+
+        def __init__(self, sent_at: list[float]) -> None:
+            self.sent_at, self.sent = sent_at, len(sent_at)
+    starved = [26 + i / 50 for i in range(400)]      # a starved sender: 50/s
+    d.streams = [Stream(starved)]
     assert not d.recovered(32.2)                     # 7 s but only 350 datagrams since
-    Stream.sent_at = Stream.sent_at + [34 + i / 100 for i in range(400)]
-    Stream.sent = 800
+    d.streams = [Stream(starved + [34 + i / 100 for i in range(400)])]
     assert d.recovered(38.0)
     d.watch.obs["m"].append((33, 33.1, False))
     assert not d.recovered(40.0)
