@@ -25,16 +25,17 @@ the levels. A filter masks anything key-shaped before it is formatted.
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import os
 import re
 import sys
 import time
-from typing import Any, Mapping, TextIO
+from collections.abc import Mapping
+from typing import Any, TextIO
 
-from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Info,
-                               generate_latest)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from qkdgate import __version__
@@ -171,14 +172,14 @@ class Metrics:
                int(getattr(state, "packets", 0)),
                int(getattr(state, "integrity_failed", 0)),
                int(getattr(state, "replay_errors", 0)))
-        key = (tunnel, direction, int(spi))
+        key = (tunnel, direction, int(spi or 0))
         before = self._sa_seen.get(key, (0, 0, 0, 0))
         # A counter below its last value means a new SA reused the id: count
         # it from zero.
-        deltas = [n - b if n >= b else n for n, b in zip(now, before)]
+        deltas = [n - b if n >= b else n for n, b in zip(now, before, strict=True)]
         self._sa_seen[key] = now
         for counter, d in zip((self.sa_bytes, self.sa_packets, self.sa_integrity,
-                               self.sa_replay), deltas):
+                               self.sa_replay), deltas, strict=True):
             if d:
                 counter.labels(tunnel, direction).inc(d)
 
@@ -191,7 +192,7 @@ class Metrics:
 
     # -- HTTP ------------------------------------------------------------------
 
-    async def serve(self, address: str = "127.0.0.1", port: int = 9464) -> "MetricsServer":
+    async def serve(self, address: str = "127.0.0.1", port: int = 9464) -> MetricsServer:
         """Serve ``/metrics`` from this event loop; ``port=0`` picks one."""
         from aiohttp import web  # imported here: the CLI's --help stays fast
 
@@ -205,7 +206,7 @@ class Metrics:
         await runner.setup()
         site = web.TCPSite(runner, str(address), port, reuse_address=True)
         await site.start()
-        bound = site._server.sockets[0].getsockname()[1]  # noqa: SLF001 - the port when 0
+        bound = int(runner.addresses[0][1])   # (host, port[, flow, scope])
         return MetricsServer(runner, bound)
 
 
@@ -282,7 +283,7 @@ def _stream_is_journal(stream: TextIO) -> bool:
     return want == f"{st.st_dev}:{st.st_ino}"
 
 
-def configure_logging(level: str = "info", fmt: str = "text",
+def configure_logging(level: str | enum.Enum = "info", fmt: str | enum.Enum = "text",
                       stream: TextIO | None = None) -> logging.Handler:
     """Install the qkdgate handler on the ``qkdgate`` logger tree. ``level``
     and ``fmt`` are LogConfig's values (enums or their strings)."""
@@ -302,7 +303,8 @@ def configure_logging(level: str = "info", fmt: str = "text",
     return handler
 
 
-def with_context(logger: logging.Logger, **context: Any) -> logging.LoggerAdapter:
+def with_context(logger: logging.Logger,
+                 **context: Any) -> logging.LoggerAdapter[logging.Logger]:
     """A logger that adds tunnel/peer/... context to every record."""
     return logging.LoggerAdapter(logger, {k: v for k, v in context.items()
                                           if k in CONTEXT_FIELDS})

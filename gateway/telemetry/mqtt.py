@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import enum
 import ipaddress
 import json
@@ -39,8 +40,9 @@ import re
 import socket
 import ssl
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from qkdgate import __version__
 from qkdgate.errors import ConfigError
@@ -149,7 +151,7 @@ class MqttOptions:
     backoff_max: float = 60.0
 
     @classmethod
-    def from_config(cls, cfg: Any, **overrides: Any) -> "MqttOptions":
+    def from_config(cls, cfg: Any, **overrides: Any) -> MqttOptions:
         """From ``qkdgate.gateway.config.model.MqttConfig``: reads the password
         file and builds the TLS context (verification always on)."""
         tls = None
@@ -265,7 +267,11 @@ class Telemetry:
 
     # -- the non-blocking entry point -------------------------------------
 
-    def publish_event(self, event: Mapping[str, Any]) -> bool:
+    def _stopping(self) -> bool:
+        """close() has been called (a method, so each check reads it afresh)."""
+        return self._closing
+
+    def publish_event(self, event: object) -> bool:
         """Queue one event for publication. Never blocks, never raises;
         returns False if the event was refused or an older one was dropped."""
         try:
@@ -291,7 +297,7 @@ class Telemetry:
                 return self._enqueue(self.status_topic, payload, True)
             payload = self._envelope("event", name, body)
             return self._enqueue(self.event_topic(name), payload, False)
-        except Exception:  # noqa: BLE001 - telemetry must never break the caller
+        except Exception:
             self.stats.rejected += 1
             log.exception("telemetry: could not queue an event")
             return False
@@ -318,7 +324,7 @@ class Telemetry:
         self._running = True
         self._done.clear()
         try:
-            while not self._closing:
+            while not self._stopping():
                 try:
                     await self._session()
                     delay = self.options.backoff_initial
@@ -330,19 +336,19 @@ class Telemetry:
                                 self.options.host, self.options.port, exc, delay)
                 finally:
                     self.stats.connected = False
-                if self._closing:
+                if self._stopping():   # close() ran while we were connected or waiting
                     break
                 # Jitter around the delay so a fleet does not reconnect in step.
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._closed.wait(), delay * (0.5 + self._rng()))
-                except TimeoutError:
-                    pass
                 delay = min(delay * 2, self.options.backoff_max)
         finally:
             self._running = False
             self._done.set()
 
-    async def close(self, timeout: float = 2.0) -> None:
+    # The timeout bounds the flush only: the offline state and the disconnect
+    # still run after it, which a caller's asyncio.timeout() would cancel.
+    async def close(self, timeout: float = 2.0) -> None:  # noqa: ASYNC109
         """Flush what is queued (for at most ``timeout``), publish the
         retained ``offline`` state, disconnect and let :meth:`run` return."""
         self._closing = True
@@ -423,7 +429,7 @@ class Telemetry:
                 cause = None if gone.cancelled() else gone.exception()
                 raise ConnectionError(f"the MQTT broker closed the connection ({cause})")
 
-    async def _say_offline(self, client: Any, timeout: float) -> None:
+    async def _say_offline(self, client: Any, timeout: float) -> None:  # noqa: ASYNC109  as close()
         try:
             await asyncio.wait_for(client.publish(
                 self.state_topic, self._state_payload("offline", "shutdown"), qos=1, retain=True),
@@ -434,7 +440,7 @@ class Telemetry:
     def _publish_status(self) -> None:
         try:
             body = dict(self._status() if self._status else {})
-        except Exception:  # noqa: BLE001 - a broken provider must not end telemetry
+        except Exception:
             log.exception("telemetry: status provider failed")
             body = {}
         body["telemetry"] = self.stats.as_dict()
@@ -444,12 +450,12 @@ class Telemetry:
 def _bypass_before_connect(client: Any, bypass: Callable[[socket.socket], None]) -> None:
     """Make paho (under aiomqtt 2.5 / paho-mqtt 2.2) create its TCP socket
     through us, so ``bypass`` runs before ``connect()``."""
-    paho = client._client  # noqa: SLF001 - pinned versions; tested in test_telemetry
+    paho = client._client
 
     def create_connection() -> socket.socket:
         err: OSError | None = None
         for family, kind, proto, _, addr in socket.getaddrinfo(
-                paho._host, paho._port, 0, socket.SOCK_STREAM):  # noqa: SLF001
+                paho._host, paho._port, 0, socket.SOCK_STREAM):
             sock = socket.socket(family, kind, proto)
             try:
                 try:
@@ -457,12 +463,12 @@ def _bypass_before_connect(client: Any, bypass: Callable[[socket.socket], None])
                 except Exception as exc:  # noqa: BLE001 - a TunnelError becomes a retry
                     raise OSError(f"cannot exempt the MQTT socket from tunnel policies: "
                                   f"{exc}") from None
-                sock.settimeout(paho._connect_timeout)  # noqa: SLF001
+                sock.settimeout(paho._connect_timeout)
                 sock.connect(addr)
                 return sock
             except OSError as exc:
                 sock.close()
                 err = exc
-        raise err or OSError(f"no address for {paho._host}")  # noqa: SLF001
+        raise err or OSError(f"no address for {paho._host}")
 
-    paho._create_socket_connection = create_connection  # noqa: SLF001
+    paho._create_socket_connection = create_connection
