@@ -69,12 +69,12 @@ def _bytes(n: Any) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
             return f"{n}{unit}" if unit == "B" else f"{n:.1f}{unit}"
-        n /= 1024   # type: ignore[assignment]
+        n /= 1024
     return str(n)
 
 
 def inputs_text(inputs: Any) -> str:
-    if not inputs or not inputs.get("kem") and not inputs.get("qkd_key_ids"):
+    if not inputs or (not inputs.get("kem") and not inputs.get("qkd_key_ids")):
         return "-"
     parts = [inputs["kem"]] if inputs.get("kem") else []
     if inputs.get("x25519"):
@@ -88,7 +88,7 @@ def inputs_text(inputs: Any) -> str:
     return "+".join(parts)
 
 
-def render(result: dict, *, detail: bool = False) -> str:
+def render(result: dict[str, Any], *, detail: bool = False) -> str:
     head = (f"gateway {result.get('gateway', '?')}  up {_age(result.get('uptime'))}  "
             f"peers: " + ", ".join(f"{p['peer']} {p.get('state', '?')}"
                                    for p in result.get("peers", [])))
@@ -112,7 +112,7 @@ def render(result: dict, *, detail: bool = False) -> str:
                      + ", ".join(result["needs_restart"]))
     lines.append("")
     for r in rows:
-        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
     if detail:
         for t in result.get("tunnels", []):
             lines.append("")

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 KEY_EVENTS = {"rekey_done", "rekey_failed", "policy_fallback", "policy_recovered",
               "tunnel_blocked", "sa_hard_lifetime_block", "sa_switched", "qkd_error",
@@ -55,9 +56,9 @@ def _active_sas(t: dict[str, Any]) -> str:
                 d, spi = str(sa.get("direction")), sa.get("spi")
                 if macsec:
                     try:
-                        an = int(str(spi), 0)
+                        an = str(int(str(spi), 0))
                     except ValueError:
-                        an = spi
+                        an = str(spi)
                     parts.append(f"{'tx' if d == 'out' else 'rx'} AN {an}")
                 else:
                     parts.append(f"{d} {spi}")
@@ -148,7 +149,8 @@ class Recorder:
              "qber": round(qber, 4) if qber is not None else None, **extra}
         with self._lock:
             self.alarms.append(a)
-        self.note(f"ALARM {alarm} on {source}" + (f" (QBER {qber:.1%})" if qber is not None else ""))
+        self.note(f"ALARM {alarm} on {source}"
+                  + (f" (QBER {qber:.1%})" if qber is not None else ""))
 
     def on_event(self, ev: dict[str, Any]) -> None:
         """Daemon hook (called in the daemon's thread)."""
@@ -165,7 +167,8 @@ class Recorder:
         action = None
         if name == "policy_fallback":
             self._fallback.add((gw, tid))
-            action = ("fallback", f"PQC-only (ML-KEM + X25519) from generation {ev.get('generation')}")
+            action = ("fallback",
+                      f"PQC-only (ML-KEM + X25519) from generation {ev.get('generation')}")
         elif name == "policy_recovered":
             self._fallback.discard((gw, tid))
             action = ("recovery", f"QKD keys again from generation {ev.get('generation')}")
@@ -202,7 +205,8 @@ class Recorder:
             inputs = e.get("inputs") or {}
             row["generations"].append({
                 "generation": e.get("generation"), "t": e["t"], "kem": inputs.get("kem"),
-                "x25519": inputs.get("x25519"), "qkd_key_ids": list(inputs.get("qkd_key_ids") or []),
+                "x25519": inputs.get("x25519"),
+                "qkd_key_ids": list(inputs.get("qkd_key_ids") or []),
                 "outbound_spi": _spi(spis.get((e["gateway"], e["tunnel"], e.get("generation"))))})
             if isinstance(e.get("latency_ms"), (int, float)):
                 row["latency_ms"].append(float(e["latency_ms"]))
@@ -214,7 +218,8 @@ class Recorder:
         return out
 
     def summary(self, *, traffic: dict[str, Any], config: dict[str, Any],
-                kernel: str, link: dict[str, Any] | None, cleanup: dict[str, Any]) -> dict[str, Any]:
+                kernel: str, link: dict[str, Any] | None,
+                cleanup: dict[str, Any]) -> dict[str, Any]:
         tunnels = {}
         all_lat: list[float] = []
         for key, row in self.rekeys().items():
@@ -253,7 +258,8 @@ def render(snap: dict[str, Any]) -> str:
     if link:
         alarms = ",".join(str(a) for a in link.get("alarms", [])) or "none"
         lines.append(f"  QKD link {'-'.join(map(str, link.get('kmes', [])))}: pool "
-                     f"{int(link.get('stored_keys', 0))} keys, QBER {float(link.get('qber', 0)):.1%}, "
+                     f"{int(link.get('stored_keys', 0))} keys, "
+                     f"QBER {float(link.get('qber', 0)):.1%}, "
                      f"key rate {float(link.get('secret_key_rate_bps', 0)) / 1000:.1f} kbit/s, "
                      f"alarms {alarms}")
     for gw, st in sorted((snap.get("gateways") or {}).items()):
