@@ -17,16 +17,30 @@ import errno
 import os
 import socket
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Callable, Sequence
 
-from qkdgate.errors import (KeyNotFound, KeySourceAuthError, KeyUnavailable, LocalProtocolError,
-                            TunnelError)
-from qkdgate.interfaces import (IPAddress, KeySourceStatus, MacsecLinkSpec, MacsecSaSpec,
-                                MacsecSaState, MacsecSecyState, PolicySpec, QkdKey, SaId, SaSpec,
-                                SaState)
+from qkdgate.errors import (
+    KeyNotFound,
+    KeySourceAuthError,
+    KeyUnavailable,
+    LocalProtocolError,
+    TunnelError,
+)
+from qkdgate.interfaces import (
+    IPAddress,
+    KeySourceStatus,
+    MacsecLinkSpec,
+    MacsecSaSpec,
+    MacsecSaState,
+    MacsecSecyState,
+    PolicySpec,
+    QkdKey,
+    SaId,
+    SaSpec,
+    SaState,
+)
 from qkdgate.keymix.secret import SecretBytes
-
 
 # --------------------------------------------------------------------------
 # key source
@@ -50,7 +64,7 @@ class FakeQkdLink:
         self.issued: dict[str, tuple[bytes, set[str]]] = {}  # key_id -> (key, SAEs still to read)
         self.delivered = 0
 
-    def source(self, sae_id: str) -> "RecordingKeySource":
+    def source(self, sae_id: str) -> RecordingKeySource:
         if sae_id not in (self.master_sae, self.slave_sae):
             raise LocalProtocolError(f"SAE {sae_id!r} is not on this link")
         return RecordingKeySource(self, sae_id)
@@ -60,7 +74,7 @@ class FakeQkdLink:
 class RecordingKeySource:
     link: FakeQkdLink
     sae_id: str
-    calls: list[tuple[str, tuple]] = field(default_factory=list)
+    calls: list[tuple[str, tuple[object, ...]]] = field(default_factory=list)
     closed: bool = False
 
     async def get_new_keys(self, peer_sae_id: str, number: int = 1, size_bits: int = 256,
@@ -128,11 +142,11 @@ class RecordingKeySource:
 # IPsec
 # --------------------------------------------------------------------------
 
-def _sa_key(sa_id: SaId) -> tuple:
+def _sa_key(sa_id: SaId) -> tuple[object, ...]:
     return (sa_id.dst, sa_id.spi, sa_id.proto, sa_id.mark, sa_id.if_id)
 
 
-def _policy_key(p: PolicySpec) -> tuple:
+def _policy_key(p: PolicySpec) -> tuple[object, ...]:
     return (p.selector, p.direction, p.mark, p.if_id)
 
 
@@ -149,8 +163,8 @@ class RecordingIpsecBackend:
 
     def __init__(self, now: Callable[[], float] = lambda: 0.0) -> None:
         self.now = now
-        self.sas: dict[tuple, InstalledSa] = {}
-        self.policies: dict[tuple, PolicySpec] = {}
+        self.sas: dict[tuple[object, ...], InstalledSa] = {}
+        self.policies: dict[tuple[object, ...], PolicySpec] = {}
         self.bypassed: list[int] = []
         self.ops: list[tuple[str, object]] = []
         self._next_spi = 0xC0000100
@@ -287,76 +301,76 @@ class RecordingMacsecBackend:
                                replay_window=spec.replay_window)
 
     def add_rx_sc(self, link: str, sci: int) -> None:
-        l = self._link("add_rx_sc", link)
-        if sci in l.rx:
+        lk = self._link("add_rx_sc", link)
+        if sci in lk.rx:
             raise TunnelError("add_rx_sc", errno.EEXIST)
-        l.rx[sci] = {}
+        lk.rx[sci] = {}
         self.ops.append(("add_rx_sc", sci))
 
     def remove_rx_sc(self, link: str, sci: int) -> None:
-        l = self._link("remove_rx_sc", link)
-        if l.rx.pop(sci, None) is None:
+        lk = self._link("remove_rx_sc", link)
+        if lk.rx.pop(sci, None) is None:
             raise TunnelError("remove_rx_sc", errno.ENODEV)
         self.ops.append(("remove_rx_sc", sci))
 
     def add_rx_sa(self, link: str, sci: int, sa: MacsecSaSpec) -> None:
-        l = self._link("add_rx_sa", link)
-        if sci not in l.rx:
+        lk = self._link("add_rx_sa", link)
+        if sci not in lk.rx:
             raise TunnelError("add_rx_sa", errno.ENODEV, "no such RX SC")
-        if sa.an in l.rx[sci]:
+        if sa.an in lk.rx[sci]:
             raise TunnelError("add_rx_sa", errno.EBUSY, f"AN {sa.an} in use")
-        l.rx[sci][sa.an] = sa
+        lk.rx[sci][sa.an] = sa
         self.ops.append(("add_rx_sa", sa.an))
 
     def add_tx_sa(self, link: str, sa: MacsecSaSpec) -> None:
-        l = self._link("add_tx_sa", link)
-        if sa.an in l.tx:
+        lk = self._link("add_tx_sa", link)
+        if sa.an in lk.tx:
             raise TunnelError("add_tx_sa", errno.EBUSY, f"AN {sa.an} in use")
-        l.tx[sa.an] = sa
+        lk.tx[sa.an] = sa
         self.ops.append(("add_tx_sa", sa.an))
 
     def set_encoding_sa(self, link: str, an: int) -> None:
-        l = self._link("set_encoding_sa", link)
-        if an not in l.tx:
+        lk = self._link("set_encoding_sa", link)
+        if an not in lk.tx:
             raise TunnelError("set_encoding_sa", errno.ENODEV, f"no TX SA on AN {an}")
-        l.encoding_an = an
+        lk.encoding_an = an
         self.ops.append(("set_encoding_sa", an))
 
     def set_rx_sa_active(self, link: str, sci: int, an: int, active: bool) -> None:
-        l = self._link("set_rx_sa_active", link)
-        l.rx[sci][an] = replace(l.rx[sci][an], active=active)
+        lk = self._link("set_rx_sa_active", link)
+        lk.rx[sci][an] = replace(lk.rx[sci][an], active=active)
         self.ops.append(("set_rx_sa_active", (an, active)))
 
     def set_tx_sa_active(self, link: str, an: int, active: bool) -> None:
-        l = self._link("set_tx_sa_active", link)
-        if an not in l.tx:
+        lk = self._link("set_tx_sa_active", link)
+        if an not in lk.tx:
             raise TunnelError("set_tx_sa_active", errno.ENODEV)
-        l.tx[an] = replace(l.tx[an], active=active)
+        lk.tx[an] = replace(lk.tx[an], active=active)
         self.ops.append(("set_tx_sa_active", (an, active)))
 
     def remove_rx_sa(self, link: str, sci: int, an: int) -> None:
-        l = self._link("remove_rx_sa", link)
-        sa = l.rx.get(sci, {}).get(an)
+        lk = self._link("remove_rx_sa", link)
+        sa = lk.rx.get(sci, {}).get(an)
         if sa is None:
             raise TunnelError("remove_rx_sa", errno.ENODEV)
         if sa.active:
             raise TunnelError("remove_rx_sa", errno.EBUSY, "SA is active")
-        del l.rx[sci][an]
+        del lk.rx[sci][an]
         self.ops.append(("remove_rx_sa", an))
 
     def remove_tx_sa(self, link: str, an: int) -> None:
-        l = self._link("remove_tx_sa", link)
-        sa = l.tx.get(an)
+        lk = self._link("remove_tx_sa", link)
+        sa = lk.tx.get(an)
         if sa is None:
             raise TunnelError("remove_tx_sa", errno.ENODEV)
         if sa.active:
             raise TunnelError("remove_tx_sa", errno.EBUSY, "SA is active")
-        del l.tx[an]
+        del lk.tx[an]
         self.ops.append(("remove_tx_sa", an))
 
     def query_tx_sa(self, link: str, an: int) -> MacsecSaState:
-        l = self._link("query_tx_sa", link)
-        sa = l.tx.get(an)
+        lk = self._link("query_tx_sa", link)
+        sa = lk.tx.get(an)
         if sa is None:
             raise TunnelError("query_tx_sa", errno.ENODEV)
         return MacsecSaState(an=an, active=sa.active, next_pn=sa.pn)
