@@ -28,9 +28,11 @@ CHECKED=(
   adapters
   gateway/config
   gateway/cli/__init__.py gateway/cli/main.py gateway/cli/check_config.py gateway/cli/keygen.py
-  gateway/cli/kme_sim.py gateway/cli/rekey.py
+  gateway/cli/kme_sim.py gateway/cli/rekey.py gateway/cli/run.py gateway/cli/status.py
   gateway/demo/__init__.py gateway/demo/command.py gateway/demo/config.py gateway/demo/net.py
-  gateway/demo/run.py gateway/demo/traffic.py gateway/demo/kernelwatch.py
+  gateway/demo/run.py gateway/demo/traffic.py gateway/demo/kernelwatch.py gateway/demo/view.py
+  gateway/telemetry
+  qkdgate/testing
   tests
   bench
   tools
