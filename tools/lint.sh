@@ -26,6 +26,7 @@ CHECKED=(
   qkdgate/private_file.py
   keymix
   adapters
+  tunnels
   gateway/config
   gateway/cli/__init__.py gateway/cli/main.py gateway/cli/check_config.py gateway/cli/keygen.py
   gateway/cli/kme_sim.py gateway/cli/rekey.py gateway/cli/run.py gateway/cli/status.py

@@ -16,8 +16,9 @@ of the key legs and QKD key_IDs, never key bytes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Any, Callable, ClassVar, Protocol
+from typing import ClassVar, Protocol
 
 
 class _Provenance(Protocol):
@@ -45,7 +46,7 @@ class KeyInputs:
             return cls()
         return cls(prov.kem_name, bool(prov.x25519), tuple(prov.qkd_key_ids))
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> dict[str, object]:
         return {"kem": self.kem, "x25519": self.x25519, "qkd_key_ids": list(self.qkd_key_ids)}
 
 
@@ -56,9 +57,9 @@ class TunnelEvent:
     name: ClassVar[str] = "tunnel_event"
     tunnel: str
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, object]:
         """The flat dict form the daemon's subscribers receive."""
-        out: dict[str, Any] = {"event": self.name}
+        out: dict[str, object] = {"event": self.name}
         for f in fields(self):
             value = getattr(self, f.name)
             out[f.name] = value.as_dict() if isinstance(value, KeyInputs) else value

@@ -88,11 +88,11 @@ def run(args: argparse.Namespace) -> int:
     if not extra and not args.all_macsec and not any(
             t["reqids"] or t["links"] for t in plan.values()):
         # Nothing recorded and nothing asked: say so rather than pretend.
-        print(f"failsafe: no tunnels recorded in {args.state}; nothing done "
+        print(f"failsafe: no tunnels recorded in {args.state}; nothing done "  # noqa: T201 (CLI)
               "(use --reqids and --all-macsec to sweep)", file=sys.stderr)
         return 0
     if keep_ipsec_sas(args, dict(os.environ)):
-        print("failsafe: clean exit: IPsec SAs kept until their kernel hard lifetime "
+        print("failsafe: clean exit: IPsec SAs kept until their kernel hard lifetime "  # noqa: T201
               "(hitless restart); MACsec neutralised", flush=True)
         for todo in plan.values():
             todo["reqids"] = None
@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _say(ns: str | None, text: str) -> None:
-    print(f"failsafe[{ns or 'default netns'}]: {text}", flush=True)
+    print(f"failsafe[{ns or 'default netns'}]: {text}", flush=True)  # noqa: T201 (CLI output)
 
 
 def _failsafe_ns(ns: str | None, reqids: list[int] | None, extra: tuple[int, int] | None,
@@ -140,7 +140,7 @@ def _ipsec(ns: str | None, ranges: list[tuple[int, ...]], dry: bool) -> int:
             for st in doomed:
                 _say(ns, f"would delete SA spi={st.sa_id.spi:#x} reqid={st.reqid}")
         else:
-            for st, err in zip(doomed, be.remove_sas([st.sa_id for st in doomed])):
+            for st, err in zip(doomed, be.remove_sas([st.sa_id for st in doomed]), strict=True):
                 if err is not None and err.errno != 3:  # ESRCH: expired meanwhile, fine
                     _say(ns, f"delete SA spi={st.sa_id.spi:#x}: {err}")
                     failures += 1

@@ -23,12 +23,26 @@ import logging
 import socket
 from dataclasses import dataclass, replace
 
-from qkdgate.errors import TunnelError
-from qkdgate.interfaces import (Direction, IPAddress, IpsecBackend, IPNetwork, Lifetime, Mark,
-                                Mode, PolicyAction, PolicySpec, SaId, SaSpec, SaState, Selector,
-                                Template, UdpEncap)
+from qkdgate.errors import LocalProtocolError, TunnelError
+from qkdgate.interfaces import (
+    Direction,
+    IPAddress,
+    IPNetwork,
+    IpsecBackend,
+    Lifetime,
+    Mark,
+    Mode,
+    PolicyAction,
+    PolicySpec,
+    SaId,
+    SaSpec,
+    SaState,
+    Selector,
+    Template,
+    UdpEncap,
+)
 from qkdgate.keymix.secret import SecretBytes
-from qkdgate.tunnels.driver import (CounterReading, KeySchedule, NewSa, SaRecord, SetupReport)
+from qkdgate.tunnels.driver import CounterReading, KeySchedule, NewSa, SaRecord, SetupReport
 from qkdgate.tunnels.events import TunnelEventSink
 from qkdgate.tunnels.manager import Tunnel, TunnelPolicy
 from qkdgate.tunnels.timers import Lifetimes
@@ -55,7 +69,7 @@ class IpsecTunnelSpec:
     esn: bool = True
 
     def __post_init__(self) -> None:
-        if not 1 <= self.reqid_base or self.reqid_span < 3 \
+        if self.reqid_base < 1 or self.reqid_span < 3 \
                 or self.reqid_base + self.reqid_span > 0xFFFFFFFF:
             raise ValueError("reqid range must be within 1..2^32-1 and hold at least 3 reqids")
         if not self.local_nets or not self.remote_nets:
@@ -264,8 +278,7 @@ class IpsecDriver:
             self._out_policies[i] = blocked
 
     def remove_sa(self, rec: SaRecord) -> None:
-        assert isinstance(rec.handle, SaId)
-        self.backend.remove_sa(rec.handle)
+        self.backend.remove_sa(_sa_id(rec))
 
     def neutralize(self, rec: SaRecord) -> tuple[str, bool]:
         # XFRM has no "inactive" SA: the kernel hard lifetime bounds it, and
@@ -276,9 +289,8 @@ class IpsecDriver:
         totals = {"bytes_out": 0, "bytes_in": 0, "packets_out": 0, "packets_in": 0}
         observed: list[tuple[str, SaState]] = []
         for rec in records:
-            assert isinstance(rec.handle, SaId)
             try:
-                st = self.backend.query_sa(rec.handle)
+                st = self.backend.query_sa(_sa_id(rec))
             except TunnelError as exc:
                 if exc.errno == errno.ESRCH:
                     continue
@@ -305,3 +317,9 @@ class IpsecDriver:
         sels = {sel for pair in self.spec.selectors() for sel in pair}
         return pol.selector in sels and pol.mark == self.spec.mark and \
             pol.if_id == self.spec.if_id
+
+
+def _sa_id(rec: SaRecord) -> SaId:
+    if not isinstance(rec.handle, SaId):
+        raise LocalProtocolError(f"IPsec SA record without an SaId: {rec.describe()}")
+    return rec.handle

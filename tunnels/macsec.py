@@ -22,11 +22,23 @@ import errno
 import struct
 
 from qkdgate.errors import LocalProtocolError, TunnelError
-from qkdgate.interfaces import (MacsecCipher, MacsecLinkSpec, MacsecSaSpec, MacsecSaState,
-                                MacsecSecyState)
+from qkdgate.interfaces import (
+    MacsecCipher,
+    MacsecLinkSpec,
+    MacsecSaSpec,
+    MacsecSaState,
+    MacsecSecyState,
+)
 from qkdgate.tunnels import macsec_msg as m
-from qkdgate.tunnels.netlink import (NetlinkChannel, NLM_F_CREATE, NLM_F_EXCL, iter_nlas, nla,
-                                     nla_nested, parse_nlas)
+from qkdgate.tunnels.netlink import (
+    NLM_F_CREATE,
+    NLM_F_EXCL,
+    NetlinkChannel,
+    iter_nlas,
+    nla,
+    nla_nested,
+    parse_nlas,
+)
 from qkdgate.tunnels.state import TunnelRegistry
 
 NETLINK_ROUTE, NETLINK_GENERIC = 0, 16
@@ -43,6 +55,11 @@ def _u8(t: int, v: int) -> bytes:
 
 def _u32(t: int, v: int) -> bytes:
     return nla(t, struct.pack("=I", v))
+
+
+def _stat(stats: dict[int, bytes], t: int) -> int:
+    raw = stats.get(t, b"")
+    return int(struct.unpack("=I", raw[:4])[0]) if len(raw) >= 4 else 0
 
 
 def _sci(t: int, sci: int) -> bytes:
@@ -84,7 +101,7 @@ class MacsecBackend:
                                   + nla(m.IFLA_IFNAME, name.encode() + b"\0"))
         if not replies:
             raise TunnelError(op, errno.ENODEV, name)
-        return _IFINFO.unpack_from(replies[0][1])[2]
+        return int(_IFINFO.unpack_from(replies[0][1])[2])
 
     def _ifattr(self, link: str, op: str) -> bytes:
         return _u32(m.MACSEC_ATTR_IFINDEX, self.ifindex(link, op))
@@ -145,7 +162,7 @@ class MacsecBackend:
                         _IFINFO.pack(0, 0, idx, m.IFF_UP if up else 0, m.IFF_UP))
 
     def link_sci(self, name: str) -> int:
-        return struct.unpack(">Q", self._secy(name)[m.MACSEC_SECY_ATTR_SCI][:8])[0]
+        return int(struct.unpack(">Q", self._secy(name)[m.MACSEC_SECY_ATTR_SCI][:8])[0])
 
     def secy_state(self, name: str) -> MacsecSecyState:
         """The link's SecY settings (MACSEC_ATTR_SECY of MACSEC_CMD_GET_TXSC;
@@ -211,7 +228,8 @@ class MacsecBackend:
         finally:
             del key
         if xpn:
-            assert sa.salt is not None and sa.ssci is not None
+            if sa.salt is None or sa.ssci is None:
+                raise LocalProtocolError(f"{op}: an XPN SA needs a salt and an SSCI")
             attrs.append(nla(m.MACSEC_SA_ATTR_SSCI, struct.pack(">I", sa.ssci)))
             attrs.append(nla(m.MACSEC_SA_ATTR_SALT, sa.salt.reveal()))
         return nla_nested(m.MACSEC_ATTR_SA_CONFIG, *attrs)
@@ -257,16 +275,14 @@ class MacsecBackend:
         for _i, entry in iter_nlas(dump.get(m.MACSEC_ATTR_TXSA_LIST, b"")):
             a = parse_nlas(entry)
             pn_raw = a.get(m.MACSEC_SA_ATTR_PN, b"\0" * 4)
-            pn = struct.unpack("=Q" if len(pn_raw) >= 8 else "=I", pn_raw[:8 if len(pn_raw) >= 8 else 4])[0]
+            wide = len(pn_raw) >= 8
+            pn = int(struct.unpack("=Q" if wide else "=I", pn_raw[:8 if wide else 4])[0])
             stats = parse_nlas(a.get(m.MACSEC_SA_ATTR_STATS, b""))
-            def stat(t: int) -> int:
-                raw = stats.get(t, b"")
-                return struct.unpack("=I", raw[:4])[0] if len(raw) >= 4 else 0
             out.append(MacsecSaState(an=a[m.MACSEC_SA_ATTR_AN][0],
                                      active=bool(a.get(m.MACSEC_SA_ATTR_ACTIVE, b"\0")[0]),
                                      next_pn=pn,
-                                     packets=stat(m.MACSEC_SA_STATS_ATTR_OUT_PKTS_PROTECTED)
-                                     + stat(m.MACSEC_SA_STATS_ATTR_OUT_PKTS_ENCRYPTED)))
+                                     packets=_stat(stats, m.MACSEC_SA_STATS_ATTR_OUT_PKTS_PROTECTED)
+                                     + _stat(stats, m.MACSEC_SA_STATS_ATTR_OUT_PKTS_ENCRYPTED)))
         return out
 
     def query_tx_sa(self, link: str, an: int) -> MacsecSaState:

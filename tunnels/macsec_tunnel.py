@@ -26,11 +26,23 @@ import errno
 import logging
 from dataclasses import dataclass
 
-from qkdgate.errors import TunnelError
-from qkdgate.interfaces import (MacsecBackend, MacsecCipher, MacsecLinkSpec, MacsecSaSpec,
-                                MacsecSaState, MacsecSecyState)
-from qkdgate.tunnels.driver import (CounterReading, KeySchedule, MacsecKeyMaterial, NewSa,
-                                    SaRecord, SetupReport)
+from qkdgate.errors import LocalProtocolError, TunnelError
+from qkdgate.interfaces import (
+    MacsecBackend,
+    MacsecCipher,
+    MacsecLinkSpec,
+    MacsecSaSpec,
+    MacsecSaState,
+    MacsecSecyState,
+)
+from qkdgate.tunnels.driver import (
+    CounterReading,
+    KeySchedule,
+    MacsecKeyMaterial,
+    NewSa,
+    SaRecord,
+    SetupReport,
+)
 from qkdgate.tunnels.events import TunnelEventSink
 from qkdgate.tunnels.manager import Tunnel, TunnelPolicy
 from qkdgate.tunnels.timers import Lifetimes
@@ -141,21 +153,28 @@ class MacsecDriver:
     def _remove_stale(self) -> int:
         removed = 0
         for an in range(4):
-            for remove, deactivate in (
-                    (lambda: self.backend.remove_tx_sa(self.link, an),
-                     lambda: self.backend.set_tx_sa_active(self.link, an, False)),
-                    (lambda: self.backend.remove_rx_sa(self.link, self.spec.peer_sci, an),
-                     lambda: self.backend.set_rx_sa_active(self.link, self.spec.peer_sci, an,
-                                                           False))):
+            for direction in ("out", "in"):
                 try:
-                    remove()
+                    self._remove_an(direction, an)
                 except TunnelError as exc:
                     if exc.errno != errno.EBUSY:
                         continue          # ENODEV: nothing on this AN
-                    deactivate()          # the kernel refuses to delete an active SA
-                    remove()
+                    self._set_active(direction, an, False)   # the kernel refuses to
+                    self._remove_an(direction, an)           # delete an active SA
                 removed += 1
         return removed
+
+    def _remove_an(self, direction: str, an: int) -> None:
+        if direction == "out":
+            self.backend.remove_tx_sa(self.link, an)
+        else:
+            self.backend.remove_rx_sa(self.link, self.spec.peer_sci, an)
+
+    def _set_active(self, direction: str, an: int, active: bool) -> None:
+        if direction == "out":
+            self.backend.set_tx_sa_active(self.link, an, active)
+        else:
+            self.backend.set_rx_sa_active(self.link, self.spec.peer_sci, an, active)
 
     def allocate_spi(self, inbound_in_use: frozenset[int]) -> int:
         for step in range(1, 5):
@@ -195,8 +214,7 @@ class MacsecDriver:
         pass  # every TX SA is gone: the kernel drops frames with no active encoding SA
 
     def remove_sa(self, rec: SaRecord) -> None:
-        assert isinstance(rec.handle, tuple)
-        sci, an = rec.handle
+        sci, an = _sci_an(rec)
         if rec.direction == "out":
             self.backend.set_tx_sa_active(self.link, an, False)
             self.backend.remove_tx_sa(self.link, an)
@@ -208,8 +226,7 @@ class MacsecDriver:
         """MACsec SAs have no lifetime: an SA we cannot delete is set inactive
         (IEEE 802.1AE-2018 10.7.22 inUse); if even that fails the link goes
         down, so no frame is sent or accepted under it."""
-        assert isinstance(rec.handle, tuple)
-        sci, an = rec.handle
+        sci, an = _sci_an(rec)
         try:
             if rec.direction == "out":
                 self.backend.set_tx_sa_active(self.link, an, False)
@@ -240,3 +257,9 @@ class MacsecDriver:
             return False
         self.backend.destroy_link(self.link)
         return True
+
+
+def _sci_an(rec: SaRecord) -> tuple[int, int]:
+    if not isinstance(rec.handle, tuple):
+        raise LocalProtocolError(f"MACsec SA record without (SCI, AN): {rec.describe()}")
+    return rec.handle

@@ -54,27 +54,56 @@ from __future__ import annotations
 
 import errno
 import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Mapping, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from qkdgate.errors import QkdgateError, TunnelError
 from qkdgate.interfaces import MacsecSaState, SaState
 from qkdgate.tunnels.driver import KeySchedule, NewSa, SaRecord, TunnelDriver
-from qkdgate.tunnels.events import (KernelStateReplaced, KeyInputs, PolicyFallback,
-                                    PolicyRecovered, SaAdopted, SaHardLifetimeBlock, SaInstalled,
-                                    SaRemovalEscalated, SaRetired, SaStaleRemoved, SaSwitched,
-                                    TunnelBlocked, TunnelEvent, TunnelEventSink, TunnelOpFailed,
-                                    discard)
+from qkdgate.tunnels.events import (
+    KernelStateReplaced,
+    KeyInputs,
+    PolicyFallback,
+    PolicyRecovered,
+    SaAdopted,
+    SaHardLifetimeBlock,
+    SaInstalled,
+    SaRemovalEscalated,
+    SaRetired,
+    SaStaleRemoved,
+    SaSwitched,
+    TunnelBlocked,
+    TunnelEvent,
+    TunnelEventSink,
+    TunnelOpFailed,
+    discard,
+)
 from qkdgate.tunnels.policy import KeyPolicy
-from qkdgate.tunnels.timers import (REMOVE_ATTEMPTS_BEFORE_ESCALATION, Expiry, Lifetimes,
-                                    TunnelTimers)
+from qkdgate.tunnels.timers import (
+    REMOVE_ATTEMPTS_BEFORE_ESCALATION,
+    Expiry,
+    Lifetimes,
+    TunnelTimers,
+)
 
 if TYPE_CHECKING:
     from qkdgate.keymix.combiner import Provenance, SessionSecret
 
-__all__ = ["GenerationRefused", "Generation", "KeySchedule", "Lifetimes", "SaRecord", "Tunnel",
-           "TunnelDriver", "TunnelManager", "TunnelPolicy", "check_policy", "legs_of",
-           "provenance_dict"]
+__all__ = [
+    "Generation",
+    "GenerationRefused",
+    "KeySchedule",
+    "Lifetimes",
+    "SaRecord",
+    "Tunnel",
+    "TunnelDriver",
+    "TunnelManager",
+    "TunnelPolicy",
+    "check_policy",
+    "legs_of",
+    "provenance_dict",
+]
 
 log = logging.getLogger("qkdgate.tunnels")
 

@@ -18,11 +18,12 @@ from echoing our request (which may hold key bytes) back in error replies.
 
 from __future__ import annotations
 
+import contextlib
 import errno as _errno
 import socket
 import struct
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 from qkdgate.errors import TunnelError
 
@@ -53,7 +54,8 @@ def nla_nested(attr_type: int, *children: bytes) -> bytes:
     return nla(attr_type | NLA_F_NESTED, b"".join(children))
 
 
-def parse_nlas(data: bytes | memoryview, offset: int = 0, end: int | None = None) -> dict[int, bytes]:
+def parse_nlas(data: bytes | memoryview, offset: int = 0,
+               end: int | None = None) -> dict[int, bytes]:
     """Attributes as ``{type: payload}``; the last wins on duplicates.
 
     Raises ValueError on a truncated or overlong attribute: the kernel never
@@ -93,10 +95,8 @@ class NetlinkChannel:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, rcvbuf)
         for opt in (NETLINK_CAP_ACK, NETLINK_EXT_ACK):
-            try:
+            with contextlib.suppress(OSError):  # very old kernels: plain errors still work
                 self.sock.setsockopt(SOL_NETLINK, opt, 1)
-            except OSError:  # very old kernels: plain errors still work
-                pass
         self.sock.bind((0, 0))
         # one receive buffer for the channel's life: recv(1 MiB) would
         # allocate (and under TCG fault in) a fresh megabyte per reply
@@ -107,7 +107,7 @@ class NetlinkChannel:
     def close(self) -> None:
         self.sock.close()
 
-    def __enter__(self) -> "NetlinkChannel":
+    def __enter__(self) -> NetlinkChannel:
         return self
 
     def __exit__(self, *exc: object) -> None:

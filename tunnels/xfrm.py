@@ -32,11 +32,29 @@ from dataclasses import replace
 from typing import Any
 
 from qkdgate.errors import LocalProtocolError, TunnelError
-from qkdgate.interfaces import (Direction, IPAddress, Lifetime, Mark, Mode, PolicyAction,
-                                PolicySpec, SaId, SaSpec, SaState, Selector, Template)
+from qkdgate.interfaces import (
+    Direction,
+    IPAddress,
+    Mark,
+    Mode,
+    PolicyAction,
+    PolicySpec,
+    SaId,
+    SaSpec,
+    SaState,
+    Selector,
+    Template,
+)
 from qkdgate.tunnels import xfrm_msg as m
-from qkdgate.tunnels.netlink import (NLM_F_CREATE, NLM_F_EXCL, NetlinkChannel, iter_nlas, nla,
-                                     open_socket_in_netns, parse_nlas)
+from qkdgate.tunnels.netlink import (
+    NLM_F_CREATE,
+    NLM_F_EXCL,
+    NetlinkChannel,
+    iter_nlas,
+    nla,
+    open_socket_in_netns,
+    parse_nlas,
+)
 from qkdgate.tunnels.state import TunnelRegistry
 
 NETLINK_XFRM = 6
@@ -136,7 +154,7 @@ class XfrmBackend:
             raise TunnelError("allocate_spi", errno.EPROTO, "no SA in the kernel's reply")
         spi = m.USERSA_INFO.unpack(replies[0][1])["id.spi"]
         self._larval.add((dst.packed, spi))
-        return spi
+        return int(spi)
 
     def _sa_message(self, sa_id: SaId, spec: SaSpec) -> bytes:
         fam = _family(sa_id.dst)
@@ -145,7 +163,8 @@ class XfrmBackend:
         lt = spec.lifetime
         if not lt.hard_add_seconds:
             lt = replace(lt, hard_add_seconds=self.default_hard_seconds,
-                         soft_add_seconds=lt.soft_add_seconds or self.default_hard_seconds * 9 // 10)
+                         soft_add_seconds=(lt.soft_add_seconds
+                                           or self.default_hard_seconds * 9 // 10))
         use_esn_attr = spec.esn or spec.replay_window > 32
         v: dict[str, Any] = dict(_INF_LFT)
         v.update(_selector("sel", spec.selector, fam))
@@ -209,7 +228,8 @@ class XfrmBackend:
         if st.reqid != spec.reqid:
             problems.append(f"reqid {st.reqid}")
         if problems:
-            raise TunnelError(op, errno.EIO, f"SA {sa_id.spi:#x} read back with " + ", ".join(problems))
+            raise TunnelError(op, errno.EIO,
+                              f"SA {sa_id.spi:#x} read back with " + ", ".join(problems))
 
     def install_inbound(self, sa_id: SaId, spec: SaSpec) -> None:
         self._install("install_inbound", sa_id, spec)
@@ -332,7 +352,8 @@ class XfrmBackend:
         s = open_socket_in_netns(family, socket.SOCK_DGRAM, self.netns)
         try:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", port))
+            # RFC 3948: ESP-in-UDP arrives on any address of the gateway
+            s.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", port))  # noqa: S104
             s.setsockopt(socket.IPPROTO_UDP, m.UDP_ENCAP, m.UDP_ENCAP_ESPINUDP)
             self.bypass_socket(s)
         except OSError as exc:
@@ -387,7 +408,8 @@ def _decode_policy(body: bytes) -> PolicySpec:
             mark = Mark(mk["v"], mk["m"])
         elif t == m.XFRMA_IF_ID:
             if_id = int.from_bytes(val[:4], "little") or None
-    return PolicySpec(selector=_decode_selector(v), direction=_DIR_BACK.get(v["dir"], Direction.OUT),
+    return PolicySpec(selector=_decode_selector(v),
+                      direction=_DIR_BACK.get(v["dir"], Direction.OUT),
                       action=PolicyAction.BLOCK if v["action"] == m.XFRM_POLICY_BLOCK
                       else PolicyAction.ALLOW,
                       template=template, priority=v["priority"], index=v["index"],

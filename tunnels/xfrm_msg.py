@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import socket
 import struct
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from pyroute2.netlink import nla, nlmsg
 
@@ -84,7 +85,7 @@ class Layout:
         return self.struct.pack(*args)
 
     def unpack(self, buf: bytes | memoryview, offset: int = 0) -> dict[str, Any]:
-        out = dict(zip(self.names, self.struct.unpack_from(buf, offset)))
+        out = dict(zip(self.names, self.struct.unpack_from(buf, offset), strict=True))
         for n, fn in self._swap.items():
             out[n] = fn(out[n])  # htonl is its own inverse
         return out
@@ -116,24 +117,24 @@ xfrm_usersa_info = (_prefixed("sel", xfrm_selector) + _prefixed("id", xfrm_id)
                        ("replay_window", "B"), ("flags", "B"), ("__pad", "7x")])
 xfrm_usersa_id = [("daddr", "16s"), ("spi", ">I"), ("family", "H"), ("proto", "B"),
                   ("__pad", "x")]
-xfrm_userspi_info = _prefixed("info", xfrm_usersa_info) + [("min", "I"), ("max", "I")]
-xfrm_userpolicy_info = (_prefixed("sel", xfrm_selector) + _prefixed("lft", xfrm_lifetime_cfg)
-                        + _prefixed("curlft", xfrm_lifetime_cur)
-                        + [("priority", "I"), ("index", "I"), ("dir", "B"), ("action", "B"),
-                           ("flags", "B"), ("share", "B"), ("__pad", "4x")])
-xfrm_userpolicy_id = _prefixed("sel", xfrm_selector) + [("index", "I"), ("dir", "B"),
-                                                         ("__pad", "3x")]
-xfrm_user_tmpl = (_prefixed("id", xfrm_id)
-                  + [("family", "H"), ("__pad1", "2x"), ("saddr", "16s"), ("reqid", "I"),
-                     ("mode", "B"), ("share", "B"), ("optional", "B"), ("__pad2", "x"),
-                     ("aalgos", "I"), ("ealgos", "I"), ("calgos", "I")])
+xfrm_userspi_info = [*_prefixed("info", xfrm_usersa_info), ("min", "I"), ("max", "I")]
+xfrm_userpolicy_info = [*_prefixed("sel", xfrm_selector), *_prefixed("lft", xfrm_lifetime_cfg),
+                        *_prefixed("curlft", xfrm_lifetime_cur),
+                        ("priority", "I"), ("index", "I"), ("dir", "B"), ("action", "B"),
+                        ("flags", "B"), ("share", "B"), ("__pad", "4x")]
+xfrm_userpolicy_id = [*_prefixed("sel", xfrm_selector), ("index", "I"), ("dir", "B"),
+                      ("__pad", "3x")]
+xfrm_user_tmpl = [*_prefixed("id", xfrm_id),
+                  ("family", "H"), ("__pad1", "2x"), ("saddr", "16s"), ("reqid", "I"),
+                  ("mode", "B"), ("share", "B"), ("optional", "B"), ("__pad2", "x"),
+                  ("aalgos", "I"), ("ealgos", "I"), ("calgos", "I")]
 xfrm_algo_aead = [("alg_name", "64s"), ("alg_key_len", "I"), ("alg_icv_len", "I")]  # + alg_key[]
 xfrm_replay_state_esn = [("bmp_len", "I"), ("oseq", "I"), ("seq", "I"), ("oseq_hi", "I"),
                          ("seq_hi", "I"), ("replay_window", "I")]               # + bmp[]
 xfrm_encap_tmpl = [("encap_type", "H"), ("encap_sport", ">H"), ("encap_dport", ">H"),
                    ("__pad", "2x"), ("encap_oa", "16s")]
 xfrm_mark = [("v", "I"), ("m", "I")]
-xfrm_user_expire = _prefixed("state", xfrm_usersa_info) + [("hard", "B"), ("__pad", "7x")]
+xfrm_user_expire = [*_prefixed("state", xfrm_usersa_info), ("hard", "B"), ("__pad", "7x")]
 
 USERSA_INFO = Layout("xfrm_usersa_info", xfrm_usersa_info)
 USERSA_ID = Layout("xfrm_usersa_id", xfrm_usersa_id)
