@@ -58,7 +58,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from qkdgate.errors import QkdgateError, TunnelError
+from qkdgate.errors import LocalProtocolError, QkdgateError, TunnelError
 from qkdgate.interfaces import MacsecSaState, SaState
 from qkdgate.tunnels.driver import KeySchedule, NewSa, SaRecord, TunnelDriver
 from qkdgate.tunnels.events import (
@@ -585,7 +585,12 @@ class TunnelManager:
         self.tunnels[tunnel.tunnel_id] = tunnel
 
     def get(self, tunnel_id: str) -> Tunnel:
-        return self.tunnels[tunnel_id]
+        """The tunnel named ``tunnel_id``; an unknown id is our bug (the
+        protocol names only configured tunnels): LocalProtocolError."""
+        tunnel = self.tunnels.get(tunnel_id)
+        if tunnel is None:
+            raise LocalProtocolError(f"unknown tunnel id {tunnel_id!r}")
+        return tunnel
 
     def install_inbound(self, generation: int, session: SessionSecret, role: str,
                         spis: Mapping[str, int], now: float) -> None:
@@ -601,14 +606,14 @@ class TunnelManager:
         refused: list[GenerationRefused] = []
         try:
             for tid, spi in spis.items():
-                tunnel = self.tunnels[tid]
+                tunnel = self.get(tid)
                 try:
                     tunnel.install_inbound(generation, session, role, spi, now)
                 except GenerationRefused as exc:
                     refused.append(exc)
                     continue
                 done.append(tunnel)
-        except (QkdgateError, KeyError):
+        except QkdgateError:
             for t in done:
                 t.retire(generation, now)
             raise
@@ -621,7 +626,7 @@ class TunnelManager:
         switched = 0
         for tid, spi in spis.items():
             try:
-                self.tunnels[tid].install_outbound(generation, session, role, spi, now)
+                self.get(tid).install_outbound(generation, session, role, spi, now)
                 switched += 1
             except GenerationRefused as exc:   # policy: this tunnel stays on its old SAs
                 errors.append(exc)
@@ -632,7 +637,7 @@ class TunnelManager:
 
     def retire(self, tunnel_ids: list[str], generation: int, now: float) -> None:
         for tid in tunnel_ids:
-            self.tunnels[tid].retire(generation, now)
+            self.get(tid).retire(generation, now)
 
     def get_timer(self) -> float | None:
         times = [t for t in (x.get_timer() for x in self.tunnels.values()) if t is not None]

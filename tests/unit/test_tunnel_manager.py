@@ -387,3 +387,17 @@ def test_poll_sums_counters_asks_for_rekey_at_soft_bytes_and_feeds_the_observer(
 def replace_bytes(st, n):
     from dataclasses import replace
     return replace(st, bytes=n)
+
+
+def test_an_unknown_tunnel_id_is_a_local_error_and_installs_nothing():
+    from qkdgate.errors import LocalProtocolError
+    t, be = tunnel()
+    t.setup(0.0)
+    mgr = TunnelManager()
+    mgr.add(t)
+    with pytest.raises(LocalProtocolError, match="unknown tunnel id 'nope'"):
+        mgr.install_inbound(1, Session(b"g1"), "initiator",
+                            {"t1": t.allocate_spi(), "nope": 0xC0000999}, 0.0)
+    assert be.sas == {} and 1 not in t.generations      # all or nothing
+    with pytest.raises(LocalProtocolError):
+        mgr.get("nope")
