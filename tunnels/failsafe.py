@@ -35,7 +35,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any
+from typing import TypedDict
 
 from qkdgate.tunnels.state import DEFAULT_PATH
 
@@ -74,11 +74,16 @@ def _parse_range(text: str) -> tuple[int, int]:
     return lo, hi
 
 
+class _Todo(TypedDict):
+    reqids: list[int] | None
+    links: list[str]
+
+
 def run(args: argparse.Namespace) -> int:
     from qkdgate.tunnels.state import TunnelRegistry
 
     extra = _parse_range(args.reqids) if args.reqids else None
-    plan: dict[str, dict[str, Any]] = {}
+    plan: dict[str, _Todo] = {}
     for ns, entry in TunnelRegistry.load(args.state).items():
         plan[ns] = {"reqids": entry["ipsec_reqids"], "links": list(entry["macsec_links"])}
     for ns in args.netns:

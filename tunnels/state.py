@@ -27,26 +27,35 @@ import json
 import logging
 import os
 import threading
-from typing import Any
+from typing import TypedDict
 
 log = logging.getLogger("qkdgate.tunnels")
 
 DEFAULT_PATH = "/run/qkdgate/tunnels.json"
+
+
+class NamespaceRecord(TypedDict):
+    """What qkdgate installed in one network namespace."""
+
+    ipsec_reqids: list[int] | None      # [min, max] of the reqids of SAs installed
+    macsec_links: list[str]
+
+
 class TunnelRegistry:
     def __init__(self, path: str = DEFAULT_PATH) -> None:
         self.path = path
         self._lock = threading.Lock()
-        self.data: dict[str, dict[str, Any]] = self.load(path)
+        self.data: dict[str, NamespaceRecord] = self.load(path)
 
     @staticmethod
-    def load(path: str) -> dict[str, dict[str, Any]]:
+    def load(path: str) -> dict[str, NamespaceRecord]:
         try:
             with open(path, encoding="utf-8") as f:
                 raw = json.load(f)
             spaces = raw["namespaces"]
             if raw.get("version") != 1 or not isinstance(spaces, dict):
                 return {}
-            out: dict[str, dict[str, Any]] = {}
+            out: dict[str, NamespaceRecord] = {}
             for ns, entry in spaces.items():
                 r = entry.get("ipsec_reqids")
                 links = entry.get("macsec_links", [])
@@ -58,7 +67,7 @@ class TunnelRegistry:
         except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
             return {}
 
-    def _entry(self, netns: str | None) -> dict[str, Any]:
+    def _entry(self, netns: str | None) -> NamespaceRecord:
         return self.data.setdefault(netns or "", {"ipsec_reqids": None, "macsec_links": []})
 
     def _save(self) -> None:
