@@ -140,7 +140,6 @@ def session_config(cfg: Config, peer: PeerConfig, *, generation_floor: int = 0) 
         qkd_key_bits=qkd.key_size if qkd else 256,
         allow_pqc_only=any(p in (KeyPolicy.PQC_FALLBACK, KeyPolicy.PQC_ONLY) for p in policies),
         rekey_interval=min((t.rekey.interval for t in ts), default=60.0),
-        retire_grace=max((t.rekey.grace for t in ts), default=5.0),
         generation_floor=generation_floor,
     )
 

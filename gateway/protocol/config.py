@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from qkdgate.errors import ConfigError
+from qkdgate.gateway.protocol import constants as C
 from qkdgate.keymix.secret import SecretBytes
 
 KEMS = ("ML-KEM-768", "ML-KEM-1024")
@@ -46,17 +47,17 @@ class SessionConfig:
     # True if any tunnel to this peer allows the PQC fallback: the session may
     # then complete generations without QKD keys (flagged in the transcript).
     allow_pqc_only: bool = False
-    rekey_interval: float = 3600.0
-    rekey_jitter: float = 0.05        # fraction of the interval, drawn from rng
-    retransmit_base: float = 0.5
-    retransmit_max: float = 8.0
-    exchange_timeout: float = 30.0    # give up one exchange after this long
-    retry_base: float = 2.0           # first retry after a failed exchange
-    # Kept short: after a partition heals the pair reconverges within this.
-    retry_max: float = 30.0
-    retire_grace: float = 10.0        # old generation kept this long after a switch
-    rate_per_second: float = 2.0      # expensive INIT work per peer
-    rate_burst: int = 8
+    # timers (gateway/protocol/timers.py); the retire grace of an old
+    # generation is the tunnel layer's (rekey.grace), not the session's
+    rekey_interval: float = C.REKEY_INTERVAL
+    rekey_jitter: float = C.REKEY_JITTER
+    retransmit_base: float = C.RETRANSMIT_BASE
+    retransmit_max: float = C.RETRANSMIT_MAX
+    exchange_timeout: float = C.EXCHANGE_TIMEOUT
+    retry_base: float = C.RETRY_BASE
+    retry_max: float = C.RETRY_MAX
+    rate_per_second: float = C.RATE_PER_SECOND   # expensive INIT work per peer
+    rate_burst: int = C.RATE_BURST
     initiate_on_start: bool = True
     # Highest generation already in the kernel (found by the daemon at start):
     # new generations are numbered above it, so a restart never reuses one.
@@ -95,7 +96,7 @@ class SessionConfig:
             raise bad("tunnels", "at most 64 tunnels per peer", len(self.tunnels))
         for name, lo in (("rekey_interval", 1.0), ("retransmit_base", 0.01),
                          ("retransmit_max", 0.01), ("exchange_timeout", 0.1),
-                         ("retry_base", 0.01), ("retry_max", 0.01), ("retire_grace", 0.0),
+                         ("retry_base", 0.01), ("retry_max", 0.01),
                          ("rate_per_second", 0.001)):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or v < lo:

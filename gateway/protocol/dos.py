@@ -19,8 +19,9 @@ import hashlib
 import hmac
 from typing import Callable
 
-COOKIE_ROTATE = 120.0
-COOKIE_LEN = 16
+from qkdgate.gateway.protocol.constants import COOKIE_LEN, COOKIE_ROTATE
+
+__all__ = ["COOKIE_LEN", "COOKIE_ROTATE", "CookieJar", "TokenBucket"]
 
 
 class TokenBucket:

@@ -90,11 +90,13 @@ class InstallOutbound(Event):
 
 @dataclass(frozen=True, slots=True)
 class RetireGeneration(Event):
-    """Remove every SA of ``generation`` (the grace period is over, or the
-    generation never completed and was superseded or aborted)."""
+    """Remove every SA of ``generation`` now: the peer aborted its exchange
+    (authenticated) after we asked for its inbound SAs, so the peer will never
+    send on it. Superseded generations are retired by the tunnel layer, the
+    one owner of a generation's lifetime and grace (tunnels/timers.py)."""
 
     generation: int
-    reason: str = "superseded"
+    reason: str = "aborted"
 
 
 # ---------------------------------------------------------------- reporting

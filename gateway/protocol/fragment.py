@@ -35,15 +35,17 @@ from dataclasses import dataclass, field
 
 from qkdgate.errors import LocalProtocolError, RemoteProtocolError
 
+from qkdgate.gateway.protocol.constants import DATAGRAM_VERSION as VERSION
+from qkdgate.gateway.protocol.constants import (MAX_DATAGRAM, MAX_MESSAGE, MAX_PARTIAL,
+                                                REASSEMBLY_TIMEOUT)
+
+__all__ = ["HEADER", "MAGIC", "MAX_DATAGRAM", "MAX_FRAGMENTS", "MAX_MESSAGE", "MAX_PARTIAL",
+           "REASSEMBLY_TIMEOUT", "VERSION", "Reassembler", "fragment", "parse_header"]
+
 MAGIC = b"QG"
-VERSION = 1
 HEADER = struct.Struct("!2sBBIBBH")
-MAX_DATAGRAM = 1200
 FRAGMENT_PAYLOAD = MAX_DATAGRAM - HEADER.size      # 1188
-MAX_MESSAGE = 16384
 MAX_FRAGMENTS = -(-MAX_MESSAGE // FRAGMENT_PAYLOAD)  # 14
-MAX_PARTIAL = 4
-REASSEMBLY_TIMEOUT = 10.0
 
 
 def fragment(message: bytes, message_id: int) -> list[bytes]:

@@ -25,14 +25,14 @@ from typing import Any, Mapping
 
 from qkdgate.errors import LocalProtocolError, RemoteProtocolError
 
-VERSION = 1
-LABEL = b"qkdgate/1"
+from qkdgate.gateway.protocol.constants import (COOKIE_LEN, LABEL, MAC_LEN, MAX_DETAIL,
+                                                MAX_KEY_IDS, MAX_SPIS, VERSION)
+
+__all__ = ["COOKIE_LEN", "LABEL", "MAC_LEN", "MAX_DETAIL", "MAX_KEY_IDS", "MAX_SPIS", "VERSION",
+           "AbortCode", "Message", "MsgType", "QkdMode", "QkdReason", "check_mac1", "decode",
+           "encode_core", "encode_fields", "mac1_key", "seal", "transcript_hash"]
+
 HEADER = struct.Struct("!BBHQQI")   # type, version, flags, sender epoch, receiver epoch, xid
-MAC_LEN = 16
-COOKIE_LEN = 16
-MAX_KEY_IDS = 16
-MAX_SPIS = 64
-MAX_DETAIL = 120
 
 
 class MsgType(enum.IntEnum):

@@ -56,6 +56,8 @@ from qkdgate.errors import (AuthenticationFailed, ConfigError, KeyNotFound, KeyS
 from qkdgate.gateway.protocol import handshake as H
 from qkdgate.gateway.protocol import messages as m
 from qkdgate.gateway.protocol.config import SessionConfig, TunnelRef
+from qkdgate.gateway.protocol.constants import (MAX_PEER_IDENTITIES, VERIFY_BURST, VERIFY_RATE,
+                                                VIOLATION_EVENT_INTERVAL)
 from qkdgate.gateway.protocol.dos import CookieJar, TokenBucket
 from qkdgate.gateway.protocol.events import (Event, FailureCause, InstallInbound,
                                              InstallOutbound, NeedQkdKeys, PeerEpochAuthenticated,
@@ -68,6 +70,7 @@ from qkdgate.gateway.protocol.exchange import ExchangeState as S
 from qkdgate.gateway.protocol.fragment import Reassembler, fragment
 from qkdgate.gateway.protocol.identity import LocalIdentity, PeerIdentity, select_identity
 from qkdgate.gateway.protocol.messages import AbortCode, Message, MsgType, QkdMode, QkdReason
+from qkdgate.gateway.protocol.timers import SessionTimers
 from qkdgate.interfaces import QkdKey
 
 if TYPE_CHECKING:
@@ -76,16 +79,6 @@ if TYPE_CHECKING:
     from qkdgate.keymix.secret import SecretBytes
 
 __all__ = ["PeerSession", "SessionConfig", "TunnelRef"]
-
-VIOLATION_EVENT_INTERVAL = 1.0
-# Hybrid (ML-DSA + Ed25519) verifications per exchange: a bucket that bounds
-# the work forged RESP / CONFIRM / ABORT messages can cause. Over the limit a
-# message is dropped unverified; it never aborts or changes the exchange
-# (issue 17 finding 4): the initiator's retransmission brings the genuine
-# answer again, and only the exchange timeout fails an exchange.
-VERIFY_RATE = 8.0          # per second
-VERIFY_BURST = 16
-IMMEDIATE_RETRIES = 3      # fast restarts (lost QKD key, fallback) before backoff applies
 
 Handler = Callable[[Message, float], None]
 
@@ -102,7 +95,7 @@ class PeerSession:
         epoch ever authenticated from this peer (``journal.peer_epoch(peer)``);
         INITs from below it are dropped before any work (docs/protocol.md 10)."""
         config.validate()
-        if not 1 <= len(peer_identities) <= 4:
+        if not 1 <= len(peer_identities) <= MAX_PEER_IDENTITIES:
             raise LocalProtocolError("pin 1..4 identities per peer (2 during a rollover)")
         from qkdgate.keymix.kem import get_kem
         self.config = config
@@ -148,15 +141,12 @@ class PeerSession:
         # generations
         self.generation = 0                       # current established generation
         self._gen_high = config.generation_floor
-        self._open_gens: set[int] = set()         # inbound installed, not retired
-        self._retire: list[tuple[float, int, str]] = []
         self.provenance: Provenance | None = None
         self.established_at: float | None = None
         self._in_fallback = False
         self._pqc_only_next: QkdReason | None = None
-        self._failures = 0
-        self._rekey_at: float | None = now if config.initiate_on_start else None
-        self._rekey_reason = "start"
+        # every timer of the session (generation lifetimes are the tunnels')
+        self._timers = SessionTimers(config, self._jitter, now)
         # message dispatch: one bound method per type, typed by MsgType
         self._handlers: dict[MsgType, Handler] = {
             MsgType.INIT: self._on_init, MsgType.RESP: self._on_resp,
@@ -201,8 +191,7 @@ class PeerSession:
         self._requests.clear()
         self._events.clear()      # answers to a broken session must not be acted on
         self._out.clear()
-        self._retire.clear()
-        self._rekey_at = None
+        self._timers.stop()
 
     # ================================================================ driver API
 
@@ -230,40 +219,29 @@ class PeerSession:
 
     def handle_timer(self, now: float) -> None:
         with self._guard():
-            while self._retire and self._retire[0][0] <= now:
-                _, gen, why = self._retire.pop(0)
-                self._open_gens.discard(gen)
-                self._events.append(RetireGeneration(gen, why))
+            timers = self._timers
             for ex in (self._ini, self._res):
                 if ex is None:
                     continue
-                if now >= ex.deadline:
+                if timers.expired(ex, now):
                     # a KME that never answered is a QKD failure, not a network one
                     cause = FailureCause.QKD_LOCAL if ex.state in QKD_WAIT_STATES \
                         else FailureCause.TIMEOUT
                     self._fail(ex, f"exchange timed out in state {ex.state}", cause, now)
-                elif ex.retx_at is not None and now >= ex.retx_at:
+                elif timers.retransmit_due(ex, now):
                     self.stats["retransmit"] += 1
                     self._send(ex.wire)
-                    ex.retx_interval = min(ex.retx_interval * 2, self.config.retransmit_max)
-                    ex.retx_at = now + ex.retx_interval
-            if self._rekey_at is not None and now >= self._rekey_at and self._ini is None \
-                    and self._res is None:
-                self._rekey_at = None
-                self._start(now, self._rekey_reason)
+                    timers.retransmitted(ex, now)
+            if self._ini is None and self._res is None:
+                reason = timers.rekey_due(now)
+                if reason is not None:
+                    self._start(now, reason)
             self._reasm.expire(now)
 
     def get_timer(self) -> float | None:
         with self._guard():
-            times = [t for t, _, _ in self._retire[:1]]
-            for ex in (self._ini, self._res):
-                if ex is not None:
-                    times.append(ex.deadline)
-                    if ex.retx_at is not None:
-                        times.append(ex.retx_at)
-            if self._rekey_at is not None and self._ini is None and self._res is None:
-                times.append(self._rekey_at)   # a due rekey waits for the running exchange
-            return min(times) if times else None
+            return self._timers.next_deadline(ex for ex in (self._ini, self._res)
+                                              if ex is not None)
 
     def datagrams_to_send(self, now: float) -> list[bytes]:
         with self._guard():
@@ -291,7 +269,7 @@ class PeerSession:
             if (config.local_name, config.peer_name) != (self.config.local_name,
                                                          self.config.peer_name):
                 raise ConfigError("a session's names cannot change on reload", path="peer_name")
-            if not 1 <= len(peer_identities) <= 4:
+            if not 1 <= len(peer_identities) <= MAX_PEER_IDENTITIES:
                 raise ConfigError("pin 1..4 identities per peer (2 during a rollover)")
             from qkdgate.keymix.kem import get_kem
             inj = self._kem_injected
@@ -303,10 +281,7 @@ class PeerSession:
             self._mac_out = m.mac1_key(config.peer_name, self._psk)
             self._bucket = TokenBucket(config.rate_per_second, config.rate_burst, now)
             self._cookie_bucket = TokenBucket(config.rate_per_second, config.rate_burst, now)
-            if self.established_at is not None and self._rekey_reason == "timer":
-                due = self.established_at + config.rekey_interval
-                if self._rekey_at is None or due < self._rekey_at:
-                    self._rekey_at = max(now, due)
+            self._timers.reconfigured(config, self.established_at, now)
 
     def snapshot(self, now: float) -> dict[str, object]:
         """Status for ``qkdgate status`` and telemetry: IDs and counters,
@@ -327,9 +302,9 @@ class PeerSession:
             "exchange": None if ex is None else {
                 "role": ex.role, "state": str(ex.state), "reason": ex.reason,
                 "age": now - ex.started, "generation": ex.generation},
-            "next_rekey_in": (self._rekey_at - now if self._rekey_at is not None
+            "next_rekey_in": (self._timers.rekey_at - now if self._timers.rekey_at is not None
                               and ex is None else None),
-            "failures": self._failures,
+            "failures": self._timers.failures,
             "failed": self._failure is not None,
             "stats": dict(self.stats),
         }
@@ -342,7 +317,7 @@ class PeerSession:
             if self._ini is not None or self._res is not None:
                 self.stats["rekey_coalesced"] += 1
                 return
-            self._rekey_at = None
+            self._timers.rekey_started()
             self._start(now, reason)
 
     def provide_qkd_keys(self, request_id: int, keys: list[QkdKey], now: float) -> None:
@@ -426,8 +401,9 @@ class PeerSession:
 
     def _start(self, now: float, reason: str) -> None:
         cfg = self.config
-        ex = Exchange("initiator", self._next_xid, now, now + cfg.exchange_timeout, reason,
+        ex = Exchange("initiator", self._next_xid, now, now, reason,
                       TokenBucket(VERIFY_RATE, VERIFY_BURST, now), peer_epoch=self.peer_epoch or 0)
+        self._timers.exchange_started(ex, now)
         self._next_xid += 1
         self._ini = ex
         forced = self._pqc_only_next
@@ -488,8 +464,7 @@ class PeerSession:
     def _transmit(self, ex: Exchange, wire: bytes, now: float) -> None:
         """Send and retransmit until answered (initiator messages only)."""
         ex.wire = wire
-        ex.retx_interval = self.config.retransmit_base
-        ex.retx_at = now + ex.retx_interval
+        self._timers.initiator_sent(ex, now)
         self._send(wire)
 
     def _on_resp(self, msg: Message, now: float) -> None:
@@ -517,7 +492,7 @@ class PeerSession:
         # authenticated: this is the peer's real answer to our INIT
         ex.resp, ex.resp_core, ex.th, ex.peer_spis = msg, msg.core, th, peer_spis
         ex.peer_epoch, ex.generation = msg.sender_epoch, gen
-        ex.retx_at = None
+        self._timers.answer_authenticated(ex)
         self._bump_gen(gen)
         self._peer_authenticated(msg.sender_epoch, None)
         if msg["qkd_mode"] == QkdMode.ABSENT and not self.config.allow_pqc_only:
@@ -614,7 +589,7 @@ class PeerSession:
         want = H.tag(self._secret(ex), "responder", H.done_hash(ex.th))
         if not hmac.compare_digest(want, msg["tag"]):
             raise AuthenticationFailed("DONE tag does not verify")   # dropped, no state change
-        ex.retx_at = None
+        self._timers.answer_authenticated(ex)
         self._request_install(ex, InstallOutbound, S.I_INSTALL_OUT, ex.peer_spis)
 
     def _on_cookie(self, msg: Message, now: float) -> None:
@@ -694,7 +669,7 @@ class PeerSession:
                     return
                 self.stats["collision_lost"] += 1
                 self._drop(ini)
-                self._arm_retry(now)
+                self._timers.collision_lost(now)
             elif ini.peer_epoch != ep:
                 # an epoch above any we ever authenticated: the peer restarted
                 # and our exchange with its old incarnation cannot complete
@@ -709,9 +684,10 @@ class PeerSession:
             self._peer_xid_high = max(self._peer_xid_high, xid)
         if msg["generation_min"] >= 2 ** 63:
             raise RemoteProtocolError("generation out of range")
-        ex = Exchange("responder", xid, now, now + self.config.exchange_timeout, "peer",
-                      TokenBucket(VERIFY_RATE, VERIFY_BURST, now), peer_epoch=ep, init=msg, init_core=msg.core,
+        ex = Exchange("responder", xid, now, now, "peer", TokenBucket(VERIFY_RATE, VERIFY_BURST, now),
+                      peer_epoch=ep, init=msg, init_core=msg.core,
                       generation=max(msg["generation_min"], self._gen_high + 1))
+        self._timers.exchange_started(ex, now)
         self._transition(ex, S.R_QKD)
         self._bump_gen(self._gen(ex))
         self._res = ex
@@ -804,7 +780,7 @@ class PeerSession:
                 or msg.receiver_epoch != self.epoch or not self._expects(ex, msg):
             for done in (self._res, self._last_res):
                 if done is not None and done.confirm_core == msg.core \
-                        and now < done.deadline:
+                        and not self._timers.expired(done, now):
                     self.stats["duplicate"] += 1
                     if done.done_wire:
                         self._send(done.done_wire)   # the DONE was lost: repeat it
@@ -910,7 +886,6 @@ class PeerSession:
         text = f"peer aborted ({code.name}): {detail}"
         if ex.inbound_requested and ex.generation is not None:
             # authenticated: the peer will never send on this generation
-            self._open_gens.discard(ex.generation)
             self._events.append(RetireGeneration(ex.generation, "aborted"))
         cause = FailureCause.QKD_PEER if code in (AbortCode.QKD_KEY_LOST,
                                                   AbortCode.QKD_UNAVAILABLE) \
@@ -934,7 +909,7 @@ class PeerSession:
         if ex.request_id is not None:
             self._requests.pop(ex.request_id, None)
             ex.request_id = None
-        ex.retx_at = None
+        self._timers.exchange_ended(ex)
         ex.wipe()
 
     def _drop(self, ex: Exchange) -> None:
@@ -946,32 +921,13 @@ class PeerSession:
               retry_in: float | None = None) -> None:
         self._forget(ex)
         self._transition(ex, S.FAILED)
-        cfg = self.config
-        retry_at = self._rekey_at
         # The initiator owns retries. A responder retries too once it had
         # authenticated the peer and begun installing: the peer may already
         # have switched to keys we could not finish, so waiting for the next
         # scheduled rekey could leave a direction down for a whole interval.
-        if ex.role == "initiator" or ex.inbound_requested:
-            self._failures += 1
-            if retry_in is None or self._failures > IMMEDIATE_RETRIES:
-                retry_in = min(cfg.retry_max, cfg.retry_base * 2 ** min(self._failures - 1, 30))
-                retry_in *= 1 + cfg.rekey_jitter * self._jitter()
-            retry_at = now + retry_in
-            if self._rekey_at is None or retry_at < self._rekey_at:
-                self._rekey_at, self._rekey_reason = retry_at, "retry"
-            retry_at = self._rekey_at
+        retry_at = self._timers.failed(now, retry_in, retries=ex.role == "initiator"
+                                       or ex.inbound_requested)
         self._events.append(RekeyFailed(ex.generation, reason, retry_at, cause=cause))
-
-    def _arm_retry(self, now: float) -> None:
-        """We gave up our own attempt for the peer's (lost collision): our
-        rekey stays scheduled, so if the peer's exchange fails we try again
-        instead of waiting for the peer to complete one (finding 3). The timer
-        waits while an exchange runs; an establishment re-arms it anyway."""
-        if self._rekey_at is None:
-            cfg = self.config
-            self._rekey_at = now + cfg.retry_base * (1 + cfg.rekey_jitter * self._jitter())
-            self._rekey_reason = "retry"
 
     def _peer_authenticated(self, epoch: int, xid: int | None) -> None:
         high = max(self._peer_floor, self.peer_epoch or 0)
@@ -996,15 +952,11 @@ class PeerSession:
         # retransmitted CONFIRM, and only for a while; a newer generation
         # makes the old answer moot.
         self._last_res = ex if ex.role == "responder" else None
-        ex.deadline = now + cfg.exchange_timeout
+        self._timers.keep_done_cache(ex, now)
         gen, session = self._gen(ex), self._secret(ex)
         self.generation, self.provenance, self.established_at = gen, session.provenance, now
-        self._failures = 0
-        scheduled = {g for _, g, _ in self._retire}
-        for old in sorted(self._open_gens):
-            if old < gen and old not in scheduled:
-                self._retire.append((now + cfg.retire_grace, old, "superseded"))
-        self._retire.sort()
+        # Older generations are retired by the tunnel layer, grace seconds
+        # after its switch (tunnels/timers.py): the one owner of their lifetime.
         self._events.append(SessionEstablished(gen, session.provenance, now - ex.started,
                                                ex.role, ex.reason, ex.qkd_fallback))
         if cfg.qkd_role is not None:
@@ -1014,8 +966,7 @@ class PeerSession:
             elif session.provenance.qkd and self._in_fallback:
                 self._in_fallback = False
                 self._events.append(QkdRecovered())
-        self._rekey_at = now + cfg.rekey_interval * (1 - cfg.rekey_jitter * self._jitter())
-        self._rekey_reason = "timer"
+        self._timers.established(now)
 
     # ================================================================ helpers
 
@@ -1067,7 +1018,6 @@ class PeerSession:
         gen = self._gen(ex)
         if cls is InstallInbound:
             ex.inbound_requested = True
-            self._open_gens.add(gen)
         self._events.append(cls(rid, gen, self._secret(ex), ex.role, dict(spis)))
 
     def _bump_gen(self, gen: int) -> None:

@@ -44,7 +44,7 @@ def check_invariants(p) -> None:
 def test_faulty_network_safety_and_liveness(seed, loss, dup, reorder, start, qkd):
     rnd = random.Random(seed)
     p = make_pair(seed=seed, start=start, qkd=qkd, rekey_interval=20.0, exchange_timeout=8.0,
-                  retry_base=1.0, retry_max=8.0, retire_grace=3.0)
+                  retry_base=1.0, retry_max=8.0)
 
     def net(src, ds):
         out = []
@@ -85,7 +85,7 @@ def test_chaos_restarts_qkd_faults_partitions(seed, allow, chaos):
 
     from qkdgate.errors import KeyNotFound
     p = make_pair(seed=seed, allow_pqc=allow, rekey_interval=15.0, exchange_timeout=6.0,
-                  retry_base=1.0, retry_max=6.0, retire_grace=2.0)
+                  retry_base=1.0, retry_max=6.0)
     cut = {"on": False}
     p.network = lambda src, ds: [] if cut["on"] else ds
     for i, (dt, action) in enumerate(chaos):

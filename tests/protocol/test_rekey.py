@@ -7,8 +7,8 @@ from protocol_harness import assert_keys_match, make_pair
 from qkdgate.gateway.protocol import events as E
 
 
-def test_timer_rekey_fresh_generation_and_retire_after_grace():
-    p = make_pair(rekey_interval=60.0, retire_grace=5.0)
+def test_timer_rekey_fresh_generation_and_no_retire_timer_of_its_own():
+    p = make_pair(rekey_interval=60.0)
     p.roundtrip_until_done()
     t1 = p.now
     p.roundtrip_until_done()
@@ -20,9 +20,11 @@ def test_timer_rekey_fresh_generation_and_retire_after_grace():
     # every rekey is a full fresh exchange: new QKD key, new keys
     assert e1.provenance.qkd_key_ids != e2.provenance.qkd_key_ids
     assert p.a.outbound[1] != p.a.outbound[2]
-    assert p.a.retired == [] and p.b.retired == []   # grace not over yet
-    p.advance(p.now + 5.0)
-    assert p.a.retired == [1] and p.b.retired == [1]
+    # the tunnel layer alone retires generation 1 (grace after its switch):
+    # the session never does, and keeps no timer for it
+    p.advance(p.now + 30.0)
+    assert p.a.retired == [] and p.b.retired == []
+    assert p.a.session.get_timer() is not None and p.a.session.get_timer() > p.now + 20
     assert p.a.current_out == p.b.current_out == 2
 
 

@@ -78,7 +78,7 @@ async def test_two_sessions_over_loopback_udp_establish_and_rekey():
                                           ("gw-b", "gw-a", "slave", "SAE-B", "SAE-A", 2)):
         cfg = SessionConfig(local_name=name, peer_name=peer, tunnels=(TunnelRef("t1"),),
                             qkd_role=role, local_sae_id=sae, peer_sae_id=psae,
-                            rekey_interval=1.0, retire_grace=0.2, initiate_on_start=(s == 1))
+                            rekey_interval=1.0, initiate_on_start=(s == 1))
         spi = iter(range(0xC0000000 + s * 0x1000, 0xFFFFFFFF))
         sess = PeerSession(cfg, identity=identity(name),
                            peer_identities=[identity(peer).public], rng=seeded(s),

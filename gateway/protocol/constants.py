@@ -1,0 +1,49 @@
+"""Every constant of the qkdgate peer protocol, in one place (wireguard-go's
+``device/constants.go``); docs/protocol.md section 11 is the same table.
+
+Theory of operation: wire-format limits are fixed by protocol version 1 and
+change only with it; timer and rate values are the defaults of
+:class:`~qkdgate.gateway.protocol.config.SessionConfig` (the operator may set
+the ones that are fields there); the rest are fixed policy of this
+implementation. Modules import what they need from here; nothing else
+defines a protocol number.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# ---------------------------------------------------------------- wire (version 1)
+VERSION: Final = 1                   # header version of every message (docs/protocol.md 4.1)
+LABEL: Final = b"qkdgate/1"          # root of every hash and signature context
+MAC_LEN: Final = 16                  # mac1, HMAC-SHA-256 truncated (5.1)
+COOKIE_LEN: Final = 16               # COOKIE reply, HMAC-SHA-256 truncated (8)
+MAX_KEY_IDS: Final = 16              # key_IDs per message (ETSI GS QKD 014 6.3 key_ID)
+MAX_SPIS: Final = 64                 # tunnels per peer
+MAX_DETAIL: Final = 120              # bytes of ABORT detail text
+DATAGRAM_VERSION: Final = 1          # fragment header version (3.1)
+MAX_DATAGRAM: Final = 1200           # bytes: fits IPv6's 1280 minimum MTU (RFC 8200 5)
+MAX_MESSAGE: Final = 16384           # bytes of one reassembled message
+MAX_PARTIAL: Final = 4               # messages in reassembly per peer
+REASSEMBLY_TIMEOUT: Final = 10.0     # seconds a partial message is kept
+
+# ---------------------------------------------------------------- identities
+MAX_PEER_IDENTITIES: Final = 4       # pinned per peer (2 during a rollover)
+
+# ---------------------------------------------------------------- timers (SessionConfig defaults)
+REKEY_INTERVAL: Final = 3600.0       # seconds between scheduled rekeys
+REKEY_JITTER: Final = 0.05           # fraction of the interval / retry, drawn from rng
+RETRANSMIT_BASE: Final = 0.5         # first retransmission of INIT / CONFIRM
+RETRANSMIT_MAX: Final = 8.0          # retransmission interval doubles up to this
+EXCHANGE_TIMEOUT: Final = 30.0       # an exchange not finished by then fails
+RETRY_BASE: Final = 2.0              # first retry after a failed exchange
+RETRY_MAX: Final = 30.0              # kept short: after a partition heals the pair reconverges
+IMMEDIATE_RETRIES: Final = 3         # fast restarts (lost QKD key, fallback) before backoff
+
+# ---------------------------------------------------------------- denial of service
+RATE_PER_SECOND: Final = 2.0         # expensive INIT work per peer (token bucket)
+RATE_BURST: Final = 8
+COOKIE_ROTATE: Final = 120.0         # seconds; the previous cookie secret stays valid
+VERIFY_RATE: Final = 8.0             # ML-DSA verifications per exchange and second
+VERIFY_BURST: Final = 16             # ... at once; forgeries never abort an exchange
+VIOLATION_EVENT_INTERVAL: Final = 1.0  # ProtocolViolation events per kind, at most one per
