@@ -28,6 +28,7 @@ CHECKED=(
   adapters
   tunnels
   gateway/config
+  gateway/protocol
   gateway/cli/__init__.py gateway/cli/main.py gateway/cli/check_config.py gateway/cli/keygen.py
   gateway/cli/kme_sim.py gateway/cli/rekey.py gateway/cli/run.py gateway/cli/status.py
   gateway/demo/__init__.py gateway/demo/command.py gateway/demo/config.py gateway/demo/net.py

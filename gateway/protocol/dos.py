@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from typing import Callable
+from collections.abc import Callable
 
 from qkdgate.gateway.protocol.constants import COOKIE_LEN, COOKIE_ROTATE
 

@@ -22,8 +22,9 @@ part never prints, so an event can be logged with ``repr`` safely.
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # keep this module import-light for the CLI
     from qkdgate.keymix.combiner import Provenance, SessionSecret
@@ -191,7 +192,17 @@ class ProtocolViolation(Event):
 
 
 __all__ = [
-    "Event", "NeedQkdKeys", "InstallInbound", "InstallOutbound", "RetireGeneration",
-    "SessionEstablished", "FailureCause", "RekeyFailed", "QkdFallback", "QkdRecovered",
-    "PeerRestarted", "PeerEpochAuthenticated", "ProtocolViolation",
+    "Event",
+    "FailureCause",
+    "InstallInbound",
+    "InstallOutbound",
+    "NeedQkdKeys",
+    "PeerEpochAuthenticated",
+    "PeerRestarted",
+    "ProtocolViolation",
+    "QkdFallback",
+    "QkdRecovered",
+    "RekeyFailed",
+    "RetireGeneration",
+    "SessionEstablished",
 ]

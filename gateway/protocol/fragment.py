@@ -34,10 +34,13 @@ import struct
 from dataclasses import dataclass, field
 
 from qkdgate.errors import LocalProtocolError, RemoteProtocolError
-
 from qkdgate.gateway.protocol.constants import DATAGRAM_VERSION as VERSION
-from qkdgate.gateway.protocol.constants import (MAX_DATAGRAM, MAX_MESSAGE, MAX_PARTIAL,
-                                                REASSEMBLY_TIMEOUT)
+from qkdgate.gateway.protocol.constants import (
+    MAX_DATAGRAM,
+    MAX_MESSAGE,
+    MAX_PARTIAL,
+    REASSEMBLY_TIMEOUT,
+)
 
 __all__ = ["HEADER", "MAGIC", "MAX_DATAGRAM", "MAX_FRAGMENTS", "MAX_MESSAGE", "MAX_PARTIAL",
            "REASSEMBLY_TIMEOUT", "VERSION", "Reassembler", "fragment", "parse_header"]

@@ -23,8 +23,14 @@ import hashlib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from qkdgate.errors import (AuthenticationFailed, KeySourceAuthError, KeySourceError,
-                            KeySourceProtocolError, KeySourceTimeout, RemoteProtocolError)
+from qkdgate.errors import (
+    AuthenticationFailed,
+    KeySourceAuthError,
+    KeySourceError,
+    KeySourceProtocolError,
+    KeySourceTimeout,
+    RemoteProtocolError,
+)
 from qkdgate.gateway.protocol import messages as m
 from qkdgate.gateway.protocol.messages import AbortCode, Message, MsgType, QkdMode, QkdReason
 

@@ -33,12 +33,13 @@ import binascii
 import hashlib
 import json
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, NoReturn, SupportsIndex
 
 from qkdgate.errors import AuthenticationFailed, ConfigError, CryptoUnavailable
-from qkdgate.private_file import read_private_file
 from qkdgate.keymix.secret import SecretBytes
+from qkdgate.private_file import read_private_file
 
 PUBLIC_PREFIX = "qkdgate-id1"
 FILE_FORMAT = "qkdgate-identity"
@@ -86,8 +87,10 @@ def _mldsa(profile: Profile) -> tuple[Any, Any]:
 
 
 def _ed25519() -> tuple[Any, Any]:
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import (Ed25519PrivateKey,
-                                                                   Ed25519PublicKey)
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+        Ed25519PrivateKey,
+        Ed25519PublicKey,
+    )
     return Ed25519PrivateKey, Ed25519PublicKey
 
 
@@ -111,7 +114,7 @@ def _b64d(text: str) -> bytes:
 class PeerIdentity:
     """A pinned public identity: verifies hybrid signatures."""
 
-    __slots__ = ("profile", "ed25519_public", "mldsa_public", "key_id", "name", "_ed", "_ml")
+    __slots__ = ("_ed", "_ml", "ed25519_public", "key_id", "mldsa_public", "name", "profile")
 
     def __init__(self, profile: str, ed25519_public: bytes, mldsa_public: bytes,
                  name: str = "") -> None:
@@ -137,7 +140,7 @@ class PeerIdentity:
                                                               + self.mldsa_public)
 
     @classmethod
-    def from_string(cls, text: str, name: str = "") -> "PeerIdentity":
+    def from_string(cls, text: str, name: str = "") -> PeerIdentity:
         """Parse a pinned identity string; ConfigError says what is wrong."""
         if not isinstance(text, str):
             raise ConfigError("public identity must be a string", found=type(text).__name__)
@@ -205,7 +208,7 @@ class PeerIdentity:
 class LocalIdentity:
     """Our own identity: signs with both keys. Seeds never print."""
 
-    __slots__ = ("name", "profile", "_ed_seed", "_ml_seed", "_ed", "_ml", "public")
+    __slots__ = ("_ed", "_ed_seed", "_ml", "_ml_seed", "name", "profile", "public")
 
     def __init__(self, profile: str, ed25519_seed: SecretBytes, mldsa_seed: SecretBytes,
                  name: str = "") -> None:
@@ -221,7 +224,7 @@ class LocalIdentity:
 
     @classmethod
     def generate(cls, profile: str = DEFAULT_PROFILE, name: str = "",
-                 rng: Callable[[int], bytes] = os.urandom) -> "LocalIdentity":
+                 rng: Callable[[int], bytes] = os.urandom) -> LocalIdentity:
         return cls(profile, SecretBytes(rng(32)), SecretBytes(rng(32)), name)
 
     @property
@@ -230,11 +233,13 @@ class LocalIdentity:
 
     def sign(self, message: bytes, context: bytes) -> bytes:
         """Ed25519 signature (64 bytes) followed by the ML-DSA signature."""
-        ed = self._ed.sign(_ctx(context) + b"\0" + message)
-        return ed + self._ml.sign(message, _ctx(context))
+        ed: bytes = self._ed.sign(_ctx(context) + b"\0" + message)
+        ml: bytes = self._ml.sign(message, _ctx(context))
+        return ed + ml
 
     def sign_ed25519(self, message: bytes, context: bytes) -> bytes:
-        return self._ed.sign(_ctx(context) + b"\0" + message)
+        sig: bytes = self._ed.sign(_ctx(context) + b"\0" + message)
+        return sig
 
     # --- file form -------------------------------------------------------
     def to_json(self) -> str:
@@ -245,7 +250,7 @@ class LocalIdentity:
         }, indent=2) + "\n"
 
     @classmethod
-    def from_json(cls, text: str, *, file: str | None = None) -> "LocalIdentity":
+    def from_json(cls, text: str, *, file: str | None = None) -> LocalIdentity:
         def bad(msg: str, **kw: Any) -> ConfigError:
             return ConfigError(msg, file=file, **kw)
         try:
@@ -264,7 +269,10 @@ class LocalIdentity:
         seeds = []
         for field in ("ed25519_seed", "mldsa_seed"):
             try:
-                raw = _b64d(doc.get(field))
+                value = doc.get(field)
+                if not isinstance(value, str):
+                    raise ValueError(field)
+                raw = _b64d(value)
             except (binascii.Error, ValueError):
                 raise bad("seed is not base64url", path=field) from None
             if len(raw) != 32:
@@ -280,7 +288,7 @@ class LocalIdentity:
         return ident
 
     @classmethod
-    def load(cls, path: str) -> "LocalIdentity":
+    def load(cls, path: str) -> LocalIdentity:
         """Read a private identity file, refusing one others can read."""
         raw = read_private_file(path, "identity file", 65536)
         try:
@@ -309,7 +317,7 @@ class LocalIdentity:
     def __repr__(self) -> str:
         return f"<LocalIdentity {self.name or '?'} {self.profile.name} {self.key_id.hex()}>"
 
-    def __reduce_ex__(self, protocol: object) -> object:
+    def __reduce_ex__(self, protocol: SupportsIndex) -> NoReturn:
         raise TypeError("identities cannot be pickled")
 
 
@@ -321,5 +329,12 @@ def select_identity(pinned: Sequence[PeerIdentity], key_id: bytes) -> PeerIdenti
     raise AuthenticationFailed(f"signer key id {bytes(key_id).hex()} is not pinned")
 
 
-__all__ = ["PROFILES", "DEFAULT_PROFILE", "Profile", "get_profile", "PeerIdentity",
-           "LocalIdentity", "select_identity"]
+__all__ = [
+    "DEFAULT_PROFILE",
+    "PROFILES",
+    "LocalIdentity",
+    "PeerIdentity",
+    "Profile",
+    "get_profile",
+    "select_identity",
+]

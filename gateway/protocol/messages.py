@@ -20,13 +20,20 @@ import hashlib
 import hmac
 import struct
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from qkdgate.errors import LocalProtocolError, RemoteProtocolError
-
-from qkdgate.gateway.protocol.constants import (COOKIE_LEN, LABEL, MAC_LEN, MAX_DETAIL,
-                                                MAX_KEY_IDS, MAX_SPIS, VERSION)
+from qkdgate.gateway.protocol.constants import (
+    COOKIE_LEN,
+    LABEL,
+    MAC_LEN,
+    MAX_DETAIL,
+    MAX_KEY_IDS,
+    MAX_SPIS,
+    VERSION,
+)
 
 __all__ = ["COOKIE_LEN", "LABEL", "MAC_LEN", "MAX_DETAIL", "MAX_KEY_IDS", "MAX_SPIS", "VERSION",
            "AbortCode", "Message", "MsgType", "QkdMode", "QkdReason", "check_mac1", "decode",
@@ -150,8 +157,8 @@ def _enc(kind: str, value: Any) -> bytes:
                        + struct.pack("!BI", TUNNEL_KIND_IDS[tkind], val))
         return b"".join(out)
     if kind == "str8":
-        raw = value.encode("ascii", "replace")[:MAX_DETAIL]
-        return struct.pack("!B", len(raw)) + raw
+        text = str(value).encode("ascii", "replace")[:MAX_DETAIL]
+        return struct.pack("!B", len(text)) + text
     raise LocalProtocolError(f"unknown field kind {kind}")
 
 

@@ -50,22 +50,50 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
-from qkdgate.errors import (AuthenticationFailed, ConfigError, KeyNotFound, KeySourceError,
-                            KeySourceProtocolError, LocalProtocolError, QkdgateError,
-                            RemoteProtocolError, SessionFailed, TunnelError)
+from qkdgate.errors import (
+    AuthenticationFailed,
+    ConfigError,
+    KeyNotFound,
+    KeySourceError,
+    KeySourceProtocolError,
+    LocalProtocolError,
+    QkdgateError,
+    RemoteProtocolError,
+    SessionFailed,
+    TunnelError,
+)
 from qkdgate.gateway.protocol import handshake as H
 from qkdgate.gateway.protocol import messages as m
 from qkdgate.gateway.protocol.config import SessionConfig, TunnelRef
-from qkdgate.gateway.protocol.constants import (MAX_PEER_IDENTITIES, VERIFY_BURST, VERIFY_RATE,
-                                                VIOLATION_EVENT_INTERVAL)
+from qkdgate.gateway.protocol.constants import (
+    MAX_PEER_IDENTITIES,
+    VERIFY_BURST,
+    VERIFY_RATE,
+    VIOLATION_EVENT_INTERVAL,
+)
 from qkdgate.gateway.protocol.dos import CookieJar, TokenBucket
-from qkdgate.gateway.protocol.events import (Event, FailureCause, InstallInbound,
-                                             InstallOutbound, NeedQkdKeys, PeerEpochAuthenticated,
-                                             PeerRestarted, ProtocolViolation, QkdFallback,
-                                             QkdRecovered, RekeyFailed, RetireGeneration,
-                                             SessionEstablished)
-from qkdgate.gateway.protocol.exchange import (MESSAGE_STATES, QKD_WAIT_STATES, TERMINAL,
-                                               TRANSITIONS, Exchange)
+from qkdgate.gateway.protocol.events import (
+    Event,
+    FailureCause,
+    InstallInbound,
+    InstallOutbound,
+    NeedQkdKeys,
+    PeerEpochAuthenticated,
+    PeerRestarted,
+    ProtocolViolation,
+    QkdFallback,
+    QkdRecovered,
+    RekeyFailed,
+    RetireGeneration,
+    SessionEstablished,
+)
+from qkdgate.gateway.protocol.exchange import (
+    MESSAGE_STATES,
+    QKD_WAIT_STATES,
+    TERMINAL,
+    TRANSITIONS,
+    Exchange,
+)
 from qkdgate.gateway.protocol.exchange import ExchangeState as S
 from qkdgate.gateway.protocol.fragment import Reassembler, fragment
 from qkdgate.gateway.protocol.identity import LocalIdentity, PeerIdentity, select_identity
@@ -684,8 +712,9 @@ class PeerSession:
             self._peer_xid_high = max(self._peer_xid_high, xid)
         if msg["generation_min"] >= 2 ** 63:
             raise RemoteProtocolError("generation out of range")
-        ex = Exchange("responder", xid, now, now, "peer", TokenBucket(VERIFY_RATE, VERIFY_BURST, now),
-                      peer_epoch=ep, init=msg, init_core=msg.core,
+        ex = Exchange("responder", xid, now, now, "peer",
+                      TokenBucket(VERIFY_RATE, VERIFY_BURST, now), peer_epoch=ep, init=msg,
+                      init_core=msg.core,
                       generation=max(msg["generation_min"], self._gen_high + 1))
         self._timers.exchange_started(ex, now)
         self._transition(ex, S.R_QKD)
