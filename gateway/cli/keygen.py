@@ -31,16 +31,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from qkdgate.errors import ConfigError
+    from qkdgate.gateway.config.identity_files import load_local_identity, save_local_identity
     from qkdgate.gateway.protocol.identity import LocalIdentity, get_profile
 
     if args.show:
-        ident = LocalIdentity.load(args.show)
+        ident = load_local_identity(args.show)
         profile = ident.profile
         path = args.show
     elif args.output:
         profile = get_profile(args.profile)
         ident = LocalIdentity.generate(profile.name, name=args.name)
-        ident.save(args.output, overwrite=args.force)
+        save_local_identity(ident, args.output, overwrite=args.force)
         path = args.output
     else:
         raise ConfigError("say where to write the identity (-o FILE), or --show FILE")

@@ -150,8 +150,8 @@ def session_factory() -> Callable[..., Any]:
 
 
 def local_identity(cfg: Config) -> Any:
-    from qkdgate.gateway.protocol.identity import LocalIdentity
-    return LocalIdentity.load(cfg.gateway.identity)
+    from qkdgate.gateway.config.identity_files import load_local_identity
+    return load_local_identity(cfg.gateway.identity)
 
 
 def peer_identities(peer: PeerConfig) -> list[Any]:

@@ -114,10 +114,11 @@ tunnels:
 
 
 def write_identities(folder: Path) -> None:
+    from qkdgate.gateway.config.identity_files import save_local_identity
     from qkdgate.gateway.protocol.identity import LocalIdentity
     for name in ("gw-a", "gw-b"):
         ident = LocalIdentity.generate(name=name)
-        ident.save(str(folder / f"{name}.identity"))
+        save_local_identity(ident, str(folder / f"{name}.identity"))
         (folder / f"{name}.pub").write_text(ident.public.to_string() + "\n")
 
 

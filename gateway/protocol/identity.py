@@ -11,7 +11,9 @@ forgery of either alone is useless). Profiles:
 
 The private file (``qkdgate keygen``) is JSON holding the two 32-byte seeds
 (FIPS 204 3.6.3 ML-DSA.KeyGen seed xi, RFC 8032 5.1.5 private key); it must
-be mode 0600 and owned by the reading user, or loading refuses it. The
+be mode 0600 and owned by the reading user, or loading refuses it. Reading
+and writing the file is ``gateway/config/identity_files.py``'s job: this
+module parses (``from_json``) and does no I/O. The
 public identity is one string a peer pins in its configuration::
 
     qkdgate-id1:<profile>:<base64url(ed25519_pk || mldsa_pk), no padding>
@@ -39,7 +41,6 @@ from typing import Any, NoReturn, SupportsIndex
 
 from qkdgate.errors import AuthenticationFailed, ConfigError, CryptoUnavailable
 from qkdgate.keymix.secret import SecretBytes
-from qkdgate.private_file import read_private_file
 
 PUBLIC_PREFIX = "qkdgate-id1"
 FILE_FORMAT = "qkdgate-identity"
@@ -286,33 +287,6 @@ class LocalIdentity:
             raise bad("public identity does not match the seeds (file corrupted?)",
                       path="public")
         return ident
-
-    @classmethod
-    def load(cls, path: str) -> LocalIdentity:
-        """Read a private identity file, refusing one others can read."""
-        raw = read_private_file(path, "identity file", 65536)
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise ConfigError("identity file is not UTF-8 text", file=path) from None
-        return cls.from_json(text, file=path)
-
-    def save(self, path: str, *, overwrite: bool = False) -> None:
-        """Write the private file with mode 0600 from the start (never a
-        window in which it is world-readable)."""
-        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_TRUNC if overwrite
-                                                          else os.O_EXCL)
-        try:
-            fd = os.open(path, flags, 0o600)
-        except FileExistsError:
-            raise ConfigError("identity file exists (use --force to overwrite)",
-                              file=path) from None
-        except OSError as exc:
-            raise ConfigError(f"cannot create identity file: {exc.strerror}",
-                              file=path) from None
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            os.fchmod(fh.fileno(), 0o600)
-            fh.write(self.to_json())
 
     def __repr__(self) -> str:
         return f"<LocalIdentity {self.name or '?'} {self.profile.name} {self.key_id.hex()}>"

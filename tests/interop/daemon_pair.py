@@ -13,6 +13,7 @@ import os
 import socket
 from pathlib import Path
 
+from qkdgate.gateway.config.identity_files import save_local_identity
 from qkdgate.gateway.config.model import load_config
 from qkdgate.gateway.protocol.identity import LocalIdentity
 
@@ -98,7 +99,7 @@ def write_pair(folder: Path, *, policy: str = "hybrid-required", interval: str =
     pa, pb = free_udp_port(), free_udp_port()
     for name in ("gw-a", "gw-b"):
         ident = LocalIdentity.generate(name=name)
-        ident.save(str(folder / f"{name}.identity"))
+        save_local_identity(ident, str(folder / f"{name}.identity"))
         (folder / f"{name}.pub").write_text(ident.public.to_string() + "\n")
     paths = []
     for me, peer, mp, pp, role, mine, theirs in (

@@ -11,6 +11,7 @@ import pytest
 
 from qkdgate.errors import AuthenticationFailed, ConfigError
 from qkdgate.gateway.cli import main as cli
+from qkdgate.gateway.config.identity_files import load_local_identity, save_local_identity
 from qkdgate.gateway.protocol.identity import (
     LocalIdentity,
     PeerIdentity,
@@ -103,15 +104,15 @@ def test_select_identity_for_rollover(ident):
 
 def test_file_roundtrip_mode_and_refusals(tmp_path, ident):
     path = tmp_path / "id.json"
-    ident.save(str(path))
+    save_local_identity(ident, str(path))
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-    loaded = LocalIdentity.load(str(path))
+    loaded = load_local_identity(str(path))
     assert loaded.public == ident.public and loaded.name == "gw-a"
     with pytest.raises(ConfigError, match="exists"):
-        ident.save(str(path))
+        save_local_identity(ident, str(path))
     os.chmod(path, 0o640)
     with pytest.raises(ConfigError, match="group or others"):
-        LocalIdentity.load(str(path))
+        load_local_identity(str(path))
     os.chmod(path, 0o600)
     doc = json.loads(path.read_text())
     other_pub = LocalIdentity.generate(rng=seeded(5)).public.to_string()
@@ -139,7 +140,7 @@ def test_keygen_command(tmp_path, capsys):
     info = json.loads(capsys.readouterr().out)
     assert stat.S_IMODE(os.stat(priv).st_mode) == 0o600
     assert pub.read_text().strip() == info["public"]
-    loaded = LocalIdentity.load(str(priv))
+    loaded = load_local_identity(str(priv))
     assert loaded.public.to_string() == info["public"]
     assert info["profile"] == "mldsa87-ed25519" and info["key_id"] == loaded.key_id.hex()
     # refuses to overwrite without --force, with an operator error (exit 2)
@@ -188,4 +189,4 @@ def test_private_files_must_be_regular_and_ours(tmp_path):
     bad.write_bytes(b"\xff\xfe")
     os.chmod(bad, 0o600)
     with pytest.raises(ConfigError, match="not UTF-8"):
-        LocalIdentity.load(str(bad))
+        load_local_identity(str(bad))

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -67,3 +68,58 @@ def test_spec_lists_every_label_of_the_tree():
     for label in names:
         assert f"`{label}`" in doc or f'"{label}"' in doc, label
     assert labels.root_label("ML-KEM-768", True, True) in doc
+
+
+# ---- the protocol package is sans-IO too (issue 9 item 7)
+
+_PROTOCOL = Path(__file__).parents[2] / "gateway" / "protocol"
+# modules that do I/O, read the clock, or reach the layers above the core
+_FORBIDDEN_MODULES = {
+    "asyncio", "socket", "select", "selectors", "ssl", "threading", "subprocess", "time",
+    "datetime", "pathlib", "shutil", "tempfile", "io", "urllib", "http", "aiohttp",
+    "pyroute2", "ruamel", "yaml", "qkdgate.private_file", "qkdgate.gateway.daemon",
+    "qkdgate.gateway.config", "qkdgate.tunnels", "qkdgate.adapters", "qkdgate.testing"}
+_FORBIDDEN_CALLS = {"open", "print", "input", "exec", "eval"}
+# os is allowed for exactly one thing: os.urandom as the production default of
+# an injected rng (tests and the daemon pass their own)
+_ALLOWED_OS = {"urandom"}
+
+
+def _findings(source: str, name: str) -> list[str]:
+    import ast
+    out = []
+    for node in ast.walk(ast.parse(source, name)):
+        mods: list[str] = []
+        if isinstance(node, ast.Import):
+            mods = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            mods = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        for mod in mods:
+            if any(mod == f or mod.startswith(f + ".") for f in _FORBIDDEN_MODULES):
+                out.append(f"{name}:{node.lineno}: imports {mod}")
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) \
+                and node.func.id in _FORBIDDEN_CALLS:
+            out.append(f"{name}:{node.lineno}: calls {node.func.id}()")
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
+                and node.value.id == "os" and node.attr not in _ALLOWED_OS:
+            out.append(f"{name}:{node.lineno}: uses os.{node.attr}")
+    return out
+
+
+def test_protocol_package_does_no_io():
+    files = sorted(_PROTOCOL.glob("*.py"))
+    assert len(files) >= 10
+    found = [f for path in files for f in _findings(path.read_text(), path.name)]
+    assert found == []
+
+
+def test_purity_check_finds_each_kind():
+    """The scanner is not vacuous: a synthetic module trips every rule."""
+    bad = ("import socket\nfrom time import monotonic\nimport os\n"
+           "from qkdgate.private_file import read_private_file\n"
+           "def f():\n    open('x')\n    os.getpid()\n    return os.urandom(4)\n")
+    found = _findings(bad, "bad.py")
+    assert [f.split(": ", 1)[1] for f in found] == [
+        "imports socket", "imports time", "imports time.monotonic",
+        "imports qkdgate.private_file", "imports qkdgate.private_file.read_private_file",
+        "calls open()", "uses os.getpid"]
