@@ -114,7 +114,7 @@ class Message:
     sender_epoch: int
     receiver_epoch: int
     exchange_id: int
-    fields: Mapping[str, Any]
+    fields: Mapping[str, object]   # read through msg[name], typed by the schema
     core: bytes                    # the header and fields, as received
     offsets: Mapping[str, int]     # where each field starts in ``core``
     cookie: bytes = b""
@@ -163,7 +163,7 @@ def _enc(kind: str, value: Any) -> bytes:
 
 
 def encode_core(mtype: MsgType, sender_epoch: int, receiver_epoch: int, exchange_id: int,
-                values: Mapping[str, Any], *, stop: str | None = None) -> bytes:
+                values: Mapping[str, object], *, stop: str | None = None) -> bytes:
     """Header and fields in schema order, up to (excluding) field ``stop``."""
     out = [HEADER.pack(mtype, VERSION, 0, sender_epoch, receiver_epoch, exchange_id)]
     for name, kind in SCHEMAS[mtype]:
@@ -173,7 +173,7 @@ def encode_core(mtype: MsgType, sender_epoch: int, receiver_epoch: int, exchange
     return b"".join(out)
 
 
-def encode_fields(mtype: MsgType, values: Mapping[str, Any], start: str) -> bytes:
+def encode_fields(mtype: MsgType, values: Mapping[str, object], start: str) -> bytes:
     """Fields from ``start`` to the end (appended after a signed prefix)."""
     names = [n for n, _ in SCHEMAS[mtype]]
     return b"".join(_enc(kind, values[name]) for name, kind in SCHEMAS[mtype][names.index(start):])
