@@ -33,6 +33,7 @@ CHECKED=(
   gateway/cli/kme_sim.py gateway/cli/rekey.py gateway/cli/run.py gateway/cli/status.py
   gateway/demo/__init__.py gateway/demo/command.py gateway/demo/config.py gateway/demo/net.py
   gateway/demo/run.py gateway/demo/traffic.py gateway/demo/kernelwatch.py gateway/demo/view.py
+  gateway/daemon/journal.py
   gateway/telemetry
   qkdgate/testing
   tests

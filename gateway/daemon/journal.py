@@ -53,6 +53,7 @@ One daemon per state directory: an exclusive ``flock`` on ``journal.lock``.
 
 from __future__ import annotations
 
+import contextlib
 import errno as _errno
 import fcntl
 import json
@@ -60,10 +61,13 @@ import os
 import time
 import uuid
 import zlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import Protocol, TypeGuard
 
 from qkdgate.errors import QkdgateError
+
+Record = dict[str, object]   # one journal record, as JSON
 
 FORMAT_VERSION = 1
 EPOCH_MAX = (1 << 64) - 1   # the wire header carries epochs as 64-bit (messages.HEADER)
@@ -157,16 +161,16 @@ def _check_peer(peer: str) -> None:
         raise JournalError(f"peer name must be a non-empty string, not {peer!r}")
 
 
-def _is_epoch(value: object) -> bool:
+def _is_epoch(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= EPOCH_MAX
 
 
-def _encode(record: dict) -> bytes:
+def _encode(record: Record) -> bytes:
     body = json.dumps(record, separators=(",", ":"), sort_keys=True).encode()
     return b"%08x %s\n" % (zlib.crc32(body), body)
 
 
-def _decode(line: bytes) -> dict | None:
+def _decode(line: bytes) -> Record | None:
     """The record in one line, or None if it is torn or fails its checksum."""
     if len(line) < 10 or line[8:9] != b" ":
         return None
@@ -180,7 +184,7 @@ def _decode(line: bytes) -> dict | None:
     return rec if isinstance(rec, dict) else None
 
 
-def _apply(state: JournalState, rec: dict) -> None:
+def _apply(state: JournalState, rec: Record) -> None:
     kind = rec.get("t")
     if kind == "hdr":
         if rec.get("v") != FORMAT_VERSION:
@@ -190,13 +194,13 @@ def _apply(state: JournalState, rec: dict) -> None:
         epoch = rec.get("e")
         if not _is_epoch(epoch):
             raise JournalCorrupt("malformed local epoch record in journal")
-        state.local_epoch = max(state.local_epoch, epoch)  # type: ignore[type-var]
+        state.local_epoch = max(state.local_epoch, epoch)
         return
     if kind == "peer":
         peer, epoch = rec.get("peer"), rec.get("e")
         if not isinstance(peer, str) or not peer or not _is_epoch(epoch):
             raise JournalCorrupt("malformed peer epoch record in journal")
-        state.peer_epochs[peer] = max(state.peer_epochs.get(peer, 0), epoch)  # type: ignore[type-var]
+        state.peer_epochs[peer] = max(state.peer_epochs.get(peer, 0), epoch)
         return
     tunnel = rec.get("tun")
     gen = rec.get("gen")
@@ -216,8 +220,11 @@ def _apply(state: JournalState, rec: dict) -> None:
         ts.committed = max(ts.committed, gen)
         ts.started = max(ts.started, gen)
     elif kind == "snap":
+        started = rec.get("started", gen)
+        if not isinstance(started, int):
+            raise JournalCorrupt("malformed snapshot record in journal")
         ts.committed = max(ts.committed, gen)
-        ts.started = max(ts.started, int(rec.get("started", gen)))
+        ts.started = max(ts.started, started)
     else:
         raise JournalCorrupt(f"unknown journal record type {kind!r}")
 
@@ -226,7 +233,7 @@ class FileOps(Protocol):
     """The three calls that change the journal file on disk. Injectable so
     tests can make them fail (short write, ENOSPC, EIO) on demand."""
 
-    def write(self, fd: int, data: bytes) -> int: ...
+    def write(self, fd: int, data: bytes | memoryview, /) -> int: ...
 
     def fsync(self, fd: int) -> None: ...
 
@@ -272,7 +279,7 @@ class Journal:
     # -- opening -----------------------------------------------------------
 
     @classmethod
-    def open(cls, state_dir: str, **kwargs: object) -> "Journal":
+    def open(cls, state_dir: str, **kwargs: object) -> Journal:
         j = cls(state_dir, **kwargs)  # type: ignore[arg-type]
         j._open()
         return j
@@ -291,7 +298,8 @@ class Journal:
         except BlockingIOError:
             os.close(self._lock_fd)
             self._lock_fd = -1
-            raise JournalLocked(f"state directory {self.dir} is in use by another process") from None
+            raise JournalLocked(f"state directory {self.dir} is in use by another "
+                                "process") from None
         try:
             # A leftover temp file is an unfinished compaction; the journal
             # it was meant to replace is still complete.
@@ -447,7 +455,7 @@ class Journal:
         """Rewrite the journal as a snapshot (atomic: temp, fsync, rename)."""
         self._check_open()
         keep = list(self._state.key_ids)[-self.max_key_ids:] if self.max_key_ids else []
-        recs: list[dict] = [{"t": "hdr", "v": FORMAT_VERSION, "created": int(self._now())}]
+        recs: list[Record] = [{"t": "hdr", "v": FORMAT_VERSION, "created": int(self._now())}]
         if self._state.local_epoch:
             recs.append({"t": "epoch", "e": self._state.local_epoch})
         for peer, epoch in sorted(self._state.peer_epochs.items()):
@@ -478,10 +486,8 @@ class Journal:
         except BaseException as exc:
             # The old journal is untouched and still ours.
             os.close(fd)
-            try:
+            with contextlib.suppress(OSError):   # else removed at the next open
                 os.unlink(tmp)
-            except OSError:
-                pass   # removed at the next open
             if isinstance(exc, OSError):
                 raise JournalIOError("compact", exc.errno, tmp) from None
             raise
@@ -503,7 +509,7 @@ class Journal:
                 os.close(fd)  # closing the lock fd releases the flock
                 setattr(self, attr, -1)
 
-    def __enter__(self) -> "Journal":
+    def __enter__(self) -> Journal:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -538,7 +544,7 @@ class Journal:
                                      f"short write: {done} of {len(data)} bytes")
             done += n
 
-    def _append(self, rec: dict) -> None:
+    def _append(self, rec: Record) -> None:
         data = _encode(rec)
         if self._torn:
             self._repair()

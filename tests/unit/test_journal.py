@@ -183,3 +183,27 @@ def test_use_after_close_is_an_error(sdir):
     j.close()
     with pytest.raises(JournalError, match="not open"):
         j.reserve_qkd_key("t", 1, kid(1))
+
+
+@pytest.mark.parametrize("rec", [
+    {"t": "snap", "tun": "t", "gen": 3, "started": "4"},
+    {"t": "epoch", "e": 0},
+    {"t": "epoch", "e": True},
+    {"t": "epoch", "e": 2 ** 64},
+    {"t": "peer", "peer": "", "e": 5},
+    {"t": "peer", "peer": "b", "e": "5"},
+    {"t": "keys", "tun": "t", "gen": 1, "ids": "not a list"},
+    {"t": "what", "tun": "t", "gen": 1},
+], ids=lambda r: "-".join(f"{k}={v!r}"[:20] for k, v in r.items()))
+def test_malformed_records_with_a_valid_checksum_fail_closed(sdir, rec):
+    # A record that passes its CRC but not its schema was written by a bug or
+    # an attacker with write access: never guess, never crash with a non-journal error.
+    import json
+    import zlib
+    os.makedirs(sdir)
+    with open(os.path.join(sdir, "journal"), "wb") as f:
+        for r in ({"t": "hdr", "v": 1}, rec, {"t": "hdr", "v": 1}):
+            body = json.dumps(r).encode()
+            f.write(b"%08x %s\n" % (zlib.crc32(body), body))
+    with pytest.raises(JournalCorrupt):
+        Journal.open(sdir)
