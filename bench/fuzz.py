@@ -323,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     cov = None
     if not args.no_coverage:
         import coverage
-        cov = coverage.Coverage(branch=True, include=[str(ROOT / p) for p in COVERED])
+        cov = coverage.Coverage(data_file=None, branch=True,
+                                include=[str(ROOT / p) for p in COVERED])
         cov.start()
     targets = [t for build in BUILDERS.values() for t in build()]
     if args.targets:
