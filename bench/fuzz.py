@@ -38,6 +38,8 @@ import argparse
 import asyncio
 import base64
 import collections
+import hashlib
+import hmac
 import json
 import os
 import random
@@ -57,6 +59,7 @@ COVERED = [
     "adapters/etsi014_codec.py", "adapters/etsi004.py",
     "gateway/config/model.py", "gateway/config/schema.py", "gateway/config/validate.py",
     "gateway/daemon/control.py",
+    "gateway/protocol/session.py", "gateway/protocol/handshake.py",
 ]
 
 INTERESTING = [0, 1, 0x7F, 0x80, 0xFF, 0x00, 0x20, 0x22, 0x5B, 0x7B, 0x0A, 0x3A]
@@ -113,7 +116,7 @@ def protocol_targets() -> list[Target]:
 
     from qkdgate.errors import RemoteProtocolError
     from qkdgate.gateway.protocol import messages as m
-    from qkdgate.gateway.protocol.fragment import Reassembler, parse_header
+    from qkdgate.gateway.protocol.fragment import Reassembler, fragment, parse_header
 
     pair = make_pair()
     pair.roundtrip_until_done()
@@ -135,13 +138,24 @@ def protocol_targets() -> list[Target]:
     session_counter = [0]
 
     def session(data: bytes) -> list[str]:
-        gw = pair.a if session_counter[0] % 2 else pair.b
-        session_counter[0] += 1
-        gw.session.receive_datagram(data, pair.now)
+        n = session_counter[0] = session_counter[0] + 1
+        gw = pair.a if n % 2 else pair.b
+        if n % 4 < 2 and len(data) > m.MAC_LEN:
+            # Re-seal the mutated message with a valid mac1 (as anyone can
+            # without a PSK) and fragment it, so it reaches the state machine.
+            key = m.mac1_key(gw.name, None)
+            body = data[:-m.MAC_LEN]
+            data = body + hmac.new(key, body, hashlib.sha256).digest()[:m.MAC_LEN]
+            datagrams = fragment(data, n) if len(data) <= 16384 else [data[:1200]]
+            label = "re-sealed message: handled without an exception"
+        else:
+            datagrams, label = [data], "raw datagram: handled without an exception"
+        for d in datagrams:
+            gw.session.receive_datagram(d, pair.now)
         while gw.session.next_event() is not None:
             pass
         gw.session.datagrams_to_send(pair.now)
-        return ["handled without an exception"]
+        return [label]
 
     def decode(data: bytes) -> None:
         m.decode(data)
@@ -149,7 +163,8 @@ def protocol_targets() -> list[Target]:
     return [Target("protocol.decode", msgs, decode, (RemoteProtocolError,), (COVERED[0],)),
             Target("protocol.fragment", datagrams, fragments, (RemoteProtocolError,),
                    (COVERED[1],)),
-            Target("protocol.session", datagrams + msgs, session, (), COVERED[:2])]
+            Target("protocol.session", datagrams + msgs, session, (),
+                   (*COVERED[:2], *COVERED[8:10]))]
 
 
 def etsi_targets() -> list[Target]:
