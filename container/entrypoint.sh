@@ -30,17 +30,31 @@ if [ "${1:-}" != run ]; then
     exec qkdgate "$@"
 fi
 
-qkdgate "$@" &
-pid=$!
+# The traps go in before the daemon starts: a signal that arrived in between
+# would otherwise take its default action on this shell (TERM, HUP: exit),
+# leaving the daemon orphaned, unsupervised and without a failsafe. A signal
+# that arrives before the daemon exists is passed on once it does.
+pid=
+pending=
 got_signal=0
 forward() {
     got_signal=1
-    kill -s "$1" "$pid" 2>/dev/null || true
+    if [ -n "$pid" ]; then
+        kill -s "$1" "$pid" 2>/dev/null || true
+    else
+        pending=$1
+    fi
 }
 for sig in TERM INT HUP USR1 USR2 QUIT; do
     # shellcheck disable=SC2064  # expand $sig now: one handler per signal
     trap "forward $sig" "$sig"
 done
+
+qkdgate "$@" &
+pid=$!
+if [ -n "$pending" ]; then
+    kill -s "$pending" "$pid" 2>/dev/null || true
+fi
 
 while :; do
     got_signal=0

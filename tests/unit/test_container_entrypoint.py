@@ -9,10 +9,13 @@ built image."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import queue
 import shutil
 import signal
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -29,11 +32,29 @@ failsafe) shift; echo "failsafe $*" >>"$QKDGATE_TEST_LOG"; exit 0 ;;
 esac
 """
 
-# A daemon that reports ready on stdout, then waits; TERM ends it cleanly,
-# HUP is a reload it acknowledges on stdout.
+# A daemon that reports ready on stdout, then waits (60 s at most, so a
+# failed test leaves nothing behind for long); TERM ends it cleanly, HUP is a
+# reload it acknowledges on stdout.
 SERVING = ('trap \'echo TERM >>"$QKDGATE_TEST_LOG"; kill $! 2>/dev/null; exit 0\' TERM; '
            'trap \'echo reloaded\' HUP; echo ready $$; '
-           'while :; do sleep 60 & wait $!; done')
+           'i=0; while [ $i -lt 60 ]; do i=$((i + 1)); sleep 1 & wait $!; done')
+
+
+_started: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _reap():
+    # Whatever a failing test left running (the entrypoint, its stand-in
+    # daemon) is killed: a test must never leave processes behind.
+    yield
+    while _started:
+        proc = _started.pop()
+        for pid in (getattr(proc, "daemon_pid", None), proc.pid):
+            if pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        proc.wait(10)
 
 
 @pytest.fixture
@@ -53,14 +74,35 @@ def _log(env) -> list[str]:
 
 
 def _start(env, standin: str, *args: str, **extra: str) -> subprocess.Popen:
-    return subprocess.Popen([SH, str(ENTRYPOINT), *args], env={**env, "STANDIN": standin, **extra},
+    proc = subprocess.Popen([SH, str(ENTRYPOINT), *args],
+                            env={**env, "STANDIN": standin, **extra},
                             stdout=subprocess.PIPE, text=True)
+    _started.append(proc)
+    lines: queue.Queue[str] = queue.Queue()
+
+    def pump() -> None:
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put("")   # EOF
+
+    threading.Thread(target=pump, daemon=True).start()
+    proc.lines = lines
+    return proc
+
+
+def _line(proc: subprocess.Popen) -> str:
+    """The next stdout line, waiting at most 30 s (never hangs the suite)."""
+    try:
+        return proc.lines.get(timeout=30).strip()
+    except queue.Empty:
+        pytest.fail("no output from the entrypoint within 30 s")
 
 
 def _ready(proc: subprocess.Popen) -> int:
-    line = proc.stdout.readline().split()
-    assert line[0] == "ready", line
-    return int(line[1])
+    words = _line(proc).split()
+    assert words[:1] == ["ready"], words
+    proc.daemon_pid = int(words[1])
+    return proc.daemon_pid
 
 
 @pytest.mark.parametrize("standin, status", [
@@ -92,7 +134,7 @@ def test_sigterm_and_sighup_pass_through(env):
     proc = _start(env, SERVING, "run")
     _ready(proc)
     proc.send_signal(signal.SIGHUP)
-    assert proc.stdout.readline().strip() == "reloaded"
+    assert _line(proc) == "reloaded"
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 0
     assert _log(env) == ["run ", "TERM"]     # clean stop: no failsafe
