@@ -56,17 +56,22 @@ if [ -n "$pending" ]; then
     kill -s "$pending" "$pid" 2>/dev/null || true
 fi
 
+# POSIX wait: a trapped signal makes wait return >128 at once, then its trap
+# runs. So after a forwarded signal, wait again: if the daemon lives on this
+# blocks, and if it has ended the shell still holds its status (dash answers
+# again; a shell that has already reported it says 127: keep the last one).
+rc=
 while :; do
     got_signal=0
     wait "$pid"
-    rc=$?
-    # POSIX wait: a trapped signal makes wait return >128 at once and its
-    # trap runs; the daemon is then still alive (or a zombie not yet
-    # collected, which kill -0 still finds), so wait again for its status.
-    if [ "$got_signal" = 1 ] && [ "$rc" -gt 128 ] && kill -0 "$pid" 2>/dev/null; then
-        continue
+    status=$?
+    if [ "$status" -eq 127 ] && [ -n "$rc" ]; then
+        break
     fi
-    break
+    rc=$status
+    if [ "$got_signal" = 0 ] || [ "$rc" -le 128 ]; then
+        break
+    fi
 done
 
 if [ "$rc" -ne 0 ]; then
