@@ -65,8 +65,22 @@ def _labelled(name, fn):
 J.Journal.reserve_qkd_keys = _labelled("reserve", J.Journal.reserve_qkd_keys)
 J.Journal.record_generation = _labelled("record", J.Journal.record_generation)
 if os.environ.get("QG_NO_JOURNAL"):
+    # The control: no key_ID is ever remembered (as with no journal at all),
+    # but epochs still grow across restarts (the clock floor of
+    # next_local_epoch), as the protocol requires since issue 17 finding 3:
+    # with no journal the restarted side would draw a random epoch, half the
+    # time below the one its peer remembers, and never rekey again.
+    class _Forgetful(J.Journal):
+        def _open(self):
+            self._fd = 1 << 20   # never written; marks it open
+        def _append(self, rec):
+            pass
+        def reserve_qkd_keys(self, tunnel, generation, key_ids):
+            pass
+        def close(self):
+            pass
     from qkdgate.gateway.daemon import build as daemon_build
-    daemon_build.open_journal = lambda cfg: None
+    daemon_build.open_journal = lambda cfg: _Forgetful.open(cfg.gateway.state_dir)
 
 from qkdgate.keymix import combiner
 _combine = combiner.combine
