@@ -21,7 +21,9 @@ from typing import Any
 
 import pytest
 
+from qkdgate.gateway.protocol import identity
 from qkdgate.gateway.protocol import messages as m
+from qkdgate.gateway.protocol.dos import CookieJar
 
 HERE = Path(__file__).resolve().parent
 SOURCES = {p.relative_to(HERE).as_posix(): p.read_text()
@@ -120,14 +122,12 @@ def test_labels_are_the_codes() -> None:
     assert handshake.done_hash(th) == hashlib.sha256(lab["done"] + th).digest()  # 4.6
     assert handshake.abort_digest(init, prefix) == hashlib.sha256(                # 4.7
         lab["abort"] + hashlib.sha256(init).digest() + prefix).digest()
-    from qkdgate.gateway.protocol.dos import CookieJar                            # 4.8
-    jar = CookieJar(lambda n: b"s" * n, 0.0)
+    jar = CookieJar(lambda n: b"s" * n, 0.0)                                     # 4.8
     assert jar.make(init, 0.0) == hmac.new(b"s" * 32, lab["cookie"] + hashlib.sha256(
         init).digest(), hashlib.sha256).digest()[:16]
 
 
 def test_signature_contexts_are_the_codes() -> None:
-    from qkdgate.gateway.protocol import identity
     contexts = dict(CONTEXT.findall(ALL))
     assert set(contexts) == {"INIT", "RESP", "CONFIRM", "ABORT"}
     for c, text in contexts.items():
