@@ -186,11 +186,24 @@ def run_entry(entry: Entry, proverif: list[str], limits: Limits, keep: Path | No
         entry.seconds = time.monotonic() - t0
         entry.cpu_seconds = usage.ru_utime + usage.ru_stime
         limits.add(entry.cpu_seconds)
+        if keep is not None:
+            (keep / f"{entry.path.stem}.log").write_text("".join(output))
         errors = [ln for ln in output if ln.startswith(("Error", "File "))]
         if errors or (pending and not timed_out):
             for q in pending:
                 q.result = "error"
             sys.stderr.write("".join(output[-30:]))
+
+
+def markdown(entries: list[Entry]) -> str:
+    rows = ["| entry | query | claim | expected | result | wall s | CPU s |",
+            "|---|---|---|---|---|---|---|"]
+    for e in entries:
+        for q in e.queries:
+            rows.append(f"| {e.path.stem} | `{q.name}` | {q.claim} | {q.expect} | "
+                        f"{q.result}{'' if q.ok else ' **FAIL**'} | {q.seconds:.0f} | "
+                        f"{q.cpu_seconds:.1f} |")
+    return "\n".join(rows) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,8 +215,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="CPU seconds all queries may take: 15 minutes on 2 cores (default 1800)")
     ap.add_argument("--wall-timeout", type=float, default=3600.0,
                     help="wall-clock backstop for the whole run (default 3600)")
-    ap.add_argument("--keep", type=Path, help="write the assembled .pv files here")
+    ap.add_argument("--keep", type=Path, help="write the assembled .pv files and ProVerif's output here")
     ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--markdown", type=Path,
+                    help="write the results as the table of docs/analysis.md here")
     ap.add_argument("-j", dest="jobs", type=int, default=2,
                     help="ProVerif runs at once (default 2: the queries are independent)")
     ap.add_argument("-k", dest="select", help="run only entries whose name contains this")
@@ -229,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
             {"entry": e.path.name, "seconds": round(e.seconds, 1),
              "cpu_seconds": round(e.cpu_seconds, 1),
              "queries": [asdict(q) for q in e.queries]} for e in entries]}, indent=1) + "\n")
+    if args.markdown:
+        args.markdown.write_text(markdown(entries))
     cpu = sum(e.cpu_seconds for e in entries)
     print(f"model: {len(queries) - len(failed)}/{len(queries)} queries as expected "
           f"in {total:.0f} s (ProVerif CPU {cpu:.0f} s)" + (f"; FAILED: {', '.join(q.name for q in failed)}"
