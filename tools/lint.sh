@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The gates, run by tools/test-host.sh before the host tests (docs/architecture.md, "Gates"):
+# The gates (docs/architecture.md, "Gates"), run by tests/gates/test_lint.py in the host tests:
 #   1. lint-imports  the layer rule (.importlinter)
 #   2. ruff check    the rule set in pyproject.toml [tool.ruff]
 #   3. mypy --strict on the shipped package (pyproject.toml [tool.mypy])
