@@ -13,20 +13,22 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Any, Callable
+from typing import Any
 
 from qkdgate.errors import ConfigError
-from qkdgate.private_file import read_private_file
-from qkdgate.gateway.config.model import (REQID_SPAN, Config, KeyPolicy, PeerConfig, TunnelConfig,
-                                    TunnelType)
-from qkdgate.tunnels.ipsec_tunnel import IpsecTunnelSpec, ipsec_tunnel
-from qkdgate.tunnels.macsec_tunnel import MacsecTunnelSpec, macsec_tunnel
-from qkdgate.tunnels.events import TunnelEventSink
-from qkdgate.tunnels.state import DEFAULT_PATH as REGISTRY_PATH, TunnelRegistry
-from qkdgate.tunnels.manager import Lifetimes, Tunnel
+from qkdgate.gateway.config.model import REQID_SPAN, Config, PeerConfig, TunnelConfig, TunnelType
 from qkdgate.interfaces import MacsecLinkSpec, UdpEncap
 from qkdgate.keymix.secret import SecretBytes
+from qkdgate.private_file import read_private_file
+from qkdgate.tunnels.events import TunnelEventSink
+from qkdgate.tunnels.ipsec_tunnel import IpsecTunnelSpec, ipsec_tunnel
+from qkdgate.tunnels.macsec_tunnel import MacsecTunnelSpec, macsec_tunnel
+from qkdgate.tunnels.manager import Lifetimes, Tunnel, TunnelManager
+from qkdgate.tunnels.policy import KeyPolicy
+from qkdgate.tunnels.state import DEFAULT_PATH as REGISTRY_PATH
+from qkdgate.tunnels.state import TunnelRegistry
 
 log = logging.getLogger("qkdgate.daemon")
 
@@ -48,7 +50,9 @@ def _host_net(addr: Any) -> Any:
 
 def ipsec_spec(t: TunnelConfig) -> IpsecTunnelSpec:
     s = t.ipsec
-    assert s is not None
+    if s is None:
+        raise ConfigError("an IPsec tunnel needs its ipsec section",
+                          path=f"tunnels[{t.name}].ipsec")
     return IpsecTunnelSpec(
         tunnel_id=t.name, local=s.local_address, remote=s.remote_address,
         local_nets=tuple(s.local_subnets) or (_host_net(s.local_address),),
@@ -61,7 +65,9 @@ def ipsec_spec(t: TunnelConfig) -> IpsecTunnelSpec:
 
 def macsec_spec(t: TunnelConfig) -> MacsecTunnelSpec:
     m = t.macsec
-    assert m is not None
+    if m is None:
+        raise ConfigError("a MACsec tunnel needs its macsec section",
+                          path=f"tunnels[{t.name}].macsec")
     # The peer's SCI (IEEE 802.1AE-2018 8.2.1: its MAC address and port) names
     # the RX secure channel; without it we could not accept a single frame.
     sci = t.macsec_peer_sci
@@ -190,7 +196,7 @@ def open_journal(cfg: Config) -> Any:
 
 # ---------------------------------------------------------------- reload
 
-def _protocol_settings(cfg: Config, peer: PeerConfig) -> tuple:
+def _protocol_settings(cfg: Config, peer: PeerConfig) -> tuple[bool, bool, float]:
     ts = cfg.tunnels_for(peer.name)
     policies = {t.policy for t in ts}
     return (any(p in (KeyPolicy.PQC_FALLBACK, KeyPolicy.PQC_ONLY) for p in policies),
@@ -198,8 +204,7 @@ def _protocol_settings(cfg: Config, peer: PeerConfig) -> tuple:
             min((t.rekey.interval for t in ts), default=60.0))
 
 
-def apply_live(old: Config, new: Config, manager: Any, drivers: Any) -> tuple[list[str],
-                                                                             list[str]]:
+def apply_live(old: Config, new: Config, manager: TunnelManager) -> tuple[list[str], list[str]]:
     """Apply what may change without a restart; list what needs one.
 
     Live: a tunnel's key policy and lifetimes (they apply from the next

@@ -1,60 +1,71 @@
 """The gateway daemon: the composition root.
 
 Theory of operation: :class:`Daemon` turns a validated
-:class:`~qkdgate.gateway.config.model.Config` into running parts and wires them
-together inside one :class:`asyncio.TaskGroup`:
+:class:`~qkdgate.gateway.config.model.Config` into running parts, each owned
+by one class in its own module, and wires them together inside one
+:class:`asyncio.TaskGroup`:
 
-* one UDP socket (:mod:`qkdgate.gateway.daemon.udp`) and, per peer, a
-  :class:`PeerSession` (sans-IO protocol core) with its :class:`PeerDriver`;
-* key sources (``qkdgate.adapters.registry``) that answer ``NeedQkdKeys``;
-* the :class:`TunnelManager` (:mod:`qkdgate.tunnels.manager`) that
-  turns ``InstallInbound`` / ``InstallOutbound`` / ``RetireGeneration`` into
-  kernel SAs, make-before-break, under the tunnel's key policy;
-* the control socket (``qkdgate status`` / ``rekey``), sd_notify, and an
-  event hook that telemetry subscribes to (:meth:`Daemon.subscribe`;
-  events documented in docs/daemon.md).
+* one UDP socket (:mod:`~qkdgate.gateway.daemon.udp`) and, per peer, a
+  :class:`~qkdgate.gateway.daemon.peer.PeerRunner`: the sans-IO
+  :class:`PeerSession`, its driver, and the answers to its events;
+* a :class:`~qkdgate.gateway.daemon.qkd.QkdFetcher` that answers
+  ``NeedQkdKeys`` from the key sources, journals key_IDs and polls KME health;
+* the :class:`TunnelManager` (:mod:`qkdgate.tunnels.manager`) that turns
+  installs and retirements into kernel SAs, make-before-break, under the
+  tunnel's key policy;
+* a :class:`~qkdgate.gateway.daemon.reload.ReloadApplier` for SIGHUP;
+* the control socket (``qkdgate status`` / ``rekey`` / ``reload``),
+  sd_notify, and the event hook (:meth:`Daemon.subscribe`) that telemetry,
+  metrics and the demo view consume: typed events
+  (:mod:`~qkdgate.gateway.telemetry.events`; docs/daemon.md).
 
 Everything that touches the outside world is injectable (backends, key
-sources, clock, rng, notifier), so two daemons run in one event loop in the
-tests. Fail closed throughout: tunnels install blocking policies before the
-first handshake; a refused or failed install is reported to the session
-(``install_failed``) and never half-applied; the default exit leaves the
+sources, clock, rng, notifier, session factory), so two daemons run in one
+event loop in the tests; nothing shipped runs without the kernel backends.
+Fail closed throughout: tunnels install blocking policies before the first
+handshake; a refused or failed install is reported to the session and never
+half-applied; a bug in one peer's session blocks that peer's tunnels and
+rebuilds the session, it never ends the daemon; the default exit leaves the
 policies (and XFRM SAs, which expire on their kernel lifetimes) in place.
-SIGHUP reloads the configuration: the new file is validated first, a bad
-file changes nothing, and what cannot change live is reported as needing a
-restart. Logs carry tunnel/peer context and IDs, never key bytes.
+Logs carry tunnel/peer context and IDs, never key bytes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import time
-from typing import Any, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from typing import Any
 
 from qkdgate.errors import ConfigError, QkdgateError
+from qkdgate.gateway.config.model import Config
 from qkdgate.gateway.daemon import build
-from qkdgate.gateway.config.model import Config, load_config
 from qkdgate.gateway.daemon.control import ControlError, ControlServer
-from qkdgate.gateway.daemon.events import EventHandlers, PeerState
+from qkdgate.gateway.daemon.peer import PeerRunner, PeerState
+from qkdgate.gateway.daemon.qkd import QkdFetcher
+from qkdgate.gateway.daemon.reload import ReloadApplier
 from qkdgate.gateway.daemon.sdnotify import SdNotifier
-from qkdgate.tunnels.manager import GenerationRefused, TunnelManager, check_policy
 from qkdgate.gateway.daemon.udp import GatewayEndpoint, PeerDriver, open_endpoint
+from qkdgate.gateway.telemetry.events import DaemonStarted, DaemonStopping, Event, RekeyRequested
+from qkdgate.tunnels.events import TunnelEvent
+from qkdgate.tunnels.manager import TunnelManager
 
 log = logging.getLogger("qkdgate.daemon")
 
-Subscriber = Callable[[dict[str, Any]], Awaitable[None] | None]
+Subscriber = Callable[[Event], Awaitable[None] | None]
 POLL_INTERVAL = 10.0        # kernel counters (soft byte limits, status)
 QKD_HEALTH_MAX = 5.0        # poll each peer's KME status at least this often
 
 
-class Daemon(EventHandlers):
+class Daemon:
     def __init__(self, config: Config, *, config_path: str | None = None,
                  ipsec_backend: Any = None, macsec_backend: Any = None,
                  key_sources: Mapping[str, Any] | None = None,
-                 identity: Any = None, peer_identities: Mapping[str, list] | None = None,
+                 identity: Any = None, peer_identities: Mapping[str, list[Any]] | None = None,
                  session_factory: Callable[..., Any] | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  rng: Callable[[int], bytes] = os.urandom,
@@ -74,49 +85,63 @@ class Daemon(EventHandlers):
         self._peer_identities = peer_identities
         self._session_factory = session_factory
         self.journal = journal
-        self.journal_failure: str | None = None   # set once the journal fails: no more QKD
         self.subscribers: list[Subscriber] = []
         self.metrics: Any = None            # qkdgate.gateway.telemetry.metrics.Metrics when enabled
         self.telemetry: Any = None          # qkdgate.gateway.telemetry.mqtt.Telemetry when enabled
-        self._source_up: dict[str, bool] = {}
-        self._alarmed: dict[str, tuple[str, ...]] = {}   # key source -> last alarms seen
         self._services: list[Any] = []
         self.tunnels = TunnelManager()
-        self.peers: dict[str, PeerState] = {}
-        self.drivers: dict[str, PeerDriver] = {}
+        self.runners: dict[str, PeerRunner] = {}
+        self.qkd: QkdFetcher | None = None
+        self.reloader = ReloadApplier(config_path, self.tunnels, emit=self.emit, clock=clock,
+                                      rekey=self._rekey_for)
         self.endpoint: GatewayEndpoint | None = None
+        self._transport: asyncio.DatagramTransport | None = None
+        self.control: ControlServer | None = None
         self.started_at = clock()
         self.pending_restart: list[str] = []
-        self.short_of_policy: dict[str, str] = {}   # tunnel -> why (tightened by reload)
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
         self._kick = asyncio.Event()       # tunnel timers changed: re-evaluate now
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         self._tg: asyncio.TaskGroup | None = None
         self.ready = asyncio.Event()
 
+    # ------------------------------------------------------------------ views
+    @property
+    def peers(self) -> dict[str, PeerState]:
+        return {name: r.state for name, r in self.runners.items()}
+
+    @property
+    def drivers(self) -> dict[str, PeerDriver]:
+        return {name: r.driver for name, r in self.runners.items()}
+
     # ------------------------------------------------------------------ hooks
     def subscribe(self, callback: Subscriber) -> None:
-        """Receive every daemon event (a small dict; see docs/daemon.md)."""
+        """Receive every event (typed: :mod:`qkdgate.gateway.telemetry.events`
+        and :mod:`qkdgate.tunnels.events`; docs/daemon.md)."""
         self.subscribers.append(callback)
 
-    def emit(self, event: dict[str, Any]) -> None:
-        event = {"ts": time.time(), "gateway": self.config.gateway.name, **event}
+    def emit(self, event: Event) -> None:
         for cb in list(self.subscribers):
+            # A subscriber is a consumer (telemetry, metrics, a view): its
+            # failure must not stop the others nor undo what the event reports.
             try:
                 res = cb(event)
                 if asyncio.iscoroutine(res):
                     self._spawn(self._guarded(res, cb), "subscriber")
             except Exception:
-                log.exception("event subscriber %r failed on %s", cb, event.get("event"))
+                log.exception("event subscriber %r failed on %s", cb, event.name)
 
-    async def _guarded(self, coro: Awaitable[None], cb: Any) -> None:
+    async def _guarded(self, coro: Awaitable[None], cb: object) -> None:
         try:
             await coro
         except Exception:
             log.exception("event subscriber %r failed", cb)
 
-    def _spawn(self, coro: Any, name: str) -> None:
+    def _tunnel_event(self, event: TunnelEvent) -> None:
+        self.emit(event)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         if self._tg is not None:
             task = self._tg.create_task(coro, name=name)
         else:   # starting or stopping: still deliver (e.g. daemon_stopping to telemetry)
@@ -141,9 +166,9 @@ class Daemon(EventHandlers):
                     loops.append(tg.create_task(self._qkd_health_loop(), name="qkd-health"))
                 self.ready.set()
                 self.notifier.ready(self._status_line())
-                self.emit({"event": "daemon_started", "tunnels": list(self.tunnels.tunnels)})
+                self.emit(DaemonStarted(tuple(self.tunnels.tunnels)))
                 log.info("gateway %s running: %d peer(s), %d tunnel(s)",
-                         self.config.gateway.name, len(self.peers), len(self.tunnels.tunnels))
+                         self.config.gateway.name, len(self.runners), len(self.tunnels.tunnels))
                 await self._stop.wait()
                 for task in loops + list(self._tasks):
                     task.cancel()
@@ -183,40 +208,51 @@ class Daemon(EventHandlers):
         if self.journal is None and self.config_path is not None:
             self.journal = build.open_journal(cfg)
         host = str(cfg.gateway.listen.address)
-        if host == "0.0.0.0" and any(p.address.version == 6 for p in cfg.peers):
+        wildcard = "0.0.0.0"  # noqa: S104 - the configured address, widened to :: below
+        if host == wildcard and any(p.address.version == 6 for p in cfg.peers):
             host = "::"     # a dual-stack socket reaches IPv4 and IPv6 peers alike
-        transport, self.endpoint = await open_endpoint(
+        self._transport, self.endpoint = await open_endpoint(
             host, cfg.gateway.listen.port,
             bypass=getattr(self._ipsec, "bypass_socket", None))
-        self._transport = transport
+        await self._start_telemetry()
+        self.qkd = QkdFetcher(cfg, self._key_sources, journal=self.journal, emit=self.emit,
+                              clock=self.clock, on_qkd_lost=self._qkd_lost,
+                              observe=self.metrics.observe_key_source_call
+                              if self.metrics is not None else None)
         factory = self._session_factory or build.session_factory()
         for peer in cfg.peers:
             tids = [t.name for t in cfg.tunnels_for(peer.name)]
-            self.peers[peer.name] = PeerState(peer.name, tids)
             # Generations only grow, across restarts too: start above the
             # highest one the journal saw started or committed for these tunnels.
             floor = max((self.journal.next_generation(t) - 1 for t in tids), default=0) \
                 if self.journal is not None else 0
             scfg = build.session_config(cfg, peer, generation_floor=floor)
-            # Epochs only grow across restarts (issue 17 finding 3): ours is
-            # the journal's counter, the peer's floor its authenticated high-water.
-            epochs: dict[str, int] = {} if self.journal is None else {
-                "epoch": self.journal.next_local_epoch(),
-                "peer_epoch_floor": self.journal.peer_epoch(peer.name)}
-            session = factory(scfg, identity=identity, peer_identities=pins[peer.name],
-                              rng=self.rng, now=now,
-                              allocate_spi=lambda tid: self.tunnels.get(tid).allocate_spi(),
-                              **epochs)
-            driver = PeerDriver(peer.name, session, (str(peer.address), peer.port),
-                                clock=self.clock, on_event=self._on_event)
-            self.endpoint.add(driver)
-            self.drivers[peer.name] = driver
-        await self._start_telemetry()
+
+            def new_session(now: float, scfg: Any = scfg, name: str = peer.name) -> Any:
+                # Epochs only grow across restarts (issue 17 finding 3): ours is
+                # the journal's counter -- a fresh one for every session, so a
+                # session rebuilt after a failure is a new epoch too -- and the
+                # peer's floor its authenticated high-water mark.
+                epochs: dict[str, int] = {} if self.journal is None else {
+                    "epoch": self.journal.next_local_epoch(),
+                    "peer_epoch_floor": self.journal.peer_epoch(name)}
+                return factory(scfg, identity=identity, peer_identities=pins[name],
+                               rng=self.rng, now=now,
+                               allocate_spi=lambda tid: self.tunnels.get(tid).allocate_spi(),
+                               **epochs)
+
+            runner = PeerRunner(peer.name, tids, (str(peer.address), peer.port),
+                                new_session=new_session, tunnels=self.tunnels, qkd=self.qkd,
+                                journal=self.journal, emit=self.emit, clock=self.clock,
+                                spawn=self._spawn, wake=self.wake,
+                                exchange_ended=self.reloader.exchange_ended)
+            self.endpoint.add(runner.driver)
+            self.runners[peer.name] = runner
         self.control = ControlServer(self.control_path, {
             "status": self._ctl_status, "rekey": self._ctl_rekey, "reload": self._ctl_reload})
         await self.control.start()
-        for driver in self.drivers.values():
-            driver.pump()        # lets sessions with initiate_on_start send INIT
+        for runner in self.runners.values():
+            runner.start()
 
     async def _start_telemetry(self) -> None:
         """MQTT and Prometheus, when enabled: both are event-hook subscribers."""
@@ -240,17 +276,17 @@ class Daemon(EventHandlers):
 
     async def _shutdown(self) -> None:
         self.notifier.stopping()
-        self.emit({"event": "daemon_stopping", "teardown": self.teardown_on_exit})
+        self.emit(DaemonStopping(self.teardown_on_exit))
         pending = [t for t in self._tasks if not t.done()]
         if pending:   # let subscribers see the last events, briefly
             await asyncio.wait(pending, timeout=1.0)
             for t in pending:
                 t.cancel()
-        for driver in self.drivers.values():
-            driver.close()
-        if getattr(self, "_transport", None) is not None:
+        for runner in self.runners.values():
+            runner.close()
+        if self._transport is not None:
             self._transport.close()
-        if getattr(self, "control", None) is not None:
+        if self.control is not None:
             await self.control.close()
         for tunnel in self.tunnels.tunnels.values():
             try:
@@ -260,14 +296,14 @@ class Daemon(EventHandlers):
         if self.telemetry is not None:
             try:
                 await self.telemetry.close()
-            except Exception as exc:
+            except (OSError, QkdgateError) as exc:
                 log.warning("telemetry: close failed: %s", exc)
         for service in self._services:
             await service.close()
         for name, src in (self._key_sources or {}).items():
             try:
                 await src.close()
-            except Exception as exc:   # closing must not mask the reason we stop
+            except Exception as exc:  # noqa: BLE001 - a plug-in's close must not mask why we stop
                 log.warning("key source %s: close failed: %s", name, exc)
         if self.journal is not None and hasattr(self.journal, "close"):
             self.journal.close()
@@ -299,16 +335,22 @@ class Daemon(EventHandlers):
                 pass
 
     async def _qkd_health_loop(self) -> None:
-        """Poll each peer's KME status (ETSI GS QKD 014 6.1). Both roles see
-        a QKD link alarm this way, also the slave, which otherwise only
-        talks to its KME when the master sends key_IDs; the status (pool,
-        QBER, alarms) feeds telemetry and ``qkd-mandatory`` blocking."""
+        """Poll each peer's KME status (ETSI GS QKD 014 6.1); see QkdFetcher.poll."""
+        qkd = self.qkd
+        if qkd is None:
+            return
         period = min([QKD_HEALTH_MAX] + [t.rekey.interval for t in self.config.tunnels])
         while True:
             for peer in self.config.peers:
-                if peer.qkd is not None and peer.name in self.drivers:
-                    await self._qkd_health(self.drivers[peer.name], peer.qkd)
+                if peer.qkd is not None and peer.name in self.runners:
+                    await qkd.poll(peer.name)
             await asyncio.sleep(period)
+
+    def _qkd_lost(self, peer: str | None, reason: str) -> None:
+        """QKD is gone for ``peer`` (None: every peer): qkd-mandatory blocks."""
+        for name, runner in self.runners.items():
+            if peer is None or peer == name:
+                runner.qkd_lost(reason)
 
     def wake(self) -> None:
         """Re-evaluate tunnel timers now (after installs, or a clock jump in tests)."""
@@ -316,26 +358,23 @@ class Daemon(EventHandlers):
 
     def _rekey_for(self, tunnel_id: str, reason: str) -> str:
         peer = self.config.tunnel(tunnel_id).peer
-        driver = self.drivers[peer]
         log.info("tunnel %s: rekey (%s)", tunnel_id, reason, extra={"tunnel": tunnel_id})
-        driver.call("initiate_rekey",
-                    lambda: driver.session.initiate_rekey(self.clock(), reason))
+        self.runners[peer].rekey(reason)
         return peer
 
     async def _watchdog_loop(self) -> None:
-        assert self.notifier.watchdog_interval
-        while True:
+        interval = self.notifier.watchdog_interval
+        while interval:
             self.notifier.watchdog()
-            await asyncio.sleep(self.notifier.watchdog_interval)
+            await asyncio.sleep(interval)
 
     async def _reload_loop(self) -> None:
         while True:
             await self._reload.wait()
             self._reload.clear()
-            try:
+            # A bad file is logged and emitted by the applier; the running config stays.
+            with contextlib.suppress(ConfigError):
                 self.do_reload()
-            except QkdgateError:
-                pass    # logged and emitted by do_reload; the running config stays
 
     def do_reload(self) -> dict[str, Any]:
         """Re-read the config file; apply what can change live."""
@@ -343,65 +382,13 @@ class Daemon(EventHandlers):
             raise ControlError("the daemon was not started from a file; nothing to reload")
         self.notifier.reloading()
         try:
-            new = load_config(self.config_path)
-        except ConfigError as exc:
-            log.error("reload refused, configuration unchanged: %s", exc)
-            self.emit({"event": "config_rejected", "error": str(exc)})
+            self.config, applied, restart = self.reloader.apply(self.config)
+        finally:
             self.notifier.ready(self._status_line())
-            raise
-        before = {tid: t.policy for tid, t in self.tunnels.tunnels.items()}
-        applied, restart = build.apply_live(self.config, new, self.tunnels, self.drivers)
-        self._enforce_tightened([tid for tid, t in self.tunnels.tunnels.items()
-                                 if t.policy != before[tid]])
-        if not restart:
-            self.config = new   # else: keep the structure we run with; live parts are applied
+        if self.qkd is not None:
+            self.qkd.reconfigure(self.config)
         self.pending_restart = restart
-        for item in restart:
-            log.warning("reload: %s needs a restart to take effect", item)
-        log.info("configuration reloaded: %s", ", ".join(applied) or "no live changes")
-        self.emit({"event": "config_reloaded", "applied": applied, "needs_restart": restart})
-        self.notifier.ready(self._status_line())
         return {"applied": applied, "needs_restart": restart}
-
-    def _enforce_tightened(self, tunnel_ids: list[str]) -> None:
-        """A reload changed these tunnels' policies (issue 17 finding 6): the
-        generation carrying traffic now is checked against the new policy at
-        once, not at its next rekey. One that falls short is rekeyed now;
-        ``qkd-mandatory`` blocks at once (it never carries traffic without a
-        QKD key), any other policy blocks when that rekey does not bring a
-        generation that meets it (:meth:`_settle_tightened`)."""
-        now = self.clock()
-        for tid in tunnel_ids:
-            tunnel = self.tunnels.get(tid)
-            if tunnel.active is None or tunnel.state == "blocked":
-                continue
-            try:
-                check_policy(tunnel.policy, tunnel.active.provenance)
-                continue
-            except GenerationRefused as exc:
-                short = (f"policy now {tunnel.policy.value}, active generation "
-                         f"{tunnel.active.number} falls short: {exc}")
-            log.warning("tunnel %s: %s; rekeying now", tid, short, extra={"tunnel": tid})
-            self.short_of_policy[tid] = short
-            if tunnel.policy.blocks_on_qkd_loss:
-                tunnel.block(now, short)
-            self._rekey_for(tid, "policy_tightened")
-
-    def _settle_tightened(self, peer: str) -> None:
-        """An exchange with ``peer`` ended (established or failed): every
-        tunnel still short of its tightened policy blocks now."""
-        now = self.clock()
-        for tid in self.peers[peer].tunnels:
-            short = self.short_of_policy.pop(tid, None)
-            if short is None:
-                continue
-            tunnel = self.tunnels.get(tid)
-            if tunnel.active is None or tunnel.state == "blocked":
-                continue
-            try:
-                check_policy(tunnel.policy, tunnel.active.provenance)
-            except GenerationRefused:
-                tunnel.block(now, short + "; the rekey did not bring one that meets it")
 
     # ------------------------------------------------------------------ control
     def status(self) -> dict[str, Any]:
@@ -412,29 +399,30 @@ class Daemon(EventHandlers):
             peer = self.config.tunnel(tid).peer
             st["peer"] = peer
             timer = None
-            driver = self.drivers.get(peer)
-            if driver is not None:
+            runner = self.runners.get(peer)
+            if runner is not None and not runner.driver.failed:
                 # The session's planned rekey if it says (``next_rekey_at``),
                 # else its next timer: never later than the real rekey.
-                try:
-                    timer = getattr(driver.session, "next_rekey_at", None)
-                    if timer is None:
-                        timer = driver.session.get_timer()
-                except Exception:
-                    timer = None
-            candidates = [x for x in (st.get("soft_expiry_in"),
-                                      (timer - now) if timer is not None else None)
+                session = runner.driver.session
+                timer = getattr(session, "next_rekey_at", None)
+                if timer is None:
+                    timer = session.get_timer()
+            soft = st.get("soft_expiry_in")
+            candidates = [float(x) for x in (soft if isinstance(soft, (int, float)) else None,
+                                             (timer - now) if timer is not None else None)
                           if x is not None]
             st["next_rekey_in"] = round(min(candidates), 1) if candidates else None
-            if st["last_error"] is None and self.peers[peer].last_error and st["state"] != "up":
-                st["last_error"] = self.peers[peer].last_error
+            ps = self.runners[peer].state if peer in self.runners else None
+            if st["last_error"] is None and ps is not None and ps.last_error \
+                    and st["state"] != "up":
+                st["last_error"] = ps.last_error
             tunnels.append(st)
-        peers = [{"peer": p.name, "state": p.state, "generation": p.generation,
-                  "qkd_fallback": p.qkd_fallback, "rekeys": p.rekeys,
-                  "rekey_failures": p.rekey_failures, "violations": p.violations,
-                  "last_error": p.last_error,
-                  "datagrams": dict(self.drivers[p.name].stats) if p.name in self.drivers
-                  else {}} for p in self.peers.values()]
+        peers = [{"peer": r.state.name, "state": r.state.state, "generation": r.state.generation,
+                  "qkd_fallback": r.state.qkd_fallback, "rekeys": r.state.rekeys,
+                  "rekey_failures": r.state.rekey_failures, "violations": r.state.violations,
+                  "session_failures": r.state.session_failures,
+                  "last_error": r.state.last_error, "datagrams": dict(r.driver.stats)}
+                 for r in self.runners.values()]
         return {"gateway": self.config.gateway.name, "uptime": round(now - self.started_at, 1),
                 "pid": os.getpid(), "peers": peers, "tunnels": tunnels,
                 "needs_restart": list(self.pending_restart)}
@@ -446,10 +434,9 @@ class Daemon(EventHandlers):
         t = self.tunnels.get(tunnel_id)
         gen = t.active.number if t.active else None
         peer = self._rekey_for(tunnel_id, "operator")
-        self.emit({"event": "rekey_requested", "tunnel": tunnel_id, "peer": peer,
-                   "reason": "operator"})
+        self.emit(RekeyRequested(tunnel_id, peer, "operator"))
         return {"tunnel": tunnel_id, "peer": peer, "generation": gen,
-                "tunnels": self.peers[peer].tunnels}
+                "tunnels": self.runners[peer].state.tunnels}
 
     async def _ctl_status(self, req: Mapping[str, Any]) -> Any:
         return self.status()

@@ -12,9 +12,14 @@ A :class:`PeerDriver` owns one
 handler, and re-arm one ``call_at`` timer at ``get_timer``. The session
 never sees the socket or the clock; the driver never interprets bytes.
 
-Peer garbage can never raise out of here: the session promises not to
-raise on input, and the driver still catches and logs anything that does
-(a bug) so one peer cannot stop the event loop for the others.
+Peer garbage never raises out of a session (it becomes a
+``ProtocolViolation``). Anything that does raise -- from the session, or from
+the daemon's handler of one of its events -- is a bug that may have left the
+session half-changed: :meth:`PeerDriver._run` is the one choke point that
+catches it, stops using that session, and tells ``on_failure``, which fails
+the peer's tunnels closed and hands over a fresh session
+(:meth:`PeerDriver.replace_session`). One peer's bug never stops the event
+loop for the others, and never continues on a half-changed object.
 """
 
 from __future__ import annotations
@@ -23,24 +28,48 @@ import asyncio
 import ipaddress
 import logging
 import socket
-from typing import Any, Callable
+from collections.abc import Callable, Sequence
+from typing import Protocol, TypeVar
+
+from qkdgate.interfaces import QkdKey
 
 log = logging.getLogger("qkdgate.udp")
 
 MAX_DATAGRAM = 65535
+T = TypeVar("T")
+
+
+class Session(Protocol):
+    """What the daemon calls on a sans-IO
+    :class:`~qkdgate.gateway.protocol.session.PeerSession`."""
+
+    def receive_datagram(self, data: bytes, now: float) -> None: ...
+    def handle_timer(self, now: float) -> None: ...
+    def get_timer(self) -> float | None: ...
+    def datagrams_to_send(self, now: float) -> Sequence[bytes]: ...
+    def next_event(self) -> object | None: ...
+    def initiate_rekey(self, now: float, reason: str) -> None: ...
+    def provide_qkd_keys(self, request_id: int, keys: Sequence[QkdKey], now: float) -> None: ...
+    def qkd_failed(self, request_id: int, error: Exception, now: float) -> None: ...
+    def installed(self, request_id: int, now: float) -> None: ...
+    def install_failed(self, request_id: int, error: Exception, now: float) -> None: ...
 
 
 class PeerDriver:
-    """Drives one PeerSession; ``on_event(driver, event)`` gets its events."""
+    """Drives one PeerSession: ``on_event(event)`` gets its events,
+    ``on_failure(what, exc)`` hears that it (or the handling of one of its
+    events) raised, and is expected to :meth:`replace_session`."""
 
-    def __init__(self, name: str, session: Any, address: tuple[str, int], *,
-                 clock: Callable[[], float], on_event: Callable[["PeerDriver", Any], None],
+    def __init__(self, name: str, session: Session, address: tuple[str, int], *,
+                 clock: Callable[[], float], on_event: Callable[[object], None],
+                 on_failure: Callable[[str, BaseException], None],
                  loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.name = name
         self.session = session
         self.address = address
         self.clock = clock
         self.on_event = on_event
+        self.on_failure = on_failure
         self.loop = loop or asyncio.get_running_loop()
         self.transport: asyncio.DatagramTransport | None = None
         self.send_address = address     # IPv4 peers become ::ffff:a.b.c.d on a dual-stack socket
@@ -50,62 +79,82 @@ class PeerDriver:
         self._again = False
         self.stats = {"rx": 0, "tx": 0, "rx_bytes": 0, "tx_bytes": 0, "send_errors": 0}
         self.closed = False
+        self.failed = False             # the session raised; nothing reaches it until replaced
 
     # ---- inputs ---------------------------------------------------------
     def datagram_received(self, data: bytes) -> None:
         self.stats["rx"] += 1
         self.stats["rx_bytes"] += len(data)
-        self._guard("receive_datagram", lambda: self.session.receive_datagram(data, self.clock()))
+        self._run("receive_datagram", lambda s: s.receive_datagram(data, self.clock()))
         self.pump()
 
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_at = None
-        self._guard("handle_timer", lambda: self.session.handle_timer(self.clock()))
+        self._run("handle_timer", lambda s: s.handle_timer(self.clock()))
         self.pump()
 
-    def call(self, what: str, fn: Callable[[], Any]) -> None:
-        """Run an answer to an event (``installed``, ``provide_qkd_keys``...) and pump."""
-        self._guard(what, fn)
+    def call(self, what: str, fn: Callable[[Session], object]) -> None:
+        """Run an answer to an event (``installed``, ``provide_qkd_keys``...)
+        on the current session and pump."""
+        self._run(what, fn)
         self.pump()
 
-    def _guard(self, what: str, fn: Callable[[], Any]) -> None:
-        if self.closed:
-            return
+    def replace_session(self, session: Session) -> None:
+        """A fresh session after a failure; pumped at once (it may send INIT)."""
+        self.session = session
+        self.failed = False
+        self._timer_at = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.pump()
+
+    def _run(self, what: str, fn: Callable[[Session], T]) -> T | None:
+        """The one choke point where the session is called. Peer garbage
+        never raises out of a session (it becomes a ProtocolViolation), so
+        an exception here is a bug: the session may be half-changed and is
+        never used again (h11's rule); ``on_failure`` rebuilds it."""
+        if self.closed or self.failed:
+            return None
         try:
-            fn()
-        except Exception:   # a bug in the core, not peer input: keep serving other peers
-            log.exception("peer %s: session.%s raised", self.name, what,
-                          extra={"peer": self.name})
+            return fn(self.session)
+        except Exception as exc:  # noqa: BLE001 - a bug: fail closed, report, rebuild
+            self._fail(what, exc)
+            return None
+
+    def _fail(self, what: str, exc: BaseException) -> None:
+        self.failed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = None
+        self.on_failure(what, exc)
 
     # ---- outputs --------------------------------------------------------
     def pump(self) -> None:
         """Flush datagrams, deliver events, re-arm the timer. Re-entrant
         calls (an event handler answering synchronously) loop here instead
         of recursing."""
-        if self.closed:
+        if self.closed or self.failed:
             return
         if self._pumping:
             self._again = True
             return
         self._pumping = True
         try:
-            while True:
+            while not (self.closed or self.failed):
                 self._again = False
                 self._flush()
-                while True:
-                    try:
-                        event = self.session.next_event()
-                    except Exception:
-                        log.exception("peer %s: next_event raised", self.name)
-                        event = None
+                while not (self.closed or self.failed):
+                    event = self._run("next_event", lambda s: s.next_event())
                     if event is None:
                         break
                     try:
-                        self.on_event(self, event)
-                    except Exception:
-                        log.exception("peer %s: handling %s failed", self.name,
-                                      type(event).__name__, extra={"peer": self.name})
+                        self.on_event(event)
+                    except Exception as exc:  # noqa: BLE001 - our handler's bug: as above
+                        self._fail(f"handling {type(event).__name__}", exc)
+                        break
                     self._flush()
                 if not self._again:
                     break
@@ -114,12 +163,8 @@ class PeerDriver:
             self._pumping = False
 
     def _flush(self) -> None:
-        try:
-            datagrams = self.session.datagrams_to_send(self.clock())
-        except Exception:
-            log.exception("peer %s: datagrams_to_send raised", self.name)
-            return
-        for dgram in datagrams:
+        datagrams = self._run("datagrams_to_send", lambda s: s.datagrams_to_send(self.clock()))
+        for dgram in datagrams or ():
             if self.transport is None or self.transport.is_closing():
                 break
             try:
@@ -131,11 +176,11 @@ class PeerDriver:
                 log.warning("peer %s: send failed: %s", self.name, exc, extra={"peer": self.name})
 
     def _arm(self) -> None:
-        try:
-            at = self.session.get_timer()
-        except Exception:
-            log.exception("peer %s: get_timer raised", self.name)
-            at = None
+        if not self._usable():
+            return
+        at = self._run("get_timer", lambda s: s.get_timer())
+        if not self._usable():
+            return
         if at == self._timer_at and (at is None or self._timer is not None):
             return
         if self._timer is not None:
@@ -145,6 +190,10 @@ class PeerDriver:
         if at is not None:
             delay = max(0.0, at - self.clock())
             self._timer = self.loop.call_later(delay, self._on_timer)
+
+    def _usable(self) -> bool:
+        """Neither closed nor failed (a call can change it: read it afresh)."""
+        return not (self.closed or self.failed)
 
     def close(self) -> None:
         self.closed = True
@@ -241,4 +290,4 @@ async def open_endpoint(host: str, port: int, *, bypass: Callable[[socket.socket
         sock.close()
         raise
     transport, proto = await loop.create_datagram_endpoint(GatewayEndpoint, sock=sock)
-    return transport, proto  # type: ignore[return-value]
+    return transport, proto

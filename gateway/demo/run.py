@@ -227,7 +227,7 @@ class DemoRun:
 
         async def main() -> None:
             d = Daemon(cfg, config_path=path, notifier=SdNotifier({}), teardown_on_exit=True)
-            d.subscribe(self.rec.on_event)
+            d.subscribe(self.rec.for_gateway(cfg.gateway.name))
             self.daemons[name] = d
             created.set()
             await d.run()

@@ -1,7 +1,8 @@
 """The demo's live view and JSON summary, from daemon events and snapshots.
 
-Theory of operation: :class:`Recorder` receives every daemon event (the
-daemon's hook, docs/daemon.md) from the daemons' threads, stamps it with
+Theory of operation: :class:`Recorder` receives every typed daemon event
+(the daemon's hook, docs/daemon.md; one subscriber per daemon from
+:meth:`Recorder.for_gateway`) from the daemons' threads, stamps it with
 the run's elapsed time, and derives what the summary reports: rekeys and
 generations per tunnel with their key inputs (QKD key_IDs only), rekey
 latencies, alarms, and the policy's actions (fallback, block, recovery).
@@ -17,15 +18,43 @@ found its way into a status dict by mistake would still not be printed.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-KEY_EVENTS = {"rekey_done", "rekey_failed", "policy_fallback", "policy_recovered",
-              "tunnel_blocked", "sa_hard_lifetime_block", "sa_switched", "qkd_error",
-              "key_source_down", "key_source_up", "tunnel_error", "install_failed",
-              "qkd_fallback", "qkd_recovered", "peer_restarted"}
+from qkdgate.gateway.telemetry.events import (
+    DaemonEvent,
+    Event,
+    InstallFailed,
+    KeySourceDown,
+    KeySourceUp,
+    PeerRestartedReport,
+    QkdError,
+    QkdFallbackReport,
+    QkdRecoveredReport,
+    RekeyDone,
+    RekeyFailedReport,
+    UnknownEvent,
+)
+from qkdgate.tunnels.events import (
+    PolicyFallback,
+    PolicyRecovered,
+    SaHardLifetimeBlock,
+    SaSwitched,
+    TunnelBlocked,
+    TunnelEvent,
+    TunnelOpFailed,
+)
+
+# The events the view records (typed: the daemon's and the tunnels' own).
+KEY_EVENTS = (RekeyDone, RekeyFailedReport, PolicyFallback, PolicyRecovered, TunnelBlocked,
+              SaHardLifetimeBlock, SaSwitched, QkdError, KeySourceDown, KeySourceUp,
+              TunnelOpFailed, InstallFailed, QkdFallbackReport, QkdRecoveredReport,
+              PeerRestartedReport)
+_FIELDS = ("event", "tunnel", "generation", "inputs", "latency_ms", "reason", "policy", "error",
+           "source", "direction", "spi")
 
 
 def percentile(values: list[float], p: float) -> float | None:
@@ -152,32 +181,46 @@ class Recorder:
         self.note(f"ALARM {alarm} on {source}"
                   + (f" (QBER {qber:.1%})" if qber is not None else ""))
 
-    def on_event(self, ev: dict[str, Any]) -> None:
-        """Daemon hook (called in the daemon's thread)."""
-        name = ev.get("event")
-        if name not in KEY_EVENTS:
+    def for_gateway(self, gateway: str) -> Callable[[Event], None]:
+        """The daemon hook for ``gateway``'s daemon (``Daemon.subscribe``)."""
+        return functools.partial(self.on_event, gateway)
+
+    def on_event(self, gateway: str, ev: Event) -> None:
+        """One typed event of ``gateway`` (called in the daemon's thread)."""
+        if not isinstance(ev, (DaemonEvent, TunnelEvent)):
+            raise UnknownEvent(ev, "demo view")
+        if not isinstance(ev, KEY_EVENTS):
             return
-        gw, tid = str(ev.get("gateway", "?")), str(ev.get("tunnel", ""))
-        e = {k: v for k, v in ev.items() if k in ("event", "gateway", "tunnel", "generation",
-                                                    "inputs", "latency_ms", "reason", "policy",
-                                                    "error", "source", "direction", "spi")}
+        gw = gateway
+        tid = ev.tunnel if isinstance(ev, (TunnelEvent, RekeyDone, RekeyFailedReport)) else ""
+        # Whitelisted fields of the wire form only: nothing else is ever shown.
+        e: dict[str, Any] = {k: v for k, v in ev.to_dict().items() if k in _FIELDS}
+        e["gateway"] = gw
+        e["tunnel"] = tid
         e["t"] = self.elapsed()
         with self._lock:
             self.events.append(e)
         action = None
-        if name == "policy_fallback":
-            self._fallback.add((gw, tid))
-            action = ("fallback",
-                      f"PQC-only (ML-KEM + X25519) from generation {ev.get('generation')}")
-        elif name == "policy_recovered":
-            self._fallback.discard((gw, tid))
-            action = ("recovery", f"QKD keys again from generation {ev.get('generation')}")
-        elif name == "tunnel_blocked":
-            self._blocked.add((gw, tid))
-            action = ("block", f"traffic blocked: {ev.get('reason')}")
-        elif name == "sa_switched" and (gw, tid) in self._blocked:
-            self._blocked.discard((gw, tid))
-            action = ("recovery", f"unblocked with generation {ev.get('generation')}")
+        note = None
+        match ev:
+            case PolicyFallback():
+                self._fallback.add((gw, tid))
+                action = ("fallback", f"PQC-only (ML-KEM + X25519) from generation {ev.generation}")
+            case PolicyRecovered():
+                self._fallback.discard((gw, tid))
+                action = ("recovery", f"QKD keys again from generation {ev.generation}")
+            case TunnelBlocked():
+                self._blocked.add((gw, tid))
+                action = ("block", f"traffic blocked: {ev.reason}")
+            case SaSwitched() if (gw, tid) in self._blocked:
+                self._blocked.discard((gw, tid))
+                action = ("recovery", f"unblocked with generation {ev.generation}")
+            case RekeyFailedReport() | KeySourceDown():
+                note = ev.reason
+            case QkdError() | TunnelOpFailed() | InstallFailed():
+                note = ev.error
+            case _:
+                pass
         if action:
             if self.phases:            # phases start with the traffic
                 self._update_phase()
@@ -185,9 +228,8 @@ class Recorder:
                 self.actions.append({"t": e["t"], "gateway": gw, "tunnel": tid,
                                      "action": action[0], "detail": action[1]})
             self.note(f"POLICY {gw}/{tid}: {action[0]}: {action[1]}")
-        elif name in ("rekey_failed", "key_source_down", "qkd_error", "tunnel_error",
-                      "install_failed"):
-            self.note(f"{gw}: {name} {ev.get('reason') or ev.get('error') or ''}"[:160])
+        elif note is not None:
+            self.note(f"{gw}: {ev.name} {note}"[:160])
 
     # ----------------------------------------------------------- derived
 

@@ -2,8 +2,9 @@
 
 Theory of operation: :class:`Metrics` owns one dedicated
 ``CollectorRegistry`` (no process-global state, so tests and two gateways in
-one process never collide) and updates it from the same event dicts the
-daemon hands to MQTT telemetry (:meth:`Metrics.handle_event`), plus direct
+one process never collide) and updates it from the same typed events the
+daemon hands to MQTT telemetry (:meth:`Metrics.handle_event`, a ``match`` on
+the event class; an unknown class raises), plus direct
 calls for what events do not carry: key-source call latency
 (:meth:`observe_key_source_call`) and kernel SA counters
 (:meth:`observe_sa`). :meth:`Metrics.serve` exposes the registry over HTTP
@@ -32,13 +33,50 @@ import os
 import re
 import sys
 import time
-from collections.abc import Mapping
 from typing import Any, TextIO
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from qkdgate import __version__
+from qkdgate.gateway.telemetry.events import (
+    ConfigRejected,
+    ConfigReloaded,
+    DaemonStarted,
+    DaemonStopping,
+    Event,
+    InstallFailed,
+    JournalFailed,
+    KeySourceDown,
+    KeySourceUp,
+    PeerRestartedReport,
+    PolicyShortfall,
+    ProtocolViolationReport,
+    QkdAlarm,
+    QkdError,
+    QkdFallbackReport,
+    QkdKeysFetched,
+    QkdRecoveredReport,
+    QkdStatus,
+    RekeyDone,
+    RekeyFailedReport,
+    RekeyRequested,
+    SessionFailedReport,
+    UnknownEvent,
+)
+from qkdgate.tunnels.events import (
+    PolicyFallback,
+    PolicyRecovered,
+    SaAdopted,
+    SaHardLifetimeBlock,
+    SaInstalled,
+    SaRetired,
+    SaStaleRemoved,
+    SaSwitched,
+    TunnelBlocked,
+    TunnelEvent,
+    TunnelOpFailed,
+)
 
 MAX_REASONS = 32
 _REASON = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,47}")
@@ -94,53 +132,58 @@ class Metrics:
 
     # -- from daemon events -------------------------------------------------
 
-    def handle_event(self, event: Mapping[str, Any]) -> None:
-        """Update metrics from one daemon event dict (see docs/telemetry.md).
-        Unknown events and malformed fields are ignored, never raised."""
-        try:
-            self._handle(event)
-        except (TypeError, ValueError, AttributeError):
-            logging.getLogger("qkdgate.metrics").warning(
-                "metrics: ignored malformed %r event", str(event.get("event"))[:40])
-
-    def _handle(self, e: Mapping[str, Any]) -> None:
-        kind = e.get("event")
-        tunnel = str(e.get("tunnel", ""))
-        if kind == "rekey_done":
-            self.rekeys.labels(tunnel).inc()
-            if isinstance(e.get("generation"), int):
-                self.generation.labels(tunnel).set(e["generation"])
-            if isinstance(e.get("latency_ms"), (int, float)):
-                self.rekey_latency.labels(tunnel).observe(max(0.0, e["latency_ms"]) / 1000)
-            inputs = e.get("inputs") or {}
-            ids = inputs.get("qkd_key_ids") or []
-            self.rekey_inputs.labels(tunnel, str(inputs.get("kem", "none"))[:24],
-                                     "yes" if inputs.get("x25519") else "no",
-                                     "yes" if ids else "no").inc()
-            if ids:
-                self.qkd_keys.labels(tunnel).inc(len(ids))
-        elif kind == "rekey_failed":
-            self.rekey_failures.labels(tunnel, self._reason(e.get("reason"))).inc()
-        elif kind in ("key_source_up", "key_source_down"):
-            self.key_source_up.labels(str(e.get("source", ""))).set(kind == "key_source_up")
-            if kind == "key_source_down":
+    def handle_event(self, event: Event) -> None:
+        """Update metrics from one daemon event (typed; docs/telemetry.md).
+        A class this method does not know raises :class:`UnknownEvent` (a
+        bug in the daemon, a failure in tests), never a silent skip."""
+        match event:
+            case RekeyDone():
+                t = event.tunnel
+                self.rekeys.labels(t).inc()
+                self.generation.labels(t).set(event.generation)
+                self.rekey_latency.labels(t).observe(max(0.0, event.latency_ms) / 1000)
+                ids = event.inputs.qkd_key_ids
+                self.rekey_inputs.labels(t, str(event.inputs.kem or "none")[:24],
+                                         "yes" if event.inputs.x25519 else "no",
+                                         "yes" if ids else "no").inc()
+                if ids:
+                    self.qkd_keys.labels(t).inc(len(ids))
+            case RekeyFailedReport():
+                self.rekey_failures.labels(event.tunnel, self._reason(event.reason)).inc()
+            case KeySourceUp():
+                self.key_source_up.labels(event.source).set(1)
+            case KeySourceDown():
+                self.key_source_up.labels(event.source).set(0)
                 self.alarms.labels("key_source_down").inc()
-        elif kind == "qkd_alarm":
-            self.alarms.labels("qkd_alarm").inc()
-            if isinstance(e.get("qber"), (int, float)):
-                self.qber.labels(str(e.get("source", ""))).set(e["qber"])
-        elif kind == "policy_fallback":
-            self.fallback.labels(tunnel).set(1)
-            self.alarms.labels("policy_fallback").inc()
-        elif kind == "policy_recovered":
-            self.fallback.labels(tunnel).set(0)
-        elif kind in ("sa_hard_lifetime_block", "tunnel_blocked", "qkd_fallback",
-                      "config_rejected"):
-            self.alarms.labels(kind).inc()
-        elif kind == "protocol_violation":
-            self.violations.labels(str(e.get("peer", ""))).inc()
-        elif kind in ("tunnel_error", "install_failed"):
-            self.tunnel_errors.labels(tunnel or str(e.get("peer", ""))).inc()
+            case QkdAlarm():
+                self.alarms.labels("qkd_alarm").inc()
+                if event.qber is not None:
+                    self.qber.labels(event.source).set(event.qber)
+            case PolicyFallback():
+                self.fallback.labels(event.tunnel).set(1)
+                self.alarms.labels("policy_fallback").inc()
+            case PolicyRecovered():
+                self.fallback.labels(event.tunnel).set(0)
+            case SaHardLifetimeBlock() | TunnelBlocked() | QkdFallbackReport() | \
+                    ConfigRejected() | SessionFailedReport() | JournalFailed() | \
+                    PolicyShortfall():
+                self.alarms.labels(event.name).inc()
+            case ProtocolViolationReport():
+                self.violations.labels(event.peer).inc()
+            case TunnelOpFailed():
+                self.tunnel_errors.labels(event.tunnel).inc()
+            case InstallFailed():
+                self.tunnel_errors.labels(event.peer).inc()
+            case DaemonStarted() | DaemonStopping() | ConfigReloaded() | RekeyRequested() | \
+                    QkdKeysFetched() | QkdError() | QkdStatus() | QkdRecoveredReport() | \
+                    PeerRestartedReport():
+                pass    # no metric of their own (key-source calls are observed directly)
+            case SaInstalled() | SaSwitched() | SaRetired() | SaAdopted() | SaStaleRemoved() | \
+                    TunnelEvent():
+                pass    # SA counters come from observe_sa; the tunnels' own events
+                        # (tunnels/events.py, another owner's) need no metric to be known
+            case _:
+                raise UnknownEvent(event, "metrics")
 
     def _reason(self, reason: Any) -> str:
         # "KeyUnavailable: QKD link down" -> "KeyUnavailable"
@@ -165,9 +208,8 @@ class Metrics:
     def observe_sa(self, tunnel: str, direction: str, state: Any) -> None:
         """Fold one SA's cumulative kernel counters (``SaState`` or
         ``MacsecSaState``) into per-tunnel counters that survive rekeys."""
-        spi = getattr(getattr(state, "sa_id", None), "spi", None)
-        if spi is None:
-            spi = getattr(state, "an", 0)
+        spi: int = getattr(getattr(state, "sa_id", None), "spi", None) or \
+            int(getattr(state, "an", 0))
         now = (int(getattr(state, "bytes", getattr(state, "octets", 0))),
                int(getattr(state, "packets", 0)),
                int(getattr(state, "integrity_failed", 0)),
@@ -287,8 +329,8 @@ def configure_logging(level: str | enum.Enum = "info", fmt: str | enum.Enum = "t
                       stream: TextIO | None = None) -> logging.Handler:
     """Install the qkdgate handler on the ``qkdgate`` logger tree. ``level``
     and ``fmt`` are LogConfig's values (enums or their strings)."""
-    level = getattr(level, "value", level)
-    fmt = getattr(fmt, "value", fmt)
+    level = str(level.value if isinstance(level, enum.Enum) else level)
+    fmt = str(fmt.value if isinstance(fmt, enum.Enum) else fmt)
     stream = stream if stream is not None else sys.stdout
     handler = logging.StreamHandler(stream)
     handler.addFilter(RedactingFilter())

@@ -1,7 +1,8 @@
 """MQTT telemetry: events, periodic status and a retained online/offline state.
 
-Theory of operation: the daemon hands small event dicts to
-:meth:`Telemetry.publish_event`, which sanitizes them, wraps them in a
+Theory of operation: the daemon hands typed events
+(:mod:`qkdgate.gateway.telemetry.events`) to :meth:`Telemetry.publish_event`,
+which turns them into their flat wire form, sanitizes it, wraps them in a
 versioned envelope and appends them to a bounded queue. It never awaits and
 never fails, so a slow or absent broker cannot stall a rekey; when the queue
 is full the *oldest* event is dropped and counted (the freshest state is the
@@ -46,8 +47,10 @@ from typing import Any
 
 from qkdgate import __version__
 from qkdgate.errors import ConfigError
+from qkdgate.gateway.telemetry.events import DaemonEvent, Event, UnknownEvent
 from qkdgate.keymix.secret import SecretBytes
 from qkdgate.private_file import read_private_file
+from qkdgate.tunnels.events import TunnelEvent
 
 log = logging.getLogger("qkdgate.telemetry")
 
@@ -271,20 +274,31 @@ class Telemetry:
         """close() has been called (a method, so each check reads it afresh)."""
         return self._closing
 
-    def publish_event(self, event: object) -> bool:
-        """Queue one event for publication. Never blocks, never raises;
-        returns False if the event was refused or an older one was dropped."""
+    def publish_event(self, event: Event) -> bool:
+        """The daemon hook: queue one typed event (its wire form,
+        docs/telemetry.md). Never blocks; returns False if an older event
+        was dropped. Anything that is not an event is a bug in the caller
+        and raises :class:`UnknownEvent`."""
+        if not isinstance(event, (DaemonEvent, TunnelEvent)):
+            raise UnknownEvent(event, "MQTT telemetry")
+        return self.publish(event.to_dict())
+
+    def publish(self, doc: object) -> bool:
+        """Queue one flat event dict (``{"event": name, fields...}``, as
+        :meth:`DaemonEvent.to_dict` makes it) after sanitizing it. Never
+        blocks, never raises; returns False if the event was refused or an
+        older one was dropped."""
         try:
-            if not isinstance(event, Mapping):
+            if not isinstance(doc, Mapping):
                 self.stats.rejected += 1
                 return False
-            name = event.get("event")
+            name = doc.get("event")
             if not isinstance(name, str) or not _EVENT_NAME.fullmatch(name):
                 self.stats.rejected += 1
                 log.warning("telemetry: refused an event with an invalid name")
                 return False
             redacted: list[str] = []
-            body = sanitize({k: v for k, v in event.items() if k != "event"}, redacted)
+            body = sanitize({k: v for k, v in doc.items() if k != "event"}, redacted)
             for reserved in ("v", "kind", "gateway", "ts", "seq"):
                 body.pop(reserved, None)
             if redacted:
@@ -444,7 +458,7 @@ class Telemetry:
             log.exception("telemetry: status provider failed")
             body = {}
         body["telemetry"] = self.stats.as_dict()
-        self.publish_event({"event": "status", **body})
+        self.publish({"event": "status", **body})
 
 
 def _bypass_before_connect(client: Any, bypass: Callable[[socket.socket], None]) -> None:

@@ -51,7 +51,7 @@ class Pair:
             (self.cfg_b, self.path_b, self.be_b, self.mb_b, self.events_b))
         d = Daemon(cfg, config_path=path, ipsec_backend=be, macsec_backend=mb,
                    notifier=SdNotifier({}))
-        d.subscribe(events.append)
+        d.subscribe(lambda e: events.append(e.to_dict()))   # the wire form
         return d
 
     @contextlib.asynccontextmanager

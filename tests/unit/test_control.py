@@ -94,6 +94,7 @@ async def test_status_and_rekey_round_trip(server):
     assert server.calls == [{"cmd": "rekey", "tunnel": "t1"}]
 
 
+@pytest.mark.expect_logged_exception   # a handler bug: logged once, answered "internal"
 async def test_errors_are_typed_answers_and_the_server_survives(server):
     with pytest.raises(ControlError, match="no tunnel named 'nope'") as ei:
         await call(server.path, "rekey", tunnel="nope")

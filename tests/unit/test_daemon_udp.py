@@ -39,6 +39,14 @@ class Session:
         return self.events.pop(0) if self.events else None
 
 
+def ignore(event):
+    pass
+
+
+def unexpected(what, exc):
+    raise AssertionError(f"session failed in {what}: {exc!r}")
+
+
 class Transport:
     def __init__(self):
         self.sent = []
@@ -57,13 +65,14 @@ async def test_pump_sends_delivers_events_and_handles_reentrant_answers():
     s = Session()
     seen = []
 
-    def on_event(driver, ev):
+    def on_event(ev):
         seen.append(ev)
         # answering synchronously pumps again: must not recurse or lose output
-        driver.call("answer", lambda: s.out.append(b"answer"))
+        d.call("answer", lambda session: session.out.append(b"answer"))
 
     loop = asyncio.get_running_loop()
-    d = PeerDriver("gw-b", s, ("192.0.2.2", 4600), clock=loop.time, on_event=on_event)
+    d = PeerDriver("gw-b", s, ("192.0.2.2", 4600), clock=loop.time, on_event=on_event,
+                   on_failure=unexpected)
     d.transport = Transport()
     d.datagram_received(b"ping")
     assert seen == ["answered"]
@@ -74,7 +83,7 @@ async def test_pump_sends_delivers_events_and_handles_reentrant_answers():
 async def test_timer_is_armed_and_fires():
     s = Session()
     loop = asyncio.get_running_loop()
-    d = PeerDriver("gw-b", s, ("192.0.2.2", 4600), clock=loop.time, on_event=lambda *a: None)
+    d = PeerDriver("gw-b", s, ("192.0.2.2", 4600), clock=loop.time, on_event=ignore, on_failure=unexpected)
     d.transport = Transport()
     s.timer = loop.time() + 0.05
     d.pump()
@@ -83,22 +92,50 @@ async def test_timer_is_armed_and_fires():
     d.close()
 
 
-async def test_a_raising_session_does_not_escape(caplog):
+async def test_a_raising_session_is_never_used_again_until_replaced():
+    # A session raising is a bug that may have left it half-changed: the
+    # driver stops calling it, reports once, and pumps the replacement.
     s = Session()
     s.raise_on_rx = True
+    failures = []
     loop = asyncio.get_running_loop()
-    d = PeerDriver("gw-b", s, ("192.0.2.2", 4600), clock=loop.time, on_event=lambda *a: None)
+    d = PeerDriver("gw-b", s, ("192.0.2.2", 4600), clock=loop.time, on_event=ignore,
+                   on_failure=lambda what, exc: failures.append((what, type(exc).__name__)))
     d.transport = Transport()
-    d.datagram_received(b"x")          # logged, not raised
-    assert any("raised" in r.getMessage() for r in caplog.records)
+    d.datagram_received(b"x")          # reported, not raised
+    assert failures == [("receive_datagram", "RuntimeError")] and d.failed
+    s.raise_on_rx = False
+    d.datagram_received(b"ping")       # the failed session is not touched again
+    assert s.rx == [] and d.transport.sent == [] and len(failures) == 1
+    fresh = Session()
+    fresh.out.append(b"INIT")
+    d.replace_session(fresh)
+    assert not d.failed and [x for x, _ in d.transport.sent] == [b"INIT"]
+    d.datagram_received(b"ping")
+    assert fresh.rx == [b"ping"] and s.rx == []
+
+
+async def test_an_event_handler_bug_fails_the_session_too():
+    s = Session()
+    failures = []
+
+    def on_event(ev):
+        raise KeyError(ev)
+
+    loop = asyncio.get_running_loop()
+    d = PeerDriver("gw-b", s, ("192.0.2.2", 4600), clock=loop.time, on_event=on_event,
+                   on_failure=lambda what, exc: failures.append(what))
+    d.transport = Transport()
+    d.datagram_received(b"ping")
+    assert failures == ["handling str"] and d.failed
 
 
 async def test_endpoint_routes_by_address_and_drops_strangers():
     loop = asyncio.get_running_loop()
     ep = GatewayEndpoint()
     sb, sc = Session(), Session()
-    db = PeerDriver("gw-b", sb, ("192.0.2.2", 4600), clock=loop.time, on_event=lambda *a: None)
-    dc = PeerDriver("gw-c", sc, ("2001:db8::c", 4600), clock=loop.time, on_event=lambda *a: None)
+    db = PeerDriver("gw-b", sb, ("192.0.2.2", 4600), clock=loop.time, on_event=ignore, on_failure=unexpected)
+    dc = PeerDriver("gw-c", sc, ("2001:db8::c", 4600), clock=loop.time, on_event=ignore, on_failure=unexpected)
     ep.add(db)
     ep.add(dc)
     ep.connection_made(Transport())
@@ -116,8 +153,8 @@ async def test_two_endpoints_talk_over_loopback():
     tb, eb = await open_endpoint("127.0.0.1", 0)
     pa, pb = ta.get_extra_info("sockname")[1], tb.get_extra_info("sockname")[1]
     sa, sb = Session(), Session()
-    da = PeerDriver("b", sa, ("127.0.0.1", pb), clock=loop.time, on_event=lambda *a: None)
-    db = PeerDriver("a", sb, ("127.0.0.1", pa), clock=loop.time, on_event=lambda *a: None)
+    da = PeerDriver("b", sa, ("127.0.0.1", pb), clock=loop.time, on_event=ignore, on_failure=unexpected)
+    db = PeerDriver("a", sb, ("127.0.0.1", pa), clock=loop.time, on_event=ignore, on_failure=unexpected)
     ea.add(da)
     eb.add(db)
     try:
@@ -143,15 +180,15 @@ async def test_dual_stack_socket_reaches_ipv4_and_ipv6_peers():
         s_dual_to_v4, s_dual_to_v6 = Session(), Session()
         s_v4, s_v6 = Session(), Session()
         d1 = PeerDriver("v4", s_dual_to_v4, ("127.0.0.1", t4.get_extra_info("sockname")[1]),
-                        clock=loop.time, on_event=lambda *a: None)
+                        clock=loop.time, on_event=ignore, on_failure=unexpected)
         d2 = PeerDriver("v6", s_dual_to_v6, ("::1", t66.get_extra_info("sockname")[1]),
-                        clock=loop.time, on_event=lambda *a: None)
+                        clock=loop.time, on_event=ignore, on_failure=unexpected)
         e6.add(d1)
         e6.add(d2)
         assert d1.send_address[0] == "::ffff:127.0.0.1" and d2.send_address[0] == "::1"
         e4.add(PeerDriver("dual", s_v4, ("127.0.0.1", p6), clock=loop.time,
-                          on_event=lambda *a: None))
-        e66.add(PeerDriver("dual", s_v6, ("::1", p6), clock=loop.time, on_event=lambda *a: None))
+                          on_event=ignore, on_failure=unexpected))
+        e66.add(PeerDriver("dual", s_v6, ("::1", p6), clock=loop.time, on_event=ignore, on_failure=unexpected))
         s_dual_to_v4.out.append(b"ping")
         s_dual_to_v6.out.append(b"ping")
         d1.pump()

@@ -7,7 +7,16 @@ import json
 
 from qkdgate.gateway.demo.traffic import HEADER, MAGIC, loss_by_phase
 from qkdgate.gateway.demo.view import Recorder, percentile, render
+from qkdgate.gateway.telemetry.events import QkdError, RekeyDone, UnknownEvent
 from qkdgate.keymix.secret import SecretBytes
+from qkdgate.tunnels.events import (
+    KeyInputs,
+    PolicyFallback,
+    PolicyRecovered,
+    SaInstalled,
+    SaSwitched,
+    TunnelBlocked,
+)
 
 SECRET = bytes(range(0xA0, 0xC0))
 IDS = ["6f1c3a52-1b9e-4c51-9d36-54a1f1d0c0aa", "0c2b8e55-0d6b-4f3f-8a0a-2f14b9e6e7b1"]
@@ -21,11 +30,10 @@ class Clock:
         return self.t
 
 
-def rekey_done(gw, gen, qkd=True, latency=40.0, **extra):
-    return {"event": "rekey_done", "gateway": gw, "tunnel": "lan", "generation": gen,
-            "latency_ms": latency, "peer": "x",
-            "inputs": {"kem": "ML-KEM-768", "x25519": True,
-                       "qkd_key_ids": [IDS[gen % 2]] if qkd else []}, **extra}
+def rekey_done(gen, qkd=True, latency=40.0):
+    return RekeyDone("x", "lan", gen,
+                     KeyInputs("ML-KEM-768", True, (IDS[gen % 2],) if qkd else ()), latency,
+                     "timer")
 
 
 def scripted_run(policy_block: bool):
@@ -36,31 +44,25 @@ def scripted_run(policy_block: bool):
     rec.eavesdropper("before")
     for g in (1, 2):
         clk.t += 3
-        rec.on_event({"event": "sa_switched", "gateway": "gw-a", "tunnel": "lan",
-                      "generation": g, "spi": 0xC0DE0000 + g, "previous": g - 1})
-        rec.on_event(rekey_done("gw-a", g, latency=10.0 * g))
-        rec.on_event(rekey_done("gw-b", g, latency=20.0 * g))
+        rec.on_event("gw-a", SaSwitched("lan", g, 0xC0DE0000 + g, KeyInputs(), g - 1))
+        rec.on_event("gw-a", rekey_done(g, latency=10.0 * g))
+        rec.on_event("gw-b", rekey_done(g, latency=20.0 * g))
     clk.t += 1
     rec.eavesdropper("on")
     rec.alarm("QKD link KME-A-KME-B", "QBER_ABOVE_THRESHOLD", 0.1403)
-    rec.on_event({"event": "qkd_error", "gateway": "gw-a", "peer": "gw-b",
-                  "error": "HTTP 503: QKD link in alarm", "key": SECRET.hex()})
+    rec.on_event("gw-a", QkdError("gw-b", "HTTP 503: QKD link in alarm", "KeyUnavailable"))
     clk.t += 2
     if policy_block:
-        rec.on_event({"event": "tunnel_blocked", "gateway": "gw-a", "tunnel": "lan",
-                      "reason": "hard lifetime passed without a new generation"})
+        rec.on_event("gw-a", TunnelBlocked("lan", "hard lifetime passed without a new generation"))
         clk.t += 5
-        rec.on_event({"event": "sa_switched", "gateway": "gw-a", "tunnel": "lan",
-                      "generation": 3, "spi": 0x1234})
+        rec.on_event("gw-a", SaSwitched("lan", 3, 0x1234, KeyInputs(), None))
     else:
-        rec.on_event(rekey_done("gw-a", 3, qkd=False))
-        rec.on_event({"event": "policy_fallback", "gateway": "gw-a", "tunnel": "lan",
-                      "policy": "pqc-fallback", "generation": 3})
+        rec.on_event("gw-a", rekey_done(3, qkd=False))
+        rec.on_event("gw-a", PolicyFallback("lan", "pqc-fallback", 3, "QKD unavailable"))
         clk.t += 5
-        rec.on_event({"event": "policy_recovered", "gateway": "gw-a", "tunnel": "lan",
-                      "policy": "pqc-fallback", "generation": 4})
-    # events the view ignores are dropped, whatever they carry
-    rec.on_event({"event": "sa_installed", "gateway": "gw-a", "key": SecretBytes(SECRET)})
+        rec.on_event("gw-a", PolicyRecovered("lan", "pqc-fallback", 4))
+    # events the view does not show are dropped
+    rec.on_event("gw-a", SaInstalled("lan", 5, "in", 0xC0DE0005, KeyInputs(), False))
     return clk, rec
 
 
@@ -94,7 +96,7 @@ def test_block_and_unblock_become_policy_actions():
         ("eavesdropper", 14.0)]
     assert "hard lifetime" in rec.actions[0]["detail"]
     # a switch with no block before it is an ordinary rekey, not a recovery
-    rec.on_event({"event": "sa_switched", "gateway": "gw-b", "tunnel": "lan", "generation": 3})
+    rec.on_event("gw-b", SaSwitched("lan", 3, 0x4321, KeyInputs(), 2))
     assert len(rec.actions) == 2
 
 
@@ -163,3 +165,13 @@ def test_percentile_nearest_rank():
 def test_datagram_header_layout():
     d = HEADER.pack(MAGIC, 2, 7)
     assert len(d) == 21 and d.startswith(b"QKDGATE-DEMO") and d[12] == 2
+
+
+def test_the_view_takes_typed_events_only():
+    import pytest
+    rec = Recorder()
+    with pytest.raises(UnknownEvent):
+        rec.on_event("gw-a", {"event": "tunnel_blocked", "tunnel": "lan", "reason": "x"})
+    hook = rec.for_gateway("gw-b")
+    hook(TunnelBlocked("lan", "policy"))
+    assert rec.actions[0]["gateway"] == "gw-b" and rec.actions[0]["action"] == "block"

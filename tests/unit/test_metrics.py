@@ -14,9 +14,25 @@ import prometheus_client
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from qkdgate.gateway.telemetry.events import (
+    KeySourceDown,
+    KeySourceUp,
+    ProtocolViolationReport,
+    QkdAlarm,
+    RekeyDone,
+    RekeyFailedReport,
+    UnknownEvent,
+)
 from qkdgate.gateway.telemetry.metrics import MAX_REASONS, Metrics, configure_logging, with_context
 from qkdgate.interfaces import MacsecSaState, SaId, SaState
 from qkdgate.keymix.secret import SecretBytes
+from qkdgate.tunnels.events import (
+    KeyInputs,
+    PolicyFallback,
+    PolicyRecovered,
+    SaHardLifetimeBlock,
+    TunnelOpFailed,
+)
 
 KID = "6f1c2a4e-1c3b-4f5a-9d2e-0a1b2c3d4e5f"
 
@@ -49,28 +65,30 @@ def scrape(port: int) -> str:
         return r.read().decode()
 
 
-def rekey(gen: int, ms: float, ids=(KID,)) -> dict:
-    return {"event": "rekey_done", "tunnel": "dc1-dc2", "peer": "gw-b", "generation": gen,
-            "inputs": {"kem": "ML-KEM-768", "x25519": True, "qkd_key_ids": list(ids)},
-            "latency_ms": ms}
+def rekey(gen: int, ms: float, ids=(KID,)) -> RekeyDone:
+    return RekeyDone("gw-b", "dc1-dc2", gen, KeyInputs("ML-KEM-768", True, tuple(ids)), ms,
+                     "timer")
+
+
+def failed(tunnel: str, reason: str) -> RekeyFailedReport:
+    return RekeyFailedReport(tunnel, "gw-b", 3, reason, None, "qkd-local")
 
 
 async def test_scrape_over_loopback_after_a_rekey_history():
     m = Metrics()
     server = await m.serve("127.0.0.1", 0)
     try:
-        m.handle_event({"event": "key_source_up", "source": "kme-a"})
+        m.handle_event(KeySourceUp("kme-a", "gw-b", "ok"))
         m.handle_event(rekey(1, 40.0))
         m.handle_event(rekey(2, 700.0, ids=(KID, KID.replace("6f", "7f"))))
-        m.handle_event({"event": "qkd_alarm", "source": "kme-a", "qber": 0.13})
-        m.handle_event({"event": "policy_fallback", "tunnel": "dc1-dc2"})
-        m.handle_event({"event": "rekey_failed", "tunnel": "dc1-dc2",
-                        "reason": "KeyUnavailable: QKD link down"})
-        m.handle_event({"event": "key_source_down", "source": "kme-a"})
-        m.handle_event({"event": "sa_hard_lifetime_block", "tunnel": "dc1-dc2"})
-        m.handle_event({"event": "protocol_violation", "peer": "gw-b", "reason": "bad tag"})
-        m.handle_event({"event": "tunnel_error", "tunnel": "dc1-dc2", "op": "add_sa"})
-        m.handle_event({"event": "policy_recovered", "tunnel": "dc1-dc3"})
+        m.handle_event(QkdAlarm("gw-b", "kme-a", 0.13, 0.11, ("qber",)))
+        m.handle_event(PolicyFallback("dc1-dc2", "pqc-fallback", 3, "QKD alarm"))
+        m.handle_event(failed("dc1-dc2", "KeyUnavailable: QKD link down"))
+        m.handle_event(KeySourceDown("kme-a", "gw-b", "KeyUnavailable: down"))
+        m.handle_event(SaHardLifetimeBlock("dc1-dc2", "out", 0xC0000101, 2))
+        m.handle_event(ProtocolViolationReport("gw-b", "bad tag", 1))
+        m.handle_event(TunnelOpFailed("dc1-dc2", "add_sa", "EEXIST"))
+        m.handle_event(PolicyRecovered("dc1-dc3", "pqc-fallback", 4))
         m.observe_key_source_call("kme-a", "get_new_keys", 0.012)
         m.observe_key_source_call("kme-a", "get_new_keys", 5.0, TimeoutError())
         a, b = ipaddress.ip_address("192.0.2.1"), ipaddress.ip_address("192.0.2.2")
@@ -121,8 +139,8 @@ async def test_scrape_over_loopback_after_a_rekey_history():
 def test_failure_reasons_cannot_grow_without_bound():
     m = Metrics()
     for i in range(200):
-        m.handle_event({"event": "rekey_failed", "tunnel": "t", "reason": f"Peer{i}: garbage"})
-    m.handle_event({"event": "rekey_failed", "tunnel": "t", "reason": "<script>: x"})
+        m.handle_event(failed("t", f"Peer{i}: garbage"))
+    m.handle_event(failed("t", "<script>: x"))
     text = m.exposition().decode()
     reasons = {dict(k[1]).get("reason") for k in samples(text)
                if k[0] == "qkdgate_rekey_failures_total"}
@@ -130,14 +148,41 @@ def test_failure_reasons_cannot_grow_without_bound():
     assert value(text, "qkdgate_rekey_failures_total", tunnel="t", reason="other") == 169
 
 
-def test_malformed_events_are_ignored():
+def test_every_event_class_is_handled_and_an_unknown_one_raises():
+    # The metrics know every event the hook carries (a renamed or new event
+    # class is a test failure, not a silently missing metric).
+    import dataclasses
+
+    from qkdgate.gateway.telemetry import events as de
+    from qkdgate.tunnels import events as te
+
     m = Metrics()
-    m.handle_event({"event": "rekey_done", "tunnel": "t", "inputs": "not a dict"})
-    m.handle_event({"event": "who_knows"})
-    m.handle_event({"event": "qkd_alarm", "qber": "high"})
-    assert b"qkdgate_rekeys_total" in m.exposition()
+    for mod in (de, te):
+        for cls in vars(mod).values():
+            if isinstance(cls, type) and issubclass(cls, (de.DaemonEvent, te.TunnelEvent)) \
+                    and cls not in (de.DaemonEvent, te.TunnelEvent):
+                args = {f.name: _dummy(f.type) for f in dataclasses.fields(cls)}
+                m.handle_event(cls(**args))
+    with pytest.raises(UnknownEvent):
+        m.handle_event({"event": "rekey_done", "tunnel": "t"})    # a dict is not an event
 
 
+def _dummy(annotation):
+    text = str(annotation)
+    if "KeyInputs" in text:
+        return KeyInputs()
+    if text.startswith("tuple"):
+        return ()
+    if text.startswith("int"):
+        return 1
+    if text.startswith("float"):
+        return 0.5
+    if text.startswith("bool"):
+        return False
+    return "x"
+
+
+@pytest.mark.expect_logged_exception   # a traceback holding a key, on purpose
 def test_logs_carry_context_and_never_a_key(monkeypatch, qkdgate_logger):
     monkeypatch.delenv("JOURNAL_STREAM", raising=False)
     key = SecretBytes(bytes(range(32)))

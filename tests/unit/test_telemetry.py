@@ -216,7 +216,7 @@ async def test_events_of_a_real_rekey_arrive_without_secrets(broker):
         task = asyncio.create_task(tel.run())
         await sub.wait_for("/state", where=lambda p: p["state"] == "online")
         for e in events:
-            assert tel.publish_event(e)
+            assert tel.publish(e)
         await sub.wait_for("/events/rekey_done", 2)
         await sub.wait_for("/events/rekey_failed")
         await tel.close()
@@ -288,7 +288,7 @@ async def test_broker_down_never_blocks_and_counts_drops():
     task = asyncio.create_task(tel.run())
     await asyncio.sleep(0.05)
     t0 = time.perf_counter()
-    results = [tel.publish_event({"event": "rekey_done", "tunnel": "t", "generation": i})
+    results = [tel.publish({"event": "rekey_done", "tunnel": "t", "generation": i})
                for i in range(10_000)]
     elapsed = time.perf_counter() - t0
     assert elapsed < 2.0, elapsed         # about 0.1 s here; never waits for a broker
@@ -308,7 +308,7 @@ async def test_queued_events_survive_a_broker_outage(tmp_path):
     tel = Telemetry(opts(port), "gw-a")
     task = asyncio.create_task(tel.run())
     for g in range(1, 6):   # rekeys while the broker is down
-        tel.publish_event({"event": "rekey_done", "tunnel": "t", "generation": g})
+        tel.publish({"event": "rekey_done", "tunnel": "t", "generation": g})
     await asyncio.sleep(0.2)
     b = Broker(tmp_path, port).start()
     try:
@@ -317,7 +317,7 @@ async def test_queued_events_survive_a_broker_outage(tmp_path):
             assert [p["generation"] for p in got] == [1, 2, 3, 4, 5]
             b.stop()                       # outage mid-session
             assert await until(lambda: not tel.stats.connected)
-        tel.publish_event({"event": "rekey_done", "tunnel": "t", "generation": 6})
+        tel.publish({"event": "rekey_done", "tunnel": "t", "generation": 6})
         b.start()                          # same port: the client reconnects
         async with Subscriber(port) as sub:
             got = await sub.wait_for("/events/rekey_done", 1, timeout=8)
@@ -342,7 +342,7 @@ async def test_socket_bypasses_tunnel_policies_before_connect(broker):
     tel = Telemetry(opts(broker.port), "gw-a", bypass=bypass)
     task = asyncio.create_task(tel.run())
     async with Subscriber(broker.port) as sub:
-        tel.publish_event({"event": "key_source_down", "source": "kme-a"})
+        tel.publish({"event": "key_source_down", "source": "kme-a"})
         await sub.wait_for("/events/key_source_down")
     assert seen and backend.ops[0][0] == "bypass_socket"
     await tel.close()
@@ -391,7 +391,7 @@ async def test_password_authentication(tmp_path):
         bad = Telemetry(opts(b.port, username="gw-a", password=SecretBytes(b"wrong")), "gw-b")
         tasks = [asyncio.create_task(t.run()) for t in (good, bad)]
         async with Subscriber(b.port, username="gw-a", password="s3cret-pw") as sub:
-            good.publish_event({"event": "key_source_up", "source": "kme-a"})
+            good.publish({"event": "key_source_up", "source": "kme-a"})
             await sub.wait_for("/events/key_source_up")
         assert await until(lambda: bad.stats.failures >= 1)
         assert bad.stats.connects == 0

@@ -81,7 +81,7 @@ async def test_mutual_tls_from_the_config_section(tmp_path, pki):
         sub_tls = ssl.create_default_context(cafile=pki["ca"])
         sub_tls.load_cert_chain(pki["client"], pki["client_key"])
         async with Subscriber(b.port, tls_context=sub_tls) as sub:
-            good.publish_event({"event": "qkd_alarm", "source": "kme-a", "qber": 0.2})
+            good.publish({"event": "qkd_alarm", "source": "kme-a", "qber": 0.2})
             got = await sub.wait_for("/events/qkd_alarm")
             assert got[0]["gateway"] == "gw-a"
         assert good.stats.connects >= 1

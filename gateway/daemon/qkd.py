@@ -1,0 +1,248 @@
+"""QKD keys for the peer sessions: fetch, journal, health.
+
+Theory of operation: :class:`QkdFetcher` answers a session's ``NeedQkdKeys``
+with :meth:`QkdFetcher.fetch` (ETSI GS QKD 014 5.2 ``enc_keys`` as master,
+5.3 ``dec_keys`` as slave, bounded by the source's timeout x (retries + 1)),
+journals every key_ID as consumed *before* the keys can reach a KDF, and polls
+each KME's status (014 6.1) with :meth:`QkdFetcher.poll`. Whatever goes wrong
+leaves this class as one :class:`~qkdgate.errors.KeySourceError` (issue 17
+finding 5): a KME failure as the adapter raised it, a plug-in that raised
+anything else (its bug; traceback logged once), a reused key_ID, a journal
+that cannot write. The caller fails that one exchange closed; the daemon
+lives. A journal write error (ENOSPC, EIO) disables QKD until restart: a
+key_ID not durably recorded could be mixed twice after a crash.
+
+It reports through ``emit`` (``qkd_keys``, ``qkd_error``, ``key_source_up`` /
+``key_source_down``, ``qkd_status``, ``qkd_alarm``, ``journal_error``) and
+tells ``on_qkd_lost(peer, reason)`` when QKD is gone for one peer (``None``:
+for all), so ``qkd-mandatory`` tunnels block at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol
+
+from qkdgate.errors import KeySourceError, KeySourceTimeout, KeyUnavailable
+from qkdgate.gateway.config.model import Config
+from qkdgate.gateway.daemon.journal import JournalError, KeyIdReused
+from qkdgate.gateway.protocol.events import NeedQkdKeys
+from qkdgate.gateway.telemetry.events import (
+    Event,
+    JournalFailed,
+    KeySourceDown,
+    KeySourceUp,
+    QkdAlarm,
+    QkdError,
+    QkdKeysFetched,
+    QkdStatus,
+)
+from qkdgate.interfaces import KeySource, KeySourceStatus, QkdKey
+
+log = logging.getLogger("qkdgate.daemon")
+
+KME_TIMEOUT_SLACK = 5.0     # on top of the key source's own timeout x attempts
+DEFAULT_TIMEOUT = 30.0      # a key source the config does not name (tests)
+
+
+class KeyJournal(Protocol):
+    """What the fetcher needs of :class:`~qkdgate.gateway.daemon.journal.Journal`."""
+
+    def next_generation(self, tunnel: str) -> int: ...
+    def reserve_qkd_keys(self, tunnel: str, generation: int,
+                         key_ids: Sequence[str]) -> None: ...
+
+
+class CallObserver(Protocol):
+    def __call__(self, source: str, op: str, seconds: float,
+                 error: BaseException | None = None) -> None: ...
+
+
+class QkdFetcher:
+    def __init__(self, config: Config, key_sources: Mapping[str, KeySource], *,
+                 journal: KeyJournal | None, emit: Callable[[Event], None],
+                 clock: Callable[[], float],
+                 on_qkd_lost: Callable[[str | None, str], None],
+                 observe: CallObserver | None = None) -> None:
+        self._config = config
+        self._sources = dict(key_sources)
+        self._journal = journal
+        self._emit = emit
+        self._clock = clock
+        self._on_qkd_lost = on_qkd_lost
+        self._observe = observe
+        self._up: dict[str, bool] = {}                  # key source -> last health seen
+        self._alarmed: dict[str, tuple[str, ...]] = {}  # key source -> last alarms seen
+        self.journal_failure: str | None = None
+
+    def reconfigure(self, config: Config) -> None:
+        """A reload changed only live parts (key sources need a restart)."""
+        self._config = config
+
+    def timeout(self, source: str) -> float:
+        try:
+            ks = self._config.key_source(source)
+        except KeyError:
+            return DEFAULT_TIMEOUT
+        return ks.timeout * (ks.retries + 1) + KME_TIMEOUT_SLACK
+
+    # ---------------------------------------------------------------- fetch
+    async def fetch(self, peer: str, ev: NeedQkdKeys) -> Sequence[QkdKey]:
+        """The keys for one exchange, journaled as consumed; or
+        :class:`KeySourceError` (already reported, never anything else)."""
+        qkd = self._config.peer(peer).qkd
+        source = qkd.key_source if qkd is not None else "?"
+        t0 = self._clock()
+        try:
+            keys = await self._ask(peer, source, ev)
+            self._reserve(peer, keys)
+        except _Refusal as refusal:
+            self._emit(QkdError(peer, str(refusal.error), refusal.kind))
+            raise refusal.error from None
+        except KeySourceError as exc:
+            self._emit(QkdError(peer, str(exc), type(exc).__name__))
+            raise
+        self._health(source, peer, ev.role, t0, None)
+        self._emit(QkdKeysFetched(peer, ev.role, tuple(k.key_id for k in keys),
+                                  round((self._clock() - t0) * 1000, 1)))
+        return keys
+
+    async def _ask(self, peer: str, source: str, ev: NeedQkdKeys) -> Sequence[QkdKey]:
+        if self.journal_failure is not None:
+            raise _Refusal(KeyUnavailable(
+                f"QKD disabled: the key journal failed ({self.journal_failure})"), "JournalError")
+        src = self._sources.get(source)
+        t0 = self._clock()
+        try:
+            if src is None:
+                raise KeySourceError(f"no key source configured for peer {peer}")
+            timeout = self.timeout(source)
+            try:
+                async with asyncio.timeout(timeout):
+                    if ev.role == "master":      # ETSI GS QKD 014 5.2 enc_keys
+                        keys = await src.get_new_keys(ev.peer_sae_id, ev.number, ev.size_bits)
+                    else:                        # ETSI GS QKD 014 5.3 dec_keys
+                        keys = await src.get_keys_by_id(ev.peer_sae_id, list(ev.key_ids))
+            except TimeoutError:
+                raise KeySourceTimeout(f"key source {source} did not answer "
+                                       f"within {timeout:g} s") from None
+            if not isinstance(keys, list) or not all(isinstance(k, QkdKey) for k in keys):
+                raise TypeError(f"{type(src).__name__} returned {type(keys).__name__}, "
+                                "not a list of QkdKey")
+            return keys
+        except KeySourceError as exc:
+            self._health(source, peer, ev.role, t0, exc)
+            log.warning("peer %s: QKD keys unavailable: %s", peer, exc, extra={"peer": peer})
+            raise
+        except Exception as exc:
+            # Third-party code behind the KeySource interface: whatever it
+            # raises fails this exchange (closed), never the daemon.
+            log.exception("peer %s: key source %s raised %s (a plug-in bug); QKD keys refused",
+                          peer, source, type(exc).__name__, extra={"peer": peer})
+            err = KeySourceError(f"key source {source} failed: {type(exc).__name__}")
+            self._health(source, peer, ev.role, t0, err)
+            raise _Refusal(err, "KeySourcePluginError") from None
+
+    def _reserve(self, peer: str, keys: Sequence[QkdKey]) -> None:
+        if self._journal is None:
+            return
+        # Durable before the keys reach any KDF: a crash after this point
+        # can never make us mix the same QKD key twice.
+        jt = "peer-" + peer
+        try:
+            self._journal.reserve_qkd_keys(jt, self._journal.next_generation(jt),
+                                           [k.key_id for k in keys])
+        except KeyIdReused as exc:        # a replayed key_ID is refused: fail closed
+            log.error("peer %s: QKD key refused: %s", peer, exc, extra={"peer": peer})
+            raise _Refusal(KeySourceError(f"QKD key refused: {exc}"), "KeyIdReused") from None
+        except (JournalError, OSError) as exc:   # ENOSPC, EIO, a failed fsync
+            self._journal_failed(exc)
+            raise _Refusal(KeyUnavailable(
+                f"QKD disabled: the key journal failed ({self.journal_failure})"),
+                "JournalError") from None
+
+    def _journal_failed(self, exc: JournalError | OSError) -> None:
+        if self.journal_failure is not None:
+            return
+        detail = os.strerror(exc.errno) if isinstance(exc, OSError) and exc.errno else str(exc)
+        self.journal_failure = f"{type(exc).__name__}: {detail}"
+        log.error("journal: %s; no new QKD generations until restart", self.journal_failure)
+        self._emit(JournalFailed(self.journal_failure, "no new QKD generations"))
+        self._on_qkd_lost(None, f"QKD disabled: journal {self.journal_failure}")
+
+    # ---------------------------------------------------------------- health
+    async def poll(self, peer: str) -> None:
+        """One status poll of ``peer``'s KME (ETSI GS QKD 014 6.1). Both
+        roles see a link alarm this way, also the slave, which otherwise only
+        talks to its KME when the master sends key_IDs."""
+        qkd = self._config.peer(peer).qkd
+        src = self._sources.get(qkd.key_source) if qkd is not None else None
+        if qkd is None or src is None:
+            return
+        source = qkd.key_source
+        t0 = self._clock()
+        try:
+            async with asyncio.timeout(self.timeout(source)):
+                connect = getattr(src, "connect", None)   # StreamKeySource (ETSI 004):
+                if connect is not None:                   # both SAEs must attach first;
+                    await connect(qkd.peer_sae_id)        # idempotent, so on every poll
+                st = await src.status(qkd.peer_sae_id)
+            if not isinstance(st, KeySourceStatus):
+                raise TypeError(f"status() returned {type(st).__name__}, not KeySourceStatus")
+        except KeySourceError as exc:
+            err: KeySourceError = exc
+        except TimeoutError:
+            err = KeySourceTimeout("status timed out")
+        except Exception as exc:
+            log.exception("key source %s: status() raised %s (a plug-in bug)", source,
+                          type(exc).__name__, extra={"peer": peer})
+            err = KeySourceError(f"status() failed: {type(exc).__name__}")
+        else:
+            self._status(peer, source, t0, st)
+            return
+        self._health(source, peer, "status", t0, err)
+        self._on_qkd_lost(peer, f"QKD key source unreachable: {err}")
+
+    def _status(self, peer: str, source: str, t0: float, st: KeySourceStatus) -> None:
+        self._emit(QkdStatus(peer, source, st.stored_key_count, st.max_key_count, st.qber,
+                             st.link_up, tuple(st.alarms)))
+        alarms = tuple(st.alarms)
+        if alarms and self._alarmed.get(source) != alarms:
+            threshold = st.extensions.get("qkdgate_qber_threshold")
+            self._emit(QkdAlarm(peer, source, st.qber,
+                                threshold if isinstance(threshold, (int, float)) else None,
+                                alarms))
+        self._alarmed[source] = alarms
+        if st.link_up and not alarms:
+            self._health(source, peer, "status", t0, None)
+            return
+        reason = ", ".join(alarms) or "QKD link down"
+        self._health(source, peer, "status", t0, KeySourceError(reason))
+        self._on_qkd_lost(peer, f"QKD link alarm: {reason}")
+
+    def _health(self, source: str, peer: str, role: str, t0: float,
+                error: BaseException | None) -> None:
+        op = {"master": "get_new_keys", "slave": "get_keys_by_id"}.get(role, role)
+        if self._observe is not None:
+            self._observe(source, op, self._clock() - t0, error)
+        up = error is None
+        if self._up.get(source) is not up:
+            self._up[source] = up
+            if up:
+                self._emit(KeySourceUp(source, peer, "ok"))
+            else:
+                self._emit(KeySourceDown(source, peer, f"{type(error).__name__}: {error}"))
+
+
+class _Refusal(Exception):
+    """No QKD keys for this exchange for a reason that is not the KME's own
+    answer: ``error`` is what the session is told, ``kind`` names the reason
+    in the ``qkd_error`` event."""
+
+    def __init__(self, error: KeySourceError, kind: str) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.kind = kind
