@@ -36,6 +36,9 @@ CHECKED=(
   gateway/daemon/journal.py
   gateway/telemetry
   qkdgate/testing
+  gateway/daemon/__init__.py gateway/daemon/build.py gateway/daemon/control.py
+  gateway/daemon/daemon.py gateway/daemon/peer.py gateway/daemon/qkd.py gateway/daemon/reload.py
+  gateway/daemon/sdnotify.py gateway/daemon/udp.py
   tests
   bench
   tools

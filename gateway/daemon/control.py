@@ -21,13 +21,15 @@ IDs, provenance and counters only.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import socket
 import stat
 import struct
-from typing import Any, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 from qkdgate.errors import QkdgateError
 
@@ -55,7 +57,7 @@ def peer_uid(sock: socket.socket) -> int:
     # unix(7) SO_PEERCRED: struct ucred { pid_t pid; uid_t uid; gid_t gid; }
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     _pid, uid, _gid = struct.unpack("3i", creds)
-    return uid
+    return int(uid)
 
 
 class ControlServer:
@@ -70,7 +72,7 @@ class ControlServer:
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
-        directory = os.path.dirname(os.path.abspath(self.path))
+        directory = os.path.dirname(os.path.abspath(self.path))  # noqa: ASYNC240 - no I/O
         os.makedirs(directory, mode=0o700, exist_ok=True)
         st = os.stat(directory)
         if st.st_uid != os.geteuid() and st.st_uid != 0:
@@ -117,10 +119,8 @@ class ControlServer:
             self._server.close()
             await self._server.wait_closed()
             self._server = None
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
-            except FileNotFoundError:
-                pass
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -132,10 +132,8 @@ class ControlServer:
                 # Read (and ignore) the request first: closing an AF_UNIX socket
                 # with unread data resets the peer, which would then see
                 # ECONNRESET instead of this answer.
-                try:
+                with contextlib.suppress(TimeoutError, ValueError, asyncio.LimitOverrunError):
                     await asyncio.wait_for(reader.readline(), timeout=1.0)
-                except (asyncio.TimeoutError, ValueError, asyncio.LimitOverrunError):
-                    pass
             else:
                 answer = await self._answer(reader)
             writer.write(json.dumps(answer, separators=(",", ":")).encode() + b"\n")
@@ -144,10 +142,8 @@ class ControlServer:
             pass
         finally:
             writer.close()
-            try:
+            with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
-            except ConnectionError:
-                pass
 
     async def _answer(self, reader: asyncio.StreamReader) -> dict[str, Any]:
         try:
@@ -156,7 +152,7 @@ class ControlServer:
             return _error("bad_request", f"request longer than {MAX_REQUEST} bytes")
         except ValueError:   # StreamReader reports an over-long line as ValueError
             return _error("bad_request", f"request longer than {MAX_REQUEST} bytes")
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return _error("bad_request", "no request within 10 s")
         try:
             request = json.loads(line.decode("utf-8"))
@@ -203,10 +199,9 @@ def request(path: str, cmd: str, *, timeout: float = 10.0, **params: Any) -> Any
         except ConnectionRefusedError:
             raise ControlError(f"nothing listens on {path}: the daemon is not running",
                                "unreachable") from None
-        try:
+        # A refusal may arrive before we finish sending: its answer is still queued.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             sock.sendall(payload)
-        except (BrokenPipeError, ConnectionResetError):
-            pass   # a refusal may arrive before we finish sending: its answer is still queued
         buf = bytearray()
         while not buf.endswith(b"\n"):
             chunk = sock.recv(65536)
@@ -215,7 +210,7 @@ def request(path: str, cmd: str, *, timeout: float = 10.0, **params: Any) -> Any
             buf += chunk
             if len(buf) > 16 * 1024 * 1024:
                 raise ControlError("answer from the daemon too large", "protocol")
-    except socket.timeout:
+    except TimeoutError:
         raise ControlError(f"the daemon did not answer within {timeout:g} s", "timeout") from None
     except OSError as exc:
         raise ControlError(f"control socket {path}: {exc.strerror or exc}", "unreachable") \
@@ -237,7 +232,7 @@ def request(path: str, cmd: str, *, timeout: float = 10.0, **params: Any) -> Any
 def socket_path(args: Any) -> str:
     """The socket the CLI should use: ``--socket``, else the config's, else the default."""
     if getattr(args, "socket", None):
-        return args.socket
+        return str(args.socket)
     if getattr(args, "config", None):
         from qkdgate.gateway.config.model import load_config
         return load_config(args.config).gateway.control_socket

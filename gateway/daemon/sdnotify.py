@@ -20,7 +20,7 @@ import logging
 import os
 import socket
 import time
-from typing import Mapping
+from collections.abc import Mapping
 
 log = logging.getLogger("qkdgate.sdnotify")
 
@@ -80,7 +80,8 @@ class SdNotifier:
 
     def reloading(self) -> bool:
         # systemd >= 253 wants MONOTONIC_USEC with RELOADING=1 (Type=notify-reload).
-        return self.notify(RELOADING=1, MONOTONIC_USEC=time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000)
+        return self.notify(RELOADING=1,
+                           MONOTONIC_USEC=time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000)
 
     def stopping(self) -> bool:
         return self.notify(STOPPING=1)
