@@ -99,6 +99,7 @@ class Daemon:
         self.control: ControlServer | None = None
         self.started_at = clock()
         self.pending_restart: list[str] = []
+        self._last_epoch = 0
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
         self._kick = asyncio.Event()       # tunnel timers changed: re-evaluate now
@@ -233,9 +234,13 @@ class Daemon:
                 # the journal's counter -- a fresh one for every session, so a
                 # session rebuilt after a failure is a new epoch too -- and the
                 # peer's floor its authenticated high-water mark.
-                epochs: dict[str, int] = {} if self.journal is None else {
-                    "epoch": self.journal.next_local_epoch(),
-                    "peer_epoch_floor": self.journal.peer_epoch(name)}
+                # Without a journal (tests) the wall clock stands in for the
+                # counter, so a restarted daemon still comes back above its
+                # old epoch (a random one could land below it).
+                epochs: dict[str, int] = {"epoch": self._clock_epoch()} \
+                    if self.journal is None else {
+                        "epoch": self.journal.next_local_epoch(),
+                        "peer_epoch_floor": self.journal.peer_epoch(name)}
                 return factory(scfg, identity=identity, peer_identities=pins[name],
                                rng=self.rng, now=now,
                                allocate_spi=lambda tid: self.tunnels.get(tid).allocate_spi(),
@@ -345,6 +350,12 @@ class Daemon:
                 if peer.qkd is not None and peer.name in self.runners:
                     await qkd.poll(peer.name)
             await asyncio.sleep(period)
+
+    def _clock_epoch(self) -> int:
+        """A growing epoch from the wall clock (microseconds), for a daemon
+        run without a journal."""
+        self._last_epoch = max(self._last_epoch + 1, time.time_ns() // 1000)
+        return self._last_epoch
 
     def _qkd_lost(self, peer: str | None, reason: str) -> None:
         """QKD is gone for ``peer`` (None: every peer): qkd-mandatory blocks."""
