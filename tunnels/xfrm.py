@@ -29,7 +29,6 @@ import errno
 import ipaddress
 import socket
 from dataclasses import replace
-from typing import Any
 
 from qkdgate.errors import LocalProtocolError, TunnelError
 from qkdgate.interfaces import (
@@ -77,12 +76,12 @@ def _a16(addr: IPAddress) -> bytes:
     return addr.packed.ljust(16, b"\0")
 
 
-def _selector(prefix: str, sel: Selector | None, family: int) -> dict[str, Any]:
+def _selector(prefix: str, sel: Selector | None, family: int) -> dict[str, int | bytes]:
     if sel is None:  # any: family set, all prefixes 0 (a zero family never matches)
         return {f"{prefix}.family": family}
     if sel.src.version != sel.dst.version:
         raise LocalProtocolError("selector source and destination differ in address family")
-    d = {f"{prefix}.daddr": _a16(sel.dst.network_address),
+    d: dict[str, int | bytes] = {f"{prefix}.daddr": _a16(sel.dst.network_address),
          f"{prefix}.saddr": _a16(sel.src.network_address),
          f"{prefix}.prefixlen_d": sel.dst.prefixlen, f"{prefix}.prefixlen_s": sel.src.prefixlen,
          f"{prefix}.family": _family(sel.src), f"{prefix}.proto": sel.proto}
@@ -97,15 +96,15 @@ def _ip(raw: bytes, family: int) -> IPAddress:
     return ipaddress.ip_address(raw[:4] if family == socket.AF_INET else raw)
 
 
-def _decode_selector(v: dict[str, Any], prefix: str = "sel.") -> Selector:
-    fam = v[prefix + "family"]
+def _decode_selector(v: dict[str, int | bytes], prefix: str = "sel.") -> Selector:
+    fam = m.num(v, prefix + "family")
     width = 4 if fam == socket.AF_INET else 16
-    def net(addr: bytes, plen: int) -> Any:
+    def net(addr: bytes, plen: int) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
         return ipaddress.ip_network((addr[:width], plen), strict=False)
-    return Selector(src=net(v[prefix + "saddr"], v[prefix + "prefixlen_s"]),
-                    dst=net(v[prefix + "daddr"], v[prefix + "prefixlen_d"]),
-                    proto=v[prefix + "proto"], sport=v[prefix + "sport"],
-                    dport=v[prefix + "dport"])
+    return Selector(src=net(m.raw(v, prefix + "saddr"), m.num(v, prefix + "prefixlen_s")),
+                    dst=net(m.raw(v, prefix + "daddr"), m.num(v, prefix + "prefixlen_d")),
+                    proto=m.num(v, prefix + "proto"), sport=m.num(v, prefix + "sport"),
+                    dport=m.num(v, prefix + "dport"))
 
 
 def _mark_attrs(mark: Mark | None, if_id: int | None) -> bytes:
@@ -152,7 +151,7 @@ class XfrmBackend:
         replies = self.nl.request("allocate_spi", m.XFRM_MSG_ALLOCSPI, body)
         if not replies:
             raise TunnelError("allocate_spi", errno.EPROTO, "no SA in the kernel's reply")
-        spi = m.USERSA_INFO.unpack(replies[0][1])["id.spi"]
+        spi = m.num(m.USERSA_INFO.unpack(replies[0][1]), "id.spi")
         self._larval.add((dst.packed, spi))
         return int(spi)
 
@@ -166,7 +165,7 @@ class XfrmBackend:
                          soft_add_seconds=(lt.soft_add_seconds
                                            or self.default_hard_seconds * 9 // 10))
         use_esn_attr = spec.esn or spec.replay_window > 32
-        v: dict[str, Any] = dict(_INF_LFT)
+        v: dict[str, int | bytes] = dict(_INF_LFT)
         v.update(_selector("sel", spec.selector, fam))
         v.update({
             "id.daddr": _a16(sa_id.dst), "id.spi": sa_id.spi, "id.proto": sa_id.proto,
@@ -266,7 +265,7 @@ class XfrmBackend:
         out = []
         for mtype, body in self.nl.request("list_sas", m.XFRM_MSG_GETSA, b"", dump=True):
             if mtype == m.XFRM_MSG_NEWSA:
-                reqid = m.USERSA_INFO.unpack(body)["reqid"]
+                reqid = m.num(m.USERSA_INFO.unpack(body), "reqid")
                 if reqid_min <= reqid <= reqid_max:
                     out.append(_decode_sa(body))
         return out
@@ -274,7 +273,7 @@ class XfrmBackend:
     # ------------------------------------------------------------- policies
     def _policy_message(self, p: PolicySpec) -> bytes:
         fam = _family(p.selector.src)
-        v: dict[str, Any] = dict(_INF_LFT)
+        v: dict[str, int | bytes] = dict(_INF_LFT)
         v.update(_selector("sel", p.selector, fam))
         v.update({"priority": p.priority, "index": p.index, "dir": _DIR[p.direction],
                   "action": m.XFRM_POLICY_BLOCK if p.action is PolicyAction.BLOCK
@@ -368,29 +367,31 @@ class XfrmBackend:
 def _decode_sa(body: bytes) -> SaState:
     v = m.USERSA_INFO.unpack(body)
     attrs = parse_nlas(body, m.USERSA_INFO.size)
-    fam = v["family"]
+    fam = m.num(v, "family")
     aead, key_bits, icv_bits = "", 0, 0
     if m.XFRMA_ALG_AEAD in attrs:
         a = m.ALGO_AEAD.unpack(attrs[m.XFRMA_ALG_AEAD])
-        aead = a["alg_name"].rstrip(b"\0").decode("ascii", "replace")
-        key_bits, icv_bits = a["alg_key_len"], a["alg_icv_len"]
+        aead = m.raw(a, "alg_name").rstrip(b"\0").decode("ascii", "replace")
+        key_bits, icv_bits = m.num(a, "alg_key_len"), m.num(a, "alg_icv_len")
         # the key bytes came back too; drop our reference to the buffer now
         attrs[m.XFRMA_ALG_AEAD] = b""
-    window = v["replay_window"]
+    window = m.num(v, "replay_window")
     if m.XFRMA_REPLAY_ESN_VAL in attrs:
-        window = m.REPLAY_ESN.unpack(attrs[m.XFRMA_REPLAY_ESN_VAL])["replay_window"]
+        window = m.num(m.REPLAY_ESN.unpack(attrs[m.XFRMA_REPLAY_ESN_VAL]), "replay_window")
     mark = None
     if m.XFRMA_MARK in attrs:
         mk = m.MARK.unpack(attrs[m.XFRMA_MARK])
-        mark = Mark(mk["v"], mk["m"])
+        mark = Mark(m.num(mk, "v"), m.num(mk, "m"))
     if_id = int.from_bytes(attrs[m.XFRMA_IF_ID][:4], "little") if m.XFRMA_IF_ID in attrs else None
-    sa_id = SaId(src=_ip(v["saddr"], fam), dst=_ip(v["id.daddr"], fam), spi=v["id.spi"],
-                 proto=v["id.proto"], mark=mark, if_id=if_id or None)
-    return SaState(sa_id=sa_id, reqid=v["reqid"], aead=aead, key_bits=key_bits,
-                   icv_bits=icv_bits, bytes=v["curlft.bytes"], packets=v["curlft.packets"],
-                   add_time=v["curlft.add_time"], use_time=v["curlft.use_time"],
-                   replay_window=window, integrity_failed=v["stats.integrity_failed"],
-                   replay_errors=v["stats.replay"])
+    sa_id = SaId(src=_ip(m.raw(v, "saddr"), fam), dst=_ip(m.raw(v, "id.daddr"), fam),
+                 spi=m.num(v, "id.spi"), proto=m.num(v, "id.proto"), mark=mark,
+                 if_id=if_id or None)
+    return SaState(sa_id=sa_id, reqid=m.num(v, "reqid"), aead=aead, key_bits=key_bits,
+                   icv_bits=icv_bits, bytes=m.num(v, "curlft.bytes"),
+                   packets=m.num(v, "curlft.packets"), add_time=m.num(v, "curlft.add_time"),
+                   use_time=m.num(v, "curlft.use_time"),
+                   replay_window=window, integrity_failed=m.num(v, "stats.integrity_failed"),
+                   replay_errors=m.num(v, "stats.replay"))
 
 
 def _decode_policy(body: bytes) -> PolicySpec:
@@ -399,18 +400,20 @@ def _decode_policy(body: bytes) -> PolicySpec:
     for t, val in iter_nlas(body, m.USERPOLICY_INFO.size):
         if t == m.XFRMA_TMPL and len(val) >= m.USER_TMPL.size:
             tv = m.USER_TMPL.unpack(val)  # the first template (qkdgate installs one)
-            template = Template(src=_ip(tv["saddr"], tv["family"]),
-                                dst=_ip(tv["id.daddr"], tv["family"]), reqid=tv["reqid"],
-                                proto=tv["id.proto"], mode=_MODE_BACK.get(tv["mode"], Mode.TUNNEL),
-                                optional=bool(tv["optional"]))
+            fam = m.num(tv, "family")
+            template = Template(src=_ip(m.raw(tv, "saddr"), fam),
+                                dst=_ip(m.raw(tv, "id.daddr"), fam), reqid=m.num(tv, "reqid"),
+                                proto=m.num(tv, "id.proto"),
+                                mode=_MODE_BACK.get(m.num(tv, "mode"), Mode.TUNNEL),
+                                optional=bool(m.num(tv, "optional")))
         elif t == m.XFRMA_MARK:
             mk = m.MARK.unpack(val)
-            mark = Mark(mk["v"], mk["m"])
+            mark = Mark(m.num(mk, "v"), m.num(mk, "m"))
         elif t == m.XFRMA_IF_ID:
             if_id = int.from_bytes(val[:4], "little") or None
     return PolicySpec(selector=_decode_selector(v),
-                      direction=_DIR_BACK.get(v["dir"], Direction.OUT),
-                      action=PolicyAction.BLOCK if v["action"] == m.XFRM_POLICY_BLOCK
+                      direction=_DIR_BACK.get(m.num(v, "dir"), Direction.OUT),
+                      action=PolicyAction.BLOCK if m.num(v, "action") == m.XFRM_POLICY_BLOCK
                       else PolicyAction.ALLOW,
-                      template=template, priority=v["priority"], index=v["index"],
+                      template=template, priority=m.num(v, "priority"), index=m.num(v, "index"),
                       mark=mark, if_id=if_id)

@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import socket
 import struct
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Mapping
 
 from pyroute2.netlink import nla, nlmsg
+
+from qkdgate.errors import LocalProtocolError
 
 # include/uapi/linux/xfrm.h: enum { XFRM_MSG_BASE = 0x10, ... }
 XFRM_MSG_NEWSA, XFRM_MSG_DELSA, XFRM_MSG_GETSA = 0x10, 0x11, 0x12
@@ -74,21 +75,40 @@ class Layout:
         self._defaults = {n: (b"" if f.endswith("s") else 0) for n, f in self.fields
                           if not f.endswith("x")}
 
-    def pack(self, values: dict[str, Any]) -> bytes:
+    def pack(self, values: Mapping[str, int | bytes]) -> bytes:
         d, sw = self._defaults, self._swap
-        args = []
+        args: list[int | bytes] = []
         for n in self.names:
             v = values.get(n, d[n])
             if n in sw:
-                v = sw[n](v)
+                v = sw[n](num({n: v}, n))
             args.append(v)
         return self.struct.pack(*args)
 
-    def unpack(self, buf: bytes | memoryview, offset: int = 0) -> dict[str, Any]:
-        out = dict(zip(self.names, self.struct.unpack_from(buf, offset), strict=True))
+    def unpack(self, buf: bytes | memoryview, offset: int = 0) -> dict[str, int | bytes]:
+        """The fields by name: ``int`` for integer formats, ``bytes`` for
+        ``s`` formats; read them with :func:`num` and :func:`raw`."""
+        out: dict[str, int | bytes] = dict(
+            zip(self.names, self.struct.unpack_from(buf, offset), strict=True))
         for n, fn in self._swap.items():
-            out[n] = fn(out[n])  # htonl is its own inverse
+            out[n] = fn(num(out, n))  # htonl is its own inverse
         return out
+
+
+def num(values: Mapping[str, int | bytes], name: str) -> int:
+    """An integer field of an unpacked layout (a bytes value is our bug)."""
+    v = values[name]
+    if not isinstance(v, int):
+        raise LocalProtocolError(f"XFRM field {name} is bytes, not an integer")
+    return v
+
+
+def raw(values: Mapping[str, int | bytes], name: str) -> bytes:
+    """A byte-string field of an unpacked layout (an integer is our bug)."""
+    v = values[name]
+    if not isinstance(v, bytes):
+        raise LocalProtocolError(f"XFRM field {name} is an integer, not bytes")
+    return v
 
 
 def _prefixed(prefix: str, fields: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
