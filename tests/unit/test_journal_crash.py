@@ -17,6 +17,7 @@ import os
 import random
 import signal
 import sys
+from collections.abc import Callable
 
 import pytest
 
@@ -107,14 +108,16 @@ def _gateway_pair(state: str, log_path: str, crash_at: int, durable: bool) -> No
     note(f"final A {ja.committed_generation(TUNNEL)} B {jb.committed_generation(TUNNEL)}")
 
 
-def _run_child(state: str, log: str, crash_at: int, durable: bool = True) -> int:
-    """Fork a gateway pair; returns the signal that ended it (0 if none)."""
+def run_forked(life: Callable[[str, str, int, bool], None], state: str, log: str,
+               crash_at: int, durable: bool = True) -> int:
+    """Fork a child running ``life(state, log, crash_at, durable)``; returns the
+    signal that ended it (0 if none). Shared with test_journal_epochs."""
     sys.stdout.flush()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - child
         code = 0
         try:
-            _gateway_pair(state, log, crash_at, durable)
+            life(state, log, crash_at, durable)
         except BaseException:  # noqa: BLE001  forked child: report anything, exit non-zero
             import traceback
             traceback.print_exc()
@@ -123,8 +126,13 @@ def _run_child(state: str, log: str, crash_at: int, durable: bool = True) -> int
     _, status = os.waitpid(pid, 0)
     if os.WIFSIGNALED(status):
         return os.WTERMSIG(status)
-    assert os.WEXITSTATUS(status) == 0, "gateway pair failed"
+    assert os.WEXITSTATUS(status) == 0, f"forked {life.__name__} failed"
     return 0
+
+
+def _run_child(state: str, log: str, crash_at: int, durable: bool = True) -> int:
+    """Fork a gateway pair; returns the signal that ended it (0 if none)."""
+    return run_forked(_gateway_pair, state, log, crash_at, durable)
 
 
 def _check(log_path: str) -> list[str]:

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 
 import pytest
+from test_journal_crash import run_forked
 
 from qkdgate.gateway.daemon.journal import EPOCH_MAX, Journal, JournalError
 
@@ -160,22 +160,7 @@ def _life(state: str, log_path: str, crash_at: int, durable: bool) -> None:
 
 
 def _run_child(state: str, log: str, crash_at: int, durable: bool = True) -> int:
-    sys.stdout.flush()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        code = 0
-        try:
-            _life(state, log, crash_at, durable)
-        except BaseException:  # noqa: BLE001  forked child: report anything, exit non-zero
-            import traceback
-            traceback.print_exc()
-            code = 3
-        os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    if os.WIFSIGNALED(status):
-        return os.WTERMSIG(status)
-    assert os.WEXITSTATUS(status) == 0, "child failed"
-    return 0
+    return run_forked(_life, state, log, crash_at, durable)
 
 
 def _check(log_path: str) -> list[str]:
