@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from qkdgate import __version__
 from qkdgate.errors import ConfigError, QkdgateError
@@ -59,13 +59,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    return run_command(args.command, lambda: args._run(args))
+
+
+def run_command(command: str, fn: Callable[[], int | None]) -> int:
+    """Run one subcommand and turn our errors into its exit status: 2 for a
+    configuration or usage error, 1 for any other qkdgate error, 130 for ^C."""
     try:
-        return int(args._run(args) or 0)
+        return int(fn() or 0)
     except ConfigError as exc:
-        print(f"qkdgate {args.command}: {exc}", file=sys.stderr)
+        print(f"qkdgate {command}: {exc}", file=sys.stderr)
         return 2
     except QkdgateError as exc:
-        print(f"qkdgate {args.command}: error: {exc}", file=sys.stderr)
+        print(f"qkdgate {command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

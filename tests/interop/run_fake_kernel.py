@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from qkdgate.errors import ConfigError, QkdgateError
 from qkdgate.gateway.cli import run
+from qkdgate.gateway.cli.main import run_command
 from qkdgate.testing.fakes import RecordingIpsecBackend, RecordingMacsecBackend
 
 
@@ -22,15 +22,8 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="run_fake_kernel")
     run.add_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        return run.run(args, ipsec_backend=RecordingIpsecBackend(),
-                       macsec_backend=RecordingMacsecBackend())
-    except ConfigError as exc:
-        print(f"qkdgate: {exc}", file=sys.stderr)
-        return 2
-    except QkdgateError as exc:
-        print(f"qkdgate: {exc}", file=sys.stderr)
-        return 1
+    return run_command("run", lambda: run.run(args, ipsec_backend=RecordingIpsecBackend(),
+                                               macsec_backend=RecordingMacsecBackend()))
 
 
 if __name__ == "__main__":
