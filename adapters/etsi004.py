@@ -1,11 +1,18 @@
-"""ETSI GS QKD 004 V2.1.1 application interface: a client over JSON/HTTPS.
+"""ETSI GS QKD 004 V2.1.1 application interface: the values, the transport
+interface, and qkdgate's own JSON/HTTPS binding.
 
 Theory of operation: ETSI GS QKD 004 defines an abstract API --
 OPEN_CONNECT(source, destination, QoS, key_stream_ID) -> status,
 GET_KEY(key_stream_ID, index, metadata) -> status, key_buffer, and
-CLOSE(key_stream_ID) -- and no wire encoding. Open implementations carry it
-as JSON over mutual TLS; qkdgate's binding (served by the KME simulator, see
-docs/qkd.md "ETSI 004 binding") is:
+CLOSE(key_stream_ID) -- and no wire encoding. qkdgate speaks it over two
+bindings behind one interface (:class:`Etsi004Transport`), chosen per key
+source by ``binding:`` (docs/qkd.md "ETSI 004 bindings"):
+
+* ``etsi-binary`` (default, :mod:`qkdgate.adapters.etsi004_binary`): the
+  binary framing of ETSI's reference interface over mutual TLS, which the
+  open implementations speak (codec: :mod:`qkdgate.adapters.etsi004_frame`).
+* ``json`` (this module, :class:`Etsi004Client`): qkdgate's own binding,
+  JSON over HTTPS POST; no other implementation is known to speak it:
 
     POST /api/v1/qkd004/open_connect
          {"source": URI, "destination": URI, "qos": QoS, "key_stream_ID": UUID|null}
@@ -16,14 +23,19 @@ docs/qkd.md "ETSI 004 binding") is:
           "metadata": object|null, "metadata_size": n}
     POST /api/v1/qkd004/close   {"key_stream_ID": UUID} -> {"status": n}
 
-Every defined status travels with HTTP 200 (the status is the API's
-answer); HTTP 400/401 mean a malformed or unauthenticated call. The 16-byte
-key_stream_ID is written as a UUID. Both peers open the same
-key_stream_ID and read identical key chunks by index (004 6.3).
+  Every defined status travels with HTTP 200 (the status is the API's
+  answer); HTTP 400/401 mean a malformed or unauthenticated call. The
+  16-byte key_stream_ID is written as a UUID.
 
-:class:`Etsi004Client` returns results for statuses a caller acts on
-(0, 1, 7 with the KME's counter-proposal, 8 with the needed size) and raises
-the key-source errors for the others: 2/3/4 KeyUnavailable, 5
+A transport returns the KME's answer as typed replies (:class:`OpenReply`,
+:class:`KeyReply`) whatever the status; what a status means to qkdgate is
+decided once, in the key source (etsi004_source.py). Both peers open the
+same key_stream_ID and read identical key chunks by index (004 6.3).
+
+:class:`Etsi004Client`'s older calls (``open_connect``, ``get_key``,
+``close_stream``) return results for statuses a caller acts on (0, 1, 7
+with the KME's counter-proposal, 8 with the needed size) and raise the
+key-source errors for the others: 2/3/4 KeyUnavailable, 5
 LocalProtocolError (we reused a stream ID), 6 KeySourceTimeout.
 """
 
@@ -39,7 +51,7 @@ import ssl
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, Protocol
 
 from yarl import URL
 
@@ -125,6 +137,86 @@ class KeyChunk:
     metadata: Mapping[str, object] | None
 
 
+@dataclass(frozen=True, slots=True)
+class OpenReply:
+    """The KME's answer to OPEN_CONNECT, whatever its status. ``status`` is
+    an int: a status outside Table 2 is the key source's to refuse."""
+
+    status: int
+    key_stream_id: str | None
+    qos: QoS | None
+
+
+@dataclass(frozen=True, slots=True)
+class KeyReply:
+    """The KME's answer to GET_KEY: with status 0 ``index``/``key``/
+    ``metadata``; with status 8 ``metadata_size`` (the size needed)."""
+
+    status: int
+    index: int | None = None
+    key: SecretBytes | None = None
+    metadata: Mapping[str, object] | None = None
+    metadata_size: int | None = None
+
+
+class Etsi004Transport(Protocol):
+    """One ETSI 004 binding to one KME. Calls return the KME's answer for
+    every status; transport failures raise the key-source errors
+    (unreachable: KeyUnavailable, refused: KeySourceAuthError, garbage:
+    KeySourceProtocolError, no answer in time: KeySourceTimeout)."""
+
+    binding: str
+    chunk_sizes: dict[str, int]     # negotiated key_chunk_size per key_stream_ID
+
+    @property
+    def requests(self) -> int:
+        """Calls sent so far (tests check a refusal happened before asking)."""
+        ...
+
+    async def request_open(self, source: str, destination: str, qos: QoS,
+                           key_stream_id: str | None) -> OpenReply: ...
+
+    async def request_key(self, key_stream_id: str, index: int | None,
+                          metadata_size: int | None, *, retry: bool) -> KeyReply: ...
+
+    async def request_close(self, key_stream_id: str) -> int: ...
+
+    async def close(self) -> None: ...
+
+
+def _int_status(doc: Mapping[str, object], what: str) -> int:
+    v = doc.get("status")
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 2**32:
+        raise KeySourceProtocolError(f"ETSI 004 {what}: status missing")
+    return v
+
+
+def decode_open_reply(raw: bytes) -> OpenReply:
+    """A JSON OPEN_CONNECT answer as a typed reply (no status is refused)."""
+    doc = _obj(raw, "OPEN_CONNECT")
+    st = _int_status(doc, "OPEN_CONNECT")
+    raw_ksid = doc.get("key_stream_ID")
+    ksid = None if raw_ksid is None else _ksid(raw_ksid, "OPEN_CONNECT")
+    qos = QoS.from_json(doc["qos"]) if doc.get("qos") is not None else None
+    return OpenReply(st, ksid, qos)
+
+
+def decode_key_reply(raw: bytes, chunk_size: int | None) -> KeyReply:
+    """A JSON GET_KEY answer as a typed reply (no status is refused)."""
+    doc = _obj(raw, "GET_KEY")
+    st = _int_status(doc, "GET_KEY")
+    if st == Status.METADATA_TOO_SMALL:
+        need = doc.get("metadata_size")
+        if not isinstance(need, int) or isinstance(need, bool) or not 0 < need < 2**20:
+            raise KeySourceProtocolError(
+                "ETSI 004 GET_KEY: status 8 without a usable metadata_size")
+        return KeyReply(st, metadata_size=need)
+    if st != Status.SUCCESSFUL:
+        return KeyReply(st)
+    chunk = _chunk_from_doc(doc, chunk_size)
+    return KeyReply(st, chunk.index, chunk.key, chunk.metadata)
+
+
 def _obj(raw: bytes, what: str) -> dict[str, object]:
     try:
         doc = json.loads(raw.decode("utf-8"))
@@ -191,6 +283,10 @@ def parse_get_key(raw: bytes, chunk_size: int | None) -> KeyChunk | int:
         return need
     if st is not Status.SUCCESSFUL:
         raise KeySourceProtocolError(f"ETSI 004 GET_KEY: status {st.name} not allowed here")
+    return _chunk_from_doc(doc, chunk_size)
+
+
+def _chunk_from_doc(doc: Mapping[str, object], chunk_size: int | None) -> KeyChunk:
     index = doc.get("index")
     if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < 2**32:
         raise KeySourceProtocolError("ETSI 004 GET_KEY: index must be an unsigned 32-bit integer")
@@ -242,6 +338,38 @@ class Etsi004Client:
 
     def _url(self, op: str) -> URL:
         return URL(f"{self._base}/api/v1/qkd004/{op}")
+
+    # ------------------------------------------------ Etsi004Transport
+
+    binding = "json"
+
+    @property
+    def requests(self) -> int:
+        return self.http.requests
+
+    async def request_open(self, source: str, destination: str, qos: QoS,
+                           key_stream_id: str | None) -> OpenReply:
+        # 004 6.2: not retried -- a repeat after a lost answer would meet status 5
+        body = {"source": source, "destination": destination, "qos": qos.to_json(),
+                "key_stream_ID": key_stream_id}
+        raw = await self.http.request("OPEN_CONNECT", "POST", self._url("open_connect"),
+                                      _classify, body=body, retries=0)
+        return decode_open_reply(raw)
+
+    async def request_key(self, key_stream_id: str, index: int | None,
+                          metadata_size: int | None, *, retry: bool) -> KeyReply:
+        body = {"key_stream_ID": key_stream_id, "index": index, "metadata_size": metadata_size}
+        raw = await self.http.request("GET_KEY", "POST", self._url("get_key"), _classify,
+                                      body=body, retries=None if retry else 0)
+        return decode_key_reply(raw, self.chunk_sizes.get(key_stream_id))
+
+    async def request_close(self, key_stream_id: str) -> int:
+        raw = await self.http.request("CLOSE", "POST", self._url("close"), _classify,
+                                      body={"key_stream_ID": key_stream_id}, retries=0)
+        self.chunk_sizes.pop(key_stream_id, None)
+        return _int_status(_obj(raw, "CLOSE"), "CLOSE")
+
+    # ------------------------------------------------ the older calls
 
     async def open_connect(self, source: str, destination: str, qos: QoS = QoS(),
                            key_stream_id: str | None = None) -> OpenResult:

@@ -41,7 +41,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import os
 import random
 import re
@@ -49,20 +48,15 @@ import ssl
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
-from yarl import URL
 
 from qkdgate.adapters.etsi004 import (
     Etsi004Client,
+    Etsi004Transport,
     KeyChunk,
-    OpenResult,
     QoS,
     Status,
-    _classify,
-    parse_get_key,
-    parse_open,
 )
+from qkdgate.adapters.etsi004_binary import Etsi004BinaryClient
 from qkdgate.adapters.settings import SourceSettings, source_settings
 from qkdgate.errors import (
     ConfigError,
@@ -82,7 +76,9 @@ MAX_INDEX = 2**32 - 1            # the 004 client's index range (unsigned 32-bit
 MAX_KEYS_PER_CALL = 256
 SAE_ID_RE = re.compile(r"[^\s/?#]{1,128}")
 OPTIONS = {"local_sae_id", "key_size", "key_stream_id", "qos", "uri_scheme",
-           "accept_qos_counter", "verify_hostname", "backoff", "reuse_connections"}
+           "accept_qos_counter", "verify_hostname", "backoff", "reuse_connections",
+           "max_message_size", "max_metadata_size"}
+BINDINGS = ("etsi-binary", "json")      # docs/qkd.md "ETSI 004 bindings"
 QOS_OPTIONS = {"max_bps", "min_bps", "jitter", "priority", "timeout", "ttl", "metadata_mimetype"}
 
 
@@ -159,16 +155,6 @@ class _Stream:
     metadata: Mapping[str, object] = field(default_factory=dict)
 
 
-def _peek_status(raw: bytes) -> int | None:
-    """The 004 status of an answer, before the full parse validates it."""
-    try:
-        doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        return None
-    v = doc.get("status") if isinstance(doc, dict) else None
-    return v if isinstance(v, int) and not isinstance(v, bool) else None
-
-
 
 def _cert_common_name(path: str, where: str) -> str:
     from cryptography import x509
@@ -206,7 +192,18 @@ class Etsi004KeySource:
                               path=s.where(f"options.{unknown[0]}"),
                               expected=", ".join(sorted(OPTIONS)))
         self.key_size = _key_size(opts.get("key_size", 256), s.where("options.key_size"))
-        self._qos = _qos(opts.get("qos") or {}, self.key_size // 8, s.where("options.qos"))
+        self.binding = s.binding or "etsi-binary"
+        if self.binding not in BINDINGS:
+            raise ConfigError("unknown ETSI 004 binding", path=s.where("binding"),
+                              expected=" or ".join(BINDINGS), found=repr(self.binding))
+        raw_qos = opts.get("qos") or {}
+        qos_opts: object = raw_qos
+        if self.binding == "etsi-binary" and isinstance(raw_qos, Mapping) \
+                and "timeout" not in raw_qos:
+            # The reference server reads QoS timeout 0 as "answer status 6 at
+            # once" (docs/qkd.md, open choices): send our own call timeout.
+            qos_opts = {**raw_qos, "timeout": int(s.timeout * 1000)}
+        self._qos = _qos(qos_opts, self.key_size // 8, s.where("options.qos"))
         self._accept_counter = _flag(opts, "accept_qos_counter", s)
         scheme = opts.get("uri_scheme", "qkd")
         if not isinstance(scheme, str) or not re.fullmatch(r"[a-z][a-z0-9+.-]{0,31}", scheme):
@@ -222,8 +219,12 @@ class Etsi004KeySource:
             raise ConfigError("local SAE ID needed: set options.local_sae_id (no spaces, '/', "
                               "'?', '#')", path=s.where("options.local_sae_id"), found=repr(local))
         self.local_sae_id = local
-        self.client = Etsi004Client(s, ssl_context=ssl_context, sleep=sleep, rng=rng,
-                                    reuse_connections=_flag(opts, "reuse_connections", s))
+        self.client: Etsi004Transport
+        if self.binding == "json":
+            self.client = Etsi004Client(s, ssl_context=ssl_context, sleep=sleep, rng=rng,
+                                        reuse_connections=_flag(opts, "reuse_connections", s))
+        else:
+            self.client = Etsi004BinaryClient(s, ssl_context=ssl_context, sleep=sleep, rng=rng)
         self._rng_bytes = rng_bytes
         self._streams: dict[str, _Stream] = {}
 
@@ -232,7 +233,8 @@ class Etsi004KeySource:
         return cls(settings)
 
     def __repr__(self) -> str:
-        return f"<Etsi004KeySource {self.name} {self.settings.url} sae={self.local_sae_id}>"
+        return (f"<Etsi004KeySource {self.name} {self.binding} {self.settings.url} "
+                f"sae={self.local_sae_id}>")
 
     # ------------------------------------------------------------ streams
 
@@ -253,14 +255,6 @@ class Etsi004KeySource:
                                                f"{self._scheme}://{lo}", f"{self._scheme}://{hi}")
         return st
 
-    def _url(self, op: str) -> URL:
-        return URL(f"{self.settings.url}/api/v1/qkd004/{op}")
-
-    async def _post(self, what: str, op: str, body: Mapping[str, object],
-                    retries: int | None) -> bytes:
-        return await self.client.http.request(what, "POST", self._url(op), _classify,
-                                              body=body, retries=retries)
-
     async def connect(self, peer_sae_id: str, *, reopen: bool = False) -> None:
         """OPEN_CONNECT the stream with ``peer_sae_id`` if not open yet.
 
@@ -279,12 +273,10 @@ class Etsi004KeySource:
             await self._open(st, self._qos, may_close=True, may_counter=self._accept_counter)
 
     async def _open(self, st: _Stream, qos: QoS, *, may_close: bool, may_counter: bool) -> None:
-        body = {"source": st.source, "destination": st.destination, "qos": qos.to_json(),
-                "key_stream_ID": st.ksid}
         # 004 6.2: not retried -- a repeat after a lost answer would meet status 5
-        raw = await self._post("OPEN_CONNECT", "open_connect", body, retries=0)
-        code = _peek_status(raw)
+        res = await self.client.request_open(st.source, st.destination, qos, st.ksid)
         where = f"ETSI 004 OPEN_CONNECT of stream {st.ksid} with {st.peer}"
+        code = res.status
         if code == Status.NO_QKD_CONNECTION:
             st.link_up = False
             raise KeyUnavailable(f"{where}: no QKD connection (status 4)")
@@ -295,14 +287,26 @@ class Etsi004KeySource:
                 return await self._open(st, qos, may_close=False, may_counter=may_counter)
             raise KeyUnavailable(f"{where}: key_stream_ID in use by another SAE pair or "
                                  "session (status 5); set options.key_stream_id if it persists")
-        res: OpenResult = parse_open(raw)     # raises for 2/3/6 and malformed answers
+        if code == Status.TIMEOUT:
+            raise KeySourceTimeout(f"{where}: TIMEOUT (status 6)")
+        if code in (Status.INSUFFICIENT_KEY, Status.PEER_NOT_CONNECTED_GET_KEY):
+            raise KeyUnavailable(f"{where}: {Status(code).name} ({code})")
+        if code not in (Status.SUCCESSFUL, Status.PEER_NOT_CONNECTED, Status.QOS_NOT_MET):
+            raise KeySourceProtocolError(f"{where}: unknown status {code}" if code not in
+                                         Status._value2member_map_ else
+                                         f"{where}: status {Status(code).name} not allowed here")
+        if res.qos is None or (res.key_stream_id is None and code != Status.QOS_NOT_MET):
+            raise KeySourceProtocolError(f"{where}: answer without QoS or key_stream_ID")
         if res.key_stream_id not in (None, st.ksid):
             raise KeySourceProtocolError(f"{where}: KME changed our key_stream_ID")
         chunk = self._qos.key_chunk_size
-        if res.status is Status.QOS_NOT_MET:
+        if code == Status.QOS_NOT_MET:
+            # A counter-proposal. Whether status 7 also opened the stream differs
+            # between KMEs (docs/qkd.md): reopening with the counter QoS works
+            # either way -- a stream it opened answers 5, is CLOSEd and reopened.
             c = res.qos
             if may_counter and c.key_chunk_size == chunk and c != qos:
-                return await self._open(st, c, may_close=may_close, may_counter=False)
+                return await self._open(st, c, may_close=True, may_counter=False)
             raise KeyUnavailable(f"{where}: QoS not met (status 7); the KME offers "
                                  f"key_chunk_size={c.key_chunk_size} min_bps={c.min_bps} "
                                  f"max_bps={c.max_bps}, we need {chunk}-byte chunks")
@@ -313,25 +317,28 @@ class Etsi004KeySource:
                                          "on both gateways)")
         self.client.chunk_sizes[st.ksid] = chunk
         st.open, st.link_up, st.qos = True, True, res.qos
-        st.peer_connected = res.status is Status.SUCCESSFUL
+        st.peer_connected = code == Status.SUCCESSFUL
         # A new nonce per open keeps key_IDs unique if the KME restarted the
         # stream at index 0 (the slave does not check it).
         st.nonce = int.from_bytes(self._rng_bytes(4), "big") % 2**NONCE_BITS
-        st.next_index = None
+        # The JSON binding asks the KME for "our next chunk" (index null); the
+        # binary one cannot say so and starts at 0 (docs/qkd.md, open choices).
+        st.next_index = None if self.binding == "json" else 0
         return None
 
     async def _close_quietly(self, st: _Stream) -> None:
         st.open = False
         with contextlib.suppress(QkdgateError):   # gone already, or the KME is unreachable
-            await self.client.close_stream(st.ksid)
+            await self.client.request_close(st.ksid)
 
     async def _read(self, st: _Stream, index: int | None) -> KeyChunk:
         where = f"ETSI 004 GET_KEY stream {st.ksid} index {'next' if index is None else index}"
-        body: dict[str, Any] = {"key_stream_ID": st.ksid, "index": index, "metadata_size": None}
+        metadata_size: int | None = None
         for _ in range(2):
             # "the next chunk" must not be retried: each attempt would advance
-            raw = await self._post("GET_KEY", "get_key", body, None if index is not None else 0)
-            code = _peek_status(raw)
+            res = await self.client.request_key(st.ksid, index, metadata_size,
+                                                retry=index is not None)
+            code = res.status
             if code == Status.PEER_NOT_CONNECTED_GET_KEY:
                 st.peer_connected = False
                 raise KeyUnavailable(f"{where}: peer SAE {st.peer} has not opened the stream "
@@ -340,21 +347,26 @@ class Etsi004KeySource:
                 st.open = False         # reopened on the next call
                 raise KeyUnavailable(f"{where}: no QKD connection (status 4)")
             if code == Status.INSUFFICIENT_KEY:
-                if index is not None:
+                if index is not None and self.binding == "json":
                     st.next_index = None    # resynchronise with the KME's position
                 raise KeyUnavailable(f"{where}: insufficient key (status 2)")
             if code == Status.TIMEOUT:
                 raise KeySourceTimeout(f"{where}: timeout (status 6)")
-            res = parse_get_key(raw, self._qos.key_chunk_size)
-            if isinstance(res, int):        # status 8: the KME wants room for metadata
-                body["metadata_size"] = res
+            if code == Status.METADATA_TOO_SMALL and res.metadata_size:
+                metadata_size = res.metadata_size   # the KME wants room for metadata
                 continue
+            if code != Status.SUCCESSFUL:
+                raise KeySourceProtocolError(
+                    f"{where}: unknown status {code}" if code not in Status._value2member_map_
+                    else f"{where}: status {Status(code).name} not allowed here")
+            if res.key is None or res.index is None:
+                raise KeySourceProtocolError(f"{where}: status 0 without a key")
             if (index is not None and res.index != index) or res.index > MAX_INDEX:
                 res.key.wipe()
                 raise KeySourceProtocolError(f"{where}: KME answered index {res.index}")
             st.peer_connected, st.link_up, st.reads = True, True, st.reads + 1
             st.metadata = dict(res.metadata or {})
-            return res
+            return KeyChunk(res.index, res.key, res.metadata)
         raise KeySourceProtocolError(f"{where}: status 8 twice")
 
     # ------------------------------------------------------------ KeySource

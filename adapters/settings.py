@@ -34,6 +34,7 @@ class SourceSettings:
     timeout: float = 5.0
     retries: int = 3
     options: Mapping[str, object] = field(default_factory=dict)
+    binding: str | None = None      # ETSI 004 wire binding (docs/qkd.md); None: the default
 
     def where(self, key: str) -> str:
         return f"key_sources[{self.name}].{key}"
@@ -106,7 +107,11 @@ def source_settings(settings: object, kind: str | None = None) -> SourceSettings
     if not isinstance(options, Mapping):
         raise ConfigError("options must be a mapping", path=f"{where}.options")
     kme_id = _get(settings, "kme_id")
+    binding = _get(settings, "binding")
+    if binding is not None and not isinstance(binding, str):
+        raise ConfigError("binding must be a string", path=f"{where}.binding")
     return SourceSettings(name=name, kind=str(kind or _get(settings, "kind", "etsi014")),
                           url=url.rstrip("/"), tls=tls,
                           kme_id=str(kme_id) if kme_id else None,
-                          timeout=timeout, retries=retries, options=dict(options))
+                          timeout=timeout, retries=retries, options=dict(options),
+                          binding=binding)

@@ -127,7 +127,7 @@ KIND_NEEDS_URL = ("etsi014", "etsi004", "idq-cerberis-xgr", "toshiba")
 KIND_NEEDS_MTLS = {"etsi014": "generic", "idq-cerberis-xgr": "idq-cerberis-xgr",
                    "toshiba": "toshiba"}
 # Kinds whose KME link must be HTTPS with mutual TLS: the ETSI 014 ones, and
-# ETSI 004, whose JSON binding (docs/qkd.md) runs over the same mutual TLS.
+# ETSI 004, whose two bindings (docs/qkd.md) run over the same mutual TLS.
 MTLS_KINDS = frozenset(KIND_NEEDS_MTLS) | {"etsi004"}
 
 
@@ -218,6 +218,8 @@ class KeySourceConfig:
     timeout: Annotated[float, Duration, Range(0, 300, gt=True)] = 5.0
     retries: Annotated[int, Range(0, 10)] = 3
     options: Mapping[str, Any] = field(default_factory=lambda: types.MappingProxyType({}))
+    # ETSI 004 only: the wire binding (docs/qkd.md "ETSI 004 bindings"); None: etsi-binary
+    binding: Annotated[str, Pattern(r"etsi-binary|json", "etsi-binary or json")] | None = None
 
     _yaml_label = "key source"
 

@@ -79,9 +79,12 @@ def validate(cfg: Config) -> None:
                 raise cfg.error(f"{at}.tls" if ks.tls else at,
                                 f"key source kind {ks.kind} needs mutual TLS "
                                 + ("(ETSI GS QKD 014 requires it)" if ks.kind in KIND_NEEDS_MTLS
-                                   else "(qkdgate's ETSI 004 binding runs over it)"),
+                                   else "(both ETSI 004 bindings run over it)"),
                                 expected="tls: {cert, key, ca}",
                                 found="no " + ", ".join("tls." + k for k in missing))
+        if getattr(ks, "binding", None) is not None and ks.kind != "etsi004":
+            raise cfg.error(f"{at}.binding", "binding is an ETSI 004 setting",
+                            expected="no binding, or kind etsi004", found=f"kind {ks.kind}")
         if ks.tls is not None:
             _check_tls(cfg, f"{at}.tls", ks.tls)
         for key in ks.options:
