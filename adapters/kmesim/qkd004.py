@@ -7,7 +7,8 @@ chunks are cut from the link pool in index order when first read and kept
 until both sides have read them, so a GET_KEY with an explicit index may be
 repeated by the same side (a lost answer can be retried) and both sides get
 identical bytes. CLOSE by both sides drops the stream and its unread
-chunks. The binding is documented in :mod:`qkdgate.adapters.etsi004`.
+chunks. The bindings are documented in :mod:`qkdgate.adapters.etsi004`
+and docs/qkd.md; this module is their one state machine.
 """
 
 from __future__ import annotations
@@ -48,14 +49,39 @@ def _sae(uri: object) -> str | None:
     return rest.split("/", 1)[0] or None
 
 
+@dataclass(frozen=True, slots=True)
+class Opened:
+    status: Status
+    key_stream_id: str | None
+    qos: QoS
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class Read:
+    """A GET_KEY outcome; ``bad_request`` set when the call itself is
+    malformed (JSON: HTTP 400; binary: status 2, docs/qkd.md)."""
+
+    status: Status
+    index: int | None = None
+    key: bytes | None = None
+    metadata: Mapping[str, object] | None = None
+    metadata_size: int | None = None
+    bad_request: str | None = None
+
+
 class Qkd004Service:
+    """The 004 state machine both bindings serve (JSON: :meth:`handle`;
+    binary: kmesim/qkd004_binary.py calls the typed methods)."""
+
     def __init__(self, network: SimNetwork) -> None:
         self.net = network
         self.streams: dict[str, _Stream] = {}
 
+    # ------------------------------------------------------------ JSON binding
+
     def handle(self, kme_id: str, caller: str, op: str, doc: Mapping[str, object]) -> Reply:
         if op == "open_connect":
-            return self.open_connect(caller, doc)
+            return self._json_open(caller, doc)
         ksid = doc.get("key_stream_ID")
         try:
             ksid = str(uuid.UUID(ksid)) if isinstance(ksid, str) else None
@@ -64,16 +90,24 @@ class Qkd004Service:
         if ksid is None:
             return error(400, BAD_REQUEST, invalid_key_stream_ID=True)
         if op == "get_key":
-            return self.get_key(caller, ksid, doc.get("index"), doc.get("metadata_size"))
+            r = self.get_key(caller, ksid, doc.get("index"), doc.get("metadata_size"))
+            if r.bad_request:
+                return error(400, BAD_REQUEST, **{r.bad_request: True})
+            body: dict[str, object] = {"key_stream_ID": ksid, "status": r.status,
+                                       "index": r.index if r.index is not None
+                                       else doc.get("index"),
+                                       "key_buffer": None, "metadata": None}
+            if r.key is not None:
+                body["key_buffer"] = base64.b64encode(r.key).decode("ascii")
+                body["metadata"] = r.metadata
+            if r.metadata_size is not None:
+                body["metadata_size"] = r.metadata_size
+            return Reply(200, body)
         if op == "close":
-            return self.close(caller, ksid)
+            return Reply(200, {"status": self.close(caller, ksid)})
         return error(404, "no such operation")
 
-    def open_connect(self, caller: str, doc: Mapping[str, object]) -> Reply:
-        src, dst = _sae(doc.get("source")), _sae(doc.get("destination"))
-        if src is None or dst is None or caller not in (src, dst) or src == dst:
-            return error(400, BAD_REQUEST,
-                         hint="source and destination must name two SAEs, one the caller")
+    def _json_open(self, caller: str, doc: Mapping[str, object]) -> Reply:
         try:
             qos = QoS.from_json(doc.get("qos", {}))
         except KeySourceProtocolError as exc:
@@ -85,11 +119,26 @@ class Qkd004Service:
             ksid = str(uuid.UUID(ksid_in)) if ksid_in is not None else None
         except (ValueError, TypeError):
             return error(400, BAD_REQUEST, invalid_key_stream_ID=True)
+        res = self.open_connect(caller, doc.get("source"), doc.get("destination"), qos, ksid)
+        if res is None:
+            return error(400, BAD_REQUEST,
+                         hint="source and destination must name two SAEs, one the caller")
+        return Reply(200, {"status": res.status, "key_stream_ID": res.key_stream_id,
+                           "qos": res.qos.to_json()})
+
+    # ------------------------------------------------------------ the 004 calls
+
+    def open_connect(self, caller: str, source: object, destination: object, qos: QoS,
+                     ksid: str | None) -> Opened | None:
+        """OPEN_CONNECT (004 6.2); None when the URIs do not name the caller
+        and another SAE (a malformed call)."""
+        src, dst = _sae(source), _sae(destination)
+        if src is None or dst is None or caller not in (src, dst) or src == dst:
+            return None
         ka, kb = self.net.sae_home.get(src), self.net.sae_home.get(dst)
         link = self.net.link(ka, kb) if ka and kb and ka != kb else None
         if link is None or not link.up or link.alarms():
-            return Reply(200, {"status": Status.NO_QKD_CONNECTION, "key_stream_ID": ksid,
-                               "qos": qos.to_json()})
+            return Opened(Status.NO_QKD_CONNECTION, ksid, qos)
         skr = link.rate()[0]
         counter = qos
         if qos.key_chunk_size == 0 or qos.key_chunk_size > MAX_CHUNK:
@@ -97,66 +146,68 @@ class Qkd004Service:
         if qos.min_bps > skr:
             counter = replace(counter, min_bps=int(skr))
         if counter != qos:   # 004 6.2: QoS not met, counter-proposal returned
-            return Reply(200, {"status": Status.QOS_NOT_MET, "key_stream_ID": ksid,
-                               "qos": counter.to_json()})
+            return Opened(Status.QOS_NOT_MET, ksid, counter)
         if ksid is None:
             ksid = str(uuid.UUID(bytes=self.net.rng(16), version=4))
         st = self.streams.get(ksid)
         if st is None:
             st = self.streams[ksid] = _Stream(ksid, src, dst, link, qos)
         elif (st.source, st.destination) != (src, dst) or caller in st.connected:
-            return Reply(200, {"status": Status.KSID_IN_USE, "key_stream_ID": ksid,
-                               "qos": st.qos.to_json()})
+            return Opened(Status.KSID_IN_USE, ksid, st.qos)
         st.connected.add(caller)
         status = Status.SUCCESSFUL if len(st.connected) == 2 else Status.PEER_NOT_CONNECTED
-        return Reply(200, {"status": status, "key_stream_ID": ksid, "qos": st.qos.to_json()})
+        return Opened(status, ksid, st.qos)
 
-    def get_key(self, caller: str, ksid: str, index: object, metadata_size: object) -> Reply:
+    def get_key(self, caller: str, ksid: str, index: object, metadata_size: object) -> Read:
+        """GET_KEY (004 6.3); ``index`` None: the caller's next chunk."""
         st = self.streams.get(ksid)
-        base = {"key_stream_ID": ksid, "index": index, "key_buffer": None, "metadata": None}
         if st is None or caller not in st.connected:
-            return Reply(200, {**base, "status": Status.NO_QKD_CONNECTION})
+            return Read(Status.NO_QKD_CONNECTION)
         if len(st.connected) < 2:
-            return Reply(200, {**base, "status": Status.PEER_NOT_CONNECTED_GET_KEY})
+            return Read(Status.PEER_NOT_CONNECTED_GET_KEY)
         if index is None:
             index = st.next_read.get(caller, 0)
         if not isinstance(index, int) or isinstance(index, bool) or index < 0 \
                 or index > st.cut + MAX_AHEAD:
-            return error(400, BAD_REQUEST, invalid_index=True)
+            return Read(Status.INSUFFICIENT_KEY, bad_request="invalid_index")
         if metadata_size is not None and (not isinstance(metadata_size, int)
                                           or isinstance(metadata_size, bool)):
-            return error(400, BAD_REQUEST, invalid_metadata_size=True)
+            return Read(Status.INSUFFICIENT_KEY, bad_request="invalid_metadata_size")
         st.link.advance(self.net.now())
         if index >= st.cut:
             need = (index - st.cut + 1) * st.qos.key_chunk_size * 8
             if st.link.alarms() or not st.link.take(need):
-                return Reply(200, {**base, "index": index, "status": Status.INSUFFICIENT_KEY})
+                return Read(Status.INSUFFICIENT_KEY, index)
             while st.cut <= index:
                 st.chunks[st.cut] = (self.net.rng(st.qos.key_chunk_size), set())
                 st.cut += 1
         chunk = st.chunks.get(index)
         if chunk is None:
             # Both sides read it already: it is gone, like a delivered 014 key.
-            return Reply(200, {**base, "index": index, "status": Status.INSUFFICIENT_KEY})
+            return Read(Status.INSUFFICIENT_KEY, index)
         metadata = {"qkdgate_qber": round(st.link.rate()[1], 5)}
-        need_meta = len(json.dumps(metadata))
+        need_meta = len(metadata_bytes(metadata))
         if metadata_size is not None and metadata_size < need_meta:
-            return Reply(200, {**base, "index": index, "status": Status.METADATA_TOO_SMALL,
-                               "metadata_size": need_meta})
+            return Read(Status.METADATA_TOO_SMALL, index, metadata_size=need_meta)
         material, readers = chunk
         readers.add(caller)
         if len(readers) == 2:
             del st.chunks[index]
         st.next_read[caller] = max(st.next_read.get(caller, 0), index + 1)
-        return Reply(200, {**base, "status": Status.SUCCESSFUL, "index": index,
-                           "key_buffer": base64.b64encode(material).decode("ascii"),
-                           "metadata": metadata, "metadata_size": need_meta})
+        return Read(Status.SUCCESSFUL, index, material, metadata, need_meta)
 
-    def close(self, caller: str, ksid: str) -> Reply:
+    def close(self, caller: str, ksid: str) -> Status:
+        """CLOSE (004 6.4): the stream is dropped when both sides closed; an
+        unknown stream answers 4 (docs/qkd.md, open choices)."""
         st = self.streams.get(ksid)
         if st is None or caller not in st.connected:
-            return Reply(200, {"status": Status.NO_QKD_CONNECTION})
+            return Status.NO_QKD_CONNECTION
         st.connected.discard(caller)
         if not st.connected:
             del self.streams[ksid]
-        return Reply(200, {"status": Status.SUCCESSFUL})
+        return Status.SUCCESSFUL
+
+
+def metadata_bytes(metadata: Mapping[str, object]) -> bytes:
+    """The metadata as both bindings size it: compact-free ``json.dumps``."""
+    return json.dumps(metadata).encode("utf-8")

@@ -6,8 +6,10 @@ creates or reuses the demo PKI in the state directory, and starts one
 aiohttp HTTPS server per KME that requires a client certificate from the
 demo CA. Each request's caller is the CN of its verified client certificate
 (ETSI GS QKD 014 5.1). The servers speak ETSI GS QKD 014 (``/api/v1/keys``)
-and the qkdgate JSON binding of ETSI GS QKD 004 (``/api/v1/qkd004``, see
-:mod:`qkdgate.adapters.etsi004`).
+and qkdgate's JSON binding of ETSI GS QKD 004 (``/api/v1/qkd004``, see
+:mod:`qkdgate.adapters.etsi004`); a second TLS port per KME speaks the binary
+004 binding of ETSI's reference interface (:mod:`.qkd004_binary`). Both 004
+bindings serve one :class:`~.qkd004.Qkd004Service`.
 
 Fault injection (:class:`Faults`, per KME; link faults on the
 :class:`~.linkmodel.QkdLink`): slow answers, garbage bodies, responses
@@ -40,6 +42,7 @@ from qkdgate.adapters.kmesim.kme import BAD_REQUEST, Reply, SimNetwork, error
 from qkdgate.adapters.kmesim.linkmodel import REALISTIC, LinkParams, QkdLink
 from qkdgate.adapters.kmesim.pki import Pki, ensure_pki
 from qkdgate.adapters.kmesim.qkd004 import Qkd004Service
+from qkdgate.adapters.kmesim.qkd004_binary import Qkd004BinaryServer
 from qkdgate.adapters.tls import server_context
 from qkdgate.errors import KeySourceProtocolError
 
@@ -66,6 +69,7 @@ class Faults:
     drop: int = 0
     drop_path: str = ""
     wrong_cert: bool = False
+    raw004: bytes | None = None    # sent instead of every binary 004 answer
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,10 +80,19 @@ class SaeCredentials:
     cert: Path
     key: Path
     ca: Path
+    url004: str | None = None      # the binary ETSI 004 endpoint (https://host:port: raw TLS)
 
-    def settings(self, name: str | None = None, **options: object) -> dict[str, object]:
-        """A key-source entry for :func:`qkdgate.adapters.registry.create_key_source`."""
-        return {"name": name or self.sae_id, "kind": "etsi014", "url": self.url,
+    def settings(self, name: str | None = None, *, binding: str | None = None,
+                 **options: object) -> dict[str, object]:
+        """A key-source entry for :func:`qkdgate.adapters.registry.create_key_source`.
+        ``binding`` (ETSI 004: ``etsi-binary`` or ``json``) picks the endpoint."""
+        extra: dict[str, object] = {}
+        url = self.url
+        if binding is not None:
+            extra = {"kind": "etsi004", "binding": binding}
+            if binding == "etsi-binary" and self.url004 is not None:
+                url = self.url004
+        return {"name": name or self.sae_id, "kind": "etsi014", **extra, "url": url,
                 "kme_id": self.kme_id, "timeout": options.pop("timeout", 5.0),
                 "retries": options.pop("retries", 2),
                 "tls": {"cert": str(self.cert), "key": str(self.key), "ca": str(self.ca)},
@@ -97,6 +110,8 @@ class KmeSimulator:
         self.ports: dict[str, int] = {}
         self.admin_port: int | None = None
         self.qkd004 = Qkd004Service(network)
+        self.qkd004_binary: dict[str, Qkd004BinaryServer] = {}
+        self.ports004: dict[str, int] = {}
         self._runners: list[web.AppRunner] = []
 
     # ----------------------------------------------------------- lifecycle
@@ -106,13 +121,16 @@ class KmeSimulator:
     async def start(cls, state_dir: str | Path, *, kmes: tuple[str, ...] = ("KME-A", "KME-B"),
                     saes: Mapping[str, str] | None = None, host: str = "127.0.0.1",
                     ports: Mapping[str, int] | None = None, admin_port: int | None = None,
+                    qkd004_ports: Mapping[str, int] | None = None, qkd004_binary: bool = True,
                     link_params: LinkParams = REALISTIC, key_size: int = 256,
                     max_key_count: int = 100000, prefill: int | None = None,
                     now: Callable[[], float] = time.monotonic,
                     rng: Callable[[int], bytes] = os.urandom) -> AsyncIterator[KmeSimulator]:
         """Start the KMEs (ports 0 = ephemeral) and stop them on exit.
         ``saes`` maps SAE ID -> KME ID (default: SAE-A at KME-A, ...);
-        ``prefill`` puts that many keys in every link pool."""
+        ``prefill`` puts that many keys in every link pool; each KME also
+        serves the binary ETSI 004 binding on ``qkd004_ports`` (default
+        ephemeral) unless ``qkd004_binary`` is False."""
         state = Path(state_dir)
         saes = (dict(saes) if saes is not None
                 else {default_sae(k, i): k for i, k in enumerate(kmes)})
@@ -133,10 +151,14 @@ class KmeSimulator:
         try:
             for k in kmes:
                 await sim._serve_kme(k, (ports or {}).get(k, 0))
+                if qkd004_binary:
+                    await sim._serve_004_binary(k, (qkd004_ports or {}).get(k, 0))
             if admin_port is not None:
                 await sim._serve_admin(admin_port)
             yield sim
         finally:
+            for srv in sim.qkd004_binary.values():
+                await srv.stop()
             for r in sim._runners:
                 await r.cleanup()
 
@@ -159,6 +181,14 @@ class KmeSimulator:
         await site.start()
         self._runners.append(runner)
         self.ports[kme_id] = runner.addresses[0][1]
+
+    async def _serve_004_binary(self, kme_id: str, port: int) -> None:
+        cred = self.pki.kme(kme_id)
+        ctx = server_context(cred.cert, cred.key, self.pki.ca)
+        srv = Qkd004BinaryServer(kme_id, self.qkd004, self.network.sae_home.get,
+                                 lambda: self.faults[kme_id])
+        self.qkd004_binary[kme_id] = srv
+        self.ports004[kme_id] = await srv.start(self.host, port, ctx)
 
     # ------------------------------------------------------------ handlers
 
@@ -249,10 +279,16 @@ class KmeSimulator:
     def url(self, kme_id: str) -> str:
         return f"https://{self.host}:{self.ports[kme_id]}"
 
+    def url004(self, kme_id: str) -> str | None:
+        """The binary ETSI 004 endpoint (raw TLS; the scheme only says TLS)."""
+        port = self.ports004.get(kme_id)
+        return None if port is None else f"https://{self.host}:{port}"
+
     def credentials(self, sae_id: str) -> SaeCredentials:
         kme_id = self.network.sae_home[sae_id]
         cred = self.pki.sae(sae_id)
-        return SaeCredentials(sae_id, kme_id, self.url(kme_id), cred.cert, cred.key, self.pki.ca)
+        return SaeCredentials(sae_id, kme_id, self.url(kme_id), cred.cert, cred.key, self.pki.ca,
+                              self.url004(kme_id))
 
     def link(self, a: str | None = None, b: str | None = None) -> QkdLink:
         """The link between KMEs ``a`` and ``b`` (default: the first link)."""
@@ -281,7 +317,8 @@ class KmeSimulator:
         out: dict[str, Any] = {"kmes": {}, "links": []}
         for k in self.network.kmes:
             faults = {**asdict(self.faults[k]), "raw": self.faults[k].raw is not None}
-            out["kmes"][k] = {"url": self.url(k), "faults": faults,
+            faults["raw004"] = self.faults[k].raw004 is not None
+            out["kmes"][k] = {"url": self.url(k), "url004": self.url004(k), "faults": faults,
                               "saes": sorted(s for s, h in self.network.sae_home.items() if h == k),
                               "keys_awaiting_slaves": len(self.network.kmes[k].issued)}
         for link in self.network.links.values():
@@ -329,7 +366,8 @@ class KmeSimulator:
                 f.garbage = doc["garbage"]
         except (TypeError, ValueError) as exc:
             return web.json_response({"message": str(exc)}, status=400)
-        return web.json_response({**asdict(f), "raw": f.raw is not None})
+        return web.json_response({**asdict(f), "raw": f.raw is not None,
+                                  "raw004": f.raw004 is not None})
 
     async def _admin_link(self, request: web.Request) -> web.Response:
         doc = await _request_object(request, set())

@@ -27,7 +27,8 @@ def free_udp_port() -> int:
 def gateway_yaml(me: str, peer: str, my_port: int, peer_port: int, folder: Path, *,
                  role: str, policy: str, interval: str, soft: str, hard: str,
                  grace: str = "500ms", mine: str, theirs: str, qkd: bool = True,
-                 kme: object = None, macsec: bool = False, kind: str = "etsi014") -> str:
+                 kme: object = None, macsec: bool = False, kind: str = "etsi014",
+                 binding: str | None = None) -> str:
     a = me == "gw-a"
     qkd_block = f"""
     qkd:
@@ -36,11 +37,14 @@ def gateway_yaml(me: str, peer: str, my_port: int, peer_port: int, folder: Path,
       local_sae_id: {"SAE-A" if a else "SAE-B"}
       peer_sae_id: {"SAE-B" if a else "SAE-A"}""" if qkd else ""
     if kme is not None:     # the KME simulator's credentials for this SAE (real mTLS)
+        # ETSI 004 binding: etsi-binary goes to the KME's binary TLS port
+        url = kme.url004 if binding == "etsi-binary" else kme.url
+        binding_line = f"\n    binding: {binding}" if binding else ""
         ks = f"""
 key_sources:
   - name: kme
-    kind: {kind}
-    url: {kme.url}
+    kind: {kind}{binding_line}
+    url: {url}
     kme_id: {kme.kme_id}
     timeout: 2s
     retries: 1
@@ -94,7 +98,8 @@ peers:
 
 def write_pair(folder: Path, *, policy: str = "hybrid-required", interval: str = "1s",
                soft: str = "3s", hard: str = "5s", qkd: bool = True, kme: object = None,
-               macsec: bool = False, kind: str = "etsi014") -> tuple:
+               macsec: bool = False, kind: str = "etsi014",
+               binding: str | None = None) -> tuple:
     """Write identities and both config files; returns (config_a, config_b, path_a, path_b)."""
     pa, pb = free_udp_port(), free_udp_port()
     for name in ("gw-a", "gw-b"):
@@ -109,6 +114,7 @@ def write_pair(folder: Path, *, policy: str = "hybrid-required", interval: str =
         path.write_text(gateway_yaml(me, peer, mp, pp, folder, role=role, policy=policy,
                                      interval=interval, soft=soft, hard=hard, mine=mine,
                                      theirs=theirs, qkd=qkd, macsec=macsec, kind=kind,
+                                     binding=binding,
                                      kme=kme.credentials("SAE-A" if me == "gw-a" else "SAE-B")
                                      if kme is not None else None))
         os.chmod(path, 0o600)

@@ -1,6 +1,9 @@
 """The ETSI 004 key source against the simulator's real 004 service over
 mutual TLS on loopback: key_IDs name (stream, index), master and slave read
-identical chunks, and every 004 status ends as a key-source error."""
+identical chunks, and every 004 status ends as a key-source error. Tests
+that take ``pair`` run on both bindings (etsi-binary, json); ``json_pair``
+ones exercise what only the JSON binding can express (index null, HTTP
+statuses); the binary framing's own cases are in test_etsi004_binary.py."""
 
 import asyncio
 import base64
@@ -37,14 +40,28 @@ async def _no_sleep(_delay: float) -> None:
     return None
 
 
-def _source(sim, sae, **options):
+def _source(sim, sae, binding="json", **options):
     retries = options.pop("retries", 2)
-    return Etsi004KeySource(sim.credentials(sae).settings(retries=retries, **options),
+    return Etsi004KeySource(sim.credentials(sae).settings(retries=retries, binding=binding,
+                                                          **options),
                             sleep=_no_sleep)
 
 
+@pytest.fixture(params=["etsi-binary", "json"])
+def binding(request):
+    return request.param
+
+
 @pytest.fixture
-async def pair(sim):
+async def pair(sim, binding):
+    a, b = _source(sim, "SAE-A", binding), _source(sim, "SAE-B", binding)
+    yield a, b
+    await a.close()
+    await b.close()
+
+
+@pytest.fixture
+async def json_pair(sim):
     a, b = _source(sim, "SAE-A"), _source(sim, "SAE-B")
     yield a, b
     await a.close()
@@ -124,10 +141,10 @@ async def test_registry_builds_it_and_config_knows_the_kind(sim):
     await src.close()
 
 
-async def test_configured_stream_id_and_key_size(sim):
+async def test_configured_stream_id_and_key_size(sim, binding):
     ksid = "1b4e28ba-2fa1-11d2-883f-0016d3cca427"
-    a = _source(sim, "SAE-A", key_stream_id=ksid, key_size=512)
-    b = _source(sim, "SAE-B", key_stream_id={"SAE-A": ksid.upper()}, key_size=512)
+    a = _source(sim, "SAE-A", binding, key_stream_id=ksid, key_size=512)
+    b = _source(sim, "SAE-B", binding, key_stream_id={"SAE-A": ksid.upper()}, key_size=512)
     try:
         await b.connect("SAE-A")
         keys = await a.get_new_keys("SAE-B", 1, 512)
@@ -140,8 +157,8 @@ async def test_configured_stream_id_and_key_size(sim):
         await b.close()
 
 
-async def test_key_size_mismatch_between_gateways_is_named(sim):
-    a, b = _source(sim, "SAE-A"), _source(sim, "SAE-B", key_size=512)
+async def test_key_size_mismatch_between_gateways_is_named(sim, binding):
+    a, b = _source(sim, "SAE-A", binding), _source(sim, "SAE-B", binding, key_size=512)
     try:
         await a.connect("SAE-B")
         with pytest.raises(KeySourceProtocolError, match="key_size must match"):
@@ -155,7 +172,7 @@ async def test_key_id_from_another_stream_is_refused(sim, pair):
     a, b = pair
     await b.connect("SAE-A")
     await a.get_new_keys("SAE-B")
-    before = b.client.http.requests
+    before = b.client.requests
     foreign = make_key_id(stream_tag(derive_stream_id("SAE-A", "SAE-X")), 0, 0)
     with pytest.raises(KeyNotFound, match="another key stream"):
         await b.get_keys_by_id("SAE-A", [foreign])
@@ -163,11 +180,11 @@ async def test_key_id_from_another_stream_is_refused(sim, pair):
         await b.get_keys_by_id("SAE-A", [str(uuid.uuid4())])     # an ETSI 014 key_ID
     with pytest.raises(LocalProtocolError):
         await b.get_keys_by_id("SAE-A", ["../etc"])
-    assert b.client.http.requests == before     # refused before asking the KME
+    assert b.client.requests == before     # refused before asking the KME
 
 
-async def test_index_past_what_is_available(sim, pair):
-    a, b = pair
+async def test_index_past_what_is_available(sim, json_pair):
+    a, b = json_pair
     await b.connect("SAE-A")
     sim.exhaust(refill=False)
     with pytest.raises(KeyUnavailable, match="insufficient key"):
@@ -205,8 +222,8 @@ async def test_an_index_read_twice(sim, pair):
         await b.get_keys_by_id("SAE-A", [k1.key_id, k1.key_id.upper()])
 
 
-async def test_master_lost_answer_never_splits_a_key(sim, pair):
-    a, b = pair
+async def test_master_lost_answer_never_splits_a_key(sim, json_pair):
+    a, b = json_pair
     await b.connect("SAE-A")
     sim.faults["KME-A"].drop, sim.faults["KME-A"].drop_path = 1, "get_key"
     with pytest.raises(KeyUnavailable, match="network error"):
@@ -234,8 +251,8 @@ async def test_peer_not_connected_then_joins(sim, pair):
     assert (await a.status("SAE-B")).alarms == ()
 
 
-async def test_restart_without_close_reopens_and_key_ids_stay_unique(sim, pair):
-    a, b = pair
+async def test_restart_without_close_reopens_and_key_ids_stay_unique(sim, json_pair):
+    a, b = json_pair
     await b.connect("SAE-A")
     old = await a.get_new_keys("SAE-B", 2)
     await a.client.close()                      # crash: no CLOSE, the KME still holds us
@@ -275,8 +292,8 @@ async def test_link_down(sim, pair):
     assert st.stored_key_count == 0 and st.extensions["etsi004_pool_known"] is False
 
 
-async def test_qos_counter_proposal_keeping_the_chunk_size_is_accepted(sim):
-    a = _source(sim, "SAE-A", qos={"min_bps": 4 * 10**9, "priority": 3})
+async def test_qos_counter_proposal_keeping_the_chunk_size_is_accepted(sim, binding):
+    a = _source(sim, "SAE-A", binding, qos={"min_bps": 4 * 10**9, "priority": 3})
     try:
         await a.connect("SAE-B")                 # status 7, counter min_bps, reopened
         st = await a.status("SAE-B")
@@ -296,8 +313,8 @@ GET_KEY_STATUS = [
 
 
 @pytest.mark.parametrize("status,error,match", GET_KEY_STATUS, ids=[str(s[0]) for s in GET_KEY_STATUS])
-async def test_get_key_status_mapping(sim, pair, status, error, match):
-    a, b = pair
+async def test_get_key_status_mapping(sim, json_pair, status, error, match):
+    a, b = json_pair
     await b.connect("SAE-A")
     await a.connect("SAE-B")
     sim.faults["KME-A"].raw = _raw({"status": status, "index": 0, "metadata_size": 64,
@@ -314,8 +331,8 @@ OPEN_STATUS = [
 
 
 @pytest.mark.parametrize("status,error,match", OPEN_STATUS, ids=[str(s[0]) for s in OPEN_STATUS])
-async def test_open_connect_status_mapping(sim, pair, status, error, match):
-    a, _ = pair
+async def test_open_connect_status_mapping(sim, json_pair, status, error, match):
+    a, _ = json_pair
     qos = {"key_chunk_size": 16, "max_bps": 0, "min_bps": 0, "jitter": 0, "priority": 0,
            "timeout": 0, "ttl": 0}
     sim.faults["KME-A"].raw = _raw({"status": status, "key_stream_ID": a.stream_id("SAE-B"),
@@ -385,8 +402,8 @@ def fuzz_state(tmp_path_factory):
 def test_hostile_answers_raise_only_key_source_errors(fuzz_state, answer, call, opened):
     async def scenario():
         async with KmeSimulator.start(fuzz_state, prefill=5) as sim:
-            a = Etsi004KeySource(sim.credentials("SAE-A").settings(retries=1), sleep=_no_sleep)
-            b = Etsi004KeySource(sim.credentials("SAE-B").settings(retries=1), sleep=_no_sleep)
+            a = _source(sim, "SAE-A", retries=1)     # JSON answers: the json binding
+            b = _source(sim, "SAE-B", retries=1)
             try:
                 if opened:
                     await b.connect("SAE-A")
@@ -416,22 +433,25 @@ def test_hostile_answers_raise_only_key_source_errors(fuzz_state, answer, call, 
 
 # ------------------------------------------------------------ configuration
 
-async def test_yaml_config_with_kind_etsi004_builds_a_working_source(sim, tmp_path):
+async def test_yaml_config_with_kind_etsi004_builds_a_working_source(sim, tmp_path, binding):
     from pathlib import Path
 
     from qkdgate.gateway.config.model import parse_config
     base = (Path(__file__).parent.parent / "config" / "good-minimal.yaml").read_text()
     cred = sim.credentials("SAE-A")
-    entry = (f"  - name: kme-a\n    kind: etsi004\n    url: {cred.url}\n    kme_id: KME-A\n"
+    url = cred.url004 if binding == "etsi-binary" else cred.url
+    entry = (f"  - name: kme-a\n    kind: etsi004\n    url: {url}\n    kme_id: KME-A\n"
+             f"    binding: {binding}\n"
              f"    tls: {{cert: {cred.cert}, key: {cred.key}, ca: {cred.ca}}}\n"
              f"    options: {{key_size: 256, qos: {{priority: 1}}}}\n")
     start = base.index("  - name: kme-a")
     text = base[:start] + entry + base[base.index("tunnels:"):]
     cfg = parse_config(text, str(tmp_path / "gw.yaml"))
     ks = cfg.key_sources[0]
-    assert ks.kind == "etsi004"
+    assert ks.kind == "etsi004" and ks.binding == binding
     a = registry.create_key_source(ks.kind, ks)
-    b = _source(sim, "SAE-B")
+    assert a.binding == binding
+    b = _source(sim, "SAE-B", binding)
     try:
         await b.connect("SAE-A")
         keys = await a.get_new_keys("SAE-B", 1, cfg.peers[0].qkd.key_size)

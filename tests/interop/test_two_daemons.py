@@ -148,10 +148,12 @@ async def test_establish_rekey_on_schedule_identical_keys(tmp_path, kme, caplog)
         assert sa.spec.key.reveal()[:16].hex() not in logs
 
 
-async def test_etsi004_key_streams_key_both_daemons(tmp_path, kme):
+@pytest.mark.parametrize("binding", ["etsi-binary", "json"])
+async def test_etsi004_key_streams_key_both_daemons(tmp_path, kme, binding):
     # ETSI GS QKD 004: both gateways attach to one key stream; the key_IDs
-    # that travel in the exchange name stream positions (docs/qkd.md).
-    p = Pair(tmp_path, kme, kind="etsi004")
+    # that travel in the exchange name stream positions (docs/qkd.md). Each
+    # binding the simulator serves (binary framing, qkdgate's JSON) keys them.
+    p = Pair(tmp_path, kme, kind="etsi004", binding=binding)
     async with p.running():
         assert await wait_for(both_past(p, 2), 15), "no rekeys over ETSI 004"
         ids = [e["inputs"]["qkd_key_ids"] for e in p.events_a if e["event"] == "rekey_done"]
