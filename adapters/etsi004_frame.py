@@ -146,9 +146,11 @@ Message = (OpenConnectRequest | OpenConnectResponse | GetKeyRequest | GetKeyResp
            | CloseRequest | CloseResponse)
 
 # Statuses whose OPEN_CONNECT response carries QoS and key_stream_ID. The
-# reference sends them with 0 and 7 (server.py:255-257); qkdgate kme-sim also
-# answers 1 (peer not connected yet) in the long form.
+# reference sends them with 0 and 7 (server.py:255-257) and its client reads
+# them only then (client.py:237); qkdgate kme-sim also answers 1 (peer not
+# connected yet) in the long form. Other statuses travel alone.
 OPEN_LONG = frozenset({0, 1, 7})
+OPEN_LONG_REQUIRED = frozenset({0, 7})
 
 
 # ------------------------------------------------------------ encoding
@@ -191,10 +193,11 @@ def _payload(msg: Message) -> tuple[ServiceType, bytes]:
                                                   + encode_qos(msg.qos) + _ksid(msg.key_stream_id))
     if isinstance(msg, OpenConnectResponse):
         body = _u32(msg.status, "status")
-        if msg.status in OPEN_LONG:
-            if msg.qos is None or msg.key_stream_id is None:
-                raise LocalProtocolError(f"ETSI 004 binary: status {msg.status} needs QoS "
-                                         "and key_stream_ID")
+        if (msg.qos is None) != (msg.key_stream_id is None) \
+                or (msg.status in OPEN_LONG_REQUIRED and msg.qos is None):
+            raise LocalProtocolError(f"ETSI 004 binary: status {msg.status} needs QoS "
+                                     "and key_stream_ID")
+        if msg.qos is not None and msg.key_stream_id is not None:
             body += encode_qos(msg.qos) + _ksid(msg.key_stream_id)
         return ServiceType.OPEN_CONNECT_RESPONSE, body
     if isinstance(msg, GetKeyRequest):
@@ -303,6 +306,9 @@ def decode_payload(stype: ServiceType, p: bytes, *,
         return CloseResponse(status)
     if stype is ServiceType.OPEN_CONNECT_RESPONSE:
         if len(p) == 4:
+            if status in OPEN_LONG_REQUIRED:
+                raise FrameError("length", f"OPEN_CONNECT status {status} without QoS and "
+                                 "key_stream_ID")
             return OpenConnectResponse(status)
         _exact(p, 4 + QOS_LEN + KSID_LEN, "OPEN_CONNECT response")
         return OpenConnectResponse(status, decode_qos(p[4:4 + QOS_LEN]), p[4 + QOS_LEN:])
