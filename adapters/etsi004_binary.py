@@ -100,6 +100,9 @@ class Etsi004BinaryClient:
     # ------------------------------------------------------------ stream
 
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if self._stream is not None and (self._stream[0].at_eof()
+                                         or self._stream[1].is_closing()):
+            self._drop()        # the KME closed it while idle: a new one, not a lost call
         if self._stream is None:
             try:
                 self._stream = await asyncio.wait_for(

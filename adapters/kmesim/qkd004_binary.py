@@ -10,7 +10,9 @@ shared :class:`~.qkd004.Qkd004Service` -- the same state machine the JSON
 binding serves -- and write one response frame. A frame the codec refuses
 closes that connection only; the server and every other connection carry
 on. Faults (per KME, server.Faults): ``delay`` before answering, ``drop``
-(close after acting), ``raw004`` (these bytes instead of the answer).
+(close after acting), ``raw004`` (these bytes instead of the answer, then
+the connection closed unless ``raw004_close`` is False, so a truncated
+frame is seen as one; for the next ``raw004_left`` answers, or all: -1).
 """
 
 from __future__ import annotations
@@ -119,7 +121,16 @@ class Qkd004BinaryServer:
             log.info("%s 004 binary: dropping the answer (fault)", self.kme_id)
             return False
         raw = getattr(f, "raw004", None)
-        writer.write(raw if isinstance(raw, bytes) else frame.encode(answer))
+        if isinstance(raw, bytes):
+            left = getattr(f, "raw004_left", -1)
+            if left > 0:
+                f.raw004_left = left - 1        # type: ignore[attr-defined]
+                if left == 1:
+                    f.raw004 = None             # type: ignore[attr-defined]
+            writer.write(raw)
+            await writer.drain()
+            return not getattr(f, "raw004_close", True)
+        writer.write(frame.encode(answer))
         await writer.drain()
         return True
 
@@ -136,7 +147,7 @@ class Qkd004BinaryServer:
                 # URIs that do not name the caller and another SAE: the
                 # reference answers 4 to URIs it cannot use (server.py:214-218).
                 return frame.OpenConnectResponse(int(Status.NO_QKD_CONNECTION))
-            if res.status in frame.OPEN_LONG:
+            if res.status in frame.OPEN_LONG:     # 0, 1, 7: QoS and key_stream_ID too
                 return frame.OpenConnectResponse(int(res.status), res.qos,
                                                  frame.ksid_bytes(res.key_stream_id))
             return frame.OpenConnectResponse(int(res.status))

@@ -69,7 +69,9 @@ class Faults:
     drop: int = 0
     drop_path: str = ""
     wrong_cert: bool = False
-    raw004: bytes | None = None    # sent instead of every binary 004 answer
+    raw004: bytes | None = None    # sent instead of a binary 004 answer, then the stream closed
+    raw004_left: int = -1          # answers raw004 replaces (-1: all)
+    raw004_close: bool = True      # close the stream after raw004
 
 
 @dataclass(frozen=True, slots=True)
