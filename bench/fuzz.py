@@ -14,6 +14,8 @@ Targets and the only exceptions each may raise:
                                                      KeySourceError
   etsi004             OPEN_CONNECT / GET_KEY answers KeySourceError,
                                                      LocalProtocolError (status 5)
+  etsi004-binary      binary 004 frames (requests    FrameError
+                      and answers), re-encoded when parsed: the same bytes
   config              the YAML config loader         ConfigError
   control             control socket requests        nothing (answers an error)
 
@@ -60,6 +62,7 @@ COVERED = [
     "gateway/config/model.py", "gateway/config/schema.py", "gateway/config/validate.py",
     "gateway/daemon/control.py",
     "gateway/protocol/session.py", "gateway/protocol/handshake.py",
+    "adapters/etsi004_frame.py",
 ]
 
 INTERESTING = [0, 1, 0x7F, 0x80, 0xFF, 0x00, 0x20, 0x22, 0x5B, 0x7B, 0x0A, 0x3A]
@@ -295,8 +298,31 @@ def control_target() -> Target:
     return Target("control", seeds, run, (), (COVERED[7],))
 
 
+def etsi004_binary_target() -> Target:
+    from qkdgate.adapters import etsi004_frame as frame
+
+    vectors = json.loads((ROOT / "tests" / "vectors" / "etsi004-frames.json").read_text())
+    seeds = [bytes.fromhex(c["frame"]) for c in vectors["cases"]]
+
+    def run(data: bytes) -> list[str]:
+        out = []
+        for name, allowed in (("request", frame.REQUESTS), ("response", frame.RESPONSES)):
+            try:
+                msg = frame.decode(data, allowed)
+            except frame.FrameError as exc:
+                out.append(f"{name}: FrameError {exc.reason}")
+                continue
+            if frame.encode(msg) != data:
+                raise AssertionError("a parsed frame does not re-encode to its bytes")
+            out.append(f"{name}: (parsed)")
+        return out
+
+    return Target("etsi004-binary", seeds, run, (), (COVERED[10],), max_len=4096)
+
+
 BUILDERS: dict[str, Callable[[], list[Target]]] = {
     "protocol": protocol_targets, "etsi": etsi_targets,
+    "etsi004-binary": lambda: [etsi004_binary_target()],
     "config": lambda: [config_target()], "control": lambda: [control_target()],
 }
 
