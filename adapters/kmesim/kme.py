@@ -178,10 +178,22 @@ class SimNetwork:
             return error(400, BAD_REQUEST, invalid_additional_slave_SAE_IDs=True)
         if len(extra) > kme.max_sae_id_count:
             return error(400, BAD_REQUEST, max_SAE_ID_count=kme.max_sae_id_count)
-        for x in extra:
-            # The simulator delivers multicast keys only to SAEs of the same slave KME.
-            if self.sae_home.get(x) != peer.kme_id:
+        for i, x in enumerate(extra):
+            # A slave named twice, or the path's slave named again, is the
+            # caller's mistake: refused, not silently merged (docs/qkd.md).
+            if x == slave or x in extra[:i]:
+                return error(400, BAD_REQUEST, duplicate_SAE_ID=x,
+                             hint="additional_slave_SAE_IDs must be distinct and differ from "
+                                  "the slave SAE in the path")
+            home = self.sae_home.get(x)
+            if home is None:
                 return error(400, BAD_REQUEST, unknown_SAE_ID=x)
+            if home != peer.kme_id:
+                # The simulator delivers multicast keys only to SAEs of the
+                # slave's KME: say so instead of calling a known SAE unknown.
+                return error(400, BAD_REQUEST, additional_slave_on_another_KME=x,
+                             slave_KME_ID=peer.kme_id, its_KME_ID=home,
+                             hint="multicast keys reach SAEs of the slave's KME only")
         mandatory = req.get("extension_mandatory", [])
         optional = req.get("extension_optional", [])
         for name, v in (("extension_mandatory", mandatory), ("extension_optional", optional)):

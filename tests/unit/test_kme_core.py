@@ -55,6 +55,19 @@ def test_only_named_slaves_and_all_or_nothing(net):
     assert net.dec_keys("KME-B", "SAE-B", "SAE-Z", [key_id]).status == 400   # wrong master
 
 
+@pytest.mark.parametrize("extra,detail", [
+    (["SAE-A"], {"additional_slave_on_another_KME": "SAE-A"}),   # a known SAE of KME-A
+    (["SAE-C", "SAE-C"], {"duplicate_SAE_ID": "SAE-C"}),
+    (["SAE-B"], {"duplicate_SAE_ID": "SAE-B"}),                  # the path's slave again
+    (["SAE-Q"], {"unknown_SAE_ID": "SAE-Q"}),
+], ids=["other-kme", "twice", "path-slave", "unknown"])
+def test_additional_slaves_refused_with_the_real_reason(net, extra, detail):
+    r = net.enc_keys("KME-A", "SAE-A", "SAE-B", {"additional_slave_SAE_IDs": extra})
+    assert (r.status, r.body["message"]) == (400, "Bad request format")
+    assert detail in r.body["details"]
+    assert net.kmes["KME-B"].issued == {}
+
+
 @pytest.mark.parametrize("req,status,message", [
     ({"size": 100}, 400, codec.MSG_SIZE_MULTIPLE_OF_8),
     ({"size": 2048}, 400, "Bad request format"),
