@@ -1,16 +1,20 @@
 """``qkdgate kme-sim``: run the ETSI QKD 014/004 KME simulator.
 
 Theory of operation: starts :class:`~.server.KmeSimulator` with two or more
-KMEs on consecutive loopback ports (full mesh of modelled QKD links), an
-admin endpoint for fault injection, and prints where the demo CA and the
-SAE certificates are together with a curl command that works as is. Runs
-until SIGINT/SIGTERM. Top-level imports stay light (``qkdgate --help``).
+KMEs on consecutive loopback ports (full mesh of modelled QKD links), each
+also serving the binary ETSI 004 binding on its own port, an admin endpoint
+for fault injection, and prints where the demo CA and the SAE certificates
+are together with a curl command that works as is. ``--sae SAE=KME``
+attaches more SAEs to a KME (ETSI 014 multicast: additional_slave_SAE_IDs
+name SAEs of the slave's KME). Runs until SIGINT/SIGTERM. Top-level imports
+stay light (``qkdgate --help``).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 from pathlib import Path
 
 from qkdgate.errors import ConfigError
@@ -28,9 +32,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"where the demo CA and certificates live (default {default_state_dir()})")
     p.add_argument("--kmes", default="KME-A,KME-B",
                    help="comma-separated KME IDs; SAE-X is attached to KME-X (default KME-A,KME-B)")
+    p.add_argument("--sae", action="append", default=[], metavar="SAE=KME",
+                   help="attach another SAE to a KME, e.g. --sae SAE-B2=KME-B; repeat for more "
+                        "(ETSI 014 multicast: additional_slave_SAE_IDs must be SAEs of the "
+                        "slave's KME)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8441,
                    help="port of the first KME, the others follow (default 8441; 0 = any)")
+    p.add_argument("--port-004", type=int, default=25575,
+                   help="binary ETSI 004 port of the first KME, the others follow "
+                        "(default 25575, the reference server's; 0 = any; -1 = off)")
     p.add_argument("--admin-port", type=int, default=8440,
                    help="loopback HTTP port of the fault-injection endpoint "
                         "(default 8440; -1 = off)")
@@ -52,10 +63,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fraction of photons an intercept-resend eavesdropper measures")
 
 
+SAE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
+
+
+def saes_of(kmes: list[str], extra: list[str]) -> dict[str, str]:
+    """SAE ID -> KME ID: SAE-X at KME-X for every KME, then each ``--sae SAE=KME``."""
+    from qkdgate.adapters.kmesim.server import default_sae
+    saes = {default_sae(k, i): k for i, k in enumerate(kmes)}
+    for item in extra:
+        sae, sep, kme = item.partition("=")
+        sae, kme = sae.strip(), kme.strip()
+        if not sep or not SAE_ID_RE.fullmatch(sae) or kme not in kmes:
+            raise ConfigError("expected SAE=KME with a KME of --kmes", path="--sae",
+                              found=item, expected=f"e.g. SAE-B2={kmes[-1]}")
+        if sae in saes:
+            raise ConfigError(f"SAE {sae} is attached already (to {saes[sae]})", path="--sae",
+                              found=item)
+        saes[sae] = kme
+    return saes
+
+
 def _check(args: argparse.Namespace) -> tuple[list[str], Path]:
     kmes = [k.strip() for k in args.kmes.split(",") if k.strip()]
     if len(kmes) < 2 or len(set(kmes)) != len(kmes):
         raise ConfigError("need at least two distinct KME IDs", path="--kmes", found=args.kmes)
+    saes_of(kmes, args.sae)
     state = (args.state_dir or default_state_dir()).expanduser().resolve()
     if state == _SOURCE_TREE or _SOURCE_TREE in state.parents:
         raise ConfigError("the state directory holds private keys: keep it out of the source tree",
@@ -89,10 +121,14 @@ def run(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         ports = {k: (args.port + i if args.port else 0) for i, k in enumerate(kmes)}
+        ports004 = {k: (args.port_004 + i if args.port_004 > 0 else 0)
+                    for i, k in enumerate(kmes)}
         admin = None if args.admin_port < 0 else args.admin_port
         try:
-            ctx = KmeSimulator.start(state, kmes=tuple(kmes), host=args.host, ports=ports,
-                                     admin_port=admin, link_params=params, key_size=args.key_size,
+            ctx = KmeSimulator.start(state, kmes=tuple(kmes), saes=saes_of(kmes, args.sae),
+                                     host=args.host, ports=ports, admin_port=admin,
+                                     qkd004_ports=ports004, qkd004_binary=args.port_004 >= 0,
+                                     link_params=params, key_size=args.key_size,
                                      max_key_count=args.max_key_count, prefill=args.prefill)
             async with ctx as sim:
                 for link in sim.network.links.values():
@@ -120,6 +156,8 @@ def _print_banner(sim: object) -> None:
     for kme in sim.network.kmes:
         attached = [s for s in saes if sim.network.sae_home[s] == kme]
         print(f"  {kme}: {sim.url(kme)}  (SAEs: {', '.join(attached)})")
+        if sim.url004(kme):
+            print(f"  {kme} ETSI 004 binary: {sim.url004(kme)}  (binding: etsi-binary)")
     for s in saes:
         c = sim.credentials(s)
         print(f"  {s}: cert {c.cert}\n         key  {c.key}")
