@@ -1,8 +1,8 @@
 """Benchmark: the ETSI 004 key source (GET_KEY per key) against the KME
-simulator on loopback (real HTTPS, mutual TLS), beside ETSI 014 for the
-same rounds. Prints keys per second and p50/p99 latency of one
-master/slave round (master get_new_keys at KME-A, slave get_keys_by_id at
-KME-B).
+simulator on loopback with mutual TLS, on each 004 binding (etsi-binary:
+frames on a TLS stream; json: HTTPS POST), beside ETSI 014 for the same
+rounds. Prints keys per second and p50/p99 latency of one master/slave
+round (master get_new_keys at KME-A, slave get_keys_by_id at KME-B).
 
     .venv/bin/python bench/qkd004.py [--rounds 300] [--keys 1]
 
@@ -26,9 +26,15 @@ from qkdgate.adapters.kmesim.server import KmeSimulator
 async def run(kind: str, rounds: int, keys: int, state: str) -> dict:
     async with KmeSimulator.start(state, prefill=rounds * keys + 100,
                                   max_key_count=rounds * keys + 1000) as sim:
-        cls = Etsi004KeySource if kind == "etsi004" else Etsi014KeySource
-        master = cls(sim.credentials("SAE-A").settings())
-        slave = cls(sim.credentials("SAE-B").settings())
+        master: Etsi004KeySource | Etsi014KeySource
+        slave: Etsi004KeySource | Etsi014KeySource
+        if kind.startswith("etsi004"):
+            binding = kind.split(":", 1)[1]
+            master = Etsi004KeySource(sim.credentials("SAE-A").settings(binding=binding))
+            slave = Etsi004KeySource(sim.credentials("SAE-B").settings(binding=binding))
+        else:
+            master = Etsi014KeySource(sim.credentials("SAE-A").settings())
+            slave = Etsi014KeySource(sim.credentials("SAE-B").settings())
         if isinstance(slave, Etsi004KeySource):
             await slave.connect("SAE-A")
         lat: list[float] = []
@@ -62,9 +68,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as state:
         print(f"master+slave rounds over mTLS on loopback, {args.rounds} rounds, "
               f"{args.keys} key(s) of 256 bits per round, keep-alive connections")
-        for kind in ("etsi014", "etsi004"):
+        for kind in ("etsi014", "etsi004:etsi-binary", "etsi004:json"):
             r = asyncio.run(run(kind, args.rounds, args.keys, state))
-            print(f"  {kind}: {r['keys_per_s']:8.1f} keys/s   p50 {r['p50_ms']:6.2f} ms   "
+            print(f"  {kind:<20} {r['keys_per_s']:8.1f} keys/s   p50 {r['p50_ms']:6.2f} ms   "
                   f"p99 {r['p99_ms']:6.2f} ms")
 
 
