@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 from qkdgate.adapters import etsi004_frame as frame
 from qkdgate.adapters.etsi004 import KeyReply, OpenReply, QoS
 from qkdgate.adapters.settings import SourceSettings, to_int
-from qkdgate.adapters.tls import client_context
+from qkdgate.adapters.tls import check_peer_id, client_context
 from qkdgate.errors import (
     ConfigError,
     KeySourceAuthError,
@@ -80,6 +80,7 @@ class Etsi004BinaryClient:
         self._ctx = ssl_context
         self._server_hostname = self.host if ssl_context.check_hostname else None
         self.timeout, self.retries = s.timeout, s.retries
+        self.kme_id = s.kme_id
         self.label = f"KME {s.kme_id or s.url} (ETSI 004 binary)"
         self.max_message = _limit(s.options, "max_message_size", frame.DEFAULT_MAX_MESSAGE, s)
         self.max_metadata = _limit(s.options, "max_metadata_size", frame.DEFAULT_MAX_METADATA, s)
@@ -121,6 +122,14 @@ class Etsi004BinaryClient:
             except OSError as exc:
                 raise KeyUnavailable(f"{self.label}: cannot connect: "
                                      f"{exc.strerror or exc}") from None
+            if self.kme_id:
+                # ETSI GS QKD 014 5.1 as for the JSON binding: the KME's
+                # certificate must name the configured KME ID.
+                try:
+                    check_peer_id(self._stream[1].get_extra_info("ssl_object"), self.kme_id)
+                except KeySourceAuthError:
+                    self._drop()
+                    raise
         return self._stream
 
     def _drop(self) -> None:

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from qkdgate.adapters import etsi004_frame as frame
 from qkdgate.adapters.etsi004 import Status
 from qkdgate.adapters.kmesim.qkd004 import Qkd004Service, metadata_bytes
-from qkdgate.errors import LocalProtocolError
+from qkdgate.errors import LocalProtocolError, QkdgateError
 
 log = logging.getLogger("qkdgate.kmesim")
 
@@ -83,6 +83,10 @@ class Qkd004BinaryServer:
                 pass
         except (ConnectionError, ssl.SSLError, OSError) as exc:
             log.info("%s 004 binary: connection ended: %s", self.kme_id, exc)
+        except QkdgateError as exc:
+            # e.g. a stream opened over JSON whose QoS the binary form cannot
+            # carry: this connection ends, the server goes on.
+            log.warning("%s 004 binary: closing the connection: %s", self.kme_id, exc)
         finally:
             if task is not None:
                 self._conns.discard(task)

@@ -275,3 +275,31 @@ async def test_kme_down_is_unavailable(sim):
     finally:
         await c.close()
     assert port
+
+
+async def test_kme_id_is_checked_on_the_binary_binding(sim):
+    settings = sim.credentials("SAE-A").settings(binding="etsi-binary")
+    settings["kme_id"] = "KME-B"                   # KME-A's certificate does not name it
+    c = Etsi004BinaryClient(source_settings(settings, "etsi004"))
+    try:
+        with pytest.raises(KeySourceAuthError, match="does not name KME ID 'KME-B'"):
+            await c.request_close(str(uuid.uuid4()))
+    finally:
+        await c.close()
+
+
+async def test_a_stream_opened_over_json_that_binary_cannot_carry_ends_one_connection(sim):
+    from qkdgate.adapters.etsi004 import Etsi004Client
+    j = Etsi004Client(sim.credentials("SAE-B").settings(retries=0))
+    a = _source(sim, "SAE-A")
+    try:
+        await j.open_connect("qkd://SAE-A", "qkd://SAE-B", QoS(metadata_mimetype="é" * 128),
+                             key_stream_id=a.stream_id("SAE-B"))   # 256 bytes of UTF-8
+        with pytest.raises(KeyUnavailable, match="closed the connection"):
+            await a.connect("SAE-B")
+        # the KME joined SAE-A before the answer failed to encode: drop that stream
+        sim.qkd004.streams.clear()
+    finally:
+        await j.close()
+        await a.close()
+    await _still_serves(sim)
