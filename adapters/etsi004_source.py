@@ -14,9 +14,16 @@ the pair (stream, index) a UUID:
   QoS ``key_chunk_size = options.key_size / 8``: one chunk is one key.
 * Master (:meth:`get_new_keys`): GET_KEY at its next index; the key_ID is
   :func:`make_key_id` (tag of the stream, a per-open nonce, the index).
-  After every (re)open the first read asks the KME for "our next chunk"
-  (index null) and learns the position; later reads name the index
-  explicitly, so a lost answer is retried and returns the same chunk.
+  On the ``json`` binding the first read after every (re)open asks the KME
+  for "our next chunk" (index null) and learns the position; the binary
+  framing cannot say "next", so on ``etsi-binary`` the source starts at 0
+  after an open. Later reads name the index explicitly, so a lost answer
+  is retried and returns the same chunk.
+* The wire is a transport (``binding:``, docs/qkd.md "ETSI 004
+  bindings"): :class:`~qkdgate.adapters.etsi004_binary.Etsi004BinaryClient`
+  (default) or :class:`~qkdgate.adapters.etsi004.Etsi004Client` (JSON).
+  Both return the KME's answer for every status; what each status means is
+  decided here, once.
 * Slave (:meth:`get_keys_by_id`): :func:`parse_key_id`, check the tag is
   its own stream's (a key_ID of another stream is :class:`KeyNotFound`),
   GET_KEY at that index.
