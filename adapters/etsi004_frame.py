@@ -1,14 +1,14 @@
 """ETSI GS QKD 004 binary framing: the wire of ETSI's reference interface.
 
 Theory of operation: ETSI GS QKD 004 V2.1.1 defines OPEN_CONNECT, GET_KEY
-and CLOSE and their parameters, not a wire format. ETSI's forge project
-``gs004-app-int`` (C) carries them as binary frames on a mutually
-authenticated TLS stream; the open Python implementation that follows it,
+and CLOSE and their parameters, not a wire format. The open Python implementation
 QUBIP/etsi-qkd-004 (client/client.py at commit 28507a37, server/server.py
-at commit acc76c58), is what this codec is transcribed from -- every
-field below cites its line there (docs/qkd.md "ETSI 004 binary binding";
-the forge repository itself is not in our code index, so it is cited only
-through QUBIP's README, "based on the C implementation from ETSI").
+at commit acc76c58) carries them as binary frames on a mutually
+authenticated TLS stream; this codec is transcribed from it, and every
+field below cites its line there (docs/qkd.md "ETSI 004 bindings"). QUBIP
+says it is "based on the C implementation from ETSI" (the forge project
+``gs004-app-int``), which is not in our code index: that the C reference
+frames the same way is QUBIP's claim, untested by us.
 
 Every message is an 8-byte header and a payload:
 
