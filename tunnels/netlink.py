@@ -131,40 +131,63 @@ class NetlinkChannel:
             return self._collect(op, seq, dump)
 
     def request_many(self, op: str, msgs: list[tuple[int, bytes, int]]) -> list[TunnelError | None]:
-        """Pipeline several acked requests; one result (None = ok) per message.
+        """Pipeline several acked requests; one result (None = ok) per message."""
+        return [err for _replies, err in self.request_batch(op, msgs)]
 
-        Used for bulk install/remove: one send/recv round trip per request
-        costs two syscalls and a context switch each way.
+    def request_batch(self, op: str, msgs: list[tuple[int, bytes, int]],
+                      ) -> list[tuple[list[tuple[int, bytes]], TunnelError | None]]:
+        """Send many acked requests pipelined; per message its replies and
+        its result (None = ok), in order.
+
+        Many netlink messages share one ``send`` (up to ~60 KB, so the
+        replies of one chunk fit the receive buffer); each carries
+        NLM_F_ACK and its own sequence number, and replies and acks are
+        matched to their request by that number. The kernel
+        (net/netlink/af_netlink.c netlink_rcv_skb) handles the messages of
+        one buffer in order and acks each, a failed one included, so one
+        failure does not stop the others. A GET's reply comes before its
+        ack, so a batch of GETs is a multi-get in one round trip.
         """
-        results: list[TunnelError | None] = []
+        results: list[tuple[list[tuple[int, bytes]], TunnelError | None]] = []
         with self._lock:
-            first = self._seq + 1
+            seqs: list[int] = []
             buf = bytearray()
             for msg_type, payload, flags in msgs:
                 seq = self._next_seq()
+                seqs.append(seq)
                 buf += NLMSGHDR.pack(16 + len(payload), msg_type,
                                      flags | NLM_F_REQUEST | NLM_F_ACK, seq, 0) + payload
                 if len(buf) > 60000:
                     self.sock.send(bytes(buf))
                     buf.clear()
-                    results += self._acks(op, first, self._seq)
-                    first = self._seq + 1
+                    results += self._acks(op, seqs)
+                    seqs = []
             if buf:
                 self.sock.send(bytes(buf))
-                results += self._acks(op, first, self._seq)
+                results += self._acks(op, seqs)
         return results
 
     def _recv(self) -> bytes:
         n = self.sock.recv_into(self._buf)
         return bytes(memoryview(self._buf)[:n])
 
-    def _acks(self, op: str, first: int, last: int) -> list[TunnelError | None]:
-        got: dict[int, TunnelError | None] = {}
-        while len(got) < last - first + 1:
+    def _acks(self, op: str, seqs: list[int],
+              ) -> list[tuple[list[tuple[int, bytes]], TunnelError | None]]:
+        index = {s: i for i, s in enumerate(seqs)}
+        replies: list[list[tuple[int, bytes]]] = [[] for _ in seqs]
+        errors: list[TunnelError | None] = [None] * len(seqs)
+        done = 0
+        while done < len(seqs):
             for mtype, mflags, mseq, body in _split(self._recv()):
+                i = index.get(mseq)
+                if i is None:
+                    continue   # a late reply to an earlier, abandoned request
                 if mtype == NLMSG_ERROR:
-                    got[mseq] = _error_of(op, mflags, body)
-        return [got.get(s) for s in range(first, last + 1)]
+                    errors[i] = _error_of(op, mflags, body)
+                    done += 1
+                else:
+                    replies[i].append((mtype, body))
+        return list(zip(replies, errors, strict=True))
 
     def _collect(self, op: str, seq: int, dump: bool) -> list[tuple[int, bytes]]:
         out: list[tuple[int, bytes]] = []
