@@ -26,6 +26,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+from qkdgate.errors import TunnelError
+
 # Re-exported: defined beside the key schedule that depends on it, and part of
 # this module's vocabulary (MacsecLinkSpec, MacsecSaSpec).
 from qkdgate.keymix.ciphers import MacsecCipher as MacsecCipher
@@ -247,6 +249,36 @@ class PolicySpec:
     if_id: int | None = None
 
 
+# Batched kernel operations (issue 19): parameter objects for
+# :meth:`IpsecBackend.apply`, which sends many of them in one pipelined
+# netlink batch instead of one request/ack round trip each.
+
+@dataclass(frozen=True, slots=True)
+class InstallSa:
+    """Add one SA (an inbound one takes over its larval state from
+    :meth:`IpsecBackend.allocate_spi`)."""
+
+    sa_id: SaId
+    spec: SaSpec
+    inbound: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RemoveSa:
+    sa_id: SaId
+
+
+@dataclass(frozen=True, slots=True)
+class UpdatePolicy:
+    """Install or replace in one step (XFRM_MSG_UPDPOLICY): a switch of the
+    out policy to a new generation's reqid, a block, a re-assertion."""
+
+    policy: PolicySpec
+
+
+IpsecOp = InstallSa | RemoveSa | UpdatePolicy
+
+
 class IpsecBackend(Protocol):
     """The narrow kernel interface for IPsec (after strongSwan's kernel_ipsec).
 
@@ -286,6 +318,14 @@ class IpsecBackend(Protocol):
     def bypass_socket(self, sock: socket.socket) -> None:
         """Per-socket policy so this socket never uses the tunnels (control
         channel, KME, MQTT): it must work while the tunnels are down."""
+        ...
+
+    def apply(self, ops: Sequence[IpsecOp]) -> list[TunnelError | None]:
+        """Perform ``ops`` in order, sent together; one result per op
+        (``None``: done). A failed op does not stop the later ones, so a
+        caller orders dependent ops into separate calls (an SA before the
+        policy switch to it). Installs are read back and checked like
+        :meth:`install_inbound`'s, all in one bulk read."""
         ...
 
 

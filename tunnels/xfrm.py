@@ -28,21 +28,26 @@ from __future__ import annotations
 import errno
 import ipaddress
 import socket
+from collections.abc import Sequence
 from dataclasses import replace
 
 from qkdgate.errors import LocalProtocolError, TunnelError
 from qkdgate.interfaces import (
     Direction,
+    InstallSa,
     IPAddress,
+    IpsecOp,
     Mark,
     Mode,
     PolicyAction,
     PolicySpec,
+    RemoveSa,
     SaId,
     SaSpec,
     SaState,
     Selector,
     Template,
+    UpdatePolicy,
 )
 from qkdgate.tunnels import xfrm_msg as m
 from qkdgate.tunnels.netlink import (
@@ -214,21 +219,73 @@ class XfrmBackend:
             self._verify(op, sa_id, spec)
 
     def _verify(self, op: str, sa_id: SaId, spec: SaSpec) -> None:
-        st = self.query_sa(sa_id)
-        problems = []
-        if st.sa_id.spi != sa_id.spi:
-            problems.append(f"SPI {st.sa_id.spi:#x}")
-        if st.aead != spec.aead:
-            problems.append(f"algorithm {st.aead!r}")
-        if st.key_bits != len(spec.key) * 8:
-            problems.append(f"key length {st.key_bits} bits")
-        if st.icv_bits != spec.icv_bits:
-            problems.append(f"ICV {st.icv_bits} bits")
-        if st.reqid != spec.reqid:
-            problems.append(f"reqid {st.reqid}")
-        if problems:
-            raise TunnelError(op, errno.EIO,
-                              f"SA {sa_id.spi:#x} read back with " + ", ".join(problems))
+        problem = _mismatch(op, self.query_sa(sa_id), sa_id, spec)
+        if problem is not None:
+            raise problem
+
+    # ------------------------------------------------------------- batches
+    def apply(self, ops: Sequence[IpsecOp]) -> list[TunnelError | None]:
+        """Many SA and policy operations in one pipelined netlink batch,
+        then one multi-get reading back every SA it installed (see
+        :meth:`NetlinkChannel.request_batch`); one result per op, in order.
+
+        An install whose read-back does not match is removed again and
+        reported as failed, so a caller never keeps an SA it did not ask for.
+        """
+        msgs: list[tuple[int, bytes, int]] = []
+        names: list[str] = []
+        for op in ops:
+            if isinstance(op, InstallSa):
+                name = "install_inbound" if op.inbound else "install_outbound"
+                body = self._sa_message(op.sa_id, op.spec)
+                if self.registry is not None:  # before the kernel has it: failsafe must know
+                    self.registry.add_reqid(self.netns, op.spec.reqid)
+                larval = (op.sa_id.dst.packed, op.sa_id.spi)
+                if larval in self._larval:
+                    self._larval.discard(larval)
+                    msgs.append((m.XFRM_MSG_UPDSA, body, 0))
+                else:
+                    msgs.append((m.XFRM_MSG_NEWSA, body, NLM_F_CREATE | NLM_F_EXCL))
+            elif isinstance(op, RemoveSa):
+                name = "remove_sa"
+                self._larval.discard((op.sa_id.dst.packed, op.sa_id.spi))
+                msgs.append((m.XFRM_MSG_DELSA, self._sa_id_message(op.sa_id), 0))
+            elif isinstance(op, UpdatePolicy):
+                name = "update_policy"
+                msgs.append((m.XFRM_MSG_UPDPOLICY, self._policy_message(op.policy), 0))
+            else:
+                raise LocalProtocolError(f"not an IPsec operation: {type(op).__name__}")
+            names.append(name)
+        results: list[TunnelError | None] = [
+            None if err is None else TunnelError(name, err.errno, err.detail)
+            for name, err in zip(names, self.nl.request_many("apply", msgs), strict=True)]
+        if self.verify:
+            self._verify_batch(ops, names, results)
+        return results
+
+    def _verify_batch(self, ops: Sequence[IpsecOp], names: list[str],
+                      results: list[TunnelError | None]) -> None:
+        """Read back every SA the batch installed in one multi-get."""
+        installed = [i for i, op in enumerate(ops)
+                     if isinstance(op, InstallSa) and results[i] is None]
+        if not installed:
+            return
+        gets = [(m.XFRM_MSG_GETSA, self._sa_id_message(_install(ops[i]).sa_id), 0)
+                for i in installed]
+        bad: list[SaId] = []
+        for i, (replies, err) in zip(installed, self.nl.request_batch("query_sa", gets),
+                                     strict=True):
+            op = _install(ops[i])
+            if err is None and not replies:
+                err = TunnelError("query_sa", errno.ESRCH, f"SPI {op.sa_id.spi:#x}")
+            if err is None:
+                err = _mismatch(names[i], _decode_sa(replies[0][1]), op.sa_id, op.spec)
+            if err is not None:
+                results[i] = err
+                bad.append(op.sa_id)
+        if bad:   # best effort: an SA that failed its check must not stay keyed
+            self.nl.request_many("remove_sa", [(m.XFRM_MSG_DELSA, self._sa_id_message(s), 0)
+                                               for s in bad])
 
     def install_inbound(self, sa_id: SaId, spec: SaSpec) -> None:
         self._install("install_inbound", sa_id, spec)
@@ -362,6 +419,31 @@ class XfrmBackend:
             s.close()
             raise
         return s
+
+
+def _install(op: IpsecOp) -> InstallSa:
+    if not isinstance(op, InstallSa):
+        raise LocalProtocolError(f"expected an install, got {type(op).__name__}")
+    return op
+
+
+def _mismatch(op: str, st: SaState, sa_id: SaId, spec: SaSpec) -> TunnelError | None:
+    """Why an SA read back differs from what was installed, or None."""
+    problems = []
+    if st.sa_id.spi != sa_id.spi:
+        problems.append(f"SPI {st.sa_id.spi:#x}")
+    if st.aead != spec.aead:
+        problems.append(f"algorithm {st.aead!r}")
+    if st.key_bits != len(spec.key) * 8:
+        problems.append(f"key length {st.key_bits} bits")
+    if st.icv_bits != spec.icv_bits:
+        problems.append(f"ICV {st.icv_bits} bits")
+    if st.reqid != spec.reqid:
+        problems.append(f"reqid {st.reqid}")
+    if problems:
+        return TunnelError(op, errno.EIO,
+                           f"SA {sa_id.spi:#x} read back with " + ", ".join(problems))
+    return None
 
 
 def _decode_sa(body: bytes) -> SaState:

@@ -28,7 +28,10 @@ from qkdgate.errors import (
     TunnelError,
 )
 from qkdgate.interfaces import (
+    Direction,
+    InstallSa,
     IPAddress,
+    IpsecOp,
     KeySourceStatus,
     MacsecLinkSpec,
     MacsecSaSpec,
@@ -36,6 +39,7 @@ from qkdgate.interfaces import (
     MacsecSecyState,
     PolicySpec,
     QkdKey,
+    RemoveSa,
     SaId,
     SaSpec,
     SaState,
@@ -167,6 +171,7 @@ class RecordingIpsecBackend:
         self.policies: dict[tuple[object, ...], PolicySpec] = {}
         self.bypassed: list[int] = []
         self.ops: list[tuple[str, object]] = []
+        self.batches: list[int] = []
         self._next_spi = 0xC0000100
 
     def allocate_spi(self, src: IPAddress, dst: IPAddress, proto: int = socket.IPPROTO_ESP,
@@ -240,6 +245,29 @@ class RecordingIpsecBackend:
 
     def list_policies(self) -> list[PolicySpec]:
         return list(self.policies.values())
+
+    def apply(self, ops: Sequence[IpsecOp]) -> list[TunnelError | None]:
+        """The batched path: each op as its single call would do it (so a
+        subclass injecting faults there fails it here too), in order, a
+        failure not stopping the rest (netlink_rcv_skb acks every message
+        of a batch); ``batches`` records the size of each batch."""
+        self.batches.append(len(ops))
+        results: list[TunnelError | None] = []
+        for op in ops:
+            try:
+                if isinstance(op, InstallSa):
+                    (self.install_inbound if op.inbound else self.install_outbound)(
+                        op.sa_id, op.spec)
+                elif isinstance(op, RemoveSa):
+                    self.remove_sa(op.sa_id)
+                elif op.policy.direction is Direction.OUT and op.policy.template is not None:
+                    self.switch_outbound(op.policy)
+                else:
+                    self.update_policy(op.policy)
+                results.append(None)
+            except TunnelError as exc:
+                results.append(exc)
+        return results
 
     def bypass_socket(self, sock: socket.socket) -> None:
         self.bypassed.append(sock.fileno())

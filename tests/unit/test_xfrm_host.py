@@ -21,18 +21,21 @@ import pytest
 from qkdgate.errors import TunnelError
 from qkdgate.interfaces import (
     Direction,
+    InstallSa,
     Mark,
     Mode,
     PolicyAction,
     PolicySpec,
+    RemoveSa,
     SaId,
     SaSpec,
     Selector,
     Template,
+    UpdatePolicy,
 )
 from qkdgate.keymix.secret import SecretBytes
-from qkdgate.tunnels.netlink import open_socket_in_netns
-from qkdgate.tunnels.xfrm import XfrmBackend
+from qkdgate.tunnels.netlink import NetlinkChannel, in_netns, open_socket_in_netns
+from qkdgate.tunnels.xfrm import NETLINK_XFRM, XfrmBackend
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ip"),
                                 reason="needs root and iproute2 for network namespaces")
@@ -148,3 +151,40 @@ def test_bulk_remove_reports_each_result(pair):
     assert results[:-1] == [None] * 300
     assert results[-1].errno == errno.ESRCH and results[-1].op == "remove_sa"
     assert be.list_sas() == []
+
+
+class _CountingSocket(socket.socket):
+    """A netlink socket counting its sends (one batch = one send)."""
+
+    sends = 0
+
+    def send(self, data, flags=0):
+        type(self).sends += 1
+        return super().send(data, flags)
+
+
+def test_apply_sends_one_batch_and_reports_each_op_in_order(pair):
+    """Issue 19: many operations in one send, one NLM_F_ACK per message,
+    results matched by sequence number; a failed op (an SA the kernel
+    cannot key, a delete of nothing) does not stop the ops after it."""
+    with in_netns(pair[0]):
+        sock = _CountingSocket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_XFRM)
+    be = XfrmBackend(pair[0], channel=NetlinkChannel(NETLINK_XFRM, sock=sock), registry=None)
+    sels = [Selector(ipaddress.ip_network(f"10.8.{i}.0/24"), NET_B) for i in range(100)]
+    spec = SaSpec(key=SecretBytes(bytes(36)), reqid=5, aead="rfc4106(no-such-cipher)")
+    ops = [UpdatePolicy(PolicySpec(sel, Direction.OUT, action=PolicyAction.BLOCK))
+           for sel in sels[:50]]
+    ops += [InstallSa(SaId(A, B, 0x5000), spec, inbound=False), RemoveSa(SaId(B, A, 0x777))]
+    ops += [UpdatePolicy(PolicySpec(sel, Direction.OUT, action=PolicyAction.BLOCK))
+            for sel in sels[50:]]
+    _CountingSocket.sends = 0
+    results = be.apply(ops)
+    assert _CountingSocket.sends == 1
+    assert results[:50] == [None] * 50 and results[52:] == [None] * 50
+    assert results[50].op == "install_outbound" and results[50].errno in (errno.ENOSYS,
+                                                                          errno.ENOENT)
+    assert results[51].op == "remove_sa" and results[51].errno == errno.ESRCH
+    assert {p.selector for p in be.list_policies()} == set(sels)
+    removed = be.apply([RemoveSa(SaId(B, A, s)) for s in
+                        [be.allocate_spi(B, A) for _ in range(3)]])
+    assert removed == [None] * 3 and be.list_sas() == []
