@@ -15,10 +15,12 @@ strongSwan's ``kernel_ipsec`` narrow interface, one level up.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from qkdgate.interfaces import MacsecCipher, MacsecSaState, SaId, SaState
+from qkdgate.errors import TunnelError
+from qkdgate.interfaces import IpsecOp, MacsecCipher, MacsecSaState, PolicySpec, SaId, SaState
 from qkdgate.keymix.secret import SecretBytes
 from qkdgate.tunnels.timers import Lifetimes
 
@@ -103,8 +105,60 @@ class CounterReading:
     rekey_reason: str | None = None      # a kind-specific limit (MACsec PN space)
 
 
+@dataclass(frozen=True, slots=True)
+class KernelSnapshot:
+    """One dump of a backend's policies and SAs, indexed, shared by the
+    setup (or teardown) of every tunnel on that backend: start-up and
+    shutdown stay linear in the number of tunnels (issue 19), where one
+    dump per tunnel made them quadratic."""
+
+    policies: dict[tuple[object, ...], PolicySpec]     # (selector, dir, mark, if_id)
+    sas_by_reqid: dict[int, list[SaState]]
+
+
+class BatchOps(Protocol):
+    """Optional capability of a driver (:attr:`TunnelDriver.batch`): its
+    kernel operations as parameter objects, so the manager sends those of
+    many tunnels in one pipelined batch (issue 19) rather than one
+    request/ack round trip each. Drivers whose :attr:`group` is the same
+    object share one backend and are batched together."""
+
+    @property
+    def group(self) -> object: ...
+
+    def apply(self, ops: Sequence[IpsecOp]) -> list[TunnelError | None]:
+        """The backend's batch: one result per op (None: done)."""
+
+    def inbound_op(self, sa: NewSa) -> tuple[SaRecord, IpsecOp]: ...
+
+    def outbound_op(self, sa: NewSa, reqids_in_use: frozenset[int]
+                    ) -> tuple[SaRecord, IpsecOp]: ...
+
+    def switch_ops(self, outbound: SaRecord) -> list[IpsecOp]:
+        """The ops of :meth:`TunnelDriver.switch_to`, not yet applied."""
+
+    def switch_done(self, outbound: SaRecord, results: Sequence[TunnelError | None]
+                    ) -> TunnelError | None:
+        """Record the outcome of :meth:`switch_ops`; on a failure point back
+        whatever already moved and return the error (nothing half-switched)."""
+
+    def remove_op(self, rec: SaRecord) -> IpsecOp: ...
+
+    def snapshot(self) -> KernelSnapshot: ...
+
+    def setup_from(self, snapshot: KernelSnapshot, now: float) -> SetupReport:
+        """:meth:`TunnelDriver.setup` reading ``snapshot`` instead of dumping."""
+
+    def teardown_from(self, snapshot: KernelSnapshot) -> bool:
+        """:meth:`TunnelDriver.teardown` reading ``snapshot`` instead of dumping."""
+
+
 class TunnelDriver(Protocol):
     """Kernel operations of one tunnel kind. Raise TunnelError on failure."""
+
+    @property
+    def batch(self) -> BatchOps | None:
+        """The batched form of these operations, or None (one at a time)."""
 
     @property
     def tunnel_id(self) -> str: ...

@@ -18,31 +18,44 @@ template: cleartext that matches the selectors is dropped). RFC 4301 4.4.1.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from qkdgate.errors import LocalProtocolError, TunnelError
 from qkdgate.interfaces import (
     Direction,
+    InstallSa,
     IPAddress,
     IPNetwork,
     IpsecBackend,
+    IpsecOp,
     Lifetime,
     Mark,
     Mode,
     PolicyAction,
     PolicySpec,
+    RemoveSa,
     SaId,
     SaSpec,
     SaState,
     Selector,
     Template,
     UdpEncap,
+    UpdatePolicy,
 )
 from qkdgate.keymix.secret import SecretBytes
-from qkdgate.tunnels.driver import CounterReading, KeySchedule, NewSa, SaRecord, SetupReport
+from qkdgate.tunnels.driver import (
+    CounterReading,
+    KernelSnapshot,
+    KeySchedule,
+    NewSa,
+    SaRecord,
+    SetupReport,
+)
 from qkdgate.tunnels.events import TunnelEventSink
 from qkdgate.tunnels.manager import Tunnel, TunnelPolicy
 from qkdgate.tunnels.timers import Lifetimes
@@ -153,10 +166,13 @@ class IpsecDriver:
         (:meth:`_weaker_out`; ``in``/``fwd`` must equal ours); otherwise it
         is replaced in place by XFRM_MSG_UPDPOLICY, so there is never a
         moment without a policy, and the replacement is reported."""
-        existing = {(p.selector, p.direction, p.mark, p.if_id): p
-                    for p in self.backend.list_policies()}
-        found = self.backend.list_sas(self.spec.reqid_base,
-                                      self.spec.reqid_base + self.spec.reqid_span - 1)
+        return self.setup_from(self.snapshot(), now)
+
+    def setup_from(self, snapshot: KernelSnapshot, now: float) -> SetupReport:
+        existing = snapshot.policies
+        found = [st for r in range(self.spec.reqid_base, self.spec.reqid_base
+                                   + self.spec.reqid_span)
+                 for st in snapshot.sas_by_reqid.get(r, ())]
         our_out_reqids = {st.reqid for st in found if st.reqid != self.spec.reqid_base}
         replaced: list[tuple[str, str]] = []
         self._out_policies = []
@@ -224,12 +240,9 @@ class IpsecDriver:
                       encap=s.encap)
 
     def add_inbound(self, sa: NewSa) -> SaRecord:
-        s = self.spec
-        sa_id = SaId(src=s.remote, dst=s.local, spi=sa.spi, mark=s.mark, if_id=s.if_id)
-        key = sa.schedule.esp_key(sa.session, s.tunnel_id, sa.direction, sa.spi, sa.generation)
-        self.backend.install_inbound(sa_id, self._sa_spec(key, s.reqid_base,
-                                                          s.selectors()[0][1], sa.lifetimes))
-        return SaRecord("in", sa.spi, s.reqid_base, sa.now, sa_id)
+        rec, op = self.inbound_op(sa)
+        self.backend.install_inbound(op.sa_id, op.spec)
+        return rec
 
     def _take_out_reqid(self, used: frozenset[int]) -> int:
         s = self.spec
@@ -243,13 +256,9 @@ class IpsecDriver:
         raise TunnelError("allocate_reqid", errno.ENOSPC, f"reqid range of {s.tunnel_id} in use")
 
     def add_outbound(self, sa: NewSa, reqids_in_use: frozenset[int]) -> SaRecord:
-        s = self.spec
-        reqid = self._take_out_reqid(reqids_in_use)
-        sa_id = SaId(src=s.local, dst=s.remote, spi=sa.spi, mark=s.mark, if_id=s.if_id)
-        key = sa.schedule.esp_key(sa.session, s.tunnel_id, sa.direction, sa.spi, sa.generation)
-        self.backend.install_outbound(sa_id, self._sa_spec(key, reqid, s.selectors()[0][0],
-                                                           sa.lifetimes))
-        return SaRecord("out", sa.spi, reqid, sa.now, sa_id)
+        rec, op = self.outbound_op(sa, reqids_in_use)
+        self.backend.install_outbound(op.sa_id, op.spec)
+        return rec
 
     def switch_to(self, outbound: SaRecord) -> None:
         s = self.spec
@@ -302,9 +311,16 @@ class IpsecDriver:
 
     def teardown(self) -> bool:
         """Remove our policies (the SAs went with their generations)."""
+        return self.teardown_from(self.snapshot())
+
+    def teardown_from(self, snapshot: KernelSnapshot) -> bool:
         first: TunnelError | None = None
-        for pol in list(self.backend.list_policies()):
-            if self._mine(pol):
+        s = self.spec
+        for sel in {sel for pair in s.selectors() for sel in pair}:
+            for d in Direction:
+                pol = snapshot.policies.get((sel, d, s.mark, s.if_id))
+                if pol is None:
+                    continue
                 try:
                     self.backend.remove_policy(pol)
                 except TunnelError as exc:
@@ -313,10 +329,70 @@ class IpsecDriver:
             raise first
         return True
 
-    def _mine(self, pol: PolicySpec) -> bool:
-        sels = {sel for pair in self.spec.selectors() for sel in pair}
-        return pol.selector in sels and pol.mark == self.spec.mark and \
-            pol.if_id == self.spec.if_id
+    # ---- the batched form (BatchOps) ------------------------------------------
+    @property
+    def batch(self) -> IpsecDriver:
+        return self
+
+    @property
+    def group(self) -> object:
+        return self.backend
+
+    def apply(self, ops: Sequence[IpsecOp]) -> list[TunnelError | None]:
+        return self.backend.apply(ops)
+
+    def snapshot(self) -> KernelSnapshot:
+        """One policy dump and one SA dump, indexed (see KernelSnapshot)."""
+        by_reqid: dict[int, list[SaState]] = {}
+        for st in self.backend.list_sas():
+            by_reqid.setdefault(st.reqid, []).append(st)
+        return KernelSnapshot(
+            policies={(p.selector, p.direction, p.mark, p.if_id): p
+                      for p in self.backend.list_policies()},
+            sas_by_reqid=by_reqid)
+
+    def inbound_op(self, sa: NewSa) -> tuple[SaRecord, InstallSa]:
+        s = self.spec
+        sa_id = SaId(src=s.remote, dst=s.local, spi=sa.spi, mark=s.mark, if_id=s.if_id)
+        key = sa.schedule.esp_key(sa.session, s.tunnel_id, sa.direction, sa.spi, sa.generation)
+        spec = self._sa_spec(key, s.reqid_base, s.selectors()[0][1], sa.lifetimes)
+        return SaRecord("in", sa.spi, s.reqid_base, sa.now, sa_id), InstallSa(sa_id, spec, True)
+
+    def outbound_op(self, sa: NewSa, reqids_in_use: frozenset[int]
+                    ) -> tuple[SaRecord, InstallSa]:
+        s = self.spec
+        reqid = self._take_out_reqid(reqids_in_use)
+        sa_id = SaId(src=s.local, dst=s.remote, spi=sa.spi, mark=s.mark, if_id=s.if_id)
+        key = sa.schedule.esp_key(sa.session, s.tunnel_id, sa.direction, sa.spi, sa.generation)
+        spec = self._sa_spec(key, reqid, s.selectors()[0][0], sa.lifetimes)
+        return SaRecord("out", sa.spi, reqid, sa.now, sa_id), InstallSa(sa_id, spec, False)
+
+    def _switched(self, outbound: SaRecord) -> list[PolicySpec]:
+        s = self.spec
+        tmpl = Template(src=s.local, dst=s.remote, reqid=outbound.reqid, mode=s.mode)
+        return [replace(pol, action=PolicyAction.ALLOW, template=tmpl, priority=s.priority)
+                for pol in self._out_policies]
+
+    def switch_ops(self, outbound: SaRecord) -> list[IpsecOp]:
+        # XFRM_MSG_UPDPOLICY: atomic per policy
+        return [UpdatePolicy(p) for p in self._switched(outbound)]
+
+    def switch_done(self, outbound: SaRecord, results: Sequence[TunnelError | None]
+                    ) -> TunnelError | None:
+        failed = next((r for r in results if r is not None), None)
+        if failed is None:
+            self._out_policies = self._switched(outbound)
+            return None
+        for old, res in zip(self._out_policies, results, strict=True):
+            if res is None:           # this one moved: point it back
+                # if that fails too, the policy names an SA the tunnel then
+                # removes: its traffic drops (fail closed), never goes clear
+                with contextlib.suppress(TunnelError):
+                    self.backend.switch_outbound(old)
+        return failed
+
+    def remove_op(self, rec: SaRecord) -> IpsecOp:
+        return RemoveSa(_sa_id(rec))
 
 
 def _sa_id(rec: SaRecord) -> SaId:

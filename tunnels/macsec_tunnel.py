@@ -77,6 +77,7 @@ class MacsecDriver:
 
     kind = "macsec"
     sas_outlive_daemon = False    # MACsec has no kernel lifetimes
+    batch = None                  # one operation at a time (a few SAs per link)
 
     def __init__(self, spec: MacsecTunnelSpec, backend: MacsecBackend) -> None:
         self.spec = spec

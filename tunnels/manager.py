@@ -59,8 +59,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from qkdgate.errors import LocalProtocolError, QkdgateError, TunnelError
-from qkdgate.interfaces import MacsecSaState, SaState
-from qkdgate.tunnels.driver import KeySchedule, NewSa, SaRecord, TunnelDriver
+from qkdgate.interfaces import IpsecOp, MacsecSaState, SaState
+from qkdgate.tunnels.driver import (
+    BatchOps,
+    KernelSnapshot,
+    KeySchedule,
+    NewSa,
+    SaRecord,
+    TunnelDriver,
+)
 from qkdgate.tunnels.events import (
     KernelStateReplaced,
     KeyInputs,
@@ -272,9 +279,13 @@ class Tunnel:
                      lifetimes=self.lifetimes, schedule=self.schedule, now=now)
 
     # ---- start and stop -------------------------------------------------
-    def setup(self, now: float) -> None:
-        """Install the fail-closed kernel state; adopt what a previous run left."""
-        report = self.driver.setup(now)
+    def setup(self, now: float, snapshot: KernelSnapshot | None = None) -> None:
+        """Install the fail-closed kernel state; adopt what a previous run left.
+        ``snapshot``: the kernel's state read once for many tunnels
+        (:meth:`TunnelManager.setup`); without it the driver reads its own."""
+        batch = self.driver.batch
+        report = batch.setup_from(snapshot, now) if batch is not None and snapshot is not None \
+            else self.driver.setup(now)
         for what, why in report.replaced:
             log.warning("tunnel %s: %s was weaker than the configuration (%s): replaced",
                         self.tunnel_id, what, why, extra={"tunnel": self.tunnel_id})
@@ -307,7 +318,8 @@ class Tunnel:
                  extra={"tunnel": self.tunnel_id})
         self.emit(SaAdopted(self.tunnel_id, len(found)))
 
-    def shutdown(self, teardown: bool, now: float = 0.0) -> None:
+    def shutdown(self, teardown: bool, now: float = 0.0,
+                 snapshot: KernelSnapshot | None = None) -> None:
         """Default (``teardown=False``): IPsec keeps policies *and* SAs (their
         kernel lifetimes end them; a restarted daemon adopts them); MACsec
         SAs, which nothing would ever end, are removed and the strict link
@@ -322,8 +334,10 @@ class Tunnel:
             self._drop_generation(gen, now)
         self.state = "blocked"
         if teardown:
+            batch = self.driver.batch
             try:
-                if self.driver.teardown():
+                if batch.teardown_from(snapshot) if batch is not None and snapshot is not None \
+                        else self.driver.teardown():
                     self.state = "down"
             except TunnelError as exc:
                 self._fail("teardown", exc)
@@ -339,19 +353,35 @@ class Tunnel:
         """Accept traffic under ``generation`` (InstallInbound). Raises
         GenerationRefused or TunnelError; nothing is half-installed."""
         try:
-            fallback = check_policy(self.policy, session.provenance)
-            gen = self._generation(generation, session, role, now)
-            if gen.inbound is not None:
+            plan = self.begin_inbound(generation, session, role, spi, now)
+            if plan is None:
                 return  # a retransmitted event: the SA is already there
-            in_dir, _ = directions(role)
-            gen.inbound = self.driver.add_inbound(self._new_sa(session, gen, in_dir, spi, now))
+            gen, sa, fallback = plan
+            record = self.driver.add_inbound(sa)
         except QkdgateError as exc:
             self._fail("install_inbound", exc)
             raise
+        self.inbound_installed(gen, record, session, fallback)
+
+    def begin_inbound(self, generation: int, session: SessionSecret, role: str, spi: int,
+                      now: float) -> tuple[Generation, NewSa, bool] | None:
+        """What :meth:`install_inbound` decides before the kernel: the policy
+        check (GenerationRefused) and the generation record. None: the SA is
+        already there. Returns the SA to install and the fallback flag."""
+        fallback = check_policy(self.policy, session.provenance)
+        gen = self._generation(generation, session, role, now)
+        if gen.inbound is not None:
+            return None
+        in_dir, _ = directions(role)
+        return gen, self._new_sa(session, gen, in_dir, spi, now), fallback
+
+    def inbound_installed(self, gen: Generation, record: SaRecord, session: SessionSecret,
+                          fallback: bool) -> None:
+        gen.inbound = record
         log.info("tunnel %s: generation %d inbound SA %#x installed (inputs %s)",
-                 self.tunnel_id, generation, spi, provenance_dict(session.provenance),
+                 self.tunnel_id, gen.number, record.spi, provenance_dict(session.provenance),
                  extra={"tunnel": self.tunnel_id})
-        self.emit(SaInstalled(self.tunnel_id, generation, "in", spi,
+        self.emit(SaInstalled(self.tunnel_id, gen.number, "in", record.spi,
                               KeyInputs.of(session.provenance), fallback))
 
     def install_outbound(self, generation: int, session: SessionSecret, role: str, spi: int,
@@ -359,26 +389,47 @@ class Tunnel:
         """Send under ``generation`` from now on (InstallOutbound): new
         outbound SA, atomic switch, previous generation retires after grace."""
         try:
-            fallback = check_policy(self.policy, session.provenance)
-            gen = self._generation(generation, session, role, now)
-            if gen.outbound is not None:
+            plan = self.begin_outbound(generation, session, role, spi, now)
+            if plan is None:
                 return
-            _, out_dir = directions(role)
-            in_use = frozenset(r.reqid for g in self.generations.values() for r in g.records()
-                               if r.direction == "out")
-            record = self.driver.add_outbound(self._new_sa(session, gen, out_dir, spi, now),
-                                              in_use)
+            gen, sa, in_use, fallback = plan
+            record = self.driver.add_outbound(sa, in_use)
             gen.outbound = record
             try:
                 self.driver.switch_to(record)
             except QkdgateError:
-                gen.outbound = None
-                if not self._remove_record(record):   # never leave a keyed SA unseen
-                    gen.extra.append(record)
+                self.switch_failed(gen, record)
                 raise
         except QkdgateError as exc:
             self._fail("install_outbound", exc)
             raise
+        self.outbound_switched(gen, session, fallback, now)
+
+    def begin_outbound(self, generation: int, session: SessionSecret, role: str, spi: int,
+                       now: float) -> tuple[Generation, NewSa, frozenset[int], bool] | None:
+        """What :meth:`install_outbound` decides before the kernel (see
+        :meth:`begin_inbound`), plus the outbound reqids in use."""
+        fallback = check_policy(self.policy, session.provenance)
+        gen = self._generation(generation, session, role, now)
+        if gen.outbound is not None:
+            return None
+        _, out_dir = directions(role)
+        in_use = frozenset(r.reqid for g in self.generations.values() for r in g.records()
+                           if r.direction == "out")
+        return gen, self._new_sa(session, gen, out_dir, spi, now), in_use, fallback
+
+    def switch_failed(self, gen: Generation, record: SaRecord) -> None:
+        """The switch to ``record`` failed (the driver pointed back what
+        moved): the new outbound SA goes, never left keyed and unseen."""
+        gen.outbound = None
+        if not self._remove_record(record):
+            gen.extra.append(record)
+
+    def outbound_switched(self, gen: Generation, session: SessionSecret, fallback: bool,
+                          now: float) -> None:
+        if gen.outbound is None:
+            raise LocalProtocolError(f"tunnel {self.tunnel_id}: switched without an SA")
+        spi = gen.outbound.spi
         previous = self.active
         self.timers.generation_switched(gen.number, now)
         self.state = "up"
@@ -386,26 +437,26 @@ class Tunnel:
         was_fallback, self.fallback = self.fallback, fallback
         inputs = provenance_dict(session.provenance)
         log.info("tunnel %s: switched outbound to generation %d SA %#x (inputs %s)",
-                 self.tunnel_id, generation, spi, inputs, extra={"tunnel": self.tunnel_id})
-        self.emit(SaSwitched(self.tunnel_id, generation, spi, KeyInputs.of(session.provenance),
+                 self.tunnel_id, gen.number, spi, inputs, extra={"tunnel": self.tunnel_id})
+        self.emit(SaSwitched(self.tunnel_id, gen.number, spi, KeyInputs.of(session.provenance),
                              previous.number if previous else None))
         if fallback and not was_fallback:
             log.warning("tunnel %s: generation %d has no QKD key: running on the PQC "
-                        "fallback (policy %s)", self.tunnel_id, generation, self.policy.value,
+                        "fallback (policy %s)", self.tunnel_id, gen.number, self.policy.value,
                         extra={"tunnel": self.tunnel_id})
-            self.emit(PolicyFallback(self.tunnel_id, self.policy.value, generation,
+            self.emit(PolicyFallback(self.tunnel_id, self.policy.value, gen.number,
                                      "generation without a QKD key"))
         elif was_fallback and not fallback:
             log.info("tunnel %s: QKD keys again from generation %d", self.tunnel_id,
-                     generation, extra={"tunnel": self.tunnel_id})
-            self.emit(PolicyRecovered(self.tunnel_id, self.policy.value, generation))
+                     gen.number, extra={"tunnel": self.tunnel_id})
+            self.emit(PolicyRecovered(self.tunnel_id, self.policy.value, gen.number))
 
-    def retire(self, generation: int, now: float) -> None:
+    def retire(self, generation: int, now: float,
+               removed: Mapping[int, TunnelError | None] | None = None) -> None:
         """RetireGeneration: remove that generation's SAs (never the active one)."""
-        gen = self.generations.get(generation)
-        if gen is None or gen is self.active:
-            return
-        self._drop_generation(gen, now)
+        gen = self.retirable(generation)
+        if gen is not None:
+            self._drop_generation(gen, now, removed)
 
     def block(self, now: float, reason: str) -> None:
         """Remove every SA and block (the policies stay)."""
@@ -510,16 +561,21 @@ class Tunnel:
             **self.counters, "last_error": self.last_error, "generations": gens,
         }
 
-    def _drop_generation(self, gen: Generation, now: float) -> bool:
+    def _drop_generation(self, gen: Generation, now: float,
+                         removed: Mapping[int, TunnelError | None] | None = None) -> bool:
         """Remove every SA of ``gen``; forget it only once they are all gone.
 
         Issue 17 finding 8a: a failed removal keeps the generation and the
         records that failed (status shows them), retries on the tunnel's
         timer, and after REMOVE_ATTEMPTS_BEFORE_ESCALATION failures makes the
-        SAs harmless (:meth:`_escalate`). Returns True when it is gone."""
+        SAs harmless (:meth:`_escalate`). Returns True when it is gone.
+        ``removed``: results of removals the manager already made in one
+        batch, by ``id()`` of the record (the rest are removed here)."""
         outbound, inbound = gen.outbound, gen.inbound
         left = [r for r in (outbound, inbound, *gen.extra)
-                if r is not None and not self._remove_record(r)]
+                if r is not None and not (self._removal_settled(removed[id(r)])
+                                          if removed is not None and id(r) in removed
+                                          else self._remove_record(r))]
         gen.outbound = outbound if any(r is outbound for r in left) else None
         gen.inbound = inbound if any(r is inbound for r in left) else None
         gen.extra = [r for r in left if r is not outbound and r is not inbound]
@@ -562,16 +618,32 @@ class Tunnel:
         try:
             self.driver.remove_sa(rec)
         except TunnelError as exc:
-            if exc.errno in (errno.ESRCH, errno.ENODEV):   # the kernel expired it already
-                return True
-            self._fail("remove_sa", exc)
-            return False
+            return self._removal_settled(exc)
         return True
+
+    def _removal_settled(self, exc: TunnelError | None) -> bool:
+        """Whether a removal with this result left the SA gone."""
+        if exc is None or exc.errno in (errno.ESRCH, errno.ENODEV):   # expired already
+            return True
+        self._fail("remove_sa", exc)
+        return False
+
+    def retirable(self, generation: int) -> Generation | None:
+        """The generation :meth:`retire` would drop (never the active one)."""
+        gen = self.generations.get(generation)
+        return None if gen is None or gen is self.active else gen
 
 
 # --------------------------------------------------------------------------
 # all tunnels of the daemon
 # --------------------------------------------------------------------------
+
+def _batch_of(tunnel: Tunnel) -> BatchOps:
+    batch = tunnel.driver.batch
+    if batch is None:
+        raise LocalProtocolError(f"tunnel {tunnel.tunnel_id} does not batch")
+    return batch
+
 
 @dataclass
 class TunnelManager:
@@ -601,43 +673,177 @@ class TunnelManager:
         tunnel still rekeys beside a ``hybrid-required`` one when QKD is
         down. Raises if every tunnel refused. A kernel failure is
         all-or-nothing: what this call installed is removed and it re-raises.
+        Tunnels whose drivers batch (:class:`BatchOps`) send their SAs in one
+        pipelined batch per backend.
         """
         done: list[Tunnel] = []
         refused: list[GenerationRefused] = []
+        failed: QkdgateError | None = None
+        pending: dict[int, tuple[BatchOps, list[tuple[Tunnel, Generation, SaRecord,
+                                                      IpsecOp, bool]]]] = {}
         try:
             for tid, spi in spis.items():
                 tunnel = self.get(tid)
+                batch = tunnel.driver.batch
+                if batch is None:
+                    try:
+                        tunnel.install_inbound(generation, session, role, spi, now)
+                    except GenerationRefused as exc:
+                        refused.append(exc)
+                        continue
+                    done.append(tunnel)
+                    continue
                 try:
-                    tunnel.install_inbound(generation, session, role, spi, now)
+                    plan = tunnel.begin_inbound(generation, session, role, spi, now)
+                    if plan is None:
+                        done.append(tunnel)
+                        continue
+                    gen, sa, fallback = plan
+                    record, op = batch.inbound_op(sa)
                 except GenerationRefused as exc:
+                    tunnel._fail("install_inbound", exc)
                     refused.append(exc)
                     continue
-                done.append(tunnel)
+                except QkdgateError as exc:
+                    tunnel._fail("install_inbound", exc)
+                    raise
+                pending.setdefault(id(batch.group), (batch, []))[1].append(
+                    (tunnel, gen, record, op, fallback))
+            for batch, items in pending.values():
+                results = batch.apply([op for _t, _g, _r, op, _f in items])
+                for (tunnel, gen, record, _op, fallback), err in zip(items, results,
+                                                                      strict=True):
+                    if err is None:
+                        tunnel.inbound_installed(gen, record, session, fallback)
+                        done.append(tunnel)
+                    else:
+                        tunnel._fail("install_inbound", err)
+                        failed = failed or err
+            if failed is not None:
+                raise failed
         except QkdgateError:
-            for t in done:
-                t.retire(generation, now)
+            # what this call installed goes, and so do generations it only planned
+            planned = [it[0] for _b, items in pending.values() for it in items]
+            self.retire(list(dict.fromkeys(t.tunnel_id for t in done + planned)),
+                        generation, now)
             raise
         if refused and not done:
             raise refused[0]
+        log.debug("generation %d: inbound SAs on %d tunnel(s)", generation, len(done))
 
     def install_outbound(self, generation: int, session: SessionSecret, role: str,
                          spis: Mapping[str, int], now: float) -> None:
+        """Switch every tunnel of a peer to ``generation``: each tunnel
+        fails closed alone (the others still switch). Batching tunnels send
+        their outbound SAs in one batch, then every policy switch to them in
+        a second (a switch must never point at an SA that failed)."""
         errors: list[BaseException] = []
         switched = 0
+        pending: dict[int, tuple[BatchOps, list[tuple[Tunnel, Generation, SaRecord,
+                                                      IpsecOp, bool]]]] = {}
         for tid, spi in spis.items():
+            tunnel = self.get(tid)
+            batch = tunnel.driver.batch
             try:
-                self.get(tid).install_outbound(generation, session, role, spi, now)
-                switched += 1
+                if batch is None:
+                    tunnel.install_outbound(generation, session, role, spi, now)
+                    switched += 1
+                    continue
+                try:
+                    plan = tunnel.begin_outbound(generation, session, role, spi, now)
+                    if plan is None:
+                        switched += 1
+                        continue
+                    gen, sa, in_use, fallback = plan
+                    record, op = batch.outbound_op(sa, in_use)
+                except QkdgateError as exc:
+                    tunnel._fail("install_outbound", exc)
+                    raise
+                pending.setdefault(id(batch.group), (batch, []))[1].append(
+                    (tunnel, gen, record, op, fallback))
             except GenerationRefused as exc:   # policy: this tunnel stays on its old SAs
                 errors.append(exc)
             except QkdgateError as exc:   # other tunnels still switch: each fails closed alone
                 errors.insert(0, exc)
+        for batch, items in pending.values():
+            installed = []
+            for item, err in zip(items, batch.apply([it[3] for it in items]), strict=True):
+                tunnel, gen, record = item[0], item[1], item[2]
+                if err is None:
+                    gen.outbound = record
+                    installed.append(item)
+                else:
+                    tunnel._fail("install_outbound", err)
+                    errors.insert(0, err)
+            # each tunnel's own driver knows its policies: ops and outcome are its
+            drivers = [_batch_of(item[0]) for item in installed]
+            per_tunnel = [d.switch_ops(item[2]) for d, item in zip(drivers, installed,
+                                                                   strict=True)]
+            flat = batch.apply([op for ops in per_tunnel for op in ops])
+            at = 0
+            for (tunnel, gen, record, _op, fallback), ops, drv in zip(
+                    installed, per_tunnel, drivers, strict=True):
+                results, at = flat[at:at + len(ops)], at + len(ops)
+                err = drv.switch_done(record, results)
+                if err is None:
+                    tunnel.outbound_switched(gen, session, fallback, now)
+                    switched += 1
+                else:
+                    tunnel.switch_failed(gen, record)
+                    tunnel._fail("install_outbound", err)
+                    errors.insert(0, err)
         if errors and (switched == 0 or not isinstance(errors[0], GenerationRefused)):
             raise errors[0]
 
     def retire(self, tunnel_ids: list[str], generation: int, now: float) -> None:
+        """RetireGeneration for many tunnels: batching tunnels remove their
+        SAs in one batch per backend, then each settles its own records."""
+        removed: dict[int, TunnelError | None] = {}
+        pending: dict[int, tuple[BatchOps, list[tuple[SaRecord, IpsecOp]]]] = {}
         for tid in tunnel_ids:
-            self.get(tid).retire(generation, now)
+            tunnel = self.get(tid)
+            batch, gen = tunnel.driver.batch, tunnel.retirable(generation)
+            if batch is not None and gen is not None:
+                pending.setdefault(id(batch.group), (batch, []))[1].extend(
+                    (rec, batch.remove_op(rec)) for rec in gen.records())
+        for batch, items in pending.values():
+            for (rec, _op), err in zip(items, batch.apply([op for _r, op in items]),
+                                       strict=True):
+                removed[id(rec)] = err
+        for tid in tunnel_ids:
+            self.get(tid).retire(generation, now, removed)
+
+    def setup(self, now: float) -> None:
+        """Set up every tunnel (:meth:`Tunnel.setup`), fail closed first.
+        Tunnels sharing a batching backend read the kernel once between
+        them (one policy dump, one SA dump, indexed): linear in N."""
+        snapshots: dict[int, KernelSnapshot] = {}
+        for tunnel in self.tunnels.values():
+            batch = tunnel.driver.batch
+            snap = None
+            if batch is not None:
+                snap = snapshots.get(id(batch.group))
+                if snap is None:
+                    snap = snapshots[id(batch.group)] = batch.snapshot()
+            tunnel.setup(now, snap)
+        log.info("%d tunnel(s) set up", len(self.tunnels))
+
+    def shutdown(self, teardown: bool, now: float = 0.0) -> None:
+        """:meth:`Tunnel.shutdown` for every tunnel (one kernel read per
+        batching backend when tearing down); a failing tunnel does not stop
+        the others."""
+        snapshots: dict[int, KernelSnapshot] = {}
+        for tunnel in self.tunnels.values():
+            batch = tunnel.driver.batch
+            snap = None
+            try:
+                if teardown and batch is not None:
+                    snap = snapshots.get(id(batch.group))
+                    if snap is None:
+                        snap = snapshots[id(batch.group)] = batch.snapshot()
+                tunnel.shutdown(teardown, now, snap)
+            except QkdgateError as exc:
+                log.error("tunnel %s: shutdown: %s", tunnel.tunnel_id, exc)
 
     def get_timer(self) -> float | None:
         times = [t for t in (x.get_timer() for x in self.tunnels.values()) if t is not None]

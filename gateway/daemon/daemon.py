@@ -200,8 +200,9 @@ class Daemon:
         now = self.clock()
         self._ipsec, self._macsec = build.backends(cfg, self._ipsec, self._macsec)
         for tunnel in build.tunnels(cfg, self._ipsec, self._macsec, self._tunnel_event):
-            tunnel.setup(now)   # fail-closed policies first; adopts a previous run's SAs
             self.tunnels.add(tunnel)
+        # fail-closed policies first; adopts a previous run's SAs (one kernel read)
+        self.tunnels.setup(now)
         if self._key_sources is None:
             self._key_sources = build.key_sources(cfg)
         identity = self._identity or build.local_identity(cfg)
@@ -293,11 +294,7 @@ class Daemon:
             self._transport.close()
         if self.control is not None:
             await self.control.close()
-        for tunnel in self.tunnels.tunnels.values():
-            try:
-                tunnel.shutdown(self.teardown_on_exit)
-            except QkdgateError as exc:
-                log.error("tunnel %s: shutdown: %s", tunnel.tunnel_id, exc)
+        self.tunnels.shutdown(self.teardown_on_exit)
         if self.telemetry is not None:
             try:
                 await self.telemetry.close()

@@ -1,0 +1,175 @@
+"""Issue 19: the manager sends the kernel operations of many tunnels that
+share one IPsec backend in pipelined batches (IpsecBackend.apply), and
+setup/teardown read the kernel once for all of them. The recording fake
+models a batch as its ops applied in order, each failing on its own, so
+these tests check the same make-before-break and fail-closed outcomes as
+the one-at-a-time path, plus how many batches and dumps it took."""
+
+import errno
+import ipaddress
+
+import pytest
+from tunnel_helpers import Prov, Schedule, Session
+
+from qkdgate.errors import TunnelError
+from qkdgate.interfaces import Direction, PolicyAction
+from qkdgate.testing.fakes import RecordingIpsecBackend
+from qkdgate.tunnels.events import SaInstalled, SaRetired, SaSwitched, TunnelOpFailed
+from qkdgate.tunnels.ipsec_tunnel import IpsecTunnelSpec, ipsec_tunnel
+from qkdgate.tunnels.manager import GenerationRefused, Lifetimes, TunnelManager, TunnelPolicy
+
+A, B = ipaddress.ip_address("192.0.2.1"), ipaddress.ip_address("192.0.2.2")
+LT = Lifetimes(soft_seconds=50, hard_seconds=60, grace_seconds=2)
+N = 5
+
+
+class CountingBackend(RecordingIpsecBackend):
+    """Counts the kernel dumps (list_policies / list_sas)."""
+
+    def __init__(self):
+        super().__init__()
+        self.dumps = 0
+
+    def list_policies(self):
+        self.dumps += 1
+        return super().list_policies()
+
+    def list_sas(self, reqid_min=0, reqid_max=0xFFFFFFFF):
+        self.dumps += 1
+        return super().list_sas(reqid_min, reqid_max)
+
+
+class FailingInstall(CountingBackend):
+    """Refuses to install the SA with SPI ``bad`` (as the kernel would an
+    SPI already taken: EEXIST)."""
+
+    def __init__(self, bad):
+        super().__init__()
+        self.bad = bad
+
+    def _install(self, op, direction, sa_id, spec):
+        if sa_id.spi == self.bad:
+            raise TunnelError(op, errno.EEXIST, "injected")
+        super()._install(op, direction, sa_id, spec)
+
+
+def manager(backend, n=N, events=None, policies=None):
+    mgr = TunnelManager()
+    for i in range(n):
+        spec = IpsecTunnelSpec(f"t{i}", A, B, (ipaddress.ip_network(f"10.1.{i}.0/24"),),
+                               (ipaddress.ip_network(f"10.2.{i}.0/24"),),
+                               reqid_base=0x1000 + 64 * i)
+        policy = (policies or {}).get(i, TunnelPolicy.HYBRID_REQUIRED)
+        mgr.add(ipsec_tunnel(spec, backend, policy=policy, lifetimes=LT, schedule=Schedule(),
+                             emit=events.append if events is not None else None))
+    mgr.setup(0.0)
+    return mgr
+
+
+def spis(mgr, base):
+    return {tid: base + i for i, tid in enumerate(mgr.tunnels)}
+
+
+def test_setup_of_many_tunnels_reads_the_kernel_once():
+    be = CountingBackend()
+    mgr = manager(be, n=20)
+    assert be.dumps == 2                    # one policy dump + one SA dump, not 2 per tunnel
+    assert len(be.policies) == 20 * 3 and all(t.state == "blocked" for t in mgr.tunnels.values())
+
+
+def test_teardown_of_many_tunnels_reads_the_kernel_once_and_removes_every_policy():
+    be = CountingBackend()
+    mgr = manager(be, n=20)
+    be.dumps = 0
+    mgr.shutdown(teardown=True)
+    assert be.dumps == 2 and be.policies == {}
+    assert all(t.state == "down" for t in mgr.tunnels.values())
+
+
+def test_a_rekey_of_all_tunnels_is_three_batches_and_a_retire_one():
+    events = []
+    be = CountingBackend()
+    mgr = manager(be, events=events)
+    s1, s2 = Session(b"g1"), Session(b"g2")
+    mgr.install_inbound(1, s1, "initiator", spis(mgr, 0xC0001000), 0.0)
+    mgr.install_outbound(1, s1, "initiator", spis(mgr, 0xD0001000), 0.0)
+    assert be.batches == [N, N, N]          # inbound SAs; outbound SAs; policy switches
+    mgr.install_inbound(2, s2, "initiator", spis(mgr, 0xC0002000), 1.0)
+    mgr.install_outbound(2, s2, "initiator", spis(mgr, 0xD0002000), 1.0)
+    be.batches.clear()
+    mgr.retire(list(mgr.tunnels), 1, 3.0)
+    assert be.batches == [2 * N]            # both SAs of generation 1 of every tunnel
+    assert sorted(sa.sa_id.spi for sa in be.sas.values()) == sorted(
+        [*spis(mgr, 0xC0002000).values(), *spis(mgr, 0xD0002000).values()])
+    for t in mgr.tunnels.values():
+        (out,) = [p for p in be.policies.values()
+                  if p.direction is Direction.OUT and p.selector.src.overlaps(
+                      t.driver.spec.local_nets[0])]
+        assert out.action is PolicyAction.ALLOW and out.template.reqid == \
+            t.active.outbound.reqid
+        assert list(t.generations) == [2]
+    kinds = [type(e) for e in events]
+    assert kinds.count(SaInstalled) == 2 * N and kinds.count(SaSwitched) == 2 * N
+    assert kinds.count(SaRetired) == N
+
+
+def test_an_inbound_failure_in_the_batch_removes_what_the_batch_installed():
+    bad = 0xC0001002
+    events = []
+    be = FailingInstall(bad)
+    mgr = manager(be, events=events)
+    with pytest.raises(TunnelError, match="EEXIST"):
+        mgr.install_inbound(1, Session(b"g1"), "initiator", spis(mgr, 0xC0001000), 0.0)
+    assert be.sas == {}                      # all or nothing, as one at a time
+    assert all(1 not in t.generations for t in mgr.tunnels.values())
+    failed = [e for e in events if isinstance(e, TunnelOpFailed)]
+    assert [e.tunnel for e in failed] == ["t2"]
+
+
+def test_an_outbound_failure_fails_that_tunnel_closed_and_the_others_switch():
+    bad = 0xD0001003
+    be = FailingInstall(bad)
+    mgr = manager(be)
+    s1 = Session(b"g1")
+    mgr.install_inbound(1, s1, "initiator", spis(mgr, 0xC0001000), 0.0)
+    with pytest.raises(TunnelError, match="EEXIST"):
+        mgr.install_outbound(1, s1, "initiator", spis(mgr, 0xD0001000), 0.0)
+    for i, t in enumerate(mgr.tunnels.values()):
+        outs = [p for p in be.policies.values() if p.direction is Direction.OUT
+                and p.selector.src == t.driver.spec.local_nets[0]]
+        if i == 3:    # never switched: still the fail-closed BLOCK, no outbound SA
+            assert outs[0].action is PolicyAction.BLOCK and t.state == "blocked"
+            assert t.generations[1].outbound is None
+        else:
+            assert outs[0].action is PolicyAction.ALLOW and t.state == "up"
+    assert bad not in {sa.sa_id.spi for sa in be.sas.values()}
+
+
+def test_a_failed_policy_switch_removes_the_new_outbound_sa_of_that_tunnel_only():
+    class FailingSwitch(CountingBackend):
+        def switch_outbound(self, policy):
+            if policy.selector.src == ipaddress.ip_network("10.1.1.0/24"):
+                raise TunnelError("switch_outbound", errno.ENOMEM, "injected")
+            super().switch_outbound(policy)
+
+    be = FailingSwitch()
+    mgr = manager(be)
+    s1 = Session(b"g1")
+    mgr.install_inbound(1, s1, "initiator", spis(mgr, 0xC0001000), 0.0)
+    with pytest.raises(TunnelError, match="ENOMEM"):
+        mgr.install_outbound(1, s1, "initiator", spis(mgr, 0xD0001000), 0.0)
+    outbound = {sa.sa_id.spi for sa in be.sas.values() if sa.direction == "out"}
+    assert 0xD0001001 not in outbound and len(outbound) == N - 1
+    assert mgr.tunnels["t1"].state == "blocked" and mgr.tunnels["t0"].state == "up"
+
+
+def test_a_tunnel_refusing_by_policy_is_skipped_and_the_others_batch():
+    be = CountingBackend()
+    mgr = manager(be, policies={0: TunnelPolicy.HYBRID_REQUIRED})
+    no_qkd = Session(b"g1", Prov(qkd_key_ids=()))
+    mgr.tunnels["t1"].policy = TunnelPolicy.PQC_FALLBACK
+    mgr.install_inbound(1, no_qkd, "initiator", spis(mgr, 0xC0001000), 0.0)
+    assert be.batches == [1]        # only t1 accepts a generation without QKD
+    assert [sa.sa_id.spi for sa in be.sas.values()] == [0xC0001001]
+    with pytest.raises(GenerationRefused):
+        mgr.install_inbound(2, no_qkd, "initiator", {"t0": 0xC0003000}, 0.0)
