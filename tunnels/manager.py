@@ -314,8 +314,8 @@ class Tunnel:
         self.generations[0] = gen
         self.timers.generation_adopted(
             0, now, sending=gen.outbound is not None and gen.outbound.reqid == sending_reqid)
-        log.info("tunnel %s: adopted %d SA(s) from a previous run", self.tunnel_id, len(found),
-                 extra={"tunnel": self.tunnel_id})
+        log.debug("tunnel %s: adopted %d SA(s) from a previous run", self.tunnel_id, len(found),
+                  extra={"tunnel": self.tunnel_id})
         self.emit(SaAdopted(self.tunnel_id, len(found)))
 
     def shutdown(self, teardown: bool, now: float = 0.0,
@@ -327,8 +327,8 @@ class Tunnel:
         installed: the operator's explicit choice to leave traffic
         unprotected by us."""
         if not teardown and self.driver.sas_outlive_daemon:
-            log.info("tunnel %s: exit keeps policies and SAs (kernel lifetimes apply)",
-                     self.tunnel_id, extra={"tunnel": self.tunnel_id})
+            log.debug("tunnel %s: exit keeps policies and SAs (kernel lifetimes apply)",
+                      self.tunnel_id, extra={"tunnel": self.tunnel_id})
             return
         for gen in list(self.generations.values()):
             self._drop_generation(gen, now)
@@ -378,9 +378,10 @@ class Tunnel:
     def inbound_installed(self, gen: Generation, record: SaRecord, session: SessionSecret,
                           fallback: bool) -> None:
         gen.inbound = record
-        log.info("tunnel %s: generation %d inbound SA %#x installed (inputs %s)",
-                 self.tunnel_id, gen.number, record.spi, provenance_dict(session.provenance),
-                 extra={"tunnel": self.tunnel_id})
+        # per-tunnel detail at DEBUG: at INFO a rekey logs one line per exchange
+        log.debug("tunnel %s: generation %d inbound SA %#x installed (inputs %s)",
+                  self.tunnel_id, gen.number, record.spi, provenance_dict(session.provenance),
+                  extra={"tunnel": self.tunnel_id})
         self.emit(SaInstalled(self.tunnel_id, gen.number, "in", record.spi,
                               KeyInputs.of(session.provenance), fallback))
 
@@ -436,8 +437,8 @@ class Tunnel:
         self.last_error = None
         was_fallback, self.fallback = self.fallback, fallback
         inputs = provenance_dict(session.provenance)
-        log.info("tunnel %s: switched outbound to generation %d SA %#x (inputs %s)",
-                 self.tunnel_id, gen.number, spi, inputs, extra={"tunnel": self.tunnel_id})
+        log.debug("tunnel %s: switched outbound to generation %d SA %#x (inputs %s)",
+                  self.tunnel_id, gen.number, spi, inputs, extra={"tunnel": self.tunnel_id})
         self.emit(SaSwitched(self.tunnel_id, gen.number, spi, KeyInputs.of(session.provenance),
                              previous.number if previous else None))
         if fallback and not was_fallback:
@@ -587,8 +588,8 @@ class Tunnel:
             return False
         self.generations.pop(gen.number, None)
         self.timers.generation_dropped(gen.number)
-        log.info("tunnel %s: generation %d retired", self.tunnel_id, gen.number,
-                 extra={"tunnel": self.tunnel_id})
+        log.debug("tunnel %s: generation %d retired", self.tunnel_id, gen.number,
+                  extra={"tunnel": self.tunnel_id})
         self.emit(SaRetired(self.tunnel_id, gen.number))
         return True
 

@@ -366,7 +366,8 @@ class Daemon:
 
     def _rekey_for(self, tunnel_id: str, reason: str) -> str:
         peer = self.config.tunnel(tunnel_id).peer
-        log.info("tunnel %s: rekey (%s)", tunnel_id, reason, extra={"tunnel": tunnel_id})
+        # per tunnel: DEBUG (the exchange it starts logs one INFO line, peer.py)
+        log.debug("tunnel %s: rekey (%s)", tunnel_id, reason, extra={"tunnel": tunnel_id})
         self.runners[peer].rekey(reason)
         return peer
 

@@ -7,6 +7,7 @@ the one-at-a-time path, plus how many batches and dumps it took."""
 
 import errno
 import ipaddress
+import logging
 
 import pytest
 from tunnel_helpers import Prov, Schedule, Session
@@ -173,3 +174,25 @@ def test_a_tunnel_refusing_by_policy_is_skipped_and_the_others_batch():
     assert [sa.sa_id.spi for sa in be.sas.values()] == [0xC0001001]
     with pytest.raises(GenerationRefused):
         mgr.install_inbound(2, no_qkd, "initiator", {"t0": 0xC0003000}, 0.0)
+
+
+def test_a_rekey_logs_nothing_per_tunnel_at_info_and_the_details_at_debug(caplog):
+    """Issue 19: at INFO a rekey costs one line per exchange (the peer's
+    'generation N established'), none per tunnel; the details stay at DEBUG."""
+    mgr = manager(CountingBackend(), n=20)
+
+    def rekey(gen):
+        s = Session(b"g%d" % gen)
+        mgr.install_inbound(gen, s, "initiator", spis(mgr, 0xC0000000 + 0x100 * gen), gen)
+        mgr.install_outbound(gen, s, "initiator", spis(mgr, 0xD0000000 + 0x100 * gen), gen)
+        if gen > 1:
+            mgr.retire(list(mgr.tunnels), gen - 1, gen + 0.5)
+
+    with caplog.at_level(logging.INFO, logger="qkdgate"):
+        rekey(1)
+        rekey(2)
+    assert caplog.records == []
+    with caplog.at_level(logging.DEBUG, logger="qkdgate"):
+        rekey(3)
+    per_tunnel = {r.tunnel for r in caplog.records if hasattr(r, "tunnel")}
+    assert len(per_tunnel) == 20
