@@ -91,7 +91,8 @@ def setup_host() -> int:
             policy_rc.unlink()
     for unit in ("strongswan-starter.service", "strongswan.service"):
         subprocess.run(["systemctl", "disable", unit], check=False, capture_output=True)
-    subprocess.run([str(VENV_BIN / "pip"), "install", "vici"], check=True)
+    subprocess.run([str(VENV_BIN / "pip"), "install", "vici==6.0.3", "py-spy==0.4.3"],
+                   check=True)   # pyproject.toml extra "bench"
     print("bench set-up done: strongswan-charon, strongswan-swanctl (services disabled), vici")
     return 0
 
