@@ -635,6 +635,25 @@ class Run:
         return sent, sent - got
 
 
+def profile(r: Run, folder: Path, timeout: float) -> None:
+    """py-spy (sampling, 250 Hz) on the first daemon pair during one rekey-all."""
+    folder.mkdir(parents=True, exist_ok=True)
+    spy = str(VENV_BIN / "py-spy")
+    procs = [subprocess.Popen([spy, "record", "--rate", "250", "--format", "raw", "--nonblocking",
+                               "-o", str(folder / f"rekey-{r.n}-{side}.txt"), "--pid", str(pid)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for side, pid in zip("ab", r.c.pids[:2], strict=False)]
+    time.sleep(2.0)        # py-spy attaches
+    took = r.rekey_all(timeout)
+    r.cpu_per_rekey.pop()  # not one of the measured reps
+    time.sleep(0.5)
+    for p in procs:
+        p.send_signal(signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(30)
+    print(f"  profile: rekey-all of {r.n} under py-spy took {took:.3f} s; stacks in {folder}")
+
+
 def fmt(xs: list[float], unit: str = "s") -> str:
     xs = [x for x in xs if not math.isnan(x)]
     if not xs:
@@ -662,6 +681,9 @@ def main() -> int:
     ap.add_argument("--only", choices=("strongswan", "qkdgate"), default=None)
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     ap.add_argument("--daemon-log", default="warning", help="qkdgate daemons' log level")
+    ap.add_argument("--profile", metavar="DIR", default=None,
+                    help="after the reps at the largest size, py-spy one more qkdgate "
+                         "rekey-all (both daemons of the first pair; collapsed stacks in DIR)")
     args = ap.parse_args()
     if args.setup:
         return setup_host()
@@ -699,6 +721,8 @@ def main() -> int:
                     results[(c.name, n)] = r
                     if n == sizes[0] and args.loss_rekeys:
                         loss[c.name] = r.loss(args.loss_rekeys, args.timeout)
+                    if args.profile and c is q and n == max(sizes):
+                        profile(r, Path(args.profile), args.timeout)
                 print(f"  done: {c.name} N={n}: establish {r.establish:.3f} s, "
                       f"rekey-all {fmt(r.rekeys)}", flush=True)
     finally:
