@@ -37,9 +37,13 @@ NLA_F_NESTED = 0x8000
 NLA_TYPE_MASK = 0x3FFF
 SOL_NETLINK = 270
 NETLINK_CAP_ACK, NETLINK_EXT_ACK = 10, 11
+SO_RCVBUFFORCE = 33
 NLMSGERR_ATTR_MSG = 1
 
 NLMSGHDR = struct.Struct("=IHHII")   # len, type, flags, seq, pid
+# One send of a batch: its replies must fit the receive buffer (a GETSA reply
+# costs the kernel a few KB of skb each), so both bytes and messages are capped.
+BATCH_BYTES, BATCH_MESSAGES = 60000, 64
 NLAHDR = struct.Struct("=HH")        # nla_len, nla_type
 _ERR = struct.Struct("=i")
 
@@ -87,12 +91,14 @@ class NetlinkChannel:
     """
 
     def __init__(self, protocol: int, netns: str | None = None,
-                 sock: socket.socket | None = None, rcvbuf: int = 1 << 20) -> None:
+                 sock: socket.socket | None = None, rcvbuf: int = 4 << 20) -> None:
         self.netns = netns
         if sock is None:
             sock = _open_in_netns(protocol, netns)
         self.sock = sock
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        with contextlib.suppress(OSError):   # beyond rmem_max where we may (CAP_NET_ADMIN)
+            self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, rcvbuf)
         for opt in (NETLINK_CAP_ACK, NETLINK_EXT_ACK):
             with contextlib.suppress(OSError):  # very old kernels: plain errors still work
@@ -157,7 +163,7 @@ class NetlinkChannel:
                 seqs.append(seq)
                 buf += NLMSGHDR.pack(16 + len(payload), msg_type,
                                      flags | NLM_F_REQUEST | NLM_F_ACK, seq, 0) + payload
-                if len(buf) > 60000:
+                if len(buf) > BATCH_BYTES or len(seqs) >= BATCH_MESSAGES:
                     self.sock.send(bytes(buf))
                     buf.clear()
                     results += self._acks(op, seqs)
@@ -176,15 +182,29 @@ class NetlinkChannel:
         index = {s: i for i, s in enumerate(seqs)}
         replies: list[list[tuple[int, bytes]]] = [[] for _ in seqs]
         errors: list[TunnelError | None] = [None] * len(seqs)
+        acked = [False] * len(seqs)
         done = 0
         while done < len(seqs):
-            for mtype, mflags, mseq, body in _split(self._recv()):
+            try:
+                data = self._recv()
+            except OSError as exc:
+                # ENOBUFS: the kernel dropped replies (receive buffer full). What
+                # it did for the unacked messages is unknown: each fails, so the
+                # caller's fail-closed path (retire, block) takes over.
+                lost = TunnelError(op, exc.errno or _errno.EIO, "netlink reply lost")
+                for i, ok in enumerate(acked):
+                    if not ok:
+                        errors[i] = lost
+                break
+            for mtype, mflags, mseq, body in _split(data):
                 i = index.get(mseq)
                 if i is None:
                     continue   # a late reply to an earlier, abandoned request
                 if mtype == NLMSG_ERROR:
+                    if not acked[i]:
+                        acked[i] = True
+                        done += 1
                     errors[i] = _error_of(op, mflags, body)
-                    done += 1
                 else:
                     replies[i].append((mtype, body))
         return list(zip(replies, errors, strict=True))
