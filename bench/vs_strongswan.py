@@ -543,7 +543,7 @@ def kernel_floor(topo: Topology, n: int) -> float:
             for src, dst, spi, r in ((me, peer, 0xC1000000 + i, rq + 1),
                                      (peer, me, 0xC2000000 + i, rq)):
                 add.append(f"xfrm state add src {src} dst {dst} proto esp spi {spi} reqid {r} "
-                           f"mode tunnel replay-window 0 flag esn "
+                           f"mode tunnel replay-window 1024 flag esn "
                            f"aead 'rfc4106(gcm(aes))' {key} 128")
                 delete.append(f"xfrm state delete src {src} dst {dst} proto esp spi {spi}")
             add.append(f"xfrm policy add src {ln} dst {rn} dir out tmpl src {me} dst {peer} "
