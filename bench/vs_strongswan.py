@@ -300,6 +300,7 @@ class StrongSwan(Contender):
         for side, ns in (("a", self.topo.a), ("b", self.topo.b)):
             cpath, vici = self._conf(side, n)
             self.vici[side] = vici
+            vici.unlink(missing_ok=True)      # a previous run's socket: wait for this one
             env = {**os.environ, "STRONGSWAN_CONF": cpath}
             p = subprocess.Popen(["ip", "netns", "exec", ns, "unshare", "-m", "sh", "-c",
                                   f"mount -t tmpfs tmpfs /run && exec {CHARON}"],
@@ -695,7 +696,8 @@ def main() -> int:
         return 2
     sizes = [int(x) for x in args.sizes.split(",")]
     topo = Topology().up()
-    work = Path(tempfile.mkdtemp(prefix="vs-"))
+    # in the lab, keep the run directory (daemon and charon logs) beside the VM's output
+    work = Path(tempfile.mkdtemp(prefix="vs-", dir=os.environ.get("LAB_OUT")))
     os.chmod(work, 0o700)
     results: dict[tuple[str, int], Run] = {}
     floors: dict[int, list[float]] = {}
