@@ -192,9 +192,9 @@ class NetlinkChannel:
                 # it did for the unacked messages is unknown: each fails, so the
                 # caller's fail-closed path (retire, block) takes over.
                 lost = TunnelError(op, exc.errno or _errno.EIO, "netlink reply lost")
-                for i, ok in enumerate(acked):
+                for k, ok in enumerate(acked):
                     if not ok:
-                        errors[i] = lost
+                        errors[k] = lost
                 break
             for mtype, mflags, mseq, body in _split(data):
                 i = index.get(mseq)
