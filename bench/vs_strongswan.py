@@ -307,7 +307,7 @@ class StrongSwan(Contender):
                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             self.procs.append(p)
         for side in ("a", "b"):
-            _wait_for(lambda s=side: self.vici[s].exists(), 30, f"charon {side} vici socket")
+            _wait_for(lambda s=side: self.vici[s].exists(), 300, f"charon {side} vici socket")
         self.pids = [_child_pid(p.pid, "charon") for p in self.procs]
         # responder first: the initiator starts all N children (start_action =
         # start) the moment its configuration is loaded
