@@ -266,14 +266,14 @@ class Contender:
 class StrongSwan(Contender):
     name = "strongSwan"
 
-    def __init__(self, topo: Topology, work: Path) -> None:
-        self.topo, self.work = topo, work
+    def __init__(self, topo: Topology, work: Path, socks: Path) -> None:
+        self.topo, self.work, self.socks_dir = topo, work, socks
         self.procs: list[subprocess.Popen[bytes]] = []
         self.pids = []
         self.n = 0
 
     def _conf(self, side: str, n: int) -> tuple[str, Path]:
-        vici = self.work / f"charon-{side}.vici"
+        vici = self.socks_dir / f"charon-{side}.vici"
         conf = (HERE / "strongswan" / "strongswan.conf.in").read_text()
         conf = conf.replace("@VICI@", str(vici)) \
             .replace("@LOG@", str(self.work / f"charon-{side}.log"))
@@ -343,8 +343,8 @@ class StrongSwan(Contender):
 class Qkdgate(Contender):
     name = "qkdgate"
 
-    def __init__(self, topo: Topology, work: Path) -> None:
-        self.topo, self.work = topo, work
+    def __init__(self, topo: Topology, work: Path, socks: Path) -> None:
+        self.topo, self.work, self.socks_dir = topo, work, socks
         self.procs: list[subprocess.Popen[bytes]] = []
         self.pids = []
         self.socks: list[str] = []
@@ -414,7 +414,7 @@ gateway:
   identity: {self.work}/{me}.identity
   listen: {{address: {mine}, port: {port}}}
   state_dir: {d}/state
-  control_socket: {d}/control.sock
+  control_socket: {self.socks_dir}/{me}-{pair}.sock
 peers:
   - name: {peer}
     address: {theirs}
@@ -457,7 +457,7 @@ tunnels:
                                          stdout=log, stderr=subprocess.STDOUT)
                 self.procs.append(p)
                 if side == "a":
-                    self.socks.append(str(cfg.parent / "control.sock"))
+                    self.socks.append(str(self.socks_dir / f"{me_of(side)}-{j}.sock"))
                     self.first.append(f"t{first}")
         self.pids = [p.pid for p in self.procs]
 
@@ -493,6 +493,10 @@ tunnels:
             with contextlib.suppress(Exception):
                 self._kme_fut.result(10)
             self.kme.stop()
+
+
+def me_of(side: str) -> str:
+    return "gw-a" if side == "a" else "gw-b"
 
 
 def _wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
@@ -698,15 +702,17 @@ def main() -> int:
     topo = Topology().up()
     # in the lab, keep the run directory (daemon and charon logs) beside the VM's output
     work = Path(tempfile.mkdtemp(prefix="vs-", dir=os.environ.get("LAB_OUT")))
+    # unix sockets need a local file system (LAB_OUT is the VM's 9p share)
+    socks = Path(tempfile.mkdtemp(prefix="vs-sock-"))
     os.chmod(work, 0o700)
     results: dict[tuple[str, int], Run] = {}
     floors: dict[int, list[float]] = {}
     loss: dict[str, tuple[int, int]] = {}
-    q = Qkdgate(topo, work)
+    q = Qkdgate(topo, work, socks)
     q.log_level = args.daemon_log
     contenders: list[Contender] = []
     if args.only != "qkdgate":
-        contenders.append(StrongSwan(topo, work))
+        contenders.append(StrongSwan(topo, work, socks))
     if args.only != "strongswan":
         contenders.append(q)
     try:
@@ -730,6 +736,7 @@ def main() -> int:
     finally:
         q.close()
         topo.down()
+        shutil.rmtree(socks, ignore_errors=True)
         if args.keep:
             print(f"work directory kept: {work}", file=sys.stderr)
         else:
