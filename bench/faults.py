@@ -235,7 +235,9 @@ class SaTimeline:
                     gained = v.packets - max(life.prev, life.base)
                     if gained > 0:
                         life.after += gained
-                        self.events.append((rd.t_req, gained, f"{ns} {v.kind} {v.key}"))
+                        self.events.append((rd.t_req, gained, f"{ns.rsplit('-', 1)[-1]} "
+                                            f"{v.kind} {v.key[-1]:#x} age "
+                                            f"{rd.t_req - life.first:.1f}s"))
                 else:
                     life.base = v.packets
                 life.prev = v.packets
@@ -245,6 +247,10 @@ class SaTimeline:
     def after_hard(self, a: float, b: float) -> int:
         with self.lock:
             return sum(n for t, n, _w in self.events if a <= t <= b)
+
+    def after_hard_where(self, a: float, b: float) -> list[str]:
+        with self.lock:
+            return [f"{w}: {n}" for t, n, w in self.events if a <= t <= b][:4]
 
 
 class RecordingReader:
@@ -389,11 +395,23 @@ class Gateway:
                 self.kill()
 
     def failsafe(self) -> str:
-        """What systemd's ExecStopPost=qkdgate failsafe does after a crash."""
-        r = subprocess.run(["ip", "netns", "exec", self.ns, sys.executable, "-m", "qkdgate",
-                            "failsafe", "--state", str(self.registry)],
-                           capture_output=True, text=True, timeout=120, cwd=str(ROOT))
-        return r.stdout + r.stderr
+        """What systemd's ExecStopPost=qkdgate failsafe does after a crash:
+        the same code, run in-process in a thread inside the gateway's
+        namespace (a fresh interpreter costs minutes on a loaded TCG guest)."""
+        import io
+
+        from qkdgate.gateway.demo.net import in_thread_netns
+        from qkdgate.tunnels import failsafe
+        p = argparse.ArgumentParser()
+        failsafe.add_arguments(p)
+        args = p.parse_args(["--state", str(self.registry)])
+        out = io.StringIO()
+
+        def body() -> int:
+            with contextlib.redirect_stdout(out):
+                return failsafe.run(args)
+        rc = in_thread_netns(self.ns, body)
+        return f"{out.getvalue()} (exit {rc})"
 
     def arm(self, state: str) -> None:
         self.arm_file.write_text(state)
@@ -703,22 +721,29 @@ class Lab:
 
     # ------------------------------------------------------------ figures
     def key_ids_reused(self) -> list[str]:
-        """QKD key_IDs reserved for two generations by one gateway (its
-        journal), or reported in two generations' rekey_done events."""
+        """QKD key_IDs one gateway used for two generations of one tunnel
+        (its journal's reservations, its rekey_done events). One exchange
+        keys every tunnel to its peer from one session secret (the tunnels'
+        keys differ by label), so one key_ID in generation n of ``lan`` and
+        of ``link`` is one use, not two."""
         out = []
         for g in self.gw.values():
             for k, uses in g.journal_key_ids().items():
-                if len({u for u in uses if u[0]}) > 1:
-                    out.append(f"{g.name} journal {k}")
-            seen: dict[str, tuple[str, int]] = {}
+                per_tunnel: dict[str, set[int]] = {}
+                for tun, gen in uses:
+                    if tun:
+                        per_tunnel.setdefault(tun, set()).add(gen)
+                out += [f"{g.name} journal {k} {t} {sorted(gs)}"
+                        for t, gs in per_tunnel.items() if len(gs) > 1]
+            seen: dict[tuple[str, str], int] = {}
             for ev in g.read_events():
                 if ev.get("event") != "rekey_done":
                     continue
-                use = (ev.get("tunnel", ""), int(ev.get("generation", 0)))
+                tun, gen = str(ev.get("tunnel", "")), int(ev.get("generation", 0))
                 for k in (ev.get("inputs") or {}).get("qkd_key_ids", []):
-                    k = k.lower()
-                    if seen.setdefault(k, use) != use:
-                        out.append(f"{g.name} event {k} {seen[k]} {use}")
+                    first = seen.setdefault((tun, k.lower()), gen)
+                    if first != gen:
+                        out.append(f"{g.name} events {k} {tun} {first},{gen}")
         return sorted(set(out))
 
     def rekeys(self) -> int:
@@ -1005,7 +1030,12 @@ def run_cell(lab: Lab, fault: Fault, *, recover_timeout: float = 90.0,
     t1 = time.monotonic() - 1.0
     cell.cleartext = lab.sniffer.count(lab.sniffer.clear_t, t0, t1)
     cell.after_hard = lab.timeline.after_hard(t0, t1)
-    cell.key_ids_reused = len(set(lab.key_ids_reused()) - reused0)
+    reused = sorted(set(lab.key_ids_reused()) - reused0)
+    cell.key_ids_reused = len(reused)
+    cell.notes += [f"reused {r}" for r in reused[:3]]
+    if cell.after_hard:
+        cell.notes += [f"after hard {w}" for w in lab.timeline.after_hard_where(t0, t1)]
+        cell.notes.append(f"watch max gap {lab.watch.max_gap:.1f} s")
     cell.rekeys = lab.rekeys() - rekeys0
     last_out = t_clear
     for st in lab.streams:
