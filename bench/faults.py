@@ -187,11 +187,11 @@ class WireSniffer:
 
 @dataclass
 class _Life:
-    first: float
+    first: float                  # reply time of the first read that showed it
     deadline: float
-    base: int = 0                 # packets at the last read before the deadline
-    after: int = 0                # packets counted after the deadline (so far)
-    prev: int = 0
+    prev: int = 0                 # packets at the previous read
+    prev_req: float = 0.0         # request time of the previous read
+    after: int = 0
 
 
 class SaTimeline:
@@ -202,15 +202,18 @@ class SaTimeline:
     SA is one *life* from the first read that shows it to the first that
     does not. Its hard deadline is counted from that first read (the SA is
     at least that young) plus ``slack`` (the kernel's lifetime timer ticks
-    once a second; MACsec's deadline is the daemon's timer). Every packet
-    its counter gains in a read requested after the deadline is one
-    delivered after the key's hard lifetime (RFC 4301 4.4.2.1)."""
+    once a second; MACsec's deadline is the daemon's timer). Packets its
+    counter gains between two reads that were both *requested* after the
+    deadline were certainly accepted after it (the earlier read sampled the
+    counter no sooner than its request): each is one packet delivered under
+    a key past its hard lifetime (RFC 4301 4.4.2.1). Gains across a read
+    gap that straddles the deadline are not counted (a starved guest reads
+    seconds apart), so the figure is a lower bound."""
 
     def __init__(self, hard: float, own: dict[str, str], slack: float = 1.5) -> None:
         self.hard, self.own, self.slack = hard, own, slack
         self.live: dict[tuple[Any, ...], _Life] = {}
         self.events: list[tuple[float, int, str]] = []    # (t, packets, which SA)
-        self.max_age = 0.0
         self.lock = threading.Lock()
 
     def feed(self, ns: str, rd: Any) -> None:
@@ -229,18 +232,16 @@ class SaTimeline:
                     life = None        # removed and added again between two reads
                 if life is None:
                     life = self.live[k] = _Life(rd.t_rep, rd.t_rep + self.hard + self.slack,
-                                                prev=v.packets)
-                self.max_age = max(self.max_age, rd.t_req - life.first)
-                if rd.t_req > life.deadline:
-                    gained = v.packets - max(life.prev, life.base)
-                    if gained > 0:
-                        life.after += gained
-                        self.events.append((rd.t_req, gained, f"{ns.rsplit('-', 1)[-1]} "
-                                            f"{v.kind} {v.key[-1]:#x} age "
-                                            f"{rd.t_req - life.first:.1f}s"))
-                else:
-                    life.base = v.packets
-                life.prev = v.packets
+                                                prev=v.packets, prev_req=rd.t_req)
+                    continue
+                gained = v.packets - life.prev
+                if life.prev_req > life.deadline and gained > 0:
+                    life.after += gained
+                    key = v.key[-1] if v.kind == "esp" else v.key[0]
+                    self.events.append((rd.t_req, gained, f"{ns.rsplit('-', 1)[-1]} {v.kind} "
+                                        f"{key:#x} seen {rd.t_req - life.first:.1f}s "
+                                        "after its first read"))
+                life.prev, life.prev_req = v.packets, rd.t_req
             for k in [k for k in self.live if k[0] == ns and k not in seen]:
                 del self.live[k]
 
