@@ -15,12 +15,21 @@ full table over four policies and every step is bench/fault_matrix.py's
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
+
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
 import faults as fl  # bench/faults.py: one copy of the injectors
+
+# Opt-in until it has passed in the lab: on the loaded 2-core machine it was
+# written on, the guest was starved (kernel watch reads 4 s apart, lab
+# set-up 4-7 min) and the first cells took 1-4 min each (docs/faults.md).
+pytestmark = pytest.mark.skipif(os.environ.get("QKDGATE_FAULT_MATRIX") != "1",
+                                reason="opt-in: QKDGATE_FAULT_MATRIX=1 (docs/faults.md)")
 
 HOLD = 5.0      # seconds each fault lasts here (the partition keeps its 10 s)
 
