@@ -16,6 +16,9 @@ The tree (docs/keymix.md 5 lists it with every field)::
         |-- "macsec sak"                 32 (+12 salt for XPN) bytes per MACsec SA
         |-- "macsec keyid"               16 bytes per MACsec SA, public
         |-- "key confirmation"           32 bytes per role and transcript
+        |-- "key service pool"           48 bytes per pool and generation (keymix/keypool.py)
+            |-- "key service key"        one key per SAE pair, index and size
+            |-- "key service key id"     16 bytes per index, public (a UUID)
 
 Encoding: integers are unsigned big-endian of fixed width; every
 variable-length field is length-prefixed with a 16-bit length (``lp16``), so
@@ -38,6 +41,11 @@ LABEL_ESP = "esp rfc4106(gcm(aes)) key+salt"
 LABEL_MACSEC_SAK = "macsec sak"
 LABEL_MACSEC_KEYID = "macsec keyid"
 LABEL_CONFIRM = "key confirmation"
+# The key service (docs/keyservice.md): a pool secret per pool and generation,
+# then keys and key_IDs under the pool secret (keymix/keypool.py).
+LABEL_KS_POOL = "key service pool"
+LABEL_KS_KEY = "key service key"
+LABEL_KS_KEY_ID = "key service key id"
 
 # Presence bitmap in FixedInfo (docs/keymix.md 4.2).
 PRESENT_KEM = 0x01
