@@ -35,26 +35,11 @@ from qkdgate.adapters.etsi014_codec import (
     MSG_KEYS_NOT_FOUND,
     MSG_SIZE_MULTIPLE_OF_8,
 )
+from qkdgate.adapters.etsi014_server import BAD_REQUEST, UNAUTHORIZED, Reply, error
 from qkdgate.adapters.kmesim.linkmodel import ALARM_LINK_DOWN, ALARM_QBER, QkdLink
 
-BAD_REQUEST = "Bad request format"
+__all__ = ["BAD_REQUEST", "UNAUTHORIZED", "Reply", "SimKme", "SimNetwork", "error"]
 
-
-@dataclass(frozen=True, slots=True)
-class Reply:
-    status: int
-    body: Mapping[str, object] | None = None
-
-
-def error(status: int, message: str, **details: object) -> Reply:
-    # ETSI GS QKD 014 6.5 Error: message, optional details array of objects.
-    body: dict[str, Any] = {"message": message}
-    if details:
-        body["details"] = [{k: v} for k, v in details.items()]
-    return Reply(status, body)
-
-
-UNAUTHORIZED = Reply(401, {"message": "Unauthorized"})
 
 
 @dataclass

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import ssl
@@ -37,14 +36,19 @@ from typing import Any
 
 from aiohttp import web
 
-from qkdgate.adapters.etsi014_codec import normalise_key_id
-from qkdgate.adapters.kmesim.kme import BAD_REQUEST, Reply, SimNetwork, error
+from qkdgate.adapters.etsi014_server import (
+    Reply,
+    caller_sae,
+    dec_keys_ids,
+    json_response,
+    request_object,
+)
+from qkdgate.adapters.kmesim.kme import SimNetwork, error
 from qkdgate.adapters.kmesim.linkmodel import REALISTIC, LinkParams, QkdLink
 from qkdgate.adapters.kmesim.pki import Pki, ensure_pki
 from qkdgate.adapters.kmesim.qkd004 import Qkd004Service
 from qkdgate.adapters.kmesim.qkd004_binary import Qkd004BinaryServer
 from qkdgate.adapters.tls import server_context
-from qkdgate.errors import KeySourceProtocolError
 
 log = logging.getLogger("qkdgate.kmesim")
 KME_ID = web.AppKey("kme_id", str)
@@ -194,15 +198,6 @@ class KmeSimulator:
 
     # ------------------------------------------------------------ handlers
 
-    @staticmethod
-    def _caller(request: web.Request) -> str | None:
-        cert = request.transport.get_extra_info("peercert") if request.transport else None
-        for rdn in (cert or {}).get("subject", ()):
-            for attr, value in rdn:
-                if attr == "commonName":
-                    return str(value)
-        return None
-
     async def _respond(self, request: web.Request, kme_id: str, what: str,
                        reply: Reply) -> web.StreamResponse:
         f = self.faults[kme_id]
@@ -220,15 +215,12 @@ class KmeSimulator:
         if f.garbage:
             body, ctype = GARBAGE.get(f.garbage, GARBAGE["bytes"])
             return web.Response(status=200, body=body, content_type=ctype)
-        if reply.body is None:
-            return web.Response(status=reply.status)
-        return web.Response(status=reply.status, content_type="application/json",
-                            text=json.dumps(reply.body))
+        return json_response(reply)
 
     async def _etsi014(self, request: web.Request) -> web.StreamResponse:
         kme_id = request.app[KME_ID]
         method, sae = request.match_info["method"], request.match_info["sae"]
-        caller = self._caller(request)
+        caller = caller_sae(request)
         if caller is None:
             return await self._respond(request, kme_id, method,
                                        Reply(401, {"message": "Unauthorized"}))
@@ -236,7 +228,7 @@ class KmeSimulator:
         if method == "status" and request.method == "GET":
             reply = net.status(kme_id, caller, sae)
         elif method == "enc_keys" and request.method in ("GET", "POST"):
-            req = await _request_object(request, {"number", "size"})
+            req = await request_object(request, {"number", "size"})
             reply = req if isinstance(req, Reply) else net.enc_keys(kme_id, caller, sae, req)
         elif method == "dec_keys" and request.method in ("GET", "POST"):
             reply = await self._dec_keys(request, kme_id, caller, sae)
@@ -247,32 +239,16 @@ class KmeSimulator:
         return await self._respond(request, kme_id, method, reply)
 
     async def _dec_keys(self, request: web.Request, kme_id: str, caller: str, master: str) -> Reply:
-        if request.method == "GET":
-            # ETSI GS QKD 014 5.4: GET carries exactly one key_ID.
-            if set(request.query) != {"key_ID"} or len(request.query.getall("key_ID")) != 1:
-                return error(400, BAD_REQUEST)
-            raw_ids: Any = [request.query["key_ID"]]
-        else:
-            doc = await _request_object(request, set())
-            if isinstance(doc, Reply):
-                return doc
-            items = doc.get("key_IDs")
-            if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
-                return error(400, BAD_REQUEST)
-            raw_ids = [i.get("key_ID") for i in items]
-        try:
-            ids = [normalise_key_id(k) for k in raw_ids]
-        except KeySourceProtocolError:
-            return error(400, BAD_REQUEST, invalid_key_ID=True)
-        return self.network.dec_keys(kme_id, caller, master, ids)
+        ids = await dec_keys_ids(request)
+        return ids if isinstance(ids, Reply) else self.network.dec_keys(kme_id, caller, master, ids)
 
     async def _etsi004(self, request: web.Request) -> web.StreamResponse:
         kme_id = request.app[KME_ID]
-        caller = self._caller(request)
+        caller = caller_sae(request)
         op = request.match_info["op"]
         if caller is None or self.network.sae_home.get(caller) != kme_id:
             return await self._respond(request, kme_id, op, Reply(401, {"message": "Unauthorized"}))
-        doc = await _request_object(request, set())
+        doc = await request_object(request, set())
         reply = doc if isinstance(doc, Reply) else self.qkd004.handle(kme_id, caller, op, doc)
         return await self._respond(request, kme_id, "qkd004/" + op, reply)
 
@@ -353,7 +329,7 @@ class KmeSimulator:
         self.admin_port = runner.addresses[0][1]
 
     async def _admin_fault(self, request: web.Request) -> web.Response:
-        doc = await _request_object(request, set())
+        doc = await request_object(request, set())
         if isinstance(doc, Reply) or doc.get("kme") not in self.faults:
             return web.json_response({"message": "need {\"kme\": KME ID, ...}"}, status=400)
         f = self.faults[doc["kme"]]
@@ -372,7 +348,7 @@ class KmeSimulator:
                                   "raw004": f.raw004 is not None})
 
     async def _admin_link(self, request: web.Request) -> web.Response:
-        doc = await _request_object(request, set())
+        doc = await request_object(request, set())
         if isinstance(doc, Reply):
             return web.json_response({"message": "need a JSON object"}, status=400)
         try:
@@ -392,27 +368,3 @@ class KmeSimulator:
         except (KeyError, TypeError, ValueError) as exc:
             return web.json_response({"message": f"bad link control: {exc}"}, status=400)
         return web.json_response(self.state())
-
-
-async def _request_object(request: web.Request, query_ints: set[str]) -> dict[str, Any] | Reply:
-    """The request as a JSON object: the POST body, or for GET the query
-    parameters named in ``query_ints`` as integers (ETSI GS QKD 014 5.3)."""
-    if request.method == "GET":
-        if set(request.query) - query_ints:
-            return error(400, BAD_REQUEST,
-                         unknown_parameters=sorted(set(request.query) - query_ints))
-        out: dict[str, Any] = {}
-        for k in query_ints & set(request.query):
-            try:
-                out[k] = int(request.query[k])
-            except ValueError:
-                return error(400, BAD_REQUEST, **{f"invalid_{k}": request.query[k][:40]})
-        return out
-    raw = await request.read()
-    if not raw.strip():
-        return {}
-    try:
-        doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        return error(400, BAD_REQUEST)
-    return doc if isinstance(doc, dict) else error(400, BAD_REQUEST)
