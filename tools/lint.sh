@@ -21,7 +21,7 @@ mirror=$ROOT/build/typecheck
 rm -rf "$mirror"
 mkdir -p "$mirror/qkdgate"
 for f in qkdgate/*; do ln -s "$ROOT/$f" "$mirror/qkdgate/"; done
-for d in gateway keymix tunnels adapters; do ln -s "$ROOT/$d" "$mirror/qkdgate/$d"; done
+for d in gateway keymix tunnels adapters keyservice; do ln -s "$ROOT/$d" "$mirror/qkdgate/$d"; done
 
 echo "lint: import-linter on qkdgate, ruff on the repository, mypy --strict on qkdgate"
 rc=0
@@ -39,7 +39,7 @@ echo "-- mypy --strict -p qkdgate"
 out=$(cd "$mirror" && MYPYPATH=$mirror "$BIN/mypy" --config-file "$ROOT/pyproject.toml" \
         --cache-dir "$ROOT/build/mypy-cache" -p qkdgate 2>&1)
 mrc=$?
-sed -E -e "s#^$mirror/##" -e 's#^qkdgate/(gateway|keymix|tunnels|adapters)/#\1/#' <<<"$out"
+sed -E -e "s#^$mirror/##" -e 's#^qkdgate/(gateway|keymix|tunnels|adapters|keyservice)/#\1/#' <<<"$out"
 [[ $mrc == 0 ]] || rc=1
 
 if [[ $rc != 0 ]]; then echo "lint: FAILED (see above)" >&2; fi
