@@ -12,7 +12,7 @@ from qkdgate.errors import LocalProtocolError
 from qkdgate.keymix.keypool import MAX_KEY_BITS, MIN_KEY_BITS
 from qkdgate.tunnels.policy import KeyPolicy
 
-DEFAULT_SERVE_MARGIN = 30.0     # T: a generation stops serving T before it expires
+DEFAULT_SERVE_MARGIN = 90.0     # T: a generation stops serving T before it expires
 DEFAULT_DEC_WINDOW = 60.0       # W: dec_keys accepts a generation W after it stops serving
 DEFAULT_CLOCK_SKEW = 5.0        # added to W on the fetching side
 DEFAULT_LIFETIME = 3600.0

@@ -359,6 +359,58 @@ class TelemetryConfig:
     _yaml_label = "telemetry"
 
 
+# ---------------------------------------------------------------- key service
+
+@dataclass(frozen=True, slots=True)
+class KeyServicePoolConfig:
+    """One key-service pool (docs/keyservice.md 5): the keys of one SAE pair
+    across one peer pair. The peer names the same pool with the SAEs swapped."""
+    name: Annotated[str, Name]
+    peer: Annotated[str, Name]
+    local_sae: SaeId
+    remote_sae: SaeId
+    key_size: Annotated[int, Range(64, 8192)] = 256     # bits; one size per pool
+    keys: Annotated[int, Range(2, 1 << 20)] = 1024      # indices per generation
+    lifetime: Seconds = 3600.0
+    policy: KeyPolicy = KeyPolicy.HYBRID_REQUIRED
+
+    _yaml_label = "key service pool"
+
+
+class SkipTlsMode(enum.Enum):
+    TLS13 = "tls13"
+    TLS12 = "tls12"
+
+
+@dataclass(frozen=True, slots=True)
+class KeyServiceSkipConfig:
+    """One SKIP listener: stunnel4 terminates TLS-PSK on address:port for
+    one local system (an SAE of the pools)."""
+    local_system: SaeId
+    port: Port
+    psk_file: Annotated[str, FilePath]
+    address: IPAddress = ipaddress.IPv4Address("127.0.0.1")  # noqa: RUF009  immutable value
+    tls_mode: SkipTlsMode = SkipTlsMode.TLS13
+
+    _yaml_label = "SKIP listener"
+
+
+@dataclass(frozen=True, slots=True)
+class KeyServiceConfig:
+    tls: TlsConfig
+    pools: Annotated[tuple[KeyServicePoolConfig, ...], Length(1)]
+    address: IPAddress = ipaddress.IPv4Address("127.0.0.1")  # noqa: RUF009  immutable value
+    port: Port = 8443
+    kme_id: str | None = None
+    serve_margin: Seconds = 90.0
+    dec_window: Seconds = 60.0
+    clock_skew: Annotated[float, Duration, Range(0)] = 5.0
+    skip: tuple[KeyServiceSkipConfig, ...] = ()
+    stunnel: str = "stunnel4"           # the program, found on PATH
+
+    _yaml_label = "key service"
+
+
 # ---------------------------------------------------------------- root
 
 @dataclass(frozen=True, slots=True)
@@ -369,6 +421,7 @@ class Config:
     key_sources: tuple[KeySourceConfig, ...] = ()
     tunnels: tuple[TunnelConfig, ...] = ()
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    key_service: KeyServiceConfig | None = None
     # Where it came from: for error messages from validate(). Not config.
     _file: str = field(default="<config>", compare=False, repr=False)
     _lines: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)

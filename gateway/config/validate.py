@@ -225,6 +225,10 @@ def validate(cfg: Config) -> None:
     if m.tls is not None:
         _check_tls(cfg, "telemetry.mqtt.tls", m.tls)
 
+    # -- key service (docs/keyservice.md 5)
+    if cfg.key_service is not None:
+        _check_key_service(cfg, cfg.key_service)
+
 
 def warnings(cfg: Config) -> list[str]:
     """Legal but suspicious settings, as 'path: text' lines."""
@@ -344,6 +348,47 @@ def _check_tls(cfg: Config, at: str, tls: Any) -> None:
         missing = "key" if tls.key is None else "cert"
         raise cfg.error(at, f"client certificate and key go together; '{missing}' is missing",
                         expected="both cert and key, or neither", found=f"no {missing}")
+
+
+def _check_key_service(cfg: Config, ks: Any) -> None:
+    missing = [k for k in ("cert", "key", "ca") if getattr(ks.tls, k) is None]
+    if missing:
+        # ETSI GS QKD 014 5.1: SAEs and their KME authenticate each other with TLS.
+        raise cfg.error("key_service.tls", "the key service needs mutual TLS",
+                        expected="cert, key and ca", found="no " + ", ".join(missing))
+    if ks.serve_margin < ks.dec_window + ks.clock_skew:
+        raise cfg.error("key_service.serve_margin", "a key served just before its generation "
+                        "stops serving must stay fetchable until the secret is erased",
+                        expected=f"at least dec_window + clock_skew = "
+                                 f"{_s(ks.dec_window + ks.clock_skew)}",
+                        found=_s(ks.serve_margin))
+    _unique(cfg, "key_service.pools", [p.name for p in ks.pools], "pool name")
+    peers = {p.name for p in cfg.peers}
+    for i, p in enumerate(ks.pools):
+        at = f"key_service.pools[{i}]"
+        if p.peer not in peers:
+            raise cfg.error(f"{at}.peer", "unknown peer", expected=_one_of(peers, "a peer"),
+                            found=f"'{p.peer}'")
+        if p.local_sae == p.remote_sae:
+            raise cfg.error(f"{at}.remote_sae", "the two SAEs of a pool must differ",
+                            expected=f"not '{p.local_sae}'", found=f"'{p.remote_sae}'")
+        if p.key_size % 8:
+            raise cfg.error(f"{at}.key_size", "key size in bits must be a multiple of 8",
+                            expected="a multiple of 8", found=str(p.key_size))
+        if p.lifetime <= ks.serve_margin:
+            raise cfg.error(f"{at}.lifetime", "the pool would never serve",
+                            expected=f"more than serve_margin ({_s(ks.serve_margin)})",
+                            found=_s(p.lifetime))
+    pairs = [(p.local_sae, p.remote_sae) for p in ks.pools]
+    if len(set(pairs)) != len(pairs):
+        raise cfg.error("key_service.pools", "two pools for the same SAE pair",
+                        expected="one pool per (local_sae, remote_sae)", found="a repeat")
+    locals_ = {p.local_sae for p in ks.pools}
+    for i, sk in enumerate(ks.skip):
+        if sk.local_system not in locals_:
+            raise cfg.error(f"key_service.skip[{i}].local_system", "not a local SAE of any pool",
+                            expected=_one_of(locals_, "a pools[].local_sae"),
+                            found=f"'{sk.local_system}'")
 
 
 def _check_ipsec(cfg: Config, at: str, s: Any) -> None:
