@@ -265,3 +265,31 @@ class QkdFallbackReport(DaemonEvent):
 class QkdRecoveredReport(DaemonEvent):
     name: ClassVar[str] = "qkd_recovered"
     peer: str
+
+
+@dataclass(frozen=True, slots=True)
+class KeyServiceDelivered(DaemonEvent):
+    """The key service handed keys to an SAE (docs/keyservice.md 6): which
+    pool and API, the SAE pair, the key_IDs (public), and the generation and
+    inputs they came from. Never key bytes."""
+
+    name: ClassVar[str] = "keyservice_delivered"
+    pool: str
+    api: str
+    master_sae: str
+    slave_sae: str
+    key_ids: tuple[str, ...]
+    generation: int
+    inputs: KeyInputs
+
+
+@dataclass(frozen=True, slots=True)
+class KeyServiceRefused(DaemonEvent):
+    """The key service refused a request; ``status`` is the ETSI 014 one."""
+
+    name: ClassVar[str] = "keyservice_refused"
+    pool: str | None
+    api: str
+    caller: str | None
+    status: int
+    reason: str

@@ -47,6 +47,8 @@ from qkdgate.gateway.telemetry.events import (
     Event,
     InstallFailed,
     JournalFailed,
+    KeyServiceDelivered,
+    KeyServiceRefused,
     KeySourceDown,
     KeySourceUp,
     PeerRestartedReport,
@@ -103,6 +105,10 @@ class Metrics:
                                             buckets=_LATENCY_BUCKETS, registry=r)
         self.key_source_errors = Counter("qkdgate_key_source_errors", "Key source errors",
                                          ["source", "op", "reason"], registry=r)
+        self.keyservice_keys = Counter("qkdgate_keyservice_keys", "Keys the key service "
+                                       "delivered to SAEs", ["pool", "api"], registry=r)
+        self.keyservice_refusals = Counter("qkdgate_keyservice_refusals", "Key-service "
+                                           "requests refused", ["api", "status"], registry=r)
         self.qkd_keys = Counter("qkdgate_qkd_keys_consumed", "QKD keys mixed into a rekey",
                                 ["tunnel"], registry=r)
         self.qber = Gauge("qkdgate_qkd_qber", "Last reported quantum bit error rate",
@@ -168,6 +174,10 @@ class Metrics:
                     ConfigRejected() | SessionFailedReport() | JournalFailed() | \
                     PolicyShortfall():
                 self.alarms.labels(event.name).inc()
+            case KeyServiceDelivered():
+                self.keyservice_keys.labels(event.pool, event.api).inc(len(event.key_ids))
+            case KeyServiceRefused():
+                self.keyservice_refusals.labels(event.api, str(event.status)).inc()
             case ProtocolViolationReport():
                 self.violations.labels(event.peer).inc()
             case TunnelOpFailed():
