@@ -90,15 +90,16 @@ class Etsi014Server:
                  key: str | Path, ca: str | Path,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.service, self.host, self.port, self.clock = service, host, port, clock
-        self._ctx = server_context(cert, key, ca)
+        self._tls = (cert, key, ca)
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
+        ctx = server_context(*self._tls)       # files read here: a bad path fails the start
         app = web.Application(client_max_size=1 << 20)
         app.router.add_route("*", "/api/v1/keys/{sae}/{method}", self._handle)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
-        site = web.TCPSite(runner, self.host, self.port, ssl_context=self._ctx,
+        site = web.TCPSite(runner, self.host, self.port, ssl_context=ctx,
                            reuse_address=True)
         await site.start()
         self._runner = runner

@@ -250,3 +250,31 @@ def apply_live(old: Config, new: Config, manager: TunnelManager) -> tuple[list[s
             tunnel.lifetimes = lifetimes(b)
             applied.append(f"tunnel {name} lifetimes")
     return applied, restart
+
+
+def key_service(cfg: Config, *, clock: Callable[[], float],
+                emit: Callable[[Any], None]) -> Any:
+    """The key service runner (docs/keyservice.md), or None without a
+    ``key_service`` section. Its pools and times come from the config only."""
+    ks = cfg.key_service
+    if ks is None:
+        return None
+    from qkdgate.keyservice.runner import KeyServiceRunner, SkipListener
+    from qkdgate.keyservice.service import KeyService
+    from qkdgate.keyservice.settings import PoolSpec, ServiceTimes
+
+    times = ServiceTimes(ks.serve_margin, ks.dec_window, ks.clock_skew)
+    pools = [PoolSpec(p.name, p.peer, p.local_sae, p.remote_sae, key_size=p.key_size,
+                      keys=p.keys, lifetime=p.lifetime, policy=p.policy) for p in ks.pools]
+    service = KeyService(pools, times, kme_id=ks.kme_id or f"qkdgate-{cfg.gateway.name}",
+                         emit=emit)
+    skip = [SkipListener(s.local_system, _host_port(str(s.address), s.port), s.psk_file,
+                         s.tls_mode.value) for s in ks.skip]
+    return KeyServiceRunner(service, host=str(ks.address), port=ks.port, cert=str(ks.tls.cert),
+                            key=str(ks.tls.key), ca=str(ks.tls.ca),
+                            state_dir=cfg.gateway.state_dir, skip=skip, stunnel=ks.stunnel,
+                            clock=clock)
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

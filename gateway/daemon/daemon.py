@@ -50,8 +50,15 @@ from qkdgate.gateway.daemon.qkd import QkdFetcher
 from qkdgate.gateway.daemon.reload import ReloadApplier
 from qkdgate.gateway.daemon.sdnotify import SdNotifier
 from qkdgate.gateway.daemon.udp import GatewayEndpoint, PeerDriver, open_endpoint
-from qkdgate.gateway.telemetry.events import DaemonStarted, DaemonStopping, Event, RekeyRequested
-from qkdgate.tunnels.events import TunnelEvent
+from qkdgate.gateway.telemetry.events import (
+    DaemonStarted,
+    DaemonStopping,
+    Event,
+    KeyServiceDelivered,
+    KeyServiceRefused,
+    RekeyRequested,
+)
+from qkdgate.tunnels.events import KeyInputs, TunnelEvent
 from qkdgate.tunnels.manager import TunnelManager
 
 log = logging.getLogger("qkdgate.daemon")
@@ -89,6 +96,7 @@ class Daemon:
         self.metrics: Any = None            # qkdgate.gateway.telemetry.metrics.Metrics when enabled
         self.telemetry: Any = None          # qkdgate.gateway.telemetry.mqtt.Telemetry when enabled
         self._services: list[Any] = []
+        self.keyservice: Any = None         # keyservice.runner.KeyServiceRunner if configured
         self.tunnels = TunnelManager()
         self.runners: dict[str, PeerRunner] = {}
         self.qkd: QkdFetcher | None = None
@@ -163,6 +171,8 @@ class Daemon:
                     loops.append(tg.create_task(self._watchdog_loop(), name="watchdog"))
                 if self.telemetry is not None:
                     loops.append(tg.create_task(self.telemetry.run(), name="telemetry"))
+                if self.keyservice is not None:
+                    loops.append(tg.create_task(self.keyservice.run(), name="keyservice"))
                 if any(p.qkd for p in self.config.peers):
                     loops.append(tg.create_task(self._qkd_health_loop(), name="qkd-health"))
                 self.ready.set()
@@ -221,6 +231,9 @@ class Daemon:
                               clock=self.clock, on_qkd_lost=self._qkd_lost,
                               observe=self.metrics.observe_key_source_call
                               if self.metrics is not None else None)
+        self.keyservice = build.key_service(cfg, clock=self.clock, emit=self._keyservice_event)
+        if self.keyservice is not None:
+            await self.keyservice.start()
         factory = self._session_factory or build.session_factory()
         for peer in cfg.peers:
             tids = [t.name for t in cfg.tunnels_for(peer.name)]
@@ -251,7 +264,8 @@ class Daemon:
                                 new_session=new_session, tunnels=self.tunnels, qkd=self.qkd,
                                 journal=self.journal, emit=self.emit, clock=self.clock,
                                 spawn=self._spawn, wake=self.wake,
-                                exchange_ended=self.reloader.exchange_ended)
+                                exchange_ended=self.reloader.exchange_ended,
+                                key_service=self.keyservice)
             self.endpoint.add(runner.driver)
             self.runners[peer.name] = runner
         self.control = ControlServer(self.control_path, {
@@ -294,6 +308,8 @@ class Daemon:
             self._transport.close()
         if self.control is not None:
             await self.control.close()
+        if self.keyservice is not None:
+            await self.keyservice.close()
         self.tunnels.shutdown(self.teardown_on_exit)
         if self.telemetry is not None:
             try:
@@ -432,9 +448,29 @@ class Daemon:
                   "session_failures": r.state.session_failures,
                   "last_error": r.state.last_error, "datagrams": dict(r.driver.stats)}
                  for r in self.runners.values()]
-        return {"gateway": self.config.gateway.name, "uptime": round(now - self.started_at, 1),
-                "pid": os.getpid(), "peers": peers, "tunnels": tunnels,
-                "needs_restart": list(self.pending_restart)}
+        out = {"gateway": self.config.gateway.name, "uptime": round(now - self.started_at, 1),
+               "pid": os.getpid(), "peers": peers, "tunnels": tunnels,
+               "needs_restart": list(self.pending_restart)}
+        if self.keyservice is not None:
+            out["key_service"] = self.keyservice.service.snapshot(now)
+        return out
+
+    def _keyservice_event(self, ev: Any) -> None:
+        """The key service's reports as daemon events (docs/keyservice.md 6)."""
+        from qkdgate.keyservice.events import KeysDelivered
+        if isinstance(ev, KeysDelivered):
+            p = ev.provenance
+            self.emit(KeyServiceDelivered(ev.pool, ev.api, ev.master_sae, ev.slave_sae,
+                                          ev.key_ids, p.generation,
+                                          KeyInputs(p.kem, p.x25519, p.qkd_key_ids)))
+            log.info("key service: %d key(s) of pool %s via %s to %s (generation %d, %s)",
+                     len(ev.key_ids), ev.pool, ev.api,
+                     ev.slave_sae if ev.api in ("enc_keys", "skip_new_key") else ev.master_sae,
+                     p.generation, p.inputs)
+        else:
+            self.emit(KeyServiceRefused(ev.pool, ev.api, ev.caller, ev.status, ev.reason))
+            log.info("key service: %s by %s refused (%d): %s", ev.api, ev.caller, ev.status,
+                     ev.reason)
 
     def rekey(self, tunnel_id: str) -> dict[str, Any]:
         if tunnel_id not in self.tunnels.tunnels:

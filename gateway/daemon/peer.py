@@ -58,6 +58,17 @@ class GenerationJournal(Protocol):
     def record_peer_epoch(self, peer: str, epoch: int) -> None: ...
 
 
+class KeyServiceHooks(Protocol):
+    """What the key service (qkdgate.keyservice.runner) is told of each
+    generation (docs/keyservice.md 4)."""
+
+    def generation_keyed(self, peer: str, generation: int, session: Any, role: str,
+                         now: float) -> None: ...
+    def generation_confirmed(self, peer: str, generation: int, now: float) -> None: ...
+    def generation_aborted(self, peer: str, generation: int, now: float) -> None: ...
+    def peer_failed(self, peer: str, now: float) -> None: ...
+
+
 class PeerState:
     """What the daemon knows about one peer (for status and telemetry)."""
 
@@ -83,8 +94,10 @@ class PeerRunner:
                  qkd: QkdFetcher | None, journal: GenerationJournal | None,
                  emit: Callable[[Event], None], clock: Callable[[], float],
                  spawn: Callable[[Any, str], None], wake: Callable[[], None],
-                 exchange_ended: Callable[[list[str]], None]) -> None:
+                 exchange_ended: Callable[[list[str]], None],
+                 key_service: KeyServiceHooks | None = None) -> None:
         self.name = name
+        self._key_service = key_service
         self.state = PeerState(name, tunnel_ids)
         self._new_session = new_session
         self._tunnels = tunnels
@@ -149,6 +162,8 @@ class PeerRunner:
             if tunnel.state != "blocked":
                 tunnel.block(now, f"peer {self.name}: session failed ({type(exc).__name__})")
                 blocked.append(tid)
+        if self._key_service is not None:
+            self._key_service.peer_failed(self.name, now)     # serve nothing until rebuilt
         self._emit(SessionFailedReport(self.name, f"{type(exc).__name__} in {what}",
                                        tuple(blocked)))
         self._wake()
@@ -231,11 +246,21 @@ class PeerRunner:
             self.driver.call("install_failed", refuse)
             self._exchange_ended(self.state.tunnels)
             return
+        if self._key_service is not None:
+            # InstallInbound: the secret is held (the initiator has checked the
+            # responder's confirmation); InstallOutbound: confirmed both ways.
+            if direction == "in":
+                self._key_service.generation_keyed(self.name, ev.generation, ev.session,
+                                                   ev.role, now)
+            else:
+                self._key_service.generation_confirmed(self.name, ev.generation, now)
         self._wake()
         self.driver.call("installed", lambda s: s.installed(ev.request_id, self._clock()))
 
     def _retire(self, ev: pe.RetireGeneration) -> None:
         self._tunnels.retire(self.state.tunnels, ev.generation, self._clock())
+        if self._key_service is not None:
+            self._key_service.generation_aborted(self.name, ev.generation, self._clock())
 
     # ---------------------------------------------------------------- reports
     def _established(self, ev: pe.SessionEstablished) -> None:
