@@ -60,14 +60,14 @@ def json_response(reply: Reply) -> web.Response:
                         text=json.dumps(reply.body))
 
 
-async def request_object(request: web.Request, query_ints: set[str]) -> dict[str, Any] | Reply:
+async def request_object(request: web.Request, query_ints: set[str]) -> dict[str, object] | Reply:
     """The request as a JSON object: the POST body, or for GET the query
     parameters named in ``query_ints`` as integers (ETSI GS QKD 014 5.3)."""
     if request.method == "GET":
         if set(request.query) - query_ints:
             return error(400, BAD_REQUEST,
                          unknown_parameters=sorted(set(request.query) - query_ints))
-        out: dict[str, Any] = {}
+        out: dict[str, object] = {}
         for k in query_ints & set(request.query):
             try:
                 out[k] = int(request.query[k])

@@ -20,7 +20,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-PACKAGES = ["qkdgate.keymix", "qkdgate.adapters", "qkdgate.gateway.protocol", "qkdgate.tunnels"]
+PACKAGES = ["qkdgate.keymix", "qkdgate.adapters", "qkdgate.gateway.protocol", "qkdgate.tunnels",
+            "qkdgate.keyservice"]
 
 _ANY = re.compile(r"\bAny\b")
 
