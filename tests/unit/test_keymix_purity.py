@@ -15,7 +15,7 @@ from qkdgate.keymix.kem import get_kem
 def test_keymix_imports_no_io_frameworks():
     code = ("import sys, qkdgate.keymix.kem, qkdgate.keymix.classical, qkdgate.keymix.combiner, "
             "qkdgate.keymix.schedule, qkdgate.keymix.labels, qkdgate.keymix.secret, "
-            "qkdgate.keymix.probe\n"
+            "qkdgate.keymix.probe, qkdgate.keymix.keypool\n"
             "print(' '.join(m for m in ('asyncio', 'ruamel', 'ruamel.yaml', 'yaml', 'pyroute2', "
             "'aiohttp', 'aiomqtt', 'oqs') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -64,7 +64,7 @@ def test_spec_lists_every_label_of_the_tree():
 
     doc = (Path(__file__).parents[2] / "docs" / "keymix.md").read_text()
     names = [v for k, v in vars(labels).items() if k.startswith("LABEL_")]
-    assert len(names) == 6
+    assert len(names) == 9     # 6 of the tunnel key schedule, 3 of the key service
     for label in names:
         assert f"`{label}`" in doc or f'"{label}"' in doc, label
     assert labels.root_label("ML-KEM-768", True, True) in doc
