@@ -57,6 +57,7 @@ class Generation:
         self.peer_ids = {secret.key_id(i): i for i in range(1 - self.parity, spec.keys, 2)}
         self.fetched: set[int] = set()
         self.served = 0
+        self.session_id = b""           # public handle of the generation's secret
 
     @property
     def single_source(self) -> bool:

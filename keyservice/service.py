@@ -111,10 +111,17 @@ class KeyService:
         provenance = Provenance(peer, generation, role, prov.kem_name, prov.x25519,
                                 tuple(prov.qkd_key_ids))
         for ps in self._of_peer(peer):
-            if generation in ps.generations:
-                continue
+            old = ps.generations.get(generation)
+            if old is not None:
+                if old.session_id == session.session_id:
+                    continue            # the same exchange told twice
+                # A rebuilt session reusing the number: the new secret wins; the
+                # old one's keys could never be fetched at the peer again.
+                old.erase()
             secret = KeyPoolSecret.derive(session, ps.spec.name, generation)
-            ps.generations[generation] = Generation(ps.spec, self.times, secret, provenance, now)
+            g = Generation(ps.spec, self.times, secret, provenance, now)
+            g.session_id = session.session_id
+            ps.generations[generation] = g
 
     def generation_confirmed(self, peer: str, generation: int, now: float) -> None:
         """Key confirmation both ways: ``generation`` serves (if its inputs

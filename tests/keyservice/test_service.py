@@ -207,3 +207,16 @@ def test_settings_are_checked():
         KeyService(pools("A") * 2, TIMES, kme_id="x")
     with pytest.raises(Exception, match="key size"):
         KeyService([PoolSpec("p", "gw", "A", "B", key_size=100)], TIMES, kme_id="x")
+
+
+def test_a_generation_number_told_again_with_another_secret_replaces_the_old():
+    p = Pair()
+    p.rekey(3, 0.0)
+    old = ok(p.a.enc_keys("SAE-A", "SAE-B", 1, None, 1.0))
+    # B's session was rebuilt and the number came round again with a new secret
+    p.b.generation_keyed("gw-a", 3, session(3, tag=b"rebuilt"), "responder", 2.0)
+    r = refused(p.b.dec_keys("SAE-B", "SAE-A", [old.keys[0].key_id], 2.0), Why.NOT_FOUND)
+    assert r.status == 400
+    # the same exchange told twice changes nothing
+    p.a.generation_keyed("gw-b", 3, session(3), "initiator", 2.0)
+    assert ok(p.a.enc_keys("SAE-A", "SAE-B", 1, None, 2.0)).keys[0].index == 2
