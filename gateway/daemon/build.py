@@ -220,6 +220,8 @@ def apply_live(old: Config, new: Config, manager: TunnelManager) -> tuple[list[s
         restart.append("peers")
     if old.key_sources != new.key_sources:
         restart.append("key_sources")
+    if old.key_service != new.key_service:
+        restart.append("key_service")
     if old.telemetry.mqtt != new.telemetry.mqtt or \
             old.telemetry.prometheus != new.telemetry.prometheus:
         restart.append("telemetry")
