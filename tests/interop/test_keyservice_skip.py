@@ -14,7 +14,7 @@ import socket
 import pytest
 
 from qkdgate.keyservice.skip import SkipServer, stunnel_config
-from tests.keyservice.helpers import QKD_IDS, Pair
+from tests.keyservice.helpers import QKD_IDS, Pair, session
 
 pytestmark = pytest.mark.skipif(not (shutil.which("stunnel4") and shutil.which("openssl")),
                                 reason="needs Debian's stunnel4 and openssl (tools/apt-packages.txt)")
@@ -141,3 +141,44 @@ async def test_wrong_psk_gets_no_answer(skip):
     # the other encryptor's PSK does not open this Key Provider either
     status, _ = await skip_get(port_a, "B", "/capabilities")
     assert status is None
+
+
+async def test_the_daemon_runner_starts_stunnel_and_erases_on_time(tmp_path):
+    """KeyServiceRunner as the daemon uses it: ETSI 014 listener, a SKIP
+    listener with its own stunnel4, and the erase timer."""
+    from qkdgate.adapters.kmesim.pki import ensure_pki
+    from qkdgate.keyservice.runner import KeyServiceRunner, SkipListener
+
+    pair, clock = Pair(), Clock()
+    pki = ensure_pki(tmp_path / "pki", ["KS-A"], ["SAE-A"])
+    ident, key = PSK["A"]
+    psk = tmp_path / "psk"
+    psk.write_text(f"{ident}:{key}\n")
+    psk.chmod(0o600)
+    port = _free_port()
+    cred = pki.kme("KS-A")
+    runner = KeyServiceRunner(pair.a, host="127.0.0.1", port=0, cert=str(cred.cert),
+                              key=str(cred.key), ca=str(pki.ca), state_dir=tmp_path,
+                              skip=[SkipListener("SAE-A", f"127.0.0.1:{port}", str(psk))],
+                              clock=clock)
+    await runner.start()
+    timer = asyncio.create_task(runner.run())
+    try:
+        status, caps = await skip_get(port, "A", "/capabilities")
+        assert status == 200 and caps["localSystemID"] == "SAE-A"
+        assert oct((tmp_path / "keyservice" / "skip-0.sock").stat().st_mode & 0o777) == "0o600"
+        runner.generation_keyed("gw-b", 1, session(1), "initiator", 0.0)
+        runner.generation_confirmed("gw-b", 1, 0.0)
+        status, new = await skip_get(port, "A", "/key?remoteSystemID=SAE-B")
+        assert status == 200
+        clock.t = 1000.0            # past the pool's lifetime: the timer erases it
+        runner.changed()
+        for _ in range(200):
+            if not pair.a.pools["app"].generations:
+                break
+            await asyncio.sleep(0.01)
+        assert pair.a.pools["app"].generations == {}
+    finally:
+        timer.cancel()
+        await runner.close()
+    assert not (tmp_path / "keyservice" / "skip-0.sock").exists()
