@@ -134,3 +134,35 @@ async def test_qkdgate_client_against_the_key_service(pki, gateways):
     finally:
         for s in (a, b, c):
             await s.close()
+
+
+async def test_concurrent_enc_keys_at_both_gateways_over_https_never_collide(pki, gateways):
+    pair, clock, gw_a, gw_b = gateways
+    pair.rekey(1, 0.0)
+    clock.t = 1.0
+
+    def source(sae, srv, kme):
+        cred = pki.sae(sae)
+        return Etsi014KeySource({"name": sae, "kind": "etsi014", "retries": 0,
+                                 "url": f"https://127.0.0.1:{srv.port}", "kme_id": kme,
+                                 "tls": {"cert": str(cred.cert), "key": str(cred.key),
+                                         "ca": str(pki.ca)},
+                                 "options": {"reuse_connections": False}})
+
+    a, b = source("SAE-A", gw_a, "KS-A"), source("SAE-B", gw_b, "KS-B")
+    try:
+        batches = await asyncio.gather(*[a.get_new_keys("SAE-B", number=1, size_bits=256)
+                                         for _ in range(12)],
+                                       *[b.get_new_keys("SAE-A", number=1, size_bits=256)
+                                         for _ in range(12)])
+        from_a = [k for batch in batches[:12] for k in batch]
+        from_b = [k for batch in batches[12:] for k in batch]
+        ids = [k.key_id for k in from_a + from_b]
+        assert len(set(ids)) == 24 and len({k.key.reveal() for k in from_a + from_b}) == 24
+        got_b = await b.get_keys_by_id("SAE-A", [k.key_id for k in from_a])
+        got_a = await a.get_keys_by_id("SAE-B", [k.key_id for k in from_b])
+        assert [k.key for k in got_b] == [k.key for k in from_a]
+        assert [k.key for k in got_a] == [k.key for k in from_b]
+    finally:
+        await a.close()
+        await b.close()
