@@ -113,6 +113,7 @@ def render(result: dict[str, Any], *, detail: bool = False) -> str:
     lines.append("")
     for r in rows:
         lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    lines.extend(key_service_lines(result.get("key_service")))
     if detail:
         for t in result.get("tunnels", []):
             lines.append("")
@@ -126,3 +127,22 @@ def render(result: dict[str, Any], *, detail: bool = False) -> str:
                 for kid in (g.get("inputs") or {}).get("qkd_key_ids", []):
                     lines.append(f"    QKD key_ID {kid}")
     return "\n".join(lines)
+
+
+def key_service_lines(ks: Any) -> list[str]:
+    """The key service's pools and the generations they serve from, with
+    their inputs and QKD key_IDs (docs/keyservice.md 6)."""
+    if not isinstance(ks, dict):
+        return []
+    out = ["", f"key service {ks.get('kme_id')}: {ks.get('delivered', 0)} keys delivered, "
+               f"{ks.get('refused', 0)} requests refused"]
+    for name, p in (ks.get("pools") or {}).items():
+        out.append(f"  pool {name}: {p.get('local_sae')} <-> {p.get('remote_sae')} via peer "
+                   f"{p.get('peer')}, {p.get('key_size')} bits, {p.get('policy')}")
+        for g in p.get("generations", []):
+            out.append(f"    generation {g.get('generation')} {g.get('state')}"
+                       f"{' (serving)' if g.get('serving') else ''}: {g.get('inputs')}, "
+                       f"served {g.get('served')}, fetched {g.get('fetched')}, "
+                       f"remaining {g.get('remaining')}")
+            out.extend(f"      QKD key_ID {kid}" for kid in g.get("qkd_key_ids", []))
+    return out

@@ -220,3 +220,16 @@ def test_a_generation_number_told_again_with_another_secret_replaces_the_old():
     # the same exchange told twice changes nothing
     p.a.generation_keyed("gw-b", 3, session(3), "initiator", 2.0)
     assert ok(p.a.enc_keys("SAE-A", "SAE-B", 1, None, 2.0)).keys[0].index == 2
+
+
+def test_qkdgate_status_shows_pools_generations_and_qkd_key_ids():
+    from qkdgate.gateway.cli.status import render
+    p = Pair()
+    p.rekey(4, 0.0)
+    ok(p.a.enc_keys("SAE-A", "SAE-B", 2, None, 1.0))
+    text = render({"gateway": "gw-a", "uptime": 5, "peers": [], "tunnels": [],
+                   "key_service": p.a.snapshot(1.0)})
+    assert "key service qkdgate-a: 2 keys delivered, 0 requests refused" in text
+    assert "pool app: SAE-A <-> SAE-B via peer gw-b, 256 bits, hybrid-required" in text
+    assert "generation 4 serving (serving): ML-KEM-768+X25519+QKD, served 2, fetched 0" in text
+    assert f"QKD key_ID {QKD_IDS[0]}" in text
