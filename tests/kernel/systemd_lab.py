@@ -1,0 +1,150 @@
+"""systemd as PID 1 of a container in the lab VM, for test_systemd.py.
+
+Theory of operation: lab/systemd-root.sh builds (on the host, cached) a
+Debian 12 directory image with qkdgate installed the README's way, plus a
+package directory per checkout content. :class:`Container` boots that image
+with ``systemd-nspawn --boot --volatile=overlay`` (the image is read-only
+over 9p; writes go to a tmpfs layer) inside an existing network namespace,
+binds this checkout's package over the installed one, the shipped unit file
+unchanged, and a directory of ours as /etc/qkdgate. The VM's init is not
+systemd, so nspawn neither registers with machined nor makes a scope
+(``--register=no --keep-unit``); commands run in the container through
+``nsenter`` into its PID 1's namespaces, found by the UUID we gave it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+LAB_HOME = Path(os.environ.get("LAB_HOME", "/var/lib/qkdgate-lab"))
+ROOTFS = LAB_HOME / "systemd-root" / "rootfs"
+SQUASHFS = LAB_HOME / "systemd-root" / "rootfs.squashfs"
+SITE = "/opt/qkdgate/lib/python3.11/site-packages"
+
+
+def pkg_dir() -> Path:
+    """This checkout's package, built by lab/systemd-root.sh before the VM booted."""
+    out = subprocess.run(["bash", str(ROOT / "lab/systemd-root.sh"), "--pkg-dir"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    p = Path(out)
+    if not (p / ".done").exists() or not SQUASHFS.exists():
+        raise RuntimeError(f"no systemd image for this checkout ({p}): run lab/systemd-root.sh "
+                           "on the host (tools/test-kernel.sh does)")
+    return p
+
+
+def ensure_cgroup2() -> None:
+    """nspawn needs a cgroup hierarchy; virtme-ng's init may not mount one."""
+    if not os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
+        subprocess.run(["mount", "-t", "cgroup2", "cgroup2", "/sys/fs/cgroup"], check=True)
+
+
+class Container:
+    def __init__(self, netns: str, etc_dir: Path, log_path: Path) -> None:
+        self.netns, self.etc_dir, self.log_path = netns, etc_dir, log_path
+        self.uuid = uuid.uuid4()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.leader = 0
+        self.root: Path | None = None
+
+    def start(self, timeout: float = 180.0) -> float:
+        """Boot; return seconds until systemd reported the system running."""
+        ensure_cgroup2()
+        pkg = pkg_dir()
+        # the image through a loop device: cached in the guest's RAM, not 9p
+        self.root = Path(tempfile.mkdtemp(prefix="qkdgate-sysroot-"))
+        subprocess.run(["modprobe", "-a", "loop", "squashfs"], check=True)
+        subprocess.run(["mount", "-t", "squashfs", "-o", "loop,ro", str(SQUASHFS), str(self.root)],
+                       check=True)
+        binds = [f"--bind={self.etc_dir}:/etc/qkdgate",
+                 f"--bind-ro={pkg}/qkdgate:{SITE}/qkdgate",
+                 f"--bind-ro={ROOT}/systemd/qkdgate.service:/etc/systemd/system/qkdgate.service"]
+        cmd = ["systemd-nspawn", "--quiet", "--boot", "--register=no", "--keep-unit",
+               "-D", str(self.root), "--volatile=overlay", f"--uuid={self.uuid}",
+               f"--machine=qkdgate-{str(self.uuid)[:8]}", "--console=read-only",
+               f"--network-namespace-path=/run/netns/{self.netns}", *binds]
+        t0 = time.monotonic()
+        log = open(self.log_path, "wb")   # noqa: SIM115  kept open for the container's life
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
+                                     stderr=subprocess.STDOUT)
+        deadline = t0 + timeout
+        while not self.leader:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"systemd-nspawn exited {self.proc.returncode}:\n{self.tail()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"container PID 1 not found:\n{self.tail()}")
+            self.leader = self._find_leader()
+            time.sleep(0.2)
+        while True:
+            r = self.run("systemctl", "is-system-running", "--wait", check=False,
+                         timeout=max(5.0, deadline - time.monotonic()))
+            state = r.stdout.strip()
+            if state in ("running", "degraded"):
+                return time.monotonic() - t0
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"container boot: {state!r} {r.stderr}\n{self.tail()}")
+            time.sleep(0.5)     # the manager's socket is not up yet
+
+    def _find_leader(self) -> int:
+        want = f"container_uuid={self.uuid}".encode()
+        for d in os.listdir("/proc"):
+            if not d.isdigit():
+                continue
+            try:
+                with open(f"/proc/{d}/environ", "rb") as f:
+                    env = f.read().split(b"\0")
+                with open(f"/proc/{d}/status") as f:
+                    nspid = next(l for l in f if l.startswith("NSpid:")).split()[1:]
+            except (OSError, StopIteration):
+                continue
+            if want in env and nspid[-1] == "1":
+                return int(d)
+        return 0
+
+    def tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def run(self, *cmd: str, check: bool = True, timeout: float = 120.0,
+            input: str | None = None) -> subprocess.CompletedProcess[str]:
+        """Run a command inside the container (all of PID 1's namespaces)."""
+        r = subprocess.run(["nsenter", "-t", str(self.leader), "-a", "-r", "-w",
+                            "/usr/bin/env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+                            "SYSTEMD_COLORS=0", "SYSTEMD_PAGER=", *cmd],
+                           capture_output=True, text=True, timeout=timeout, input=input)
+        if check and r.returncode:
+            raise RuntimeError(f"{' '.join(cmd)}: exit {r.returncode}\n{r.stdout}\n{r.stderr}")
+        return r
+
+    def systemctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.run("systemctl", *args, check=check)
+
+    def show(self, unit: str, *props: str) -> dict[str, str]:
+        out = self.systemctl("show", unit, *(f"-p{p}" for p in props)).stdout
+        return dict(l.split("=", 1) for l in out.splitlines() if "=" in l)
+
+    def journal(self, unit: str) -> str:
+        return self.run("journalctl", "-u", unit, "--no-pager", "-o", "cat", check=False).stdout
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            if self.leader:
+                self.run("systemctl", "poweroff", check=False, timeout=30)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.proc = None
+        if self.root is not None:
+            subprocess.run(["umount", str(self.root)], check=False)
+            os.rmdir(self.root)
+            self.root = None
