@@ -68,7 +68,11 @@ class Container:
         cmd = ["systemd-nspawn", "--quiet", "--boot", "--register=no", "--keep-unit",
                "-D", str(self.root), "--volatile=overlay", f"--uuid={self.uuid}",
                f"--machine=qkdgate-{str(self.uuid)[:8]}", "--console=read-only",
-               f"--network-namespace-path=/run/netns/{self.netns}", *binds]
+               f"--network-namespace-path=/run/netns/{self.netns}",
+               # nspawn keeps CAP_NET_ADMIN only for a network namespace it
+               # made itself; without it every XFRM request failed with
+               # EPERM (the unit then bounds the daemon to it alone)
+               "--capability=CAP_NET_ADMIN", *binds]
         t0 = time.monotonic()
         log = open(self.log_path, "wb")   # noqa: SIM115  kept open for the container's life
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
