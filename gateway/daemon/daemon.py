@@ -284,6 +284,7 @@ class Daemon:
                                                            tel.prometheus.port))
         if self.metrics is not None:
             self.subscribe(self.metrics.handle_event)
+            self.metrics.watch_status(self.status)   # tunnel state gauges at scrape time
             for tunnel in self.tunnels.tunnels.values():
                 tunnel.on_sa_state = self.metrics.observe_sa
         if tel.mqtt.enabled and self.telemetry is None:

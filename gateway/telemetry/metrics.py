@@ -7,7 +7,12 @@ daemon hands to MQTT telemetry (:meth:`Metrics.handle_event`, a ``match`` on
 the event class; an unknown class raises), plus direct
 calls for what events do not carry: key-source call latency
 (:meth:`observe_key_source_call`) and kernel SA counters
-(:meth:`observe_sa`). :meth:`Metrics.serve` exposes the registry over HTTP
+(:meth:`observe_sa`). What is a *state* rather than a history -- is the
+tunnel up or blocked, how long until its SAs reach their hard lifetime --
+is read from the daemon's own status at scrape time (:meth:`watch_status`,
+a collector), so a gauge can never disagree with ``qkdgate status``. The
+alert rules in monitoring/ are written against these names
+(docs/operations.md). :meth:`Metrics.serve` exposes the registry over HTTP
 with aiohttp inside the daemon's event loop (no extra thread), on the
 configured address, loopback by default.
 
@@ -33,10 +38,13 @@ import os
 import re
 import sys
 import time
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TextIO
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
 from qkdgate import __version__
 from qkdgate.gateway.telemetry.events import (
@@ -113,6 +121,16 @@ class Metrics:
                                 ["tunnel"], registry=r)
         self.qber = Gauge("qkdgate_qkd_qber", "Last reported quantum bit error rate",
                           ["source"], registry=r)
+        # ETSI GS QKD 014 6.1 (Get status): stored_key_count, max_key_count.
+        self.qkd_stored = Gauge("qkdgate_qkd_stored_keys",
+                                "Keys the KME holds for this SAE pair (last status poll)",
+                                ["source"], registry=r)
+        self.qkd_max = Gauge("qkdgate_qkd_max_keys",
+                             "Keys the KME can hold for this SAE pair (last status poll)",
+                             ["source"], registry=r)
+        self.qkd_link_up = Gauge("qkdgate_qkd_link_up",
+                                 "QKD link up and without alarms (1) or not (last status poll)",
+                                 ["source"], registry=r)
         self.alarms = Counter("qkdgate_alarms", "Alarms raised", ["kind"], registry=r)
         self.violations = Counter("qkdgate_protocol_violations",
                                   "Peer datagrams dropped as forged, replayed or malformed",
@@ -133,6 +151,8 @@ class Metrics:
         self.sa_replay = Counter("qkdgate_sa_replay_errors", "Packets refused as replays",
                                  ["tunnel", "direction"], registry=r)
         Info("qkdgate_build", "qkdgate version", registry=r).info({"version": __version__})
+        self._status_collector = _StatusCollector()
+        r.register(self._status_collector)
         self._reasons: set[str] = set()
         self._sa_seen: dict[tuple[str, str, int], tuple[int, int, int, int]] = {}
 
@@ -184,8 +204,17 @@ class Metrics:
                 self.tunnel_errors.labels(event.tunnel).inc()
             case InstallFailed():
                 self.tunnel_errors.labels(event.peer).inc()
+            case QkdStatus():
+                src = event.source
+                if event.qber is not None:
+                    self.qber.labels(src).set(event.qber)
+                if event.stored_key_count is not None:
+                    self.qkd_stored.labels(src).set(event.stored_key_count)
+                if event.max_key_count is not None:
+                    self.qkd_max.labels(src).set(event.max_key_count)
+                self.qkd_link_up.labels(src).set(1 if event.link_up and not event.alarms else 0)
             case DaemonStarted() | DaemonStopping() | ConfigReloaded() | RekeyRequested() | \
-                    QkdKeysFetched() | QkdError() | QkdStatus() | QkdRecoveredReport() | \
+                    QkdKeysFetched() | QkdError() | QkdRecoveredReport() | \
                     PeerRestartedReport():
                 pass    # no metric of their own (key-source calls are observed directly)
             case SaInstalled() | SaSwitched() | SaRetired() | SaAdopted() | SaStaleRemoved() | \
@@ -207,6 +236,12 @@ class Metrics:
         return head
 
     # -- direct observations ------------------------------------------------
+
+    def watch_status(self, status: Callable[[], Mapping[str, Any]]) -> None:
+        """Read tunnel state gauges from ``status`` (the daemon's
+        ``Daemon.status``, the answer ``qkdgate status`` prints) at every
+        scrape. Called in the event loop that serves ``/metrics``."""
+        self._status_collector.status = status
 
     def observe_key_source_call(self, source: str, op: str, seconds: float,
                                 error: BaseException | None = None) -> None:
@@ -260,6 +295,52 @@ class Metrics:
         await site.start()
         bound = int(runner.addresses[0][1])   # (host, port[, flow, scope])
         return MetricsServer(runner, bound)
+
+
+# (metric, help, status field): per-tunnel gauges read from Daemon.status.
+_TUNNEL_GAUGES = (
+    ("qkdgate_tunnel_sa_age_seconds", "Age of the generation carrying traffic", "sa_age"),
+    ("qkdgate_tunnel_hard_expiry_seconds",
+     "Seconds until the active SAs reach their hard lifetime (then the tunnel blocks)",
+     "hard_expiry_in"),
+    ("qkdgate_tunnel_next_rekey_seconds", "Seconds until the next planned rekey",
+     "next_rekey_in"),
+)
+TUNNEL_STATES = ("up", "down", "blocked")
+
+
+class _StatusCollector(Collector):
+    """Tunnel state at scrape time, from the daemon's status (no status
+    bound yet: no samples, and the families are still described)."""
+
+    def __init__(self) -> None:
+        self.status: Callable[[], Mapping[str, Any]] | None = None
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(self._families())
+
+    def _families(self) -> list[GaugeMetricFamily]:
+        return [GaugeMetricFamily("qkdgate_tunnel_up", "Tunnel carries traffic (1) or not",
+                                  labels=["tunnel"]),
+                GaugeMetricFamily("qkdgate_tunnel_state",
+                                  "Tunnel state: 1 on the current one of up, down, blocked",
+                                  labels=["tunnel", "state"]),
+                *(GaugeMetricFamily(n, h, labels=["tunnel"]) for n, h, _ in _TUNNEL_GAUGES)]
+
+    def collect(self) -> Iterator[Metric]:
+        fams = self._families()
+        status = self.status() if self.status is not None else {}
+        up, state, *timed = fams
+        for t in status.get("tunnels") or []:
+            tid, st = str(t.get("tunnel")), str(t.get("state"))
+            up.add_metric([tid], 1.0 if st == "up" else 0.0)
+            for name in TUNNEL_STATES:
+                state.add_metric([tid, name], 1.0 if st == name else 0.0)
+            for fam, (_n, _h, field) in zip(timed, _TUNNEL_GAUGES, strict=True):
+                v = t.get(field)
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    fam.add_metric([tid], float(v))
+        return iter(fams)
 
 
 class MetricsServer:
