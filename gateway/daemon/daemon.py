@@ -56,6 +56,7 @@ from qkdgate.gateway.telemetry.events import (
     Event,
     KeyServiceDelivered,
     KeyServiceRefused,
+    QkdStatus,
     RekeyRequested,
 )
 from qkdgate.tunnels.events import KeyInputs, TunnelEvent
@@ -93,6 +94,7 @@ class Daemon:
         self._session_factory = session_factory
         self.journal = journal
         self.subscribers: list[Subscriber] = []
+        self.qkd_links: dict[str, dict[str, Any]] = {}   # last KME status per source (`qkd`)
         self.metrics: Any = None            # qkdgate.gateway.telemetry.metrics.Metrics when enabled
         self.telemetry: Any = None          # qkdgate.gateway.telemetry.mqtt.Telemetry when enabled
         self._services: list[Any] = []
@@ -131,6 +133,8 @@ class Daemon:
         self.subscribers.append(callback)
 
     def emit(self, event: Event) -> None:
+        if isinstance(event, QkdStatus):
+            self.qkd_links[event.source] = event.to_dict()
         for cb in list(self.subscribers):
             # A subscriber is a consumer (telemetry, metrics, a view): its
             # failure must not stop the others nor undo what the event reports.
@@ -269,7 +273,8 @@ class Daemon:
             self.endpoint.add(runner.driver)
             self.runners[peer.name] = runner
         self.control = ControlServer(self.control_path, {
-            "status": self._ctl_status, "rekey": self._ctl_rekey, "reload": self._ctl_reload})
+            "status": self._ctl_status, "rekey": self._ctl_rekey, "reload": self._ctl_reload,
+            "qkd": self._ctl_qkd})
         await self.control.start()
         for runner in self.runners.values():
             runner.start()
@@ -486,6 +491,10 @@ class Daemon:
 
     async def _ctl_status(self, req: Mapping[str, Any]) -> Any:
         return self.status()
+
+    async def _ctl_qkd(self, req: Mapping[str, Any]) -> Any:
+        """Read-only: the last KME status of each key source (``qkdgate top``)."""
+        return {"links": [dict(v) for _, v in sorted(self.qkd_links.items())]}
 
     async def _ctl_rekey(self, req: Mapping[str, Any]) -> Any:
         tid = req.get("tunnel")
