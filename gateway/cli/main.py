@@ -23,6 +23,7 @@ from qkdgate.errors import ConfigError, QkdgateError
 COMMANDS: list[tuple[str, str, str]] = [
     ("run", "qkdgate.gateway.cli.run", "run the gateway daemon"),
     ("status", "qkdgate.gateway.cli.status", "show tunnels, generations and key inputs"),
+    ("top", "qkdgate.gateway.cli.top", "live dashboard of a running daemon"),
     ("rekey", "qkdgate.gateway.cli.rekey", "rekey a tunnel now"),
     ("keygen", "qkdgate.gateway.cli.keygen", "create a gateway identity (ML-DSA + Ed25519)"),
     ("check-config", "qkdgate.gateway.cli.check_config", "validate a configuration file"),
