@@ -119,7 +119,8 @@ def source_root() -> Path:
     return Path(qkdgate.__file__).resolve().parent.parent
 
 
-def vm_argv(args: argparse.Namespace, json_path: str, log_path: str) -> list[str]:
+def vm_argv(args: argparse.Namespace, json_path: str, log_path: str,
+            report_dir: str = "report") -> list[str]:
     """The same demo, for inside the VM: the host's options plus where the
     summary and the log go (the VM's shared output directory)."""
     out = ["--where", "host", "--json", json_path, "--log-file", log_path,
@@ -137,6 +138,10 @@ def vm_argv(args: argparse.Namespace, json_path: str, log_path: str) -> list[str
         out.append("--macsec")
     if args.verbose:
         out.append("--verbose")
+    if getattr(args, "report", None):
+        out += ["--report", report_dir]
+    if getattr(args, "plain", False):
+        out.append("--plain")
     return out
 
 
@@ -157,8 +162,14 @@ def run_in_vm(args: argparse.Namespace, *, root: Path | None = None,
     timeout = 3600 * 24 if args.duration is None else int(args.duration) + 900
     env = {**os.environ, "LAB_OUT": str(out), "LAB_TIMEOUT": str(timeout)}
     cmd = ["bash", str(run), "--", sys.executable, "-m", "qkdgate.gateway.cli.main", "demo",
-           *vm_argv(args, str(summary), str(out / "demo.log"))]
+           *vm_argv(args, str(summary), str(out / "demo.log"), str(out / "report"))]
     rc = call(cmd, env=env, cwd=str(root))
+    if getattr(args, "report", None):
+        if (out / "report" / "report.html").exists():
+            shutil.copytree(out / "report", args.report, dirs_exist_ok=True)
+            print(f"demo: report written to {Path(args.report) / 'report.html'}", flush=True)
+        else:
+            print(f"demo: the VM wrote no report (lab output in {out})", file=sys.stderr)
     if args.json:
         if summary.exists():
             shutil.copyfile(summary, args.json)
@@ -188,6 +199,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default) or block (= hybrid-required)")
     p.add_argument("--macsec", action="store_true", help="also key a MACsec link gA-gB")
     p.add_argument("--json", metavar="FILE", help="write the run's summary as JSON")
+    p.add_argument("--report", metavar="DIR",
+                   help="write a run report: report.html (self-contained, opens offline), "
+                        "PNG figures and summary.json")
+    p.add_argument("--plain", action="store_true",
+                   help="line output even on a terminal (no live dashboard)")
     p.add_argument("--rekey-interval", type=float, default=3.0, metavar="SECONDS",
                    help="rekey every SECONDS (default 3)")
     p.add_argument("--rate", type=int, default=100, metavar="N",
@@ -235,7 +251,7 @@ def options(a: argparse.Namespace) -> Any:
                        after_recovery=a.after_recovery,
                        policy=a.policy, macsec=a.macsec, rekey_interval=a.rekey_interval,
                        rate=a.rate, view_interval=a.view_interval, verbose=a.verbose,
-                       log_file=a.log_file)
+                       log_file=a.log_file, plain=a.plain)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -301,6 +317,10 @@ def run_here(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
         print(f"demo: summary written to {args.json}", flush=True)
+    if args.report:
+        from qkdgate.gateway.demo.report import write_report
+        files = write_report(summary, Path(args.report))
+        print(f"demo: report written to {files.html}", flush=True)
     left = summary["cleanup"]["namespaces_left"]
     if left or summary["cleanup"]["errors"]:
         print(f"demo: cleanup incomplete: {left} {summary['cleanup']['errors']}", file=sys.stderr)

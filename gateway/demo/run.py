@@ -39,8 +39,9 @@ from qkdgate.gateway.demo import net as dn
 from qkdgate.gateway.demo.config import KmeEndpoint, Timers, write_configs, write_identities
 from qkdgate.gateway.demo.kernelwatch import KernelWatch, overlay_blocked
 from qkdgate.gateway.demo.kernelwatch import Path as KernelPath
+from qkdgate.gateway.demo.report import per_second
 from qkdgate.gateway.demo.traffic import UdpStream, loss_by_phase
-from qkdgate.gateway.demo.view import Recorder, render
+from qkdgate.gateway.demo.view import LiveView, PlainView, Recorder, make_view
 
 log = logging.getLogger("qkdgate.demo")
 READY_TIMEOUT = 120.0      # first generation on both gateways (slow under QEMU TCG)
@@ -85,6 +86,7 @@ class DemoOptions:
     view_interval: float = 2.0
     verbose: bool = False
     log_file: str | None = None          # default: demo.log in the run's state directory
+    plain: bool = False                  # line output even on a terminal (no live dashboard)
 
 
 class DemoRun:
@@ -110,6 +112,7 @@ class DemoRun:
         self.traffic_t0: float | None = None
         self.stopped = threading.Event()
         self._last_link: dict[str, Any] | None = None
+        self._view: PlainView | LiveView | None = None
 
     def _state_dir(self) -> Path:
         if self.state_dir is None:
@@ -117,7 +120,10 @@ class DemoRun:
         return self.state_dir
 
     def say(self, text: str) -> None:
-        print(text, file=self.out, flush=True)
+        if self._view is not None:      # above the live dashboard, or a line like the rest
+            self._view.say(text)
+        else:
+            print(text, file=self.out, flush=True)
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -273,6 +279,7 @@ class DemoRun:
             link: dict[str, Any] = self.sim.state()["links"][0]
             return link
         link = self.kme.call(get(), timeout=10)
+        self.rec.link_sample(link)           # the report's QBER and key pool over time
         prev = set((self._last_link or {}).get("alarms", []))
         for a in link.get("alarms", []):
             if a not in prev:
@@ -367,6 +374,15 @@ class DemoRun:
         self.rec.eavesdropper("before" if o.eavesdrop_at is not None else None)
         t0 = self.start_traffic()
         self.say(f"demo: tunnel up, traffic running ({o.rate} datagrams/s each way)")
+        with make_view(self.out, plain=o.plain) as view:
+            self._view = view
+            try:
+                self._loop(t0, view)
+            finally:
+                self._view = None
+
+    def _loop(self, t0: float, view: PlainView | LiveView) -> None:
+        o = self.opts
         next_view = t0
         eve_end = None
         while not self.stopped.is_set():
@@ -383,7 +399,7 @@ class DemoRun:
             if self.eve_on and eve_end is not None and el >= eve_end:
                 self.set_eavesdropper(False)
             if now >= next_view:
-                self.say(render(self.snapshot(o.view_interval)))
+                view.show(self.snapshot(o.view_interval))
                 next_view = now + o.view_interval
             self.stopped.wait(0.1)
 
@@ -445,6 +461,7 @@ class DemoRun:
                                        "max_gap_ms": round(watch.max_gap * 1000, 1),
                                        "sas": watch.sa_report(t0)}
         traffic["phases"] = [{"phase": p, "t": self.rec.elapsed(t)} for p, t in self.rec.phases]
+        per_sec = {s.name: per_second(s.sent_at, s.received, t0, end) for s in self.streams}
         link = None
         try:
             link = self.link_state()
@@ -457,6 +474,7 @@ class DemoRun:
         left = dn.list_demo_namespaces(self.net.tag)
         cfg = {**asdict(self.opts), "namespaces_tag": self.net.tag}
         return self.rec.summary(traffic=traffic, config=cfg, kernel=os.uname().release, link=link,
+                                per_second=per_sec,
                                 cleanup={"errors": errors, "namespaces_left": left,
                                          "seconds": clean_s,
                                          "namespaces_created": list(self.net.ns.values())})

@@ -9,7 +9,15 @@ latencies, alarms, and the policy's actions (fallback, block, recovery).
 :func:`render` turns one snapshot (status of both daemons, the simulated
 QKD link, traffic counters) into a compact block of plain lines: the demo
 may run inside the lab VM with no terminal, so there is no curses, only
-text that streams.
+text that streams. On a terminal, :func:`make_view` swaps that stream for
+the live dashboard (:mod:`qkdgate.gateway.telemetry.dashboard`, redrawn in
+place with ``rich``); piped or with ``--plain`` the lines stay as they are
+(tests/kernel/test_demo.py and logs read them).
+
+The recorder also keeps the run's timeline for the report
+(:mod:`qkdgate.gateway.demo.report`): the QKD link sampled at every view
+(QBER, key pool, key rate), the eavesdropper's windows, and every rekey with
+its latency; :meth:`Recorder.summary` puts it under ``timeline``.
 
 Nothing here reads key material: the view prints whitelisted fields only
 (generation numbers, algorithm names, key_IDs, counters), so a secret that
@@ -18,11 +26,12 @@ found its way into a status dict by mistake would still not be printed.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TextIO
 
 from qkdgate.gateway.telemetry.events import (
     DaemonEvent,
@@ -125,6 +134,8 @@ class Recorder:
         self._fallback: set[tuple[str, str]] = set()
         self._eve: str | None = None   # None (no eavesdropper planned), "before", "on", "after"
         self.notes: list[str] = []
+        self.link_samples: list[dict[str, Any]] = []
+        self.eve_windows: list[list[float | None]] = []   # [on, off or None]
         self.setup_seconds: float | None = None
         self._shown = 0              # notes already printed by the view
 
@@ -167,7 +178,23 @@ class Recorder:
 
     def eavesdropper(self, state: str | None) -> None:
         self._eve = state
+        with self._lock:
+            if state == "on":
+                self.eve_windows.append([self.elapsed(), None])
+            elif state == "after" and self.eve_windows and self.eve_windows[-1][1] is None:
+                self.eve_windows[-1][1] = self.elapsed()
         self._update_phase()
+
+    def link_sample(self, link: dict[str, Any]) -> None:
+        """One look at the simulated QKD link (the KME simulator's state)."""
+        def num(key: str) -> float | None:
+            v = link.get(key)
+            return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+        with self._lock:
+            self.link_samples.append({
+                "t": self.elapsed(), "qber": num("qber"), "stored_keys": num("stored_keys"),
+                "max_keys": num("max_key_count"), "key_rate_bps": num("secret_key_rate_bps"),
+                "alarms": list(link.get("alarms") or [])})
 
     def note(self, text: str) -> None:
         with self._lock:
@@ -259,9 +286,29 @@ class Recorder:
                                      "latency_ms": []})["failed"] += 1
         return out
 
+    def timeline(self, per_second: dict[str, Any] | None = None) -> dict[str, Any]:
+        """What the report plots, every figure kept: link samples,
+        eavesdropper windows, rekeys (latency per generation), alarms,
+        policy actions and traffic per second (from the run's streams)."""
+        rekeys = [{"t": e["t"], "tunnel": f"{e['gateway']}/{e['tunnel']}",
+                   "generation": e.get("generation"), "latency_ms": e.get("latency_ms"),
+                   "qkd": bool((e.get("inputs") or {}).get("qkd_key_ids"))}
+                  for e in self.events if e["event"] == "rekey_done"]
+        failed = [{"t": e["t"], "tunnel": f"{e['gateway']}/{e['tunnel']}",
+                   "reason": e.get("reason")}
+                  for e in self.events if e["event"] == "rekey_failed"]
+        with self._lock:
+            return {"link": [dict(x) for x in self.link_samples],
+                    "eavesdropper": [list(w) for w in self.eve_windows],
+                    "rekeys": rekeys, "rekey_failures": failed,
+                    "alarms": [dict(a) for a in self.alarms],
+                    "policy_actions": [dict(a) for a in self.actions],
+                    "traffic_per_second": per_second or {}}
+
     def summary(self, *, traffic: dict[str, Any], config: dict[str, Any],
                 kernel: str, link: dict[str, Any] | None,
-                cleanup: dict[str, Any]) -> dict[str, Any]:
+                cleanup: dict[str, Any],
+                per_second: dict[str, Any] | None = None) -> dict[str, Any]:
         tunnels = {}
         all_lat: list[float] = []
         for key, row in self.rekeys().items():
@@ -284,6 +331,7 @@ class Recorder:
             "qkd_link": link,
             "events": len(self.events),
             "cleanup": cleanup,
+            "timeline": self.timeline(per_second),
         }
 
 
@@ -330,3 +378,66 @@ def render(snap: dict[str, Any]) -> str:
     for r in snap.get("recent") or []:
         lines.append(f"  > {r}")
     return "\n".join(lines)
+
+
+def dashboard_view(snap: dict[str, Any]) -> dict[str, Any]:
+    """The dashboard's view of one demo snapshot (the same fields :func:`render` prints)."""
+    view: dict[str, Any] = {k: snap.get(k) for k in ("t", "policy", "eavesdropper", "remaining",
+                                                      "gateways", "rekeys", "latency",
+                                                      "traffic", "recent")}
+    view["title"] = "qkdgate demo"
+    link = snap.get("link")
+    if link:
+        alarms = [str(a) for a in link.get("alarms") or []]
+        view["links"] = [{"name": "-".join(map(str, link.get("kmes") or [])) or "QKD link",
+                          "stored_keys": link.get("stored_keys"),
+                          "max_keys": link.get("max_key_count"), "qber": link.get("qber"),
+                          "key_rate_bps": link.get("secret_key_rate_bps"), "alarms": alarms,
+                          "up": bool(link.get("up", True)) and not alarms}]
+    return view
+
+
+class PlainView:
+    """Piped, or ``--plain``: one block of lines per snapshot (:func:`render`)."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+
+    def say(self, text: str) -> None:
+        print(text, file=self.out, flush=True)
+
+    def show(self, snap: dict[str, Any]) -> None:
+        self.say(render(snap))
+
+
+class LiveView:
+    """On a terminal: the dashboard redrawn in place; ``say`` lines scroll above it."""
+
+    def __init__(self, out: TextIO) -> None:
+        from rich.console import Console
+        from rich.live import Live
+
+        from qkdgate.gateway.telemetry.dashboard import Dashboard
+        self.console = Console(file=out)
+        self.dash = Dashboard("qkdgate demo")
+        self.live = Live(self.dash.render(), console=self.console, refresh_per_second=4,
+                         redirect_stdout=False, redirect_stderr=False)
+
+    def say(self, text: str) -> None:
+        self.live.console.print(text, markup=False, highlight=False)
+
+    def show(self, snap: dict[str, Any]) -> None:
+        self.dash.update(dashboard_view(snap))
+        self.live.update(self.dash.render())
+
+
+@contextlib.contextmanager
+def make_view(out: TextIO, *, plain: bool) -> Iterator[PlainView | LiveView]:
+    """The live dashboard when ``out`` is a terminal and not ``plain``; else lines."""
+    isatty = getattr(out, "isatty", None)
+    if plain or not (callable(isatty) and isatty()):
+        yield PlainView(out)
+        return
+    view = LiveView(out)
+    with view.live:
+        yield view
