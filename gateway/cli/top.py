@@ -48,10 +48,16 @@ class Watcher:
         self._alarms: dict[str, tuple[str, ...]] = {}
 
     def look(self) -> dict[str, Any]:
+        from qkdgate.gateway.daemon.control import ControlError
         from qkdgate.gateway.telemetry.dashboard import qkd_links
 
         status = self.ask("status")
-        qkd = self.ask("qkd")
+        try:
+            qkd = self.ask("qkd")
+        except ControlError as exc:      # a daemon older than the qkd query: tunnels only
+            if exc.kind != "bad_request":
+                raise
+            qkd = {}
         gw = str(status.get("gateway", "?"))
         t = self.clock() - self.t0
         recent = self._changes(gw, status, qkd.get("links") or [], t)

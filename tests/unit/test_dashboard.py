@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 
+import pytest
 from rich.console import Console
 
 from qkdgate.gateway.cli.top import Watcher
@@ -137,3 +138,20 @@ def test_top_reports_what_changed_between_two_looks():
         dash.update(v)
     text = text_of(dash)
     assert "kme" in text and "500/1000" in text and "UP PQC-only" in text
+
+
+def test_top_works_with_a_daemon_without_the_qkd_query():
+    from qkdgate.gateway.daemon.control import ControlError
+    d = FakeDaemon()
+
+    def ask(cmd):
+        if cmd == "qkd":
+            raise ControlError("unknown command 'qkd'", "bad_request")
+        return d.ask(cmd)
+    v = Watcher(ask).look()
+    assert v["links"] == [] and v["gateways"]["gw-a"] is d.status
+
+    def down(cmd):
+        raise ControlError("nothing listens", "unreachable")
+    with pytest.raises(ControlError):
+        Watcher(down).look()
