@@ -116,6 +116,12 @@ def active_sas(t: Mapping[str, Any]) -> str:
     return ""
 
 
+def _row(tab: Table, *cells: str | Text) -> None:
+    """Add a row whose plain strings are literal text: a str cell is rich
+    markup, which would swallow ``[ab12cd34]`` (a key_ID prefix) as a tag."""
+    tab.add_row(*(c if isinstance(c, Text) else Text(c) for c in cells))
+
+
 def _table(title: str) -> Table:
     return Table(title=title, title_justify="left", title_style="bold", box=box.SIMPLE_HEAD,
                  show_edge=False, pad_edge=False, collapse_padding=True, min_width=60)
@@ -190,7 +196,7 @@ class Dashboard:
         rows = 0
         for gw, st in sorted((v.get("gateways") or {}).items()):
             if not isinstance(st, Mapping):
-                tab.add_row(gw, "-", Text("no answer", style="yellow"), *[""] * 7)
+                _row(tab, gw, "-", Text("no answer", style="yellow"), *[""] * 7)
                 rows += 1
                 continue
             for t in st.get("tunnels") or []:
@@ -202,14 +208,14 @@ class Dashboard:
                 gen = t.get("generation")
                 lat = _num((v.get("latency") or {}).get(key))
                 n = (v.get("rekeys") or {}).get(key)
-                tab.add_row(gw, f"{t.get('tunnel')} ({t.get('type', '?')})", label,
+                _row(tab, gw, f"{t.get('tunnel')} ({t.get('type', '?')})", label,
                             "-" if gen is None else str(gen), inputs_text(t.get("inputs")),
                             _age(t.get("sa_age")), _age(t.get("next_rekey_in")),
                             "-" if n is None else str(n),
                             "-" if lat is None else f"{lat:.0f} ms", active_sas(t) or "-")
                 rows += 1
         if not rows:
-            tab.add_row("-", "no tunnels", *[""] * 8)
+            _row(tab, "-", "no tunnels", *[""] * 8)
         return tab
 
     def _links(self) -> Table:
@@ -226,7 +232,7 @@ class Dashboard:
             up = link.get("up")
             qtext = Text("-" if q is None else f"{q:.1%}",
                          style="bold red" if alarms or up is False else "")
-            tab.add_row(name, pool, sparkline(self.pool.get(name, ()), low=0,
+            _row(tab, name, pool, sparkline(self.pool.get(name, ()), low=0,
                                               high=mx if mx else None),
                         qtext, sparkline(self.qber.get(name, ()), low=0, high=0.25),
                         "-" if rate is None else f"{rate / 1000:.1f} kbit/s",
@@ -242,7 +248,7 @@ class Dashboard:
         for name, c in sorted((self.view.get("traffic") or {}).items()):
             lost = int(c.get("lost", 0))
             ws, wr = int(c.get("window_sent", 0)), int(c.get("window_received", 0))
-            tab.add_row(name, str(int(c.get("sent", 0))), str(int(c.get("received", 0))),
+            _row(tab, name, str(int(c.get("sent", 0))), str(int(c.get("received", 0))),
                         Text(str(lost), style="red" if lost else ""),
                         Text(f"{wr}/{ws} in {_num(c.get('window')) or 0:.0f}s",
                              style="red" if ws and wr < ws else "green"))

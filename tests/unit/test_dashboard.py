@@ -155,3 +155,16 @@ def test_top_works_with_a_daemon_without_the_qkd_query():
         raise ControlError("nothing listens", "unreachable")
     with pytest.raises(ControlError):
         Watcher(down).look()
+
+
+def test_key_id_prefixes_and_names_are_printed_literally():
+    # rich reads "[ab12cd34]" in a plain string as a markup tag and drops it
+    dash = Dashboard()
+    st = tunnel()
+    st["inputs"]["qkd_key_ids"] = ["ab12cd34-0000-4000-8000-000000000000", "b0ld"]
+    st["tunnel"] = "[bold]t1"
+    dash.update({"gateways": {"gw-a": {"tunnels": [st]}},
+                 "links": [{"name": "[red]kme", "stored_keys": 1, "alarms": ["[x]"]}]})
+    text = text_of(dash, width=160)
+    assert "QKD[ab12cd34,b0ld]" in text and "[bold]t1 (ipsec)" in text
+    assert "[red]kme" in text and "[x]" in text
