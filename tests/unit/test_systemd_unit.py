@@ -56,7 +56,7 @@ def test_required_directives():
     assert one(d, "Service.NotifyAccess") == "main"
     assert re.fullmatch(r"\d+s", one(d, "Service.WatchdogSec"))
     assert one(d, "Service.Restart") == "on-failure"
-    assert one(d, "Service.ExecReload") == "/bin/kill -HUP $MAINPID"
+    assert one(d, "Service.ExecReload") == """/bin/sh -c 'kill -HUP "$MAINPID"'"""
     assert one(d, "Service.ExecStart") == f"{INSTALLED} run --config /etc/qkdgate/qkdgate.yaml"
     assert one(d, "Service.ExecStartPre").startswith(f"{INSTALLED} check-config --check-files")
     assert one(d, "Service.ExecStopPost") == f"{INSTALLED} failsafe --systemd"
