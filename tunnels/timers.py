@@ -5,6 +5,16 @@ Theory of operation: this module is the one owner of generation time
 lifetime asks for a rekey, its hard lifetime ends it (and blocks the tunnel
 if it is still the one sending), and a superseded generation is retired a
 fixed grace period after the switch.
+
+A hard lifetime is a promise about the kernel: no SA of the generation
+carries a frame after it. MACsec SAs have no kernel lifetime and XFRM's
+backstop counts from each SA's own installation in whole seconds, so the
+tunnels keep the promise themselves: every deadline derived from a hard
+lifetime falls ``Lifetimes.hard_margin`` *before* it (a daemon woken late,
+netlink round trips), and :meth:`TunnelTimers.hard_due` names the
+generations whose SAs must stop carrying traffic at once, before any slower
+cleanup on any tunnel (issue 10: tunnels blocked one after the other left a
+MACsec RX SA usable 92 ms past its hard lifetime).
 """
 
 from __future__ import annotations
@@ -24,6 +34,11 @@ RETIRE_GRACE_SECONDS = 5.0
 # the link down; IPsec: block). The record stays until the SA is gone.
 REMOVE_RETRY_SECONDS = 1.0
 REMOVE_ATTEMPTS_BEFORE_ESCALATION = 3
+# RFC 4301 4.4.2.1 hard lifetime, kept: the tunnels act on it this long before
+# it passes (at most a quarter of the soft-to-hard gap, so the rekey the soft
+# lifetime asked for keeps most of its time). It covers the daemon's wake-up
+# latency and the netlink round trips of deactivating every due SA.
+HARD_MARGIN_SECONDS = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +60,11 @@ class Lifetimes:
             raise ValueError("lifetimes need 0 < soft_bytes < hard_bytes")
         if self.grace_seconds < 0:
             raise ValueError("grace_seconds must not be negative")
+
+    @property
+    def hard_margin(self) -> float:
+        """How long before a hard lifetime the tunnels act on it."""
+        return min(HARD_MARGIN_SECONDS, (self.hard_seconds - self.soft_seconds) / 4)
 
 
 class Expiry(enum.Enum):
@@ -138,6 +158,16 @@ class TunnelTimers:
         d = self._gens[number]
         return d.hard_at if d.hard_at is not None else d.created_at + self.lifetimes.hard_seconds
 
+    def hard_act_at(self, number: int) -> float:
+        """When the tunnel acts on ``number``'s hard lifetime: ``hard_margin``
+        before it, so no SA of it is usable once it has passed."""
+        return self.hard_at(number) - self.lifetimes.hard_margin
+
+    def hard_due(self, now: float) -> list[int]:
+        """Generations whose SAs must stop carrying traffic now (their hard
+        lifetime, less the margin, has passed), oldest first."""
+        return sorted(n for n in self._gens if now >= self.hard_act_at(n))
+
     def retire_at(self, number: int) -> float | None:
         return self._gens[number].retire_at
 
@@ -147,13 +177,13 @@ class TunnelTimers:
             if d.retry_at is not None:
                 out.append((d.retry_at, Expiry.REMOVE_RETRY, n))
             elif n == self.active:
-                out.append((self.hard_at(n), Expiry.HARD_ACTIVE, n))
+                out.append((self.hard_act_at(n), Expiry.HARD_ACTIVE, n))
                 if self.rekey_requested_at is None:
                     out.append((self.soft_at(n), Expiry.SOFT, n))
             elif d.retire_at is not None:
-                out.append((min(d.retire_at, self.hard_at(n)), Expiry.RETIRE, n))
+                out.append((min(d.retire_at, self.hard_act_at(n)), Expiry.RETIRE, n))
             else:      # inbound only, never switched: its hard lifetime bounds it
-                out.append((self.hard_at(n), Expiry.HARD_UNUSED, n))
+                out.append((self.hard_act_at(n), Expiry.HARD_UNUSED, n))
         return out
 
     def next_deadline(self) -> float | None:

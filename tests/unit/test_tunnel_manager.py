@@ -134,8 +134,9 @@ def test_soft_lifetime_asks_for_one_rekey_and_hard_lifetime_blocks():
     assert t.get_timer() == 150.0
     assert t.handle_timer(150.0) == ["soft_lifetime"]
     assert t.handle_timer(155.0) == []          # asked once, not every tick
-    assert t.get_timer() == 160.0
-    t.handle_timer(160.0)
+    # the hard lifetime (160) is acted on hard_margin before it passes
+    assert t.lifetimes.hard_margin == 0.5 and t.get_timer() == 159.5
+    t.handle_timer(159.5)
     assert be.sas == {}
     (out,) = out_policies(be)
     assert out.action is PolicyAction.BLOCK and out.template is None
