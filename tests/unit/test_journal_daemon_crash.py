@@ -82,6 +82,25 @@ if os.environ.get("QG_NO_JOURNAL"):
     from qkdgate.gateway.daemon import build as daemon_build
     daemon_build.open_journal = lambda cfg: _Forgetful.open(cfg.gateway.state_dir)
 
+# Protocol timing, injected (what is checked is which keys are refused and
+# used, not how long the protocol waits):
+# * after the restart the master's KME replays up to four used key_IDs; each
+#   is refused (fail closed) and fails its exchange, which the protocol
+#   retries with backoff (RETRY_BASE 2 s doubling: 2+4+8 s of pure waiting);
+# * the slave's own rekey, begun while the master was dead, may win the
+#   collision with the restarted master's INIT while the master defers the
+#   slave's INIT (an epoch from before its restart, docs/protocol.md 10): the
+#   pair reconverges only when one exchange times out (EXCHANGE_TIMEOUT 30 s,
+#   as long as the whole restart budget). 10 s here: a handshake on a
+#   loaded 2-core host takes up to ~4 s.
+import dataclasses
+from qkdgate.gateway.daemon import build as daemon_build_
+_session_config = daemon_build_.session_config
+def _quick_retries(*a, **kw):
+    return dataclasses.replace(_session_config(*a, **kw), retry_base=0.1, retry_max=0.4,
+                               exchange_timeout=10.0)
+daemon_build_.session_config = _quick_retries
+
 from qkdgate.keymix import combiner
 _combine = combiner.combine
 def _logged_combine(inputs):
@@ -296,7 +315,13 @@ async def test_sigkill_the_real_daemon_during_a_rekey(tmp_path):
         async with gate:
             return "both", "both", violations(await run_both_killed(tmp_path / "both"))
 
-    results = await asyncio.gather(*(one(i, c) for i, c in enumerate(CRASH_POINTS)), both())
+    # Every history runs to its end (return_exceptions): a failure must not
+    # leave the others' tasks to be cancelled mid-spawn with daemons running.
+    results = await asyncio.gather(*(one(i, c) for i, c in enumerate(CRASH_POINTS)), both(),
+                                   return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
     for crash, point, bad in results:
         assert point == crash.split("#")[0], (crash, point)
         assert not bad, f"killed at {crash}: {bad}"
