@@ -37,8 +37,9 @@ REMOVE_ATTEMPTS_BEFORE_ESCALATION = 3
 # RFC 4301 4.4.2.1 hard lifetime, kept: the tunnels act on it this long before
 # it passes (at most a quarter of the soft-to-hard gap, so the rekey the soft
 # lifetime asked for keeps most of its time). It covers the daemon's wake-up
-# latency and the netlink round trips of deactivating every due SA.
-HARD_MARGIN_SECONDS = 0.5
+# latency and the netlink round trips of deactivating every due SA (0.5 s was
+# not enough in the lab VM under load: tests/kernel/test_hard_lifetime.py).
+HARD_MARGIN_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)

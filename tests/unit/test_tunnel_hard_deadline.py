@@ -23,7 +23,7 @@ from qkdgate.tunnels.ipsec_tunnel import IpsecTunnelSpec, ipsec_tunnel
 from qkdgate.tunnels.macsec_tunnel import MacsecTunnelSpec, macsec_tunnel
 from qkdgate.tunnels.manager import Lifetimes, Tunnel, TunnelManager, TunnelPolicy
 
-ROUND_TRIP = 0.04          # one netlink request under TCG and load
+ROUND_TRIP = 0.06          # one netlink request under TCG and load
 LT = Lifetimes(soft_seconds=6, hard_seconds=9, grace_seconds=1)   # the demo's timers
 A, B = ipaddress.ip_address("192.0.2.1"), ipaddress.ip_address("192.0.2.2")
 STOPS = {"remove_sa", "set_tx_sa_active", "set_rx_sa_active"}   # with active=False

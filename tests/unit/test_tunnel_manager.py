@@ -135,8 +135,8 @@ def test_soft_lifetime_asks_for_one_rekey_and_hard_lifetime_blocks():
     assert t.handle_timer(150.0) == ["soft_lifetime"]
     assert t.handle_timer(155.0) == []          # asked once, not every tick
     # the hard lifetime (160) is acted on hard_margin before it passes
-    assert t.lifetimes.hard_margin == 0.5 and t.get_timer() == 159.5
-    t.handle_timer(159.5)
+    assert t.lifetimes.hard_margin == 1.0 and t.get_timer() == 159.0
+    t.handle_timer(159.0)
     assert be.sas == {}
     (out,) = out_policies(be)
     assert out.action is PolicyAction.BLOCK and out.template is None

@@ -38,9 +38,9 @@ def test_soft_fires_once_until_the_next_switch_and_hard_wins_over_soft():
     t.generation_switched(1, 0.0)
     assert t.expired(50.0) == [(Expiry.SOFT, 1)]
     t.rekey_requested(50.0)
-    assert t.expired(55.0) == [] and t.next_deadline() == 59.5   # hard 60 less the margin
-    assert t.expired(59.4) == [] and t.hard_due(59.4) == []
-    assert t.expired(59.5) == [(Expiry.HARD_ACTIVE, 1)] and t.hard_due(59.5) == [1]
+    assert t.expired(55.0) == [] and t.next_deadline() == 59.0   # hard 60 less the margin
+    assert t.expired(58.9) == [] and t.hard_due(58.9) == []
+    assert t.expired(59.0) == [(Expiry.HARD_ACTIVE, 1)] and t.hard_due(59.0) == [1]
     u = TunnelTimers(LT)
     u.generation_created(1, 0.0)
     u.generation_switched(1, 0.0)
@@ -50,8 +50,8 @@ def test_soft_fires_once_until_the_next_switch_and_hard_wins_over_soft():
 def test_inbound_only_generation_ends_at_its_hard_lifetime():
     t = TunnelTimers(LT)
     t.generation_created(4, 10.0)
-    assert t.next_deadline() == 69.5
-    assert t.expired(69.5) == [(Expiry.HARD_UNUSED, 4)]
+    assert t.next_deadline() == 69.0
+    assert t.expired(69.0) == [(Expiry.HARD_UNUSED, 4)]
 
 
 def test_adopted_generation_lives_one_hard_lifetime_from_adoption_and_reload_moves_deadlines():
@@ -64,8 +64,8 @@ def test_adopted_generation_lives_one_hard_lifetime_from_adoption_and_reload_mov
 
 
 def test_hard_lifetime_is_acted_on_a_margin_before_it_at_most_a_quarter_of_soft_to_hard():
-    assert HARD_MARGIN_SECONDS == 0.5
-    assert Lifetimes(soft_seconds=50, hard_seconds=60).hard_margin == 0.5
+    assert HARD_MARGIN_SECONDS == 1.0
+    assert Lifetimes(soft_seconds=50, hard_seconds=60).hard_margin == 1.0
     assert Lifetimes(soft_seconds=8, hard_seconds=9).hard_margin == 0.25
     t = TunnelTimers(Lifetimes(soft_seconds=8, hard_seconds=9, grace_seconds=2))
     t.generation_created(1, 0.0)
