@@ -64,8 +64,10 @@ def policies_kept(topo) -> None:
 
 def test_ipsec_hard_lifetime_stops_traffic_after_sigkill(topo, tmp_path):
     hard = 6
-    stub, t_installed = start_stub(topo, "ipsec", str(tmp_path / "tunnels.json"), hard)
+    # the capture first: tcpdump takes seconds to start on a loaded host, and
+    # started after the stub it ate the SAs' 6 s before the kill (issue 10)
     cap = Capture(topo, str(tmp_path / "kill.pcap"))
+    stub, t_installed = start_stub(topo, "ipsec", str(tmp_path / "tunnels.json"), hard)
     s = Stream(topo.hA, topo.hB, HA, HB, rate=200).start()
     time.sleep(0.5)
     t_kill = wall_to_mono(kill(stub))
