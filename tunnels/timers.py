@@ -38,7 +38,7 @@ REMOVE_ATTEMPTS_BEFORE_ESCALATION = 3
 # it passes (at most a quarter of the soft-to-hard gap, so the rekey the soft
 # lifetime asked for keeps most of its time). It covers the daemon's wake-up
 # latency and the netlink round trips of deactivating every due SA (0.5 s was
-# not enough in the lab VM under load: tests/kernel/test_hard_lifetime.py).
+# not enough in the lab VM under load, docs/tunnels.md).
 HARD_MARGIN_SECONDS = 1.0
 
 
