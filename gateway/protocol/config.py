@@ -92,8 +92,8 @@ class SessionConfig:
             if not t.tunnel_id or len(t.tunnel_id.encode()) > 255 or t.tunnel_id in seen:
                 raise bad(f"tunnels[{i}].tunnel_id", "a unique id of 1..255 bytes", t.tunnel_id)
             seen.add(t.tunnel_id)
-        if len(self.tunnels) > 64:
-            raise bad("tunnels", "at most 64 tunnels per peer", len(self.tunnels))
+        if len(self.tunnels) > C.MAX_SPIS:
+            raise bad("tunnels", f"at most {C.MAX_SPIS} tunnels per peer", len(self.tunnels))
         for name, lo in (("rekey_interval", 1.0), ("retransmit_base", 0.01),
                          ("retransmit_max", 0.01), ("exchange_timeout", 0.1),
                          ("retry_base", 0.01), ("retry_max", 0.01),

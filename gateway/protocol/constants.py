@@ -19,11 +19,19 @@ LABEL: Final = b"qkdgate/1"          # root of every hash and signature context
 MAC_LEN: Final = 16                  # mac1, HMAC-SHA-256 truncated (5.1)
 COOKIE_LEN: Final = 16               # COOKIE reply, HMAC-SHA-256 truncated (8)
 MAX_KEY_IDS: Final = 16              # key_IDs per message (ETSI GS QKD 014 6.3 key_ID)
-MAX_SPIS: Final = 64                 # tunnels per peer
+MAX_SPIS: Final = 4096               # tunnels per peer (u16 count; docs/protocol.md 3.2)
+MAX_TUNNEL_ID: Final = 255           # bytes of one tunnel id on the wire
+SPI_ENTRY_MAX: Final = 1 + MAX_TUNNEL_ID + 5   # one ``spis`` entry at most (4.2)
 MAX_DETAIL: Final = 120              # bytes of ABORT detail text
-DATAGRAM_VERSION: Final = 1          # fragment header version (3.1)
+DATAGRAM_VERSION: Final = 2          # fragment header version (3.1); 1 had u8 fragment counts
 MAX_DATAGRAM: Final = 1200           # bytes: fits IPv6's 1280 minimum MTU (RFC 8200 5)
-MAX_MESSAGE: Final = 16384           # bytes of one reassembled message
+MESSAGE_FIXED: Final = 8192          # bytes of a message besides its ``spis`` entries
+# bytes of one reassembled message, whatever the tunnels (1,077,248: 910 fragments);
+# a session accepts no more than its own tunnels need (message_limit, 3.2)
+MAX_MESSAGE: Final = MESSAGE_FIXED + MAX_SPIS * SPI_ENTRY_MAX
+# room a session leaves beyond its own tunnels' entries, so a peer configured
+# with a few more tunnels still gets its INIT decoded and refused by name
+MESSAGE_SLACK: Final = 64 * SPI_ENTRY_MAX
 MAX_PARTIAL: Final = 4               # messages in reassembly per peer
 REASSEMBLY_TIMEOUT: Final = 10.0     # seconds a partial message is kept
 

@@ -10,27 +10,32 @@ middleboxes drop and which the tunnels' own policies may not pass).
 Datagram layout (all integers big-endian), see docs/protocol.md 3::
 
     0  2  magic "QG"
-    2  1  version (1)
+    2  1  version (2)
     3  1  flags (0; nonzero is rejected)
     4  4  message id (sender-chosen, new for every transmission)
-    8  1  fragment index (0-based)
-    9  1  fragment count (1..MAX_FRAGMENTS)
-   10  2  total message length (1..MAX_MESSAGE)
-   12  .. fragment payload: FRAGMENT_PAYLOAD bytes, the last one the rest
+    8  2  fragment index (0-based)
+   10  2  fragment count (1..MAX_FRAGMENTS)
+   12  4  total message length (1..MAX_MESSAGE)
+   16  .. fragment payload: FRAGMENT_PAYLOAD bytes, the last one the rest
 
 Fragments are not authenticated (the reassembled message is, by its MAC
-and signatures), so reassembly is bounded and suspicious: at most
-:data:`MAX_PARTIAL` messages in progress per peer (the oldest is evicted),
-each discarded after :data:`REASSEMBLY_TIMEOUT` seconds, and a fragment
-that disagrees with what is already held (other length, other bytes for an
-index) discards the whole message. An attacker who can inject datagrams can
-therefore make one transmission fail, which is no more than dropping it;
-the sender's retransmission uses a new message id.
+and signatures), so reassembly is bounded and suspicious: a message longer
+than the receiving session can accept (``max_message``: what a message
+listing that peer's own tunnels can need, :func:`message_limit`) is refused
+on its first fragment (:class:`MessageTooLarge`), at most
+:data:`MAX_PARTIAL` messages are in progress per peer (the oldest is
+evicted), each discarded after :data:`REASSEMBLY_TIMEOUT` seconds, and a
+fragment that disagrees with what is already held (other length, other
+bytes for an index) discards the whole message. Memory per peer is thus at
+most ``MAX_PARTIAL * max_message`` bytes, whatever is sent. An attacker who
+can inject datagrams can therefore make one transmission fail, which is no
+more than dropping it; the sender's retransmission uses a new message id.
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from qkdgate.errors import LocalProtocolError, RemoteProtocolError
@@ -39,16 +44,34 @@ from qkdgate.gateway.protocol.constants import (
     MAX_DATAGRAM,
     MAX_MESSAGE,
     MAX_PARTIAL,
+    MESSAGE_FIXED,
+    MESSAGE_SLACK,
     REASSEMBLY_TIMEOUT,
 )
 
 __all__ = ["HEADER", "MAGIC", "MAX_DATAGRAM", "MAX_FRAGMENTS", "MAX_MESSAGE", "MAX_PARTIAL",
-           "REASSEMBLY_TIMEOUT", "VERSION", "Reassembler", "fragment", "parse_header"]
+           "REASSEMBLY_TIMEOUT", "VERSION", "MessageTooLarge", "Reassembler", "fragment",
+           "message_limit", "parse_header"]
 
 MAGIC = b"QG"
-HEADER = struct.Struct("!2sBBIBBH")
-FRAGMENT_PAYLOAD = MAX_DATAGRAM - HEADER.size      # 1188
-MAX_FRAGMENTS = -(-MAX_MESSAGE // FRAGMENT_PAYLOAD)  # 14
+HEADER = struct.Struct("!2sBBIHHI")
+FRAGMENT_PAYLOAD = MAX_DATAGRAM - HEADER.size      # 1184
+MAX_FRAGMENTS = -(-MAX_MESSAGE // FRAGMENT_PAYLOAD)  # 910
+
+
+class MessageTooLarge(RemoteProtocolError):
+    """A fragment announces a message longer than this peer may send
+    (docs/protocol.md 3.2): refused before anything is buffered."""
+
+
+def message_limit(tunnel_ids: Iterable[str]) -> int:
+    """The longest message a session keying these tunnels accepts: the fixed
+    part, one ``spis`` entry per tunnel (docs/protocol.md 4.2: a valid INIT
+    or RESP lists exactly our tunnels) and MESSAGE_SLACK, so that a peer
+    whose configuration lists a few more tunnels is still decoded and told
+    why it is refused (ABORT POLICY) instead of timing out."""
+    entries = sum(1 + len(t.encode()) + 5 for t in tunnel_ids)
+    return min(MAX_MESSAGE, MESSAGE_FIXED + MESSAGE_SLACK + entries)
 
 
 def fragment(message: bytes, message_id: int) -> list[bytes]:
@@ -101,15 +124,21 @@ class Reassembler:
     """Per-peer reassembly with hard bounds (see module docstring)."""
 
     def __init__(self, *, max_partial: int = MAX_PARTIAL,
-                 timeout: float = REASSEMBLY_TIMEOUT) -> None:
-        self.max_partial, self.timeout = max_partial, timeout
+                 timeout: float = REASSEMBLY_TIMEOUT, max_message: int = MAX_MESSAGE) -> None:
+        if not 1 <= max_message <= MAX_MESSAGE:
+            raise LocalProtocolError(f"reassembly limit {max_message} outside 1..{MAX_MESSAGE}")
+        self.max_partial, self.timeout, self.max_message = max_partial, timeout, max_message
         self._partial: dict[int, _Partial] = {}
         self.evicted = 0
 
     def feed(self, datagram: bytes, now: float) -> bytes | None:
         """The complete message once the last fragment arrives, else None.
-        Malformed datagrams raise RemoteProtocolError (nothing is kept)."""
+        Malformed datagrams raise RemoteProtocolError (nothing is kept); one
+        announcing a message above ``max_message`` raises MessageTooLarge."""
         mid, index, count, total, payload = parse_header(datagram)
+        if total > self.max_message:
+            raise MessageTooLarge(f"message of {total} bytes exceeds this peer's limit of "
+                                  f"{self.max_message}")
         self.expire(now)
         if count == 1:
             return payload

@@ -83,7 +83,7 @@ TUNNEL_KIND_IDS = {"ipsec": 1, "macsec": 2}
 TUNNEL_KINDS = {v: k for k, v in TUNNEL_KIND_IDS.items()}
 
 # Field types: u8 u16 u64 (big-endian), bN (exactly N bytes), var16 (u16
-# length + bytes), keyids (u8 count + 16-byte binary UUIDs), spis (u8 count,
+# length + bytes), keyids (u8 count + 16-byte binary UUIDs), spis (u16 count,
 # each u8 id length + UTF-8 id + u8 kind + u32 value), str8 (u8 length +
 # printable ASCII).
 SCHEMAS: dict[MsgType, tuple[tuple[str, str], ...]] = {
@@ -150,7 +150,9 @@ def _enc(kind: str, value: Any) -> bytes:
             raise LocalProtocolError("too many key IDs")
         return struct.pack("!B", len(value)) + b"".join(uuid.UUID(k).bytes for k in value)
     if kind == "spis":
-        out = [struct.pack("!B", len(value))]
+        if len(value) > MAX_SPIS:
+            raise LocalProtocolError(f"{len(value)} tunnels (at most {MAX_SPIS})")
+        out = [struct.pack("!H", len(value))]
         for tid, tkind, val in value:
             raw = tid.encode()
             out.append(struct.pack("!B", len(raw)) + raw
@@ -239,7 +241,7 @@ def _dec(r: _Reader, name: str, kind: str) -> Any:
             raise RemoteProtocolError("duplicate key IDs")
         return ids
     if kind == "spis":
-        n = r.u8(name)
+        n = struct.unpack("!H", r.take(2, name))[0]
         if n > MAX_SPIS:
             raise RemoteProtocolError(f"{n} tunnel entries (at most {MAX_SPIS})")
         entries, seen = [], set()

@@ -95,7 +95,7 @@ from qkdgate.gateway.protocol.exchange import (
     Exchange,
 )
 from qkdgate.gateway.protocol.exchange import ExchangeState as S
-from qkdgate.gateway.protocol.fragment import Reassembler, fragment
+from qkdgate.gateway.protocol.fragment import Reassembler, fragment, message_limit
 from qkdgate.gateway.protocol.identity import LocalIdentity, PeerIdentity, select_identity
 from qkdgate.gateway.protocol.messages import AbortCode, Message, MsgType, QkdMode, QkdReason
 from qkdgate.gateway.protocol.timers import SessionTimers
@@ -150,7 +150,7 @@ class PeerSession:
         self._next_request = 1
         self._events: deque[Event] = deque()
         self._out: list[bytes] = []
-        self._reasm = Reassembler()
+        self._reasm = Reassembler(max_message=message_limit(self._kinds))
         self._bucket = TokenBucket(config.rate_per_second, config.rate_burst, now)
         self._cookie_bucket = TokenBucket(config.rate_per_second, config.rate_burst, now)
         self._cookies = CookieJar(rng, now)
@@ -304,6 +304,7 @@ class PeerSession:
             kem = inj if inj is not None and inj.name == config.kem else get_kem(config.kem)
             self.config, self.peer_identities, self._kem = config, tuple(peer_identities), kem
             self._kinds = {t.tunnel_id: t.kind for t in config.tunnels}
+            self._reasm.max_message = message_limit(self._kinds)
             self._psk = config.psk.reveal() if config.psk is not None else None
             self._mac_in = m.mac1_key(config.local_name, self._psk)
             self._mac_out = m.mac1_key(config.peer_name, self._psk)

@@ -203,7 +203,7 @@ class Pair:
 def make_pair(*, qkd: str | None = "a-master", allow_pqc: bool = False, psk_a: bytes | None = None,
               psk_b: bytes | None = None, seed: int = 1, pins_a=None, pins_b=None,
               id_a: LocalIdentity | None = None, id_b: LocalIdentity | None = None,
-              start: str = "a", kem: str = "ML-KEM-768", **cfg) -> Pair:
+              start: str = "a", kem: str = "ML-KEM-768", tunnels=TUNNELS, **cfg) -> Pair:
     from qkdgate.keymix.secret import SecretBytes
     link = FakeQkdLink("SAE-A" if qkd != "b-master" else "SAE-B",
                        "SAE-B" if qkd != "b-master" else "SAE-A", rng=seeded(seed + 100))
@@ -215,7 +215,7 @@ def make_pair(*, qkd: str | None = "a-master", allow_pqc: bool = False, psk_a: b
             ("gw-a", "gw-b", role_a, "SAE-A", "SAE-B", id_a, pins_a or [id_b.public], psk_a, seed),
             ("gw-b", "gw-a", role_b, "SAE-B", "SAE-A", id_b, pins_b or [id_a.public], psk_b,
              seed + 1)):
-        conf = SessionConfig(local_name=name, peer_name=peer, tunnels=TUNNELS, kem=kem,
+        conf = SessionConfig(local_name=name, peer_name=peer, tunnels=tuple(tunnels), kem=kem,
                              qkd_role=role, local_sae_id=sae if role else "",
                              peer_sae_id=psae if role else "", allow_pqc_only=allow_pqc,
                              psk=SecretBytes(psk) if psk else None,

@@ -41,13 +41,13 @@ def reassemble(datagrams: list[bytes]) -> list[bytes]:
     meta: dict[int, tuple[int, int]] = {}
     done = []
     for d in datagrams:
-        if d[:2] != b"QG" or d[2] != 1 or d[3] != 0 or len(d) > 1200:
+        if d[:2] != b"QG" or d[2] != 2 or d[3] != 0 or len(d) > 1200:
             raise Bad("datagram header")
-        mid, idx, cnt, total = struct.unpack("!IBBH", d[4:12])
-        if cnt != -(-total // 1188) or idx >= cnt:
+        mid, idx, cnt, total = struct.unpack("!IHHI", d[4:16])
+        if cnt != -(-total // 1184) or idx >= cnt:
             raise Bad("fragment numbering")
         meta[mid] = (cnt, total)
-        parts.setdefault(mid, {})[idx] = d[12:]
+        parts.setdefault(mid, {})[idx] = d[16:]
         if len(parts[mid]) == cnt:
             msg = b"".join(parts[mid][i] for i in range(cnt))
             if len(msg) != total:
@@ -89,7 +89,7 @@ def decode(data: bytes) -> dict:
             v = tuple(str(uuid.UUID(bytes=take(16))) for _ in range(take(1)[0]))
         elif kind == "spis":
             v = []
-            for _ in range(take(1)[0]):
+            for _ in range(struct.unpack("!H", take(2))[0]):
                 tid = take(take(1)[0]).decode()
                 kind_id, val = take(1)[0], struct.unpack("!I", take(4))[0]
                 v.append((tid, {1: "ipsec", 2: "macsec"}[kind_id], val))

@@ -38,7 +38,7 @@ def test_init_layout_matches_the_document():
     assert core[pos:pos + 3] == bytes([1, 0, 1])            # QKD mode, reason, flags
     assert core[pos + 3] == 1 and core[pos + 4:pos + 20] == uuid.UUID(KID).bytes
     pos += 20
-    assert core[pos:pos + 1] == b"\x02" and core[pos + 1:pos + 4] == b"\x02t1"
+    assert core[pos:pos + 2] == b"\x00\x02" and core[pos + 2:pos + 5] == b"\x02t1"   # u16 count
     wire = m.seal(core, b"k" * 32, b"c" * 16)
     assert wire[len(core)] == 16 and len(wire) == len(core) + 1 + 16 + 16
     msg = m.decode(wire)
@@ -99,8 +99,8 @@ def test_transcript_hash_binds_names_psk_and_both_messages():
 def test_fragment_layout_and_limits():
     msg = bytes(range(256)) * 10     # 2560 bytes -> 3 fragments
     ds = F.fragment(msg, 0x01020304)
-    assert [len(d) for d in ds] == [1200, 1200, 12 + 2560 - 2 * 1188]
-    assert ds[1][:12] == b"QG\x01\x00\x01\x02\x03\x04\x01\x03" + struct.pack("!H", 2560)
+    assert [len(d) for d in ds] == [1200, 1200, 16 + 2560 - 2 * 1184]
+    assert ds[1][:16] == b"QG\x02\x00\x01\x02\x03\x04\x00\x01\x00\x03" + struct.pack("!I", 2560)
     with pytest.raises(LocalProtocolError):
         F.fragment(b"x" * (F.MAX_MESSAGE + 1), 1)
     r = F.Reassembler()
@@ -128,8 +128,8 @@ def test_reassembly_bounds_eviction_timeout_and_conflicts():
     r.feed(good[0], 31)
     with pytest.raises(RemoteProtocolError, match="disagree"):
         r.feed(F.fragment(b"a" * 2000, 9)[0], 31)
-    for bad, why in [(b"XX" + good[0][2:], "magic"), (good[0][:2] + b"\x02" + good[0][3:], "version"),
+    for bad, why in [(b"XX" + good[0][2:], "magic"), (good[0][:2] + b"\x01" + good[0][3:], "version"),
                      (good[0][:-1], "carries"), (good[0] + b"x", "exceeds"),
-                     (good[0][:8] + b"\x05" + good[0][9:], "index")]:
+                     (good[0][:8] + b"\x00\x05" + good[0][10:], "index")]:
         with pytest.raises(RemoteProtocolError, match=why):
             F.parse_header(bad)

@@ -16,7 +16,7 @@ from test_network import group
 
 from qkdgate.gateway.protocol import events as E
 from qkdgate.gateway.protocol import messages as m
-from qkdgate.gateway.protocol.fragment import fragment
+from qkdgate.gateway.protocol.fragment import HEADER, fragment
 from qkdgate.gateway.protocol.messages import MsgType
 
 RECEIVER = {MsgType.RESP: "gw-a", MsgType.CONFIRM: "gw-b", MsgType.DONE: "gw-a",
@@ -58,7 +58,7 @@ def forge_before(mtype: MsgType, n: int = FORGERIES, field: str | None = None):
         for t, ds in group(dgrams):
             if t == mtype and not state["done"]:
                 state["done"] = True
-                raw = b"".join(d[12:] for d in ds)
+                raw = b"".join(d[HEADER.size:] for d in ds)
                 out.extend(forged_copies(raw, n, field if field else FIELD[mtype]))
             out.extend(ds)
         return out
@@ -110,7 +110,7 @@ def test_forged_aborts_change_nothing():
             return dgrams
         out: list[bytes] = []
         for _, ds in group(dgrams):
-            real = m.decode(b"".join(d[12:] for d in ds))
+            real = m.decode(b"".join(d[HEADER.size:] for d in ds))
             for i in range(FORGERIES):
                 values = {"generation": 1, "sender_role": m.ROLE_RESPONDER,
                           "code": m.AbortCode.QKD_UNAVAILABLE, "detail": "forged",

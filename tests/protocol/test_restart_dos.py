@@ -11,7 +11,7 @@ from test_network import group
 from qkdgate.gateway.protocol import events as E
 from qkdgate.gateway.protocol import messages as m
 from qkdgate.gateway.protocol.config import SessionConfig
-from qkdgate.gateway.protocol.fragment import fragment
+from qkdgate.gateway.protocol.fragment import HEADER, fragment
 from qkdgate.gateway.protocol.session import PeerSession
 
 
@@ -295,7 +295,7 @@ def test_unauthenticated_epoch_never_wins_a_collision():
     b.session.handle_timer(p.now)
     b.pump(p.now)
     ini = b.session._ini
-    assert any(m.decode(b"".join(d[12:] for d in ds))["nonce"] > ini.nonce_i for ds in old)
+    assert any(m.decode(b"".join(d[HEADER.size:] for d in ds))["nonce"] > ini.nonce_i for ds in old)
     for ds in old:
         _feed(b, ds, p.now)
     b.pump(p.now)

@@ -8,7 +8,7 @@ from test_network import group
 
 from qkdgate.gateway.protocol import events as E
 from qkdgate.gateway.protocol import messages as m
-from qkdgate.gateway.protocol.fragment import fragment
+from qkdgate.gateway.protocol.fragment import HEADER, fragment
 from qkdgate.gateway.protocol.messages import MsgType
 
 HEADER_FIELDS = {"type": 0, "version": 1, "flags": 2, "sender_epoch": 4,
@@ -36,7 +36,7 @@ def tamper(mtype: MsgType, field: str, psk: bytes | None = None):
         for t, ds in group(dgrams):
             if t == mtype and not state["done"]:
                 state["done"] = True
-                raw = b"".join(d[12:] for d in ds)
+                raw = b"".join(d[HEADER.size:] for d in ds)
                 msg = m.decode(raw)
                 core = bytearray(msg.core)
                 if field in HEADER_FIELDS:

@@ -20,7 +20,7 @@ import struct
 import uuid
 
 LABEL = b"qkdgate/1"
-MAX_DATAGRAM, FRAG_HEADER, FRAG_PAYLOAD, MAX_MESSAGE = 1200, 12, 1188, 16384
+MAX_DATAGRAM, FRAG_HEADER, FRAG_PAYLOAD, MAX_MESSAGE = 1200, 16, 1184, 8192 + 4096 * 261
 
 
 def H(x: bytes) -> bytes:                       # section 2
@@ -32,8 +32,8 @@ def H(x: bytes) -> bytes:                       # section 2
 def parse_datagram(d: bytes) -> dict:
     if not FRAG_HEADER < len(d) <= MAX_DATAGRAM:
         raise ValueError("datagram length")
-    magic, version, flags, mid, index, count, total = struct.unpack(">2sBBIBBH", d[:12])
-    if magic != b"QG" or version != 1 or flags != 0 or not 1 <= total <= MAX_MESSAGE:
+    magic, version, flags, mid, index, count, total = struct.unpack(">2sBBIHHI", d[:16])
+    if magic != b"QG" or version != 2 or flags != 0 or not 1 <= total <= MAX_MESSAGE:
         raise ValueError("datagram header")
     if count != -(-total // FRAG_PAYLOAD) or index >= count:
         raise ValueError("fragment count/index")
@@ -41,7 +41,7 @@ def parse_datagram(d: bytes) -> dict:
     if len(d) - FRAG_HEADER != want:
         raise ValueError("fragment payload length")
     return {"message_id": mid, "index": index, "count": count, "total": total,
-            "payload": d[12:]}
+            "payload": d[16:]}
 
 
 def reassemble(datagrams: list[bytes]) -> tuple[int, bytes]:
@@ -109,7 +109,7 @@ def _field(r: _R, kind: str):
         return [key_id_text(r.take(16)) for _ in range(r.uint(1))]
     if kind == "spis":
         out = []
-        for _ in range(r.uint(1)):
+        for _ in range(r.uint(2)):
             tid = r.take(r.uint(1)).decode("utf-8")
             out.append([tid, SPI_KINDS[r.uint(1)], r.uint(4)])
         return out

@@ -56,10 +56,11 @@ def _messages(vec):
 
 
 def test_reference_reads_a_known_datagram_header():
-    d = b"QG\x01\x00" + (7).to_bytes(4, "big") + b"\x00\x01" + (3).to_bytes(2, "big") + b"abc"
+    d = (b"QG\x02\x00" + (7).to_bytes(4, "big") + b"\x00\x00\x00\x01"
+         + (3).to_bytes(4, "big") + b"abc")
     assert ref.reassemble([d]) == (7, b"abc")
     with pytest.raises(ValueError, match="datagram header"):
-        ref.parse_datagram(d[:2] + b"\x02" + d[3:])     # datagram version 2
+        ref.parse_datagram(d[:2] + b"\x01" + d[3:])     # datagram version 1 (u8 counts)
 
 
 def test_reference_ed25519_rfc8032_test_1():
