@@ -136,6 +136,7 @@ class Exchange:
     kem_ciphertext: bytes = b""
     x_public: bytes = b""
     cookie_at: float = -1e18       # initiator: last cookie; responder: last cached RESP
+    collision_resent_at: float = -1e18   # initiator: last INIT resent after a won collision
 
     def wipe(self, *, session: bool = False) -> None:
         """Forget this exchange's ephemeral secrets (and its session secret

@@ -496,6 +496,23 @@ class PeerSession:
         self._timers.initiator_sent(ex, now)
         self._send(wire)
 
+    def _resend_after_collision(self, ex: Exchange, now: float) -> None:
+        """We won a collision: send our INIT again now rather than at the
+        retransmission timer. The peer may never have seen it (it was sent
+        while the peer was not yet listening), and it will answer it the
+        moment it arrives (it loses the same comparison), so the collision
+        resolves within one round trip instead of waiting up to
+        ``retransmit_max`` (issue 19; docs/protocol.md 7). At most once per
+        half ``retransmit_base``, like a cached RESP, so replayed INITs are
+        not amplified; the retransmission backoff restarts, since the peer
+        has just shown it is there."""
+        if ex.state != S.I_INIT_SENT or now - ex.collision_resent_at \
+                < self.config.retransmit_base / 2:
+            return
+        ex.collision_resent_at = now
+        self.stats["collision_resend"] += 1
+        self._transmit(ex, ex.wire, now)
+
     def _on_resp(self, msg: Message, now: float) -> None:
         ex = self._ini
         if ex is None or msg.exchange_id != ex.xid or msg.receiver_epoch != self.epoch:
@@ -695,6 +712,7 @@ class PeerSession:
             if ini.state in (S.I_QKD, S.I_INIT_SENT):
                 if ini.nonce_i and ini.nonce_i > msg["nonce"]:
                     self.stats["collision_won"] += 1   # the peer will answer ours
+                    self._resend_after_collision(ini, now)
                     return
                 self.stats["collision_lost"] += 1
                 self._drop(ini)

@@ -77,3 +77,29 @@ def test_collision_during_rekey_both_timers_fire_together():
     assert [e.generation for e in p.a.of(E.SessionEstablished)] == [1, 2]
     assert [e.generation for e in p.b.of(E.SessionEstablished)] == [1, 2]
     assert_keys_match(p, 2)
+
+
+def test_a_collision_won_against_a_late_peer_resolves_in_one_round_trip():
+    """A's INIT was lost (B not listening yet) and its retransmission is
+    seconds away; B's own INIT arrives and loses the nonce comparison. A
+    sends its INIT again at once, B answers: established without waiting
+    for A's retransmission timer (issue 19)."""
+    for seed in range(0, 40, 10):
+        p = make_pair(seed=seed, start="both", qkd=None)
+        for gw in (p.a, p.b):
+            gw.session.handle_timer(p.now)             # both initiate at start
+        p.a.session.datagrams_to_send(p.now)          # A's first INIT: lost
+        a_nonce = p.a.session._ini.nonce_i
+        b_nonce = p.b.session._ini.nonce_i
+        if a_nonce < b_nonce:
+            continue                                   # B wins: it answers at once anyway
+        retx_at = p.a.session._ini.retx_at
+        p.settle()                                     # no time passes
+        assert p.a.session.stats["collision_won"] == 1
+        assert p.a.session.stats["collision_resend"] == 1
+        assert p.b.session.stats["collision_lost"] == 1
+        assert len(p.a.of(E.SessionEstablished)) == len(p.b.of(E.SessionEstablished)) == 1
+        assert p.now < retx_at
+        assert_keys_match(p, 1)
+        return
+    raise AssertionError("no seed where A wins the comparison")
