@@ -5,6 +5,13 @@ UDP socket per gateway carries the peer protocol for every peer.
 :class:`GatewayEndpoint` (an :class:`asyncio.DatagramProtocol`) hands each
 datagram to the :class:`PeerDriver` of the peer it came from; a datagram
 from an address no peer uses is counted and dropped before any parsing.
+When several configured peers share the source address (behind one NAT, or
+one process speaking for many peers), the address does not say which: the
+endpoint reassembles the message itself and routes it by the session it
+names -- its receiver epoch, or for an INIT its signer
+(:class:`~qkdgate.gateway.protocol.demux.Demux`, docs/protocol.md 3.3).
+Replies always go to the peer's configured address, never to a datagram's
+source.
 A :class:`PeerDriver` owns one
 :class:`~qkdgate.gateway.protocol.session.PeerSession` and after every input
 (datagram, timer, answer to an event) *pumps* it: send what
@@ -31,6 +38,7 @@ import socket
 from collections.abc import Callable, Sequence
 from typing import Protocol, TypeVar
 
+from qkdgate.gateway.protocol.demux import Demux
 from qkdgate.interfaces import QkdKey
 
 log = logging.getLogger("qkdgate.udp")
@@ -44,6 +52,13 @@ class Session(Protocol):
     :class:`~qkdgate.gateway.protocol.session.PeerSession`."""
 
     def receive_datagram(self, data: bytes, now: float) -> None: ...
+    def receive_message(self, raw: bytes, now: float) -> None: ...
+    @property
+    def epoch(self) -> int: ...
+    @property
+    def max_message(self) -> int: ...
+    def accepts_signer(self, key_id: bytes) -> bool: ...
+    def accepts_mac1(self, raw: bytes) -> bool: ...
     def handle_timer(self, now: float) -> None: ...
     def get_timer(self) -> float | None: ...
     def datagrams_to_send(self, now: float) -> Sequence[bytes]: ...
@@ -86,6 +101,13 @@ class PeerDriver:
         self.stats["rx"] += 1
         self.stats["rx_bytes"] += len(data)
         self._run("receive_datagram", lambda s: s.receive_datagram(data, self.clock()))
+        self.pump()
+
+    def message_received(self, raw: bytes) -> None:
+        """A whole message the endpoint reassembled and routed here."""
+        self.stats["rx"] += 1
+        self.stats["rx_bytes"] += len(raw)
+        self._run("receive_message", lambda s: s.receive_message(raw, self.clock()))
         self.pump()
 
     def _on_timer(self) -> None:
@@ -213,18 +235,21 @@ def _norm(host: str) -> str:
 
 
 class GatewayEndpoint(asyncio.DatagramProtocol):
-    """The one UDP socket; routes datagrams to drivers by source address."""
+    """The one UDP socket; routes datagrams to drivers by source address,
+    and by session when several peers share that address."""
 
     def __init__(self) -> None:
-        self.by_addr: dict[tuple[str, int], PeerDriver] = {}
+        self.by_addr: dict[tuple[str, int], list[PeerDriver]] = {}
         self.by_host: dict[str, list[PeerDriver]] = {}
         self.transport: asyncio.DatagramTransport | None = None
         self.unknown = 0
+        self._demux: dict[tuple[str, int], tuple[tuple[PeerDriver, ...], Demux]] = {}
 
     def add(self, driver: PeerDriver) -> None:
         host, port = _norm(driver.address[0]), driver.address[1]
-        self.by_addr[(host, port)] = driver
+        self.by_addr.setdefault((host, port), []).append(driver)
         self.by_host.setdefault(host, []).append(driver)
+        self._demux.clear()
         self._attach(driver)
 
     def _attach(self, driver: PeerDriver) -> None:
@@ -238,29 +263,54 @@ class GatewayEndpoint(asyncio.DatagramProtocol):
 
     def remove(self, driver: PeerDriver) -> None:
         host, port = _norm(driver.address[0]), driver.address[1]
-        self.by_addr.pop((host, port), None)
-        if driver in self.by_host.get(host, []):
-            self.by_host[host].remove(driver)
+        for drivers in (self.by_addr.get((host, port), []), self.by_host.get(host, [])):
+            if driver in drivers:
+                drivers.remove(driver)
+        self._demux.clear()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        for d in self.by_addr.values():
-            self._attach(d)
+        for drivers in self.by_addr.values():
+            for d in drivers:
+                self._attach(d)
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         host, port = _norm(addr[0]), addr[1]
-        driver = self.by_addr.get((host, port))
-        if driver is None:
-            # A NAT may change the source port; a host with exactly one peer is unambiguous.
-            same_host = self.by_host.get(host, [])
-            driver = same_host[0] if len(same_host) == 1 else None
-        if driver is None:
+        # The peers configured at this address and port; else at this host,
+        # for a NAT that changed the source port.
+        drivers = self.by_addr.get((host, port)) or self.by_host.get(host, [])
+        if len(drivers) == 1:
+            drivers[0].datagram_received(data)
+            return
+        if not drivers:
             self.unknown += 1
             if self.unknown <= 10 or self.unknown % 1000 == 0:
                 log.warning("dropped datagram from %s:%d: not a configured peer (%d so far)",
                             host, port, self.unknown)
             return
-        driver.datagram_received(data)
+        self._shared(data, (host, port), drivers)
+
+    def _shared(self, data: bytes, source: tuple[str, int], drivers: list[PeerDriver]) -> None:
+        """Several peers share this source: reassemble here, route by session."""
+        usable = tuple(d for d in drivers if not (d.closed or d.failed))
+        if not usable:
+            return
+        entry = self._demux.get(source)
+        if entry is None or entry[0] != usable:
+            # a new set of sessions (one failed and was rebuilt): new routing state
+            entry = self._demux[source] = (usable, Demux([d.session for d in usable]))
+        routed = entry[1].feed(data, usable[0].clock(), [d.session for d in usable])
+        if routed is not None:
+            usable[routed[0]].message_received(routed[1])
+
+    def demux_stats(self) -> dict[str, int]:
+        """Messages from shared source addresses that were refused or could
+        not be routed (per reason), summed over the sources."""
+        total = {"fragment": 0, "unrouted": 0, "ambiguous": 0}
+        for _, demux in self._demux.values():
+            for k, v in demux.stats.items():
+                total[k] += v
+        return total
 
     def error_received(self, exc: Exception) -> None:
         # ICMP unreachable and friends: the protocol's retransmissions cope.

@@ -232,18 +232,44 @@ class PeerSession:
             except RemoteProtocolError as exc:
                 self._violation("fragment", str(exc), now)
                 return
-            if raw is None:
-                return
-            if not m.check_mac1(raw, self._mac_in):
-                self._violation("mac1", "bad mac1 (not for us, wrong PSK, or forged)", now)
-                return
-            try:
-                msg = m.decode(raw)
-                self._handlers[msg.type](msg, now)
-            except AuthenticationFailed as exc:
-                self._violation("auth", str(exc), now)
-            except RemoteProtocolError as exc:
-                self._violation("malformed", str(exc), now)
+            if raw is not None:
+                self._message(raw, now)
+
+    def receive_message(self, raw: bytes, now: float) -> None:
+        """Feed one message reassembled elsewhere: the daemon's socket
+        reassembles itself when several peers share one source address and
+        routes the message here by its epochs or signer
+        (:mod:`~qkdgate.gateway.protocol.demux`). Same rules as
+        :meth:`receive_datagram` from mac1 on."""
+        with self._guard():
+            self._message(raw, now)
+
+    def _message(self, raw: bytes, now: float) -> None:
+        if not m.check_mac1(raw, self._mac_in):
+            self._violation("mac1", "bad mac1 (not for us, wrong PSK, or forged)", now)
+            return
+        try:
+            msg = m.decode(raw)
+            self._handlers[msg.type](msg, now)
+        except AuthenticationFailed as exc:
+            self._violation("auth", str(exc), now)
+        except RemoteProtocolError as exc:
+            self._violation("malformed", str(exc), now)
+
+    def accepts_signer(self, key_id: bytes) -> bool:
+        """Does this session pin an identity with this key id (an INIT's
+        ``signer_id``)? For routing only: nothing is trusted by it."""
+        return any(p.key_id == key_id for p in self.peer_identities)
+
+    def accepts_mac1(self, raw: bytes) -> bool:
+        """Is ``raw``'s mac1 keyed for this session (our name, our PSK)? For
+        routing only; :meth:`receive_message` checks it again."""
+        return m.check_mac1(raw, self._mac_in)
+
+    @property
+    def max_message(self) -> int:
+        """The longest message this session reassembles (docs/protocol.md 3.2)."""
+        return self._reasm.max_message
 
     def handle_timer(self, now: float) -> None:
         with self._guard():

@@ -104,3 +104,42 @@ def test_a_garbage_fragment_stream_keeps_memory_bounded():
     assert high <= C.MAX_PARTIAL * limit
     assert sess.stats["violation_fragment"] > 1000
     assert not sess.failed
+
+
+class _Cand:
+    def __init__(self, epoch, signers, mac_ok=True, limit=30_000):
+        self.epoch, self.signers, self.mac_ok, self.max_message = epoch, signers, mac_ok, limit
+
+    def accepts_signer(self, key_id):
+        return key_id in self.signers
+
+    def accepts_mac1(self, raw):
+        return self.mac_ok
+
+
+def test_demux_routes_by_receiver_epoch_then_init_signer_and_bounds_memory():
+    from test_codec import init_values
+
+    from qkdgate.gateway.protocol.demux import Demux
+    cands = [_Cand(11, {b"A" * 8}), _Cand(22, {b"B" * 8}), _Cand(33, {b"B" * 8}, mac_ok=False)]
+    dm = Demux(cands)
+    done = m.seal(m.encode_core(m.MsgType.DONE, 5, 22, 1, {"generation": 1, "tag": bytes(32)}),
+                  bytes(32))
+    assert dm.route(done, cands) == 1                          # receiver epoch
+    init = dict(init_values(), signer_id=b"B" * 8)
+    raw = m.seal(m.encode_core(m.MsgType.INIT, 5, 0, 1, init), bytes(32))
+    assert dm.route(raw, cands) == 1                           # signer, and mac1 for that name
+    cands[2].mac_ok = True
+    assert dm.route(raw, cands) is None and dm.stats["ambiguous"] == 1
+    stray = m.seal(m.encode_core(m.MsgType.DONE, 5, 99, 1, {"generation": 1, "tag": bytes(32)}),
+                   bytes(32))
+    assert dm.route(stray, cands) is None and dm.stats["unrouted"] == 1
+    # fragments: one source shared by 3 peers holds at most 3 x MAX_PARTIAL messages
+    rnd = __import__("random").Random(1)
+    for i in range(500):
+        d = F.HEADER.pack(F.MAGIC, F.VERSION, 0, rnd.getrandbits(32), 0, 20, 20 * 1184) \
+            + rnd.randbytes(F.FRAGMENT_PAYLOAD)
+        assert dm.feed(d, float(i) * 0.001, cands) is None
+    assert dm.buffered_bytes <= 3 * C.MAX_PARTIAL * F.FRAGMENT_PAYLOAD
+    big = F.fragment(os.urandom(30_001), 3)[0]
+    assert dm.feed(big, 1.0, cands) is None and dm.stats["fragment"] == 1

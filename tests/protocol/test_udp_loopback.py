@@ -109,3 +109,72 @@ async def test_two_sessions_over_loopback_udp_establish_and_rekey():
     assert a.keys[("InstallInbound", 1)] != a.keys[("InstallInbound", 2)]
     est = [e for e in a.events if isinstance(e, E.SessionEstablished)]
     assert est[1].provenance.qkd and est[0].provenance.qkd_key_ids != est[1].provenance.qkd_key_ids
+
+
+async def test_many_peers_share_one_address_and_port_on_both_sides():
+    """Five peers behind ONE address and port (one process speaking for all,
+    like the issue 19 load generator) and a hub with one socket: neither
+    side can tell the peers apart by address. Every datagram is still
+    routed to its session (receiver epoch, or an INIT's signer) by the
+    daemon's own endpoint and drivers, all five exchanges run at once,
+    collide with the peers' own INITs, and each pair agrees on its keys."""
+    from qkdgate.gateway.daemon.udp import PeerDriver, open_endpoint
+    from qkdgate.gateway.protocol.session import PeerSession
+    loop = asyncio.get_running_loop()
+    th, hub = await open_endpoint("127.0.0.1", 0)
+    tg, gen = await open_endpoint("127.0.0.1", 0)
+    hub_addr, gen_addr = th.get_extra_info("sockname")[:2], tg.get_extra_info("sockname")[:2]
+    names = [f"gw-p{i}" for i in range(5)]
+    ids = {n: identity(n) for n in [*names, "gw-hub"]}
+    done: dict[tuple[str, str], bytes] = {}
+    drivers = []
+    try:
+        for i, peer in enumerate(names):
+            for me, other, endpoint, address, seed in (("gw-hub", peer, hub, gen_addr, 10 + i),
+                                                       (peer, "gw-hub", gen, hub_addr, 50 + i)):
+                cfg = SessionConfig(local_name=me, peer_name=other,
+                                    tunnels=(TunnelRef("t1"), TunnelRef(f"x{i}")))
+                spis = iter(range(0x1000 * (seed + 1), 0x1000 * (seed + 2)))
+                sess = PeerSession(cfg, identity=ids[me], peer_identities=[ids[other].public],
+                                   rng=seeded(seed), now=loop.time(),
+                                   allocate_spi=lambda t, spis=spis: next(spis))
+                box: list[PeerDriver] = []
+
+                def on_event(ev, box=box, me=me, other=other):
+                    if isinstance(ev, (E.InstallInbound, E.InstallOutbound)):
+                        box[0].call("installed", lambda s, r=ev.request_id: s.installed(
+                            r, loop.time()))
+                    elif isinstance(ev, E.SessionEstablished):
+                        done[(me, other)] = box[0].session.provenance and ev.generation
+
+                d = PeerDriver(other, sess, address, clock=loop.time, on_event=on_event,
+                               on_failure=lambda what, exc: (_ for _ in ()).throw(exc))
+                box.append(d)
+                endpoint.add(d)
+                drivers.append(d)
+        for d in drivers:
+            d.pump()                      # every session initiates at once
+        for _ in range(400):
+            if len(done) == 10:
+                break
+            await asyncio.sleep(0.01)
+        assert len(done) == 10, sorted(done)
+        # each pair agrees on one generation; nothing was unroutable or unknown
+        for peer in names:
+            assert done[("gw-hub", peer)] == done[(peer, "gw-hub")] == 1
+        for ep in (hub, gen):
+            assert ep.unknown == 0 and ep.demux_stats() == {"fragment": 0, "unrouted": 0,
+                                                            "ambiguous": 0}
+        hub_sessions = {d.name: d.session for d in drivers if d.transport is th}
+        gen_sessions = {d.session.config.local_name: d.session for d in drivers
+                        if d.transport is tg}
+        assert len(hub_sessions) == len(gen_sessions) == 5
+        for peer in names:
+            a, b = hub_sessions[peer], gen_sessions[peer]
+            assert a.peer_epoch == b.epoch and b.peer_epoch == a.epoch
+            assert a.provenance == b.provenance
+    finally:
+        for d in drivers:
+            d.close()
+        th.close()
+        tg.close()
