@@ -13,19 +13,10 @@ from qkdgate.gateway.daemon.sdnotify import SdNotifier
 from qkdgate.testing.fakes import RecordingIpsecBackend
 
 
-class FreshKernel(RecordingIpsecBackend):
-    """A kernel with no policies of a previous run. Tunnel setup dumps all
-    policies per tunnel (quadratic in N: the tunnels area's to make linear);
-    answering that dump with nothing keeps this test about the protocol."""
-
-    def list_policies(self):
-        return []
-
-
 async def test_4096_tunnels_on_one_peer_establish_with_one_exchange(tmp_path):
     n = 4096
     cfg_a, cfg_b, _, _ = write_scale_pair(tmp_path, n)
-    kernels = [FreshKernel(), FreshKernel()]
+    kernels = [RecordingIpsecBackend(), RecordingIpsecBackend()]
     ds = [Daemon(cfg, ipsec_backend=k, notifier=SdNotifier({}),
                  control_path=str(tmp_path / f"{i}.sock"))
           for i, (cfg, k) in enumerate(zip((cfg_a, cfg_b), kernels, strict=True))]
