@@ -157,7 +157,8 @@ class Daemon:
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         if self._tg is not None:
             task = self._tg.create_task(coro, name=name)
-        else:   # starting or stopping: still deliver (e.g. daemon_stopping to telemetry)
+        else:   # starting or stopping: still deliver (e.g. daemon_stopping to telemetry);
+            # _shutdown waits for these briefly, then cancels them
             task = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -185,6 +186,10 @@ class Daemon:
                 log.info("gateway %s running: %d peer(s), %d tunnel(s)",
                          self.config.gateway.name, len(self.runners), len(self.tunnels.tunnels))
                 await self._stop.wait()
+                # The group is closing: a task spawned from here on (an event
+                # emitted while a loop unwinds) belongs to the event loop, not
+                # to a group that refuses it ("TaskGroup is finished").
+                self._tg = None
                 for task in loops + list(self._tasks):
                     task.cancel()
         except BaseExceptionGroup as group:

@@ -27,6 +27,7 @@ from qkdgate.gateway.protocol.events import (
     RetireGeneration,
     SessionEstablished,
 )
+from qkdgate.gateway.telemetry.events import DaemonStopping
 from qkdgate.interfaces import Direction, PolicyAction
 from qkdgate.keymix import labels
 from qkdgate.keymix.combiner import Provenance, SessionSecret
@@ -713,3 +714,37 @@ async def test_a_bug_in_a_tunnel_install_fails_the_peer_closed(tmp_path):
         assert d.status()["tunnels"][0]["state"] == "blocked" and be.sas == {}
     finally:
         await stopped(d, task)
+
+
+# ---------------------------------------------------------------- shutdown race
+
+async def test_events_emitted_while_the_daemon_stops_are_still_delivered(env):
+    """Found under load (test_two_daemons, json binding): an event emitted
+    from a loop callback (a datagram, a timer) after stop() reached an async
+    subscriber through a TaskGroup that had finished, which raised
+    "TaskGroup ... is finished" into the emitter. Emitting on every loop turn
+    until run() returns hits that window; every event must reach the
+    subscriber and nothing may be logged as an error."""
+    d = env[0]
+    got = []
+
+    async def subscriber(event):
+        got.append(event.name)
+
+    d.subscribe(subscriber)
+    task = await started(d)
+    loop = asyncio.get_running_loop()
+    sent = 0
+
+    def emit_again():
+        nonlocal sent
+        if not task.done():
+            d.emit(DaemonStopping(False))
+            sent += 1
+            loop.call_soon(emit_again)
+
+    d.stop()
+    loop.call_soon(emit_again)
+    await asyncio.wait_for(task, 5)
+    await settle()
+    assert sent >= 2 and got.count("daemon_stopping") == sent + 1, (sent, got)
