@@ -36,12 +36,30 @@ def s_name(args: tuple[str, ...]) -> str:
     return ("macsec-" if "--macsec" in args else "") + f"{time.time():.0f}"
 
 
+def check_report(folder) -> None:
+    """The run report of the real demo (issue 14): an offline page and its
+    figures, drawn from this run (the host tests check the drawing itself)."""
+    html = (folder / "report.html").read_text()
+    assert "<script" not in html and "http://" not in html and "https://" not in html
+    pngs = sorted(folder.glob("*.png"))
+    assert len(pngs) == 3, pngs
+    for p in pngs:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000, p
+        assert p.name in html or "data:image/png;base64," in html
+    assert "timeline" in json.loads((folder / "summary.json").read_text())
+    if os.environ.get("LAB_OUT"):
+        shutil.copytree(folder, os.path.join(os.environ["LAB_OUT"], "demo-report"), dirs_exist_ok=True)
+
+
 def phase(stream: dict, name: str) -> dict:
     return stream["by_phase"].get(name, {"sent": 0, "received": 0, "lost": 0})
 
 
 def test_demo_pqc_fallback_alarm_fallback_recovery(tmp_path):
-    s, out = run_demo(tmp_path, "--duration", "30", "--eavesdrop-at", "9", "--eavesdrop-for", "9")
+    report = tmp_path / "report"
+    s, out = run_demo(tmp_path, "--duration", "30", "--eavesdrop-at", "9", "--eavesdrop-for", "9",
+                      "--report", str(report))
+    check_report(report)
     a = s["tunnels"]["gw-a/lan"]
     assert a["rekeys"] >= 6 and s["tunnels"]["gw-b/lan"]["rekeys"] >= 6
     # the QBER alarm, after the eavesdropper arrived
