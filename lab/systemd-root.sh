@@ -43,9 +43,16 @@ log() { echo "systemd-root: $*" >&2; }
 die() { echo "systemd-root: ERROR: $*" >&2; exit 126; }
 
 # The source files that make up the installed package, hashed in a fixed order.
+# The folders are pyproject's package-dir mapping, read from it (a hard-coded
+# list missed keyservice/ when it was added, and pip then failed).
+pkg_dirs() {
+  python3 -c 'import sys, tomllib; print(*sorted(set(tomllib.load(open(sys.argv[1], "rb"))["tool"]["setuptools"]["package-dir"].values())))' \
+    "$ROOT/pyproject.toml"
+}
 src_files() {
-  (cd "$ROOT" && git ls-files -co --exclude-standard -- pyproject.toml README.md qkdgate gateway \
-      keymix tunnels adapters | LC_ALL=C sort)
+  # shellcheck disable=SC2046  # one word per folder
+  (cd "$ROOT" && git ls-files -co --exclude-standard -- pyproject.toml README.md $(pkg_dirs) \
+     | LC_ALL=C sort)
 }
 src_hash() {
   (cd "$ROOT" && { echo "recipe $PKG_VERSION"
