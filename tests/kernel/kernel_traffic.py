@@ -148,7 +148,8 @@ class Stream:
         self.dst_ns = dst_ns
         self.sent_at: list[float] = []
         self.send_errors = 0
-        self.received: set[int] = set()
+        self.received: set[int] = set()   # read it while running via received_set()
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._rx_stop = threading.Event()
         self.rcvbuf0 = udp_rcvbuf_errors(dst_ns)
@@ -184,10 +185,16 @@ class Stream:
             except TimeoutError:
                 continue
             if data.startswith(PATTERN):
-                self.received.add(struct.unpack_from("!Q", data, n)[0])
+                with self._lock:
+                    self.received.add(struct.unpack_from("!Q", data, n)[0])
+
+    def received_set(self) -> set[int]:
+        """A copy, safe while the receiver thread still adds to it."""
+        with self._lock:
+            return set(self.received)
 
     def received_since(self, t: float) -> int:
-        return sum(1 for s in self.received if s < len(self.sent_at) and self.sent_at[s] >= t)
+        return sum(1 for s in self.received_set() if s < len(self.sent_at) and self.sent_at[s] >= t)
 
     def stop(self, drain: float = 1.0) -> None:
         self._stop.set()
