@@ -38,7 +38,7 @@ import socket
 from collections.abc import Callable, Sequence
 from typing import Protocol, TypeVar
 
-from qkdgate.gateway.protocol.demux import Demux
+from qkdgate.gateway.protocol.demux import Candidate, Demux
 from qkdgate.interfaces import QkdKey
 
 log = logging.getLogger("qkdgate.udp")
@@ -47,18 +47,13 @@ MAX_DATAGRAM = 65535
 T = TypeVar("T")
 
 
-class Session(Protocol):
+class Session(Candidate, Protocol):
     """What the daemon calls on a sans-IO
-    :class:`~qkdgate.gateway.protocol.session.PeerSession`."""
+    :class:`~qkdgate.gateway.protocol.session.PeerSession` (routing's
+    :class:`Candidate` reads, plus the calls below)."""
 
     def receive_datagram(self, data: bytes, now: float) -> None: ...
     def receive_message(self, raw: bytes, now: float) -> None: ...
-    @property
-    def epoch(self) -> int: ...
-    @property
-    def max_message(self) -> int: ...
-    def accepts_signer(self, key_id: bytes) -> bool: ...
-    def accepts_mac1(self, raw: bytes) -> bool: ...
     def handle_timer(self, now: float) -> None: ...
     def get_timer(self) -> float | None: ...
     def datagrams_to_send(self, now: float) -> Sequence[bytes]: ...
