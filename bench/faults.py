@@ -312,18 +312,14 @@ class Forwarder:
             return
         self.open.update((writer, up_w))
 
-        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        from qkdgate.gateway.demo.net import pipe
+
+        async def tracked(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
             try:
-                while data := await r.read(65536):
-                    w.write(data)
-                    await w.drain()
-            except (OSError, asyncio.IncompleteReadError):
-                pass
+                await pipe(r, w)
             finally:
-                with contextlib.suppress(OSError, RuntimeError):
-                    w.close()
                 self.open.discard(w)
-        await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer))
+        await asyncio.gather(tracked(reader, up_w), tracked(up_r, writer))
 
     async def close(self) -> None:
         self.cut(True)

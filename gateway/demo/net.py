@@ -312,21 +312,24 @@ class TcpForwarder:
             writer.close()
             return
 
-        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            try:
-                while data := await r.read(65536):
-                    w.write(data)
-                    await w.drain()
-            except (OSError, asyncio.IncompleteReadError):
-                pass
-            finally:
-                with contextlib.suppress(OSError, RuntimeError):   # closed, or loop closing
-                    w.close()
         await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer))
 
     async def close(self) -> None:
         if self.server is not None:
             self.server.close()
+
+
+async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    """Copy ``r`` to ``w`` until EOF or a connection error, then close ``w``."""
+    try:
+        while data := await r.read(65536):
+            w.write(data)
+            await w.drain()
+    except (OSError, asyncio.IncompleteReadError):
+        pass
+    finally:
+        with contextlib.suppress(OSError, RuntimeError):   # closed, or loop closing
+            w.close()
 
 
 def loopback_listener(netns: str) -> socket.socket:
