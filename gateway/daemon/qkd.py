@@ -207,7 +207,11 @@ class QkdFetcher:
         self._on_qkd_lost(peer, f"QKD key source unreachable: {err}")
 
     def _status(self, peer: str, source: str, t0: float, st: KeySourceStatus) -> None:
-        self._emit(QkdStatus(peer, source, st.stored_key_count, st.max_key_count, st.qber,
+        # ETSI GS QKD 004 has no pool size: its source reports 0/0 and says so;
+        # None keeps a key-pool gauge (and the KeyPoolLow alert) off it.
+        known = st.extensions.get("etsi004_pool_known") is not False
+        self._emit(QkdStatus(peer, source, st.stored_key_count if known else None,
+                             st.max_key_count if known else None, st.qber,
                              st.link_up, tuple(st.alarms)))
         alarms = tuple(st.alarms)
         if alarms and self._alarmed.get(source) != alarms:

@@ -160,6 +160,13 @@ async def test_etsi004_key_streams_key_both_daemons(tmp_path, kme, binding):
         assert all(ids) and len({i for batch in ids for i in batch}) == len(ids)
         assert all(uuid.UUID(batch[0]).version == 8 for batch in ids)
         assert keys_match(p.be_a, p.be_b) >= 1, "no outbound SA has its peer's inbound SA"
+        # 004 has no pool size: the status polls say "unknown" (None), never an
+        # empty pool (0 keys would fire KeyPoolLow, monitoring/alerts.yml)
+        polls = [e for e in p.events_a + p.events_b if e["event"] == "qkd_status"]
+        assert polls and all(e["stored_key_count"] is None and e["max_key_count"] is None
+                             for e in polls), polls
+        (link,) = (await p.a._ctl_qkd({}))["links"]
+        assert link["stored_key_count"] is None and link["link_up"] is True
 
 
 async def test_pqc_fallback_continues_without_qkd_and_returns_to_hybrid(tmp_path, kme):
