@@ -9,8 +9,9 @@ bindings behind one interface (:class:`Etsi004Transport`), chosen per key
 source by ``binding:`` (docs/qkd.md "ETSI 004 bindings"):
 
 * ``etsi-binary`` (default, :mod:`qkdgate.adapters.etsi004_binary`): the
-  binary framing of ETSI's reference interface over mutual TLS, which the
-  open implementations speak (codec: :mod:`qkdgate.adapters.etsi004_frame`).
+  binary framing over mutual TLS transcribed from QUBIP/etsi-qkd-004, which
+  says it follows ETSI's reference interface (untested against either;
+  docs/qkd.md; codec: :mod:`qkdgate.adapters.etsi004_frame`).
 * ``json`` (this module, :class:`Etsi004Client`): qkdgate's own binding,
   JSON over HTTPS POST; no other implementation is known to speak it:
 
