@@ -136,6 +136,8 @@ def vm_argv(args: argparse.Namespace, json_path: str, log_path: str,
         out += ["--after-recovery", f"{args.after_recovery:g}"]
     if args.macsec:
         out.append("--macsec")
+    if getattr(args, "qkd", "014") != "014":
+        out += ["--qkd", args.qkd]
     if args.verbose:
         out.append("--verbose")
     if getattr(args, "report", None):
@@ -163,6 +165,9 @@ def run_in_vm(args: argparse.Namespace, *, root: Path | None = None,
     env = {**os.environ, "LAB_OUT": str(out), "LAB_TIMEOUT": str(timeout)}
     cmd = ["bash", str(run), "--", sys.executable, "-m", "qkdgate.gateway.cli.main", "demo",
            *vm_argv(args, str(summary), str(out / "demo.log"), str(out / "report"))]
+    print("demo: the gateways run inside the VM, so their control sockets (printed below) are "
+          "the VM's: qkdgate top cannot attach from this host; run the demo on a kernel with "
+          "ESP/GCM (--where host) to attach", flush=True)
     rc = call(cmd, env=env, cwd=str(root))
     if getattr(args, "report", None):
         if (out / "report" / "report.html").exists():
@@ -198,6 +203,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="what the tunnels do without QKD keys: fall back to ML-KEM + X25519 "
                         "(default) or block (= hybrid-required)")
     p.add_argument("--macsec", action="store_true", help="also key a MACsec link gA-gB")
+    p.add_argument("--qkd", choices=("014", "004", "004-json"), default="014",
+                   help="how the gateways get QKD keys from the KME simulator: ETSI GS QKD 014 "
+                        "(default), ETSI GS QKD 004 over its binary framing (004; docs/qkd.md), "
+                        "or 004 over qkdgate's JSON binding (004-json)")
     p.add_argument("--json", metavar="FILE", help="write the run's summary as JSON")
     p.add_argument("--report", metavar="DIR",
                    help="write a run report: report.html (self-contained, opens offline), "
@@ -251,7 +260,7 @@ def options(a: argparse.Namespace) -> Any:
                        after_recovery=a.after_recovery,
                        policy=a.policy, macsec=a.macsec, rekey_interval=a.rekey_interval,
                        rate=a.rate, view_interval=a.view_interval, verbose=a.verbose,
-                       log_file=a.log_file, plain=a.plain)
+                       log_file=a.log_file, plain=a.plain, qkd=a.qkd)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,14 +5,18 @@ files, so what it shows is what ``qkdgate run -c FILE`` would do; the files
 pass ``qkdgate check-config`` (a unit test holds this). Everything lives in
 the run's temporary state directory, never in the source tree: identities
 (ML-DSA + Ed25519, mode 0600 like ``qkdgate keygen``), the KME simulator's
-demo PKI, state and control sockets. gw-a is the ETSI GS QKD 014 master
-(calls enc_keys at KME-A), gw-b the slave (dec_keys at KME-B); each reaches
-its own KME on its own loopback.
+demo PKI, state and control sockets. gw-a is the QKD master (ETSI GS QKD 014:
+enc_keys at KME-A), gw-b the slave (dec_keys at KME-B); each reaches its own
+KME on its own loopback. With ``qkd`` "004" or "004-json" both gateways
+instead attach to one ETSI GS QKD 004 key stream (OPEN_CONNECT, GET_KEY by
+index), over the binary framing transcribed from QUBIP/etsi-qkd-004 or
+over qkdgate's JSON binding (docs/qkd.md "ETSI 004 bindings").
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,11 +24,16 @@ from qkdgate.gateway.demo.net import GA, GB, LAN_A, LAN_B
 
 POLICIES = {"pqc-fallback": "pqc-fallback", "block": "hybrid-required",
             "hybrid-required": "hybrid-required"}
+# --qkd: the KME interface -> (key source kind, ETSI 004 binding)
+QKD_INTERFACES = {"014": ("etsi014", None), "004": ("etsi004", "etsi-binary"),
+                  "004-json": ("etsi004", "json")}
 
 
 @dataclass(frozen=True)
 class KmeEndpoint:
-    """How one gateway reaches its KME (paths from the simulator's PKI)."""
+    """How one gateway reaches its KME (paths from the simulator's PKI);
+    ``url`` is the endpoint of the chosen interface (--qkd 004: the
+    simulator's binary ETSI 004 TLS port)."""
 
     url: str
     kme_id: str
@@ -48,17 +57,34 @@ class Timers:
         return cls(interval, 2 * interval, 3 * interval, min(1.0, interval / 3))
 
 
+def kme_port(qkd: str, kme_id: str, https: Mapping[str, int], binary004: Mapping[str, int]
+             ) -> int:
+    """The simulator port behind a gateway's KME relay: the binary ETSI 004
+    framing has its own TLS port (adapters/kmesim/qkd004_binary.py); ETSI
+    014 and qkdgate's JSON 004 binding share the HTTPS one."""
+    return (binary004 if QKD_INTERFACES[qkd][1] == "etsi-binary" else https)[kme_id]
+
+
+def control_socket(folder: Path, name: str) -> Path:
+    """Gateway ``name``'s control socket (``qkdgate top --socket``, ``qkdgate
+    status --socket``): a path-named UNIX socket, so reachable from every
+    network namespace that shares the mount namespace."""
+    return folder / f"{name}-run" / "control.sock"
+
+
 def _s(x: float) -> str:
     return f"{round(x * 1000)}ms"
 
 
 def gateway_yaml(side: str, folder: Path, kme: KmeEndpoint, *, policy: str, timers: Timers,
                  macsec_peer_mac: str | None = None, port: int = 4600,
-                 log_level: str = "info") -> str:
+                 log_level: str = "info", qkd: str = "014") -> str:
     a = side == "a"
     me, peer = ("gw-a", "gw-b") if a else ("gw-b", "gw-a")
     mine, theirs = (GA, GB) if a else (GB, GA)
     lan, rlan = (LAN_A, LAN_B) if a else (LAN_B, LAN_A)
+    kind, binding = QKD_INTERFACES[qkd]
+    binding_line = f"\n    binding: {binding}" if binding else ""
     rk = (f"{{interval: {_s(timers.interval)}, soft_lifetime: {_s(timers.soft)}, "
           f"hard_lifetime: {_s(timers.hard)}, grace: {_s(timers.grace)}}}")
     macsec = ""
@@ -77,7 +103,7 @@ gateway:
   identity: {folder}/{me}.identity
   listen: {{address: {mine}, port: {port}}}
   state_dir: {folder}/{me}-state
-  control_socket: {folder}/{me}-run/control.sock
+  control_socket: {control_socket(folder, me)}
 peers:
   - name: {peer}
     address: {theirs}
@@ -90,7 +116,7 @@ peers:
       peer_sae_id: {"SAE-B" if a else "SAE-A"}
 key_sources:
   - name: kme
-    kind: etsi014
+    kind: {kind}{binding_line}
     url: {kme.url}
     kme_id: {kme.kme_id}
     timeout: 2s
@@ -124,9 +150,10 @@ def write_identities(folder: Path) -> None:
 
 def write_configs(folder: Path, kme_a: KmeEndpoint, kme_b: KmeEndpoint, *, policy: str,
                   timers: Timers, macsec_macs: tuple[str, str] | None = None,
-                  log_level: str = "info") -> tuple[str, str]:
+                  log_level: str = "info", qkd: str = "014") -> tuple[str, str]:
     """Write gw-a.yaml and gw-b.yaml (0600); identities must exist.
-    ``macsec_macs`` = (gA's m0 MAC, gB's m0 MAC) adds the MACsec tunnel."""
+    ``macsec_macs`` = (gA's m0 MAC, gB's m0 MAC) adds the MACsec tunnel;
+    ``qkd`` is the KME interface (:data:`QKD_INTERFACES`)."""
     paths = []
     for side, kme in (("a", kme_a), ("b", kme_b)):
         peer_mac = None
@@ -134,7 +161,7 @@ def write_configs(folder: Path, kme_a: KmeEndpoint, kme_b: KmeEndpoint, *, polic
             peer_mac = macsec_macs[1] if side == "a" else macsec_macs[0]
         path = folder / f"gw-{side}.yaml"
         path.write_text(gateway_yaml(side, folder, kme, policy=policy, timers=timers,
-                                     macsec_peer_mac=peer_mac, log_level=log_level))
+                                     macsec_peer_mac=peer_mac, log_level=log_level, qkd=qkd))
         os.chmod(path, 0o600)
         paths.append(str(path))
     return paths[0], paths[1]

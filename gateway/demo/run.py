@@ -36,7 +36,14 @@ from typing import Any, TextIO
 
 from qkdgate.errors import QkdgateError
 from qkdgate.gateway.demo import net as dn
-from qkdgate.gateway.demo.config import KmeEndpoint, Timers, write_configs, write_identities
+from qkdgate.gateway.demo.config import (
+    KmeEndpoint,
+    Timers,
+    control_socket,
+    kme_port,
+    write_configs,
+    write_identities,
+)
 from qkdgate.gateway.demo.kernelwatch import KernelWatch, overlay_blocked
 from qkdgate.gateway.demo.kernelwatch import Path as KernelPath
 from qkdgate.gateway.demo.report import per_second
@@ -44,6 +51,8 @@ from qkdgate.gateway.demo.traffic import UdpStream, loss_by_phase
 from qkdgate.gateway.demo.view import LiveView, PlainView, Recorder, make_view
 
 log = logging.getLogger("qkdgate.demo")
+QKD_NAMES = {"014": "ETSI GS QKD 014", "004": "ETSI GS QKD 004, binary framing",
+             "004-json": "ETSI GS QKD 004, qkdgate's JSON binding"}
 READY_TIMEOUT = 120.0      # first generation on both gateways (slow under QEMU TCG)
 RECOVERY_TIMEOUT = 120.0   # --after-recovery gives up this long after the eavesdropper left
 # What the daemons and the simulator import when they start. Under QEMU TCG
@@ -53,6 +62,7 @@ RECOVERY_TIMEOUT = 120.0   # --after-recovery gives up this long after the eaves
 PREFETCH = ("qkdgate.gateway.daemon.daemon", "qkdgate.gateway.daemon.build",
             "qkdgate.gateway.protocol.identity",
             "qkdgate.gateway.config.model", "qkdgate.adapters.registry", "qkdgate.adapters.etsi014",
+            "qkdgate.adapters.etsi004_source",
             "qkdgate.adapters.kmesim.server", "qkdgate.tunnels.xfrm", "qkdgate.tunnels.macsec",
             "qkdgate.tunnels.ipsec_tunnel", "qkdgate.tunnels.macsec_tunnel",
             "qkdgate.gateway.protocol", "qkdgate.gateway.daemon.journal", "aiohttp")
@@ -87,6 +97,7 @@ class DemoOptions:
     verbose: bool = False
     log_file: str | None = None          # default: demo.log in the run's state directory
     plain: bool = False                  # line output even on a terminal (no live dashboard)
+    qkd: str = "014"                     # KME interface: 014, 004 (etsi-binary), 004-json
 
 
 class DemoRun:
@@ -149,11 +160,14 @@ class DemoRun:
         macs = (self._mac(self.net.gA), self._mac(self.net.gB)) if self.opts.macsec else None
         pa, pb = write_configs(self.state_dir, eps[0], eps[1], policy=self.opts.policy,
                                timers=Timers.for_interval(self.opts.rekey_interval),
-                               macsec_macs=macs)
+                               macsec_macs=macs, qkd=self.opts.qkd)
         self.config_paths = (pa, pb)
         with self._step("daemons"):
             for name, ns, path in (("gw-a", self.net.gA, pa), ("gw-b", self.net.gB, pb)):
                 self._start_daemon(name, ns, path)
+        for name in ("gw-a", "gw-b"):       # root's shell on this machine can attach
+            self.say(f"demo: {name} control socket: qkdgate top --socket "
+                     f"{control_socket(self.state_dir, name)}")
 
     @contextlib.contextmanager
     def _step(self, what: str) -> Iterator[None]:
@@ -197,7 +211,8 @@ class DemoRun:
         async def main() -> None:
             self._kme_stop = asyncio.Event()
             async with KmeSimulator.start(self._state_dir() / "kme", prefill=1000) as sim:
-                fwds = [dn.TcpForwarder(s, ("127.0.0.1", sim.ports[k]))
+                fwds = [dn.TcpForwarder(s, ("127.0.0.1",
+                                            kme_port(self.opts.qkd, k, sim.ports, sim.ports004)))
                         for s, k in zip(listeners, ("KME-A", "KME-B"), strict=True)]
                 for f in fwds:
                     await f.start()
@@ -366,8 +381,8 @@ class DemoRun:
         """Setup, traffic and view until the duration ends (or Ctrl-C)."""
         o = self.opts
         self.setup()
-        self.say(f"demo: two gateways, KME simulator up; policy {o.policy}, rekey every "
-                 f"{o.rekey_interval:g} s; waiting for the first generation ...")
+        self.say(f"demo: two gateways, KME simulator up ({QKD_NAMES[o.qkd]}); policy {o.policy}, "
+                 f"rekey every {o.rekey_interval:g} s; waiting for the first generation ...")
         with self._step("first generation"):
             self.wait_ready()
         self.rec.start_clock()

@@ -16,7 +16,14 @@ from qkdgate.gateway.cli import main as cli
 from qkdgate.gateway.config.model import load_config
 from qkdgate.gateway.demo import command as demo
 from qkdgate.gateway.demo import net as dn
-from qkdgate.gateway.demo.config import KmeEndpoint, Timers, write_configs, write_identities
+from qkdgate.gateway.demo.config import (
+    KmeEndpoint,
+    Timers,
+    control_socket,
+    kme_port,
+    write_configs,
+    write_identities,
+)
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -28,8 +35,9 @@ def parse(*argv: str) -> argparse.Namespace:
 def test_defaults_and_policy_alias():
     a = parse()
     demo.check_args(a)
-    assert (a.duration, a.eavesdrop_at, a.policy, a.where, a.macsec) == \
-        (None, None, "pqc-fallback", "auto", False)
+    assert (a.duration, a.eavesdrop_at, a.policy, a.where, a.macsec, a.qkd) == \
+        (None, None, "pqc-fallback", "auto", False, "014")
+    assert demo.options(parse("--qkd", "004")).qkd == "004"
     o = demo.options(parse("--policy", "block", "--duration", "60", "--eavesdrop-at", "20"))
     assert (o.policy, o.duration, o.eavesdrop_at, o.eavesdrop_for) == ("block", 60.0, 20.0, 15.0)
 
@@ -56,13 +64,19 @@ def test_bad_arguments_are_usage_errors(argv, msg, capsys):
 def test_vm_argv_carries_every_option_and_forces_the_host_path():
     a = parse("--duration", "60", "--eavesdrop-at", "20", "--eavesdrop-for", "5", "--policy",
               "block", "--macsec", "--rate", "50", "--rekey-interval", "2", "--json", "/x/out.json",
-              "--after-recovery", "7")
+              "--after-recovery", "7", "--qkd", "004-json")
     inner = parse(*demo.vm_argv(a, "/lab/out/summary.json", "/lab/out/demo.log"))
     assert inner.where == "host"                       # never re-enters a VM
     assert inner.json == "/lab/out/summary.json" and inner.log_file == "/lab/out/demo.log"
     for f in ("duration", "eavesdrop_at", "eavesdrop_for", "policy", "macsec", "rate",
-              "rekey_interval", "eve_fraction", "view_interval", "after_recovery"):
+              "rekey_interval", "eve_fraction", "view_interval", "after_recovery", "qkd"):
         assert getattr(inner, f) == getattr(a, f), f
+
+
+def test_unknown_qkd_interface_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["demo", "--qkd", "005"])
+    assert exc.value.code == 2 and "--qkd" in capsys.readouterr().err
 
 
 # ------------------------------------------------------- generated configuration
@@ -99,6 +113,62 @@ def test_generated_configs_pass_check_config(demo_files, policy, want, macsec, c
     if macsec:   # each side names the other's SCI (its m0 MAC)
         assert a.tunnel("link").macsec.peer_mac.lower() == macs[1]
         assert b.tunnel("link").macsec.peer_mac.lower() == macs[0]
+
+
+@pytest.mark.parametrize("qkd, kind, binding", [("014", "etsi014", None),
+                                               ("004", "etsi004", "etsi-binary"),
+                                               ("004-json", "etsi004", "json")])
+def test_qkd_option_picks_the_key_source_kind_and_binding(demo_files, qkd, kind, binding,
+                                                          capsys):
+    folder, eps = demo_files
+    pa, pb = write_configs(folder, *eps, policy="block", timers=Timers.for_interval(3), qkd=qkd)
+    for path in (pa, pb):
+        assert cli.main(["check-config", "--check-files", path]) == 0, capsys.readouterr()
+    for cfg, ep in zip((load_config(pa), load_config(pb)), eps, strict=True):
+        (ks,) = cfg.key_sources
+        assert (ks.kind, ks.binding, ks.url, ks.kme_id) == (kind, binding, ep.url, ep.kme_id)
+        assert cfg.peers[0].qkd.key_source == ks.name
+        assert cfg.gateway.control_socket == str(control_socket(folder, cfg.gateway.name))
+
+
+def test_kme_relay_targets_the_binary_004_port_only_for_004():
+    https, binary = {"KME-A": 1001, "KME-B": 1002}, {"KME-A": 2001, "KME-B": 2002}
+    assert [kme_port(q, "KME-B", https, binary) for q in ("014", "004", "004-json")] == \
+        [1002, 2002, 1002]
+
+
+@pytest.mark.parametrize("qkd", ["004", "004-json"])
+async def test_generated_004_configs_key_both_gateways_from_kme_sim(tmp_path, qkd):
+    """The demo's --qkd 004 / 004-json configurations, built as the demo
+    builds them (the simulator's port for that binding, its PKI), give both
+    gateways the same keys from the real KME simulator over that binding;
+    the daemons on such configurations: tests/interop/test_two_daemons.py,
+    the whole demo: tests/kernel/test_demo.py."""
+    from qkdgate.adapters.kmesim.server import KmeSimulator
+    from qkdgate.gateway.daemon import build
+    write_identities(tmp_path)
+    async with KmeSimulator.start(tmp_path / "kme", prefill=100) as sim:
+        eps = []
+        for sae in ("SAE-A", "SAE-B"):
+            c = sim.credentials(sae)
+            port = kme_port(qkd, c.kme_id, sim.ports, sim.ports004)
+            eps.append(KmeEndpoint(f"https://127.0.0.1:{port}", c.kme_id, str(c.cert),
+                                   str(c.key), str(c.ca)))
+        pa, pb = write_configs(tmp_path, *eps, policy="block", timers=Timers.for_interval(3),
+                               qkd=qkd)
+        ca, cb = load_config(pa), load_config(pb)
+        (a,), (b,) = build.key_sources(ca).values(), build.key_sources(cb).values()
+        qa, qb = ca.peers[0].qkd, cb.peers[0].qkd
+        try:
+            await b.connect(qb.peer_sae_id)
+            keys = await a.get_new_keys(qa.peer_sae_id, 2, qa.key_size)
+            got = await b.get_keys_by_id(qb.peer_sae_id, [k.key_id for k in keys])
+            assert [k.key_id for k in got] == [k.key_id for k in keys]
+            assert all(x.key == y.key for x, y in zip(got, keys, strict=True))
+            assert sim.qkd004.streams, "no ETSI 004 key stream at the simulator"
+        finally:
+            await a.close()
+            await b.close()
 
 
 def test_rekey_timers_stay_valid_for_any_allowed_interval():
