@@ -16,6 +16,16 @@ prescribes:
   nothing); each slave gets a key once, then it is gone.
 * Empty pool, link down or QBER alarm: 503 with an Error body.
 
+Networks (:mod:`.topology`): with a topology, SAEs on KMEs that share no
+QKD link get keys relayed hop by hop through trusted nodes (:mod:`.relay`:
+one-time pad and one-time Poly1305 per hop, each hop consuming key from its
+link at the link model's rate); ETSI 014 at the edges is unchanged. Routes
+are ``shortest`` or ``k-disjoint`` (the key XOR-split into k shares, one per
+node-disjoint path), or pinned per SAE pair. A node marked compromised
+records every key (or share) that passes through it or ends at it:
+:meth:`SimNetwork.attacker_knowledge` is what the attacker learnt. Without a
+topology only directly linked KMEs serve keys, as before.
+
 Time and randomness are injected (``now()``, ``rng(n)``) so tests are
 deterministic and never wait for key to accumulate.
 """
@@ -26,8 +36,10 @@ import base64
 import os
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any
 
 from qkdgate.adapters.etsi014_codec import (
@@ -36,10 +48,37 @@ from qkdgate.adapters.etsi014_codec import (
     MSG_SIZE_MULTIPLE_OF_8,
 )
 from qkdgate.adapters.etsi014_server import BAD_REQUEST, UNAUTHORIZED, Reply, error
+from qkdgate.adapters.kmesim import relay
 from qkdgate.adapters.kmesim.linkmodel import ALARM_LINK_DOWN, ALARM_QBER, QkdLink
+from qkdgate.adapters.kmesim.topology import Graph, Topology
 
-__all__ = ["BAD_REQUEST", "UNAUTHORIZED", "Reply", "SimKme", "SimNetwork", "error"]
+__all__ = ["BAD_REQUEST", "UNAUTHORIZED", "Reply", "Seen", "SimKme", "SimNetwork", "error"]
 
+Route = tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Seen:
+    """One key (or one share of it) a compromised node held in the clear."""
+
+    node: str
+    key_id: str
+    master_sae: str
+    slave_sae: str
+    route: Route
+    share: tuple[int, int]         # (i, k): share i of k; (1, 1) is the whole key
+    material: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """How keys reach the slave's KME: one or more routes of KME IDs."""
+
+    routes: tuple[Route, ...]
+    relayed: bool                  # False: one direct link whose key is the key
+
+    def hops(self) -> list[frozenset[str]]:
+        return [frozenset(h) for r in self.routes for h in pairwise(r)]
 
 
 @dataclass
@@ -73,6 +112,30 @@ class SimNetwork:
         self.kmes: dict[str, SimKme] = {}
         self.sae_home: dict[str, str] = {}
         self.links: dict[frozenset[str], QkdLink] = {}
+        self.link_keys: dict[frozenset[str], relay.LinkKeyStore] = {}
+        self.topology: Topology | None = None   # None: direct links only, no relay
+        self.compromised: set[str] = set()
+        self._seen: list[Seen] = []
+
+    @classmethod
+    def from_topology(cls, topo: Topology, *, now: Callable[[], float] = time.monotonic,
+                      rng: Callable[[int], bytes] = os.urandom) -> SimNetwork:
+        net = cls(now=now, rng=rng)
+        net.topology = topo
+        net.compromised = set(topo.compromised())
+        for node in topo.nodes:
+            net.add_kme(node.name, key_size=topo.key_size)
+        for sae, kme_id in topo.sae_home().items():
+            net.attach(sae, kme_id)
+        for spec in topo.links:
+            link = net.connect(spec.a, spec.b, QkdLink(spec.a, spec.b, spec.params,
+                                                       key_size=topo.key_size,
+                                                       max_key_count=topo.max_key_count))
+            link.eve_fraction, link.up = spec.eve_fraction, spec.up
+            fill = topo.prefill if spec.prefill is None else spec.prefill
+            if fill:
+                link.fill(fill)
+        return net
 
     # ------------------------------------------------------------ topology
 
@@ -86,6 +149,7 @@ class SimNetwork:
     def connect(self, a: str, b: str, link: QkdLink) -> QkdLink:
         link.now = self.now()
         self.links[frozenset((a, b))] = link
+        self.link_keys[frozenset((a, b))] = relay.LinkKeyStore(self.rng)
         return link
 
     def link(self, a: str, b: str) -> QkdLink | None:
@@ -96,44 +160,87 @@ class SimNetwork:
 
     # ------------------------------------------------------------ ETSI 014
 
-    def _pair(self, kme_id: str, caller: str, peer: str) -> tuple[SimKme, SimKme, QkdLink] | Reply:
+    def _pair(self, kme_id: str, caller: str, peer: str) -> tuple[SimKme, SimKme, _Plan] | Reply:
         kme = self.kmes[kme_id]
         if self.sae_home.get(caller) != kme_id:
             return UNAUTHORIZED        # ETSI GS QKD 014 5.1: unknown SAE
         peer_kme = self.sae_home.get(peer)
         if peer_kme is None:
             return error(400, BAD_REQUEST, unknown_SAE_ID=peer)
-        link = self.link(kme_id, peer_kme)
-        if link is None:
-            return error(400, BAD_REQUEST, no_QKD_link_to=peer)
-        return kme, self.kmes[peer_kme], link
+        plan = self._plan(kme_id, peer_kme, caller, peer)
+        if plan is None:
+            if self.topology is None:
+                return error(400, BAD_REQUEST, no_QKD_link_to=peer)
+            # ETSI GS QKD 020 draft: 400 for SAEs "for which a valid route is not known"
+            return error(400, BAD_REQUEST, no_route_to=peer, routing=self.topology.routing)
+        return kme, self.kmes[peer_kme], plan
+
+    def _plan(self, src: str, dst: str, caller: str, peer: str) -> _Plan | None:
+        if src == dst:
+            return None
+        topo = self.topology
+        if topo is None:
+            return _Plan(((src, dst),), False) if self.link(src, dst) is not None else None
+        for link in self.links.values():
+            link.advance(self.now())
+        pinned = topo.pinned(caller, peer, src, dst)
+        if pinned is not None:
+            return _Plan((pinned,), len(pinned) > 2)
+        graph = Graph({pair: link.params.distance_km for pair, link in self.links.items()})
+
+        def usable(a: str, b: str) -> bool:
+            link = self.links[frozenset((a, b))]
+            return link.up and not link.alarms()
+
+        if topo.routing == "k-disjoint":
+            paths = graph.disjoint(src, dst, topo.k, usable=usable)
+            if len(paths) < topo.k:
+                paths = graph.disjoint(src, dst, topo.k)   # answer 503 naming the bad link
+            if len(paths) < topo.k:
+                return None
+            return _Plan(tuple(paths), len(paths) > 1 or len(paths[0]) > 2)
+        path = graph.shortest(src, dst, usable=usable) or graph.shortest(src, dst)
+        return None if path is None else _Plan((path,), len(path) > 2)
 
     def status(self, kme_id: str, caller: str, slave: str) -> Reply:
         """ETSI GS QKD 014 5.2 / 6.1."""
         pair = self._pair(kme_id, caller, slave)
         if isinstance(pair, Reply):
             return pair
-        kme, peer, link = pair
-        skr, qber = link.rate()
-        producing = link.producing()
+        kme, peer, plan = pair
+        links = [self.links[h] for h in plan.hops()]
+        for link in links:
+            link.advance(self.now())
+        per_key = relay.link_bits(kme.key_size) if plan.relayed else kme.key_size
+        skr = min(link.rate()[0] if link.producing() else 0.0 for link in links)
+        qber = max(link.rate()[1] for link in links)
+        alarms = sorted({a for link in links for a in link.alarms()})
+        extension: dict[str, Any] = {
+            "qkdgate_link_up": all(link.up for link in links),
+            "qkdgate_qber": round(qber, 5),
+            "qkdgate_qber_threshold": min(link.params.qber_threshold for link in links),
+            "qkdgate_secret_key_rate_bps": round(skr, 1),
+            "qkdgate_key_rate": round(skr / per_key, 3),
+            "qkdgate_alarms": alarms,
+            "qkdgate_distance_km": sum(self.links[frozenset(h)].params.distance_km
+                                       for h in pairwise(plan.routes[0])),
+            "qkdgate_detector": ",".join(sorted({link.params.detector for link in links})),
+        }
+        if self.topology is not None:
+            extension["qkdgate_routes"] = [list(r) for r in plan.routes]
+            extension["qkdgate_relayed"] = plan.relayed
         return Reply(200, {
             "source_KME_ID": kme.kme_id, "target_KME_ID": peer.kme_id,
             "master_SAE_ID": caller, "slave_SAE_ID": slave,
-            "key_size": kme.key_size, "stored_key_count": link.stored_keys(kme.key_size),
-            "max_key_count": link.max_key_count, "max_key_per_request": kme.max_key_per_request,
+            "key_size": kme.key_size,
+            "stored_key_count": min(link.stored_bits // per_key for link in links),
+            "max_key_count": (links[0].max_key_count if not plan.relayed
+                              else min(link.capacity_bits // per_key for link in links)),
+            "max_key_per_request": kme.max_key_per_request,
             "max_key_size": kme.max_key_size, "min_key_size": kme.min_key_size,
             "max_SAE_ID_count": kme.max_sae_id_count,
             # Vendor extensions carry a prefix ending in "_" (ETSI GS QKD 014 6.1).
-            "status_extension": {
-                "qkdgate_link_up": link.up,
-                "qkdgate_qber": round(qber, 5),
-                "qkdgate_qber_threshold": link.params.qber_threshold,
-                "qkdgate_secret_key_rate_bps": round(skr if producing else 0.0, 1),
-                "qkdgate_key_rate": round((skr / kme.key_size) if producing else 0.0, 3),
-                "qkdgate_alarms": link.alarms(),
-                "qkdgate_distance_km": link.params.distance_km,
-                "qkdgate_detector": link.params.detector,
-            },
+            "status_extension": extension,
         })
 
     def enc_keys(self, kme_id: str, caller: str, slave: str, req: object) -> Reply:
@@ -141,7 +248,7 @@ class SimNetwork:
         pair = self._pair(kme_id, caller, slave)
         if isinstance(pair, Reply):
             return pair
-        kme, peer, link = pair
+        kme, peer, plan = pair
         if not isinstance(req, Mapping):
             return error(400, BAD_REQUEST)
         unknown = set(req) - {"number", "size", "additional_slave_SAE_IDs",
@@ -188,19 +295,36 @@ class SimNetwork:
             # The simulator implements no extension: it must refuse them all.
             names = sorted({k for e in mandatory for k in e})
             return error(400, MSG_EXT_MANDATORY_UNSUPPORTED, extension_mandatory_unsupported=names)
-        alarms = link.alarms()
-        if ALARM_LINK_DOWN in alarms:
-            return error(503, "QKD link down", alarms=alarms)
-        if ALARM_QBER in alarms:
-            return error(503, "QKD link in alarm: QBER above threshold", alarms=alarms)
-        if not link.take(number * size):
-            return error(503, "insufficient key material in the pool",
-                         stored_key_count=link.stored_keys(size))
+        links = {h: self.links[h] for h in plan.hops()}
+        for h, link in links.items():
+            link.advance(self.now())
+            where = {} if self.topology is None else {"link": sorted(h)}
+            alarms = link.alarms()
+            if ALARM_LINK_DOWN in alarms:
+                return error(503, "QKD link down", alarms=alarms, **where)
+            if ALARM_QBER in alarms:
+                return error(503, "QKD link in alarm: QBER above threshold", alarms=alarms, **where)
+        # All or nothing over the route: every hop pays pad + MAC key per key.
+        per_key = relay.link_bits(size) if plan.relayed else size
+        uses = Counter(plan.hops())
+        for h, link in links.items():
+            if link.stored_bits < uses[h] * number * per_key:
+                where = {} if self.topology is None else {"link": sorted(h)}
+                return error(503, "insufficient key material in the pool",
+                             stored_key_count=link.stored_bits // per_key, **where)
+        for h, link in links.items():
+            if not link.take(uses[h] * number * per_key):
+                raise RuntimeError("link refused key it was just checked to hold")   # our bug
         keys = []
         slaves = {slave, *extra}
         for _ in range(number):
             key_id = str(uuid.UUID(bytes=self.rng(16), version=4))
             material = self.rng(size // 8)
+            if plan.relayed and self._relay(plan, key_id, caller, slave, material) != material:
+                raise RuntimeError("relay delivered a different key")   # our bug
+            for node in {plan.routes[0][0], plan.routes[0][-1]} & self.compromised:
+                self._seen.append(Seen(node, key_id, caller, slave, plan.routes[0], (1, 1),
+                                       material))
             peer.issued[key_id] = _Issued(material, caller, frozenset(slaves), set(slaves))
             if len(peer.issued) > peer.max_issued:
                 # Orphans of lost enc_keys answers must not grow the store forever.
@@ -211,6 +335,31 @@ class SimNetwork:
             body["key_container_extension"] = {
                 "qkdgate_unhandled_extension_optional": sorted({k for e in optional for k in e})}
         return Reply(200, body)
+
+    def _relay(self, plan: _Plan, key_id: str, master: str, slave: str, material: bytes) -> bytes:
+        """Carry ``material`` from the route's first node to its last, hop by
+        hop (one XOR share per route); returns what the last node holds."""
+        k = len(plan.routes)
+        shares = relay.split(material, k, self.rng) if k > 1 else [material]
+        out = []
+        for i, (route, share) in enumerate(zip(plan.routes, shares, strict=True), 1):
+            held = share
+            for index in range(len(route) - 1):
+                hop = relay.Hop(key_id, master, slave, route, index, (i, k))
+                store = self.link_keys[frozenset((hop.src, hop.dst))]
+                wire = relay.seal(hop, store.draw(len(held)), held)
+                held = relay.open_hop(wire, hop.dst, self._link_keys).material
+                if hop.dst != route[-1] and hop.dst in self.compromised:
+                    self._seen.append(Seen(hop.dst, key_id, master, slave, route, (i, k), held))
+            out.append(held)
+        return relay.join(out)
+
+    def _link_keys(self, a: str, b: str) -> relay.LinkKeyStore | None:
+        return self.link_keys.get(frozenset((a, b)))
+
+    def attacker_knowledge(self, node: str | None = None) -> list[Seen]:
+        """Every key or share a compromised node (or ``node``) held, in order."""
+        return [s for s in self._seen if node is None or s.node == node]
 
     def dec_keys(self, kme_id: str, caller: str, master: str, key_ids: list[str]) -> Reply:
         """ETSI GS QKD 014 5.4 / 6.4 / 6.3: all or nothing, once per slave."""
