@@ -48,6 +48,7 @@ from qkdgate.adapters.kmesim.linkmodel import REALISTIC, LinkParams, QkdLink
 from qkdgate.adapters.kmesim.pki import Pki, ensure_pki
 from qkdgate.adapters.kmesim.qkd004 import Qkd004Service
 from qkdgate.adapters.kmesim.qkd004_binary import Qkd004BinaryServer
+from qkdgate.adapters.kmesim.topology import Topology
 from qkdgate.adapters.tls import server_context
 
 log = logging.getLogger("qkdgate.kmesim")
@@ -131,26 +132,33 @@ class KmeSimulator:
                     link_params: LinkParams = REALISTIC, key_size: int = 256,
                     max_key_count: int = 100000, prefill: int | None = None,
                     now: Callable[[], float] = time.monotonic,
-                    rng: Callable[[int], bytes] = os.urandom) -> AsyncIterator[KmeSimulator]:
+                    rng: Callable[[int], bytes] = os.urandom,
+                    topology: Topology | None = None) -> AsyncIterator[KmeSimulator]:
         """Start the KMEs (ports 0 = ephemeral) and stop them on exit.
         ``saes`` maps SAE ID -> KME ID (default: SAE-A at KME-A, ...);
         ``prefill`` puts that many keys in every link pool; each KME also
         serves the binary ETSI 004 binding on ``qkd004_ports`` (default
-        ephemeral) unless ``qkd004_binary`` is False."""
+        ephemeral) unless ``qkd004_binary`` is False. A ``topology`` replaces
+        ``kmes``, ``saes``, the link and pool arguments: one KME per node,
+        its links only, keys relayed between nodes that share no link."""
         state = Path(state_dir)
-        saes = (dict(saes) if saes is not None
-                else {default_sae(k, i): k for i, k in enumerate(kmes)})
-        net = SimNetwork(now=now, rng=rng)
-        for k in kmes:
-            net.add_kme(k, key_size=key_size)
-        for sae, k in saes.items():
-            net.attach(sae, k)
-        for i, a in enumerate(kmes):
-            for b in kmes[i + 1:]:
-                link = net.connect(a, b, QkdLink(a, b, link_params, key_size=key_size,
-                                                 max_key_count=max_key_count))
-                if prefill:
-                    link.fill(prefill)
+        if topology is not None:
+            net = SimNetwork.from_topology(topology, now=now, rng=rng)
+            kmes, saes = tuple(net.kmes), dict(net.sae_home)
+        else:
+            saes = (dict(saes) if saes is not None
+                    else {default_sae(k, i): k for i, k in enumerate(kmes)})
+            net = SimNetwork(now=now, rng=rng)
+            for k in kmes:
+                net.add_kme(k, key_size=key_size)
+            for sae, k in saes.items():
+                net.attach(sae, k)
+            for i, a in enumerate(kmes):
+                for b in kmes[i + 1:]:
+                    link = net.connect(a, b, QkdLink(a, b, link_params, key_size=key_size,
+                                                     max_key_count=max_key_count))
+                    if prefill:
+                        link.fill(prefill)
         pki = await asyncio.to_thread(ensure_pki, state, list(kmes), list(saes),
                                       ("KME-ROGUE", "SAE-ROGUE"))
         sim = cls(state, net, pki, host)
@@ -298,7 +306,9 @@ class KmeSimulator:
             faults["raw004"] = self.faults[k].raw004 is not None
             out["kmes"][k] = {"url": self.url(k), "url004": self.url004(k), "faults": faults,
                               "saes": sorted(s for s, h in self.network.sae_home.items() if h == k),
-                              "keys_awaiting_slaves": len(self.network.kmes[k].issued)}
+                              "keys_awaiting_slaves": len(self.network.kmes[k].issued),
+                              "compromised": k in self.network.compromised,
+                              "keys_seen_by_attacker": len(self.network.attacker_knowledge(k))}
         for link in self.network.links.values():
             link.advance(self.network.now())
             skr, qber = link.rate()
@@ -317,7 +327,17 @@ class KmeSimulator:
         async def admin_state(request: web.Request) -> web.Response:
             return web.json_response(self.state())
 
+        async def admin_attacker(request: web.Request) -> web.Response:
+            # What compromised nodes saw, key material in hex: the attacker's
+            # knowledge, for tests and the demo (loopback only, like all admin).
+            return web.json_response([
+                {"node": s.node, "key_ID": s.key_id, "master_SAE_ID": s.master_sae,
+                 "slave_SAE_ID": s.slave_sae, "route": list(s.route), "share": list(s.share),
+                 "key_hex": s.material.hex()}
+                for s in self.network.attacker_knowledge()])
+
         app.router.add_get("/admin/state", admin_state)
+        app.router.add_get("/admin/attacker", admin_attacker)
         app.router.add_post("/admin/fault", self._admin_fault)
         app.router.add_post("/admin/link", self._admin_link)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)

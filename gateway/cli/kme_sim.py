@@ -6,7 +6,9 @@ also serving the binary ETSI 004 binding on its own port, an admin endpoint
 for fault injection, and prints where the demo CA and the SAE certificates
 are together with a curl command that works as is. ``--sae SAE=KME``
 attaches more SAEs to a KME (ETSI 014 multicast: additional_slave_SAE_IDs
-name SAEs of the slave's KME). Runs until SIGINT/SIGTERM. Top-level imports
+name SAEs of the slave's KME). ``--topology FILE`` runs a QKD network
+instead (one KME per node, keys relayed through trusted nodes; format in
+docs/qkd.md, examples in ``docs/topologies/``). Runs until SIGINT/SIGTERM. Top-level imports
 stay light (``qkdgate --help``).
 """
 
@@ -36,6 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="attach another SAE to a KME, e.g. --sae SAE-B2=KME-B; repeat for more "
                         "(ETSI 014 multicast: additional_slave_SAE_IDs must be SAEs of the "
                         "slave's KME)")
+    p.add_argument("--topology", type=Path, default=None, metavar="FILE",
+                   help="a YAML QKD network (nodes, links, SAEs, routing, compromised nodes); "
+                        "replaces --kmes, --sae and the link options")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8441,
                    help="port of the first KME, the others follow (default 8441; 0 = any)")
@@ -84,6 +89,9 @@ def saes_of(kmes: list[str], extra: list[str]) -> dict[str, str]:
 
 
 def _check(args: argparse.Namespace) -> tuple[list[str], Path]:
+    if args.topology is not None and (args.sae or args.kmes != "KME-A,KME-B"):
+        raise ConfigError("--topology names the KMEs and SAEs itself", path="--topology",
+                          expected="--topology without --kmes and --sae")
     kmes = [k.strip() for k in args.kmes.split(",") if k.strip()]
     if len(kmes) < 2 or len(set(kmes)) != len(kmes):
         raise ConfigError("need at least two distinct KME IDs", path="--kmes", found=args.kmes)
@@ -111,6 +119,11 @@ def run(args: argparse.Namespace) -> int:
     from qkdgate.adapters.kmesim.server import KmeSimulator
 
     kmes, state = _check(args)
+    topology = None
+    if args.topology is not None:
+        from qkdgate.gateway.cli.kme_topology import load_topology
+        topology = load_topology(args.topology)
+        kmes = [n.name for n in topology.nodes]
     try:
         params = LinkParams(distance_km=args.distance_km, detector=args.detector,
                             eta_fk=args.finite_key_factor, rep_rate_hz=args.rep_rate_ghz * 1e9,
@@ -125,14 +138,17 @@ def run(args: argparse.Namespace) -> int:
                     for i, k in enumerate(kmes)}
         admin = None if args.admin_port < 0 else args.admin_port
         try:
-            ctx = KmeSimulator.start(state, kmes=tuple(kmes), saes=saes_of(kmes, args.sae),
+            saes = saes_of(kmes, args.sae) if topology is None else None
+            ctx = KmeSimulator.start(state, kmes=tuple(kmes), saes=saes,
                                      host=args.host, ports=ports, admin_port=admin,
                                      qkd004_ports=ports004, qkd004_binary=args.port_004 >= 0,
                                      link_params=params, key_size=args.key_size,
-                                     max_key_count=args.max_key_count, prefill=args.prefill)
+                                     max_key_count=args.max_key_count, prefill=args.prefill,
+                                     topology=topology)
             async with ctx as sim:
-                for link in sim.network.links.values():
-                    link.eve_fraction = args.eve
+                if topology is None:
+                    for link in sim.network.links.values():
+                        link.eve_fraction = args.eve
                 _print_banner(sim)
                 stop = asyncio.Event()
                 loop = asyncio.get_running_loop()
@@ -163,7 +179,19 @@ def _print_banner(sim: object) -> None:
         print(f"  {s}: cert {c.cert}\n         key  {c.key}")
     if sim.admin_port:
         print(f"  admin (fault injection): http://127.0.0.1:{sim.admin_port}/admin/state")
-    a, b = saes[0], saes[1]
+    topo = sim.network.topology
+    if topo is not None:
+        links = ", ".join("-".join(sorted(pair)) for pair in sim.network.links)
+        print(f"  topology: routing {topo.routing}"
+              + (f" (k={topo.k})" if topo.routing == "k-disjoint" else "") + f"; links {links}")
+        if sim.network.compromised:
+            print(f"  compromised (records every key through it): "
+                  f"{', '.join(sorted(sim.network.compromised))}"
+                  + (f"; GET http://127.0.0.1:{sim.admin_port}/admin/attacker"
+                     if sim.admin_port else ""))
+    home = sim.network.sae_home
+    a = saes[0]
+    b = next((s for s in saes if home[s] != home[a]), saes[1])
     c = sim.credentials(a)
     print("Try:")
     print(f"  curl --cert {c.cert} --key {c.key} --cacert {c.ca} {c.url}/api/v1/keys/{b}/status")
