@@ -15,6 +15,8 @@ The tree (docs/keymix.md 5 lists it with every field)::
         |-- "esp rfc4106(gcm(aes)) key+salt"   36 bytes per ESP SA
         |-- "macsec sak"                 32 (+12 salt for XPN) bytes per MACsec SA
         |-- "macsec keyid"               16 bytes per MACsec SA, public
+        |-- "wireguard psk"              32 bytes per WireGuard tunnel and generation
+        |-- "strongswan ppk"             32 bytes per strongSwan tunnel and generation
         |-- "key confirmation"           32 bytes per role and transcript
         |-- "key service pool"           48 bytes per pool and generation (keymix/keypool.py)
             |-- "key service key"        one key per SAE pair, index and size
@@ -41,6 +43,11 @@ LABEL_ESP = "esp rfc4106(gcm(aes)) key+salt"
 LABEL_MACSEC_SAK = "macsec sak"
 LABEL_MACSEC_KEYID = "macsec keyid"
 LABEL_CONFIRM = "key confirmation"
+# Key consumers that take one symmetric key per generation (docs/consumers.md,
+# docs/keymix.md 6.4): each its own label, so one generation's keys for
+# different consumers are independent PRF outputs.
+LABEL_WIREGUARD_PSK = "wireguard psk"
+LABEL_STRONGSWAN_PPK = "strongswan ppk"
 # The key service (docs/keyservice.md): a pool secret per pool and generation,
 # then keys and key_IDs under the pool secret (keymix/keypool.py).
 LABEL_KS_POOL = "key service pool"

@@ -20,6 +20,10 @@ Outputs (docs/keymix.md 6):
   a 32-bit SSCI (IEEE 802.1AEbw / 802.1AE-2018 14.7); both need the 16-byte
   KEYID the kernel requires, derived from S so both ends agree and unique per
   SA (it is public: a PRF output under its own label reveals nothing of the SAK).
+* WireGuard preshared key / strongSwan PPK (key consumers, docs/consumers.md):
+  32 bytes per tunnel and generation under the consumer's own label, the
+  same in both directions (WireGuard mixes its PSK into both directions of
+  its Noise IKpsk2 handshake; an IKEv2 PPK, RFC 8784 3, is one value too).
 * key confirmation: 32 bytes per role over the handshake transcript.
 """
 
@@ -43,6 +47,12 @@ SAK_LEN = 32
 XPN_SALT_LEN = 12           # IEEE 802.1AE-2018 14.7: 96-bit salt
 KEYID_LEN = 16              # MACSEC_KEYID_LEN, include/uapi/linux/if_macsec.h
 CONFIRM_LEN = 32
+CONSUMER_KEY_LEN = 32       # WireGuard NOISE_SYMMETRIC_KEY_LEN; RFC 8784 PPK >= 256 bits
+
+# The label of each key consumer that takes one key per generation. The
+# SA-keyed consumers (xfrm: LABEL_ESP, macsec: LABEL_MACSEC_SAK) have their
+# own functions above, since their context names an SPI or SCI+AN.
+CONSUMER_LABELS = {"wireguard": L.LABEL_WIREGUARD_PSK, "strongswan": L.LABEL_STRONGSWAN_PPK}
 
 # IEEE 802.1X-2020 (MKA) numbers SSCIs 1, 2, ... in the order of the SCIs of
 # the CA. Each direction here has its own SAK, so only agreement matters: the
@@ -99,6 +109,21 @@ def macsec_keys(session: SessionSecret, tunnel_id: str, direction: str, sci: int
         return MacsecKeys(SecretBytes(out), keyid)
     return MacsecKeys(SecretBytes(out[:SAK_LEN]), keyid, SecretBytes(out[SAK_LEN:]),
                       _SSCI[direction])
+
+
+def consumer_key(session: SessionSecret, consumer: str, tunnel_id: str,
+                 generation: int) -> SecretBytes:
+    """32-byte key of ``generation`` for a key consumer's tunnel
+    (docs/keymix.md 6.4): the WireGuard preshared key or the strongSwan PPK."""
+    if not isinstance(session, SessionSecret):
+        raise LocalProtocolError("need a SessionSecret from keymix.combiner.combine()")
+    label = CONSUMER_LABELS.get(consumer)
+    if label is None:
+        raise LocalProtocolError(f"no per-generation key for consumer {consumer!r}")
+    if not isinstance(tunnel_id, str) or not 0 < len(tunnel_id.encode("utf-8")) <= 255:
+        raise LocalProtocolError("tunnel_id must be a non-empty string of at most 255 bytes")
+    return SecretBytes(expand(session, label, CONSUMER_KEY_LEN, L.lp16(tunnel_id),
+                              L.u64(generation)))
 
 
 def confirmation_tag(session: SessionSecret, role: str, transcript_hash: bytes) -> bytes:

@@ -135,6 +135,10 @@ def make_case(cid, kem_name, with_x, n_qkd, esp_sas, macsec_sas) -> dict:
                               "generation": g, "cipher": c.value, "sak": k.sak.reveal().hex(),
                               "salt": k.salt.reveal().hex() if k.salt else None,
                               "ssci": k.ssci, "keyid": k.keyid.hex()})
+    # key consumers (docs/keymix.md 6.4): one key per tunnel and generation
+    out["consumers"] = [{"consumer": k, "tunnel_id": t, "generation": g,
+                         "key": schedule.consumer_key(s, k, t, g).reveal().hex()}
+                        for t, _d, _spi, g in esp_sas for k in ("wireguard", "strongswan")]
     th2 = hashlib.sha384(f"final transcript of {cid}".encode()).digest()
     out["confirmation"] = [{"role": r, "transcript_hash": h.hex(),
                             "tag": schedule.confirmation_tag(s, r, h).hex()}

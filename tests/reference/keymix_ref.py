@@ -87,6 +87,11 @@ def macsec(s, r, tunnel_id, direction, sci, an, generation, cipher) -> dict:
             "keyid": node(s, r, "macsec keyid", f, 16)}
 
 
+def consumer(s, r, kind, tunnel_id, generation) -> bytes:
+    label = {"wireguard": "wireguard psk", "strongswan": "strongswan ppk"}[kind]
+    return node(s, r, label, lp16(tunnel_id) + struct.pack(">Q", generation), 32)
+
+
 def confirmation(s, r, role, th) -> bytes:
     return node(s, r, "key confirmation", lp16(role) + lp16(th), 32)
 

@@ -54,5 +54,7 @@ def test_reference_reproduces_vector(case):
         assert got["sak"].hex() == m["sak"] and got["keyid"].hex() == m["keyid"]
         assert (got["salt"].hex() if got["salt"] else None) == m["salt"]
         assert got["ssci"] == m["ssci"]
+    for k in o["consumers"]:
+        assert ref.consumer(s, r, k["consumer"], k["tunnel_id"], k["generation"]).hex() == k["key"]
     for c in o["confirmation"]:
         assert ref.confirmation(s, r, c["role"], H(c["transcript_hash"])).hex() == c["tag"]

@@ -125,3 +125,24 @@ def test_misuse_is_a_local_error(pair, call):
 
 def test_direction_and_role_names():
     assert schedule.DIRECTIONS == ("i2r", "r2i") and schedule.ROLES == ("initiator", "responder")
+
+
+def test_consumer_keys_equal_on_both_ends_and_independent_per_consumer(pair):
+    """Issue 21 item 1: each consumer derives under its own label, so the
+    WireGuard PSK and the strongSwan PPK of one tunnel and generation are
+    unrelated to each other and to the ESP key."""
+    i, r = pair
+    wg = schedule.consumer_key(i, "wireguard", "t1", 7)
+    sw = schedule.consumer_key(i, "strongswan", "t1", 7)
+    assert wg == schedule.consumer_key(r, "wireguard", "t1", 7)
+    assert len(wg.reveal()) == len(sw.reveal()) == 32
+    esp = esp_key(i, "t1", "i2r", 0x100, 7).reveal()
+    assert len({wg.reveal(), sw.reveal(), esp[:32]}) == 3
+    assert wg != schedule.consumer_key(i, "wireguard", "t1", 8)
+    assert wg != schedule.consumer_key(i, "wireguard", "t2", 7)
+
+
+@pytest.mark.parametrize("consumer", ["xfrm", "macsec", "WireGuard", ""])
+def test_consumer_key_refuses_consumers_without_one(pair, consumer):
+    with pytest.raises(LocalProtocolError):
+        schedule.consumer_key(pair[0], consumer, "t1", 1)

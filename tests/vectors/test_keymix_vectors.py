@@ -25,6 +25,8 @@ def test_vector_file_covers_every_input_combination():
     ciphers = {m["cipher"] for c in VECTORS for m in c["outputs"]["macsec"]}
     assert ciphers == {"gcm-aes-256", "gcm-aes-xpn-256"}
     assert len({e["generation"] for c in VECTORS for e in c["outputs"]["esp"]}) >= 4
+    assert {k["consumer"] for c in VECTORS for k in c["outputs"]["consumers"]} == \
+        {"wireguard", "strongswan"}
     assert len(VECTORS) >= 8 and len({c["id"] for c in VECTORS}) == len(VECTORS)
 
 
@@ -64,6 +66,9 @@ def test_keymix_reproduces_vector(case):
                                  m["generation"], MacsecCipher(m["cipher"]))
         assert (k.sak.reveal().hex(), k.keyid.hex(), k.ssci) == (m["sak"], m["keyid"], m["ssci"])
         assert (k.salt.reveal().hex() if k.salt else None) == m["salt"]
+    for k in o["consumers"]:
+        key = schedule.consumer_key(s, k["consumer"], k["tunnel_id"], k["generation"])
+        assert key.reveal().hex() == k["key"], k
     for c in o["confirmation"]:
         tag = schedule.confirmation_tag(s, c["role"], H(c["transcript_hash"]))
         assert tag.hex() == c["tag"]
