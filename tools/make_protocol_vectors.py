@@ -147,6 +147,18 @@ CASES = {
                     tunnels=[("site-a", "ipsec")], spis_i={"site-a": 0x0000AB01},
                     spis_r={"site-a": 0x0000CD02}, fallback="unavailable",
                     responder_allows_fallback=False)),
+    "protocol-consumer-kinds": (
+        "ML-KEM-768 + X25519, no QKD; one tunnel of every key consumer (issue 21): IPsec "
+        "(kind 1, SPI), MACsec (kind 2, AN), WireGuard (kind 3) and strongSwan (kind 4), "
+        "whose value is 0; the kinds are inside the INIT and RESP cores, so the transcript "
+        "hash binds them; intermediate.consumer_keys gives the WireGuard PSK and strongSwan "
+        "PPK of the generation (docs/keymix.md 6.4)",
+        case_inputs("protocol-consumer-kinds", kem="ML-KEM-768", x25519=True, psk=False,
+                    qkd=None, profile="mldsa65-ed25519",
+                    tunnels=[("site-a", "ipsec"), ("lan0", "macsec"), ("wg-b", "wireguard"),
+                             ("sw-b", "strongswan")],
+                    spis_i={"site-a": 0xC1000101, "lan0": 2, "wg-b": 0, "sw-b": 0},
+                    spis_r={"site-a": 0xC2000201, "lan0": 3, "wg-b": 0, "sw-b": 0})),
 }
 
 
@@ -240,6 +252,9 @@ def build(cid: str, description: str, inputs: dict) -> dict:
             esp.append({"tunnel_id": tid, "direction": direction, "spi": spi,
                         "generation": gen,
                         "key": schedule.esp_key(sess, tid, direction, spi, gen).reveal().hex()})
+    consumer_keys = [{"tunnel_id": tid, "consumer": kind, "generation": gen,
+                      "key": schedule.consumer_key(sess, kind, tid, gen).reveal().hex()}
+                     for tid, kind in inputs["tunnels"] if kind in m.CONSUMER_KINDS]
     signatures = []
     for role in ("initiator", "responder"):
         for ctx, msg, sig in run.identities[role].signed:
@@ -273,6 +288,7 @@ def build(cid: str, description: str, inputs: dict) -> dict:
             "done_hash": done_th.hex(),
             "tag_done": schedule.confirmation_tag(sess, "responder", done_th).hex(),
             "esp": esp,
+            **({"consumer_keys": consumer_keys} if consumer_keys else {}),
         },
         "signatures": signatures,
         "events": {role: [type(e).__name__ for e in run.events[role]]

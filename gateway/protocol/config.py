@@ -18,13 +18,14 @@ from qkdgate.keymix.secret import SecretBytes
 
 KEMS = ("ML-KEM-768", "ML-KEM-1024")
 QKD_ROLES = (None, "master", "slave")
-TUNNEL_KINDS = ("ipsec", "macsec")
+TUNNEL_KINDS = ("ipsec", "macsec", "wireguard", "strongswan")   # messages.TUNNEL_KIND_IDS
 
 
 @dataclass(frozen=True, slots=True)
 class TunnelRef:
     """A tunnel this peer pair keys. ``kind`` decides what the per-tunnel
-    value in INIT/RESP means: an ESP SPI (``ipsec``) or a MACsec AN."""
+    value in INIT/RESP means: an ESP SPI (``ipsec``), a MACsec AN, or 0 for
+    the key consumers ``wireguard`` and ``strongswan`` (docs/protocol.md 4.2)."""
 
     tunnel_id: str
     kind: str = "ipsec"
@@ -88,7 +89,7 @@ class SessionConfig:
         seen = set()
         for i, t in enumerate(self.tunnels):
             if t.kind not in TUNNEL_KINDS:
-                raise bad(f"tunnels[{i}].kind", "ipsec or macsec", t.kind)
+                raise bad(f"tunnels[{i}].kind", " or ".join(TUNNEL_KINDS), t.kind)
             if not t.tunnel_id or len(t.tunnel_id.encode()) > 255 or t.tunnel_id in seen:
                 raise bad(f"tunnels[{i}].tunnel_id", "a unique id of 1..255 bytes", t.tunnel_id)
             seen.add(t.tunnel_id)

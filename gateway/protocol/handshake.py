@@ -121,12 +121,14 @@ def check_spis(msg: Message, kinds: Mapping[str, str]) -> dict[str, int]:
 
 def check_our_spis(spis: Mapping[str, int], kinds: Mapping[str, str]) -> None:
     """What the driver's ``allocate_spi`` returned must fit the wire: an SPI
-    in 0x100..0xFFFFFFFF (RFC 4303 2.1: 1..255 are reserved) or a MACsec AN
-    0..3 (IEEE 802.1AE-2018 10.7.14). Anything else is the driver's bug."""
+    in 0x100..0xFFFFFFFF (RFC 4303 2.1: 1..255 are reserved), a MACsec AN
+    0..3 (IEEE 802.1AE-2018 10.7.14), or 0 for a key consumer (WireGuard,
+    strongSwan: docs/protocol.md 4.2). Anything else is the driver's bug."""
     from qkdgate.errors import LocalProtocolError
     for t, v in spis.items():
-        ok = isinstance(v, int) and (0x100 <= v <= 0xFFFFFFFF if kinds[t] == "ipsec"
-                                     else 0 <= v <= 3)
+        kind = kinds[t]
+        ok = isinstance(v, int) and (0x100 <= v <= 0xFFFFFFFF if kind == "ipsec"
+                                     else 0 <= v <= 3 if kind == "macsec" else v == 0)
         if not ok:
             raise LocalProtocolError(f"allocate_spi returned {v!r} for {kinds[t]} "
                                      f"tunnel {t!r}")

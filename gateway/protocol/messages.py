@@ -35,7 +35,7 @@ from qkdgate.gateway.protocol.constants import (
     VERSION,
 )
 
-__all__ = ["COOKIE_LEN", "LABEL", "MAC_LEN", "MAX_DETAIL", "MAX_KEY_IDS", "MAX_SPIS", "VERSION",
+__all__ = ["CONSUMER_KINDS", "COOKIE_LEN", "LABEL", "MAC_LEN", "MAX_DETAIL", "MAX_KEY_IDS", "MAX_SPIS", "VERSION",
            "AbortCode", "Message", "MsgType", "QkdMode", "QkdReason", "check_mac1", "decode",
            "encode_core", "encode_fields", "mac1_key", "seal", "transcript_hash"]
 
@@ -79,12 +79,17 @@ class AbortCode(enum.IntEnum):
 
 KEM_IDS = {"ML-KEM-768": 1, "ML-KEM-1024": 2}
 KEM_NAMES = {v: k for k, v in KEM_IDS.items()}
-TUNNEL_KIND_IDS = {"ipsec": 1, "macsec": 2}
+# The key consumer each tunnel entry is for (docs/protocol.md 4.2, docs/consumers.md):
+# IPsec (XFRM) carries the SPI the sender receives on, MACsec the AN; the
+# consumers keyed with one key per generation (WireGuard PSK, strongSwan PPK)
+# have nothing per-SA to announce and carry a value that must be 0.
+TUNNEL_KIND_IDS = {"ipsec": 1, "macsec": 2, "wireguard": 3, "strongswan": 4}
+CONSUMER_KINDS = frozenset({"wireguard", "strongswan"})
 TUNNEL_KINDS = {v: k for k, v in TUNNEL_KIND_IDS.items()}
 
 # Field types: u8 u16 u64 (big-endian), bN (exactly N bytes), var16 (u16
 # length + bytes), keyids (u8 count + 16-byte binary UUIDs), spis (u16 count,
-# each u8 id length + UTF-8 id + u8 kind + u32 value), str8 (u8 length +
+# each u8 id length + UTF-8 id + u8 kind + u32 value; TUNNEL_KIND_IDS), str8 (u8 length +
 # printable ASCII).
 SCHEMAS: dict[MsgType, tuple[tuple[str, str], ...]] = {
     MsgType.INIT: (("generation_min", "u64"), ("nonce", "b32"), ("kem_id", "u16"),
@@ -262,6 +267,8 @@ def _dec(r: _Reader, name: str, kind: str) -> Any:
                 raise RemoteProtocolError(f"SPI {val:#x} is reserved")
             if tkind == "macsec" and val > 3:      # IEEE 802.1AE-2018 10.5.1: AN 0..3
                 raise RemoteProtocolError(f"MACsec AN {val} out of range")
+            if tkind in CONSUMER_KINDS and val != 0:   # docs/protocol.md 4.2: reserved
+                raise RemoteProtocolError(f"{tkind} tunnel entry value {val:#x} is not 0")
             seen.add(tid)
             entries.append((tid, tkind, val))
         return tuple(entries)

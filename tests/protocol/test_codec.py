@@ -55,6 +55,8 @@ def test_init_layout_matches_the_document():
     (dict(x25519_public=b"x" * 31), "X25519"),
     (dict(spis=(("t1", "ipsec", 5),)), "reserved"),
     (dict(spis=(("m1", "macsec", 4),)), "AN"),
+    (dict(spis=(("w1", "wireguard", 1),)), "not 0"),
+    (dict(spis=(("s1", "strongswan", 0x100),)), "not 0"),
     (dict(spis=(("t1", "ipsec", 0x1000), ("t1", "ipsec", 0x1001))), "repeated"),
     (dict(key_ids=(KID, KID)), "duplicate"),
 ])
@@ -133,3 +135,22 @@ def test_reassembly_bounds_eviction_timeout_and_conflicts():
                      (good[0][:8] + b"\x00\x05" + good[0][10:], "index")]:
         with pytest.raises(RemoteProtocolError, match=why):
             F.parse_header(bad)
+
+
+def test_consumer_kinds_round_trip_with_their_wire_ids():
+    """docs/protocol.md 4.2: kind 3 = WireGuard, 4 = strongSwan, value 0."""
+    entries = (("a", "ipsec", 0x100), ("b", "macsec", 3), ("c", "wireguard", 0),
+               ("d", "strongswan", 0))
+    core = m.encode_core(m.MsgType.INIT, 1, 0, 1, init_values(spis=entries))
+    assert m.decode(m.seal(core, b"k"))["spis"] == entries
+    for tid, kind_id in ((b"c", 3), (b"d", 4)):
+        at = core.index(bytes([1]) + tid)
+        assert core[at + 2:at + 7] == bytes([kind_id]) + bytes(4)
+
+
+def test_unknown_tunnel_kind_is_a_remote_error():
+    core = m.encode_core(m.MsgType.INIT, 1, 0, 1, init_values(spis=(("c", "wireguard", 0),)))
+    at = core.index(b"\x01c") + 2
+    bad = core[:at] + b"\x05" + core[at + 1:]
+    with pytest.raises(RemoteProtocolError, match="unknown tunnel kind 5"):
+        m.decode(m.seal(bad, b"k"))

@@ -75,7 +75,7 @@ SCHEMA = {
               ("detail", "str8"), ("signer_id", "b8"), ("signature", "var16")],
     "COOKIE": [("cookie", "b16")],
 }
-SPI_KINDS = {1: "ipsec", 2: "macsec"}
+SPI_KINDS = {1: "ipsec", 2: "macsec", 3: "wireguard", 4: "strongswan"}
 
 
 def key_id_text(raw: bytes) -> str:

@@ -237,3 +237,9 @@ def test_reference_agrees_with_vector(vec):
         assert e["generation"] == gen
         assert kref.esp(s, root, e["tunnel_id"], e["direction"], e["spi"], gen).hex() == e["key"]
     assert len(x["esp"]) == 2 * sum(k == "ipsec" for _, k in i["tunnels"])
+    # keymix.md 6.4: one key per consumer tunnel and generation, both directions
+    consumers = x.get("consumer_keys", [])
+    for e in consumers:
+        assert e["generation"] == gen and i["initiator"]["spis"][e["tunnel_id"]] == 0
+        assert kref.consumer(s, root, e["consumer"], e["tunnel_id"], gen).hex() == e["key"]
+    assert len(consumers) == sum(k in ("wireguard", "strongswan") for _, k in i["tunnels"])

@@ -95,6 +95,8 @@ def test_vectors_cover_the_required_exchanges():
     assert any(psk for _, _, psk in kinds)           # with a PSK
     assert any(v["inputs"]["initiator"].get("kme_error") for v in VECTORS)   # QKD fallback
     assert {v["inputs"]["kem"] for v in VECTORS} == {"ML-KEM-768", "ML-KEM-1024"}
+    assert {k for v in VECTORS for _, k in v["inputs"]["tunnels"]} == \
+        {"ipsec", "macsec", "wireguard", "strongswan"}   # every tunnel kind on the wire
     for v in DONE:
         assert [x["type"] for x in v["messages"]] == ["INIT", "RESP", "CONFIRM", "DONE"]
     assert ABORTED
