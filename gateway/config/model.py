@@ -83,8 +83,18 @@ class QkdRole(enum.Enum):
 
 
 class TunnelType(enum.Enum):
+    """The key consumer of a tunnel (docs/consumers.md): ``ipsec`` is the
+    XFRM consumer (qkdgate's own ESP SAs), ``macsec`` its own MACsec SAs;
+    ``wireguard`` and ``strongswan`` key a data plane someone else runs."""
     IPSEC = "ipsec"
     MACSEC = "macsec"
+    WIREGUARD = "wireguard"
+    STRONGSWAN = "strongswan"
+
+    @property
+    def consumer(self) -> str:
+        """The consumer's name in docs/consumers.md (``ipsec`` is ``xfrm``)."""
+        return "xfrm" if self is TunnelType.IPSEC else self.value
 
 
 class IpsecCipher(enum.Enum):
@@ -276,6 +286,36 @@ class MacsecConfig:
     _yaml_label = "macsec settings"
 
 
+WireguardKey = Annotated[str, Pattern(r"[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=",
+                                      "a WireGuard public key: 32 bytes in base64 "
+                                      "(44 characters, as `wg pubkey` prints it)")]
+
+
+@dataclass(frozen=True, slots=True)
+class WireguardConfig:
+    """One WireGuard peer whose preshared key qkdgate sets (docs/consumers.md)."""
+
+    interface: IfName                      # an existing WireGuard netdevice (wg-quick)
+    peer_public_key: WireguardKey
+    # Restored when a block ends; a block empties the peer's allowed IPs, so
+    # qkdgate must know them without asking the kernel (after a SIGKILL the
+    # failsafe has emptied them).
+    allowed_ips: Annotated[tuple[IPNetwork, ...], Length(1, 256)]
+
+    _yaml_label = "wireguard settings"
+
+
+@dataclass(frozen=True, slots=True)
+class StrongswanConfig:
+    """One swanctl connection whose RFC 8784 PPK qkdgate loads over vici
+    (docs/consumers.md, strongSwan section)."""
+
+    connection: Annotated[str, Name]       # the swanctl.conf connection name
+    vici_socket: Annotated[str, FilePath] = "/var/run/charon.vici"
+
+    _yaml_label = "strongswan settings"
+
+
 @dataclass(frozen=True, slots=True)
 class RekeyConfig:
     interval: Annotated[float, Duration, Range(1)] = 60.0
@@ -296,6 +336,8 @@ class TunnelConfig:
     policy: KeyPolicy = KeyPolicy.HYBRID_REQUIRED
     ipsec: IpsecConfig | None = None
     macsec: MacsecConfig | None = None
+    wireguard: WireguardConfig | None = None
+    strongswan: StrongswanConfig | None = None
     rekey: RekeyConfig = field(default_factory=RekeyConfig)
 
     _yaml_label = "tunnel"

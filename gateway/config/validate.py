@@ -148,18 +148,21 @@ def validate(cfg: Config) -> None:
     reqids: list[tuple[int, int]] = []
     ifnames: dict[str, int] = {}
     scis: dict[tuple[str, int], int] = {}
+    wg_peers: dict[tuple[str, str], int] = {}
     for i, t in enumerate(cfg.tunnels):
         at = f"tunnels[{i}]"
         if t.peer not in peers:
             raise cfg.error(f"{at}.peer", "unknown peer",
                             expected=_one_of(peers, "a peer defined in peers"), found=f"'{t.peer}'")
-        own, other = ("ipsec", "macsec") if t.type is TunnelType.IPSEC else ("macsec", "ipsec")
+        own = t.type.value
         if getattr(t, own) is None:
             raise cfg.error(at, f"type {own} needs a '{own}' section",
                             expected=f"{own}: {{...}}", found=f"no {own} section")
-        if getattr(t, other) is not None:
-            raise cfg.error(f"{at}.{other}", f"'{other}' section in a tunnel of type {own}",
-                            expected=f"only an '{own}' section", found=f"an '{other}' section")
+        for other in (k.value for k in TunnelType if k is not t.type):
+            if getattr(t, other) is not None:
+                raise cfg.error(f"{at}.{other}", f"'{other}' section in a tunnel of type {own}",
+                                expected=f"only an '{own}' section",
+                                found=f"an '{other}' section")
         if "qkd" in t.policy.required and peers[t.peer].qkd is None:
             raise cfg.error(f"{at}.policy", f"policy {t.policy.value} requires QKD keys but "
                             f"peer '{t.peer}' has no qkd section",
@@ -217,6 +220,10 @@ def validate(cfg: Config) -> None:
                                 f"tunnels[{first}]", expected="a unique macsec.interface",
                                 found=f"'{name}'")
 
+        if t.wireguard is not None:
+            _check_wireguard(cfg, at, t.wireguard, wg_peers, i)
+        # strongswan: checks of the strongswan section go here
+
     # -- telemetry
     m = cfg.telemetry.mqtt
     if m.password_file is not None and m.username is None:
@@ -228,6 +235,20 @@ def validate(cfg: Config) -> None:
     # -- key service (docs/keyservice.md 5)
     if cfg.key_service is not None:
         _check_key_service(cfg, cfg.key_service)
+
+
+def _check_wireguard(cfg: Config, at: str, w: WireguardConfig,
+                     seen: dict[tuple[str, str], int], i: int) -> None:
+    """One qkdgate tunnel per WireGuard peer: two would fight over its PSK."""
+    first = seen.setdefault((w.interface, w.peer_public_key), i)
+    if first != i:
+        raise cfg.error(f"{at}.wireguard.peer_public_key", f"same interface and peer as "
+                        f"tunnels[{first}]", expected="one tunnel per WireGuard peer",
+                        found=w.peer_public_key)
+    for j, net in enumerate(w.allowed_ips):
+        if any(net.version == o.version and net.overlaps(o) for o in w.allowed_ips[:j]):
+            raise cfg.error(f"{at}.wireguard.allowed_ips[{j}]", "overlaps an earlier entry",
+                            expected="distinct networks", found=str(net))
 
 
 def warnings(cfg: Config) -> list[str]:

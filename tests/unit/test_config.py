@@ -192,6 +192,48 @@ def test_macsec_tunnel_and_default_interface_name():
     assert e.path == "tunnels[0].macsec.peer_mac" and e.expected.startswith("a MAC address")
 
 
+WG_KEY = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg="
+
+
+def _consumer_text(section: str) -> str:
+    text = cfg_with(("    type: ipsec\n", section), ("    ipsec:\n", "    x_ipsec:\n"))
+    text = text.replace("    x_ipsec:\n", "    rekey_unused:\n", 1)
+    return text[:text.index("    rekey_unused:")] + text[text.index("    rekey:"):]
+
+
+def test_wireguard_and_strongswan_tunnels_name_their_consumer():
+    """Issue 21 item 5: a tunnel's type names its key consumer."""
+    wg = parse(_consumer_text(
+        "    type: wireguard\n    wireguard:\n      interface: wg0\n"
+        f"      peer_public_key: {WG_KEY}\n      allowed_ips: [10.9.0.2/32, fd00::2/128]\n"))
+    t = wg.tunnels[0]
+    assert t.type is TunnelType.WIREGUARD and t.type.consumer == "wireguard"
+    assert t.wireguard.interface == "wg0" and t.wireguard.peer_public_key == WG_KEY
+    assert [str(n) for n in t.wireguard.allowed_ips] == ["10.9.0.2/32", "fd00::2/128"]
+    assert t.ipsec is None and t.macsec is None and t.strongswan is None
+    assert TunnelType.IPSEC.consumer == "xfrm"
+    sw = parse(_consumer_text("    type: strongswan\n    strongswan: {connection: gw-gw}\n"))
+    assert sw.tunnels[0].strongswan.connection == "gw-gw"
+    assert sw.tunnels[0].strongswan.vici_socket == "/var/run/charon.vici"
+
+
+@pytest.mark.parametrize("section,path,why", [
+    ("    type: wireguard\n", "tunnels[0]", "needs a 'wireguard' section"),
+    ("    type: wireguard\n    wireguard: {interface: wg0, peer_public_key: "
+     f"'{WG_KEY}', allowed_ips: []}}\n", "tunnels[0].wireguard.allowed_ips", ""),
+    ("    type: wireguard\n    wireguard: {interface: wg0, peer_public_key: "
+     f"'{WG_KEY[:-2]}h=', allowed_ips: [10.0.0.0/8]}}\n",
+     "tunnels[0].wireguard.peer_public_key", ""),
+    ("    type: wireguard\n    wireguard: {interface: wg0, peer_public_key: "
+     f"'{WG_KEY}', allowed_ips: [10.0.0.0/8, 10.1.0.0/16]}}\n",
+     "tunnels[0].wireguard.allowed_ips[1]", "overlaps"),
+    ("    type: strongswan\n", "tunnels[0]", "needs a 'strongswan' section"),
+])
+def test_consumer_sections_are_checked_with_their_path(section, path, why):
+    e = error(_consumer_text(section))
+    assert e.path == path and why in e.reason
+
+
 def test_policy_legs_table_matches_the_docs():
     assert POLICY_LEGS[KeyPolicy.HYBRID_REQUIRED][0] == {"x25519", "mlkem", "qkd"}
     assert KeyPolicy.PQC_FALLBACK.optional == {"qkd"} and KeyPolicy.PQC_FALLBACK.uses_qkd

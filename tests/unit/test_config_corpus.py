@@ -54,7 +54,7 @@ def test_shipped_example_passes_and_summarises():
     assert r.stderr == ""  # the example triggers no warnings either
     assert "gateway gw-a: ML-KEM-768 + X25519, profile default, listening on [::]:4600/udp" \
         in r.stdout
-    assert "2 peers" in r.stdout and "2 tunnels" in r.stdout
+    assert "2 peers" in r.stdout and "4 tunnels" in r.stdout
     assert "policies: hybrid-required, pqc-fallback" in r.stdout
 
 
