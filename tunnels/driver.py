@@ -6,8 +6,10 @@ grace); it holds one :class:`TunnelDriver` that performs the kernel
 operations of its kind and nothing else: no clock, no generation table, no
 events. :class:`~qkdgate.tunnels.ipsec_tunnel.IpsecDriver` drives XFRM
 policies and SAs, :class:`~qkdgate.tunnels.macsec_tunnel.MacsecDriver` one
-macsec netdevice. Every operation either completes or raises
-:class:`~qkdgate.errors.TunnelError`; the tunnel decides what that means.
+macsec netdevice, :class:`~qkdgate.tunnels.consumer.ConsumerDriver` a key
+consumer (WireGuard, strongSwan) that runs its own data plane. Every
+operation either completes or raises :class:`~qkdgate.errors.TunnelError`;
+the tunnel decides what that means.
 
 This is Arnika's key-sink shape (install this key; invalidate the tunnel) and
 strongSwan's ``kernel_ipsec`` narrow interface, one level up.
@@ -49,6 +51,9 @@ class KeySchedule(Protocol):
 
     def macsec_keys(self, session: SessionSecret, tunnel_id: str, direction: str, sci: int,
                     an: int, generation: int, cipher: MacsecCipher) -> MacsecKeyMaterial: ...
+
+    def consumer_key(self, session: SessionSecret, consumer: str, tunnel_id: str,
+                     generation: int) -> SecretBytes: ...
 
 
 SaHandle = SaId | tuple[int, int]     # SaId for IPsec; (sci, an) for MACsec
@@ -194,3 +199,6 @@ class TunnelDriver(Protocol):
 
     def teardown(self) -> bool:
         """Remove what setup installed; True when the tunnel is down."""
+
+    def describe(self) -> dict[str, object]:
+        """Kind-specific status for ``Tunnel.status`` (empty: nothing to add)."""

@@ -181,6 +181,34 @@ class TunnelOpFailed(TunnelEvent):
     error: str
 
 
+@dataclass(frozen=True, slots=True)
+class ConsumerKeyInstalled(TunnelEvent):
+    """A key consumer (WireGuard, strongSwan: docs/consumers.md) uses the key
+    of ``generation`` from now on. ``key_name`` is its public name (the PPK
+    id); ``verified``: read back from the kernel / daemon and equal."""
+
+    name: ClassVar[str] = "consumer_key_installed"
+    kind: str
+    generation: int
+    key_name: str
+    inputs: KeyInputs
+    verified: bool
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerInvalidated(TunnelEvent):
+    """A key consumer was failed closed: a random key replaced its key
+    (never a stale one kept); ``blocked``: its running sessions were stopped
+    too (WireGuard: the peer's allowed IPs emptied)."""
+
+    name: ClassVar[str] = "consumer_invalidated"
+    kind: str
+    reason: str
+    blocked: bool
+    detail: str
+
+
 TunnelEventSink = Callable[[TunnelEvent], None]
 
 

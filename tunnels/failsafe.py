@@ -17,6 +17,13 @@ falls back to sweeping by kind when the registry is missing or damaged.
   accept) traffic forever. The parent interface carries no protected
   traffic: it only ever sees MACsec frames or nothing.
 
+* Key consumers (WireGuard, strongSwan: docs/consumers.md): a preshared
+  key or PPK has no lifetime at all, so each recorded consumer is failed
+  closed by ``qkdgate.tunnels.<kind>.failsafe`` after *every* exit, clean or
+  not: WireGuard gets a random preshared key and its peer's allowed IPs
+  emptied (no packet passes either way; the daemon puts them back once a
+  generation installs).
+
 Under systemd (``--systemd``, as the unit runs it) failsafe reads
 ``$SERVICE_RESULT`` (systemd.exec(5)). After a *clean* exit
 (``success``: the daemon stopped on SIGTERM and chose what to leave) the
@@ -77,6 +84,7 @@ def _parse_range(text: str) -> tuple[int, int]:
 class _Todo(TypedDict):
     reqids: list[int] | None
     links: list[str]
+    consumers: list[dict[str, str]]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -85,13 +93,14 @@ def run(args: argparse.Namespace) -> int:
     extra = _parse_range(args.reqids) if args.reqids else None
     plan: dict[str, _Todo] = {}
     for ns, entry in TunnelRegistry.load(args.state).items():
-        plan[ns] = {"reqids": entry["ipsec_reqids"], "links": list(entry["macsec_links"])}
+        plan[ns] = {"reqids": entry["ipsec_reqids"], "links": list(entry["macsec_links"]),
+                    "consumers": list(entry["consumers"])}
     for ns in args.netns:
-        plan.setdefault(ns, {"reqids": None, "links": []})
+        plan.setdefault(ns, {"reqids": None, "links": [], "consumers": []})
     if not plan:
-        plan[""] = {"reqids": None, "links": []}
+        plan[""] = {"reqids": None, "links": [], "consumers": []}
     if not extra and not args.all_macsec and not any(
-            t["reqids"] or t["links"] for t in plan.values()):
+            t["reqids"] or t["links"] or t["consumers"] for t in plan.values()):
         # Nothing recorded and nothing asked: say so rather than pretend.
         print(f"failsafe: no tunnels recorded in {args.state}; nothing done "  # noqa: T201 (CLI)
               "(use --reqids and --all-macsec to sweep)", file=sys.stderr)
@@ -106,7 +115,36 @@ def run(args: argparse.Namespace) -> int:
     for ns, todo in plan.items():
         failures += _failsafe_ns(ns or None, todo["reqids"], extra, todo["links"],
                                  args.all_macsec, args.dry_run)
+        failures += _consumers(ns or None, todo["consumers"], args.dry_run)
     return 1 if failures else 0
+
+
+CONSUMER_MODULES = {"wireguard": "qkdgate.tunnels.wireguard",
+                    "strongswan": "qkdgate.tunnels.strongswan"}
+
+
+def _consumers(ns: str | None, records: list[dict[str, str]], dry: bool) -> int:
+    """Each kind's ``failsafe(ns, records, dry, say) -> failures``."""
+    import importlib
+
+    from qkdgate.errors import QkdgateError
+
+    failures = 0
+    by_kind: dict[str, list[dict[str, str]]] = {}
+    for rec in records:
+        by_kind.setdefault(rec.get("kind", ""), []).append(rec)
+    for kind, recs in by_kind.items():
+        module = CONSUMER_MODULES.get(kind)
+        if module is None:
+            _say(ns, f"unknown key consumer {kind!r} in the registry: {len(recs)} not handled")
+            failures += len(recs)
+            continue
+        try:
+            failures += int(importlib.import_module(module).failsafe(ns, recs, dry, _say))
+        except (QkdgateError, ImportError, AttributeError) as exc:
+            _say(ns, f"{kind}: {exc}")
+            failures += len(recs)
+    return failures
 
 
 def _say(ns: str | None, text: str) -> None:

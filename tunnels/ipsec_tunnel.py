@@ -309,6 +309,9 @@ class IpsecDriver:
             observed.append((rec.direction, st))
         return CounterReading(counters=totals, observed=tuple(observed))
 
+    def describe(self) -> dict[str, object]:
+        return {}
+
     def teardown(self) -> bool:
         """Remove our policies (the SAs went with their generations)."""
         return self.teardown_from(self.snapshot())

@@ -252,6 +252,9 @@ class MacsecDriver:
         return CounterReading(counters={"bytes_out": st.octets, "packets_out": st.packets},
                               observed=(("out", st),), rekey_reason=reason)
 
+    def describe(self) -> dict[str, object]:
+        return {}
+
     def teardown(self) -> bool:
         """Delete the link if we created it (True: the tunnel is down)."""
         if not self._created:

@@ -603,6 +603,7 @@ class Tunnel:
             "soft_expiry_in": round(self.timers.soft_at(act.number) - now, 1) if act else None,
             "hard_expiry_in": round(self.timers.hard_at(act.number) - now, 1) if act else None,
             **self.counters, "last_error": self.last_error, "generations": gens,
+            **({"consumer": extra} if (extra := self.driver.describe()) else {}),
         }
 
     def _drop_generation(self, gen: Generation, now: float,

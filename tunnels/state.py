@@ -7,7 +7,14 @@ record it here, in a small JSON file (default ``/run/qkdgate/tunnels.json``,
 on tmpfs so it vanishes with the kernel state it describes):
 
     {"version": 1, "namespaces": {"": {"ipsec_reqids": [min, max],
-                                        "macsec_links": ["macsec0"]}}}
+                                        "macsec_links": ["macsec0"],
+                                        "consumers": [{"kind": "wireguard",
+                                                       "interface": "wg0",
+                                                       "peer": "<public key>"}]}}}
+
+Key consumers (docs/consumers.md) record one flat string dict each, with
+its ``kind``; ``qkdgate failsafe`` hands a kind's records to
+``qkdgate.tunnels.<kind>.failsafe``.
 
 Whoever builds the backends (``qkdgate.gateway.daemon.build``) makes one
 registry and hands it to each backend's constructor; a backend given none
@@ -39,6 +46,7 @@ class NamespaceRecord(TypedDict):
 
     ipsec_reqids: list[int] | None      # [min, max] of the reqids of SAs installed
     macsec_links: list[str]
+    consumers: list[dict[str, str]]     # key consumers: {"kind": ..., their fields}
 
 
 class TunnelRegistry:
@@ -59,16 +67,20 @@ class TunnelRegistry:
             for ns, entry in spaces.items():
                 r = entry.get("ipsec_reqids")
                 links = entry.get("macsec_links", [])
+                consumers = entry.get("consumers", [])
                 out[str(ns)] = {
                     "ipsec_reqids": [int(r[0]), int(r[1])] if r else None,
                     "macsec_links": [str(x) for x in links if isinstance(x, str)],
+                    "consumers": [{str(k): str(v) for k, v in c.items()} for c in consumers
+                                  if isinstance(c, dict) and isinstance(c.get("kind"), str)],
                 }
             return out
         except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
             return {}
 
     def _entry(self, netns: str | None) -> NamespaceRecord:
-        return self.data.setdefault(netns or "", {"ipsec_reqids": None, "macsec_links": []})
+        return self.data.setdefault(netns or "", {"ipsec_reqids": None, "macsec_links": [],
+                                                  "consumers": []})
 
     def _save(self) -> None:
         try:
@@ -111,4 +123,12 @@ class TunnelRegistry:
             links = self._entry(netns)["macsec_links"]
             if name in links:
                 links.remove(name)
+                self._save()
+
+    def add_consumer(self, netns: str | None, record: dict[str, str]) -> None:
+        """Record a key consumer (``record["kind"]`` names it) for failsafe."""
+        with self._lock:
+            consumers = self._entry(netns)["consumers"]
+            if record not in consumers:
+                consumers.append(dict(record))
                 self._save()

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 from qkdgate.interfaces import Mode
 
 if TYPE_CHECKING:
-    from qkdgate.gateway.config.model import Config
+    from qkdgate.gateway.config.model import Config, WireguardConfig
 
 
 _SECRET_KEY_RE = re.compile(r"(?i)(passw(or)?d|secret|token|psk|private|api_?key|credential)")

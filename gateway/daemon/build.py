@@ -22,6 +22,7 @@ from qkdgate.gateway.config.model import REQID_SPAN, Config, PeerConfig, TunnelC
 from qkdgate.interfaces import MacsecLinkSpec, UdpEncap
 from qkdgate.keymix.secret import SecretBytes
 from qkdgate.private_file import read_private_file
+from qkdgate.tunnels.consumer import KeyConsumer, consumer_tunnel
 from qkdgate.tunnels.events import TunnelEventSink
 from qkdgate.tunnels.ipsec_tunnel import IpsecTunnelSpec, ipsec_tunnel
 from qkdgate.tunnels.macsec_tunnel import MacsecTunnelSpec, macsec_tunnel
@@ -29,6 +30,7 @@ from qkdgate.tunnels.manager import Lifetimes, Tunnel, TunnelManager
 from qkdgate.tunnels.policy import KeyPolicy
 from qkdgate.tunnels.state import DEFAULT_PATH as REGISTRY_PATH
 from qkdgate.tunnels.state import TunnelRegistry
+from qkdgate.tunnels.wireguard import WireguardConsumer, WireguardSpec, parse_key
 
 log = logging.getLogger("qkdgate.daemon")
 
@@ -81,28 +83,74 @@ def macsec_spec(t: TunnelConfig) -> MacsecTunnelSpec:
     return MacsecTunnelSpec(t.name, link, int(sci), pn_threshold=t.rekey.macsec_pn_threshold)
 
 
+def wireguard_spec(t: TunnelConfig) -> WireguardSpec:
+    w = t.wireguard
+    if w is None:
+        raise ConfigError("a WireGuard tunnel needs its wireguard section",
+                          path=f"tunnels[{t.name}].wireguard")
+    return WireguardSpec(t.name, w.interface, parse_key(w.peer_public_key), w.allowed_ips)
+
+
+def wireguard_consumer(t: TunnelConfig, registry: TunnelRegistry | None) -> KeyConsumer:
+    from qkdgate.tunnels.wireguard import WireguardBackend
+    return WireguardConsumer(wireguard_spec(t), WireguardBackend(), registry=registry)
+
+
+def strongswan_consumer(t: TunnelConfig, registry: TunnelRegistry | None) -> KeyConsumer:
+    """The strongSwan consumer of tunnel ``t`` (issue 21 item 3)."""
+    raise ConfigError("the strongSwan key consumer is not built in this version",
+                      path=f"tunnels[{t.name}].type", found="strongswan")
+
+
+ConsumerBuilder = Callable[[TunnelConfig, TunnelRegistry | None], KeyConsumer]
+CONSUMERS: dict[TunnelType, ConsumerBuilder] = {TunnelType.WIREGUARD: wireguard_consumer,
+                                                TunnelType.STRONGSWAN: strongswan_consumer}
+
+
 def tunnels(cfg: Config, ipsec_backend: Any, macsec_backend: Any,
-            emit: TunnelEventSink) -> list[Tunnel]:
+            emit: TunnelEventSink, *, registry: TunnelRegistry | None = None,
+            consumers: dict[TunnelType, ConsumerBuilder] | None = None) -> list[Tunnel]:
+    """One :class:`Tunnel` per configured tunnel. Key consumers (WireGuard,
+    strongSwan) are built by ``consumers`` (tests pass fakes), recording
+    themselves in ``registry`` for ``qkdgate failsafe``."""
     out: list[Tunnel] = []
+    builders = CONSUMERS if consumers is None else consumers
     for t in cfg.tunnels:
         if t.type is TunnelType.IPSEC:
             out.append(ipsec_tunnel(ipsec_spec(t), ipsec_backend, policy=t.policy,
                                    lifetimes=lifetimes(t), emit=emit))
-        else:
+        elif t.type is TunnelType.MACSEC:
             out.append(macsec_tunnel(macsec_spec(t), macsec_backend, policy=t.policy,
                                     lifetimes=lifetimes(t), emit=emit))
+        else:
+            out.append(consumer_tunnel(builders[t.type](t, registry), policy=t.policy,
+                                       lifetimes=lifetimes(t), emit=emit))
     return out
 
 
+def failsafe_registry(cfg: Config, ipsec: Any, macsec: Any,
+             registry_path: str = REGISTRY_PATH) -> TunnelRegistry | None:
+    """The one registry `qkdgate failsafe` reads, when anything real is
+    built: a netlink backend (none given) or a key consumer."""
+    kinds = {t.type for t in cfg.tunnels}
+    if (ipsec is None and TunnelType.IPSEC in kinds) or \
+            (macsec is None and TunnelType.MACSEC in kinds) or \
+            kinds & set(CONSUMERS):
+        return TunnelRegistry(registry_path)
+    return None
+
+
 def backends(cfg: Config, ipsec: Any, macsec: Any,
-             registry_path: str = REGISTRY_PATH) -> tuple[Any, Any]:
+             registry_path: str = REGISTRY_PATH, *,
+             shared: TunnelRegistry | None = None) -> tuple[Any, Any]:
     """The kernel backends: the given ones (tests pass fakes), else the
     netlink backends (only if a tunnel needs them). No shipped path builds
-    a backend that does not enforce in the kernel."""
+    a backend that does not enforce in the kernel. ``shared``: the registry
+    the key consumers record in too (:func:`failsafe_registry`)."""
     kinds = {t.type for t in cfg.tunnels}
-    registry: TunnelRegistry | None = None
-    if (ipsec is None and TunnelType.IPSEC in kinds) or \
-            (macsec is None and TunnelType.MACSEC in kinds):
+    registry: TunnelRegistry | None = shared
+    if registry is None and ((ipsec is None and TunnelType.IPSEC in kinds) or
+                             (macsec is None and TunnelType.MACSEC in kinds)):
         # One registry for both backends: what `qkdgate failsafe` reads.
         registry = TunnelRegistry(registry_path)
     if ipsec is None and TunnelType.IPSEC in kinds:

@@ -217,8 +217,11 @@ class Daemon:
     async def _start(self) -> None:
         cfg = self.config
         now = self.clock()
-        self._ipsec, self._macsec = build.backends(cfg, self._ipsec, self._macsec)
-        for tunnel in build.tunnels(cfg, self._ipsec, self._macsec, self._tunnel_event):
+        registry = build.failsafe_registry(cfg, self._ipsec, self._macsec)
+        self._ipsec, self._macsec = build.backends(cfg, self._ipsec, self._macsec,
+                                                   shared=registry)
+        for tunnel in build.tunnels(cfg, self._ipsec, self._macsec, self._tunnel_event,
+                                    registry=registry):
             self.tunnels.add(tunnel)
         # fail-closed policies first; adopts a previous run's SAs (one kernel read)
         self.tunnels.setup(now)

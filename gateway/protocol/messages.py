@@ -35,9 +35,10 @@ from qkdgate.gateway.protocol.constants import (
     VERSION,
 )
 
-__all__ = ["CONSUMER_KINDS", "COOKIE_LEN", "LABEL", "MAC_LEN", "MAX_DETAIL", "MAX_KEY_IDS", "MAX_SPIS", "VERSION",
-           "AbortCode", "Message", "MsgType", "QkdMode", "QkdReason", "check_mac1", "decode",
-           "encode_core", "encode_fields", "mac1_key", "seal", "transcript_hash"]
+__all__ = ["CONSUMER_KINDS", "COOKIE_LEN", "LABEL", "MAC_LEN", "MAX_DETAIL", "MAX_KEY_IDS",
+           "MAX_SPIS", "VERSION", "AbortCode", "Message", "MsgType", "QkdMode", "QkdReason",
+           "check_mac1", "decode", "encode_core", "encode_fields", "mac1_key", "seal",
+           "transcript_hash"]
 
 HEADER = struct.Struct("!BBHQQI")   # type, version, flags, sender epoch, receiver epoch, xid
 

@@ -234,3 +234,52 @@ def test_the_daemon_builder_hands_one_registry_to_both_backends(tmp_path, monkey
                                    SimpleNamespace(type=TunnelType.MACSEC)])
     build.backends(cfg, None, None, registry_path=str(tmp_path / "r.json"))
     assert made["x"] is made["m"] and made["x"].path == str(tmp_path / "r.json")
+
+
+def test_failsafe_invalidates_recorded_wireguard_peers_after_any_exit(tmp_path, monkeypatch,
+                                                                      capsys):
+    """Issue 21: a PSK has no lifetime, so failsafe fails every recorded
+    WireGuard peer closed (random PSK, session and allowed IPs gone), even
+    after a clean exit; a peer that is gone already is no failure."""
+    from test_consumer_wireguard import PUB_A, PUB_B, FakeWg
+
+    from qkdgate.tunnels import wireguard as wg_mod
+    kernels = {PUB_B: FakeWg(PUB_B, ["10.9.0.2/32"]), PUB_A: FakeWg(PUB_A, ["10.9.0.1/32"])}
+    kernels[PUB_A].exists = False
+
+    class Backend:
+        def __init__(self, netns=None):
+            self.netns = netns
+
+        def peer(self, interface, public_key):
+            return kernels[public_key].peer(interface, public_key)
+
+        def block_peer(self, interface, public_key, psk):
+            return kernels[public_key].block_peer(interface, public_key, psk)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(wg_mod, "WireguardBackend", Backend)
+    monkeypatch.setenv("SERVICE_RESULT", "success")
+    state = str(tmp_path / "tunnels.json")
+    reg = TunnelRegistry(state)
+    for pub in (PUB_B, PUB_A):
+        reg.add_consumer("gw", {"kind": "wireguard", "interface": "wg0",
+                                "peer": wg_mod.key_b64(pub)})
+    before = kernels[PUB_B].psk
+    assert run("--state", state, "--systemd", "--dry-run") == 0
+    assert kernels[PUB_B].psk == before and kernels[PUB_B].session
+    assert run("--state", state, "--systemd") == 0
+    k = kernels[PUB_B]
+    assert k.psk != before and len(k.psk) == 32 and k.allowed == () and not k.session
+    out = capsys.readouterr().out
+    assert "random preshared key, session removed, no allowed IPs" in out
+    assert "already gone" in out
+
+
+def test_failsafe_counts_an_unknown_consumer_kind_as_a_failure(tmp_path, capsys):
+    state = str(tmp_path / "tunnels.json")
+    TunnelRegistry(state).add_consumer(None, {"kind": "teleporter", "id": "x"})
+    assert run("--state", state) == 1
+    assert "unknown key consumer 'teleporter'" in capsys.readouterr().out
