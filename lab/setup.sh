@@ -32,9 +32,10 @@ mkdir -p "$LAB_HOME"
 # ------------------------------------------------------------ 1. apt packages
 # qemu + busybox/kmod/cpio for virtme-ng's initramfs; file/binutils let vng
 # identify the kernel image; iproute2/tcpdump/iperf3/ping are used by tests
-# and bench for setup and observation (never in the product path).
+# and bench for setup and observation (never in the product path);
+# wireguard-tools (wg, wg-quick) runs real WireGuard in tests/kernel/test_wireguard.py.
 APT_PKGS=(qemu-system-x86 kmod busybox-static cpio file binutils iproute2 iputils-ping
-          tcpdump iperf3 bridge-utils)
+          tcpdump iperf3 bridge-utils wireguard-tools)
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -69,7 +70,8 @@ else
   mv "$TMPX"/boot/* "$KROOT/boot/"
   rm -rf "$TMPX" "$DEB"
 fi
-for m in net/ipv4/esp4.ko net/ipv6/esp6.ko net/xfrm/xfrm_user.ko drivers/net/macsec.ko crypto/gcm.ko; do
+for m in net/ipv4/esp4.ko net/ipv6/esp6.ko net/xfrm/xfrm_user.ko drivers/net/macsec.ko crypto/gcm.ko \
+         drivers/net/wireguard/wireguard.ko; do
   ls "$KROOT/lib/modules/$KVER/kernel/$m"* >/dev/null 2>&1 || die "module $m missing in the $KVER package"
 done
 echo "$KROOT/boot/vmlinuz-$KVER" > "$LAB_HOME/kernel/current"

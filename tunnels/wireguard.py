@@ -28,9 +28,9 @@ PSK alone leaves it running for up to 180 s. The peer is removed and re-added
 in one ``WG_CMD_SET_DEVICE`` (peers are applied in order): the re-added peer
 keeps its public key, endpoint and keepalive, has the random PSK, no allowed
 IPs and no session keys. With no allowed IPs no packet is routed to it and
-none it sends is accepted. ``install`` puts the configured allowed IPs back
-(``WGPEER_F_REPLACE_ALLOWEDIPS``) with the new PSK; the first packet then
-starts a fresh handshake.
+none it sends is accepted. ``install`` adds the configured allowed IPs back
+with the new PSK (adding, never ``WGPEER_F_REPLACE_ALLOWEDIPS``, which
+empties them first); after a block the first packet starts a fresh handshake.
 """
 
 from __future__ import annotations
@@ -98,7 +98,9 @@ class WireguardKernel(Protocol):
 
     def set_peer(self, interface: str, public_key: bytes, psk: SecretBytes,
                  allowed_ips: tuple[IPNetwork, ...] | None) -> None:
-        """Set an existing peer's PSK (and, unless None, replace its allowed IPs)."""
+        """Set an existing peer's PSK and add ``allowed_ips`` to its allowed
+        IPs (never replaces: the kernel would empty them first, dropping
+        whatever passes meanwhile)."""
 
     def block_peer(self, interface: str, public_key: bytes, psk: SecretBytes) -> None:
         """Remove and re-add the peer: ``psk``, no allowed IPs, no session."""
@@ -182,13 +184,16 @@ class WireguardBackend:
 
     def set_peer(self, interface: str, public_key: bytes, psk: SecretBytes,
                  allowed_ips: tuple[IPNetwork, ...] | None) -> None:
-        flags = w.WGPEER_F_UPDATE_ONLY     # never create a peer the operator did not
+        # UPDATE_ONLY: never create a peer the operator did not. No
+        # REPLACE_ALLOWEDIPS: the kernel would remove them all before adding
+        # (wg_allowedips_remove_by_peer), and a packet in between is dropped;
+        # adding the configured ones again changes nothing while they are there
+        # and restores them after a block.
         attrs = [nla(w.WGPEER_A_PUBLIC_KEY, public_key),
-                 nla(w.WGPEER_A_PRESHARED_KEY, psk.reveal())]
-        if allowed_ips is not None:
-            flags |= w.WGPEER_F_REPLACE_ALLOWEDIPS
+                 nla(w.WGPEER_A_PRESHARED_KEY, psk.reveal()),
+                 nla(w.WGPEER_A_FLAGS, struct.pack("=I", w.WGPEER_F_UPDATE_ONLY))]
+        if allowed_ips:
             attrs.append(nla_nested(w.WGPEER_A_ALLOWEDIPS, *map(_allowedip, allowed_ips)))
-        attrs.append(nla(w.WGPEER_A_FLAGS, struct.pack("=I", flags)))
         self._set("set_wireguard_psk", interface, nla_nested(0, *attrs))
 
     def block_peer(self, interface: str, public_key: bytes, psk: SecretBytes) -> None:
@@ -254,7 +259,8 @@ class WireguardConsumer:
         st = self.kernel.peer(self.spec.interface, self.spec.peer_public_key)
         if not hmac.compare_digest(st.preshared_key.reveal(), psk.reveal()):
             raise TunnelError(op, None, f"{self._where()}: preshared key read back differs")
-        if allowed is not None and set(st.allowed_ips) != set(allowed):
+        if allowed is not None and (not set(allowed) <= set(st.allowed_ips)
+                                    or (not allowed and st.allowed_ips)):
             raise TunnelError(op, None, f"{self._where()}: allowed IPs read back "
                                         f"{[str(n) for n in st.allowed_ips]}, want "
                                         f"{[str(n) for n in allowed]}")

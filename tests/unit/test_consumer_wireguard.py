@@ -62,8 +62,9 @@ class FakeWg:
         self.peer(interface, public_key)
         if not self.ignore_psk:
             self.psk = psk.reveal()
-        if allowed_ips is not None:
-            self.allowed = tuple(allowed_ips)
+        for net in allowed_ips or ():        # added, never replaced (like the kernel call)
+            if net not in self.allowed:
+                self.allowed += (net,)
 
     def block_peer(self, interface, public_key, psk):
         self.calls.append("block")
@@ -240,13 +241,14 @@ class Recorder(WireguardBackend):
         self.sent.append({"op": op, "peers": [parse_nlas(p[4:]) for p in peers]})
 
 
-def test_set_peer_updates_only_an_existing_peer_and_replaces_allowed_ips():
+def test_set_peer_updates_only_an_existing_peer_and_adds_allowed_ips():
+    """Never REPLACE_ALLOWEDIPS: the kernel empties them first, so a packet
+    passing during the call would be dropped (0 loss across rotations)."""
     r = Recorder()
     r.set_peer("wg0", PUB_B, SecretBytes(b"\x42" * 32), NETS_B)
     (peer,) = r.sent[0]["peers"]
     assert peer[w.WGPEER_A_PUBLIC_KEY] == PUB_B and peer[w.WGPEER_A_PRESHARED_KEY] == b"\x42" * 32
-    assert struct.unpack("=I", peer[w.WGPEER_A_FLAGS])[0] == \
-        w.WGPEER_F_UPDATE_ONLY | w.WGPEER_F_REPLACE_ALLOWEDIPS
+    assert struct.unpack("=I", peer[w.WGPEER_A_FLAGS])[0] == w.WGPEER_F_UPDATE_ONLY
     ips = [parse_nlas(b) for _t, b in iter_nlas(peer[w.WGPEER_A_ALLOWEDIPS])]
     assert [(struct.unpack("=H", a[w.WGALLOWEDIP_A_FAMILY])[0], a[w.WGALLOWEDIP_A_CIDR_MASK])
             for a in ips] == [(2, b"\x20"), (10, b"\x80")]
