@@ -64,7 +64,7 @@ def test_spec_lists_every_label_of_the_tree():
 
     doc = (Path(__file__).parents[2] / "docs" / "keymix.md").read_text()
     names = [v for k, v in vars(labels).items() if k.startswith("LABEL_")]
-    assert len(names) == 9     # 6 of the tunnel key schedule, 3 of the key service
+    assert len(names) == 11    # 8 of the tunnel key schedule (2 for consumers), 3 of the key service
     for label in names:
         assert f"`{label}`" in doc or f'"{label}"' in doc, label
     assert labels.root_label("ML-KEM-768", True, True) in doc
