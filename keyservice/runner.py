@@ -34,7 +34,7 @@ class SkipListener:
     local_system: str
     accept: str                 # host:port stunnel listens on (TLS-PSK)
     psk_file: str
-    tls_mode: str = "tls13"
+    tls_mode: str = "both"
 
 
 class KeyServiceRunner:

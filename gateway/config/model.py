@@ -420,6 +420,8 @@ class KeyServicePoolConfig:
 
 
 class SkipTlsMode(enum.Enum):
+    """draft-cisco-skip-02 3 Table 1 (keyservice/skip.py TLS_MODES)."""
+    BOTH = "both"
     TLS13 = "tls13"
     TLS12 = "tls12"
 
@@ -432,7 +434,7 @@ class KeyServiceSkipConfig:
     port: Port
     psk_file: Annotated[str, FilePath]
     address: IPAddress = ipaddress.IPv4Address("127.0.0.1")  # noqa: RUF009  immutable value
-    tls_mode: SkipTlsMode = SkipTlsMode.TLS13
+    tls_mode: SkipTlsMode = SkipTlsMode.BOTH
 
     _yaml_label = "SKIP listener"
 
