@@ -3,6 +3,7 @@ into a key service with the pools and times it names."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -12,12 +13,22 @@ from qkdgate.gateway.config.model import parse_config
 from qkdgate.gateway.daemon import build
 from qkdgate.tunnels.policy import KeyPolicy
 
-EXAMPLE = (Path(__file__).resolve().parents[2] / "systemd" / "qkdgate.yaml").read_text()
+SHIPPED = (Path(__file__).resolve().parents[2] / "systemd" / "qkdgate.yaml").read_text()
+# The shipped example has the section commented out (a fresh install has no
+# certificates for it); its YAML lines start with '#key_service:' or '#  '.
+EXAMPLE = re.sub(r"^#(?=key_service:|  )", "", SHIPPED, flags=re.M)
 
 
 def with_(old: str, new: str) -> str:
     assert old in EXAMPLE
     return EXAMPLE.replace(old, new, 1)
+
+
+def test_shipped_example_starts_without_the_key_service():
+    """A fresh install has no key-service certificates or PSK: the shipped
+    example leaves the section off, and uncommenting it gives a valid one."""
+    assert parse_config(SHIPPED, "/etc/qkdgate/qkdgate.yaml").key_service is None
+    assert EXAMPLE != SHIPPED and "\nkey_service:\n" in EXAMPLE
 
 
 def test_example_builds_the_service():
@@ -29,7 +40,7 @@ def test_example_builds_the_service():
     assert (spec.peer, spec.remote_sae, spec.key_size, spec.keys, spec.lifetime, spec.policy) == \
         ("gw-b", "SAE-B1", 256, 1024, 3600.0, KeyPolicy.HYBRID_REQUIRED)
     assert (svc.times.serve_margin, svc.times.dec_window, svc.times.clock_skew) == (90, 60, 5)
-    assert runner._skip[0].accept == "127.0.0.1:9443"
+    assert runner._skip[0].accept == "127.0.0.1:9443" and runner._skip[0].tls_mode == "both"
 
 
 @pytest.mark.parametrize("old,new,path", [
