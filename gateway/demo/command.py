@@ -138,6 +138,8 @@ def vm_argv(args: argparse.Namespace, json_path: str, log_path: str,
         out.append("--macsec")
     if getattr(args, "qkd", "014") != "014":
         out += ["--qkd", args.qkd]
+    if getattr(args, "key_service", False):
+        out.append("--key-service")
     if args.verbose:
         out.append("--verbose")
     if getattr(args, "report", None):
@@ -207,6 +209,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="how the gateways get QKD keys from the KME simulator: ETSI GS QKD 014 "
                         "(default), ETSI GS QKD 004 over its binary framing (004; docs/qkd.md), "
                         "or 004 over qkdgate's JSON binding (004-json)")
+    p.add_argument("--key-service", action="store_true",
+                   help="turn on both gateways' key services; two applications fetch keys "
+                        "through ETSI 014 and SKIP and the view counts served and refused keys "
+                        "(docs/keyservice.md)")
     p.add_argument("--json", metavar="FILE", help="write the run's summary as JSON")
     p.add_argument("--report", metavar="DIR",
                    help="write a run report: report.html (self-contained, opens offline), "
@@ -260,7 +266,8 @@ def options(a: argparse.Namespace) -> Any:
                        after_recovery=a.after_recovery,
                        policy=a.policy, macsec=a.macsec, rekey_interval=a.rekey_interval,
                        rate=a.rate, view_interval=a.view_interval, verbose=a.verbose,
-                       log_file=a.log_file, plain=a.plain, qkd=a.qkd)
+                       log_file=a.log_file, plain=a.plain, qkd=a.qkd,
+                       key_service=getattr(a, "key_service", False))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -356,4 +363,8 @@ def final_lines(s: dict[str, Any]) -> str:
     for name, st in t["streams"].items():
         per = ", ".join(f"{p}: {r['lost']}/{r['sent']}" for p, r in st["by_phase"].items())
         lines.append(f"  lost by phase {name}: {per}")
+    for api, a in sorted(((s.get("key_service") or {}).get("apis") or {}).items()):
+        per = ", ".join(f"{p}: {r['served']} served/{r['refused']} refused"
+                        for p, r in a["by_phase"].items())
+        lines.append(f"  key service {api}: {per}; mismatches {a['mismatch']}")
     return "\n".join(lines)

@@ -78,7 +78,8 @@ def _s(x: float) -> str:
 
 def gateway_yaml(side: str, folder: Path, kme: KmeEndpoint, *, policy: str, timers: Timers,
                  macsec_peer_mac: str | None = None, port: int = 4600,
-                 log_level: str = "info", qkd: str = "014") -> str:
+                 log_level: str = "info", qkd: str = "014", extra: str = "") -> str:
+    """``extra``: more top-level sections (--key-service: demo/keyapps.py)."""
     a = side == "a"
     me, peer = ("gw-a", "gw-b") if a else ("gw-b", "gw-a")
     mine, theirs = (GA, GB) if a else (GB, GA)
@@ -136,7 +137,7 @@ tunnels:
     rekey: {rk}
 {macsec}telemetry:
   log: {{level: {log_level}}}
-"""
+{extra}"""
 
 
 def write_identities(folder: Path) -> None:
@@ -150,18 +151,20 @@ def write_identities(folder: Path) -> None:
 
 def write_configs(folder: Path, kme_a: KmeEndpoint, kme_b: KmeEndpoint, *, policy: str,
                   timers: Timers, macsec_macs: tuple[str, str] | None = None,
-                  log_level: str = "info", qkd: str = "014") -> tuple[str, str]:
+                  log_level: str = "info", qkd: str = "014",
+                  extras: tuple[str, str] = ("", "")) -> tuple[str, str]:
     """Write gw-a.yaml and gw-b.yaml (0600); identities must exist.
     ``macsec_macs`` = (gA's m0 MAC, gB's m0 MAC) adds the MACsec tunnel;
     ``qkd`` is the KME interface (:data:`QKD_INTERFACES`)."""
     paths = []
-    for side, kme in (("a", kme_a), ("b", kme_b)):
+    for side, kme, extra in (("a", kme_a, extras[0]), ("b", kme_b, extras[1])):
         peer_mac = None
         if macsec_macs:
             peer_mac = macsec_macs[1] if side == "a" else macsec_macs[0]
         path = folder / f"gw-{side}.yaml"
         path.write_text(gateway_yaml(side, folder, kme, policy=policy, timers=timers,
-                                     macsec_peer_mac=peer_mac, log_level=log_level, qkd=qkd))
+                                     macsec_peer_mac=peer_mac, log_level=log_level, qkd=qkd,
+                                     extra=extra))
         os.chmod(path, 0o600)
         paths.append(str(path))
     return paths[0], paths[1]

@@ -278,6 +278,21 @@ def render_html(summary: Mapping[str, Any], pngs: Mapping[str, bytes]) -> str:
         for phase, r in (c.get("by_phase") or {}).items():
             rows.append((name, phase, r.get("sent"), r.get("received"), r.get("lost")))
     parts.append(_table(("stream", "phase", "sent", "received", "lost"), rows))
+    ks = s.get("key_service")
+    if ks:
+        parts.append("<h2>Key service (ETSI 014 and SKIP)</h2>")
+        parts.append(f"<p>{_e(' and '.join(ks.get('applications') or []))} fetched keys from "
+                     f"pool <code>{_e(ks.get('pool'))}</code> every {_e(ks.get('period'))} s: "
+                     "served = both sides got the same key; refused = no key "
+                     "(503 / SKIP error); fetch refused = served at gw-a, not found at gw-b.</p>")
+        ks_rows: list[tuple[Any, ...]] = []
+        for api, a in sorted((ks.get("apis") or {}).items()):
+            for phase, r in (a.get("by_phase") or {}).items():
+                ks_rows.append((api, phase, r.get("served"), r.get("refused"),
+                                r.get("fetch_refused"), r.get("mismatch"), r.get("errors"),
+                                r.get("single_source")))
+        parts.append(_table(("API", "phase", "served", "refused", "fetch refused", "mismatch",
+                             "no answer", "single-source"), ks_rows))
     parts.append("<h2>Generations</h2>")
     rows = []
     for key, t in sorted((s.get("tunnels") or {}).items()):

@@ -37,6 +37,7 @@ from typing import Any, TextIO
 from qkdgate.errors import QkdgateError
 from qkdgate.gateway.demo import net as dn
 from qkdgate.gateway.demo.config import (
+    POLICIES,
     KmeEndpoint,
     Timers,
     control_socket,
@@ -98,6 +99,7 @@ class DemoOptions:
     log_file: str | None = None          # default: demo.log in the run's state directory
     plain: bool = False                  # line output even on a terminal (no live dashboard)
     qkd: str = "014"                     # KME interface: 014, 004 (etsi-binary), 004-json
+    key_service: bool = False            # two applications fetch keys (demo/keyapps.py)
 
 
 class DemoRun:
@@ -124,6 +126,8 @@ class DemoRun:
         self.stopped = threading.Event()
         self._last_link: dict[str, Any] | None = None
         self._view: PlainView | LiveView | None = None
+        self.keyapps: Any = None             # keyapps.KeyApps with --key-service
+        self.ks_files: Any = None            # keyapps.KeyServiceFiles with --key-service
 
     def _state_dir(self) -> Path:
         if self.state_dir is None:
@@ -158,9 +162,18 @@ class DemoRun:
             eps.append(KmeEndpoint(f"https://127.0.0.1:{port}", c.kme_id, str(c.cert),
                                    str(c.key), str(c.ca)))
         macs = (self._mac(self.net.gA), self._mac(self.net.gB)) if self.opts.macsec else None
+        extras = ("", "")
+        if self.opts.key_service:
+            from qkdgate.gateway.demo import keyapps
+            with self._step("key-service PKI and PSKs"):
+                self.ks_files = keyapps.prepare(self.state_dir)
+            extras = (keyapps.yaml_section("a", self.ks_files, policy=POLICIES[self.opts.policy],
+                                           interval=self.opts.rekey_interval),
+                      keyapps.yaml_section("b", self.ks_files, policy=POLICIES[self.opts.policy],
+                                           interval=self.opts.rekey_interval))
         pa, pb = write_configs(self.state_dir, eps[0], eps[1], policy=self.opts.policy,
                                timers=Timers.for_interval(self.opts.rekey_interval),
-                               macsec_macs=macs, qkd=self.opts.qkd)
+                               macsec_macs=macs, qkd=self.opts.qkd, extras=extras)
         self.config_paths = (pa, pb)
         with self._step("daemons"):
             for name, ns, path in (("gw-a", self.net.gA, pa), ("gw-b", self.net.gB, pb)):
@@ -354,6 +367,14 @@ class DemoRun:
         t0 = self.traffic_t0 = time.monotonic()
         return t0
 
+    def start_key_apps(self) -> None:
+        from qkdgate.gateway.demo.keyapps import KeyApps
+        self.keyapps = KeyApps(self.ks_files, self.net.gA, self.net.gB, self.rec.phase_label,
+                               self.rec.elapsed).start()
+        self.cleanup.push("key applications", self.keyapps.stop)
+        self.say("demo: APP-A and APP-B fetch keys: ETSI 014 enc_keys at gw-a + dec_keys at "
+                 "gw-b, SKIP new-key at gw-a + key-by-ID at gw-b (TLS-PSK via stunnel4)")
+
     def snapshot(self, window: float) -> dict[str, Any]:
         now = time.monotonic()
         gws = {n: self.status(n) for n in ("gw-a", "gw-b")}
@@ -374,7 +395,8 @@ class DemoRun:
                 "rekeys": {k: v["rekeys"] for k, v in rekeys.items()},
                 "latency": {k: (v["latency_ms"][-1] if v["latency_ms"] else None)
                             for k, v in rekeys.items()},
-                "traffic": traffic, "recent": self.rec.new_notes()}
+                "traffic": traffic, "recent": self.rec.new_notes(),
+                **({"key_service": self.keyapps.view()} if self.keyapps else {})}
 
     # ------------------------------------------------------------------ run
     def run(self) -> None:
@@ -389,6 +411,8 @@ class DemoRun:
         self.rec.eavesdropper("before" if o.eavesdrop_at is not None else None)
         t0 = self.start_traffic()
         self.say(f"demo: tunnel up, traffic running ({o.rate} datagrams/s each way)")
+        if o.key_service:
+            self.start_key_apps()
         with make_view(self.out, plain=o.plain) as view:
             self._view = view
             try:
@@ -451,6 +475,10 @@ class DemoRun:
     def finish(self) -> dict[str, Any]:
         """Stop traffic, take the figures, stop everything; the summary."""
         end = time.monotonic()
+        key_service = None
+        if self.keyapps is not None:
+            self.keyapps.stop()
+            key_service = self.keyapps.summary()
         for s in self.streams:
             s.stop(drain=1.0)
         traffic: dict[str, Any] = {"streams": {}, "sent": 0, "received": 0, "lost": 0}
@@ -488,8 +516,11 @@ class DemoRun:
         log.info("demo: cleanup in %.1f s", clean_s)
         left = dn.list_demo_namespaces(self.net.tag)
         cfg = {**asdict(self.opts), "namespaces_tag": self.net.tag}
-        return self.rec.summary(traffic=traffic, config=cfg, kernel=os.uname().release, link=link,
-                                per_second=per_sec,
-                                cleanup={"errors": errors, "namespaces_left": left,
-                                         "seconds": clean_s,
-                                         "namespaces_created": list(self.net.ns.values())})
+        summary = self.rec.summary(traffic=traffic, config=cfg, kernel=os.uname().release,
+                                   link=link, per_second=per_sec,
+                                   cleanup={"errors": errors, "namespaces_left": left,
+                                            "seconds": clean_s,
+                                            "namespaces_created": list(self.net.ns.values())})
+        if key_service is not None:
+            summary["key_service"] = key_service
+        return summary

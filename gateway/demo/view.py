@@ -375,6 +375,16 @@ def render(snap: dict[str, Any]) -> str:
         lines.append(f"  traffic {name}: sent {c.get('sent', 0)} received {c.get('received', 0)} "
                      f"lost {c.get('lost', 0)}  last {c.get('window', 0):.0f}s: "
                      f"{c.get('window_received', 0)}/{c.get('window_sent', 0)} through")
+    for api, c in sorted((snap.get("key_service") or {}).items()):
+        line = (f"  key service {api}: served {c.get('served', 0)} refused {c.get('refused', 0)}"
+                f" fetch-refused {c.get('fetch_refused', 0)} mismatch {c.get('mismatch', 0)}")
+        if c.get("errors"):
+            line += f" no answer {c['errors']}"
+        if c.get("single_source"):
+            line += f" single-source {c['single_source']}"
+        if c.get("last"):
+            line += f"  last refusal: {c['last']}"
+        lines.append(line)
     for r in snap.get("recent") or []:
         lines.append(f"  > {r}")
     return "\n".join(lines)
@@ -384,7 +394,7 @@ def dashboard_view(snap: dict[str, Any]) -> dict[str, Any]:
     """The dashboard's view of one demo snapshot (the same fields :func:`render` prints)."""
     view: dict[str, Any] = {k: snap.get(k) for k in ("t", "policy", "eavesdropper", "remaining",
                                                       "gateways", "rekeys", "latency",
-                                                      "traffic", "recent")}
+                                                      "traffic", "recent", "key_service")}
     view["title"] = "qkdgate demo"
     link = snap.get("link")
     if link:

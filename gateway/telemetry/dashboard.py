@@ -24,7 +24,9 @@ The view (every key optional)::
      "rekeys": {"gw-a/t1": 4}, "latency": {"gw-a/t1": 38.2},
      "traffic": {"hA->hB": {"sent": .., "received": .., "lost": ..,
                             "window": 2, "window_sent": .., "window_received": ..}},
-     "recent": ["  12.3s ALARM qber_above_threshold on ..."]}
+     "recent": ["  12.3s ALARM qber_above_threshold on ..."],
+     "key_service": {"etsi014": {"served": .., "refused": .., "mismatch": ..,
+                                 "fetch_refused": .., "last": "503 no key: .."}}}
 
 Nothing here reads key material: like the demo's line view it prints
 whitelisted fields (states, generation numbers, algorithm names, the first
@@ -163,6 +165,8 @@ class Dashboard:
             parts.append(self._links())
         if self.view.get("traffic"):
             parts.append(self._traffic())
+        if self.view.get("key_service"):
+            parts.append(self._key_service())
         parts.append(self._recent())
         return Group(*parts)
 
@@ -252,6 +256,19 @@ class Dashboard:
                         Text(str(lost), style="red" if lost else ""),
                         Text(f"{wr}/{ws} in {_num(c.get('window')) or 0:.0f}s",
                              style="red" if ws and wr < ws else "green"))
+        return tab
+
+    def _key_service(self) -> Table:
+        """Keys the demo's applications got per API (``qkdgate demo --key-service``)."""
+        tab = _table("key service")
+        for col in ("API", "served", "refused", "mismatch", "last refusal"):
+            tab.add_column(col, justify="right" if col in ("served", "refused", "mismatch")
+                           else "left", no_wrap=col != "last refusal")
+        for api, c in sorted((self.view.get("key_service") or {}).items()):
+            bad = int(c.get("mismatch", 0)) + int(c.get("fetch_refused", 0))
+            _row(tab, api, Text(str(int(c.get("served", 0))), style="green"),
+                 Text(str(int(c.get("refused", 0))), style="yellow" if c.get("refused") else ""),
+                 Text(str(bad), style="bold red" if bad else ""), str(c.get("last") or "-"))
         return tab
 
     def _recent(self) -> Table:
