@@ -11,9 +11,14 @@ daemons would be). Measured, each as keys/s and p50/p99 latency per request:
             loopback (aiohttp client, one keep-alive connection per SAE)
   skip      new-key at A and key-by-ID at B on the SKIP backends' Unix
             sockets (plain HTTP: what stunnel forwards to)
-  skip+tls  the same through stunnel4's TLS 1.3 PSK with `openssl s_client`,
-            one process and one handshake per request (--skip-tls requests;
-            skipped without stunnel4)
+  skip+tls  the same through stunnel4's TLS-PSK (tls_mode both) with
+            `openssl s_client`, one process and one handshake per request:
+            TLS 1.2 DHE-PSK-AES256-CBC-SHA384 (draft-cisco-skip-02 Table 1)
+            and TLS 1.3 ChaCha20 (--skip-tls requests each; skipped without
+            stunnel4)
+  rekey     what happens to pending key_IDs across a rekey: keys served
+            from generation 1, generation 2 confirmed, then fetched within
+            W, and after W + skew (the service's own clock, no waiting)
 
 Every key fetched at B is checked equal to the one served at A. Not a test.
 """
@@ -30,6 +35,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -201,21 +207,65 @@ async def bench_skip_tls(tmp: Path, server: SkipServer, n: int) -> None:
         pass
     drain = asyncio.create_task(proc.stdout.read())
 
-    async def one() -> object:
-        p = await asyncio.create_subprocess_exec(
-            "openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-tls1_3", "-ciphersuites",
-            "TLS_CHACHA20_POLY1305_SHA256", "-psk_identity", "bench", "-psk", PSK, "-quiet",
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.DEVNULL)
-        out, _ = await p.communicate(b"GET /key?remoteSystemID=SAE-B HTTP/1.0\r\n\r\n")
-        return json.loads(out.partition(b"\r\n\r\n")[2])
+    def one(tls: list[str]) -> Any:
+        async def call() -> object:
+            p = await asyncio.create_subprocess_exec(
+                "openssl", "s_client", "-connect", f"127.0.0.1:{port}", *tls,
+                "-psk_identity", "bench", "-psk", PSK, "-quiet",
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.DEVNULL)
+            out, _ = await p.communicate(b"GET /key?remoteSystemID=SAE-B HTTP/1.0\r\n\r\n")
+            doc = json.loads(out.partition(b"\r\n\r\n")[2])
+            if "keyId" not in doc:
+                raise RuntimeError(f"SKIP through stunnel: {doc}")
+            return doc
+        return call
     try:
-        lat, wall, _ = await timed(one, n, 1)
-        report("skip new-key TLS-PSK", lat, n, wall)
+        for name, tls in (("skip TLS1.2 DHE-PSK", ["-tls1_2", "-cipher",
+                                                   "DHE-PSK-AES256-CBC-SHA384"]),
+                          ("skip TLS1.3 PSK", ["-tls1_3", "-ciphersuites",
+                                               "TLS_CHACHA20_POLY1305_SHA256"])):
+            lat, wall, _ = await timed(one(tls), n, 1)
+            report(name, lat, n, wall)
     finally:
         proc.terminate()
         await proc.wait()
         drain.cancel()
+
+
+def bench_rekey(pending: int = 100) -> None:
+    """Pending key_IDs across a rekey (docs/keyservice.md 4)."""
+    times = ServiceTimes()
+    a, b = services(4 * pending + 2)
+    served = []
+    for _ in range(pending):
+        d = a.enc_keys("SAE-A", "SAE-B", 1, None, 10.0)
+        if not isinstance(d, Delivery):
+            raise RuntimeError(f"enc_keys refused: {d}")
+        served.append(d.keys[0])
+    s2 = hashlib.sha384(b"bench generation 2").digest()
+    for svc, role in ((a, "initiator"), (b, "responder")):
+        prov = Provenance("ML-KEM-768", True, ("0f4ad3c2-55b6-4a8e-9a39-0b6f1f0c2a11",))
+        svc.generation_keyed(svc.pools["app"].spec.peer, 2,
+                             SessionSecret(SecretBytes(s2), prov), role, 11.0)
+        svc.generation_confirmed(svc.pools["app"].spec.peer, 2, 11.0)
+    new = a.enc_keys("SAE-A", "SAE-B", 1, None, 11.0)
+    gen = new.provenance.generation if isinstance(new, Delivery) else None
+    half = pending // 2
+    within = [b.dec_keys("SAE-B", "SAE-A", [k.key_id], 11.0 + times.dec_window)
+              for k in served[:half]]
+    ok = sum(isinstance(x, Delivery) and x.keys[0].key == k.key
+             for x, k in zip(within, served[:half], strict=True))
+    late_at = 11.0 + times.dec_window + times.clock_skew
+    b.handle_timer(late_at)
+    late = [b.dec_keys("SAE-B", "SAE-A", [k.key_id], late_at) for k in served[half:]]
+    reasons = {str(x.details.get("qkdgate_reason")) for x in late if not isinstance(x, Delivery)}
+    print(f"rekey: {pending} key_IDs served from generation 1; generation 2 confirmed at "
+          f"t=11 s; the next enc_keys is served from generation {gen}")
+    print(f"rekey: fetched at t=11+W ({times.dec_window:g} s): {ok}/{half} delivered, identical")
+    print(f"rekey: fetched at t=11+W+skew ({times.dec_window + times.clock_skew:g} s, "
+          f"generation 1 erased): {sum(not isinstance(x, Delivery) for x in late)}/"
+          f"{pending - half} refused, 400 {sorted(reasons)}")
 
 
 async def main() -> None:
@@ -226,6 +276,7 @@ async def main() -> None:
                     help="SKIP requests through stunnel + openssl (0: none)")
     args = ap.parse_args()
     await bench_core(args.requests, args.number)
+    bench_rekey()
     with tempfile.TemporaryDirectory() as d:
         await bench_etsi014(Path(d), args.requests, args.number)
         await bench_skip(Path(d), args.requests, args.skip_tls)
