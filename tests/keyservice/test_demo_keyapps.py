@@ -168,3 +168,31 @@ def test_two_applications_get_identical_keys_refusals_then_keys_again(files, tmp
     assert "Key service (ETSI 014 and SKIP)" in page and "eavesdropper, blocked" in page
     assert all(len(a["key_ID"] or "") <= 8 for a in s["attempts"])
     assert Path(ks.psk["gw-a"].file).exists()
+
+
+def test_live_dashboard_shows_the_key_service_table():
+    import io
+
+    from rich.console import Console
+
+    from qkdgate.gateway.demo.view import dashboard_view
+    from qkdgate.gateway.telemetry.dashboard import Dashboard
+    snap = {"t": 3.0, "key_service": {
+        "etsi014": {"served": 7, "refused": 2, "fetch_refused": 0, "mismatch": 0,
+                    "last": "503 no key: generation 4 no longer serves"},
+        "skip": {"served": 5, "refused": 1, "fetch_refused": 1, "mismatch": 0, "last": ""}}}
+    dash = Dashboard("qkdgate demo")
+    dash.update(dashboard_view(snap))
+    console = Console(record=True, width=160, file=io.StringIO(), color_system=None)
+    console.print(dash.render())
+    text = console.export_text()
+    assert "key service" in text and "503 no key: generation 4 no longer serves" in text
+    cells = {ln.split()[0]: ln.split()[1:4] for ln in text.splitlines()
+             if ln.split()[:1] in (["etsi014"], ["skip"])}
+    assert cells["etsi014"][:3] == ["7", "2", "0"], text     # served, refused, mismatch
+    assert cells["skip"][:3] == ["5", "1", "1"], text         # a fetch refusal counts as bad
+    # without --key-service the table is absent
+    dash2 = Dashboard("qkdgate demo")
+    dash2.update(dashboard_view({"t": 3.0}))
+    console.print(dash2.render())
+    assert console.export_text().count("key service") == 0
