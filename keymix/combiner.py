@@ -8,7 +8,9 @@ Construction (docs/keymix.md 4, byte-exact)::
     Z'        = Z_mlkem || Z_x25519 || Z_qkd          (absent legs are empty)
     FixedInfo = lp16(ROOT) || lp16("session secret") || u8(presence)
                 || lp16(kem_name) || u16(|Z_mlkem|) || u16(|Z_x25519|) || u16(|Z_qkd|)
-                || u16(#key_ids) || lp16(key_id)... || lp16(transcript_hash)
+                || u16(#key_ids) || lp16(key_id)...
+                [|| (u8(source index) || u16(|key|))...  when several QKD sources]
+                || lp16(transcript_hash)
     S         = HKDF-SHA384(salt=ROOT, IKM=Z', info=FixedInfo, L=48)
 
 This is the hybrid shared secret of NIST SP 800-56C rev. 2 section 2
@@ -27,6 +29,7 @@ of any one component makes S pseudorandom (docs/keymix.md 7 argues it).
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 from typing import NoReturn, SupportsIndex
@@ -42,6 +45,7 @@ from qkdgate.keymix.secret import SecretBytes
 log = logging.getLogger(__name__)
 
 MIN_QKD_KEY = 16        # bytes; ETSI GS QKD 014 keys are usually 32
+MAX_SOURCE_INDEX = 15   # sourced key_IDs carry a 4-bit-range index (docs/protocol.md 4.2, 9.1)
 MIN_TRANSCRIPT_HASH = 32
 MAX_TRANSCRIPT_HASH = 64
 
@@ -57,6 +61,10 @@ class HybridInputs:
     qkd_key: SecretBytes | None
     qkd_key_ids: tuple[str, ...]
     transcript_hash: bytes
+    # Several QKD sources (docs/keymix.md 4.5): for each key_ID, the index of
+    # its source in the configuration order and its key's length in bytes;
+    # ``qkd_key`` is those keys concatenated in that order. Empty: one source.
+    qkd_sources: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
         # The derivation names the algorithm, not the library that ran it, so
@@ -84,6 +92,19 @@ class HybridInputs:
                 raise LocalProtocolError("a QKD key needs its key IDs (ETSI GS QKD 014 key_ID)")
         elif self.qkd_key_ids:
             raise LocalProtocolError("QKD key IDs given without a QKD key")
+        if self.qkd_sources:
+            if not isinstance(self.qkd_sources, tuple) or self.qkd_key is None \
+                    or len(self.qkd_sources) != len(self.qkd_key_ids):
+                raise LocalProtocolError("qkd_sources needs one (index, length) per QKD key ID")
+            idx = [s[0] for s in self.qkd_sources]
+            lengths = [s[1] for s in self.qkd_sources]
+            if not all(isinstance(i, int) and 0 <= i <= MAX_SOURCE_INDEX for i in idx) \
+                    or any(a >= b for a, b in itertools.pairwise(idx)):
+                raise LocalProtocolError("QKD source indices must increase within 0..15")
+            if not all(isinstance(n, int) and MIN_QKD_KEY <= n <= 0xFFFF for n in lengths) \
+                    or sum(lengths) != len(self.qkd_key):
+                raise LocalProtocolError(f"each sourced QKD key must have at least "
+                                         f"{MIN_QKD_KEY} bytes and they must add up to qkd_key")
         if not isinstance(self.qkd_key_ids, tuple) or len(self.qkd_key_ids) > 255 or not all(
                 isinstance(k, str) and 0 < len(k.encode("utf-8")) <= 255 for k in self.qkd_key_ids):
             raise LocalProtocolError("qkd_key_ids must be a tuple of up to 255 non-empty strings")
@@ -100,6 +121,8 @@ class Provenance:
     kem_name: str
     x25519: bool
     qkd_key_ids: tuple[str, ...]
+    # The configured source index of each key_ID (several sources); empty: one source
+    qkd_sources: tuple[int, ...] = ()
 
     @property
     def qkd(self) -> bool:
@@ -110,7 +133,9 @@ class Provenance:
         return L.root_label(self.kem_name, self.x25519, self.qkd)
 
     def __str__(self) -> str:
-        qkd = f"QKD[{','.join(self.qkd_key_ids)}]" if self.qkd else "no QKD"
+        ids = self.qkd_key_ids if not self.qkd_sources else tuple(
+            f"#{i}:{k}" for i, k in zip(self.qkd_sources, self.qkd_key_ids, strict=True))
+        qkd = f"QKD[{','.join(ids)}]" if self.qkd else "no QKD"
         return f"{self.kem_name}, {'X25519' if self.x25519 else 'no X25519'}, {qkd}"
 
 
@@ -146,7 +171,8 @@ class SessionSecret:
 def fixed_info(inputs: HybridInputs) -> bytes:
     """FixedInfo of SP 800-56C rev. 2 5.8.2 for these inputs (docs/keymix.md 4.2)."""
     x, q = inputs.x25519_secret is not None, inputs.qkd_key is not None
-    presence = L.PRESENT_KEM | (L.PRESENT_X25519 if x else 0) | (L.PRESENT_QKD if q else 0)
+    presence = L.PRESENT_KEM | (L.PRESENT_X25519 if x else 0) | (L.PRESENT_QKD if q else 0) \
+        | (L.PRESENT_QKD_SOURCED if inputs.qkd_sources else 0)
     return b"".join([
         L.lp16(L.root_label(inputs.kem_name, x, q)),
         L.lp16(L.LABEL_SESSION),
@@ -157,6 +183,8 @@ def fixed_info(inputs: HybridInputs) -> bytes:
         L.u16(len(inputs.qkd_key) if inputs.qkd_key is not None else 0),
         L.u16(len(inputs.qkd_key_ids)),
         *(L.lp16(k) for k in inputs.qkd_key_ids),
+        # docs/keymix.md 4.5: which source gave each key and how long it is
+        *(L.u8(i) + L.u16(n) for i, n in inputs.qkd_sources),
         L.lp16(bytes(inputs.transcript_hash)),
     ])
 
@@ -177,7 +205,8 @@ def combine(inputs: HybridInputs) -> SessionSecret:
         kdf = HKDF(algorithm=hashes.SHA384(), length=L.HASH_LEN, salt=root.encode("utf-8"),
                    info=fixed_info(inputs))
         session = SessionSecret(SecretBytes(kdf.derive(bytes(z))),
-                                Provenance(inputs.kem_name, x, tuple(inputs.qkd_key_ids)))
+                                Provenance(inputs.kem_name, x, tuple(inputs.qkd_key_ids),
+                                           tuple(i for i, _ in inputs.qkd_sources)))
     finally:
         z[:] = bytes(len(z))
     log.debug("combined session %s from %s", session.session_id.hex(), session.provenance)

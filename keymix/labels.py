@@ -58,6 +58,7 @@ LABEL_KS_KEY_ID = "key service key id"
 PRESENT_KEM = 0x01
 PRESENT_X25519 = 0x02
 PRESENT_QKD = 0x04
+PRESENT_QKD_SOURCED = 0x08   # several QKD sources: per-key source and length follow
 
 
 def root_label(kem_name: str, x25519: bool, qkd: bool) -> str:

@@ -48,7 +48,9 @@ def det_uuid(case: str, i: int) -> str:
     return str(uuid.UUID(bytes=det(case, f"key_ID {i}", 16), version=4))
 
 
-# (case id, kem, x25519?, number of QKD keys, ESP SAs, MACsec SAs)
+# (case id, kem, x25519?, QKD keys, ESP SAs, MACsec SAs); QKD keys: a number of
+# 32-byte keys of one source, or ((source index, key bytes), ...) for several
+# sources (docs/keymix.md 4.5)
 # ESP SA: (tunnel_id, direction, spi, generation)
 # MACsec SA: (tunnel_id, direction, sci, an, generation, cipher)
 CASES = [
@@ -85,6 +87,14 @@ CASES = [
      [("t", "i2r", 0x100, 0), ("tunnel-m\u00fcnchen", "r2i", 0xFFFFFFFF, 2**64 - 1),
       ("x" * 255, "i2r", 0xDEADBEEF, 123456789)],
      [("t", "i2r", 0, 0, 0, GCM), ("t", "r2i", 2**64 - 1, 3, 2**64 - 1, XPN)]),
+    # several key sources: all of two (one per relay path) ...
+    ("mlkem768-x25519-qkd-sources-all-of-2", "ML-KEM-768", True, ((0, 32), (1, 32)),
+     [("site-a", "i2r", 0xC0000101, 5), ("site-a", "r2i", 0xC0000102, 5)],
+     [("lan0", "i2r", 0x0200000000010001, 1, 5, XPN)]),
+    # ... and 2 of 3 with source 1 missing and keys of two sizes
+    ("mlkem1024-x25519-qkd-sources-2-of-3", "ML-KEM-1024", True, ((0, 32), (2, 64)),
+     [("core", "i2r", 0xC0001001, 9), ("core", "r2i", 0xC0001002, 9)],
+     [("wan0", "r2i", 0x001B21000000B001, 2, 9, GCM)]),
 ]
 
 
@@ -114,14 +124,19 @@ def make_case(cid, kem_name, with_x, n_qkd, esp_sas, macsec_sas) -> dict:
                    "x25519_responder_private": det(cid, "X25519 responder", 32).hex(),
                    "x25519_responder_public": ra.public_key().public_bytes_raw().hex()}
     inputs["x25519_secret"] = x_secret.reveal().hex() if x_secret else None
-    ids = tuple(det_uuid(cid, i) for i in range(n_qkd))
-    qkd = b"".join(det(cid, f"QKD key {i}", 32) for i in range(n_qkd))
-    inputs["qkd_key"] = qkd.hex() if n_qkd else None
+    sourced = tuple(n_qkd) if isinstance(n_qkd, tuple) else ()
+    sizes = [n for _, n in sourced] if sourced else [32] * n_qkd
+    ids = tuple(det_uuid(cid, i) for i in range(len(sizes)))
+    qkd = b"".join(det(cid, f"QKD key {i}", n) for i, n in enumerate(sizes))
+    inputs["qkd_key"] = qkd.hex() if sizes else None
     inputs["qkd_key_ids"] = list(ids)
+    if sourced:
+        inputs["qkd_sources"] = [list(s) for s in sourced]
     th = hashlib.sha384(f"transcript of {cid}".encode()).digest()
     inputs["transcript_hash"] = th.hex()
 
-    hi = HybridInputs(kem_name, kem_secret, x_secret, SecretBytes(qkd) if n_qkd else None, ids, th)
+    hi = HybridInputs(kem_name, kem_secret, x_secret, SecretBytes(qkd) if sizes else None, ids, th,
+                      sourced)
     s = combine(hi)
     out: dict = {"root_label": s.root_label, "fixed_info": fixed_info(hi).hex(),
                  "session_secret": s.secret.reveal().hex(), "session_id": s.session_id.hex()}

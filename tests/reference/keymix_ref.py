@@ -46,20 +46,24 @@ def root(kem_name: str, has_x: bool, has_qkd: bool) -> str:
             + ("+QKD" if has_qkd else "") + " HKDF-SHA384")
 
 
-def fixed_info(kem_name, z_kem, z_x, z_qkd, key_ids, th) -> bytes:
+def fixed_info(kem_name, z_kem, z_x, z_qkd, key_ids, th, sources=()) -> bytes:
+    """4.2; ``sources``: (index, key length) per key_ID when several QKD
+    sources contributed (4.5): presence bit 0x08 and one u8 || u16 each."""
     r = root(kem_name, z_x is not None, z_qkd is not None)
-    presence = 1 | (2 if z_x is not None else 0) | (4 if z_qkd is not None else 0)
+    presence = 1 | (2 if z_x is not None else 0) | (4 if z_qkd is not None else 0) \
+        | (8 if sources else 0)
     out = lp16(r) + lp16("session secret") + bytes([presence]) + lp16(kem_name)
     out += struct.pack(">HHH", len(z_kem), len(z_x or b""), len(z_qkd or b""))
     out += struct.pack(">H", len(key_ids)) + b"".join(lp16(k) for k in key_ids)
+    out += b"".join(struct.pack(">BH", i, n) for i, n in sources)
     return out + lp16(th)
 
 
-def session_secret(kem_name, z_kem, z_x, z_qkd, key_ids, th) -> tuple[str, bytes]:
+def session_secret(kem_name, z_kem, z_x, z_qkd, key_ids, th, sources=()) -> tuple[str, bytes]:
     r = root(kem_name, z_x is not None, z_qkd is not None)
     zprime = z_kem + (z_x or b"") + (z_qkd or b"")
     prk = hkdf_extract(r.encode(), zprime)
-    return r, hkdf_expand(prk, fixed_info(kem_name, z_kem, z_x, z_qkd, key_ids, th), 48)
+    return r, hkdf_expand(prk, fixed_info(kem_name, z_kem, z_x, z_qkd, key_ids, th, sources), 48)
 
 
 # --- 5, 6: the label tree -------------------------------------------------

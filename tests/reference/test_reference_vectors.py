@@ -40,7 +40,8 @@ def test_reference_reproduces_vector(case):
         assert ref.x25519(H(i["x25519_initiator_private"]), H(i["x25519_responder_public"])) == z_x
         assert ref.x25519(H(i["x25519_responder_private"]), H(i["x25519_initiator_public"])) == z_x
     z_qkd = H(i["qkd_key"]) if i["qkd_key"] else None
-    args = (i["kem_name"], H(i["kem_secret"]), z_x, z_qkd, i["qkd_key_ids"], H(i["transcript_hash"]))
+    args = (i["kem_name"], H(i["kem_secret"]), z_x, z_qkd, i["qkd_key_ids"], H(i["transcript_hash"]),
+            [tuple(s) for s in i.get("qkd_sources", [])])
     r, s = ref.session_secret(*args)
     assert r == o["root_label"]
     assert ref.fixed_info(*args).hex() == o["fixed_info"]

@@ -28,6 +28,11 @@ def test_vector_file_covers_every_input_combination():
     assert {k["consumer"] for c in VECTORS for k in c["outputs"]["consumers"]} == \
         {"wireguard", "strongswan"}
     assert len(VECTORS) >= 8 and len({c["id"] for c in VECTORS}) == len(VECTORS)
+    # several key sources (docs/keymix.md 4.5): all of n, and k of n with a gap
+    # and keys of different lengths
+    sourced = [c["inputs"]["qkd_sources"] for c in VECTORS if "qkd_sources" in c["inputs"]]
+    assert [[0, 32], [1, 32]] in sourced and any(
+        len({n for _, n in s}) > 1 and [i for i, _ in s] != list(range(len(s))) for s in sourced)
 
 
 def _session(case):
@@ -46,7 +51,8 @@ def _session(case):
         assert x.reveal() == H(i["x25519_secret"])
     qkd = SecretBytes(H(i["qkd_key"])) if i["qkd_key"] else None
     inputs = HybridInputs(i["kem_name"], kem_secret, x, qkd, tuple(i["qkd_key_ids"]),
-                          H(i["transcript_hash"]))
+                          H(i["transcript_hash"]),
+                          tuple(tuple(s) for s in i.get("qkd_sources", ())))
     return inputs, combine(inputs)
 
 
