@@ -45,6 +45,12 @@ class SessionConfig:
     local_sae_id: str = ""
     peer_sae_id: str = ""
     qkd_key_bits: int = 256
+    # Several QKD key sources (issue 13, docs/protocol.md 4.2, 9.1): the key size
+    # in bits of each, in configuration order (the order their keys are
+    # mixed in); empty: the one source above (plain key_IDs on the wire).
+    # ``qkd_required`` of them must deliver (the rule's k; 0 means all).
+    qkd_sources: tuple[int, ...] = ()
+    qkd_required: int = 0
     # True if any tunnel to this peer allows the PQC fallback: the session may
     # then complete generations without QKD keys (flagged in the transcript).
     allow_pqc_only: bool = False
@@ -63,6 +69,16 @@ class SessionConfig:
     # Highest generation already in the kernel (found by the daemon at start):
     # new generations are numbered above it, so a restart never reuses one.
     generation_floor: int = 0
+
+    @property
+    def qkd_multi(self) -> bool:
+        """Several key sources: key_IDs travel in the sourced form."""
+        return bool(self.qkd_sources)
+
+    @property
+    def qkd_k(self) -> int:
+        """How many sources must deliver (1 for the single-source form)."""
+        return self.qkd_required or len(self.qkd_sources) or 1
 
     def validate(self) -> None:
         def bad(path: str, expected: str, found: object) -> ConfigError:
@@ -84,6 +100,14 @@ class SessionConfig:
                     raise bad(name, "an SAE ID when qkd_role is set", getattr(self, name))
             if self.qkd_key_bits % 8 or not 128 <= self.qkd_key_bits <= 8192:
                 raise bad("qkd_key_bits", "a multiple of 8 in 128..8192", self.qkd_key_bits)
+            for i, bits in enumerate(self.qkd_sources):
+                if not isinstance(bits, int) or bits % 8 or not 128 <= bits <= 8192:
+                    raise bad(f"qkd_sources[{i}]", "a multiple of 8 in 128..8192", bits)
+            if len(self.qkd_sources) > C.MAX_QKD_SOURCES:
+                raise bad("qkd_sources", f"at most {C.MAX_QKD_SOURCES} sources",
+                          len(self.qkd_sources))
+            if not 0 <= self.qkd_required <= len(self.qkd_sources):
+                raise bad("qkd_required", f"0..{len(self.qkd_sources)}", self.qkd_required)
         if self.psk is not None and len(self.psk) < 16:
             raise bad("psk", "at least 16 bytes", f"{len(self.psk)} bytes")
         seen = set()

@@ -19,6 +19,7 @@ LABEL: Final = b"qkdgate/1"          # root of every hash and signature context
 MAC_LEN: Final = 16                  # mac1, HMAC-SHA-256 truncated (5.1)
 COOKIE_LEN: Final = 16               # COOKIE reply, HMAC-SHA-256 truncated (8)
 MAX_KEY_IDS: Final = 16              # key_IDs per message (ETSI GS QKD 014 6.3 key_ID)
+MAX_QKD_SOURCES: Final = 8           # key sources per peer (sourced key_IDs, issue 13)
 MAX_SPIS: Final = 4096               # tunnels per peer (u16 count; docs/protocol.md 3.2)
 MAX_TUNNEL_ID: Final = 255           # bytes of one tunnel id on the wire
 SPI_ENTRY_MAX: Final = 1 + MAX_TUNNEL_ID + 5   # one ``spis`` entry at most (4.2)

@@ -57,6 +57,11 @@ class NeedQkdKeys(Event):
     key_ids: tuple[str, ...] = ()      # slave: the IDs the master sent
     number: int = 0                    # master: how many keys to fetch
     size_bits: int = 256
+    # Several key sources (SessionConfig.qkd_sources): slave: the configured
+    # source index of each key_ID, to fetch each from its own KME; master:
+    # empty, fetch one key from every source and answer with at least
+    # ``SessionConfig.qkd_k`` of them and their ``sources``.
+    sources: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -123,6 +123,8 @@ class Exchange:
     qkd_fallback: str = ""          # non-empty: this generation is PQC-only by fallback
     qkd_key: SecretBytes | None = None  # dropped once combined
     qkd_ids: tuple[str, ...] = ()
+    qkd_sources: tuple[int, ...] = ()   # source index of each key_ID (several sources)
+    qkd_lengths: tuple[int, ...] = ()   # and each key's length in bytes
     cookie: bytes = b""
     request_id: int | None = None   # the driver request we wait for
     wire: bytes = b""               # our last message, for retransmission / duplicates

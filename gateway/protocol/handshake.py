@@ -91,12 +91,36 @@ def verify_tag(session: SessionSecret, role: str, th: bytes, got: bytes) -> None
 
 
 def combine(kem_name: str, kem_ss: SecretBytes, x_ss: SecretBytes | None,
-            qkd_key: SecretBytes | None, qkd_ids: tuple[str, ...], th: bytes) -> SessionSecret:
-    """The hybrid combiner over this exchange's inputs, bound to TH."""
+            qkd_key: SecretBytes | None, qkd_ids: tuple[str, ...], th: bytes,
+            qkd_sources: tuple[tuple[int, int], ...] = ()) -> SessionSecret:
+    """The hybrid combiner over this exchange's inputs, bound to TH;
+    ``qkd_sources``: (source index, key bytes) of each key_ID when several
+    key sources are configured (docs/keymix.md 4.5)."""
     from qkdgate.keymix.combiner import HybridInputs
     from qkdgate.keymix.combiner import combine as keymix_combine
-    return keymix_combine(HybridInputs(kem_name, kem_ss, x_ss, qkd_key,
-                                       qkd_ids if qkd_key is not None else (), th))
+    q = qkd_key is not None
+    return keymix_combine(HybridInputs(kem_name, kem_ss, x_ss, qkd_key, qkd_ids if q else (), th,
+                                       qkd_sources if q else ()))
+
+
+def check_key_sources(ids: tuple[str, ...], sources: tuple[int, ...], n: int, k: int) -> None:
+    """The key_IDs a peer sent must be in the form this side is configured
+    for (docs/protocol.md 4.2, 9.1): plain for one source (``n == 0``); sourced,
+    each index below ``n`` and at least ``k`` of them, for several."""
+    if not n:
+        if sources:
+            raise RemoteProtocolError("peer sent key_IDs of several QKD sources; "
+                                      "one source is configured here")
+        return
+    if not sources:
+        raise RemoteProtocolError(f"peer sent key_IDs of one QKD source; {n} sources are "
+                                  "configured here")
+    if any(i >= n for i in sources):
+        raise RemoteProtocolError(f"peer sent a key_ID of QKD source #{max(sources)}; "
+                                  f"{n} sources are configured here")
+    if len(ids) < k:
+        raise RemoteProtocolError(f"peer sent key_IDs of {len(ids)} QKD sources; the rule "
+                                  f"here needs {k} of {n}")
 
 
 # ---------------------------------------------------------------- tunnels

@@ -18,6 +18,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import hmac
+import itertools
 import struct
 import uuid
 from collections.abc import Mapping
@@ -89,7 +90,8 @@ CONSUMER_KINDS = frozenset({"wireguard", "strongswan"})
 TUNNEL_KINDS = {v: k for k, v in TUNNEL_KIND_IDS.items()}
 
 # Field types: u8 u16 u64 (big-endian), bN (exactly N bytes), var16 (u16
-# length + bytes), keyids (u8 count + 16-byte binary UUIDs), spis (u16 count,
+# length + bytes), keyids (u8 form|count + 16-byte binary UUIDs, each after a
+# u8 source index in the sourced form; docs/protocol.md 4.2, 9.1), spis (u16 count,
 # each u8 id length + UTF-8 id + u8 kind + u32 value; TUNNEL_KIND_IDS), str8 (u8 length +
 # printable ASCII).
 SCHEMAS: dict[MsgType, tuple[tuple[str, str], ...]] = {
@@ -112,6 +114,12 @@ SCHEMAS: dict[MsgType, tuple[tuple[str, str], ...]] = {
 }
 QKD_FLAG_PQC_OK = 0x01
 ROLE_INITIATOR, ROLE_RESPONDER = 1, 2
+# keyids: the high bit of the count byte marks the sourced form (several QKD
+# key sources, issue 13): each key_ID follows the u8 index of its source in
+# the configuration order. Indices strictly increase, so each source gives at
+# most one key_ID and the order is the order the keys are mixed in.
+KEYIDS_SOURCED = 0x80
+MAX_SOURCE_INDEX = 15
 
 
 @dataclass(frozen=True)
@@ -151,10 +159,6 @@ def _enc(kind: str, value: Any) -> bytes:
         if len(value) > 0xFFFF:
             raise LocalProtocolError("variable field too long")
         return struct.pack("!H", len(value)) + bytes(value)
-    if kind == "keyids":
-        if len(value) > MAX_KEY_IDS:
-            raise LocalProtocolError("too many key IDs")
-        return struct.pack("!B", len(value)) + b"".join(uuid.UUID(k).bytes for k in value)
     if kind == "spis":
         if len(value) > MAX_SPIS:
             raise LocalProtocolError(f"{len(value)} tunnels (at most {MAX_SPIS})")
@@ -170,21 +174,46 @@ def _enc(kind: str, value: Any) -> bytes:
     raise LocalProtocolError(f"unknown field kind {kind}")
 
 
+def _enc_keyids(ids: Any, sources: Any) -> bytes:
+    """docs/protocol.md 4.2, 9.1: plain form (``sources`` empty) or sourced form."""
+    if len(ids) > MAX_KEY_IDS:
+        raise LocalProtocolError("too many key IDs")
+    if not sources:
+        return struct.pack("!B", len(ids)) + b"".join(uuid.UUID(k).bytes for k in ids)
+    sources = tuple(sources)
+    if len(sources) != len(ids) or not ids:
+        raise LocalProtocolError("sourced key IDs need one source index per key ID")
+    if any(not 0 <= i <= MAX_SOURCE_INDEX for i in sources) \
+            or any(a >= b for a, b in itertools.pairwise(sources)):
+        raise LocalProtocolError("source indices must increase and stay below 16")
+    return struct.pack("!B", KEYIDS_SOURCED | len(ids)) + b"".join(
+        struct.pack("!B", i) + uuid.UUID(k).bytes for i, k in zip(sources, ids, strict=True))
+
+
+def _enc_field(name: str, kind: str, values: Mapping[str, object]) -> bytes:
+    if kind == "keyids":   # the one field whose encoding reads a second value
+        return _enc_keyids(values[name], values.get("key_sources", ()))
+    return _enc(kind, values[name])
+
+
 def encode_core(mtype: MsgType, sender_epoch: int, receiver_epoch: int, exchange_id: int,
                 values: Mapping[str, object], *, stop: str | None = None) -> bytes:
-    """Header and fields in schema order, up to (excluding) field ``stop``."""
+    """Header and fields in schema order, up to (excluding) field ``stop``.
+    ``key_ids`` goes out in the sourced form when ``values["key_sources"]``
+    (one source index per key_ID) is given and non-empty."""
     out = [HEADER.pack(mtype, VERSION, 0, sender_epoch, receiver_epoch, exchange_id)]
     for name, kind in SCHEMAS[mtype]:
         if name == stop:
             break
-        out.append(_enc(kind, values[name]))
+        out.append(_enc_field(name, kind, values))
     return b"".join(out)
 
 
 def encode_fields(mtype: MsgType, values: Mapping[str, object], start: str) -> bytes:
     """Fields from ``start`` to the end (appended after a signed prefix)."""
     names = [n for n, _ in SCHEMAS[mtype]]
-    return b"".join(_enc(kind, values[name]) for name, kind in SCHEMAS[mtype][names.index(start):])
+    return b"".join(_enc_field(name, kind, values)
+                    for name, kind in SCHEMAS[mtype][names.index(start):])
 
 
 def mac1_key(receiver_name: str, psk: bytes | None) -> bytes:
@@ -239,13 +268,23 @@ def _dec(r: _Reader, name: str, kind: str) -> Any:
         n = struct.unpack("!H", r.take(2, name))[0]
         return r.take(n, name)
     if kind == "keyids":
-        n = r.u8(name)
+        head = r.u8(name)
+        sourced, n = bool(head & KEYIDS_SOURCED), head & ~KEYIDS_SOURCED
         if n > MAX_KEY_IDS:
             raise RemoteProtocolError(f"{n} key IDs (at most {MAX_KEY_IDS})")
-        ids = tuple(str(uuid.UUID(bytes=r.take(16, name))) for _ in range(n))
+        if sourced and n == 0:
+            raise RemoteProtocolError("sourced key IDs form without key IDs")
+        sources, ids = [], []
+        for _ in range(n):
+            if sourced:
+                sources.append(r.u8(name))
+            ids.append(str(uuid.UUID(bytes=r.take(16, name))))
         if len(set(ids)) != len(ids):
             raise RemoteProtocolError("duplicate key IDs")
-        return ids
+        if any(i > MAX_SOURCE_INDEX for i in sources) \
+                or any(a >= b for a, b in itertools.pairwise(sources)):
+            raise RemoteProtocolError("key source indices must increase and stay below 16")
+        return tuple(ids), tuple(sources)
     if kind == "spis":
         n = struct.unpack("!H", r.take(2, name))[0]
         if n > MAX_SPIS:
@@ -329,6 +368,8 @@ def decode(data: bytes) -> Message:
     for name, kind in SCHEMAS[mtype]:
         offsets[name] = r.pos
         fields[name] = _dec(r, name, kind)
+        if kind == "keyids":   # one wire field, two values: IDs and their sources
+            fields[name], fields["key_sources"] = fields[name]
     core_end = r.pos
     clen = r.u8("cookie length")
     if clen not in (0, COOKIE_LEN):

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import itertools
 import os
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
@@ -352,7 +353,8 @@ class PeerSession:
                                 if self.established_at is not None else None),
             "inputs": None if prov is None else {
                 "kem": prov.kem_name, "x25519": prov.x25519,
-                "qkd_key_ids": list(prov.qkd_key_ids)},
+                "qkd_key_ids": list(prov.qkd_key_ids),
+                "qkd_sources": list(prov.qkd_sources)},
             "qkd_fallback": self._in_fallback,
             "exchange": None if ex is None else {
                 "role": ex.role, "state": str(ex.state), "reason": ex.reason,
@@ -375,26 +377,31 @@ class PeerSession:
             self._timers.rekey_started()
             self._start(now, reason)
 
-    def provide_qkd_keys(self, request_id: int, keys: list[QkdKey], now: float) -> None:
+    def provide_qkd_keys(self, request_id: int, keys: list[QkdKey], now: float,
+                         sources: Sequence[int] = ()) -> None:
+        """The keys a ``NeedQkdKeys`` asked for. With several key sources
+        (``config.qkd_sources``) ``sources`` names the configured source of
+        each key: as master at least ``config.qkd_k`` of them, in
+        configuration order; as slave exactly the ones the master sent."""
         with self._guard():
             ex = self._take_request(request_id, "qkd")
             if ex is None:
                 return
-            want_ids: tuple[str, ...] | None = None
+            want: tuple[tuple[str, ...], tuple[int, ...]] | None = None
             if ex.state == S.R_QKD and ex.init is not None \
                     and ex.init["qkd_mode"] == QkdMode.KEYS:
-                want_ids = ex.init["key_ids"]
+                want = ex.init["key_ids"], ex.init["key_sources"]
             elif ex.state == S.I_QKD_SLAVE and ex.resp is not None:
-                want_ids = ex.resp["key_ids"]
-            if not keys or (want_ids is not None and tuple(k.key_id for k in keys) != want_ids) \
-                    or (want_ids is None and len(keys) != 1) \
-                    or any(len(k.key) * 8 != self.config.qkd_key_bits for k in keys):
+                want = ex.resp["key_ids"], ex.resp["key_sources"]
+            if not self._keys_as_asked(keys, tuple(sources), want):
                 self._qkd_failed(ex, KeySourceProtocolError(
                     "key source returned other keys than requested"), now)
                 return
             from qkdgate.keymix.secret import SecretBytes
             ex.qkd_key = SecretBytes(b"".join(k.key.reveal() for k in keys))
             ex.qkd_ids = tuple(k.key_id for k in keys)
+            ex.qkd_sources = tuple(sources)
+            ex.qkd_lengths = tuple(len(k.key) for k in keys)
             if ex.state == S.I_QKD:
                 ex.qkd_mode = QkdMode.KEYS
                 self._send_init(ex, now)
@@ -405,6 +412,27 @@ class PeerSession:
                                         == QkdMode.EXPECT else QkdMode.USING, QkdReason.NONE)
             else:
                 raise LocalProtocolError(f"QKD keys arrived in state {ex.state}")
+
+    def _keys_as_asked(self, keys: list[QkdKey], sources: tuple[int, ...],
+                       want: tuple[tuple[str, ...], tuple[int, ...]] | None) -> bool:
+        cfg = self.config
+        if not keys:
+            return False
+        if not cfg.qkd_multi:
+            bits = [cfg.qkd_key_bits] * len(keys)
+            if sources:
+                return False
+        else:
+            n = len(cfg.qkd_sources)
+            if len(sources) != len(keys) or any(not 0 <= i < n for i in sources) \
+                    or any(a >= b for a, b in itertools.pairwise(sources)):
+                return False
+            bits = [cfg.qkd_sources[i] for i in sources]
+        if any(len(k.key) * 8 != b for k, b in zip(keys, bits, strict=True)):
+            return False
+        if want is None:      # master: one key per source, at least k of the sources
+            return len(keys) == 1 if not cfg.qkd_multi else len(keys) >= cfg.qkd_k
+        return tuple(k.key_id for k in keys) == want[0] and sources == tuple(want[1])
 
     def qkd_failed(self, request_id: int, error: KeySourceError, now: float) -> None:
         with self._guard():
@@ -510,6 +538,7 @@ class PeerSession:
             "qkd_mode": ex.qkd_mode, "qkd_reason": ex.qkd_reason,
             "qkd_flags": m.QKD_FLAG_PQC_OK if cfg.allow_pqc_only else 0,
             "key_ids": ex.qkd_ids if ex.qkd_mode == QkdMode.KEYS else (),
+            "key_sources": ex.qkd_sources if ex.qkd_mode == QkdMode.KEYS else (),
             "spis": H.spi_entries(ex.our_spis, self._kinds)}
         self.stats["sign_ed25519"] += 1
         ex.init_core = H.init_core(self.identity, self.epoch, ex.peer_epoch, ex.xid, values)
@@ -578,15 +607,28 @@ class PeerSession:
             # the peer could not get the key: ours must not be used by one side only
             if ex.qkd_key is not None:
                 ex.qkd_key.wipe()
-            ex.qkd_key, ex.qkd_ids = None, ()
+            ex.qkd_key, ex.qkd_ids, ex.qkd_sources, ex.qkd_lengths = None, (), (), ()
             ex.qkd_fallback = ex.qkd_fallback or "peer: " + H.reason_text(msg["qkd_reason"])
         if msg["qkd_mode"] == QkdMode.KEYS:
+            try:
+                self._check_key_sources(msg)
+            except RemoteProtocolError as exc:
+                # signed by the peer: its sources or rule differ from ours
+                self._abort(ex, AbortCode.POLICY, "QKD key sources differ")
+                self._fail(ex, f"QKD key sources configured inconsistently: {exc}",
+                           FailureCause.POLICY, now)
+                return
             self._transition(ex, S.I_QKD_SLAVE)
             rid = self._new_request(ex, "qkd")
             self._events.append(NeedQkdKeys(rid, "slave", self.config.peer_sae_id,
-                                            msg["key_ids"], 0, self.config.qkd_key_bits))
+                                            msg["key_ids"], 0, self.config.qkd_key_bits,
+                                            msg["key_sources"]))
             return
         self._initiator_finish(ex, now)
+
+    def _check_key_sources(self, msg: Message) -> None:
+        cfg = self.config
+        H.check_key_sources(msg["key_ids"], msg["key_sources"], len(cfg.qkd_sources), cfg.qkd_k)
 
     def _authentic(self, ex: Exchange, peer: PeerIdentity, signed: H.Signed,
                    now: float) -> bool:
@@ -637,7 +679,10 @@ class PeerSession:
     def _combine(self, ex: Exchange, kem_ss: SecretBytes, x_ss: SecretBytes | None
                  ) -> SessionSecret:
         try:
-            return H.combine(self.config.kem, kem_ss, x_ss, ex.qkd_key, ex.qkd_ids, ex.th)
+            sourced = tuple(zip(ex.qkd_sources, ex.qkd_lengths, strict=True)) \
+                if self.config.qkd_multi else ()
+            return H.combine(self.config.kem, kem_ss, x_ss, ex.qkd_key, ex.qkd_ids, ex.th,
+                             sourced)
         finally:
             if ex.qkd_key is not None:
                 ex.qkd_key.wipe()
@@ -807,9 +852,14 @@ class PeerSession:
             ex.qkd_fallback = "peer: " + H.reason_text(msg["qkd_reason"])
             self._responder_compute(ex, now, QkdMode.ABSENT, QkdReason.PEER)
         elif role == "slave" and mode == QkdMode.KEYS:
+            try:
+                self._check_key_sources(msg)
+            except RemoteProtocolError as exc:
+                self._refuse(ex, AbortCode.POLICY, f"QKD key sources differ: {exc}", now)
+                return
             rid = self._new_request(ex, "qkd")
             self._events.append(NeedQkdKeys(rid, "slave", cfg.peer_sae_id, msg["key_ids"], 0,
-                                            cfg.qkd_key_bits))
+                                            cfg.qkd_key_bits, msg["key_sources"]))
         elif role == "master" and mode == QkdMode.EXPECT:
             rid = self._new_request(ex, "qkd")
             self._events.append(NeedQkdKeys(rid, "master", cfg.peer_sae_id, (), 1,
@@ -834,6 +884,7 @@ class PeerSession:
             "kem_ciphertext": ex.kem_ciphertext, "x25519_public": ex.x_public,
             "qkd_mode": mode, "qkd_reason": reason,
             "key_ids": ex.qkd_ids if mode == QkdMode.KEYS else (),
+            "key_sources": ex.qkd_sources if mode == QkdMode.KEYS else (),
             "spis": H.spi_entries(ex.our_spis, self._kinds)}
         prefix = H.resp_prefix(self.identity, self.epoch, ex.peer_epoch, ex.xid, values)
         ex.th = m.transcript_hash(self._psk, cfg.peer_name, cfg.local_name, ex.init_core, prefix)

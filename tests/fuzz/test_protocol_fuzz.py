@@ -76,7 +76,8 @@ def test_decoder_mutated_messages(data, ed, cut):
     names = [n for n, _ in m.SCHEMAS[msg.type]]
     core = m.encode_core(msg.type, msg.sender_epoch, msg.receiver_epoch, msg.exchange_id,
                          msg.fields)
-    assert core == msg.core and len(names) == len(msg.fields)
+    # (key_ids decodes to two fields: the IDs and their sources, docs/protocol.md 9.1)
+    assert core == msg.core and len(names) + ("key_ids" in names) == len(msg.fields)
 
 
 @SETTINGS
@@ -172,6 +173,12 @@ def valid_message(draw):
             values["key_ids"] = ()
         elif not values["key_ids"]:
             values["key_ids"] = (draw(_uuid),)
+        # plain or sourced key_IDs (docs/protocol.md 9.1): increasing indices 0..15
+        values["key_sources"] = ()
+        if values["key_ids"] and draw(st.booleans()):
+            n = len(values["key_ids"])
+            values["key_sources"] = tuple(sorted(draw(st.lists(
+                st.integers(0, 15), min_size=n, max_size=n, unique=True))))
         values["x25519_public"] = draw(st.sampled_from([b"", b"\x09" * 32]))
     if mtype is m.MsgType.INIT:
         values["kem_id"] = draw(st.sampled_from([1, 2]))
