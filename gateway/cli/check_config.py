@@ -17,7 +17,7 @@ import json
 import os
 import stat
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the command module stays light to import (cli/main.py)
     from qkdgate.gateway.config.model import Config
@@ -61,6 +61,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _via(qkd: Any) -> str:
+    names = [s.key_source for s in qkd.source_list]
+    if not qkd.multi:
+        return names[0] if names else "?"
+    rule = "all of" if qkd.rule == "all" else f"{qkd.required} of"
+    return f"{rule} {' + '.join(names)}"
+
+
 def summary(cfg: Config, filename: str) -> str:
     g = cfg.gateway
     lines = [f"{filename}: OK",
@@ -68,7 +76,7 @@ def summary(cfg: Config, filename: str) -> str:
              f"listening on {_hostport(g.listen.address, g.listen.port)}/udp",
              f"{_n(len(cfg.peers), 'peer')}: "
              + ", ".join(f"{p.name} ({_hostport(p.address, p.port)}"
-                         + (f", QKD via {p.qkd.key_source} as {p.qkd.role.value})" if p.qkd
+                         + (f", QKD via {_via(p.qkd)} as {p.qkd.role.value})" if p.qkd
                             else ", no QKD)") for p in cfg.peers),
              f"{_n(len(cfg.key_sources), 'key source')}"
              + (": " + ", ".join(f"{k.name} ({k.kind})" for k in cfg.key_sources)

@@ -179,15 +179,60 @@ class GatewayConfig:
 # ---------------------------------------------------------------- peers
 
 @dataclass(frozen=True, slots=True)
-class PeerQkd:
-    """How this gateway gets QKD keys it shares with one peer."""
+class QkdSourceRef:
+    """One key source of a peer's QKD input: which KME (``key_sources``
+    entry) and which SAE pair on it. Several make a multi-source input."""
     key_source: Annotated[str, Name]
-    role: QkdRole
     local_sae_id: SaeId
     peer_sae_id: SaeId
     key_size: Annotated[int, Range(128, 8192)] = 256   # bits; ETSI GS QKD 014 6.2 size
 
+    _yaml_label = "qkd source"
+
+
+QkdRule = Annotated[str, Pattern(r"all|[0-9]{1,3} of [0-9]{1,3}",
+                                 "all, or 'K of N' such as '2 of 3'")]
+
+
+@dataclass(frozen=True, slots=True)
+class PeerQkd:
+    """How this gateway gets QKD keys it shares with one peer: one key source
+    (``key_source``, ``local_sae_id``, ``peer_sae_id``, ``key_size``) or
+    several (``sources`` with a ``rule``, docs/qkd.md "Several key
+    sources"); never both. Read them through :attr:`source_list`."""
+    role: QkdRole
+    key_source: Annotated[str, Name] | None = None
+    local_sae_id: SaeId | None = None
+    peer_sae_id: SaeId | None = None
+    key_size: Annotated[int, Range(128, 8192)] = 256   # bits; ETSI GS QKD 014 6.2 size
+    sources: tuple[QkdSourceRef, ...] = ()
+    rule: QkdRule = "all"
+
     _yaml_label = "peer qkd"
+
+    @property
+    def source_list(self) -> tuple[QkdSourceRef, ...]:
+        """Every key source in configuration order (the order their keys
+        are mixed in, docs/keymix.md 4.4); the single-source form as one."""
+        if self.sources:
+            return self.sources
+        if self.key_source is None or self.local_sae_id is None or self.peer_sae_id is None:
+            return ()      # refused by validate()
+        return (QkdSourceRef(self.key_source, self.local_sae_id, self.peer_sae_id,
+                             self.key_size),)
+
+    @property
+    def multi(self) -> bool:
+        """Configured with ``sources`` (the sourced wire form, docs/protocol.md)."""
+        return bool(self.sources)
+
+    @property
+    def required(self) -> int:
+        """k of the rule: how many sources must deliver (``all``: every one)."""
+        n = len(self.source_list)
+        if self.rule == "all":
+            return n
+        return int(self.rule.partition(" of ")[0])
 
 
 @dataclass(frozen=True, slots=True)

@@ -125,23 +125,23 @@ def validate(cfg: Config) -> None:
                 _check_identity(cfg, f"{at}.identities[{j}]", ident)
         if p.qkd is None:
             continue
-        q = p.qkd
-        if q.key_source not in sources:
-            raise cfg.error(f"{at}.qkd.key_source", "unknown key source",
-                            expected=_one_of(sources, "a key source defined in key_sources"),
-                            found=f"'{q.key_source}'")
-        if q.local_sae_id == q.peer_sae_id:
-            raise cfg.error(f"{at}.qkd.peer_sae_id", "the peer's SAE ID equals ours",
-                            expected=f"an SAE ID other than '{q.local_sae_id}'",
-                            found=f"'{q.peer_sae_id}'")
-        if q.key_size % 8:
-            raise cfg.error(f"{at}.qkd.key_size", "key size must be whole bytes",
-                            expected="a multiple of 8 bits", found=str(q.key_size))
-        first = sae_ids.setdefault((q.key_source, q.peer_sae_id), i)
-        if first != i:
-            raise cfg.error(f"{at}.qkd.peer_sae_id",
-                            f"same key source and peer SAE ID as peers[{first}]",
-                            expected="one peer per SAE ID", found=f"'{q.peer_sae_id}'")
+        for src_at, src in _qkd_sources(cfg, f"{at}.qkd", p.qkd):
+            if src.key_source not in sources:
+                raise cfg.error(f"{src_at}.key_source", "unknown key source",
+                                expected=_one_of(sources, "a key source defined in key_sources"),
+                                found=f"'{src.key_source}'")
+            if src.local_sae_id == src.peer_sae_id:
+                raise cfg.error(f"{src_at}.peer_sae_id", "the peer's SAE ID equals ours",
+                                expected=f"an SAE ID other than '{src.local_sae_id}'",
+                                found=f"'{src.peer_sae_id}'")
+            if src.key_size % 8:
+                raise cfg.error(f"{src_at}.key_size", "key size must be whole bytes",
+                                expected="a multiple of 8 bits", found=str(src.key_size))
+            first = sae_ids.setdefault((src.key_source, src.peer_sae_id), i)
+            if first != i:
+                raise cfg.error(f"{src_at}.peer_sae_id",
+                                f"same key source and peer SAE ID as peers[{first}]",
+                                expected="one peer per SAE ID", found=f"'{src.peer_sae_id}'")
 
     # -- tunnels
     peers = {p.name: p for p in cfg.peers}
@@ -272,7 +272,7 @@ def warnings(cfg: Config) -> list[str]:
         if len(intervals) > 1:
             out.append(f"peers[{i}]: tunnels to '{p.name}' have different rekey intervals; "
                        f"the session with it rekeys every {_s(intervals[0])}")
-    used = {p.qkd.key_source for p in cfg.peers if p.qkd is not None}
+    used = {s.key_source for p in cfg.peers if p.qkd is not None for s in p.qkd.source_list}
     for i, ks in enumerate(cfg.key_sources):
         if ks.name not in used:
             out.append(f"key_sources[{i}]: '{ks.name}' is not used by any peer")
@@ -330,6 +330,60 @@ def _unique(cfg: Config, at: str, names: list[str], what: str) -> None:
             raise cfg.error(f"{at}[{i}]{field}", f"duplicate {what} (first at {at}[{seen[n]}])",
                             expected=f"a unique {what}", found=f"'{n}'")
         seen[n] = i
+
+
+MAX_QKD_SOURCES = 8   # sourced key_IDs carry a u8 index < 16 (docs/protocol.md 4.2, 9.1)
+
+
+def _qkd_sources(cfg: Config, at: str, q: Any) -> list[tuple[str, Any]]:
+    """The sources of one ``peers[].qkd`` with the YAML path of each; checks
+    the form (one source or ``sources``, never both) and the rule."""
+    single = [k for k in ("key_source", "local_sae_id", "peer_sae_id")
+              if getattr(q, k) is not None]
+    if q.key_size != 256:      # the default (a JSON dump of the config writes it)
+        single.append("key_size")
+    if not q.sources:
+        missing = [k for k in ("key_source", "local_sae_id", "peer_sae_id")
+                   if getattr(q, k) is None]
+        if missing:
+            raise cfg.error(at, f"missing required key '{missing[0]}'",
+                            expected="key_source, local_sae_id and peer_sae_id, or sources",
+                            found="no " + ", ".join(missing))
+        if q.rule != "all":
+            raise cfg.error(f"{at}.rule", "a rule needs several sources",
+                            expected="rule: all, or a sources list", found=f"'{q.rule}'")
+        return [(at, q.source_list[0])]
+    if single:
+        raise cfg.error(f"{at}.{single[0]}", "one key source or a sources list, not both",
+                        expected=f"'{single[0]}' inside each sources entry",
+                        found=f"'{single[0]}' beside sources")
+    n = len(q.sources)
+    if n > MAX_QKD_SOURCES:
+        raise cfg.error(f"{at}.sources", "too many key sources",
+                        expected=f"at most {MAX_QKD_SOURCES}", found=str(n))
+    if q.rule != "all":
+        k_text, _, n_text = q.rule.partition(" of ")
+        k, n_rule = int(k_text), int(n_text)
+        if n_rule != n:
+            raise cfg.error(f"{at}.rule", f"the rule counts {n_rule} sources but sources "
+                            f"lists {n}", expected=f"'K of {n}' or all", found=f"'{q.rule}'")
+        if k < 1:
+            raise cfg.error(f"{at}.rule", "at least one source must deliver",
+                            expected=f"'K of {n}' with K >= 1", found=f"'{q.rule}'")
+        if k > n:
+            raise cfg.error(f"{at}.rule", "more sources required than configured",
+                            expected=f"'K of {n}' with K <= {n}", found=f"'{q.rule}'")
+    seen: dict[tuple[str, str], int] = {}
+    out = []
+    for j, src in enumerate(q.sources):
+        # the same KME and SAE pair twice would be one key counted twice
+        first = seen.setdefault((src.key_source, src.peer_sae_id), j)
+        if first != j:
+            raise cfg.error(f"{at}.sources[{j}]", f"duplicate source (first at "
+                            f"{at}.sources[{first}])", expected="each key source and peer "
+                            "SAE ID once", found=f"'{src.key_source}' again")
+        out.append((f"{at}.sources[{j}]", src))
+    return out
 
 
 def _one_of(names: Iterable[str], empty: str) -> str:
@@ -489,11 +543,15 @@ def _check_vendor_options(cfg: Config, i: int, default_profile: str) -> None:
         raise cfg.error(f"{at}.{exc.path}" if exc.path else f"{at}.options", exc.reason,
                         expected=exc.expected, found=exc.found) from None
     for j, p in enumerate(cfg.peers):
-        if p.qkd is None or p.qkd.key_source != ks.name:
+        if p.qkd is None:
             continue
-        for key in ("local_sae_id", "peer_sae_id"):
-            try:
-                profile.check_sae_id(getattr(p.qkd, key), key.replace("_", " "))
-            except ConfigError as exc:
-                raise cfg.error(f"peers[{j}].qkd.{key}", exc.reason, expected=exc.expected,
-                                found=exc.found) from None
+        for n, src in enumerate(p.qkd.source_list):
+            if src.key_source != ks.name:
+                continue
+            at = f"peers[{j}].qkd" + (f".sources[{n}]" if p.qkd.multi else "")
+            for key in ("local_sae_id", "peer_sae_id"):
+                try:
+                    profile.check_sae_id(getattr(src, key), key.replace("_", " "))
+                except ConfigError as exc:
+                    raise cfg.error(f"{at}.{key}", exc.reason, expected=exc.expected,
+                                    found=exc.found) from None
