@@ -30,6 +30,8 @@ class _Provenance(Protocol):
     def x25519(self) -> bool: ...
     @property
     def qkd_key_ids(self) -> tuple[str, ...] | list[str]: ...
+    @property
+    def qkd_sources(self) -> tuple[int, ...]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,15 +41,22 @@ class KeyInputs:
     kem: str | None = None
     x25519: bool | None = None
     qkd_key_ids: tuple[str, ...] = ()
+    # several QKD key sources: the configured source index of each key_ID
+    qkd_sources: tuple[int, ...] = ()
 
     @classmethod
     def of(cls, prov: _Provenance | None) -> KeyInputs:
         if prov is None:
             return cls()
-        return cls(prov.kem_name, bool(prov.x25519), tuple(prov.qkd_key_ids))
+        return cls(prov.kem_name, bool(prov.x25519), tuple(prov.qkd_key_ids),
+                   tuple(prov.qkd_sources))
 
     def as_dict(self) -> dict[str, object]:
-        return {"kem": self.kem, "x25519": self.x25519, "qkd_key_ids": list(self.qkd_key_ids)}
+        out: dict[str, object] = {"kem": self.kem, "x25519": self.x25519,
+                                  "qkd_key_ids": list(self.qkd_key_ids)}
+        if self.qkd_sources:
+            out["qkd_sources"] = list(self.qkd_sources)
+        return out
 
 
 @dataclass(frozen=True, slots=True)

@@ -80,7 +80,12 @@ def inputs_text(inputs: Any) -> str:
     if inputs.get("x25519"):
         parts.append("X25519")
     ids = inputs.get("qkd_key_ids") or []
-    if ids:
+    sources = inputs.get("qkd_sources") or []
+    if ids and len(sources) == len(ids):
+        # several key sources: each key_ID after the index of its source
+        parts.append("QKD[" + ",".join(f"#{s}:{i[:8]}"
+                                       for s, i in zip(sources, ids, strict=True)) + "]")
+    elif ids:
         # the first 8 hex digits identify a key_ID in a log search
         parts.append("QKD[" + ",".join(i[:8] for i in ids) + "]")
     else:
@@ -124,9 +129,23 @@ def render(result: dict[str, Any], *, detail: bool = False) -> str:
                 flag = " active" if g.get("active") else (" adopted" if g.get("adopted") else "")
                 lines.append(f"  generation {g['generation']}{flag}: age {_age(g.get('age'))}, "
                              f"{inputs_text(g.get('inputs'))}, SAs: {sas or '-'}")
-                for kid in (g.get("inputs") or {}).get("qkd_key_ids", []):
-                    lines.append(f"    QKD key_ID {kid}")
+                lines.extend(f"    {line}" for line in key_id_lines(g.get("inputs"),
+                                                                  t.get("qkd_sources")))
     return "\n".join(lines)
+
+
+def key_id_lines(inputs: Any, names: Any) -> list[str]:
+    """One line per QKD key_ID of a generation; with several key sources,
+    the source each came from (by its configured name where known)."""
+    inputs = inputs or {}
+    ids = inputs.get("qkd_key_ids") or []
+    sources = inputs.get("qkd_sources") or []
+    if len(sources) != len(ids):
+        return [f"QKD key_ID {kid}" for kid in ids]
+    names = names if isinstance(names, list) else []
+    return [f"QKD key_ID {kid} from source #{s}"
+            + (f" {names[s]}" if isinstance(s, int) and 0 <= s < len(names) else "")
+            for s, kid in zip(sources, ids, strict=True)]
 
 
 def key_service_lines(ks: Any) -> list[str]:

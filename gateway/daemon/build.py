@@ -182,6 +182,7 @@ def session_config(cfg: Config, peer: PeerConfig, *, generation_floor: int = 0) 
     ts = cfg.tunnels_for(peer.name)
     policies = {t.policy for t in ts}
     qkd = peer.qkd
+    first = qkd.source_list[0] if qkd and qkd.source_list else None
     return SessionConfig(
         local_name=cfg.gateway.name, peer_name=peer.name,
         tunnels=tuple(TunnelRef(t.name, t.type.value) for t in ts),
@@ -189,9 +190,12 @@ def session_config(cfg: Config, peer: PeerConfig, *, generation_floor: int = 0) 
         x25519=any("x25519" in p.required | p.optional for p in policies) if policies else True,
         psk=read_secret_file(peer.psk_file, "PSK file") if peer.psk_file else None,
         qkd_role=qkd.role.value if qkd else None,
-        local_sae_id=qkd.local_sae_id if qkd else "",
-        peer_sae_id=qkd.peer_sae_id if qkd else "",
-        qkd_key_bits=qkd.key_size if qkd else 256,
+        local_sae_id=first.local_sae_id if first else "",
+        peer_sae_id=first.peer_sae_id if first else "",
+        qkd_key_bits=first.key_size if first else 256,
+        # several sources: each one's key size, in configuration order, and k
+        qkd_sources=tuple(s.key_size for s in qkd.source_list) if qkd and qkd.multi else (),
+        qkd_required=qkd.required if qkd and qkd.multi else 0,
         allow_pqc_only=any(p in (KeyPolicy.PQC_FALLBACK, KeyPolicy.PQC_ONLY) for p in policies),
         rekey_interval=min((t.rekey.interval for t in ts), default=60.0),
         generation_floor=generation_floor,
@@ -232,7 +236,7 @@ def peer_identities(peer: PeerConfig) -> list[Any]:
 
 def key_sources(cfg: Config) -> dict[str, Any]:
     from qkdgate.adapters.registry import create_key_source
-    used = {p.qkd.key_source for p in cfg.peers if p.qkd}
+    used = {s.key_source for p in cfg.peers if p.qkd for s in p.qkd.source_list}
     return {ks.name: create_key_source(ks.kind, ks) for ks in cfg.key_sources if ks.name in used}
 
 

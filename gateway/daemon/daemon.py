@@ -437,6 +437,10 @@ class Daemon:
             st = t.status(now)
             peer = self.config.tunnel(tid).peer
             st["peer"] = peer
+            qkd = self.config.peer(peer).qkd
+            # the key sources in configuration order: a generation's
+            # inputs.qkd_sources index into this list (docs/qkd.md)
+            st["qkd_sources"] = [s.key_source for s in qkd.source_list] if qkd else []
             timer = None
             runner = self.runners.get(peer)
             if runner is not None and not runner.driver.failed:

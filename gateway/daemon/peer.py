@@ -192,7 +192,7 @@ class PeerRunner:
             err: KeySourceError = KeySourceError(f"no key source configured for {self.name}")
         else:
             try:
-                keys = await self._qkd.fetch(self.name, ev)
+                keys, sources = await self._qkd.fetch(self.name, ev)
             except KeySourceError as exc:
                 err = exc
             else:
@@ -200,7 +200,7 @@ class PeerRunner:
                     return      # that session failed meanwhile; its request died with it
                 self.driver.call("provide_qkd_keys",
                                  lambda s: s.provide_qkd_keys(ev.request_id, keys,
-                                                              self._clock()))
+                                                              self._clock(), sources))
                 return
         self.state.last_error = f"QKD: {err}"
         self.qkd_lost(f"QKD unavailable: {err}")

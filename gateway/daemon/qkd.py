@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 from qkdgate.errors import KeySourceError, KeySourceTimeout, KeyUnavailable
-from qkdgate.gateway.config.model import Config
+from qkdgate.gateway.config.model import Config, QkdSourceRef
 from qkdgate.gateway.daemon.journal import JournalError, KeyIdReused
 from qkdgate.gateway.protocol.events import NeedQkdKeys
 from qkdgate.gateway.telemetry.events import (
@@ -90,14 +90,24 @@ class QkdFetcher:
         return ks.timeout * (ks.retries + 1) + KME_TIMEOUT_SLACK
 
     # ---------------------------------------------------------------- fetch
-    async def fetch(self, peer: str, ev: NeedQkdKeys) -> Sequence[QkdKey]:
-        """The keys for one exchange, journaled as consumed; or
-        :class:`KeySourceError` (already reported, never anything else)."""
+    async def fetch(self, peer: str, ev: NeedQkdKeys
+                    ) -> tuple[Sequence[QkdKey], tuple[int, ...]]:
+        """The keys for one exchange, journaled as consumed, and the
+        configured source index of each (empty with a single source); or
+        :class:`KeySourceError` (already reported, never anything else).
+
+        Several sources (docs/qkd.md "Several key sources"): as master, one
+        key from every source at once; at least k must deliver and then all
+        that did are used, in configuration order. As slave, each key_ID from
+        the source the master named; every one must deliver (the master's
+        choice is in the transcript)."""
         qkd = self._config.peer(peer).qkd
-        source = qkd.key_source if qkd is not None else "?"
+        refs = qkd.source_list if qkd is not None else ()
+        multi = qkd is not None and qkd.multi
         t0 = self._clock()
         try:
-            keys = await self._ask(peer, source, ev)
+            keys, sources = await self._gather(peer, ev, refs, multi,
+                                               qkd.required if qkd is not None else 1)
             self._reserve(peer, keys)
         except _Refusal as refusal:
             self._emit(QkdError(peer, str(refusal.error), refusal.kind))
@@ -105,12 +115,67 @@ class QkdFetcher:
         except KeySourceError as exc:
             self._emit(QkdError(peer, str(exc), type(exc).__name__))
             raise
-        self._health(source, peer, ev.role, t0, None)
+        if not multi:
+            self._health(refs[0].key_source if refs else "?", peer, ev.role, t0, None)
         self._emit(QkdKeysFetched(peer, ev.role, tuple(k.key_id for k in keys),
-                                  round((self._clock() - t0) * 1000, 1)))
-        return keys
+                                  round((self._clock() - t0) * 1000, 1),
+                                  tuple(refs[i].key_source for i in sources)))
+        return keys, sources
 
-    async def _ask(self, peer: str, source: str, ev: NeedQkdKeys) -> Sequence[QkdKey]:
+    async def _gather(self, peer: str, ev: NeedQkdKeys, refs: Sequence[QkdSourceRef],
+                      multi: bool, k: int) -> tuple[Sequence[QkdKey], tuple[int, ...]]:
+        if self.journal_failure is not None:
+            raise _Refusal(KeyUnavailable(
+                f"QKD disabled: the key journal failed ({self.journal_failure})"), "JournalError")
+        if not multi:
+            source = refs[0].key_source if refs else "?"
+            sae = refs[0].peer_sae_id if refs else ev.peer_sae_id
+            return await self._ask(peer, source, ev.role, sae, ev.key_ids, ev.number,
+                                   ev.size_bits, health_ok=False), ()
+        if ev.role == "master":
+            wanted = list(range(len(refs)))
+            asks = [self._ask(peer, refs[i].key_source, "master", refs[i].peer_sae_id, (), 1,
+                              refs[i].key_size) for i in wanted]
+        else:
+            wanted = list(ev.sources)
+            if len(wanted) != len(ev.key_ids) or any(not 0 <= i < len(refs) for i in wanted):
+                raise _Refusal(KeySourceError("the peer's key_IDs name unknown key sources"),
+                               "KeySourceMismatch")
+            asks = [self._ask(peer, refs[i].key_source, "slave", refs[i].peer_sae_id, (kid,), 0,
+                              refs[i].key_size) for i, kid in zip(wanted, ev.key_ids, strict=True)]
+        results = await asyncio.gather(*asks, return_exceptions=True)
+        keys: list[QkdKey] = []
+        sources: list[int] = []
+        failed: list[tuple[int, KeySourceError, str]] = []
+        for i, res in zip(wanted, results, strict=True):
+            if isinstance(res, _Refusal):
+                failed.append((i, res.error, res.kind))
+            elif isinstance(res, KeySourceError):
+                failed.append((i, res, type(res).__name__))
+            elif isinstance(res, BaseException):
+                raise res      # cancellation: not a key source's answer
+            elif len(res) != 1:
+                failed.append((i, KeySourceError(f"key source {refs[i].key_source} returned "
+                                                 f"{len(res)} keys, not 1"), "KeySourceError"))
+            else:
+                keys.append(res[0])
+                sources.append(i)
+        for i, err, kind in failed:      # one event per failed source (metrics count them too)
+            self._emit(QkdError(peer, f"source #{i} {refs[i].key_source}: {err}", kind,
+                                refs[i].key_source))
+        if failed and ev.role == "slave":
+            _, err, kind = failed[0]     # the master chose these keys: all or nothing
+            raise _Refusal(err, kind)
+        if len(keys) < k:
+            names = ", ".join(refs[i].key_source for i, _, _ in failed)
+            raise _Refusal(KeyUnavailable(
+                f"{len(keys)} of {len(refs)} QKD key sources delivered, the rule needs {k} "
+                f"(failed: {names})"), "TooFewSources")
+        return keys, tuple(sources)
+
+    async def _ask(self, peer: str, source: str, role: str, peer_sae_id: str,
+                   key_ids: Sequence[str], number: int, size_bits: int, *,
+                   health_ok: bool = True) -> list[QkdKey]:
         if self.journal_failure is not None:
             raise _Refusal(KeyUnavailable(
                 f"QKD disabled: the key journal failed ({self.journal_failure})"), "JournalError")
@@ -122,20 +187,20 @@ class QkdFetcher:
             timeout = self.timeout(source)
             try:
                 async with asyncio.timeout(timeout):
-                    if ev.role == "master":      # ETSI GS QKD 014 5.2 enc_keys
-                        keys = await src.get_new_keys(ev.peer_sae_id, ev.number, ev.size_bits)
+                    if role == "master":         # ETSI GS QKD 014 5.2 enc_keys
+                        keys = await src.get_new_keys(peer_sae_id, number, size_bits)
                     else:                        # ETSI GS QKD 014 5.3 dec_keys
-                        keys = await src.get_keys_by_id(ev.peer_sae_id, list(ev.key_ids))
+                        keys = await src.get_keys_by_id(peer_sae_id, list(key_ids))
             except TimeoutError:
                 raise KeySourceTimeout(f"key source {source} did not answer "
                                        f"within {timeout:g} s") from None
             if not isinstance(keys, list) or not all(isinstance(k, QkdKey) for k in keys):
                 raise TypeError(f"{type(src).__name__} returned {type(keys).__name__}, "
                                 "not a list of QkdKey")
-            return keys
         except KeySourceError as exc:
-            self._health(source, peer, ev.role, t0, exc)
-            log.warning("peer %s: QKD keys unavailable: %s", peer, exc, extra={"peer": peer})
+            self._health(source, peer, role, t0, exc)
+            log.warning("peer %s: QKD keys unavailable from %s: %s", peer, source, exc,
+                        extra={"peer": peer, "source": source})
             raise
         except Exception as exc:
             # Third-party code behind the KeySource interface: whatever it
@@ -143,8 +208,11 @@ class QkdFetcher:
             log.exception("peer %s: key source %s raised %s (a plug-in bug); QKD keys refused",
                           peer, source, type(exc).__name__, extra={"peer": peer})
             err = KeySourceError(f"key source {source} failed: {type(exc).__name__}")
-            self._health(source, peer, ev.role, t0, err)
+            self._health(source, peer, role, t0, err)
             raise _Refusal(err, "KeySourcePluginError") from None
+        if health_ok:
+            self._health(source, peer, role, t0, None)
+        return keys
 
     def _reserve(self, peer: str, keys: Sequence[QkdKey]) -> None:
         if self._journal is None:
@@ -175,38 +243,53 @@ class QkdFetcher:
 
     # ---------------------------------------------------------------- health
     async def poll(self, peer: str) -> None:
-        """One status poll of ``peer``'s KME (ETSI GS QKD 014 6.1). Both
-        roles see a link alarm this way, also the slave, which otherwise only
-        talks to its KME when the master sends key_IDs."""
+        """One status poll of each of ``peer``'s KMEs (ETSI GS QKD 014 6.1).
+        Both roles see a link alarm this way, also the slave, which otherwise
+        only talks to its KME when the master sends key_IDs. QKD counts as
+        lost for the peer (``qkd-mandatory`` blocks) once fewer sources are
+        healthy than its rule needs."""
         qkd = self._config.peer(peer).qkd
-        src = self._sources.get(qkd.key_source) if qkd is not None else None
-        if qkd is None or src is None:
+        if qkd is None:
             return
-        source = qkd.key_source
+        refs = [r for r in qkd.source_list if r.key_source in self._sources]
+        if not refs:
+            return
+        problems = [p for p in await asyncio.gather(*(self._poll_one(peer, r) for r in refs))
+                    if p is not None]
+        if problems and len(refs) - len(problems) < qkd.required:
+            self._on_qkd_lost(peer, "; ".join(problems))
+
+    async def _poll_one(self, peer: str, ref: QkdSourceRef) -> str | None:
+        """Poll one source; the reason it counts as down, or None."""
+        source, src = ref.key_source, self._sources[ref.key_source]
         t0 = self._clock()
+        st: KeySourceStatus | None = None
         try:
             async with asyncio.timeout(self.timeout(source)):
                 connect = getattr(src, "connect", None)   # StreamKeySource (ETSI 004):
                 if connect is not None:                   # both SAEs must attach first;
-                    await connect(qkd.peer_sae_id)        # idempotent, so on every poll
-                st = await src.status(qkd.peer_sae_id)
+                    await connect(ref.peer_sae_id)        # idempotent, so on every poll
+                st = await src.status(ref.peer_sae_id)
             if not isinstance(st, KeySourceStatus):
                 raise TypeError(f"status() returned {type(st).__name__}, not KeySourceStatus")
+            err: KeySourceError | None = None
         except KeySourceError as exc:
-            err: KeySourceError = exc
+            err = exc
         except TimeoutError:
             err = KeySourceTimeout("status timed out")
         except Exception as exc:
             log.exception("key source %s: status() raised %s (a plug-in bug)", source,
                           type(exc).__name__, extra={"peer": peer})
             err = KeySourceError(f"status() failed: {type(exc).__name__}")
-        else:
-            self._status(peer, source, t0, st)
-            return
+        qkd = self._config.peer(peer).qkd
+        named = f" {source}" if qkd is not None and qkd.multi else ""
+        if err is None and st is not None:
+            alarm = self._status(peer, source, t0, st)
+            return None if alarm is None else f"QKD link alarm{named}: {alarm}"
         self._health(source, peer, "status", t0, err)
-        self._on_qkd_lost(peer, f"QKD key source unreachable: {err}")
+        return f"QKD key source{named} unreachable: {err}"
 
-    def _status(self, peer: str, source: str, t0: float, st: KeySourceStatus) -> None:
+    def _status(self, peer: str, source: str, t0: float, st: KeySourceStatus) -> str | None:
         # ETSI GS QKD 004 has no pool size: its source reports 0/0 and says so;
         # None keeps a key-pool gauge (and the KeyPoolLow alert) off it.
         known = st.extensions.get("etsi004_pool_known") is not False
@@ -222,10 +305,10 @@ class QkdFetcher:
         self._alarmed[source] = alarms
         if st.link_up and not alarms:
             self._health(source, peer, "status", t0, None)
-            return
+            return None
         reason = ", ".join(alarms) or "QKD link down"
         self._health(source, peer, "status", t0, KeySourceError(reason))
-        self._on_qkd_lost(peer, f"QKD link alarm: {reason}")
+        return reason
 
     def _health(self, source: str, peer: str, role: str, t0: float,
                 error: BaseException | None) -> None:

@@ -191,6 +191,7 @@ class QkdKeysFetched(DaemonEvent):
     role: str
     key_ids: tuple[str, ...]
     latency_ms: float
+    sources: tuple[str, ...] = ()   # several key sources: the source of each key_ID
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +202,7 @@ class QkdError(DaemonEvent):
     peer: str
     error: str
     kind: str
+    source: str = ""     # several key sources: the one that failed ("" for the exchange)
 
 
 @dataclass(frozen=True, slots=True)

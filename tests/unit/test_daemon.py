@@ -65,8 +65,9 @@ class FakeSession:
     def initiate_rekey(self, now, reason):
         self.calls.append(("rekey", reason))
 
-    def provide_qkd_keys(self, request_id, keys, now):
-        self.calls.append(("keys", request_id, [k.key_id for k in keys]))
+    def provide_qkd_keys(self, request_id, keys, now, sources=()):
+        self.calls.append(("keys", request_id, [k.key_id for k in keys])
+                          + ((tuple(sources),) if sources else ()))
 
     def qkd_failed(self, request_id, error, now):
         self.calls.append(("qkd_failed", request_id, type(error).__name__, str(error)))

@@ -15,6 +15,7 @@ class Prov:
     kem_name: str = "ML-KEM-768"
     x25519: bool = True
     qkd_key_ids: tuple = ("6f1c2a5e-0000-4000-8000-000000000001",)
+    qkd_sources: tuple = ()
 
 
 class Session:
