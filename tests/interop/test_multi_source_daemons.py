@@ -6,11 +6,10 @@ and the tunnel policy decide what happens when one KME pair fails."""
 from __future__ import annotations
 
 import pytest
-from daemon_pair import write_pair
-from test_two_daemons import Pair, both_past, gen, keys_match, wait_for
+from multi_source_pair import multi_source_pair
+from test_two_daemons import both_past, gen, keys_match, wait_for
 
 from qkdgate.adapters.kmesim.server import KmeSimulator
-from qkdgate.gateway.config.model import load_config
 
 
 @pytest.fixture(scope="module")
@@ -28,39 +27,9 @@ async def kmes(state_dir, second_state):
 
 
 def two_source_pair(tmp_path, kmes, rule="all", **kw):
-    """The daemon pair of test_two_daemons with a second key source on the
-    second simulator: gw-a is master on both, gw-b slave on both."""
     one, two = kmes
-    write_pair(tmp_path, kme=one, **kw)
-    for name, me, peer in (("gw-a", "SAE-A", "SAE-B"), ("gw-b", "SAE-B", "SAE-A")):
-        path = tmp_path / f"{name}.yaml"
-        text = path.read_text()
-        me2, peer2 = me + "2", peer + "2"
-        old = (f"      key_source: kme\n      role: {'master' if name == 'gw-a' else 'slave'}\n"
-               f"      local_sae_id: {me}\n      peer_sae_id: {peer}")
-        assert old in text
-        text = text.replace(old, (
-            f"      role: {'master' if name == 'gw-a' else 'slave'}\n      rule: {rule}\n"
-            f"      sources:\n"
-            f"        - {{key_source: kme, local_sae_id: {me}, peer_sae_id: {peer}}}\n"
-            f"        - {{key_source: kme2, local_sae_id: {me2}, peer_sae_id: {peer2},"
-            f" key_size: 512}}"))
-        c = two.credentials(me2)
-        text = text.replace("tunnels:\n", (
-            f"  - name: kme2\n    kind: etsi014\n    url: {c.url}\n    kme_id: {c.kme_id}\n"
-            f"    timeout: 2s\n    retries: 1\n"
-            f"    tls: {{cert: {c.cert}, key: {c.key}, ca: {c.ca}}}\n"
-            "tunnels:\n"), 1)
-        path.write_text(text)
-    p = Pair.__new__(Pair)
-    p.path_a, p.path_b = str(tmp_path / "gw-a.yaml"), str(tmp_path / "gw-b.yaml")
-    p.cfg_a, p.cfg_b = load_config(p.path_a), load_config(p.path_b)
-    from qkdgate.testing.fakes import RecordingIpsecBackend, RecordingMacsecBackend
-    p.be_a, p.be_b = RecordingIpsecBackend(), RecordingIpsecBackend()
-    p.mb_a, p.mb_b = RecordingMacsecBackend(), RecordingMacsecBackend()
-    p.events_a, p.events_b = [], []
-    p.a, p.b = p.daemon("a"), p.daemon("b")
-    return p
+    return multi_source_pair(tmp_path, [one.credentials, two.credentials],
+                             [("SAE-A", "SAE-B"), ("SAE-A2", "SAE-B2")], rule, **kw)
 
 
 def done(events):
