@@ -48,6 +48,34 @@ if ((${#missing[@]})); then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# strongSwan for tests/kernel/test_strongswan.py (issue 21): the test starts
+# its own charon per gateway namespace; Debian's service must never run on
+# this host. policy-rc.d (dpkg's convention: 101 = do not start) keeps the
+# install from starting it; the unit is masked and the SysV links disabled,
+# so nothing starts it at boot either. The guest shares this root.
+SWAN_PKGS=(strongswan-charon strongswan-swanctl libstrongswan-standard-plugins)
+swan_missing=()
+for p in "${SWAN_PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || swan_missing+=("$p")
+done
+if ((${#swan_missing[@]})); then
+  log "apt: installing ${swan_missing[*]} (service not started)"
+  apt_update
+  had_policy=0; [[ -e /usr/sbin/policy-rc.d ]] && had_policy=1
+  [[ $had_policy == 1 ]] || printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+  chmod 755 /usr/sbin/policy-rc.d
+  rc=0; apt-get install -y -qq --no-install-recommends "${swan_missing[@]}" >/dev/null || rc=$?
+  [[ $had_policy == 1 ]] || rm -f /usr/sbin/policy-rc.d
+  ((rc == 0)) || die "apt-get install ${swan_missing[*]} failed"
+fi
+for u in strongswan-starter.service strongswan.service; do
+  if [[ -e /lib/systemd/system/$u && $(systemctl --root=/ is-enabled "$u" 2>/dev/null) != masked ]]; then
+    systemctl --root=/ mask "$u" >/dev/null 2>&1 || die "cannot mask $u"
+  fi
+done
+if ls /etc/rc[2-5].d/S*ipsec >/dev/null 2>&1; then update-rc.d ipsec disable >/dev/null 2>&1 || true; fi
+[[ -x /usr/lib/ipsec/charon ]] || die "charon missing after install"
+
 # ------------------------------------------------------------ 2. distro kernel
 kpkg() { apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/{print $2; exit}'; }
 KPKG=$(kpkg); if [[ -z $KPKG ]]; then apt_update; KPKG=$(kpkg); fi
