@@ -357,6 +357,10 @@ class StrongswanConfig:
 
     connection: Annotated[str, Name]       # the swanctl.conf connection name
     vici_socket: Annotated[str, FilePath] = "/var/run/charon.vici"
+    # where qkdgate reads the connection (vici load-conn resends it whole)
+    swanctl_conf: Annotated[str, FilePath] = "/etc/swanctl/swanctl.conf"
+    # the CHILD_SA the re-authentication initiates (default: the connection's first)
+    child: Annotated[str, Name] | None = None
 
     _yaml_label = "strongswan settings"
 

@@ -97,9 +97,10 @@ def wireguard_consumer(t: TunnelConfig, registry: TunnelRegistry | None) -> KeyC
 
 
 def strongswan_consumer(t: TunnelConfig, registry: TunnelRegistry | None) -> KeyConsumer:
-    """The strongSwan consumer of tunnel ``t`` (issue 21 item 3)."""
-    raise ConfigError("the strongSwan key consumer is not built in this version",
-                      path=f"tunnels[{t.name}].type", found="strongswan")
+    """The strongSwan consumer of tunnel ``t`` (issue 21 item 3): reads its
+    connection from swanctl.conf now."""
+    from qkdgate.tunnels.strongswan import strongswan_consumer as build
+    return build(t, registry)
 
 
 ConsumerBuilder = Callable[[TunnelConfig, TunnelRegistry | None], KeyConsumer]

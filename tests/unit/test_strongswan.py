@@ -1,0 +1,264 @@
+"""The strongSwan consumer against an in-memory pair of charons (the vici
+semantics it relies on: PPKs by id, ppk_required, unique ids, terminate),
+the swanctl.conf reader, and the vici message it builds."""
+
+from __future__ import annotations
+
+import errno
+import textwrap
+
+import pytest
+
+from qkdgate.errors import ConfigError, TunnelError
+from qkdgate.keymix.secret import SecretBytes
+from qkdgate.tunnels.consumer import ConsumerKey, Invalidation
+from qkdgate.tunnels.events import KeyInputs
+from qkdgate.tunnels.strongswan import StrongswanConsumer, StrongswanSpec, failsafe
+from qkdgate.tunnels.strongswan_conf import parse
+from qkdgate.tunnels.strongswan_vici import ChildSaInfo, ConnSpec, IkeSaInfo, Ppk, ViciError
+
+SWANCTL = textwrap.dedent("""\
+    # the operator's swanctl.conf
+    connections {
+        gw-gw {
+            local_addrs = 192.0.2.1
+            remote_addrs = 192.0.2.2
+            proposals = aes256gcm16-prfsha384-x25519, aes128gcm16-prfsha256-x25519
+            unique = never
+            local {
+                auth = psk
+                id = "gw a"   # quoted
+            }
+            remote {
+                auth = psk
+            }
+            children {
+                lan {
+                    local_ts = 10.1.0.0/24
+                    remote_ts = 10.2.0.0/24
+                    start_action = trap
+                }
+            }
+        }
+    }
+    secrets {
+        ike-1 {
+            secret = "not read # by qkdgate"
+        }
+    }
+    """)
+
+
+class FakeCharon:
+    """One charon as seen over vici; ``peer`` is the other gateway's."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.keys: dict[str, bytes] = {}
+        self.conn_ppk: str | None = None
+        self.sas: dict[int, IkeSaInfo] = {}
+        self.next_id = 1
+        self.peer: FakeCharon | None = None
+        self.up = True
+        self.reuse = False           # charon.reuse_ikesa = yes (its default)
+        self.calls: list[str] = []
+
+    def _check(self) -> None:
+        if not self.up:
+            raise ViciError("connect", "/run/charon.vici", errno.ECONNREFUSED)
+
+    def load_ppk(self, ppk: Ppk) -> None:
+        self._check()
+        self.calls.append(f"load-shared {ppk.ppk_id}")
+        self.keys[ppk.ppk_id] = ppk.key.reveal()
+
+    def unload_shared(self, key_id: str) -> None:
+        self._check()
+        self.calls.append(f"unload-shared {key_id}")
+        if key_id not in self.keys:
+            raise ViciError("unload-shared", "not found")
+        del self.keys[key_id]
+
+    def shared_ids(self) -> frozenset[str]:
+        self._check()
+        return frozenset(self.keys)
+
+    def load_conn(self, conn: ConnSpec) -> None:
+        self._check()
+        msg = conn.message()[conn.name]
+        assert msg["ppk_required"] == "yes"
+        self.calls.append(f"load-conn {msg['ppk_id']}")
+        self.conn_ppk = msg["ppk_id"]
+
+    def _add(self, initiator: bool) -> int:
+        uid = self.next_id
+        self.next_id += 1
+        self.sas[uid] = IkeSaInfo("gw-gw", uid, "ESTABLISHED", initiator, "a", "b", 0,
+                                  (ChildSaInfo("lan", uid, "INSTALLED", uid, uid + 100),))
+        return uid
+
+    def initiate(self, conn: str, child: str, timeout_ms: int) -> int:
+        self._check()
+        assert self.peer is not None
+        self.calls.append("initiate")
+        ppk = self.conn_ppk
+        # RFC 8784 with ppk_required: both must hold the same bytes under the id
+        if ppk is None or ppk not in self.keys or self.peer.keys.get(ppk) != self.keys[ppk]:
+            raise ViciError("initiate", "establishing CHILD_SA 'lan' failed")
+        if self.reuse and self.sas:
+            return max(self.sas)
+        self.peer._add(False)
+        return self._add(True)
+
+    def terminate_ike(self, unique_id: int, timeout_ms: int) -> None:
+        self._check()
+        self.calls.append(f"terminate {unique_id}")
+        if self.sas.pop(unique_id, None) is None:
+            raise ViciError("terminate", "no matching SA")
+        if self.peer is not None and self.peer.sas:   # the peer's side of it
+            self.peer.sas.pop(min(self.peer.sas))
+
+    def list_sas(self, conn: str | None = None) -> list[IkeSaInfo]:
+        self._check()
+        return list(self.sas.values())
+
+    def close(self) -> None:
+        pass
+
+
+def _spec(tid: str = "sw-b") -> StrongswanSpec:
+    body = parse(SWANCTL)["connections"]["gw-gw"]
+    return StrongswanSpec(tid, "gw-gw", "lan", body, vici_socket="/run/x.vici")
+
+
+def _pair() -> tuple[FakeCharon, FakeCharon, StrongswanConsumer, StrongswanConsumer]:
+    a, b = FakeCharon("a"), FakeCharon("b")
+    a.peer, b.peer = b, a
+    ca = StrongswanConsumer(_spec(), connect=lambda _p: a)
+    cb = StrongswanConsumer(_spec(), connect=lambda _p: b)
+    return a, b, ca, cb
+
+
+def _key(g: int, role: str, byte: int | None = None) -> ConsumerKey:
+    return ConsumerKey("sw-b", "strongswan", g, SecretBytes(bytes([byte or g]) * 32),
+                       KeyInputs("ML-KEM-768", True, ("k1",)), role, float(g))
+
+
+def _rotate(ca: StrongswanConsumer, cb: StrongswanConsumer, g: int) -> None:
+    # the exchange order: both prepare, responder installs, initiator installs
+    ca.prepare(_key(g, "initiator"))
+    cb.prepare(_key(g, "responder"))
+    cb.install(_key(g, "responder"))
+    rep = ca.install(_key(g, "initiator"))
+    assert rep.verified and rep.key_name == f"qkdgate-sw-b-g{g}"
+    if g > 1:
+        ca.retire(g - 1)
+        cb.retire(g - 1)
+
+
+def test_rotations_keep_one_ike_sa_named_by_its_ppk_and_one_ppk_loaded():
+    a, b, ca, cb = _pair()
+    ca.setup(0.0)
+    cb.setup(0.0)
+    for g in range(1, 6):
+        _rotate(ca, cb, g)
+        assert set(a.keys) == set(b.keys) == {f"qkdgate-sw-b-g{g}"}
+        assert len(a.sas) == len(b.sas) == 1
+        (sa,) = ca.describe()["ike_sas"]          # type: ignore[misc]
+        assert sa["ppk_id"] == f"qkdgate-sw-b-g{g}" and sa["initiator"]
+        (sb,) = cb.describe()["ike_sas"]          # type: ignore[misc]
+        assert sb["ppk_id"] == f"qkdgate-sw-b-g{g}"    # by the unique-id marks
+    # make before break: the new IKE_SA is up before the old one is terminated
+    i = a.calls.index("initiate", a.calls.index("load-conn qkdgate-sw-b-g3"))
+    assert a.calls[i + 1].startswith("terminate")
+    assert ca.describe()["ppk_id"] == "qkdgate-sw-b-g5"
+
+
+def test_mismatched_ppk_fails_install_and_restores_the_previous_id():
+    a, b, ca, cb = _pair()
+    _rotate(ca, cb, 1)
+    cb.prepare(_key(2, "responder", byte=0x55))
+    ca.prepare(_key(2, "initiator"))
+    cb.install(_key(2, "responder", byte=0x55))
+    with pytest.raises(TunnelError):
+        ca.install(_key(2, "initiator"))
+    assert a.conn_ppk == "qkdgate-sw-b-g1"            # never half-changed
+    assert [s.unique_id for s in a.sas.values()] == [1]  # the old IKE_SA runs on
+    assert ca.describe()["ppk_id"] == "qkdgate-sw-b-g1"
+
+
+def test_invalidate_unloads_every_ppk_and_block_terminates():
+    a, b, ca, cb = _pair()
+    a.keys["someone-else"] = b"x" * 32
+    _rotate(ca, cb, 1)
+    ca.prepare(_key(2, "initiator"))
+    rep = ca.invalidate(Invalidation("sw-b", "policy", False))
+    assert rep.verified and not rep.blocked and set(a.keys) == {"someone-else"}
+    assert a.sas                                       # not blocked: the IKE_SA runs on
+    rep = ca.invalidate(Invalidation("sw-b", "policy", True))
+    assert rep.blocked and not a.sas and ca.describe()["ppk_id"] is None
+    # idempotent, and a dead charon holds no PPK: not an error
+    a.up = False
+    assert ca.invalidate(Invalidation("sw-b", "daemon exit", True)).blocked
+
+
+def test_failsafe_unloads_and_terminates_through_vici(monkeypatch):
+    a, b, ca, cb = _pair()
+    _rotate(ca, cb, 1)
+    monkeypatch.setattr("qkdgate.tunnels.strongswan.ViciClient", lambda _p: a)
+    said: list[str] = []
+    rec = {"kind": "strongswan", "tunnel_id": "sw-b", "connection": "gw-gw",
+           "vici_socket": "/run/x.vici"}
+    assert failsafe(None, [rec], False, lambda _ns, t: said.append(t)) == 0
+    assert not a.keys and not a.sas, said
+    a.up = False
+    assert failsafe(None, [rec], False, lambda _ns, t: said.append(t)) == 0
+    assert "not running" in said[-1]
+
+
+def test_spec_requires_trap_children_and_ppk_refuses_short_keys():
+    body = parse(SWANCTL)["connections"]["gw-gw"]
+    body["children"]["lan"]["start_action"] = "start"
+    with pytest.raises(ConfigError, match="start_action = trap"):
+        StrongswanSpec("t", "gw-gw", "lan", body)
+
+
+def test_spec_refuses_file_keys_swanctl_would_have_read():
+    body = parse(SWANCTL)["connections"]["gw-gw"]
+    body["local"]["certs"] = "gw-a.pem"
+    with pytest.raises(ConfigError, match="certs"):
+        StrongswanSpec("t", "gw-gw", "lan", body)
+
+
+def test_reused_ike_sa_is_refused_not_taken_for_a_reauthentication():
+    a, b, ca, cb = _pair()
+    _rotate(ca, cb, 1)
+    a.reuse = True
+    with pytest.raises(TunnelError, match="reuse_ikesa"):
+        _rotate(ca, cb, 2)
+    assert a.conn_ppk == "qkdgate-sw-b-g1" and len(a.sas) == 1
+
+
+def test_factory_reads_the_connection_from_swanctl_conf(tmp_path):
+    from dataclasses import dataclass
+
+    from qkdgate.tunnels.strongswan import strongswan_consumer
+
+    @dataclass(frozen=True)
+    class Section:
+        connection: str = "gw-gw"
+        vici_socket: str = "/run/x.vici"
+        swanctl_conf: str = ""
+        child: str | None = None
+
+    @dataclass(frozen=True)
+    class Tunnel:
+        name: str
+        strongswan: Section | None
+
+    conf = tmp_path / "swanctl.conf"
+    conf.write_text(SWANCTL)
+    c = strongswan_consumer(Tunnel("sw-b", Section(swanctl_conf=str(conf))), None)
+    assert (c.tunnel_id, c.kind, c.spec.child) == ("sw-b", "strongswan", "lan")
+    with pytest.raises(ConfigError, match="no connection 'nope'"):
+        strongswan_consumer(Tunnel("sw-b", Section("nope", swanctl_conf=str(conf))), None)

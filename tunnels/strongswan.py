@@ -1,0 +1,379 @@
+"""The strongSwan key consumer: each generation's key as an RFC 8784 PPK.
+
+Theory of operation: strongSwan mixes a postquantum preshared key into an
+IKE_SA's keys only when the IKE_SA authenticates (RFC 8784 3: SK_d, SK_pi
+and SK_pr are re-derived with prf+(PPK, ...)); its CHILD_SAs take their keys
+from that SK_d. So a new PPK protects traffic only after a new IKE_SA is
+authenticated with it. Per generation g, with the two gateways' steps in
+the order the qkdgate exchange gives them (docs/consumers.md):
+
+1. ``prepare(g)`` (both, before either switches): ``load-shared`` PPK g
+   under the id ``qkdgate-<tunnel>-g<g>``, the id both gateways derive.
+2. ``install(g)``: ``load-conn`` with ``ppk_id`` naming g (the connection
+   body read from the operator's swanctl.conf, ``ppk_required = yes``). The
+   side that ran this generation's qkdgate handshake as initiator then
+   re-authenticates make-before-break: vici ``initiate`` of a new IKE_SA
+   with its CHILD_SA (authenticated with PPK g; the peer loaded g in step
+   1), and only once it is up ``terminate`` of every older IKE_SA of the
+   connection. The kernel holds both CHILD_SAs' SAs until the old ones go,
+   so traffic keeps flowing (what charon's own make-before-break reauth
+   does; charon's reauth itself is not used: it reuses the old IKE_SA's
+   config, i.e. the old ``ppk_id``).
+3. ``retire(g-1)``: ``unload-shared`` PPK g-1.
+
+``ppk_required = yes`` means an IKE_SA without the right PPK is refused, not
+established without one (RFC 8784 3, NO_PPK_AUTH is never accepted).
+``invalidate`` unloads every PPK of the tunnel and, to block, terminates
+its IKE_SAs; the connection's CHILD_SAs must use ``start_action = trap``
+(checked at construction) so that once they are gone the kernel drops the
+protected traffic (trap policy, no SA) instead of routing it in clear.
+
+Provenance: charon numbers IKE_SAs with increasing unique ids, and the
+consumer records the highest id it saw when each generation's PPK became the
+only one a new IKE_SA can use; an IKE_SA is attributed to the newest
+generation whose mark is below its id (on the re-authenticating side the id
+``initiate`` returned is recorded exactly). ``describe()`` lists each IKE_SA
+with its ``ppk_id``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno as _errno
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from qkdgate.errors import ConfigError, TunnelError
+from qkdgate.tunnels.consumer import ConsumerKey, ConsumerReport, Invalidation
+from qkdgate.tunnels.strongswan_vici import ConnSpec, IkeSaInfo, Ppk, Vici, ViciClient, ViciError
+
+if TYPE_CHECKING:
+    from qkdgate.tunnels.state import TunnelRegistry
+
+KIND = "strongswan"
+DEFAULT_SWANCTL_CONF = "/etc/swanctl/swanctl.conf"
+DEFAULT_VICI_SOCKET = "/var/run/charon.vici"
+BLOCKED_PPK_ID = "qkdgate-none"   # ppk_id while no generation is installed: never loaded
+
+
+# local/remote keys whose values swanctl replaces with file contents
+# (src/swanctl/commands/load_conns.c, add_file_list_key)
+FILE_KEYS = frozenset({"certs", "cacerts", "pubkeys"})
+
+
+def ppk_prefix(tunnel_id: str) -> str:
+    return f"qkdgate-{tunnel_id}-g"
+
+
+@dataclass(frozen=True)
+class StrongswanSpec:
+    """Everything one strongSwan tunnel needs (from its YAML section)."""
+
+    tunnel_id: str
+    connection: str
+    child: str
+    body: Mapping[str, Any]
+    vici_socket: str = DEFAULT_VICI_SOCKET
+    timeout_ms: int = 15000
+
+    def __post_init__(self) -> None:
+        children = self.body.get("children")
+        if not isinstance(children, Mapping) or self.child not in children:
+            raise ConfigError(f"connection '{self.connection}' has no child '{self.child}'")
+        for sec, auth in self.body.items():
+            # swanctl turns these file names into blobs before load-conn; qkdgate
+            # resends the tree as written, so they must not be there
+            if (sec.startswith(("local", "remote")) and isinstance(auth, Mapping)
+                    and (bad := sorted(FILE_KEYS & auth.keys()))):
+                raise ConfigError(f"connection '{self.connection}' {sec}: {', '.join(bad)} "
+                                  "name files swanctl reads itself; load credentials with "
+                                  "swanctl --load-creds and match them by id instead")
+        for name, child in children.items():
+            # fail closed: with no CHILD_SA the trap policy drops, nothing
+            # goes out in clear (swanctl.conf(5) start_action)
+            if not isinstance(child, Mapping) or child.get("start_action") != "trap":
+                raise ConfigError(f"connection '{self.connection}' child '{name}' needs "
+                                  "start_action = trap (fail closed when no CHILD_SA is up)")
+
+
+class StrongswanConsumer:
+    """One strongSwan connection keyed by qkdgate (the KeyConsumer protocol)."""
+
+    def __init__(self, spec: StrongswanSpec, *, connect: Callable[[str], Vici] = ViciClient,
+                 registry: TunnelRegistry | None = None, netns: str | None = None) -> None:
+        self.spec = spec
+        self._connect = connect
+        self._registry, self._netns = registry, netns
+        self._vici: Vici | None = None
+        self.current: ConsumerKey | None = None      # the generation load-conn names
+        self.loaded: dict[int, str] = {}             # generation -> PPK id loaded by us
+        self.marks: list[tuple[int, str]] = []       # (highest IKE id before, ppk id)
+        self.exact: dict[int, str] = {}              # IKE id we initiated -> ppk id
+        self.blocked = True
+
+    # -- KeyConsumer identity
+    @property
+    def tunnel_id(self) -> str:
+        return self.spec.tunnel_id
+
+    @property
+    def kind(self) -> str:
+        return KIND
+
+    # -- plumbing
+    def _v(self) -> Vici:
+        if self._vici is None:
+            self._vici = self._connect(self.spec.vici_socket)
+        return self._vici
+
+    def _call(self, fn: Callable[[Vici], Any]) -> Any:
+        """One vici call; a broken session is dropped so the next call reconnects."""
+        try:
+            return fn(self._v())
+        except ViciError:
+            if self._vici is not None:
+                with contextlib.suppress(OSError):
+                    self._vici.close()
+                self._vici = None
+            raise
+
+    def _conn(self, ppk_id: str) -> ConnSpec:
+        return ConnSpec(self.spec.connection, self.spec.body, ppk_id)
+
+    def _ike_sas(self) -> list[IkeSaInfo]:
+        sas: list[IkeSaInfo] = self._call(lambda v: v.list_sas(self.spec.connection))
+        return sas
+
+    def _mark(self, ppk_id: str) -> None:
+        top = max((sa.unique_id for sa in self._ike_sas()), default=0)
+        self.marks.append((top, ppk_id))
+        del self.marks[:-8]
+
+    def ppk_of(self, unique_id: int) -> str | None:
+        if unique_id in self.exact:
+            return self.exact[unique_id]
+        found = None
+        for top, ppk_id in self.marks:
+            if unique_id > top:
+                found = ppk_id
+        return found
+
+    # -- the verbs
+    def setup(self, now: float) -> ConsumerReport:
+        """Start fail closed: no qkdgate PPK loaded, the connection names a
+        key that does not exist, no IKE_SA of it running."""
+        if self._registry is not None:
+            self._registry.add_consumer(self._netns, {
+                "kind": KIND, "tunnel_id": self.tunnel_id, "connection": self.spec.connection,
+                "vici_socket": self.spec.vici_socket})
+        return self.invalidate(Invalidation(self.tunnel_id, "daemon start", True))
+
+    def prepare(self, key: ConsumerKey) -> None:
+        """MAKE: PPK g loaded, so the peer's next IKE_SA can authenticate
+        with it; what this side initiates with is unchanged."""
+        self._call(lambda v: v.load_ppk(Ppk(key.key_name, key.key)))
+        self.loaded[key.generation] = key.key_name
+
+    def install(self, key: ConsumerKey) -> ConsumerReport:
+        """SWITCH: the connection names PPK g; the handshake initiator re-
+        authenticates make-before-break. On failure the connection names
+        the previous key again and the error is raised."""
+        if key.generation not in self.loaded:
+            self.prepare(key)
+        previous = self.current.key_name if self.current and not self.blocked else BLOCKED_PPK_ID
+        self._call(lambda v: v.load_conn(self._conn(key.key_name)))
+        self._mark(key.key_name)
+        detail = f"connection {self.spec.connection} ppk_id {key.key_name}"
+        try:
+            if key.role == "initiator":
+                detail = self._reauthenticate(key)
+        except TunnelError:
+            with contextlib.suppress(TunnelError):
+                self._call(lambda v: v.load_conn(self._conn(previous)))
+            raise
+        self.current, self.blocked = key, False
+        ids = self._call(lambda v: v.shared_ids())
+        verified = key.key_name in ids
+        return ConsumerReport(key.key_name, key.generation, verified, False, detail)
+
+    def _reauthenticate(self, key: ConsumerKey) -> str:
+        old = [sa.unique_id for sa in self._ike_sas()]
+        new = self._call(lambda v: v.initiate(self.spec.connection, self.spec.child,
+                                              self.spec.timeout_ms))
+        if new in old:
+            # charon added a CHILD_SA to a running IKE_SA instead of
+            # authenticating a new one: no PPK was mixed in
+            raise ViciError("initiate", f"charon reused IKE_SA #{new}: set "
+                            "charon.reuse_ikesa = no in strongswan.conf")
+        self.exact[new] = key.key_name
+        up = {sa.unique_id: sa for sa in self._ike_sas()}
+        sa = up.get(new)
+        if sa is None or sa.state != "ESTABLISHED" or not any(
+                c.state == "INSTALLED" for c in sa.children):
+            raise ViciError("initiate", f"IKE_SA #{new} not established with a CHILD_SA")
+        for uid in old:
+            if uid != new:
+                self._terminate(uid)
+        for uid in list(self.exact):
+            if uid not in up:
+                del self.exact[uid]
+        return (f"IKE_SA #{new} authenticated with ppk_id {key.key_name}; "
+                f"terminated {sorted(u for u in old if u != new)}")
+
+    def _terminate(self, uid: int) -> None:
+        try:
+            self._call(lambda v: v.terminate_ike(uid, self.spec.timeout_ms))
+        except ViciError as e:
+            # gone meanwhile (the peer deleted it): what we wanted
+            if uid in {sa.unique_id for sa in self._ike_sas()}:
+                raise
+            del e
+
+    def retire(self, generation: int) -> None:
+        """BREAK: PPK g unloaded (never the one the connection names)."""
+        ppk_id = self.loaded.get(generation)
+        if ppk_id is None or (self.current is not None and self.current.generation == generation
+                              and not self.blocked):
+            return
+        self._unload(ppk_id)
+        del self.loaded[generation]
+
+    def _unload(self, ppk_id: str) -> None:
+        try:
+            self._call(lambda v: v.unload_shared(ppk_id))
+        except ViciError:
+            if ppk_id in self._call(lambda v: v.shared_ids()):
+                raise
+
+    def invalidate(self, why: Invalidation) -> ConsumerReport:
+        """Fail closed: every qkdgate PPK of this tunnel is unloaded, so no
+        IKE_SA can authenticate (ppk_required), and with ``block`` every
+        IKE_SA of the connection is terminated (its trap policy then drops
+        the traffic). The connection itself is left as it is: reloading it
+        would briefly remove the trap policy (docs/consumers.md)."""
+        prefix = ppk_prefix(self.tunnel_id)
+        try:
+            ids = self._call(lambda v: v.shared_ids())
+        except ViciError as e:
+            if e.errno not in (_errno.ENOENT, _errno.ECONNREFUSED):
+                raise
+            # charon is not running: no PPK and no IKE_SA exist to remove
+            self.loaded.clear()
+            self.blocked = self.blocked or why.block
+            return ConsumerReport(None, None, True, self.blocked, "charon not running")
+        for ppk_id in sorted(ids):
+            if ppk_id.startswith(prefix):
+                self._unload(ppk_id)
+        self.loaded.clear()
+        terminated = []
+        if why.block:
+            for sa in self._ike_sas():
+                self._terminate(sa.unique_id)
+                terminated.append(sa.unique_id)
+            self.blocked = True
+        left = [i for i in self._call(lambda v: v.shared_ids()) if i.startswith(prefix)]
+        return ConsumerReport(None, None, not left, self.blocked,
+                              f"{why.reason}: PPKs unloaded, IKE_SAs terminated {terminated}")
+
+    def teardown(self) -> bool:
+        self.invalidate(Invalidation(self.tunnel_id, "teardown", True))
+        if self._vici is not None:
+            self._vici.close()
+            self._vici = None
+        return True
+
+    def describe(self) -> dict[str, object]:
+        out: dict[str, object] = {
+            "connection": self.spec.connection, "vici_socket": self.spec.vici_socket,
+            "ppk_id": None if self.blocked or self.current is None else self.current.key_name,
+            "blocked": self.blocked, "loaded_ppks": sorted(self.loaded.values())}
+        try:
+            out["ike_sas"] = [
+                {"unique_id": sa.unique_id, "state": sa.state, "initiator": sa.initiator,
+                 "ppk_id": self.ppk_of(sa.unique_id),
+                 "child_sas": [{"name": c.name, "state": c.state, "spi_in": f"{c.spi_in:#010x}",
+                                "spi_out": f"{c.spi_out:#010x}"} for c in sa.children]}
+                for sa in self._ike_sas()]
+        except ViciError as e:
+            out["error"] = str(e)
+        return out
+
+
+class StrongswanSection(Protocol):
+    """The ``strongswan:`` section of a tunnel (gateway.config's
+    StrongswanConfig; tunnels/ may not import the config layer)."""
+
+    @property
+    def connection(self) -> str: ...
+    @property
+    def vici_socket(self) -> str: ...
+    @property
+    def swanctl_conf(self) -> str: ...
+    @property
+    def child(self) -> str | None: ...
+
+
+class StrongswanTunnel(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def strongswan(self) -> StrongswanSection | None: ...
+
+
+def strongswan_consumer(t: StrongswanTunnel, registry: TunnelRegistry | None,
+                        netns: str | None = None) -> StrongswanConsumer:
+    """build.py's factory: a tunnel's ``strongswan:`` section to a consumer.
+    The connection is read from swanctl.conf now (start, reload)."""
+    from qkdgate.tunnels.strongswan_conf import read_connection
+
+    sw = t.strongswan
+    if sw is None:
+        raise ConfigError(f"tunnel '{t.name}' has no strongswan section")
+    body = read_connection(sw.swanctl_conf, sw.connection)
+    children = body.get("children")
+    child = sw.child or (next(iter(children), None) if isinstance(children, dict) else None)
+    if child is None:
+        raise ConfigError(f"connection '{sw.connection}' has no children", file=sw.swanctl_conf)
+    spec = StrongswanSpec(t.name, sw.connection, child, body, vici_socket=sw.vici_socket)
+    return StrongswanConsumer(spec, registry=registry, netns=netns)
+
+
+def failsafe(ns: str | None, records: list[dict[str, str]], dry: bool,
+             say: Callable[[str | None, str], None] | None = None) -> int:
+    """``qkdgate failsafe`` for strongSwan tunnels: unload every qkdgate PPK
+    of each recorded tunnel and terminate its connection's IKE_SAs. PPKs
+    have no lifetime in charon, so a SIGKILLed daemon's key would otherwise
+    authenticate new IKE_SAs forever. Returns the number of failures."""
+    def tell(text: str) -> None:
+        if say is not None:
+            say(ns, text)
+
+    failures = 0
+    for rec in records:
+        tid, conn, sock = rec["tunnel_id"], rec["connection"], rec["vici_socket"]
+        prefix = ppk_prefix(tid)
+        if dry:
+            tell(f"would unload PPKs {prefix}* and terminate IKE_SAs of {conn} via {sock}")
+            continue
+        try:
+            with contextlib.closing(ViciClient(sock)) as v:
+                gone = [i for i in sorted(v.shared_ids()) if i.startswith(prefix)]
+                for ppk_id in gone:
+                    v.unload_shared(ppk_id)
+                ike = [sa.unique_id for sa in v.list_sas(conn)]
+                for uid in ike:
+                    with contextlib.suppress(ViciError):
+                        v.terminate_ike(uid, 10000)
+                left = [sa.unique_id for sa in v.list_sas(conn)]
+                tell(f"strongSwan {conn}: unloaded PPKs {gone}, terminated IKE_SAs {ike}")
+                if left or any(i.startswith(prefix) for i in v.shared_ids()):
+                    tell(f"strongSwan {conn}: still up: IKE_SAs {left}")
+                    failures += 1
+        except ViciError as e:
+            if e.errno in (_errno.ENOENT, _errno.ECONNREFUSED):
+                tell(f"strongSwan {conn}: charon not running ({sock}): no PPK to unload")
+                continue
+            tell(f"strongSwan {conn}: {e}")
+            failures += 1
+    return failures
