@@ -73,7 +73,7 @@ class StrongswanSpec:
     tunnel_id: str
     connection: str
     child: str
-    body: Mapping[str, Any]
+    body: Mapping[str, object]
     vici_socket: str = DEFAULT_VICI_SOCKET
     timeout_ms: int = 15000
 

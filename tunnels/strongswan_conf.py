@@ -20,24 +20,27 @@ from __future__ import annotations
 
 import glob
 import os
-from typing import Any
+from typing import Union
 
 from qkdgate.errors import ConfigError
 
 MAX_INCLUDE_DEPTH = 10
 
+# a settings section: keys to values or to subsections
+Section = dict[str, Union[str, "Section"]]
 
-def read_connection(path: str, name: str) -> dict[str, Any]:
+
+def read_connection(path: str, name: str) -> Section:
     """The ``connections.<name>`` tree of the swanctl.conf at ``path``."""
     tree = parse_file(path)
     conns = tree.get("connections")
-    if not isinstance(conns, dict) or not isinstance(conns.get(name), dict):
+    body = conns.get(name) if isinstance(conns, dict) else None
+    if not isinstance(body, dict):
         raise ConfigError(f"no connection '{name}' in connections {{ }}", file=path)
-    body: dict[str, Any] = conns[name]
     return body
 
 
-def parse_file(path: str, _depth: int = 0) -> dict[str, Any]:
+def parse_file(path: str, _depth: int = 0) -> Section:
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
@@ -46,10 +49,11 @@ def parse_file(path: str, _depth: int = 0) -> dict[str, Any]:
     return parse(text, path, _depth)
 
 
-def _merge(into: dict[str, Any], new: dict[str, Any]) -> None:
+def _merge(into: Section, new: Section) -> None:
     for k, v in new.items():
-        if isinstance(v, dict) and isinstance(into.get(k), dict):
-            _merge(into[k], v)
+        old = into.get(k)
+        if isinstance(v, dict) and isinstance(old, dict):
+            _merge(old, v)
         else:
             into[k] = v
 
@@ -73,8 +77,8 @@ def _value(raw: str, path: str, lineno: int) -> str:
     return raw
 
 
-def parse(text: str, path: str = "<swanctl.conf>", _depth: int = 0) -> dict[str, Any]:
-    root: dict[str, Any] = {}
+def parse(text: str, path: str = "<swanctl.conf>", _depth: int = 0) -> Section:
+    root: Section = {}
     stack = [root]
     for lineno, line in enumerate(text.splitlines(), 1):
         s = _strip_comment(line).strip()

@@ -70,10 +70,10 @@ class ConnSpec:
     loaded with ``ppk_id`` naming the current PPK and ``ppk_required``."""
 
     name: str
-    body: Mapping[str, Any]
+    body: Mapping[str, object]
     ppk_id: str
 
-    def message(self) -> dict[str, Any]:
+    def message(self) -> dict[str, object]:
         body = _vici_tree(self.body)
         # RFC 8784 3: without a PPK the peer would fall back to NO_PPK_AUTH;
         # ppk_required refuses that, so a missing key fails closed.
@@ -119,8 +119,8 @@ class Vici(Protocol):
     def close(self) -> None: ...
 
 
-def _vici_tree(body: Mapping[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+def _vici_tree(body: Mapping[str, object]) -> dict[str, object]:
+    out: dict[str, object] = {}
     for k, v in body.items():
         if isinstance(v, Mapping):
             out[k] = _vici_tree(v)
