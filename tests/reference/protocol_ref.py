@@ -106,7 +106,10 @@ def _field(r: _R, kind: str):
     if kind == "var16":
         return r.take(r.uint(2))
     if kind == "keyids":
-        return [key_id_text(r.take(16)) for _ in range(r.uint(1))]
+        head = r.uint(1)
+        if head & 0x80:        # 9.1: sourced form, [source index, key_ID] per key
+            return [[r.uint(1), key_id_text(r.take(16))] for _ in range(head & 0x7F)]
+        return [key_id_text(r.take(16)) for _ in range(head)]
     if kind == "spis":
         out = []
         for _ in range(r.uint(2)):

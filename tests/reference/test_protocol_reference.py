@@ -243,3 +243,19 @@ def test_reference_agrees_with_vector(vec):
         assert e["generation"] == gen and i["initiator"]["spis"][e["tunnel_id"]] == 0
         assert kref.consumer(s, root, e["consumer"], e["tunnel_id"], gen).hex() == e["key"]
     assert len(consumers) == sum(k in ("wireguard", "strongswan") for _, k in i["tunnels"])
+
+
+def test_reference_reads_sourced_key_ids_as_qkdgate_writes_them():
+    """docs/protocol.md 9.1 (several QKD key sources): the stdlib reference,
+    written from the document, reads the sourced key_IDs qkdgate encodes."""
+    from qkdgate.gateway.protocol import messages as m
+    ids = ("2d9c0b4e-5a37-4b5e-9a3e-3f1e4c2b7a10", "7f6e5d4c-3b2a-4190-8f7e-6d5c4b3a2910")
+    values = {"generation_min": 1, "nonce": bytes(32), "kem_id": 1, "kem_public": b"k",
+              "x25519_public": b"", "qkd_mode": 1, "qkd_reason": 0, "qkd_flags": 0,
+              "key_ids": ids, "key_sources": (0, 3), "spis": (), "signer_id": bytes(8),
+              "ed25519_sig": bytes(64)}
+    wire = m.seal(m.encode_core(m.MsgType.INIT, 1, 0, 1, values), bytes(32))
+    assert ref.parse_message(wire)["fields"]["key_ids"] == [[0, ids[0]], [3, ids[1]]]
+    values["key_sources"] = ()
+    wire = m.seal(m.encode_core(m.MsgType.INIT, 1, 0, 1, values), bytes(32))
+    assert ref.parse_message(wire)["fields"]["key_ids"] == list(ids)
