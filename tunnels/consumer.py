@@ -36,10 +36,11 @@ docs/keymix.md 6.4) and live in :class:`SecretBytes`, wiped once handed over.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from qkdgate.errors import TunnelError
+from qkdgate.errors import QkdgateError, TunnelError
 from qkdgate.keymix.secret import SecretBytes
 from qkdgate.tunnels.driver import (
     CounterReading,
@@ -62,6 +63,8 @@ if TYPE_CHECKING:
 
 __all__ = ["CONSUMER_KINDS", "ConsumerDriver", "ConsumerKey", "ConsumerReport", "Invalidation",
            "KeyConsumer", "consumer_tunnel"]
+
+log = logging.getLogger("qkdgate.tunnels")
 
 CONSUMER_KINDS = ("wireguard", "strongswan")     # gateway.protocol.messages.CONSUMER_KINDS
 
@@ -123,7 +126,8 @@ class KeyConsumer(Protocol):
         changing what we use (strongSwan: load PPK g). May be a no-op."""
 
     def install(self, key: ConsumerKey) -> ConsumerReport:
-        """Use ``key`` from now on, read it back, and end any block."""
+        """Use ``key`` from now on, read it back, and end any block. On
+        failure raise; :class:`ConsumerDriver` then invalidates (fail closed)."""
 
     def retire(self, generation: int) -> None:
         """``generation`` is superseded and its grace is over. May be a no-op."""
@@ -207,6 +211,17 @@ class ConsumerDriver:
                              f"{self.tunnel_id}: no key of generation {generation}")
         try:
             report = self.consumer.install(key)
+        except QkdgateError:
+            # whatever the consumer holds now is unconfirmed: fail closed
+            # (a random key, sessions stopped), report, and let the next
+            # generation rebuild it
+            try:
+                self._invalidate(f"install of generation {generation} failed")
+            except TunnelError as exc:
+                log.error("tunnel %s: invalidating after a failed install failed too: %s "
+                          "(the tunnel's next block retries)", self.tunnel_id, exc,
+                          extra={"tunnel": self.tunnel_id})
+            raise
         finally:
             key.key.wipe()
         self.installed, self.blocked = generation, False

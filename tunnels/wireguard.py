@@ -276,14 +276,11 @@ class WireguardConsumer:
         """One PSK slot: nothing to stage (docs/consumers.md 3)."""
 
     def install(self, key: ConsumerKey) -> ConsumerReport:
-        try:
-            self.kernel.set_peer(self.spec.interface, self.spec.peer_public_key, key.key,
-                                 self.spec.allowed_ips)
-            self._read_back("install_wireguard_psk", key.key, self.spec.allowed_ips)
-        except TunnelError:
-            # never leave a PSK we could not confirm: fail closed, then report
-            self.invalidate(Invalidation(self.tunnel_id, "install failed", True))
-            raise
+        # a failure raises; ConsumerDriver then invalidates: never a PSK we
+        # could not confirm
+        self.kernel.set_peer(self.spec.interface, self.spec.peer_public_key, key.key,
+                             self.spec.allowed_ips)
+        self._read_back("install_wireguard_psk", key.key, self.spec.allowed_ips)
         self.key_name, self.blocked = key.key_name, False
         return ConsumerReport(key.key_name, key.generation, True, False,
                               f"preshared key of {self._where()} set and read back")

@@ -172,14 +172,17 @@ def test_policy_refusal_installs_nothing(pair):
 
 
 def test_psk_that_does_not_read_back_fails_closed_and_raises(pair):
-    a, ka, _ea, b, kb, _eb = pair
+    a, ka, ea, b, kb, _eb = pair
     s = session(b"\x05\x06")
     a.install_inbound(1, s, "initiator", 0, 1.0)
     ka.ignore_psk = True
+    ea.clear()
     with pytest.raises(TunnelError, match="read back differs"):
         a.install_outbound(1, s, "initiator", 0, 1.0)
     assert ka.calls[-1] == "block" and ka.allowed == () and not ka.session
-    assert a.state == "blocked"
+    assert a.state == "blocked" and a.driver.blocked and a.driver.installed is None
+    assert [e.reason for e in ea if isinstance(e, ConsumerInvalidated)] == [
+        "install of generation 1 failed"]
 
 
 def test_clean_exit_blocks_no_key_outlives_the_daemon(pair):
@@ -322,3 +325,21 @@ def test_daemon_builder_makes_a_consumer_tunnel_named_by_the_config(tmp_path):
     sc = build.session_config(cfg, cfg.peers[0])
     assert [(t.tunnel_id, t.kind) for t in sc.tunnels] == [("dc1-dc2", "wireguard")]
     assert build.failsafe_registry(cfg, None, None, str(tmp_path / "x.json")) is not None
+
+
+def test_failed_install_on_a_running_tunnel_invalidates_instead_of_keeping_the_old_key(pair):
+    """Fail closed, report, rebuild: after generation 1 runs, generation 2's
+    PSK does not read back; the peer must not stay on a key nobody confirmed,
+    and a later block still reaches the kernel."""
+    a, ka, ea, b, kb, _eb = pair
+    generation(a, b, ka, kb, 1, session(b"\x09\x0a"), 1.0)
+    s2 = session(b"\x0b\x0c")
+    a.install_inbound(2, s2, "initiator", 0, 2.0)
+    ka.ignore_psk = True
+    with pytest.raises(TunnelError):
+        a.install_outbound(2, s2, "initiator", 0, 2.0)
+    assert ka.allowed == () and not ka.session and ka.psk == b"\xee" * 32
+    assert a.status(2.0)["consumer"]["installed_generation"] is None
+    ka.ignore_psk = False
+    generation(a, b, ka, kb, 3, session(b"\x0d\x0e"), 3.0)      # the next generation rebuilds
+    assert ka.psk == kb.psk and ka.allowed == NETS_B
