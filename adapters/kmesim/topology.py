@@ -4,7 +4,7 @@ Theory of operation: a :class:`Topology` names the nodes (one KME each, some
 marked *compromised*), the QKD links between them with their link-model
 parameters and faults, which SAEs attach to which node, the routing rule and
 pinned routes. It is a plain value: the CLI builds it from a YAML file
-(``gateway/cli/kme_topology.py``, the only place YAML is read), tests build it
+(``gateway/config/topology.py``, with the rest of YAML reading), tests build it
 in Python, and :class:`~.kme.SimNetwork` asks it for routes.
 
 Routing works on the link graph, counting hops:

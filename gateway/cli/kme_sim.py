@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     kmes, state = _check(args)
     topology = None
     if args.topology is not None:
-        from qkdgate.gateway.cli.kme_topology import load_topology
+        from qkdgate.gateway.config.topology import load_topology
         topology = load_topology(args.topology)
         kmes = [n.name for n in topology.nodes]
     try:
