@@ -140,6 +140,8 @@ def vm_argv(args: argparse.Namespace, json_path: str, log_path: str,
         out += ["--qkd", args.qkd]
     if getattr(args, "key_service", False):
         out.append("--key-service")
+    if getattr(args, "topology", None):
+        out += ["--topology", args.topology]
     if args.verbose:
         out.append("--verbose")
     if getattr(args, "report", None):
@@ -205,6 +207,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="what the tunnels do without QKD keys: fall back to ML-KEM + X25519 "
                         "(default) or block (= hybrid-required)")
     p.add_argument("--macsec", action="store_true", help="also key a MACsec link gA-gB")
+    p.add_argument("--topology", metavar="FILE",
+                   help="a QKD network for the KME simulator (the kme-sim --topology format, "
+                        "e.g. docs/topologies/two-paths.yaml): keys relayed through trusted "
+                        "nodes; with pinned routes each gateway takes one key per path (rule "
+                        "all); the eavesdropper sits on the file's first link; --qkd 014 only")
     p.add_argument("--qkd", choices=("014", "004", "004-json"), default="014",
                    help="how the gateways get QKD keys from the KME simulator: ETSI GS QKD 014 "
                         "(default), ETSI GS QKD 004 over its binary framing (004; docs/qkd.md), "
@@ -257,6 +264,13 @@ def check_args(a: argparse.Namespace) -> None:
         raise ConfigError("--rate must be between 1 and 5000 datagrams/s")
     if a.view_interval < 0.5:
         raise ConfigError("--view-interval must be at least 0.5 s")
+    if getattr(a, "topology", None):
+        if getattr(a, "qkd", "014") != "014":
+            raise ConfigError("--topology relays ETSI 014 keys: use it with --qkd 014")
+        from qkdgate.gateway.config.topology import load_topology
+        from qkdgate.gateway.demo.config import topology_pairs
+        a.topology = os.path.abspath(a.topology)    # the lab VM sees the host's / as is
+        topology_pairs(load_topology(a.topology))
 
 
 def options(a: argparse.Namespace) -> Any:
@@ -267,7 +281,8 @@ def options(a: argparse.Namespace) -> Any:
                        policy=a.policy, macsec=a.macsec, rekey_interval=a.rekey_interval,
                        rate=a.rate, view_interval=a.view_interval, verbose=a.verbose,
                        log_file=a.log_file, plain=a.plain, qkd=a.qkd,
-                       key_service=getattr(a, "key_service", False))
+                       key_service=getattr(a, "key_service", False),
+                       topology=getattr(a, "topology", None))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import logging
 import os
 import shutil
@@ -39,9 +40,11 @@ from qkdgate.gateway.demo import net as dn
 from qkdgate.gateway.demo.config import (
     POLICIES,
     KmeEndpoint,
+    QkdSource,
     Timers,
     control_socket,
     kme_port,
+    topology_pairs,
     write_configs,
     write_identities,
 )
@@ -98,6 +101,7 @@ class DemoOptions:
     verbose: bool = False
     log_file: str | None = None          # default: demo.log in the run's state directory
     plain: bool = False                  # line output even on a terminal (no live dashboard)
+    topology: str | None = None          # a kme-sim topology file: QKD network with relay
     qkd: str = "014"                     # KME interface: 014, 004 (etsi-binary), 004-json
     key_service: bool = False            # two applications fetch keys (demo/keyapps.py)
 
@@ -125,6 +129,7 @@ class DemoRun:
         self.traffic_t0: float | None = None
         self.stopped = threading.Event()
         self._last_link: dict[str, Any] | None = None
+        self.pairs: list[tuple[str, str]] = [("SAE-A", "SAE-B")]   # SAE pairs gw-a <-> gw-b
         self._view: PlainView | LiveView | None = None
         self.keyapps: Any = None             # keyapps.KeyApps with --key-service
         self.ks_files: Any = None            # keyapps.KeyServiceFiles with --key-service
@@ -156,11 +161,19 @@ class DemoRun:
         with self._step("KME simulator"):
             self._start_kme()
         sim = self.sim
-        eps = []
-        for sae, port in (("SAE-A", self.fwd_ports[0]), ("SAE-B", self.fwd_ports[1])):
+
+        def endpoint(sae: str, port: int) -> KmeEndpoint:
             c = sim.credentials(sae)
-            eps.append(KmeEndpoint(f"https://127.0.0.1:{port}", c.kme_id, str(c.cert),
-                                   str(c.key), str(c.ca)))
+            return KmeEndpoint(f"https://127.0.0.1:{port}", c.kme_id, str(c.cert),
+                               str(c.key), str(c.ca))
+        eps = [endpoint(self.pairs[0][0], self.fwd_ports[0]),
+               endpoint(self.pairs[0][1], self.fwd_ports[1])]
+        sources: tuple[list[QkdSource], list[QkdSource]] = ([], [])
+        if self.opts.topology:
+            for i, (a, b) in enumerate(self.pairs, 1):
+                name = "kme" if len(self.pairs) == 1 else f"kme-p{i}"
+                sources[0].append(QkdSource(name, a, b, endpoint(a, self.fwd_ports[0])))
+                sources[1].append(QkdSource(name, b, a, endpoint(b, self.fwd_ports[1])))
         macs = (self._mac(self.net.gA), self._mac(self.net.gB)) if self.opts.macsec else None
         extras = ("", "")
         if self.opts.key_service:
@@ -173,7 +186,8 @@ class DemoRun:
                                            interval=self.opts.rekey_interval))
         pa, pb = write_configs(self.state_dir, eps[0], eps[1], policy=self.opts.policy,
                                timers=Timers.for_interval(self.opts.rekey_interval),
-                               macsec_macs=macs, qkd=self.opts.qkd, extras=extras)
+                               macsec_macs=macs, qkd=self.opts.qkd, extras=extras,
+                               sources=sources)
         self.config_paths = (pa, pb)
         with self._step("daemons"):
             for name, ns, path in (("gw-a", self.net.gA, pa), ("gw-b", self.net.gB, pb)):
@@ -216,6 +230,13 @@ class DemoRun:
 
     def _start_kme(self) -> None:
         from qkdgate.adapters.kmesim.server import KmeSimulator
+        topology, kmes = None, ("KME-A", "KME-B")
+        if self.opts.topology:
+            from qkdgate.gateway.config.topology import load_topology
+            topology = load_topology(self.opts.topology)
+            self.pairs = topology_pairs(topology)
+            home = topology.sae_home()
+            kmes = (home[self.pairs[0][0]], home[self.pairs[0][1]])
         self.kme = dn.LoopThread(self.net.k, "kme").start()
         self.cleanup.push("KME thread", self.kme.stop)
         listeners = [dn.loopback_listener(self.net.gA), dn.loopback_listener(self.net.gB)]
@@ -223,10 +244,11 @@ class DemoRun:
 
         async def main() -> None:
             self._kme_stop = asyncio.Event()
-            async with KmeSimulator.start(self._state_dir() / "kme", prefill=1000) as sim:
+            async with KmeSimulator.start(self._state_dir() / "kme", prefill=1000,
+                                          topology=topology) as sim:
                 fwds = [dn.TcpForwarder(s, ("127.0.0.1",
                                             kme_port(self.opts.qkd, k, sim.ports, sim.ports004)))
-                        for s, k in zip(listeners, ("KME-A", "KME-B"), strict=True)]
+                        for s, k in zip(listeners, kmes, strict=True)]
                 for f in fwds:
                     await f.start()
                 self.sim = sim
@@ -317,6 +339,36 @@ class DemoRun:
         self._last_link = link
         return link
 
+    def network_state(self) -> dict[str, Any] | None:
+        """With ``--topology``: every link, and per QKD path (SAE pair) its
+        route, what its links hold and what compromised nodes on it saw."""
+        if not self.opts.topology or self.kme is None or self.sim is None:
+            return None
+        sim = self.sim
+
+        async def get() -> dict[str, Any]:
+            st = sim.state()
+            net = sim.network
+            links = {frozenset(x["kmes"]): x for x in st["links"]}
+            paths = []
+            for a, b in self.pairs:
+                reply = net.status(net.sae_home[a], a, b)
+                ok = reply.status == 200
+                routes = reply.body["status_extension"].get("qkdgate_routes", []) if ok else []
+                hops = [links[frozenset(h)] for r in routes for h in itertools.pairwise(r)]
+                seen = {s.key_id for s in net.attacker_knowledge()
+                        if {s.master_sae, s.slave_sae} == {a, b}}
+                paths.append({
+                    "saes": [a, b], "routes": routes,
+                    "stored_keys": reply.body["stored_key_count"] if ok else 0,
+                    "qber": max((h["qber"] for h in hops), default=None),
+                    "alarms": sorted({x for h in hops for x in h["alarms"]}),
+                    "compromised": sorted({n for r in routes for n in r} & net.compromised),
+                    "attacker_key_ids": sorted(seen)})
+            return {"links": st["links"], "paths": paths}
+        out: dict[str, Any] = self.kme.call(get(), timeout=10)
+        return out
+
     def set_eavesdropper(self, on: bool) -> None:
         async def set_() -> None:
             self.sim.set_eavesdropper(self.opts.eve_fraction if on else 0.0)
@@ -391,7 +443,8 @@ class DemoRun:
         if self.opts.duration is not None and self.traffic_t0 is not None:
             remaining = max(0.0, self.opts.duration - (now - self.traffic_t0))
         return {"t": self.rec.elapsed(now), "policy": self.opts.policy, "eavesdropper": self.eve_on,
-                "remaining": remaining, "link": self.link_state(), "gateways": gws,
+                "remaining": remaining, "link": self.link_state(),
+                "network": self.network_state(), "gateways": gws,
                 "rekeys": {k: v["rekeys"] for k, v in rekeys.items()},
                 "latency": {k: (v["latency_ms"][-1] if v["latency_ms"] else None)
                             for k, v in rekeys.items()},
@@ -505,9 +558,10 @@ class DemoRun:
                                        "sas": watch.sa_report(t0)}
         traffic["phases"] = [{"phase": p, "t": self.rec.elapsed(t)} for p, t in self.rec.phases]
         per_sec = {s.name: per_second(s.sent_at, s.received, t0, end) for s in self.streams}
-        link = None
+        link = network = None
         try:
             link = self.link_state()
+            network = self.network_state()
         except Exception as exc:  # noqa: BLE001  the summary is still worth having
             log.warning("QKD link state for the summary: %s", exc)
         t_clean = time.monotonic()
@@ -523,4 +577,6 @@ class DemoRun:
                                             "namespaces_created": list(self.net.ns.values())})
         if key_service is not None:
             summary["key_service"] = key_service
+        if network is not None:
+            summary["qkd_network"] = network
         return summary

@@ -352,6 +352,20 @@ def render(snap: dict[str, Any]) -> str:
                      f"QBER {float(link.get('qber', 0)):.1%}, "
                      f"key rate {float(link.get('secret_key_rate_bps', 0)) / 1000:.1f} kbit/s, "
                      f"alarms {alarms}")
+    net = snap.get("network")
+    for p in (net or {}).get("paths", []):
+        route = " | ".join("-".join(map(str, r)) for r in p.get("routes") or []) or "no route"
+        alarms = ",".join(str(a) for a in p.get("alarms") or []) or "none"
+        qber = p.get("qber")
+        line = (f"  QKD path {'->'.join(map(str, p.get('saes') or []))} via {route}: pool "
+                f"{int(p.get('stored_keys') or 0)} keys")
+        if isinstance(qber, (int, float)):
+            line += f", QBER {float(qber):.1%}"
+        line += f", alarms {alarms}"
+        if p.get("compromised"):
+            line += (f", compromised {','.join(map(str, p['compromised']))} holds "
+                     f"{len(p.get('attacker_key_ids') or [])} of its keys")
+        lines.append(line)
     for gw, st in sorted((snap.get("gateways") or {}).items()):
         for t in (st or {}).get("tunnels", []):
             state = str(t.get("state", "?")).upper()
@@ -404,6 +418,16 @@ def dashboard_view(snap: dict[str, Any]) -> dict[str, Any]:
                           "max_keys": link.get("max_key_count"), "qber": link.get("qber"),
                           "key_rate_bps": link.get("secret_key_rate_bps"), "alarms": alarms,
                           "up": bool(link.get("up", True)) and not alarms}]
+    net = snap.get("network")
+    if net:
+        view["links"] = []
+        for x in net.get("links") or []:
+            alarms = [str(a) for a in x.get("alarms") or []]
+            view["links"].append({"name": "-".join(map(str, x.get("kmes") or [])),
+                                  "stored_keys": x.get("stored_keys"),
+                                  "max_keys": x.get("max_key_count"), "qber": x.get("qber"),
+                                  "key_rate_bps": x.get("secret_key_rate_bps"),
+                                  "alarms": alarms, "up": bool(x.get("up", True)) and not alarms})
     return view
 
 
