@@ -18,7 +18,7 @@ from multi_source_pair import multi_source_pair
 from test_two_daemons import both_past, keys_match, wait_for
 
 from qkdgate.adapters.kmesim.server import KmeSimulator
-from qkdgate.gateway.cli.kme_topology import load_topology
+from qkdgate.gateway.config.topology import load_topology
 from qkdgate.keymix import combiner, schedule
 from qkdgate.keymix.secret import SecretBytes
 
