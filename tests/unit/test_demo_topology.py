@@ -16,7 +16,12 @@ from qkdgate.gateway.cli import main as cli
 from qkdgate.gateway.config.topology import load_topology
 from qkdgate.gateway.demo import command as demo
 from qkdgate.gateway.demo.config import (
+    KmeEndpoint,
+    QkdSource,
+    Timers,
     topology_pairs,
+    write_configs,
+    write_identities,
 )
 from qkdgate.gateway.demo.view import dashboard_view, render
 
@@ -56,6 +61,29 @@ def test_pairs_from_pinned_routes_or_the_end_nodes():
     routes = (PinnedRoute(("SAE-A1", "SAE-B1"), ()), PinnedRoute(("SAE-A2", "SAE-B2"), ()))
     with pytest.raises(ConfigError, match="one KME"):
         topology_pairs(Topology(nodes, links, routes=routes))
+
+
+def test_two_paths_give_each_gateway_two_sources_that_pass_check_config(tmp_path, capsys):
+    from qkdgate.adapters.kmesim.pki import ensure_pki
+    saes = ["SAE-A1", "SAE-A2", "SAE-B1", "SAE-B2"]
+    pki = ensure_pki(tmp_path / "kme", ["KME-A", "KME-B"], saes, ())
+    write_identities(tmp_path)
+
+    def ep(port: int, kme: str, sae: str) -> KmeEndpoint:
+        return KmeEndpoint(f"https://127.0.0.1:{port}", kme, str(pki.sae(sae).cert),
+                           str(pki.sae(sae).key), str(pki.ca))
+    pairs = topology_pairs(load_topology(TOPOLOGIES / "two-paths.yaml"))
+    src_a = [QkdSource(f"kme-p{i}", a, b, ep(40001, "KME-A", a))
+             for i, (a, b) in enumerate(pairs, 1)]
+    src_b = [QkdSource(f"kme-p{i}", b, a, ep(40002, "KME-B", b))
+             for i, (a, b) in enumerate(pairs, 1)]
+    pa, pb = write_configs(tmp_path, src_a[0].kme, src_b[0].kme, policy="block",
+                           timers=Timers.for_interval(3), sources=(src_a, src_b))
+    for path in (pa, pb):
+        assert cli.main(["check-config", "--check-files", path]) == 0, capsys.readouterr()
+    text = Path(pa).read_text()
+    assert "rule: all" in text and "local_sae_id: SAE-A2, peer_sae_id: SAE-B2" in text
+    assert text.count("kind: etsi014") == 2 and "sae-SAE-A2.pem" in text
 
 
 def test_the_view_shows_each_path_and_what_the_attacker_holds():
