@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 
 def run_demo(tmp_path, *args: str) -> tuple[dict, str]:
@@ -126,6 +127,47 @@ def test_demo_block_policy_and_macsec(tmp_path):
         after = phase(st, "after eavesdropper")
         assert after["received"] > 0.9 * after["sent"] > 500, (name, after)
     assert "BLOCKED" in out
+
+
+def test_demo_relayed_through_a_compromised_node(tmp_path):
+    """Issue 13, the contrast: one QKD path A-M-B, keys relayed through the
+    compromised M. The tunnel rekeys in the kernel, and the attacker recorded
+    every QKD key the gateways used."""
+    topo = Path(__file__).resolve().parents[2] / "docs" / "topologies" / "line-3.yaml"
+    s, out = run_demo(tmp_path, "--policy", "block", "--duration", "10", "--topology", str(topo))
+    gens = s["tunnels"]["gw-a/lan"]["generations"]
+    assert len(gens) >= 2 and all(len(g["qkd_key_ids"]) == 1 for g in gens), gens
+    (path,) = s["qkd_network"]["paths"]
+    assert path["routes"] == [["KME-A", "KME-M", "KME-B"]] and path["compromised"] == ["KME-M"]
+    assert {g["qkd_key_ids"][0] for g in gens} <= set(path["attacker_key_ids"])
+    assert "QKD path SAE-A->SAE-B via KME-A-KME-M-KME-B" in out
+
+
+def test_demo_two_disjoint_paths_one_compromised(tmp_path):
+    """Issue 13: gw-a and gw-b key their tunnel from two node-disjoint QKD
+    paths (A-M1-B and A-M2-B, keys relayed through M1 and M2; M1 is
+    compromised), one key source per path with the rule "all", and rekey in
+    the kernel. Every generation mixes one key from each path, and the
+    attacker at M1 recorded exactly one of its two QKD inputs: the key of
+    path 1, never that of path 2."""
+    topo = Path(__file__).resolve().parents[2] / "docs" / "topologies" / "two-paths.yaml"
+    s, out = run_demo(tmp_path, "--policy", "block", "--duration", "15", "--topology", str(topo))
+    for key in ("gw-a/lan", "gw-b/lan"):
+        assert s["tunnels"][key]["rekeys"] >= 3, key
+    gens = s["tunnels"]["gw-a/lan"]["generations"]
+    assert all(len(g["qkd_key_ids"]) == 2 for g in gens), gens
+    p1, p2 = s["qkd_network"]["paths"]
+    assert p1["routes"] == [["KME-A", "KME-M1", "KME-B"]], p1
+    assert p2["routes"] == [["KME-A", "KME-M2", "KME-B"]], p2
+    assert (p1["compromised"], p2["compromised"]) == (["KME-M1"], [])
+    known = set(p1["attacker_key_ids"])
+    assert p2["attacker_key_ids"] == []
+    for g in gens:
+        assert len(set(g["qkd_key_ids"]) & known) == 1, (g, sorted(known))
+    t = s["traffic"]
+    assert t["received"] >= 0.95 * t["sent"] > 1000, t
+    assert "QKD path SAE-A1->SAE-B1 via KME-A-KME-M1-KME-B" in out
+    assert "compromised KME-M1 holds" in out
 
 
 def test_demo_terminated_during_setup_cleans_up(tmp_path):
