@@ -190,3 +190,41 @@ def test_demo_terminated_during_setup_cleans_up(tmp_path):
     assert s["interrupted"] is True and s["cleanup"]["namespaces_left"] == []
     left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert f"qd{s['config']['namespaces_tag']}-" not in left
+
+
+def test_demo_key_service(tmp_path):
+    """issue 22 item 5: with --key-service two applications (APP-A in gA's
+    namespace, APP-B in gB's) fetch keys through both north-bound APIs all
+    run long -- ETSI 014 enc_keys at gA + dec_keys at gB, SKIP new-key at gA
+    + key-by-ID at gB through stunnel4's TLS-PSK -- while the eavesdropper
+    comes and goes. Under hybrid-required: keys in the clean phases,
+    identical on both sides, every one from a generation with a QKD key;
+    while QKD is blocked (the tunnels blocked) refusals and never a key;
+    keys again after recovery. A round counts under the phase in which gw-a
+    answered. A key gw-b no longer had (fetched after W + skew on a slow
+    host) is counted apart; it must say why, and is never a wrong key."""
+    s, out = run_demo(tmp_path, "--policy", "block", "--key-service", "--duration", "26",
+                      "--eavesdrop-at", "8", "--eavesdrop-for", "10", "--after-recovery", "8")
+    ks = s["key_service"]
+    assert ks["rounds"] >= 5, ks["rounds"]
+    for api in ("etsi014", "skip"):
+        a = ks["apis"][api]
+        by = a["by_phase"]
+        assert a["mismatch"] == 0 and a["errors"] == 0, (api, a)
+        for x in ks["attempts"]:
+            if x["api"] == api and x["outcome"] == "fetch_refused":
+                assert x["fetch_status"] == 400 and "expired" in x["reason"], x
+        assert all(r["without_qkd"] == 0 and r["single_source"] == 0 for r in by.values()), by
+        blocked = [r for p, r in by.items() if p.endswith(", blocked")]
+        assert blocked, (api, "no round while the tunnels were blocked", by)
+        assert sum(r["served"] for r in blocked) == 0, (api, by)
+        assert sum(r["refused"] for r in blocked) > 0, (api, by)
+        clean = [by.get(p, {}).get("served", 0) for p in ("before eavesdropper",
+                                                          "after eavesdropper")]
+        assert clean[1] > 0 and sum(clean) >= 2, (api, by)
+        assert a["statuses"].get("503", 0) > 0, a["statuses"]
+    # the first rounds come before the eavesdropper (each API's first round
+    # may be slow on a loaded host, so at least one of the two)
+    assert sum(ks["apis"][api]["by_phase"].get("before eavesdropper", {}).get("served", 0)
+               for api in ("etsi014", "skip")) > 0, ks["apis"]
+    assert "key service etsi014: served" in out and "key service skip: served" in out
