@@ -15,10 +15,14 @@ systemd, so nspawn neither registers with machined nor makes a scope
 from __future__ import annotations
 
 import os
+import socket
+import struct
 import subprocess
 import tempfile
+import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -152,3 +156,121 @@ class Container:
             subprocess.run(["umount", str(self.root)], check=False)
             os.rmdir(self.root)
             self.root = None
+
+
+# ------------------------------------------------------------ the kernel's record
+
+# include/uapi/linux/xfrm.h: XFRMGRP_EXPIRE 2, XFRMGRP_SA 4, XFRMGRP_POLICY 8.
+# Never XFRMGRP_ACQUIRE (1): with a listener on it, a packet meeting a
+# required template without an SA makes the kernel add a larval (ACQ)
+# state and ask us for keys (net/xfrm/xfrm_state.c xfrm_state_find ->
+# km_query), which would change the state under test.
+XFRMGRP_EXPIRE, XFRMGRP_SA, XFRMGRP_POLICY = 2, 4, 8
+
+
+@dataclass(frozen=True)
+class XfrmEvent:
+    """One XFRM notification as the kernel multicast it (in kernel order)."""
+
+    t: float            # time.monotonic() when received
+    kind: str           # add (NEWSA/UPDSA), del (DELSA), expire (hard EXPIRE), soft, policy-*
+    spi: int = 0
+    dst: bytes = b""
+    reqid: int = 0
+    keyed: bool = False  # carried an algorithm: a real SA, not a larval (ALLOCSPI/ACQ) one
+
+    def line(self) -> str:
+        return (f"{self.t:.3f} {self.kind} spi={self.spi:#010x} reqid={self.reqid} "
+                f"{'keyed' if self.keyed else 'larval'}")
+
+
+class XfrmMonitor:
+    """``ip xfrm monitor sa policy`` as a thread: every SA and policy
+    notification of one namespace, timestamped, in the kernel's order."""
+
+    def __init__(self, netns: str) -> None:
+        from qkdgate.tunnels.netlink import in_netns
+        with in_netns(netns):
+            self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 6)   # NETLINK_XFRM
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        self.sock.bind((0, XFRMGRP_EXPIRE | XFRMGRP_SA | XFRMGRP_POLICY))
+        self.sock.settimeout(0.2)
+        self.events: list[XfrmEvent] = []
+        self.overrun = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        from qkdgate.tunnels import xfrm_msg as m
+        from qkdgate.tunnels.netlink import parse_nlas
+        algs = (m.XFRMA_ALG_AEAD, m.XFRMA_ALG_CRYPT, m.XFRMA_ALG_AUTH, m.XFRMA_ALG_AUTH_TRUNC)
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(1 << 20)
+            except TimeoutError:
+                continue
+            except OSError:         # ENOBUFS: we lost notifications; say so
+                self.overrun = True
+                continue
+            t = time.monotonic()
+            off = 0
+            while off + 16 <= len(data):
+                n, mtype = struct.unpack_from("=IH", data, off)
+                if n < 16:
+                    break
+                body = data[off + 16:off + n]
+                off += (n + 3) & ~3
+                if mtype in (m.XFRM_MSG_NEWSA, m.XFRM_MSG_UPDSA):
+                    v = m.USERSA_INFO.unpack(body)
+                    attrs = parse_nlas(body, m.USERSA_INFO.size)
+                    self.events.append(XfrmEvent(t, "add", m.num(v, "id.spi"),
+                                                 m.raw(v, "id.daddr"), m.num(v, "reqid"),
+                                                 any(a in attrs for a in algs)))
+                elif mtype == m.XFRM_MSG_DELSA:
+                    # xfrm_notify_sa: xfrm_usersa_id, XFRMA_SA (xfrm_usersa_info),
+                    # then the state's attributes, algorithms included
+                    attrs = parse_nlas(body, m.USERSA_ID.size)
+                    v = m.USERSA_INFO.unpack(attrs[m.XFRMA_SA])
+                    self.events.append(XfrmEvent(t, "del", m.num(v, "id.spi"),
+                                                 m.raw(v, "id.daddr"), m.num(v, "reqid"),
+                                                 any(a in attrs for a in algs)))
+                elif mtype == m.XFRM_MSG_EXPIRE:
+                    v = m.USERSA_INFO.unpack(body)
+                    hard = body[m.USERSA_INFO.size]
+                    self.events.append(XfrmEvent(t, "expire" if hard else "soft",
+                                                 m.num(v, "id.spi"), m.raw(v, "id.daddr"),
+                                                 m.num(v, "reqid")))
+                elif mtype == m.XFRM_MSG_FLUSHSA:
+                    self.events.append(XfrmEvent(t, "flush"))
+                elif mtype in (m.XFRM_MSG_NEWPOLICY, m.XFRM_MSG_UPDPOLICY):
+                    self.events.append(XfrmEvent(t, "policy-add"))
+                elif mtype in (m.XFRM_MSG_DELPOLICY, m.XFRM_MSG_FLUSHPOLICY):
+                    self.events.append(XfrmEvent(t, "policy-del"))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sock.close()
+
+    def keyed_spans(self, start: set[tuple[bytes, int]], t_from: float
+                    ) -> tuple[float | None, float | None]:
+        """Replay the events on ``start`` (the keyed SAs of a dump taken
+        after the monitor subscribed). Return (when the keyed set first
+        became empty after ``t_from``, when a keyed SA was next added), or
+        None for either that did not happen."""
+        live = set(start)
+        empty_at: float | None = None
+        for e in self.events:
+            key = (e.dst, e.spi)
+            if e.kind == "add" and e.keyed:
+                if empty_at is not None:
+                    return empty_at, e.t
+                live.add(key)
+            elif e.kind in ("del", "expire"):
+                live.discard(key)
+            elif e.kind == "flush":
+                live.clear()
+            if not live and e.t >= t_from and empty_at is None:
+                empty_at = e.t
+        return empty_at, None

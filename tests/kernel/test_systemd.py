@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from kernel_lab import HA, HB, Topology
 from kernel_traffic import Capture, Stream, analyse_pcap
-from systemd_lab import Container
+from systemd_lab import Container, XfrmMonitor
 
 from qkdgate.gateway.demo import net as dn
 from qkdgate.gateway.demo.config import KmeEndpoint, Timers, gateway_yaml, write_identities
@@ -227,17 +227,34 @@ def sa_count(ns: str) -> tuple[int, int]:
         be.close()
 
 
+def _key(st) -> tuple[bytes, int]:
+    """An SA as the monitor names it: xfrm_id's 16-byte daddr and the SPI."""
+    return st.sa_id.dst.packed.ljust(16, b"\0"), st.sa_id.spi
+
+
 class Watch:
-    """Two UDP streams across the tunnel, a wire capture, and a poller
-    recording when gA held no SA (each sample: time, SAs, policies)."""
+    """Two UDP streams across the tunnel, a wire capture, the kernel's own
+    record of gA's XFRM state (XfrmMonitor: every SA and policy
+    notification, in order) and a poller (each sample: time, SAs, policies,
+    keyed SAs; a larval SA from ALLOCSPI holds no key). Both are written to
+    ``systemd-NAME-xfrm.txt`` in LAB_OUT."""
 
     def __init__(self, lab: Lab, name: str) -> None:
         self.lab, self.name = lab, name
-        self.samples: list[tuple[float, int, int]] = []
+        self.samples: list[tuple[float, int, int, int]] = []
+        self.snapshots: list[tuple[float, list[str]]] = []
         self._stop = threading.Event()
 
     def __enter__(self) -> Watch:
         t = self.lab.topo
+        # subscribe first, then dump: replaying the notifications on the
+        # dump gives the state at every later notification
+        self.mon = XfrmMonitor(t.gA)
+        be = XfrmBackend(t.gA, verify=False)
+        try:
+            self.start_keyed = {_key(st) for st in be.list_sas() if st.aead}
+        finally:
+            be.close()
         self.cap = Capture(t, str(self.lab.out / f"systemd-{self.name}.pcap"))
         self.streams = [Stream(t.hA, t.hB, HA, HB, rate=100, port=5301).start(),
                         Stream(t.hB, t.hA, HB, HA, rate=100, port=5302).start()]
@@ -248,9 +265,17 @@ class Watch:
     def _poll(self) -> None:
         be = XfrmBackend(self.lab.topo.gA, verify=False)
         try:
+            last: list[str] = []
             while not self._stop.is_set():
                 now = time.monotonic()
-                self.samples.append((now, len(be.list_sas()), len(be.list_policies())))
+                sas = be.list_sas()
+                self.samples.append((now, len(sas), len(be.list_policies()),
+                                     sum(1 for st in sas if st.aead)))
+                shown = sorted(f"spi={st.sa_id.spi:#010x} reqid={st.reqid} "
+                               f"{st.aead or 'larval'} add_time={st.add_time}" for st in sas)
+                if shown != last:
+                    self.snapshots.append((now, shown))
+                    last = shown
                 self._stop.wait(0.1)
         finally:
             be.close()
@@ -258,15 +283,22 @@ class Watch:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self.poller.join()
+        self.mon.stop()
         for s in self.streams:
             s.stop()
         self.report = analyse_pcap(self.cap.stop())
+        with open(self.lab.out / f"systemd-{self.name}-xfrm.txt", "w") as f:
+            f.write(f"# XFRM notifications in gA (monitor overrun: {self.mon.overrun})\n")
+            f.writelines(e.line() + "\n" for e in self.mon.events)
+            f.write("# gA's SAs whenever the poller saw them change\n")
+            for t, shown in self.snapshots:
+                f.write(f"{t:.3f} {len(shown)} SA(s): {'; '.join(shown)}\n")
 
     def gaps(self) -> list[tuple[float, float]]:
-        """Spans between the first and last consecutive samples with no SA in gA."""
+        """Spans between the first and last consecutive samples with no keyed SA in gA."""
         out, start, last = [], None, None
-        for t, sas, _pol in self.samples:
-            if sas == 0:
+        for t, _sas, _pol, keyed in self.samples:
+            if keyed == 0:
                 start = t if start is None else start
                 last = t
             elif start is not None:
@@ -290,7 +322,8 @@ class Watch:
         for a, b in gaps:
             assert self.delivered_in(a, b) == 0, (a, b, self.sent_in(a, b))
         # the required-template policies stayed all along: no SA means drop
-        assert all(pol > 0 for _t, _s, pol in self.samples), "policies removed"
+        assert all(pol > 0 for _t, _s, pol, _k in self.samples), "policies removed"
+        assert not any(e.kind == "policy-del" for e in self.mon.events), "a policy was deleted"
         return gaps
 
 
@@ -367,14 +400,21 @@ def _fault(lab: Lab, name: str, inject: list[str], timeout: float = RESTART_TIME
         lab.times[f"{name}-traffic"] = time.monotonic() - t0
     s1 = lab.show("NRestarts", "ActiveState")
     assert int(s1["NRestarts"]) == int(s0["NRestarts"]) + 1, (s0, s1)
-    gaps = w.check_fail_closed()
-    assert gaps and gaps[0][0] > t0, ("failsafe never left gA without SAs", w.samples[-5:])
-    lab.times[f"{name}-blocked"] = sum(b - a for a, b in gaps)
+    w.check_fail_closed()
+    # From the kernel's own record (not a 100 ms poll): after the kill every
+    # keyed SA gA held was deleted before the restarted daemon added one,
+    # and nothing sent in between was delivered.
+    assert not w.mon.overrun
+    empty_at, readd_at = w.mon.keyed_spans(w.start_keyed, t0)
+    assert empty_at is not None and readd_at is not None, (
+        "failsafe never left gA without a keyed SA", empty_at, readd_at, w.snapshots[-5:])
+    assert w.sent_in(empty_at, readd_at) > 0 and w.delivered_in(empty_at, readd_at) == 0, (
+        w.sent_in(empty_at, readd_at), w.delivered_in(empty_at, readd_at))
+    lab.times[f"{name}-blocked"] = readd_at - empty_at
     journal = lab.box.journal(UNIT)
     assert "failsafe[" in journal, journal[-3000:]
     # traffic flows again after the restart
-    last = w.samples[-1][0]
-    assert w.delivered_in(gaps[-1][1], last) > 0
+    assert w.delivered_in(readd_at, w.samples[-1][0]) > 0
 
 
 def test_sigkill_restarts_and_failsafe_blocks(lab: Lab):
@@ -414,6 +454,6 @@ def test_start_limit_leaves_traffic_blocked(lab: Lab):
     with Watch(lab, "start-limit") as w:
         time.sleep(6)
     w.check_fail_closed()
-    assert all(sas == 0 for _t, sas, _p in w.samples), w.samples[:5]
+    assert all(sas == 0 for _t, sas, _p, _k in w.samples), w.snapshots[:5]
     assert sum(len(st.received) for st in w.streams) == 0
     assert sum(len(st.sent_at) for st in w.streams) > 800
