@@ -84,6 +84,7 @@ class NewSa:
     lifetimes: Lifetimes
     schedule: KeySchedule
     now: float
+    hard_at: float | None = None   # the generation's hard deadline (same clock as now)
 
 
 @dataclass(frozen=True, slots=True)

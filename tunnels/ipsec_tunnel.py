@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import math
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -225,15 +226,9 @@ class IpsecDriver:
     def allocate_spi(self, inbound_in_use: frozenset[int]) -> int:
         return self.backend.allocate_spi(self.spec.remote, self.spec.local)
 
-    def _sa_spec(self, key: SecretBytes, reqid: int, out_sel: Selector,
-                 lt: Lifetimes) -> SaSpec:
+    def _sa_spec(self, key: SecretBytes, reqid: int, out_sel: Selector, sa: NewSa) -> SaSpec:
         s = self.spec
-        # RFC 4301 4.4.2.1: soft then hard lifetime; the kernel enforces both
-        # even if this daemon dies. Seconds are rounded up so the kernel never
-        # expires an SA before our own (finer) clock rekeys it.
-        lifetime = Lifetime(soft_bytes=lt.soft_bytes, hard_bytes=lt.hard_bytes,
-                            soft_add_seconds=max(1, int(-(-lt.soft_seconds // 1))),
-                            hard_add_seconds=max(2, int(-(-lt.hard_seconds // 1))))
+        lifetime = kernel_lifetime(sa.lifetimes, sa.now, sa.hard_at)
         selector = out_sel if s.mode is Mode.TRANSPORT else None
         return SaSpec(key=key, reqid=reqid, mode=s.mode, selector=selector, aead=s.aead,
                       replay_window=s.replay_window, esn=s.esn, lifetime=lifetime,
@@ -358,7 +353,7 @@ class IpsecDriver:
         s = self.spec
         sa_id = SaId(src=s.remote, dst=s.local, spi=sa.spi, mark=s.mark, if_id=s.if_id)
         key = sa.schedule.esp_key(sa.session, s.tunnel_id, sa.direction, sa.spi, sa.generation)
-        spec = self._sa_spec(key, s.reqid_base, s.selectors()[0][1], sa.lifetimes)
+        spec = self._sa_spec(key, s.reqid_base, s.selectors()[0][1], sa)
         return SaRecord("in", sa.spi, s.reqid_base, sa.now, sa_id), InstallSa(sa_id, spec, True)
 
     def outbound_op(self, sa: NewSa, reqids_in_use: frozenset[int]
@@ -367,7 +362,7 @@ class IpsecDriver:
         reqid = self._take_out_reqid(reqids_in_use)
         sa_id = SaId(src=s.local, dst=s.remote, spi=sa.spi, mark=s.mark, if_id=s.if_id)
         key = sa.schedule.esp_key(sa.session, s.tunnel_id, sa.direction, sa.spi, sa.generation)
-        spec = self._sa_spec(key, reqid, s.selectors()[0][0], sa.lifetimes)
+        spec = self._sa_spec(key, reqid, s.selectors()[0][0], sa)
         return SaRecord("out", sa.spi, reqid, sa.now, sa_id), InstallSa(sa_id, spec, False)
 
     def _switched(self, outbound: SaRecord) -> list[PolicySpec]:
@@ -396,6 +391,31 @@ class IpsecDriver:
 
     def remove_op(self, rec: SaRecord) -> IpsecOp:
         return RemoveSa(_sa_id(rec))
+
+
+def kernel_lifetime(lt: Lifetimes, now: float, hard_at: float | None) -> Lifetime:
+    """The kernel's lifetimes for an SA of a generation installed at ``now``
+    whose hard deadline is ``hard_at`` (RFC 4301 4.4.2.1: soft, then hard).
+
+    The kernel enforces the hard one even if this daemon is dead or stopped,
+    but it counts whole seconds from the SA's own ``curlft.add_time``
+    (net/xfrm/xfrm_state.c ``xfrm_timer_handler``; its timer runs in whole
+    seconds from the install). An SA installed after its generation began
+    (the outbound one waits for the peer's confirmation) would outlive the
+    generation if given the full lifetime. So the kernel gets the time the
+    generation has left, less ``hard_margin`` (the kernel's clock starts at
+    the real install, which comes a netlink round trip after ``now``),
+    rounded *down*, never above the generation's lifetime and never 0 (XFRM
+    reads 0 as "no limit"): the kernel ends the SA by the deadline on its
+    own. The soft lifetime is informational (nobody here listens for the
+    kernel's soft expiry; the tunnels' timers ask for the rekey) and never
+    above the hard one."""
+    deadline = now + lt.hard_seconds if hard_at is None else hard_at
+    left = min(deadline - now, lt.hard_seconds) - lt.hard_margin
+    hard = max(1, math.floor(left))
+    soft = max(1, min(math.ceil(lt.soft_seconds), hard))
+    return Lifetime(soft_bytes=lt.soft_bytes, hard_bytes=lt.hard_bytes,
+                    soft_add_seconds=soft, hard_add_seconds=hard)
 
 
 def _sa_id(rec: SaRecord) -> SaId:

@@ -291,7 +291,8 @@ class Tunnel:
     def _new_sa(self, session: SessionSecret, gen: Generation, direction: str, spi: int,
                 now: float) -> NewSa:
         return NewSa(session=session, generation=gen.number, direction=direction, spi=spi,
-                     lifetimes=self.lifetimes, schedule=self.schedule, now=now)
+                     lifetimes=self.lifetimes, schedule=self.schedule, now=now,
+                     hard_at=self.timers.hard_at(gen.number))
 
     # ---- start and stop -------------------------------------------------
     def setup(self, now: float, snapshot: KernelSnapshot | None = None) -> None:

@@ -219,3 +219,91 @@ def test_no_sa_carries_a_frame_after_its_hard_lifetime(topo):
     if os.environ.get("LAB_OUT"):       # the measured slack, kept with the run's output
         with open(os.path.join(os.environ["LAB_OUT"], "hard_lifetime.txt"), "a") as f:
             f.write(line)
+
+
+def ipsec_gateway(side: str, topo) -> tuple[TunnelManager, XfrmBackend]:
+    """One IPv4 IPsec tunnel per gateway (qkdgate's TunnelManager over real XFRM)."""
+    a = side == "a"
+    be = XfrmBackend(topo.gA if a else topo.gB)
+    spec = IpsecTunnelSpec("v4", GA if a else GB, GB if a else GA, (LAN_A if a else LAN_B,),
+                           (LAN_B if a else LAN_A,), reqid_base=0x2000)
+    mgr = TunnelManager()
+    mgr.add(ipsec_tunnel(spec, be, policy=TunnelPolicy.HYBRID_REQUIRED, lifetimes=LT))
+    now = time.monotonic()
+    for t in mgr.tunnels.values():
+        t.setup(now)
+    return mgr, be
+
+
+CONFIRM_DELAY = 1.5     # the outbound SAs come this long after the generation began
+
+
+def test_kernel_ends_every_xfrm_sa_by_its_generation_deadline_with_the_daemon_stopped(topo):
+    """Issue 10 finding 1: the kernel's hard lifetime, not the daemon, keeps
+    the generation's deadline when the daemon cannot act (SIGSTOPped). The
+    outbound SAs are installed CONFIRM_DELAY after the inbound ones, as
+    after a key confirmation; with a lifetime counted from each SA's own
+    install they outlived the generation by that much. MACsec SAs have no
+    kernel lifetime (only the daemon or failsafe can stop them), so this
+    is XFRM only."""
+    ma, be_a = ipsec_gateway("a", topo)
+    mb, be_b = ipsec_gateway("b", topo)
+    session = fixed_session(b"stopped")
+    spis_b = {tid: t.allocate_spi() for tid, t in mb.tunnels.items()}
+    spis_a = {tid: t.allocate_spi() for tid, t in ma.tunnels.items()}
+    t_gen = time.monotonic()
+    mb.install_inbound(1, session, "responder", spis_b, time.monotonic())
+    ma.install_inbound(1, session, "initiator", spis_a, time.monotonic())
+    time.sleep(CONFIRM_DELAY)
+    ma.install_outbound(1, session, "initiator", spis_b, time.monotonic())
+    mb.install_outbound(1, session, "responder", spis_a, time.monotonic())
+    hard = min(t.timers.hard_at(1) for m in (ma, mb) for t in m.tunnels.values())
+    assert t_gen <= hard - LT.hard_seconds
+    # each gateway's timer loop forked, then stopped: only the kernel can act
+    children = [daemon(m, {}) for m in (ma, mb)]
+    for pid, _r in children:
+        os.kill(pid, signal.SIGSTOP)
+    streams = [Stream(topo.hA, topo.hB, HA, HB, rate=200, port=5111),
+               Stream(topo.hB, topo.hA, HB, HA, rate=200, port=5112)]
+    for s in streams:
+        s.start()
+    readers = {ns: _Reader(ns) for ns in (topo.gA, topo.gB)}
+    reads: list = []
+    try:
+        while time.monotonic() < hard + 1.0:
+            for ns, r in readers.items():
+                reads.append((ns, r.read(time.monotonic)))
+            time.sleep(0.01)
+    finally:
+        for pid, r in children:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            os.close(r)
+        for s in streams:
+            s.stop(drain=0.5)
+        for r in readers.values():
+            r.close()
+        be_a.close()
+        be_b.close()
+    ours = set(spis_a.values()) | set(spis_b.values())
+    last_seen = max((rd.t_rep for _ns, rd in reads
+                     if any(sa.kind == "esp" and sa.key[2] in ours for sa in rd.sas)),
+                    default=None)
+    # the kernel held the generation's four SAs while traffic flowed...
+    assert last_seen is not None and last_seen > t_gen + CONFIRM_DELAY
+    for s in streams:
+        assert s.received_since(t_gen + CONFIRM_DELAY) > 100, (s.dst, "no traffic")
+    # ...and no read requested at or after the deadline shows any of them
+    after = [(ns, round(rd.t_req - hard, 3), sa) for ns, rd in reads if rd.t_req >= hard
+             for sa in rd.sas if sa.kind == "esp"
+             and sa.key[2] in ours]
+    assert {ns for ns, rd in reads if rd.t_req >= hard} == {topo.gA, topo.gB}
+    assert not after, f"SAs in the kernel after the generation's hard lifetime: {after}"
+    for s in streams:
+        assert s.received_since(hard) == 0, (s.dst, s.received_since(hard))
+        assert sum(1 for t in s.sent_at if t >= hard) > 50
+    line = (f"kernel backstop (daemon stopped): last read showing the generation's SAs "
+            f"{(hard - last_seen) * 1000:.0f} ms before its hard lifetime\n")
+    if os.environ.get("LAB_OUT"):
+        with open(os.path.join(os.environ["LAB_OUT"], "hard_lifetime.txt"), "a") as f:
+            f.write(line)
