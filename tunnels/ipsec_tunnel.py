@@ -407,15 +407,22 @@ def kernel_lifetime(lt: Lifetimes, now: float, hard_at: float | None) -> Lifetim
     the real install, which comes a netlink round trip after ``now``),
     rounded *down*, never above the generation's lifetime and never 0 (XFRM
     reads 0 as "no limit"): the kernel ends the SA by the deadline on its
-    own. The soft lifetime is informational (nobody here listens for the
-    kernel's soft expiry; the tunnels' timers ask for the rekey) and never
-    above the hard one."""
+    own.
+
+    No soft *time* lifetime in the kernel (0): the tunnels' own timers ask
+    for the rekey and nobody listens for the kernel's soft EXPIRE, and a
+    kernel soft lifetime makes the hard one movable. xfrm_timer_handler,
+    finding the hard lifetime passed while it had last armed itself for the
+    soft one (``XFRM_SOFT_EXPIRE``, "setting a new date could trigger
+    this"), does not expire the SA but moves ``add_time`` so that it lives
+    ``hard - saved_tmo`` seconds more. A timer run late (a starved machine)
+    or a wall clock stepped forward then kept an SA 12 s into a 12 s
+    lifetime for 5 s more (docs/faults.md). Soft byte limits stay: the
+    kernel checks those per packet, not in that timer."""
     deadline = now + lt.hard_seconds if hard_at is None else hard_at
     left = min(deadline - now, lt.hard_seconds) - lt.hard_margin
-    hard = max(1, math.floor(left))
-    soft = max(1, min(math.ceil(lt.soft_seconds), hard))
     return Lifetime(soft_bytes=lt.soft_bytes, hard_bytes=lt.hard_bytes,
-                    soft_add_seconds=soft, hard_add_seconds=hard)
+                    soft_add_seconds=0, hard_add_seconds=max(1, math.floor(left)))
 
 
 def _sa_id(rec: SaRecord) -> SaId:

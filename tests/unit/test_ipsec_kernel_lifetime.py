@@ -58,12 +58,19 @@ def test_a_rekeyed_generation_counts_from_its_own_start():
 def test_kernel_hard_lifetime_rounds_down_and_is_never_unlimited(now, hard_at, want):
     lt = kernel_lifetime(LT, now, hard_at)
     assert lt.hard_add_seconds == want
-    assert 1 <= lt.soft_add_seconds <= lt.hard_add_seconds
-    assert lt.soft_add_seconds == min(50, want)
 
 
 def test_margin_follows_short_lifetimes():
     lt = Lifetimes(soft_seconds=8, hard_seconds=9, grace_seconds=0.5)   # margin 0.25 s
     k = kernel_lifetime(lt, 0.0, 9.0)
     assert lt.hard_margin == 0.25 and k.hard_add_seconds == math.floor(9 - 0.25) == 8
-    assert k.soft_add_seconds == 8
+
+
+def test_no_kernel_soft_time_limit_so_the_hard_one_cannot_move():
+    """xfrm_timer_handler moves add_time forward instead of expiring when it
+    finds the hard lifetime passed while armed for the soft one
+    (XFRM_SOFT_EXPIRE): no soft time limit, no such state. Byte limits stay."""
+    lt = Lifetimes(soft_seconds=8, hard_seconds=12, soft_bytes=10**6, hard_bytes=2 * 10**6)
+    k = kernel_lifetime(lt, 0.0, 12.0)
+    assert k.soft_add_seconds == 0 and k.hard_add_seconds == 11
+    assert (k.soft_bytes, k.hard_bytes) == (10**6, 2 * 10**6)
