@@ -180,8 +180,10 @@ class XfrmEvent:
     keyed: bool = False  # carried an algorithm: a real SA, not a larval (ALLOCSPI/ACQ) one
 
     def line(self) -> str:
-        return (f"{self.t:.3f} {self.kind} spi={self.spi:#010x} reqid={self.reqid} "
-                f"{'keyed' if self.keyed else 'larval'}")
+        if self.kind.startswith("policy") or self.kind == "flush":
+            return f"{self.t:.3f} {self.kind}"
+        what = f" {'keyed' if self.keyed else 'larval'}" if self.kind in ("add", "del") else ""
+        return f"{self.t:.3f} {self.kind} spi={self.spi:#010x} reqid={self.reqid}{what}"
 
 
 class XfrmMonitor:
