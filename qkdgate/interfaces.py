@@ -291,7 +291,10 @@ class IpsecBackend(Protocol):
     """
 
     def allocate_spi(self, src: IPAddress, dst: IPAddress, proto: int = socket.IPPROTO_ESP,
-                     low: int = 0xC0000000, high: int = 0xCFFFFFFF) -> int: ...
+                     low: int = 0xC0000000, high: int = 0xCFFFFFFF, reqid: int = 0) -> int:
+        """Reserve an inbound SPI: a keyless (larval) SA carrying ``reqid``
+        until :meth:`install_inbound` keys it or the kernel drops it."""
+        ...
 
     def install_inbound(self, sa_id: SaId, spec: SaSpec) -> None: ...
 

@@ -189,7 +189,9 @@ def _ipsec(ns: str | None, ranges: list[tuple[int, ...]], dry: bool) -> int:
                     failures += 1
         guarded = [p for p in be.list_policies()
                    if p.template is not None and not p.template.optional]
-        _say(ns, f"IPsec: {'would delete' if dry else 'deleted'} {len(doomed)} SA(s); "
+        larval = sum(1 for st in doomed if not st.aead)   # SPIs reserved, never keyed
+        _say(ns, f"IPsec: {'would delete' if dry else 'deleted'} {len(doomed)} SA(s)"
+                 f"{f' ({larval} reserved SPI(s) never keyed)' if larval else ''}; "
                  f"{len(guarded)} policy(ies) with required templates kept (traffic blocked)")
     finally:
         be.close()

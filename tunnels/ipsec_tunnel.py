@@ -224,7 +224,10 @@ class IpsecDriver:
 
     # ---- SAs ----------------------------------------------------------------
     def allocate_spi(self, inbound_in_use: frozenset[int]) -> int:
-        return self.backend.allocate_spi(self.spec.remote, self.spec.local)
+        # the reserved (larval) SA carries our inbound reqid: if the exchange
+        # dies with us, failsafe's reqid sweep removes it too
+        return self.backend.allocate_spi(self.spec.remote, self.spec.local,
+                                         reqid=self.spec.reqid_base)
 
     def _sa_spec(self, key: SecretBytes, reqid: int, out_sel: Selector, sa: NewSa) -> SaSpec:
         s = self.spec

@@ -147,12 +147,19 @@ class XfrmBackend:
 
     # ------------------------------------------------------------- SPIs / SAs
     def allocate_spi(self, src: IPAddress, dst: IPAddress, proto: int = socket.IPPROTO_ESP,
-                     low: int = 0xC0000000, high: int = 0xCFFFFFFF) -> int:
+                     low: int = 0xC0000000, high: int = 0xCFFFFFFF, reqid: int = 0) -> int:
         # The kernel reserves the SPI with a larval state (RFC 4303 2.1: the
         # receiver picks the SPI); install_inbound then updates that state.
+        # An exchange that never completes (a lost collision, a kill) leaves
+        # it for net.core.xfrm_acq_expires (30 s): it carries ``reqid``
+        # (xfrm_alloc_userspi -> xfrm_find_acq) and is recorded first, so
+        # failsafe finds it like any other SA of ours.
+        if self.registry is not None and reqid:
+            self.registry.add_reqid(self.netns, reqid)
         body = m.USERSPI_INFO.pack({
             "info.sel.family": _family(src), "info.id.daddr": _a16(dst), "info.id.proto": proto,
-            "info.saddr": _a16(src), "info.family": _family(src), "min": low, "max": high})
+            "info.saddr": _a16(src), "info.family": _family(src), "info.reqid": reqid,
+            "min": low, "max": high})
         replies = self.nl.request("allocate_spi", m.XFRM_MSG_ALLOCSPI, body)
         if not replies:
             raise TunnelError("allocate_spi", errno.EPROTO, "no SA in the kernel's reply")

@@ -173,9 +173,10 @@ class RecordingIpsecBackend:
         self.ops: list[tuple[str, object]] = []
         self.batches: list[int] = []
         self._next_spi = 0xC0000100
+        self.larval_reqids: dict[int, int] = {}    # SPI reserved -> the reqid it carries
 
     def allocate_spi(self, src: IPAddress, dst: IPAddress, proto: int = socket.IPPROTO_ESP,
-                     low: int = 0xC0000000, high: int = 0xCFFFFFFF) -> int:
+                     low: int = 0xC0000000, high: int = 0xCFFFFFFF, reqid: int = 0) -> int:
         while True:
             spi = self._next_spi
             self._next_spi += 1
@@ -183,6 +184,7 @@ class RecordingIpsecBackend:
                 raise TunnelError("allocate_spi", errno.ENOENT, "SPI range exhausted")
             if spi >= low and not any(k[0] == dst and k[1] == spi for k in self.sas):
                 self.ops.append(("allocate_spi", spi))
+                self.larval_reqids[spi] = reqid
                 return spi
 
     def _install(self, op: str, direction: str, sa_id: SaId, spec: SaSpec) -> None:

@@ -130,3 +130,26 @@ def test_failsafe_stops_macsec_after_sigkill(topo, tmp_path):
         be = MacsecBackend(ns)
         assert be.tx_sas("ms0") and not any(st.active for st in be.tx_sas("ms0"))
         be.close()
+
+
+def test_failsafe_deletes_the_spi_a_dead_exchange_reserved(topo, tmp_path):
+    """A daemon killed mid-exchange (or after losing a collision) leaves the
+    inbound SPI it reserved: a keyless larval SA the kernel keeps for
+    net.core.xfrm_acq_expires (30 s). It carries the tunnel's inbound reqid
+    (ALLOCSPI's xfrm_usersa_info.reqid), so failsafe deletes it with the rest
+    and gA holds no SA at all (issue 10: the systemd SIGKILL case saw a
+    reqid-0 larval SA survive failsafe)."""
+    from kernel_lab import GA, GB
+
+    from qkdgate.tunnels.state import TunnelRegistry
+    state = str(tmp_path / "tunnels.json")
+    stub, _ = start_stub(topo, "ipsec", state, 3600)
+    be = XfrmBackend(topo.gA, registry=TunnelRegistry(state))
+    spi = be.allocate_spi(GB, GA, reqid=0x10000)   # kernel_lab.IpsecPair's inbound reqid
+    larval = [st for st in be.list_sas() if st.sa_id.spi == spi]
+    be.close()
+    assert [(st.reqid, st.aead) for st in larval] == [(0x10000, "")], larval
+    kill(stub)
+    out = failsafe(state)
+    assert "deleted 3 SA(s) (1 reserved SPI(s) never keyed)" in out, out
+    policies_kept(topo)     # no SA left in either namespace, larval included

@@ -283,3 +283,45 @@ def test_failsafe_counts_an_unknown_consumer_kind_as_a_failure(tmp_path, capsys)
     TunnelRegistry(state).add_consumer(None, {"kind": "teleporter", "id": "x"})
     assert run("--state", state) == 1
     assert "unknown key consumer 'teleporter'" in capsys.readouterr().out
+
+
+def test_an_ipsec_tunnel_reserves_its_spi_under_its_inbound_reqid():
+    """The larval SA an SPI reservation leaves (until keyed, or 30 s if the
+    exchange dies) carries the tunnel's inbound reqid, so failsafe's reqid
+    sweep finds it (issue 10: a reqid-0 larval SA outlived failsafe)."""
+    from qkdgate.tunnels.ipsec_tunnel import IpsecTunnelSpec, ipsec_tunnel
+    from qkdgate.tunnels.manager import Lifetimes, TunnelPolicy
+    be = RecordingIpsecBackend()
+    spec = IpsecTunnelSpec("t1", A, B, (ipaddress.ip_network("10.1.0.0/24"),),
+                           (ipaddress.ip_network("10.2.0.0/24"),), reqid_base=0x10000)
+    t = ipsec_tunnel(spec, be, policy=TunnelPolicy.HYBRID_REQUIRED,
+                     lifetimes=Lifetimes(soft_seconds=50, hard_seconds=60))
+    t.setup(0.0)
+    spi = t.allocate_spi()
+    assert be.larval_reqids == {spi: 0x10000}
+
+
+def test_xfrm_allocspi_carries_the_reqid_and_records_it_first(tmp_path):
+    """XFRM_MSG_ALLOCSPI's xfrm_usersa_info.reqid is what the kernel gives
+    the larval state (xfrm_alloc_userspi -> xfrm_find_acq); the registry
+    names it before the kernel has it."""
+    from qkdgate.tunnels import xfrm_msg as m
+    from qkdgate.tunnels.xfrm import XfrmBackend
+    state = str(tmp_path / "tunnels.json")
+    sent = []
+
+    class Channel:
+        def request(self, op, msg_type, payload, flags=0, dump=False):
+            sent.append((msg_type, payload, TunnelRegistry.load(state)))
+            return [(m.XFRM_MSG_NEWSA, m.USERSA_INFO.pack({"id.spi": 0xC0000123}))]
+
+        def close(self):
+            pass
+
+    be = XfrmBackend(channel=Channel(), registry=TunnelRegistry(state), verify=False)  # type: ignore[arg-type]
+    assert be.allocate_spi(B, A, reqid=0x20000) == 0xC0000123
+    ((msg_type, body, recorded_before),) = sent
+    assert msg_type == m.XFRM_MSG_ALLOCSPI
+    assert m.num(m.Layout("xfrm_userspi_info", m.xfrm_userspi_info).unpack(body),
+                 "info.reqid") == 0x20000
+    assert recorded_before[""]["ipsec_reqids"] == [0x20000, 0x20000]
