@@ -22,7 +22,7 @@ if [[ $SYSTEMD_TESTS == 1 ]]; then
   bash lab/systemd-root.sh >/dev/null || { echo "test-kernel: systemd image FAILED" >&2; exit 126; }
 fi
 LAB_TIMEOUT=${LAB_TIMEOUT:-1800} bash lab/run.sh -- env QKDGATE_KERNEL_TESTS=1 \
-    QKDGATE_SYSTEMD_TESTS="$SYSTEMD_TESTS" \
+    QKDGATE_SYSTEMD_TESTS="$SYSTEMD_TESTS" QKDGATE_FAULT_MATRIX="${QKDGATE_FAULT_MATRIX:-0}" \
     .venv/bin/python -m pytest tests/kernel -p no:cacheprovider -q -ra --durations=8 "$@"
 rc=$?
 case $rc in
