@@ -325,8 +325,11 @@ def test_demo_key_service(tmp_path):
     keys again after recovery. A round counts under the phase in which gw-a
     answered. A key gw-b no longer had (fetched after W + skew on a slow
     host) is counted apart; it must say why, and is never a wrong key."""
+    # A round per API takes seconds under TCG (SKIP spawns openssl twice), so
+    # the run goes on 16 s after recovery: a lab run with 8 s had no ETSI 014
+    # round left after recovery (its SKIP round was served).
     s, out = run_demo(tmp_path, "--policy", "block", "--key-service", "--duration", "26",
-                      "--eavesdrop-at", "8", "--eavesdrop-for", "10", "--after-recovery", "8")
+                      "--eavesdrop-at", "8", "--eavesdrop-for", "10", "--after-recovery", "16")
     ks = s["key_service"]
     assert ks["rounds"] >= 5, ks["rounds"]
     for api in ("etsi014", "skip"):
