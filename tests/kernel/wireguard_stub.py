@@ -2,7 +2,7 @@
 one WireGuard link on both gateways through the real consumer (recording
 it in a tunnel registry, as the daemon does), prints READY and waits to be
 SIGKILLed.  usage: wireguard_stub.py JSON  ({"a": [ns, pub], "b": [ns, pub],
-"name": ifname, "state": registry path})"""
+"name": ifname, "net": "10.9.2", "state": registry path})"""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from qkdgate.tunnels.state import TunnelRegistry
 
 def main() -> None:
     cfg = json.loads(sys.argv[1])
-    link = WgLink(cfg["name"], 0, "10.9.0", WgSide(cfg["a"][0], "", cfg["a"][1]),
+    link = WgLink(cfg["name"], 0, cfg["net"], WgSide(cfg["a"][0], "", cfg["a"][1]),
                   WgSide(cfg["b"][0], "", cfg["b"][1]))
     link.consumer_tunnels(registry=TunnelRegistry(cfg["state"]))
     now = time.monotonic()
