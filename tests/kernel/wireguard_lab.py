@@ -15,6 +15,7 @@ of a second.
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import socket
 import subprocess
@@ -159,8 +160,10 @@ class Probe:
         next_send = 0.0
         while (now := time.monotonic()) < end:
             if now >= next_send:      # WireGuard queues while it handshakes; resend anyway
-                self.tx.sendto(token, (str(self.link.addr_b), self.port))
                 next_send = now + 0.25
+                # ENOKEY: no peer has allowed IPs for it (blocked)
+                with contextlib.suppress(OSError):
+                    self.tx.sendto(token, (str(self.link.addr_b), self.port))
             self.rx.settimeout(max(0.01, min(0.05, end - now)))
             try:
                 if self.rx.recv(64) == token:
