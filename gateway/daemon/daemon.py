@@ -250,8 +250,11 @@ class Daemon:
         for peer in cfg.peers:
             tids = [t.name for t in cfg.tunnels_for(peer.name)]
             # Generations only grow, across restarts too: start above the
-            # highest one the journal saw started or committed for these tunnels.
-            floor = max((self.journal.next_generation(t) - 1 for t in tids), default=0) \
+            # highest one the journal saw committed for these tunnels or
+            # started for this peer (both ends may have died between an
+            # install and its commit: journal.record_started).
+            floor = max([self.journal.next_generation(t) - 1 for t in tids]
+                        + [self.journal.started_generation(peer.name)]) \
                 if self.journal is not None else 0
             scfg = build.session_config(cfg, peer, generation_floor=floor)
 

@@ -403,6 +403,29 @@ class Journal:
         _apply(self._state, rec)
         self._maybe_compact()
 
+    def record_started(self, peer: str, generation: int) -> None:
+        """Durably record that ``generation`` of ``peer``'s exchange is about
+        to reach the kernel (before its first SA is installed).
+
+        A generation is committed only once the exchange ends; if both ends
+        die between an install and that commit, neither journal holds it, and
+        a restart from the committed floor would install the same generation
+        number again. :meth:`started_generation` gives the restart a floor
+        above it. Stored as a ``keys`` record without key_IDs under
+        ``peer-NAME``, the name the QKD reservations of that peer use (no new
+        record type). Idempotent: a generation already started is not written
+        again."""
+        self._check_open()
+        _check_peer(peer)
+        if generation <= self.started_generation(peer):
+            return
+        self.reserve_qkd_keys("peer-" + peer, generation, [])
+
+    def started_generation(self, peer: str) -> int:
+        """The highest generation :meth:`record_started` or a QKD reservation
+        recorded for ``peer`` (0 if none)."""
+        return self.next_generation("peer-" + peer) - 1
+
     def reserve_qkd_key(self, tunnel: str, generation: int, key_id: str) -> None:
         self.reserve_qkd_keys(tunnel, generation, [key_id])
 

@@ -55,6 +55,7 @@ REBUILD_MIN_INTERVAL = 1.0   # a session failing at once again is rebuilt no fas
 class GenerationJournal(Protocol):
     def committed_generation(self, tunnel: str) -> int: ...
     def record_generation(self, tunnel: str, generation: int) -> None: ...
+    def record_started(self, peer: str, generation: int) -> None: ...
     def record_peer_epoch(self, peer: str, epoch: int) -> None: ...
 
 
@@ -232,10 +233,14 @@ class PeerRunner:
         fn = self._tunnels.install_inbound if direction == "in" \
             else self._tunnels.install_outbound
         try:
+            if direction == "in" and self._journal is not None:
+                # Durable before the first SA: a restart of both ends must
+                # not install this generation number again (journal.py).
+                self._journal.record_started(self.name, ev.generation)
             fn(ev.generation, ev.session, ev.role, ev.spis, now)
         except LocalProtocolError:
             raise       # our bug (e.g. a tunnel id we never configured): fail the peer closed
-        except QkdgateError as exc:      # GenerationRefused by policy, TunnelError
+        except QkdgateError as exc:      # GenerationRefused by policy, TunnelError, JournalError
             self.state.last_error = f"install {direction}: {exc}"
             self._emit(InstallFailed(self.name, direction, ev.generation, str(exc)))
             error: Exception = exc

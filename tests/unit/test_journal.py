@@ -76,6 +76,27 @@ def test_generations_never_go_backwards(sdir):
         assert j.next_generation("other") == 1
 
 
+def test_a_started_generation_survives_a_restart_without_its_commit(sdir):
+    # Both ends killed between installing generation 7 and committing it:
+    # the restart's floor is the started generation, not the committed one.
+    with Journal.open(sdir) as j:
+        assert j.started_generation("gw-b") == 0
+        j.record_generation("t", 6)
+        j.record_started("gw-b", 7)
+        size = os.path.getsize(j.path)
+        j.record_started("gw-b", 7)      # a retried install writes nothing more
+        j.record_started("gw-b", 3)      # nor does a lower one
+        assert os.path.getsize(j.path) == size
+    with Journal.open(sdir) as j:
+        assert j.committed_generation("t") == 6
+        assert j.started_generation("gw-b") == 7
+        assert j.started_generation("gw-c") == 0
+        j.reserve_qkd_key("peer-gw-b", j.next_generation("peer-gw-b"), kid(1))
+        assert j.started_generation("gw-b") == 8   # a QKD reservation counts too
+        with pytest.raises(JournalError):
+            j.record_started("", 9)
+
+
 def test_files_are_private_whatever_the_umask(sdir):
     for gen, mask in ((1, 0o000), (2, 0o177)):  # wide open; one that strips the dir's x bit
         old = os.umask(mask)

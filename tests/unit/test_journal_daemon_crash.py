@@ -115,6 +115,7 @@ from qkdgate.tunnels import manager as TM
 _install = TM.TunnelManager.install_inbound
 def _logged_install(self, generation, *a, **kw):
     note(kind="install", gen=generation)
+    crash_point("install")
     return _install(self, generation, *a, **kw)
 TM.TunnelManager.install_inbound = _logged_install
 
@@ -292,11 +293,35 @@ async def run_both_killed(tmp: Path) -> list:
     return p.records()
 
 
+async def run_both_killed_mid_install(tmp: Path) -> list:
+    """gw-b killed as it installs its 2nd generation's first SA, gw-a at once
+    after it: neither end committed that generation, and both restart. The
+    generation must not be installed again (journal.record_started)."""
+    p = Pair(tmp)
+    try:
+        await p.start("gw-b", p.path_b, crash="install#2")
+        await p.start("gw-a", p.path_a)
+        assert await p.wait(lambda r: any(x["kind"] == "killed" for x in r), 25), \
+            (tmp / "gw-b.out").read_text()[-1500:]
+        p.procs["gw-a"].send_signal(signal.SIGKILL)
+        for proc in p.procs.values():
+            await proc.wait()
+        before = len(uses(p.records(), "gw-a"))
+        await p.start("gw-b", p.path_b)
+        await p.start("gw-a", p.path_a)
+        assert await p.wait(lambda r: len(uses(r, "gw-a")) >= before + 2, 30), \
+            "no rekeys after both restarted"
+    finally:
+        await p.stop()
+    return p.records()
+
+
 # The master's second rekey, killed: inside the fsynced append that reserves
 # its QKD key (before the write, between its halves, written but not synced,
 # synced), right after the key went into the combiner, and inside the append
 # that records the generation. Then restarted; run_once() has checked that
-# both ends went on keying. Plus one history where both ends die at once.
+# both ends went on keying. Plus two histories where both ends die at once: anywhere, and as
+# gw-b installs its 2nd generation (neither end has committed it).
 CRASH_POINTS = ([f"reserve:append-{s}#2" for s in ("before", "torn", "written", "synced")]
                 + ["combined#2"]
                 + [f"record:append-{s}#2" for s in ("torn", "synced")])
@@ -317,8 +342,13 @@ async def test_sigkill_the_real_daemon_during_a_rekey(tmp_path):
 
     # Every history runs to its end (return_exceptions): a failure must not
     # leave the others' tasks to be cancelled mid-spawn with daemons running.
+    async def mid_install() -> tuple[str, str, list[str]]:
+        async with gate:
+            return "install", "install", violations(
+                await run_both_killed_mid_install(tmp_path / "mid-install"))
+
     results = await asyncio.gather(*(one(i, c) for i, c in enumerate(CRASH_POINTS)), both(),
-                                   return_exceptions=True)
+                                   mid_install(), return_exceptions=True)
     for r in results:
         if isinstance(r, BaseException):
             raise r
