@@ -63,25 +63,38 @@ def policies_kept(topo) -> None:
 
 
 def test_ipsec_hard_lifetime_stops_traffic_after_sigkill(topo, tmp_path):
-    hard = 6
+    hard = 10
     # the capture first: tcpdump takes seconds to start on a loaded host, and
     # started after the stub it ate the SAs' 6 s before the kill (issue 10)
     cap = Capture(topo, str(tmp_path / "kill.pcap"))
     stub, t_installed = start_stub(topo, "ipsec", str(tmp_path / "tunnels.json"), hard)
-    s = Stream(topo.hA, topo.hB, HA, HB, rate=200).start()
-    time.sleep(0.5)
-    t_kill = wall_to_mono(kill(stub))
-    time.sleep(1.0)
-    assert s.received_since(t_kill + 0.1) > 50, "traffic should survive the daemon until expiry"
     # the kernel's hard lifetime is the backstop (its timer has 1 s resolution)
     deadline = wall_to_mono(t_installed) + hard + 1.5
+    s = Stream(topo.hA, topo.hB, HA, HB, rate=200).start()
+    # Kill once the stream flows through the SAs, not after a fixed pause: a
+    # starved guest took seconds to start the sender, and a fixed 6 s lifetime
+    # was nearly used up before the kill (22 and 29 of > 50 in lab runs).
+    until = time.monotonic() + hard / 2
+    while s.received_since(0) < 20 and time.monotonic() < until:
+        time.sleep(0.05)
+    assert s.received_since(0) >= 20, "the stream never flowed through the SAs"
+    t_kill = wall_to_mono(kill(stub))
+    assert t_kill + 2.5 < deadline, ("the guest was too slow to kill the stub before the "
+                                     f"SAs' expiry ({deadline - t_kill:.1f} s left)")
+    time.sleep(1.0)
+    window = sum(1 for t in list(s.sent_at) if t_kill + 0.1 <= t < t_kill + 1.0)
+    survived = s.received_since(t_kill + 0.1)
+    # what the guest managed to send after the kill still arrives (not a fixed
+    # rate: a starved sender sends fewer than 200/s)
+    assert window >= 10 and survived >= 0.8 * window, \
+        ("traffic should survive the daemon until expiry", window, survived)
     time.sleep(max(0.0, deadline - time.monotonic()))
     time.sleep(1.5)
     s.stop(drain=0.5)
     rep = analyse_pcap(cap.stop())
     after = s.received_since(deadline)
     sent_after = sum(1 for t in s.sent_at if t >= deadline)
-    assert sent_after > 200 and after == 0, (sent_after, after)
+    assert sent_after > 50 and after == 0, (sent_after, after)   # 200/s, starved: fewer
     assert rep.cleartext == 0 and rep.pattern_hits == 0 and rep.esp > 0, rep
     policies_kept(topo)
 
