@@ -19,7 +19,6 @@ import types
 import uuid
 from pathlib import Path
 
-import pytest
 from kernel_traffic import Capture, analyse_pcap
 
 
@@ -178,9 +177,6 @@ def test_demo_pqc_fallback_alarm_fallback_recovery(tmp_path):
     assert "ALARM QBER_ABOVE_THRESHOLD" in out and "FALLBACK(PQC-only)" in out
 
 
-@pytest.mark.skipif(os.environ.get("QKDGATE_DEMO_QKD004") != "1",
-                    reason="opt-in (QKDGATE_DEMO_QKD004=1) until it has passed in the lab: its "
-                           "one run so far had the demo exit 0 but attached qkdgate top too late")
 def test_demo_qkd004_binary_framing_keys_the_tunnel(tmp_path):
     """Issue 18 item 5: both gateways take their QKD keys from the KME
     simulator over ETSI GS QKD 004 in the binary framing of ETSI's reference
