@@ -5,7 +5,7 @@ the swanctl.conf reader, and the vici message it builds."""
 from __future__ import annotations
 
 import errno
-import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -17,36 +17,7 @@ from qkdgate.tunnels.strongswan import StrongswanConsumer, StrongswanSpec, fails
 from qkdgate.tunnels.strongswan_conf import parse
 from qkdgate.tunnels.strongswan_vici import ChildSaInfo, ConnSpec, IkeSaInfo, Ppk, ViciError
 
-SWANCTL = textwrap.dedent("""\
-    # the operator's swanctl.conf
-    connections {
-        gw-gw {
-            local_addrs = 192.0.2.1
-            remote_addrs = 192.0.2.2
-            proposals = aes256gcm16-prfsha384-x25519, aes128gcm16-prfsha256-x25519
-            unique = never
-            local {
-                auth = psk
-                id = "gw a"   # quoted
-            }
-            remote {
-                auth = psk
-            }
-            children {
-                lan {
-                    local_ts = 10.1.0.0/24
-                    remote_ts = 10.2.0.0/24
-                    start_action = trap
-                }
-            }
-        }
-    }
-    secrets {
-        ike-1 {
-            secret = "not read # by qkdgate"
-        }
-    }
-    """)
+SWANCTL = (Path(__file__).resolve().parent.parent / "fixtures" / "swanctl-operator.conf").read_text()
 
 
 class FakeCharon:

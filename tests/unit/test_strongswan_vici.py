@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -12,36 +12,7 @@ from qkdgate.keymix.secret import SecretBytes
 from qkdgate.tunnels.strongswan_conf import parse, read_connection
 from qkdgate.tunnels.strongswan_vici import ConnSpec, Ppk
 
-SWANCTL = textwrap.dedent("""\
-    # the operator's swanctl.conf
-    connections {
-        gw-gw {
-            local_addrs = 192.0.2.1
-            remote_addrs = 192.0.2.2
-            proposals = aes256gcm16-prfsha384-x25519, aes128gcm16-prfsha256-x25519
-            unique = never
-            local {
-                auth = psk
-                id = "gw a"   # quoted
-            }
-            remote {
-                auth = psk
-            }
-            children {
-                lan {
-                    local_ts = 10.1.0.0/24
-                    remote_ts = 10.2.0.0/24
-                    start_action = trap
-                }
-            }
-        }
-    }
-    secrets {
-        ike-1 {
-            secret = "not read # by qkdgate"
-        }
-    }
-    """)
+SWANCTL = (Path(__file__).resolve().parent.parent / "fixtures" / "swanctl-operator.conf").read_text()
 
 
 def test_swanctl_reader_and_vici_message():
