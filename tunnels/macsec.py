@@ -31,9 +31,11 @@ from qkdgate.interfaces import (
 )
 from qkdgate.tunnels import macsec_msg as m
 from qkdgate.tunnels.netlink import (
+    GENLMSGHDR,
     NLM_F_CREATE,
     NLM_F_EXCL,
     NetlinkChannel,
+    genl_family_id,
     iter_nlas,
     nla,
     nla_nested,
@@ -43,7 +45,6 @@ from qkdgate.tunnels.state import TunnelRegistry
 
 NETLINK_ROUTE, NETLINK_GENERIC = 0, 16
 _IFINFO = struct.Struct("=BxHiII")       # struct ifinfomsg
-_GENL = struct.Struct("=BBH")            # struct genlmsghdr
 _CIPHER_ID = {MacsecCipher.GCM_AES_256: m.MACSEC_CIPHER_ID_GCM_AES_256,
               MacsecCipher.GCM_AES_XPN_256: m.MACSEC_CIPHER_ID_GCM_AES_XPN_256}
 _XPN_IDS = {m.MACSEC_CIPHER_ID_GCM_AES_XPN_128, m.MACSEC_CIPHER_ID_GCM_AES_XPN_256}
@@ -85,15 +86,12 @@ class MacsecBackend:
     # ------------------------------------------------------------- plumbing
     def _family_id(self) -> int:
         if self._family is None:
-            body = _GENL.pack(m.CTRL_CMD_GETFAMILY, 1, 0) + nla(
-                m.CTRL_ATTR_FAMILY_NAME, m.MACSEC_GENL_NAME.encode() + b"\0")
-            replies = self.genl.request("resolve_macsec_family", m.GENL_ID_CTRL, body)
-            attrs = parse_nlas(replies[0][1], _GENL.size)
-            self._family = struct.unpack("=H", attrs[m.CTRL_ATTR_FAMILY_ID][:2])[0]
+            self._family = genl_family_id(self.genl, m.MACSEC_GENL_NAME,
+                                          "resolve_macsec_family")
         return self._family
 
     def _cmd(self, op: str, cmd: int, *attrs: bytes, dump: bool = False) -> list[tuple[int, bytes]]:
-        body = _GENL.pack(cmd, m.MACSEC_GENL_VERSION, 0) + b"".join(attrs)
+        body = GENLMSGHDR.pack(cmd, m.MACSEC_GENL_VERSION, 0) + b"".join(attrs)
         return self.genl.request(op, self._family_id(), body, dump=dump)
 
     def ifindex(self, name: str, op: str = "get_link") -> int:
@@ -116,7 +114,7 @@ class MacsecBackend:
     def _txsc_dump(self, link: str) -> dict[int, bytes]:
         idx = self.ifindex(link, "query_link")
         for _t, body in self._cmd("query_link", m.MACSEC_CMD_GET_TXSC, dump=True):
-            attrs = parse_nlas(body, _GENL.size)
+            attrs = parse_nlas(body, GENLMSGHDR.size)
             if struct.unpack("=I", attrs.get(m.MACSEC_ATTR_IFINDEX, b"\0\0\0\0")[:4])[0] == idx:
                 return attrs
         raise TunnelError("query_link", errno.ENODEV, f"{link} is not a macsec link")

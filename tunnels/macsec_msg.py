@@ -69,13 +69,12 @@ RXSC_STATS_NAMES = ("", "IN_OCTETS_VALIDATED", "IN_OCTETS_DECRYPTED", "IN_PKTS_U
  IFLA_MACSEC_OFFLOAD) = range(16)
 MACSEC_VALIDATE_DISABLED, MACSEC_VALIDATE_CHECK, MACSEC_VALIDATE_STRICT = 0, 1, 2
 
-# rtnetlink and generic netlink basics (linux/rtnetlink.h, if_link.h, genetlink.h)
+# rtnetlink basics (linux/rtnetlink.h, if_link.h; the generic netlink
+# controller is in tunnels/netlink.py)
 RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_LINK, IFLA_OPERSTATE, IFLA_LINKINFO = 1, 3, 5, 16, 18
 IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
 IFF_UP = 0x1
-GENL_ID_CTRL, CTRL_CMD_GETFAMILY = 0x10, 3
-CTRL_ATTR_FAMILY_ID, CTRL_ATTR_FAMILY_NAME = 1, 2
 
 
 class macsec_genlmsg(genlmsg):

@@ -45,6 +45,10 @@ NLMSGHDR = struct.Struct("=IHHII")   # len, type, flags, seq, pid
 # costs the kernel a few KB of skb each), so both bytes and messages are capped.
 BATCH_BYTES, BATCH_MESSAGES = 60000, 64
 NLAHDR = struct.Struct("=HH")        # nla_len, nla_type
+GENLMSGHDR = struct.Struct("=BBH")   # struct genlmsghdr: cmd, version, reserved
+# The generic netlink controller (include/uapi/linux/genetlink.h)
+GENL_ID_CTRL, CTRL_CMD_GETFAMILY = 0x10, 3
+CTRL_ATTR_FAMILY_ID, CTRL_ATTR_FAMILY_NAME = 1, 2
 _ERR = struct.Struct("=i")
 
 
@@ -80,6 +84,19 @@ def iter_nlas(data: bytes | memoryview, offset: int = 0,
             raise ValueError(f"malformed netlink attribute at {offset} (len {n})")
         yield t & NLA_TYPE_MASK, bytes(data[offset + 4:offset + n])
         offset += (n + 3) & ~3
+
+
+def genl_family_id(channel: NetlinkChannel, name: str, op: str) -> int:
+    """The id the kernel gave the generic netlink family ``name`` (e.g.
+    "macsec", "wireguard"): CTRL_CMD_GETFAMILY to the controller. Raises
+    :class:`TunnelError` (ENOENT) when the family is not registered (its
+    module not loaded)."""
+    body = GENLMSGHDR.pack(CTRL_CMD_GETFAMILY, 1, 0) + nla(
+        CTRL_ATTR_FAMILY_NAME, name.encode() + b"\0")
+    replies = channel.request(op, GENL_ID_CTRL, body)
+    attrs = parse_nlas(replies[0][1], GENLMSGHDR.size)
+    family: int = struct.unpack("=H", attrs[CTRL_ATTR_FAMILY_ID][:2])[0]
+    return family
 
 
 class NetlinkChannel:

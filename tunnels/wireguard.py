@@ -51,14 +51,21 @@ from qkdgate.interfaces import IPNetwork
 from qkdgate.keymix.secret import SecretBytes
 from qkdgate.tunnels import wireguard_msg as w
 from qkdgate.tunnels.consumer import ConsumerKey, ConsumerReport, Invalidation
-from qkdgate.tunnels.netlink import NetlinkChannel, iter_nlas, nla, nla_nested, parse_nlas
+from qkdgate.tunnels.netlink import (
+    GENLMSGHDR,
+    NetlinkChannel,
+    genl_family_id,
+    iter_nlas,
+    nla,
+    nla_nested,
+    parse_nlas,
+)
 from qkdgate.tunnels.state import TunnelRegistry
 
 __all__ = ["WgPeerState", "WireguardBackend", "WireguardConsumer", "WireguardKernel",
            "WireguardSpec", "failsafe", "key_b64", "parse_key"]
 
 NETLINK_GENERIC = 16
-_GENL = struct.Struct("=BBH")            # struct genlmsghdr
 _TIMESPEC = struct.Struct("=qq")         # struct __kernel_timespec
 
 
@@ -151,27 +158,24 @@ class WireguardBackend:
 
     def _family_id(self) -> int:
         if self._family is None:
-            body = _GENL.pack(w.CTRL_CMD_GETFAMILY, 1, 0) + nla(
-                w.CTRL_ATTR_FAMILY_NAME, w.WG_GENL_NAME.encode() + b"\0")
-            replies = self.genl.request("resolve_wireguard_family", w.GENL_ID_CTRL, body)
-            attrs = parse_nlas(replies[0][1], _GENL.size)
-            self._family = struct.unpack("=H", attrs[w.CTRL_ATTR_FAMILY_ID][:2])[0]
+            self._family = genl_family_id(self.genl, w.WG_GENL_NAME,
+                                          "resolve_wireguard_family")
         return self._family
 
     def _ifname(self, interface: str) -> bytes:
         return nla(w.WGDEVICE_A_IFNAME, interface.encode() + b"\0")
 
     def _set(self, op: str, interface: str, *peers: bytes) -> None:
-        body = _GENL.pack(w.WG_CMD_SET_DEVICE, w.WG_GENL_VERSION, 0) + self._ifname(interface) \
-            + nla_nested(w.WGDEVICE_A_PEERS, *peers)
+        body = (GENLMSGHDR.pack(w.WG_CMD_SET_DEVICE, w.WG_GENL_VERSION, 0)
+                + self._ifname(interface) + nla_nested(w.WGDEVICE_A_PEERS, *peers))
         self.genl.request(op, self._family_id(), body)
 
     def peers(self, interface: str) -> list[WgPeerState]:
-        body = _GENL.pack(w.WG_CMD_GET_DEVICE, w.WG_GENL_VERSION, 0) + self._ifname(interface)
+        body = GENLMSGHDR.pack(w.WG_CMD_GET_DEVICE, w.WG_GENL_VERSION, 0) + self._ifname(interface)
         out = []
         for _t, payload in self.genl.request("get_wireguard_device", self._family_id(), body,
                                              dump=True):
-            attrs = parse_nlas(payload, _GENL.size)
+            attrs = parse_nlas(payload, GENLMSGHDR.size)
             out += [_peer_state(p) for p in _nested_items(attrs.get(w.WGDEVICE_A_PEERS, b""))]
         return out
 

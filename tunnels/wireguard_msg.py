@@ -43,10 +43,6 @@ WGPEER_F_REMOVE_ME, WGPEER_F_REPLACE_ALLOWEDIPS, WGPEER_F_UPDATE_ONLY = 1 << 0, 
 # enum wgallowedip_attribute
 WGALLOWEDIP_A_UNSPEC, WGALLOWEDIP_A_FAMILY, WGALLOWEDIP_A_IPADDR, WGALLOWEDIP_A_CIDR_MASK = range(4)
 
-# generic netlink controller (linux/genetlink.h)
-GENL_ID_CTRL, CTRL_CMD_GETFAMILY = 0x10, 3
-CTRL_ATTR_FAMILY_ID, CTRL_ATTR_FAMILY_NAME = 1, 2
-
 
 class wg_genlmsg(genlmsg):
     """The wireguard family in pyroute2's declaration style (decoding only)."""

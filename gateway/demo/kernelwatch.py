@@ -55,12 +55,17 @@ from typing import Any
 from qkdgate.errors import TunnelError
 from qkdgate.tunnels import macsec_msg as mm
 from qkdgate.tunnels import xfrm_msg as xm
-from qkdgate.tunnels.netlink import NetlinkChannel, iter_nlas, nla, parse_nlas
+from qkdgate.tunnels.netlink import (
+    GENLMSGHDR,
+    NetlinkChannel,
+    genl_family_id,
+    iter_nlas,
+    parse_nlas,
+)
 
 log = logging.getLogger("qkdgate.demo")
 
 NETLINK_GENERIC, NETLINK_XFRM = 16, 6
-_GENL = struct.Struct("=BBH")            # struct genlmsghdr
 
 
 @dataclass(frozen=True)
@@ -195,14 +200,10 @@ class _Reader:
 
     def _family_id(self) -> int | None:
         if self._family is None:
-            body = _GENL.pack(mm.CTRL_CMD_GETFAMILY, 1, 0) + nla(
-                mm.CTRL_ATTR_FAMILY_NAME, mm.MACSEC_GENL_NAME.encode() + b"\0")
             try:
-                replies = self.genl.request("watch_family", mm.GENL_ID_CTRL, body)
+                self._family = genl_family_id(self.genl, mm.MACSEC_GENL_NAME, "watch_family")
             except TunnelError:      # macsec not loaded: no MACsec paths to watch
                 return None
-            attrs = parse_nlas(replies[0][1], _GENL.size)
-            self._family = struct.unpack("=H", attrs[mm.CTRL_ATTR_FAMILY_ID][:2])[0]
         return self._family
 
     def macsec(self) -> tuple[list[SaView], int | None]:
@@ -211,9 +212,9 @@ class _Reader:
             return [], None
         sas: list[SaView] = []
         enc = None
-        body = _GENL.pack(mm.MACSEC_CMD_GET_TXSC, mm.MACSEC_GENL_VERSION, 0)
+        body = GENLMSGHDR.pack(mm.MACSEC_CMD_GET_TXSC, mm.MACSEC_GENL_VERSION, 0)
         for _t, reply in self.genl.request("watch_macsec", fam, body, dump=True):
-            attrs = parse_nlas(reply, _GENL.size)    # the demo has one macsec link per gateway
+            attrs = parse_nlas(reply, GENLMSGHDR.size)    # the demo has one macsec link per gateway
             secy = parse_nlas(attrs.get(mm.MACSEC_ATTR_SECY, b""))
             if mm.MACSEC_SECY_ATTR_ENCODING_SA in secy:
                 enc = secy[mm.MACSEC_SECY_ATTR_ENCODING_SA][0]

@@ -12,8 +12,8 @@ from qkdgate.errors import LocalProtocolError
 from qkdgate.interfaces import MacsecSaSpec
 from qkdgate.keymix.secret import SecretBytes
 from qkdgate.tunnels import macsec_msg as m
-from qkdgate.tunnels.macsec import _GENL, MacsecBackend
-from qkdgate.tunnels.netlink import parse_nlas
+from qkdgate.tunnels.macsec import MacsecBackend
+from qkdgate.tunnels.netlink import GENLMSGHDR, parse_nlas
 
 
 def test_constants_match_the_headers():
@@ -105,7 +105,7 @@ def test_pyroute2_declaration_decodes_a_request():
     r.add_tx_sa("ms0", _sa(ssci=2, salt=SecretBytes(b"\x22" * 12)))
     _, attrs = r.sent[0]
     from qkdgate.tunnels.netlink import nla, nla_nested
-    body = _GENL.pack(m.MACSEC_CMD_ADD_TXSA, 1, 0) + nla(m.MACSEC_ATTR_IFINDEX, attrs[1]) + \
+    body = GENLMSGHDR.pack(m.MACSEC_CMD_ADD_TXSA, 1, 0) + nla(m.MACSEC_ATTR_IFINDEX, attrs[1]) + \
         nla_nested(m.MACSEC_ATTR_SA_CONFIG, attrs[m.MACSEC_ATTR_SA_CONFIG])
     msg = m.macsec_genlmsg(struct.pack("=IHHII", 16 + len(body), 0x20, 5, 1, 0) + body)
     msg.decode()

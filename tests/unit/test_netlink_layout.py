@@ -42,7 +42,7 @@ from qkdgate.keymix.secret import SecretBytes
 from qkdgate.tunnels import macsec_msg as mm
 from qkdgate.tunnels import xfrm_msg as m
 from qkdgate.tunnels.macsec import MacsecBackend
-from qkdgate.tunnels.netlink import NLA_F_NESTED, nla
+from qkdgate.tunnels.netlink import CTRL_ATTR_FAMILY_ID, GENL_ID_CTRL, NLA_F_NESTED, nla
 from qkdgate.tunnels.xfrm import XfrmBackend
 
 A, B = ipaddress.ip_address("192.0.2.1"), ipaddress.ip_address("192.0.2.2")
@@ -153,9 +153,9 @@ def test_the_sa_dump_request_has_no_fixed_header():
 class GenlRecorder(Recorder):
     def request(self, op, msg_type, payload, flags=0, dump=False):
         self.sent.append((msg_type, payload, dump))
-        if msg_type == mm.GENL_ID_CTRL:
+        if msg_type == GENL_ID_CTRL:
             return [(msg_type, struct.pack("=BBH", 1, 1, 0)
-                     + nla(mm.CTRL_ATTR_FAMILY_ID, struct.pack("=H", 0x20)))]
+                     + nla(CTRL_ATTR_FAMILY_ID, struct.pack("=H", 0x20)))]
         if msg_type == mm.RTM_GETLINK and not dump:
             return [(mm.RTM_NEWLINK, struct.pack("=BxHiII", 0, 0, 3, 0, 0))]
         if msg_type == 0x20 and dump:   # the TXSC dump: one link, XPN cipher suite
