@@ -28,6 +28,18 @@ its IKE_SAs; the connection's CHILD_SAs must use ``start_action = trap``
 (checked at construction) so that once they are gone the kernel drops the
 protected traffic (trap policy, no SA) instead of routing it in clear.
 
+The trap policy alone leaves a gap: ``load-conn`` of a trapped connection
+makes charon remove its trap policies and add them again, and a packet sent
+in between, with no CHILD_SA up (the first install, the first after a block),
+matches no policy and leaves in clear. So the consumer holds its own XFRM
+*block* policies for the connection's traffic selectors (read from the
+child's ``local_ts``/``remote_ts`` in swanctl.conf), out, in and fwd, at a
+priority below every policy charon installs for a CHILD_SA or trap
+(:data:`BLOCK_PRIORITY`), from ``setup`` (before the first ``load-conn``)
+for the consumer's whole life: while charon's policy is there it wins (a
+smaller priority number), in the gap the block drops. ``qkdgate failsafe``
+leaves them (traffic stays blocked); only ``teardown`` removes them.
+
 Provenance: charon numbers IKE_SAs with increasing unique ids, and the
 consumer records the highest id it saw when each generation's PPK became the
 only one a new IKE_SA can use; an IKE_SA is attributed to the newest
@@ -40,11 +52,13 @@ from __future__ import annotations
 
 import contextlib
 import errno as _errno
+import ipaddress
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from qkdgate.errors import ConfigError, TunnelError
+from qkdgate.interfaces import Direction, IpsecBackend, Mark, PolicyAction, PolicySpec, Selector
 from qkdgate.tunnels.consumer import ConsumerKey, ConsumerReport, Invalidation
 from qkdgate.tunnels.strongswan_vici import ConnSpec, IkeSaInfo, Ppk, Vici, ViciClient, ViciError
 
@@ -62,6 +76,80 @@ BLOCKED_PPK_ID = "qkdgate-none"   # ppk_id while no generation is installed: nev
 FILE_KEYS = frozenset({"certs", "cacerts", "pubkeys"})
 
 
+# strongSwan 5.9 src/libcharon/plugins/kernel_netlink/kernel_netlink_ipsec.c
+# get_priority(): PRIO_BASE 200000; a trap (POLICY_PRIORITY_ROUTED) or
+# CHILD_SA (POLICY_PRIORITY_DEFAULT) policy gets 2 * PRIO_BASE minus its
+# selector's specificity, so at most 400000; only charon's own FALLBACK drop
+# policies (3 * PRIO_BASE - ...) rank lower. A larger number is a lower
+# priority in XFRM, so this block ranks below every policy that protects.
+CHARON_PRIO_BASE = 200000
+BLOCK_PRIORITY = 2 * CHARON_PRIO_BASE + 1
+# The kernel keeps one policy per (selector, direction, mark, if_id)
+# (net/xfrm/xfrm_policy.c xfrm_policy_insert_list): a block with charon's
+# selector and charon's mark 0/0 would replace charon's policy. Two marks
+# that split the mark space on bit 0 (a packet matches when mark & m == v)
+# together match every packet and are each distinct from charon's 0/0.
+BLOCK_MARKS = (Mark(0, 1), Mark(1, 1))
+
+
+def _selectors(spec: str, default: str, where: str) -> list[ipaddress.IPv4Network
+                                                              | ipaddress.IPv6Network]:
+    """swanctl.conf(5) ``local_ts``/``remote_ts``: comma-separated subnets;
+    ``dynamic`` (also the default) is the IKE address (``local_addrs``)."""
+    out = []
+    for item in (x.strip() for x in (spec or "dynamic").split(",")):
+        if item == "dynamic":
+            item = default
+        if not item:
+            continue
+        try:
+            out.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            # ranges, [proto/port] and %any: a block of the subnet would be
+            # wider or narrower than charon's policy; refuse, never guess
+            raise ConfigError(f"{where}: '{item}' is not a subnet or address qkdgate can "
+                              "hold a block policy for (write plain subnets)") from None
+    if not out:
+        raise ConfigError(f"{where}: no traffic selector")
+    return out
+
+
+def block_policies(connection: str, body: Mapping[str, object]) -> tuple[PolicySpec, ...]:
+    """The XFRM block policies that hold every child's traffic selectors of
+    ``body`` (swanctl.conf ``connections.<name>``) closed beneath charon's."""
+    children = body.get("children")
+    if not isinstance(children, Mapping):
+        return ()
+    local = str(body.get("local_addrs", "")).split(",")[0].strip()
+    remote = str(body.get("remote_addrs", "")).split(",")[0].strip()
+    out: list[PolicySpec] = []
+    for name, child in children.items():
+        if not isinstance(child, Mapping):
+            continue
+        where = f"connection '{connection}' child '{name}'"
+        prio = BLOCK_PRIORITY
+        if "priority" in child:         # swanctl.conf(5): overrides charon's own
+            try:
+                prio = max(prio, int(str(child["priority"])) + 1)
+            except ValueError:
+                raise ConfigError(f"{where}: priority is not a number") from None
+        lts = _selectors(str(child.get("local_ts", "")), local, f"{where} local_ts")
+        rts = _selectors(str(child.get("remote_ts", "")), remote, f"{where} remote_ts")
+        for lo in lts:
+            for rem in rts:
+                if lo.version != rem.version:
+                    continue
+                for src, dst, d in ((lo, rem, Direction.OUT), (rem, lo, Direction.IN),
+                                    (rem, lo, Direction.FWD)):
+                    out.extend(PolicySpec(Selector(src, dst), d, PolicyAction.BLOCK,
+                                          priority=prio, mark=mk) for mk in BLOCK_MARKS)
+    return tuple(out)
+
+
+def _pkey(p: PolicySpec) -> tuple[object, ...]:
+    return (p.selector, p.direction, p.mark, p.action, p.priority)
+
+
 def ppk_prefix(tunnel_id: str) -> str:
     return f"qkdgate-{tunnel_id}-g"
 
@@ -76,6 +164,7 @@ class StrongswanSpec:
     body: Mapping[str, object]
     vici_socket: str = DEFAULT_VICI_SOCKET
     timeout_ms: int = 15000
+    block: tuple[PolicySpec, ...] = field(init=False, default=())
 
     def __post_init__(self) -> None:
         children = self.body.get("children")
@@ -95,15 +184,19 @@ class StrongswanSpec:
             if not isinstance(child, Mapping) or child.get("start_action") != "trap":
                 raise ConfigError(f"connection '{self.connection}' child '{name}' needs "
                                   "start_action = trap (fail closed when no CHILD_SA is up)")
+        object.__setattr__(self, "block", block_policies(self.connection, self.body))
 
 
 class StrongswanConsumer:
     """One strongSwan connection keyed by qkdgate (the KeyConsumer protocol)."""
 
     def __init__(self, spec: StrongswanSpec, *, connect: Callable[[str], Vici] = ViciClient,
-                 registry: TunnelRegistry | None = None, netns: str | None = None) -> None:
+                 registry: TunnelRegistry | None = None, netns: str | None = None,
+                 xfrm: Callable[[], IpsecBackend] | None = None) -> None:
         self.spec = spec
         self._connect = connect
+        self._xfrm_factory = xfrm or self._default_xfrm
+        self._xfrm: IpsecBackend | None = None
         self._registry, self._netns = registry, netns
         self._vici: Vici | None = None
         self.current: ConsumerKey | None = None      # the generation load-conn names
@@ -122,6 +215,40 @@ class StrongswanConsumer:
         return KIND
 
     # -- plumbing
+    def _default_xfrm(self) -> IpsecBackend:
+        from qkdgate.tunnels.xfrm import XfrmBackend
+        be: IpsecBackend = XfrmBackend(self._netns)
+        return be
+
+    def _hold_block(self) -> None:
+        """Assert the block policies beneath charon's and read them back
+        (before every ``load-conn``: someone may have flushed the SPD)."""
+        if not self.spec.block:
+            return
+        if self._xfrm is None:
+            self._xfrm = self._xfrm_factory()
+        have = {_pkey(p) for p in self._xfrm.list_policies()}
+        for p in self.spec.block:
+            if _pkey(p) not in have:
+                self._xfrm.install_policy(p)
+        have = {_pkey(p) for p in self._xfrm.list_policies()}
+        missing = [p for p in self.spec.block if _pkey(p) not in have]
+        if missing:
+            raise TunnelError("block_policy", None, f"{self.spec.connection}: "
+                              f"{len(missing)} block policies not in the SPD after install")
+
+    def _release_block(self) -> None:
+        if self._xfrm is None:
+            return
+        have = {_pkey(p) for p in self._xfrm.list_policies()}
+        for p in self.spec.block:
+            if _pkey(p) in have:
+                self._xfrm.remove_policy(p)
+        close = getattr(self._xfrm, "close", None)
+        if callable(close):
+            close()
+        self._xfrm = None
+
     def _v(self) -> Vici:
         if self._vici is None:
             self._vici = self._connect(self.spec.vici_socket)
@@ -161,8 +288,9 @@ class StrongswanConsumer:
 
     # -- the verbs
     def setup(self, now: float) -> ConsumerReport:
-        """Start fail closed: no qkdgate PPK loaded, the connection names a
-        key that does not exist, no IKE_SA of it running."""
+        """Start fail closed: the block policies beneath charon's, no
+        qkdgate PPK loaded, no IKE_SA of the connection running."""
+        self._hold_block()
         if self._registry is not None:
             self._registry.add_consumer(self._netns, {
                 "kind": KIND, "tunnel_id": self.tunnel_id, "connection": self.spec.connection,
@@ -182,6 +310,8 @@ class StrongswanConsumer:
         if key.generation not in self.loaded:
             self.prepare(key)
         previous = self.current.key_name if self.current and not self.blocked else BLOCKED_PPK_ID
+        # charon re-adds a trap policy on load-conn: the block holds the gap
+        self._hold_block()
         self._call(lambda v: v.load_conn(self._conn(key.key_name)))
         self._mark(key.key_name)
         detail = f"connection {self.spec.connection} ppk_id {key.key_name}"
@@ -278,6 +408,7 @@ class StrongswanConsumer:
 
     def teardown(self) -> bool:
         self.invalidate(Invalidation(self.tunnel_id, "teardown", True))
+        self._release_block()
         if self._vici is not None:
             self._vici.close()
             self._vici = None
@@ -287,7 +418,8 @@ class StrongswanConsumer:
         out: dict[str, object] = {
             "connection": self.spec.connection, "vici_socket": self.spec.vici_socket,
             "ppk_id": None if self.blocked or self.current is None else self.current.key_name,
-            "blocked": self.blocked, "loaded_ppks": sorted(self.loaded.values())}
+            "blocked": self.blocked, "loaded_ppks": sorted(self.loaded.values()),
+            "block_policies": len(self.spec.block)}
         try:
             out["ike_sas"] = [
                 {"unique_id": sa.unique_id, "state": sa.state, "initiator": sa.initiator,
@@ -336,7 +468,7 @@ def strongswan_consumer(t: StrongswanTunnel, registry: TunnelRegistry | None,
     if child is None:
         raise ConfigError(f"connection '{sw.connection}' has no children", file=sw.swanctl_conf)
     spec = StrongswanSpec(t.name, sw.connection, child, body, vici_socket=sw.vici_socket)
-    return StrongswanConsumer(spec, registry=registry, netns=netns)
+    return StrongswanConsumer(spec, registry=registry, netns=netns)  # block policies in netns
 
 
 def failsafe(ns: str | None, records: list[dict[str, str]], dry: bool,

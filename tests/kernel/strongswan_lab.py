@@ -284,7 +284,8 @@ def gateways(topo, tmp_path, request):
             swanctl_load_all(conf, ch.vici)
             spec = StrongswanSpec(TID, CONN, CHILD, read_connection(str(conf), CONN),
                                   vici_socket=ch.vici, timeout_ms=40000)
-            sides.append(Side(ch, conf, StrongswanConsumer(spec)))
+            # the consumer's block policies go into charon's namespace
+            sides.append(Side(ch, conf, StrongswanConsumer(spec, netns=ch.netns)))
         yield sides
     finally:
         for s in sides:

@@ -11,6 +11,7 @@ import pytest
 
 from qkdgate.errors import ConfigError, TunnelError
 from qkdgate.keymix.secret import SecretBytes
+from qkdgate.testing.fakes import RecordingIpsecBackend
 from qkdgate.tunnels.consumer import ConsumerKey, Invalidation
 from qkdgate.tunnels.events import KeyInputs
 from qkdgate.tunnels.strongswan import StrongswanConsumer, StrongswanSpec, failsafe
@@ -105,8 +106,8 @@ def _spec(tid: str = "sw-b") -> StrongswanSpec:
 def _pair() -> tuple[FakeCharon, FakeCharon, StrongswanConsumer, StrongswanConsumer]:
     a, b = FakeCharon("a"), FakeCharon("b")
     a.peer, b.peer = b, a
-    ca = StrongswanConsumer(_spec(), connect=lambda _p: a)
-    cb = StrongswanConsumer(_spec(), connect=lambda _p: b)
+    ca = StrongswanConsumer(_spec(), connect=lambda _p: a, xfrm=RecordingIpsecBackend)
+    cb = StrongswanConsumer(_spec(), connect=lambda _p: b, xfrm=RecordingIpsecBackend)
     return a, b, ca, cb
 
 
@@ -233,3 +234,68 @@ def test_factory_reads_the_connection_from_swanctl_conf(tmp_path):
     assert (c.tunnel_id, c.kind, c.spec.child) == ("sw-b", "strongswan", "lan")
     with pytest.raises(ConfigError, match="no connection 'nope'"):
         strongswan_consumer(Tunnel("sw-b", Section("nope", swanctl_conf=str(conf))), None)
+
+
+# ---- the block policies beneath charon's (issue 21 follow-up, item 1)
+
+def test_block_policies_hold_every_selector_pair_below_charons_priority():
+    from qkdgate.interfaces import Direction, Mark, PolicyAction
+    from qkdgate.tunnels.strongswan import BLOCK_PRIORITY
+
+    spec = _spec()
+    got = {(str(p.selector.src), str(p.selector.dst), p.direction, p.mark) for p in spec.block}
+    want = {(s, d, di, mk) for s, d, di in (("10.1.0.0/24", "10.2.0.0/24", Direction.OUT),
+                                            ("10.2.0.0/24", "10.1.0.0/24", Direction.IN),
+                                            ("10.2.0.0/24", "10.1.0.0/24", Direction.FWD))
+            for mk in (Mark(0, 1), Mark(1, 1))}
+    assert got == want
+    # charon's trap/CHILD_SA policies are at most 2 * 200000 (get_priority)
+    assert all(p.action is PolicyAction.BLOCK and p.priority == BLOCK_PRIORITY > 400000
+               for p in spec.block)
+    body = parse(SWANCTL)["connections"]["gw-gw"]
+    child = body["children"]["lan"]
+    del child["local_ts"]                       # default: dynamic = local_addrs
+    child["priority"] = "500000"                # the operator's own priority wins
+    spec = StrongswanSpec("t", "gw-gw", "lan", body)
+    assert {str(p.selector.src) for p in spec.block if p.direction is Direction.OUT} \
+        == {"192.0.2.1/32"}
+    assert {p.priority for p in spec.block} == {500001}
+    child["local_ts"] = "10.1.0.1-10.1.0.9"
+    with pytest.raises(ConfigError, match="not a subnet"):
+        StrongswanSpec("t", "gw-gw", "lan", body)
+
+
+class _GuardedCharon(FakeCharon):
+    """A charon whose load-conn first checks the SPD holds the block."""
+
+    def __init__(self, name: str, spd: RecordingIpsecBackend, want: int) -> None:
+        super().__init__(name)
+        self.spd, self.want = spd, want
+        self.unguarded = 0
+
+    def load_conn(self, conn: ConnSpec) -> None:
+        if len(self.spd.policies) < self.want:
+            self.unguarded += 1
+        super().load_conn(conn)
+
+
+def test_block_policies_precede_every_load_conn_and_outlive_invalidate():
+    spec = _spec()
+    spds = [RecordingIpsecBackend(), RecordingIpsecBackend()]
+    a, b = (_GuardedCharon(n, s, len(spec.block)) for n, s in zip("ab", spds, strict=True))
+    a.peer, b.peer = b, a
+    ca = StrongswanConsumer(spec, connect=lambda _p: a, xfrm=lambda: spds[0])
+    cb = StrongswanConsumer(spec, connect=lambda _p: b, xfrm=lambda: spds[1])
+    for c in (ca, cb):
+        c.setup(0.0)
+    assert all(len(s.policies) == len(spec.block) for s in spds)
+    _rotate(ca, cb, 1)
+    ca.invalidate(Invalidation("sw-b", "policy", True))
+    spds[0].policies.clear()                    # someone flushed the SPD meanwhile
+    _rotate(ca, cb, 2)                          # the first install after a block
+    assert a.unguarded == b.unguarded == 0
+    assert len(spds[0].policies) == len(spec.block)
+    ca.invalidate(Invalidation("sw-b", "policy", True))
+    assert len(spds[0].policies) == len(spec.block)     # blocked: the block stays
+    ca.teardown()                               # the operator's explicit teardown
+    assert not spds[0].policies
