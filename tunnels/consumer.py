@@ -36,7 +36,12 @@ docs/keymix.md 6.4) and live in :class:`SecretBytes`, wiped once handed over.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
+import threading
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -62,7 +67,7 @@ if TYPE_CHECKING:
     from qkdgate.tunnels.timers import Lifetimes
 
 __all__ = ["CONSUMER_KINDS", "ConsumerDriver", "ConsumerKey", "ConsumerReport", "Invalidation",
-           "KeyConsumer", "consumer_tunnel"]
+           "KeyConsumer", "Outcome", "ThreadedConsumer", "consumer_tunnel"]
 
 log = logging.getLogger("qkdgate.tunnels")
 
@@ -105,6 +110,7 @@ class ConsumerReport:
     verified: bool                 # read back and equal to what was set
     blocked: bool                  # running sessions stopped
     detail: str = ""
+    pending: bool = False          # queued on a ThreadedConsumer's worker: see Outcome
 
 
 class KeyConsumer(Protocol):
@@ -143,6 +149,189 @@ class KeyConsumer(Protocol):
         """Kind-specific status, safe to print."""
 
 
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a queued verb of a :class:`ThreadedConsumer` did, once it ran."""
+
+    verb: str                      # "install" | "invalidate" | "prepare" | "retire"
+    generation: int | None
+    report: ConsumerReport | None  # None: it failed
+    error: str | None = None       # safe to print (TunnelError text)
+
+
+class ThreadedConsumer:
+    """A :class:`KeyConsumer` whose verbs run on one worker thread, off the
+    event loop, in the order they were called (issue 21 follow-up item 2).
+
+    strongSwan's re-authentication is a synchronous vici ``initiate`` that
+    can take up to the connection's ``timeout_ms`` (15 s) on a slow or dead
+    peer; run on the daemon's event loop it would stop every other peer's
+    protocol and timer for that long. Here ``prepare``, ``install``,
+    ``retire`` and ``invalidate`` only queue the call (a copy of the key:
+    the caller wipes its own) and return; one worker thread per consumer
+    runs the queue in order, so the make-before-break steps keep their
+    order exactly (load PPK g, load-conn g + re-authenticate, unload g-1).
+    ``setup`` and ``teardown`` (daemon start, the operator's teardown) wait
+    for the queue and run inline.
+
+    Time bounds and cancellation: every job is bounded by the inner
+    consumer's own timeouts (vici ``timeout_ms``, the socket timeout).
+    ``invalidate`` cancels every queued job that has not started (their
+    keys wiped) and runs next; a job already running is never cut short (a
+    vici ``initiate`` that charon goes on with after we hang up could bring
+    up an IKE_SA after the block), so a block takes effect at most one
+    running job later. A failed ``install`` is answered on the worker at
+    once the way :class:`ConsumerDriver` answers a synchronous one: the
+    inner consumer is invalidated with ``block`` (fail closed). Results are
+    collected as :class:`Outcome` by :meth:`outcomes` (the driver's
+    ``poll``). The thread exists only while there is work and is not a
+    daemon thread, so a clean exit runs the queue (the exit's invalidate)
+    before the process ends.
+    """
+
+    def __init__(self, inner: KeyConsumer, *, name: str | None = None) -> None:
+        self.inner = inner
+        self._name = name or f"consumer-{inner.tunnel_id}"
+        self._cv = threading.Condition()
+        self._queue: deque[tuple[str, int | None, Callable[[], ConsumerReport | None],
+                                 Callable[[], None]]] = deque()
+        self._running: str | None = None
+        self._thread: threading.Thread | None = None
+        self._outcomes: deque[Outcome] = deque(maxlen=64)
+        self._described: dict[str, object] = {}
+
+    @property
+    def tunnel_id(self) -> str:
+        return self.inner.tunnel_id
+
+    @property
+    def kind(self) -> str:
+        return self.inner.kind
+
+    # ---- the queue -----------------------------------------------------
+    def _submit(self, verb: str, generation: int | None,
+                job: Callable[[], ConsumerReport | None], cleanup: Callable[[], None],
+                first: bool = False) -> None:
+        with self._cv:
+            if first:
+                while self._queue:
+                    _, _, _, drop = self._queue.popleft()
+                    drop()
+                self._queue.appendleft((verb, generation, job, cleanup))
+            else:
+                self._queue.append((verb, generation, job, cleanup))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._work, name=self._name)
+                self._thread.start()
+
+    def _work(self) -> None:
+        while True:
+            with self._cv:
+                if not self._queue:
+                    self._thread = None
+                    self._running = None
+                    self._cv.notify_all()
+                    return
+                verb, generation, job, cleanup = self._queue.popleft()
+                self._running = verb
+            try:
+                self._outcomes.append(self._run(verb, generation, job))
+            finally:
+                cleanup()
+                self._snapshot()
+
+    def _run(self, verb: str, generation: int | None,
+             job: Callable[[], ConsumerReport | None]) -> Outcome:
+        try:
+            return Outcome(verb, generation, job())
+        except Exception as exc:  # a worker must fail closed, not die
+            if isinstance(exc, QkdgateError):
+                why = str(exc)
+            else:    # our bug: the traceback once, then the same fail-closed path
+                log.exception("tunnel %s: %s on the consumer worker raised", self.tunnel_id,
+                              verb, extra={"tunnel": self.tunnel_id})
+                why = f"{type(exc).__name__}: {exc}"
+        if verb == "install":
+            try:
+                self.inner.invalidate(Invalidation(
+                    self.tunnel_id, f"install of generation {generation} failed", True))
+            except QkdgateError as exc:
+                log.error("tunnel %s: invalidating after a failed install failed too: %s",
+                          self.tunnel_id, exc, extra={"tunnel": self.tunnel_id})
+        return Outcome(verb, generation, None, why)
+
+    def _snapshot(self) -> None:
+        try:
+            self._described = self.inner.describe()
+        except QkdgateError as exc:
+            self._described = {"error": str(exc)}
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Block until the queue is empty and no job runs (tests, setup)."""
+        with self._cv:
+            return self._cv.wait_for(lambda: self._thread is None, timeout)
+
+    def outcomes(self) -> list[Outcome]:
+        """Every outcome since the last call, oldest first."""
+        out = []
+        while self._outcomes:
+            out.append(self._outcomes.popleft())
+        return out
+
+    @property
+    def busy(self) -> str | None:
+        """The verb running on the worker now, if any."""
+        return self._running
+
+    # ---- KeyConsumer ---------------------------------------------------
+    def setup(self, now: float) -> ConsumerReport:
+        self.wait_idle()
+        report = self.inner.setup(now)
+        self._snapshot()
+        return report
+
+    @staticmethod
+    def _own(key: ConsumerKey) -> ConsumerKey:
+        return dataclasses.replace(key, key=copy.copy(key.key))
+
+    def prepare(self, key: ConsumerKey) -> None:
+        own = self._own(key)
+
+        def job() -> None:
+            self.inner.prepare(own)
+
+        self._submit("prepare", key.generation, job, own.key.wipe)
+
+    def install(self, key: ConsumerKey) -> ConsumerReport:
+        own = self._own(key)
+        self._submit("install", key.generation, lambda: self.inner.install(own), own.key.wipe)
+        return ConsumerReport(key.key_name, key.generation, False, False,
+                              "queued on the consumer worker", pending=True)
+
+    def retire(self, generation: int) -> None:
+        def job() -> None:
+            self.inner.retire(generation)
+
+        self._submit("retire", generation, job, lambda: None)
+
+    def invalidate(self, why: Invalidation) -> ConsumerReport:
+        self._submit("invalidate", None, lambda: self.inner.invalidate(why), lambda: None,
+                     first=True)
+        return ConsumerReport(None, None, False, why.block,
+                              f"{why.reason}: queued first on the consumer worker", pending=True)
+
+    def teardown(self) -> bool:
+        self.wait_idle()
+        return self.inner.teardown()
+
+    def describe(self) -> dict[str, object]:
+        # the inner consumer as the worker last saw it: never a vici call
+        # from the loop while the worker holds the session
+        with self._cv:
+            queued = [v for v, _, _, _ in self._queue]
+        return {**self._described, "worker": {"running": self._running, "queued": queued}}
+
+
 def _role(direction: str, inbound: bool) -> str:
     # keymix directions are relative to handshake roles: the initiator
     # receives r2i and sends i2r (tunnels.manager.directions)
@@ -159,6 +348,7 @@ class ConsumerDriver:
         self.consumer = consumer
         self._emit: TunnelEventSink = emit or discard
         self._pending: dict[int, ConsumerKey] = {}     # added outbound, not yet switched
+        self._inputs: dict[int, KeyInputs] = {}         # queued installs' provenance
         self.installed: int | None = None               # the generation the consumer uses
         self.blocked = False
 
@@ -225,6 +415,10 @@ class ConsumerDriver:
         finally:
             key.key.wipe()
         self.installed, self.blocked = generation, False
+        if report.pending:
+            # a ThreadedConsumer: the event comes with its Outcome (poll)
+            self._inputs[generation] = key.inputs
+            return
         self._emit(ConsumerKeyInstalled(self.tunnel_id, self.kind, generation,
                                         report.key_name or key.key_name, key.inputs,
                                         report.verified, report.detail))
@@ -261,7 +455,32 @@ class ConsumerDriver:
         return f"{self.kind} generation {_generation(rec)} not in use", True
 
     def poll(self, records: list[SaRecord]) -> CounterReading:
-        return CounterReading()
+        """A :class:`ThreadedConsumer`'s outcomes: events for what ran; a
+        failed install (the worker has already failed it closed) marks the
+        tunnel's consumer blocked and asks for a new generation."""
+        outcomes = getattr(self.consumer, "outcomes", None)
+        if outcomes is None:
+            return CounterReading()
+        reason = None
+        for o in outcomes():
+            if o.verb == "install" and o.generation is not None:
+                inputs = self._inputs.pop(o.generation, KeyInputs())
+                if o.report is not None:
+                    self._emit(ConsumerKeyInstalled(
+                        self.tunnel_id, self.kind, o.generation,
+                        o.report.key_name or f"generation {o.generation}", inputs,
+                        o.report.verified, o.report.detail))
+                    continue
+                if self.installed == o.generation:
+                    self.installed, self.blocked = None, True
+                reason = f"{self.kind} install of generation {o.generation} failed"
+                self._emit(ConsumerInvalidated(self.tunnel_id, self.kind, reason, True,
+                                               o.error or ""))
+            elif o.report is None:
+                log.error("tunnel %s: %s %s failed on the consumer worker: %s",
+                          self.tunnel_id, self.kind, o.verb, o.error,
+                          extra={"tunnel": self.tunnel_id})
+        return CounterReading(rekey_reason=reason)
 
     def teardown(self) -> bool:
         for key in self._pending.values():

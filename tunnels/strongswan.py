@@ -59,7 +59,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from qkdgate.errors import ConfigError, TunnelError
 from qkdgate.interfaces import Direction, IpsecBackend, Mark, PolicyAction, PolicySpec, Selector
-from qkdgate.tunnels.consumer import ConsumerKey, ConsumerReport, Invalidation
+from qkdgate.tunnels.consumer import ConsumerKey, ConsumerReport, Invalidation, ThreadedConsumer
 from qkdgate.tunnels.strongswan_vici import ConnSpec, IkeSaInfo, Ppk, Vici, ViciClient, ViciError
 
 if TYPE_CHECKING:
@@ -454,9 +454,11 @@ class StrongswanTunnel(Protocol):
 
 
 def strongswan_consumer(t: StrongswanTunnel, registry: TunnelRegistry | None,
-                        netns: str | None = None) -> StrongswanConsumer:
-    """build.py's factory: a tunnel's ``strongswan:`` section to a consumer.
-    The connection is read from swanctl.conf now (start, reload)."""
+                        netns: str | None = None) -> ThreadedConsumer:
+    """build.py's factory: a tunnel's ``strongswan:`` section to a consumer
+    whose vici calls run on its own worker thread, off the daemon's event
+    loop (:class:`~qkdgate.tunnels.consumer.ThreadedConsumer`). The
+    connection is read from swanctl.conf now (start, reload)."""
     from qkdgate.tunnels.strongswan_conf import read_connection
 
     sw = t.strongswan
@@ -468,7 +470,7 @@ def strongswan_consumer(t: StrongswanTunnel, registry: TunnelRegistry | None,
     if child is None:
         raise ConfigError(f"connection '{sw.connection}' has no children", file=sw.swanctl_conf)
     spec = StrongswanSpec(t.name, sw.connection, child, body, vici_socket=sw.vici_socket)
-    return StrongswanConsumer(spec, registry=registry, netns=netns)  # block policies in netns
+    return ThreadedConsumer(StrongswanConsumer(spec, registry=registry, netns=netns))
 
 
 def failsafe(ns: str | None, records: list[dict[str, str]], dry: bool,

@@ -12,7 +12,7 @@ import pytest
 from qkdgate.errors import ConfigError, TunnelError
 from qkdgate.keymix.secret import SecretBytes
 from qkdgate.testing.fakes import RecordingIpsecBackend
-from qkdgate.tunnels.consumer import ConsumerKey, Invalidation
+from qkdgate.tunnels.consumer import ConsumerKey, Invalidation, ThreadedConsumer
 from qkdgate.tunnels.events import KeyInputs
 from qkdgate.tunnels.strongswan import StrongswanConsumer, StrongswanSpec, failsafe
 from qkdgate.tunnels.strongswan_conf import parse
@@ -231,7 +231,9 @@ def test_factory_reads_the_connection_from_swanctl_conf(tmp_path):
     conf = tmp_path / "swanctl.conf"
     conf.write_text(SWANCTL)
     c = strongswan_consumer(Tunnel("sw-b", Section(swanctl_conf=str(conf))), None)
-    assert (c.tunnel_id, c.kind, c.spec.child) == ("sw-b", "strongswan", "lan")
+    # the daemon's consumer runs its vici calls on a worker thread
+    assert isinstance(c, ThreadedConsumer) and isinstance(c.inner, StrongswanConsumer)
+    assert (c.tunnel_id, c.kind, c.inner.spec.child) == ("sw-b", "strongswan", "lan")
     with pytest.raises(ConfigError, match="no connection 'nope'"):
         strongswan_consumer(Tunnel("sw-b", Section("nope", swanctl_conf=str(conf))), None)
 
