@@ -4,8 +4,9 @@
 
 Theory of operation: names are copied verbatim from the headers so they
 grep; values are checked by tests/unit/test_macsec_msg.py against a C
-program including the headers. The pyroute2 ``genlmsg`` class declares the
-attribute tree in pyroute2's style and decodes dumps in tests; requests are
+program including the headers. The pyroute2 ``genlmsg`` class in
+:mod:`qkdgate.tunnels.netlink_decode` declares the attribute tree in
+pyroute2's style and decodes dumps in tests; requests are
 packed by :mod:`qkdgate.tunnels.macsec` with :func:`~qkdgate.tunnels.netlink.nla`,
 which is all these small messages need.
 
@@ -17,8 +18,6 @@ IEEE 802.1AEbw-2013 10.5.2 writes it), the salt 12 raw bytes.
 """
 
 from __future__ import annotations
-
-from pyroute2.netlink import genlmsg, nla
 
 MACSEC_GENL_NAME = "macsec"
 MACSEC_GENL_VERSION = 1
@@ -75,47 +74,3 @@ RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_LINK, IFLA_OPERSTATE, IFLA_LINKINFO = 1, 3, 5, 16, 18
 IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
 IFF_UP = 0x1
-
-
-class macsec_genlmsg(genlmsg):
-    """The macsec family in pyroute2's declaration style (decoding only)."""
-
-    prefix = "MACSEC_ATTR_"
-    nla_map = (
-        ("MACSEC_ATTR_UNSPEC", "none"), ("MACSEC_ATTR_IFINDEX", "uint32"),
-        ("MACSEC_ATTR_RXSC_CONFIG", "rxsc"), ("MACSEC_ATTR_SA_CONFIG", "sa"),
-        ("MACSEC_ATTR_SECY", "secy"), ("MACSEC_ATTR_TXSA_LIST", "hex"),
-        ("MACSEC_ATTR_RXSC_LIST", "rxsc_list"), ("MACSEC_ATTR_TXSC_STATS", "hex"),
-        ("MACSEC_ATTR_SECY_STATS", "hex"), ("MACSEC_ATTR_OFFLOAD", "hex"),
-    )
-
-    class sa(nla):
-        nla_map = (
-            ("MACSEC_SA_ATTR_UNSPEC", "none"), ("MACSEC_SA_ATTR_AN", "uint8"),
-            ("MACSEC_SA_ATTR_ACTIVE", "uint8"), ("MACSEC_SA_ATTR_PN", "hex"),
-            ("MACSEC_SA_ATTR_KEY", "hex"), ("MACSEC_SA_ATTR_KEYID", "hex"),
-            ("MACSEC_SA_ATTR_STATS", "hex"), ("MACSEC_SA_ATTR_PAD", "hex"),
-            ("MACSEC_SA_ATTR_SSCI", "be32"), ("MACSEC_SA_ATTR_SALT", "hex"),
-        )
-
-    class rxsc(nla):
-        nla_map = (
-            ("MACSEC_RXSC_ATTR_UNSPEC", "none"), ("MACSEC_RXSC_ATTR_SCI", "be64"),
-            ("MACSEC_RXSC_ATTR_ACTIVE", "uint8"), ("MACSEC_RXSC_ATTR_SA_LIST", "hex"),
-            ("MACSEC_RXSC_ATTR_STATS", "hex"), ("MACSEC_RXSC_ATTR_PAD", "hex"),
-        )
-
-    class rxsc_list(nla):
-        nla_map = (("MACSEC_RXSC", "hex"),)
-
-    class secy(nla):
-        nla_map = (
-            ("MACSEC_SECY_ATTR_UNSPEC", "none"), ("MACSEC_SECY_ATTR_SCI", "be64"),
-            ("MACSEC_SECY_ATTR_ENCODING_SA", "uint8"), ("MACSEC_SECY_ATTR_WINDOW", "uint32"),
-            ("MACSEC_SECY_ATTR_CIPHER_SUITE", "uint64"), ("MACSEC_SECY_ATTR_ICV_LEN", "uint8"),
-            ("MACSEC_SECY_ATTR_PROTECT", "uint8"), ("MACSEC_SECY_ATTR_REPLAY", "uint8"),
-            ("MACSEC_SECY_ATTR_OPER", "uint8"), ("MACSEC_SECY_ATTR_VALIDATE", "uint8"),
-            ("MACSEC_SECY_ATTR_ENCRYPT", "uint8"), ("MACSEC_SECY_ATTR_INC_SCI", "uint8"),
-            ("MACSEC_SECY_ATTR_ES", "uint8"), ("MACSEC_SECY_ATTR_SCB", "uint8"),
-            ("MACSEC_SECY_ATTR_PAD", "hex"),
-        )

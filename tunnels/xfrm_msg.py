@@ -7,8 +7,9 @@ compiler's padding written out as ``__pad`` fields, so a reader can grep
 them against the header. From each table we derive two things:
 
 * a pyroute2 message class (``fields`` + ``nla_map``, pyroute2's own
-  declaration style), used to decode dumps for humans and by the unit tests
-  as an independent codec;
+  declaration style) in :mod:`qkdgate.tunnels.netlink_decode`, used to
+  decode dumps for humans and by the unit tests as an independent codec
+  (kept apart: importing pyroute2 costs seconds a starved failsafe lacks);
 * a :class:`Layout`: one precompiled ``struct.Struct`` for the hot path.
   pyroute2's generic encoder manages ~100 SA add+delete pairs per second
   under TCG; a precompiled layout is an order of magnitude faster.
@@ -23,8 +24,6 @@ from __future__ import annotations
 import socket
 import struct
 from collections.abc import Iterable, Mapping
-
-from pyroute2.netlink import nla, nlmsg
 
 from qkdgate.errors import LocalProtocolError
 
@@ -175,68 +174,3 @@ SIZEOF = {"xfrm_usersa_info": 224, "xfrm_usersa_id": 24, "xfrm_userspi_info": 23
           "xfrm_userpolicy_info": 168, "xfrm_userpolicy_id": 64, "xfrm_user_tmpl": 64,
           "xfrm_algo_aead": 72, "xfrm_replay_state_esn": 24, "xfrm_encap_tmpl": 24,
           "xfrm_mark": 8, "xfrm_lifetime_cur": 32, "xfrm_user_expire": 232}
-
-
-# --------------------------------------------------------------------------
-# pyroute2 declarations (decoding dumps; the independent codec in tests)
-# --------------------------------------------------------------------------
-
-class _xfrm_nlas:
-    nla_map = (
-        ("XFRMA_UNSPEC", "none"), ("XFRMA_ALG_AUTH", "hex"), ("XFRMA_ALG_CRYPT", "hex"),
-        ("XFRMA_ALG_COMP", "hex"), ("XFRMA_ENCAP", "xfrm_encap_tmpl"),
-        ("XFRMA_TMPL", "xfrm_user_tmpl"), ("XFRMA_SA", "hex"), ("XFRMA_POLICY", "hex"),
-        ("XFRMA_SEC_CTX", "hex"), ("XFRMA_LTIME_VAL", "xfrm_lifetime_cur"),
-        ("XFRMA_REPLAY_VAL", "hex"), ("XFRMA_REPLAY_THRESH", "uint32"),
-        ("XFRMA_ETIMER_THRESH", "uint32"), ("XFRMA_SRCADDR", "hex"), ("XFRMA_COADDR", "hex"),
-        ("XFRMA_LASTUSED", "uint64"), ("XFRMA_POLICY_TYPE", "hex"), ("XFRMA_MIGRATE", "hex"),
-        ("XFRMA_ALG_AEAD", "xfrm_algo_aead"), ("XFRMA_KMADDRESS", "hex"),
-        ("XFRMA_ALG_AUTH_TRUNC", "hex"), ("XFRMA_MARK", "xfrm_mark"),
-        ("XFRMA_TFCPAD", "uint32"), ("XFRMA_REPLAY_ESN_VAL", "xfrm_replay_state_esn"),
-        ("XFRMA_SA_EXTRA_FLAGS", "uint32"), ("XFRMA_PROTO", "uint8"),
-        ("XFRMA_ADDRESS_FILTER", "hex"), ("XFRMA_PAD", "hex"), ("XFRMA_OFFLOAD_DEV", "hex"),
-        ("XFRMA_SET_MARK", "uint32"), ("XFRMA_SET_MARK_MASK", "uint32"),
-        ("XFRMA_IF_ID", "uint32"),
-    )
-
-    class xfrm_encap_tmpl(nla):
-        fields = xfrm_encap_tmpl
-
-    class xfrm_user_tmpl(nla):
-        fields = xfrm_user_tmpl
-
-    class xfrm_lifetime_cur(nla):
-        fields = xfrm_lifetime_cur
-
-    class xfrm_algo_aead(nla):
-        fields = xfrm_algo_aead   # alg_key[] follows; not decoded (secret)
-
-    class xfrm_mark(nla):
-        fields = xfrm_mark
-
-    class xfrm_replay_state_esn(nla):
-        fields = xfrm_replay_state_esn
-
-
-class xfrm_usersa_info_msg(_xfrm_nlas, nlmsg):
-    fields = xfrm_usersa_info
-
-
-class xfrm_usersa_id_msg(_xfrm_nlas, nlmsg):
-    fields = xfrm_usersa_id
-
-
-class xfrm_userpolicy_info_msg(_xfrm_nlas, nlmsg):
-    fields = xfrm_userpolicy_info
-
-
-class xfrm_userpolicy_id_msg(_xfrm_nlas, nlmsg):
-    fields = xfrm_userpolicy_id
-
-
-class xfrm_userspi_info_msg(_xfrm_nlas, nlmsg):
-    fields = xfrm_userspi_info
-
-
-class xfrm_user_expire_msg(_xfrm_nlas, nlmsg):
-    fields = xfrm_user_expire

@@ -325,3 +325,23 @@ def test_xfrm_allocspi_carries_the_reqid_and_records_it_first(tmp_path):
     assert m.num(m.Layout("xfrm_userspi_info", m.xfrm_userspi_info).unpack(body),
                  "info.reqid") == 0x20000
     assert recorded_before[""]["ipsec_reqids"] == [0x20000, 0x20000]
+
+
+def test_failsafe_start_imports_no_pyroute2_nor_asyncio():
+    """``qkdgate failsafe`` is ExecStopPost: systemd kills it at TimeoutStopSec
+    and the dead daemon's SAs then stay. Everything its run imports (the CLI
+    parser with every command module, the registry, both netlink backends)
+    must stay light: ``pyroute2.netlink`` alone loads pyroute2's whole library
+    (0.4-1.7 s on the host, tens of seconds in a starved TCG VM: issue 10)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from qkdgate.gateway.cli.main import build_parser\n"
+            "build_parser()\n"
+            "import qkdgate.tunnels.failsafe, qkdgate.tunnels.state\n"
+            "import qkdgate.tunnels.xfrm, qkdgate.tunnels.macsec\n"
+            "print(' '.join(sorted({m.split('.')[0] for m in sys.modules} & "
+            "{'pyroute2', 'asyncio', 'aiohttp', 'ruamel', 'cryptography'})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == []

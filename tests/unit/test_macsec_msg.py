@@ -12,6 +12,7 @@ from qkdgate.errors import LocalProtocolError
 from qkdgate.interfaces import MacsecSaSpec
 from qkdgate.keymix.secret import SecretBytes
 from qkdgate.tunnels import macsec_msg as m
+from qkdgate.tunnels import netlink_decode
 from qkdgate.tunnels.macsec import MacsecBackend
 from qkdgate.tunnels.netlink import GENLMSGHDR, parse_nlas
 
@@ -107,7 +108,7 @@ def test_pyroute2_declaration_decodes_a_request():
     from qkdgate.tunnels.netlink import nla, nla_nested
     body = GENLMSGHDR.pack(m.MACSEC_CMD_ADD_TXSA, 1, 0) + nla(m.MACSEC_ATTR_IFINDEX, attrs[1]) + \
         nla_nested(m.MACSEC_ATTR_SA_CONFIG, attrs[m.MACSEC_ATTR_SA_CONFIG])
-    msg = m.macsec_genlmsg(struct.pack("=IHHII", 16 + len(body), 0x20, 5, 1, 0) + body)
+    msg = netlink_decode.macsec_genlmsg(struct.pack("=IHHII", 16 + len(body), 0x20, 5, 1, 0) + body)
     msg.decode()
     assert msg.get_attr("MACSEC_ATTR_IFINDEX") == 7
     sa = msg.get_attr("MACSEC_ATTR_SA_CONFIG")

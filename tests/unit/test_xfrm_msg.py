@@ -23,6 +23,7 @@ from qkdgate.interfaces import (
     UdpEncap,
 )
 from qkdgate.keymix.secret import SecretBytes
+from qkdgate.tunnels import netlink_decode
 from qkdgate.tunnels import xfrm_msg as m
 from qkdgate.tunnels.netlink import NLA_F_NESTED, nla, parse_nlas
 from qkdgate.tunnels.xfrm import XfrmBackend, _decode_policy, _decode_sa
@@ -72,7 +73,7 @@ def test_pack_unpack_round_trip_and_pyroute2_agrees():
     for k, val in v.items():
         assert back[k] == val
     # pyroute2's generic decoder reads the same bytes with the same table
-    msg = m.xfrm_usersa_info_msg(raw)
+    msg = netlink_decode.xfrm_usersa_info_msg(raw)
     msg.ft_decode(0)
     assert msg["id.spi"] == 0xDEADBEEF and msg["sel.dport"] == 4500
     assert msg["reqid"] == 77 and msg["lft.hard_add_expires_seconds"] == 600
