@@ -22,7 +22,7 @@
 #    without rebuilding the venv and without one worktree's run changing
 #    another's. The shipped unit file is bound from the checkout unchanged.
 #
-# Built by tools/test-kernel.sh when QKDGATE_SYSTEMD_TESTS=1. Cost measured on
+# Built by tools/test-kernel.sh unless QKDGATE_SYSTEMD_TESTS=0. Cost measured on
 # the shared 2-core lab host: base 260 s once (network), squashfs 4 s (99 MB),
 # package ~20 s per source change, a re-run with nothing to do well under a
 # second.

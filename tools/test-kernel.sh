@@ -14,10 +14,10 @@ bash lab/setup.sh || { echo "test-kernel: lab setup FAILED" >&2; exit 126; }
 # tests/kernel/test_systemd.py (the shipped unit under systemd as PID 1)
 # needs the Debian image lab/systemd-root.sh builds (cached: ~4-5 min once,
 # ~20 s per change of the package source, else under a second); about 3-6
-# min in the VM. Opt-in (QKDGATE_SYSTEMD_TESTS=1) until its SIGKILL case
-# passes on a fast machine: on the idle CI host gA was never seen without an
-# SA between the kill and the restart (docs/operations.md).
-SYSTEMD_TESTS=${QKDGATE_SYSTEMD_TESTS:-0}
+# min in the VM. On by default (issue 10: the stage runs the real unit);
+# QKDGATE_SYSTEMD_TESTS=0 skips it, e.g. on a machine without network for
+# the image's debootstrap.
+SYSTEMD_TESTS=${QKDGATE_SYSTEMD_TESTS:-1}
 if [[ $SYSTEMD_TESTS == 1 ]]; then
   bash lab/systemd-root.sh >/dev/null || { echo "test-kernel: systemd image FAILED" >&2; exit 126; }
 fi
