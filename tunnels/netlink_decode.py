@@ -1,10 +1,10 @@
-"""pyroute2 declarations of the XFRM and MACsec netlink messages, for
-decoding only: the unit tests use them as a codec independent of ours, and a
-human can decode a captured dump with them.
+"""pyroute2 declarations of the XFRM, MACsec and WireGuard netlink
+messages, for decoding only: the unit tests use them as a codec independent
+of ours, and a human can decode a captured dump with them.
 
 Theory of operation: nothing shipped sends or parses with these classes
-(requests and dumps go through the precompiled layouts of
-:mod:`qkdgate.tunnels.xfrm_msg` and :mod:`qkdgate.tunnels.macsec_msg`), so
+(requests and dumps go through the tables and layouts of
+:mod:`qkdgate.tunnels.xfrm_msg`, ``macsec_msg`` and ``wireguard_msg``), so
 they live apart from those tables: importing ``pyroute2.netlink`` runs
 pyroute2's package ``__init__``, which loads its whole library (asyncio,
 NDB, IPDB, conntrack...): about 0.4 s on an idle host, seconds more under
@@ -142,4 +142,31 @@ class macsec_genlmsg(genlmsg):
             ("MACSEC_SECY_ATTR_ENCRYPT", "uint8"), ("MACSEC_SECY_ATTR_INC_SCI", "uint8"),
             ("MACSEC_SECY_ATTR_ES", "uint8"), ("MACSEC_SECY_ATTR_SCB", "uint8"),
             ("MACSEC_SECY_ATTR_PAD", "hex"),
+        )
+
+
+# --------------------------------------------------------------------------
+# WireGuard (include/uapi/linux/wireguard.h), names as in wireguard_msg
+# --------------------------------------------------------------------------
+
+class wg_genlmsg(genlmsg):
+    """The wireguard family in pyroute2's declaration style (decoding only)."""
+
+    prefix = "WGDEVICE_A_"
+    nla_map = (
+        ("WGDEVICE_A_UNSPEC", "none"), ("WGDEVICE_A_IFINDEX", "uint32"),
+        ("WGDEVICE_A_IFNAME", "asciiz"), ("WGDEVICE_A_PRIVATE_KEY", "hex"),
+        ("WGDEVICE_A_PUBLIC_KEY", "hex"), ("WGDEVICE_A_FLAGS", "uint32"),
+        ("WGDEVICE_A_LISTEN_PORT", "uint16"), ("WGDEVICE_A_FWMARK", "uint32"),
+        ("WGDEVICE_A_PEERS", "hex"),
+    )
+
+    class peer(nla):
+        nla_map = (
+            ("WGPEER_A_UNSPEC", "none"), ("WGPEER_A_PUBLIC_KEY", "hex"),
+            ("WGPEER_A_PRESHARED_KEY", "hex"), ("WGPEER_A_FLAGS", "uint32"),
+            ("WGPEER_A_ENDPOINT", "hex"), ("WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL", "uint16"),
+            ("WGPEER_A_LAST_HANDSHAKE_TIME", "hex"), ("WGPEER_A_RX_BYTES", "uint64"),
+            ("WGPEER_A_TX_BYTES", "uint64"), ("WGPEER_A_ALLOWEDIPS", "hex"),
+            ("WGPEER_A_PROTOCOL_VERSION", "uint32"),
         )

@@ -2,8 +2,9 @@
 
 Theory of operation: names are copied verbatim from the header so they grep.
 Requests are packed by :mod:`qkdgate.tunnels.wireguard` with
-:func:`~qkdgate.tunnels.netlink.nla`; :class:`wg_genlmsg` declares the same
-tree in pyroute2's style for decoding dumps in tests. The header's notes
+:func:`~qkdgate.tunnels.netlink.nla`; ``wg_genlmsg`` in
+:mod:`qkdgate.tunnels.netlink_decode` declares the same tree in pyroute2's
+style for decoding dumps. The header's notes
 that matter here:
 
 * ``WG_CMD_GET_DEVICE`` must be a dump (``NLM_F_DUMP``) naming the device by
@@ -18,8 +19,6 @@ that matter here:
 """
 
 from __future__ import annotations
-
-from pyroute2.netlink import genlmsg, nla
 
 WG_GENL_NAME = "wireguard"
 WG_GENL_VERSION = 1
@@ -42,26 +41,3 @@ WGPEER_F_REMOVE_ME, WGPEER_F_REPLACE_ALLOWEDIPS, WGPEER_F_UPDATE_ONLY = 1 << 0, 
  WGPEER_A_PROTOCOL_VERSION) = range(11)
 # enum wgallowedip_attribute
 WGALLOWEDIP_A_UNSPEC, WGALLOWEDIP_A_FAMILY, WGALLOWEDIP_A_IPADDR, WGALLOWEDIP_A_CIDR_MASK = range(4)
-
-
-class wg_genlmsg(genlmsg):
-    """The wireguard family in pyroute2's declaration style (decoding only)."""
-
-    prefix = "WGDEVICE_A_"
-    nla_map = (
-        ("WGDEVICE_A_UNSPEC", "none"), ("WGDEVICE_A_IFINDEX", "uint32"),
-        ("WGDEVICE_A_IFNAME", "asciiz"), ("WGDEVICE_A_PRIVATE_KEY", "hex"),
-        ("WGDEVICE_A_PUBLIC_KEY", "hex"), ("WGDEVICE_A_FLAGS", "uint32"),
-        ("WGDEVICE_A_LISTEN_PORT", "uint16"), ("WGDEVICE_A_FWMARK", "uint32"),
-        ("WGDEVICE_A_PEERS", "hex"),
-    )
-
-    class peer(nla):
-        nla_map = (
-            ("WGPEER_A_UNSPEC", "none"), ("WGPEER_A_PUBLIC_KEY", "hex"),
-            ("WGPEER_A_PRESHARED_KEY", "hex"), ("WGPEER_A_FLAGS", "uint32"),
-            ("WGPEER_A_ENDPOINT", "hex"), ("WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL", "uint16"),
-            ("WGPEER_A_LAST_HANDSHAKE_TIME", "hex"), ("WGPEER_A_RX_BYTES", "uint64"),
-            ("WGPEER_A_TX_BYTES", "uint64"), ("WGPEER_A_ALLOWEDIPS", "hex"),
-            ("WGPEER_A_PROTOCOL_VERSION", "uint32"),
-        )

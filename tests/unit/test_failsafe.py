@@ -327,21 +327,33 @@ def test_xfrm_allocspi_carries_the_reqid_and_records_it_first(tmp_path):
     assert recorded_before[""]["ipsec_reqids"] == [0x20000, 0x20000]
 
 
+def _imported_heavy(code: str) -> list[str]:
+    import subprocess
+    import sys
+
+    code = ("import sys\n" + code +
+            "print(' '.join(sorted({m.split('.')[0] for m in sys.modules} & "
+            "{'pyroute2', 'asyncio', 'aiohttp', 'ruamel', 'cryptography'})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return out.stdout.split()
+
+
 def test_failsafe_start_imports_no_pyroute2_nor_asyncio():
     """``qkdgate failsafe`` is ExecStopPost: systemd kills it at TimeoutStopSec
     and the dead daemon's SAs then stay. Everything its run imports (the CLI
     parser with every command module, the registry, both netlink backends)
     must stay light: ``pyroute2.netlink`` alone loads pyroute2's whole library
     (0.4-1.7 s on the host, tens of seconds in a starved TCG VM: issue 10)."""
-    import subprocess
-    import sys
+    assert _imported_heavy("from qkdgate.gateway.cli.main import build_parser\n"
+                           "build_parser()\n"
+                           "import qkdgate.tunnels.failsafe, qkdgate.tunnels.state\n"
+                           "import qkdgate.tunnels.xfrm, qkdgate.tunnels.macsec\n") == []
 
-    code = ("import sys\n"
-            "from qkdgate.gateway.cli.main import build_parser\n"
-            "build_parser()\n"
-            "import qkdgate.tunnels.failsafe, qkdgate.tunnels.state\n"
-            "import qkdgate.tunnels.xfrm, qkdgate.tunnels.macsec\n"
-            "print(' '.join(sorted({m.split('.')[0] for m in sys.modules} & "
-            "{'pyroute2', 'asyncio', 'aiohttp', 'ruamel', 'cryptography'})))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.split() == []
+
+def test_daemon_start_imports_no_pyroute2():
+    """The daemon's start races the unit's TimeoutStartSec=90s in the same
+    starved VM; what it builds tunnels with (every backend and consumer,
+    WireGuard included) must not load pyroute2's library either."""
+    assert "pyroute2" not in _imported_heavy(
+        "import qkdgate.gateway.cli.run, qkdgate.gateway.daemon.daemon\n"
+        "import qkdgate.gateway.daemon.build, qkdgate.tunnels.wireguard\n")
