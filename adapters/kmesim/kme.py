@@ -52,7 +52,8 @@ from qkdgate.adapters.kmesim import relay
 from qkdgate.adapters.kmesim.linkmodel import ALARM_LINK_DOWN, ALARM_QBER, QkdLink
 from qkdgate.adapters.kmesim.topology import Graph, Topology
 
-__all__ = ["BAD_REQUEST", "UNAUTHORIZED", "Reply", "Seen", "SimKme", "SimNetwork", "error"]
+__all__ = ["BAD_REQUEST", "UNAUTHORIZED", "Prepared", "Reply", "Seen", "SimKme", "SimNetwork",
+           "error"]
 
 Route = tuple[str, ...]
 
@@ -79,6 +80,32 @@ class _Plan:
 
     def hops(self) -> list[frozenset[str]]:
         return [frozenset(h) for r in self.routes for h in pairwise(r)]
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """Keys drawn for an enc_keys request, not yet held for the slaves."""
+
+    kme_id: str
+    peer: str                      # the slave SAEs' KME
+    plan: _Plan
+    caller: str
+    slave: str
+    extra: tuple[str, ...]         # additional_slave_SAE_IDs
+    keys: list[tuple[str, bytes]] = field(repr=False)
+    unhandled_optional: list[str] = field(default_factory=list)
+
+    @property
+    def slaves(self) -> frozenset[str]:
+        return frozenset((self.slave, *self.extra))
+
+    def reply(self) -> Reply:
+        body: dict[str, Any] = {"keys": [
+            {"key_ID": i, "key": base64.b64encode(m).decode("ascii")} for i, m in self.keys]}
+        if self.unhandled_optional:
+            body["key_container_extension"] = {
+                "qkdgate_unhandled_extension_optional": self.unhandled_optional}
+        return Reply(200, body)
 
 
 @dataclass
@@ -243,8 +270,11 @@ class SimNetwork:
             "status_extension": extension,
         })
 
-    def enc_keys(self, kme_id: str, caller: str, slave: str, req: object) -> Reply:
-        """ETSI GS QKD 014 5.3 / 6.2 / 6.3."""
+    def prepare_enc_keys(self, kme_id: str, caller: str, slave: str,
+                         req: object) -> Reply | Prepared:
+        """ETSI GS QKD 014 5.3 / 6.2 / 6.3 up to drawing the keys: an error
+        Reply, or the keys and how they reach the slave's KME. Link key is
+        consumed here, all or nothing over the route."""
         pair = self._pair(kme_id, caller, slave)
         if isinstance(pair, Reply):
             return pair
@@ -316,41 +346,83 @@ class SimNetwork:
             if not link.take(uses[h] * number * per_key):
                 raise RuntimeError("link refused key it was just checked to hold")   # our bug
         keys = []
-        slaves = {slave, *extra}
         for _ in range(number):
             key_id = str(uuid.UUID(bytes=self.rng(16), version=4))
             material = self.rng(size // 8)
-            if plan.relayed and self._relay(plan, key_id, caller, slave, material) != material:
-                raise RuntimeError("relay delivered a different key")   # our bug
             for node in {plan.routes[0][0], plan.routes[0][-1]} & self.compromised:
                 self._seen.append(Seen(node, key_id, caller, slave, plan.routes[0], (1, 1),
                                        material))
-            peer.issued[key_id] = _Issued(material, caller, frozenset(slaves), set(slaves))
-            if len(peer.issued) > peer.max_issued:
-                # Orphans of lost enc_keys answers must not grow the store forever.
-                del peer.issued[next(iter(peer.issued))]
-            keys.append({"key_ID": key_id, "key": base64.b64encode(material).decode("ascii")})
-        body: dict[str, Any] = {"keys": keys}
-        if optional:
-            body["key_container_extension"] = {
-                "qkdgate_unhandled_extension_optional": sorted({k for e in optional for k in e})}
-        return Reply(200, body)
+            keys.append((key_id, material))
+        return Prepared(kme.kme_id, peer.kme_id, plan, caller, slave, tuple(extra), keys,
+                        sorted({k for e in optional for k in e}))
 
-    def _relay(self, plan: _Plan, key_id: str, master: str, slave: str, material: bytes) -> bytes:
-        """Carry ``material`` from the route's first node to its last, hop by
-        hop (one XOR share per route); returns what the last node holds."""
-        k = len(plan.routes)
+    def enc_keys(self, kme_id: str, caller: str, slave: str, req: object) -> Reply:
+        """ETSI GS QKD 014 5.3 / 6.2 / 6.3, relaying in-process (sans-IO);
+        the HTTPS simulator relays over ETSI 020 instead (:mod:`.interkme`)."""
+        prep = self.prepare_enc_keys(kme_id, caller, slave, req)
+        if isinstance(prep, Reply):
+            return prep
+        for key_id, material in prep.keys:
+            if prep.plan.relayed and self._relay(prep, key_id, material) != material:
+                raise RuntimeError("relay delivered a different key")   # our bug
+        return self.issue(prep)
+
+    def issue(self, prep: Prepared) -> Reply:
+        """Hold ``prep``'s keys for the slaves and answer the master."""
+        for key_id, material in prep.keys:
+            self.deliver(prep.peer, key_id, material, prep.caller, prep.slaves)
+        return prep.reply()
+
+    def deliver(self, kme_id: str, key_id: str, material: bytes, master: str,
+                slaves: frozenset[str]) -> None:
+        """The slave SAEs' KME holds a key for them (ETSI 014 dec_keys)."""
+        peer = self.kmes[kme_id]
+        peer.issued[key_id] = _Issued(material, master, slaves, set(slaves))
+        if len(peer.issued) > peer.max_issued:
+            # Orphans of lost enc_keys answers must not grow the store forever.
+            del peer.issued[next(iter(peer.issued))]
+
+    def void(self, kme_id: str, key_id: str) -> bool:
+        """Discard a key no slave may fetch any more (ETSI 020 void); False
+        if this KME did not hold it."""
+        return self.kmes[kme_id].issued.pop(key_id, None) is not None
+
+    def record(self, node: str, hop: relay.Hop, material: bytes) -> None:
+        """What a trusted node held in the clear while relaying ``hop``."""
+        if node in self.compromised:
+            self._seen.append(Seen(node, hop.key_id, hop.initiator_sae, hop.target_sae,
+                                   hop.route, hop.share, material))
+
+    def first_hops(self, prep: Prepared, key_id: str, material: bytes,
+                   ack_url: str = "") -> list[tuple[relay.Hop, bytes]]:
+        """The first hop of every route for one key: (hop, share to send)."""
+        k = len(prep.plan.routes)
         shares = relay.split(material, k, self.rng) if k > 1 else [material]
+        return [(relay.Hop(key_id, prep.caller, prep.slave, route, 0, (i, k), prep.extra,
+                           ack_url), share)
+                for i, (route, share) in enumerate(zip(prep.plan.routes, shares, strict=True), 1)]
+
+    def seal(self, hop: relay.Hop, material: bytes) -> bytes:
+        """Draw the hop's link key and seal ``material`` for ``hop.dst``."""
+        store = self.link_keys[frozenset((hop.src, hop.dst))]
+        return relay.seal(hop, store.draw(len(material)), material)
+
+    def open(self, wire: bytes, receiver: str, sender: str | None = None) -> relay.Opened:
+        opened = relay.open_hop(wire, receiver, self._link_keys, sender=sender)
+        if opened.hop.dst != opened.hop.route[-1]:
+            self.record(receiver, opened.hop, opened.material)
+        return opened
+
+    def _relay(self, prep: Prepared, key_id: str, material: bytes) -> bytes:
+        """Carry ``material`` from the route's first node to its last, hop by
+        hop (one XOR share per route), in-process; returns what the last node holds."""
         out = []
-        for i, (route, share) in enumerate(zip(plan.routes, shares, strict=True), 1):
-            held = share
-            for index in range(len(route) - 1):
-                hop = relay.Hop(key_id, master, slave, route, index, (i, k))
-                store = self.link_keys[frozenset((hop.src, hop.dst))]
-                wire = relay.seal(hop, store.draw(len(held)), held)
-                held = relay.open_hop(wire, hop.dst, self._link_keys).material
-                if hop.dst != route[-1] and hop.dst in self.compromised:
-                    self._seen.append(Seen(hop.dst, key_id, master, slave, route, (i, k), held))
+        for hop, held in self.first_hops(prep, key_id, material):
+            while True:
+                held = self.open(self.seal(hop, held), hop.dst).material
+                if hop.dst == hop.route[-1]:
+                    break
+                hop = hop.next()
             out.append(held)
         return relay.join(out)
 

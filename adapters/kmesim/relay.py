@@ -19,19 +19,23 @@ holds the key in the clear: every trusted node on the route sees it. That is
 the trust the network asks for; :mod:`.kme` records what compromised nodes
 saw. The security argument is in docs/qkd.md ("Trusted-node relay").
 
-Messages follow the ETSI GS QKD 020 draft's KME-to-KME "ext_keys" container
-(OpenAPI "Interoperable Key Management System API", draft 0.4.1, work item
-DGS/QKD-020_InteropKMS: ``POST /kmapi/v1/ext_keys`` with ``keys[{key_id,
-value, extension}]``, ``initiator_sae_id``, ``target_sae_ids``,
-``ack_callback_url``; the answer an ack container with ``key_ids``,
-``ack_status`` ``relayed``/``failed``, ``initiator_sae_id``,
-``target_sae_id``, ``message``). The draft moves keys between KMSs *inside*
-a trusted node, in the clear under TLS; qkdgate's part, labelled as such, is
-the vendor extension ``qkdgate_relay`` on each key that carries the hop,
-route, link key_ID and tag, and ``value`` holding the padded key instead of
-the key. The simulator delivers the containers in-process (encoded to JSON
-and decoded again), not over HTTP: ``ack_callback_url`` names the path a
-KME would serve.
+Messages follow the ETSI GS QKD 020 draft "Interoperable Key Management
+System API" (OpenAPI ``interop-kms.yaml``, Draft 0.5.1, work item
+DGS/QKD-020_InteropKMS, forge.etsi.org/rep/qkd/gs020-interop-kms; quoted in
+docs/qkd.md): a hop is an ``ext_key_container`` POSTed to
+``/kmapi/v1/ext_keys`` (``keys[{key_id, value}]``, ``initiator_sae_id``,
+``target_sae_ids``, ``ack_callback_url``, ``extension_mandatory``); the
+answer comes later as an array of ack containers POSTed to the callback
+(``key_ids[{key_id}]``, ``ack_status`` ``relayed``/``failed``/``voided``/
+``key not present``, ``initiator_sae_id``, ``target_sae_id``, ``message``);
+``/kmapi/v1/ext_keys/void`` discards keys not yet delivered. The draft moves
+keys between KMSs *inside* a trusted node, in the clear under TLS;
+qkdgate's part, labelled as such, is the mandatory vendor extension
+``qkdgate_relay`` (route, hop, link key_ID, share, tag) and ``value``
+holding the padded key instead of the key. A KME that does not implement
+the extension must refuse the container (``extension_mandatory``), so the
+padded value can never be taken for a key. The HTTPS transport is
+:mod:`.interkme`; this module only builds and checks the messages.
 
 Pure: no I/O, randomness injected.
 """
@@ -54,8 +58,11 @@ from qkdgate.errors import AuthenticationFailed, RemoteProtocolError
 MAC_KEY_BYTES = 32          # Poly1305 one-time key (r, s)
 TAG_BYTES = 16
 EXT = "qkdgate_relay"       # vendor extension: ETSI 014 6.1 / 020 prefix convention
-EXT_KEYS_PATH = "/kmapi/v1/ext_keys"          # ETSI GS QKD 020 draft
-ACK_PATH = "/kmapi/v1/ext_keys/ack"           # ETSI GS QKD 020 draft
+# ETSI GS QKD 020 draft 0.5.1 (interop-kms.yaml) paths, all served by every node:
+VERSIONS_PATH = "/kmapi/versions"             # GET: {"versions": [...]}
+EXT_KEYS_PATH = "/kmapi/v1/ext_keys"          # POST ext_key_container -> 202 / 400 / 401
+ACK_PATH = "/kmapi/v1/ext_keys/ack"           # POST [ack container] -> 200
+VOID_PATH = "/kmapi/v1/ext_keys/void"         # POST void container -> 202, then an ack
 
 
 def link_bits(size_bits: int) -> int:
@@ -114,6 +121,8 @@ class Hop:
     route: tuple[str, ...]
     index: int                     # 0: from route[0] to route[1]
     share: tuple[int, int] = (1, 1)   # (i, k): share i of k, XORed at the end
+    also: tuple[str, ...] = ()     # additional slave SAEs (ETSI 014 additional_slave_SAE_IDs)
+    ack_url: str = ""              # the initiator KME's ack callback (ETSI 020 ack_callback_url)
 
     @property
     def src(self) -> str:
@@ -123,23 +132,28 @@ class Hop:
     def dst(self) -> str:
         return self.route[self.index + 1]
 
+    def next(self) -> Hop:
+        return Hop(self.key_id, self.initiator_sae, self.target_sae, self.route, self.index + 1,
+                   self.share, self.also, self.ack_url)
+
 
 def seal(hop: Hop, link_key: LinkKey, material: bytes) -> bytes:
-    """The wire form of one hop: an ETSI 020 ext_keys container, JSON."""
+    """The wire form of one hop: the body of ``POST /kmapi/v1/ext_keys``
+    (ETSI GS QKD 020 draft 0.5.1 ``ext_key_container``), JSON."""
     ext = {"route": list(hop.route), "hop": hop.index, "from_KME_ID": hop.src,
            "to_KME_ID": hop.dst, "link_key_ID": link_key.key_id, "share": list(hop.share),
            "otp": "xor", "mac": "poly1305-one-time"}
     container: dict[str, Any] = {
         "keys": [{"key_id": hop.key_id,
-                  "value": base64.b64encode(_xor(material, link_key.pad)).decode("ascii"),
-                  "extension": {EXT: ext}}],
+                  "value": base64.b64encode(_xor(material, link_key.pad)).decode("ascii")}],
         "initiator_sae_id": hop.initiator_sae,
-        "target_sae_ids": [hop.target_sae],
-        "ack_callback_url": f"https://{hop.src}{ACK_PATH}",
+        "target_sae_ids": [hop.target_sae, *hop.also],
+        "ack_callback_url": hop.ack_url or f"https://{hop.route[0]}{ACK_PATH}",
+        "extension_mandatory": [{EXT: ext}],
     }
     tag = Poly1305.generate_tag(link_key.mac_key, _canonical(container))
     ext["tag"] = base64.b64encode(tag).decode("ascii")
-    return _canonical({"ext_key_container": container})
+    return _canonical(container)
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,33 +162,55 @@ class Opened:
     material: bytes = field(repr=False)
 
 
-def open_hop(wire: bytes, receiver: str,
-             links: Callable[[str, str], LinkKeyStore | None]) -> Opened:
-    """Check and unpad one hop at ``receiver``. Raises RemoteProtocolError
-    for a malformed container, AuthenticationFailed for a bad tag; the link
-    key is spent either way (a forger gets one try per link key)."""
+def parse(wire: bytes) -> tuple[Hop, dict[str, Any], bytes, bytes, str]:
+    """(hop, container without the tag, tag, padded value, link key_ID);
+    RemoteProtocolError if it is not a well-formed relay container."""
     try:
-        doc = json.loads(wire)
-        container = doc["ext_key_container"]
+        container = json.loads(wire)
+        if not isinstance(container, dict):
+            raise TypeError("not an object")
         (item,) = container["keys"]
-        ext = item["extension"][EXT]
+        (mandatory,) = container["extension_mandatory"]
+        ext = mandatory[EXT]
+        if set(mandatory) != {EXT}:
+            raise ValueError("unsupported mandatory extension")
         tag = base64.b64decode(ext.pop("tag"), validate=True)
-        (target,) = container["target_sae_ids"]
+        target, *also = container["target_sae_ids"]
         hop = Hop(str(item["key_id"]), str(container["initiator_sae_id"]), str(target),
                   tuple(str(n) for n in ext["route"]), int(ext["hop"]),
-                  (int(ext["share"][0]), int(ext["share"][1])))
+                  (int(ext["share"][0]), int(ext["share"][1])), tuple(str(a) for a in also),
+                  str(container["ack_callback_url"]))
         padded = base64.b64decode(item["value"], validate=True)
         link_key_id = str(ext["link_key_ID"])
-        if hop.dst != receiver or ext["to_KME_ID"] != receiver or ext["from_KME_ID"] != hop.src:
-            raise RemoteProtocolError("relay message for another node")
-    except (KeyError, IndexError, TypeError, ValueError, binascii.Error,
-            json.JSONDecodeError) as exc:
-        raise RemoteProtocolError(f"malformed ETSI 020 ext_keys container: {type(exc).__name__}") \
+        if not 0 <= hop.index < len(hop.route) - 1 or not 1 <= hop.share[0] <= hop.share[1]:
+            raise ValueError("hop or share out of range")
+        if ext["to_KME_ID"] != hop.dst or ext["from_KME_ID"] != hop.src:
+            raise ValueError("from/to do not match the route")
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, binascii.Error,
+            json.JSONDecodeError, RecursionError) as exc:
+        raise RemoteProtocolError(f"malformed ETSI 020 ext_key_container: {type(exc).__name__}") \
             from None
+    return hop, container, tag, padded, link_key_id
+
+
+def open_hop(wire: bytes, receiver: str,
+             links: Callable[[str, str], LinkKeyStore | None], *,
+             sender: str | None = None) -> Opened:
+    """Check and unpad one hop at ``receiver``. Raises RemoteProtocolError
+    for a malformed container, one for another node, or a replayed one (its
+    link key is spent); AuthenticationFailed when ``sender`` (the KME the
+    TLS client certificate names) is not the hop's sender, or for a bad tag.
+    The link key is spent by a bad tag (a forger gets one try per link
+    key), never by a container refused before the tag check."""
+    hop, container, tag, padded, link_key_id = parse(wire)
+    if hop.dst != receiver:
+        raise RemoteProtocolError("relay message for another node")
+    if sender is not None and sender != hop.src:
+        raise AuthenticationFailed(f"relay hop from {hop.src} sent by {sender}")
     store = links(hop.src, hop.dst)
     link_key = store.take(link_key_id) if store is not None else None
     if link_key is None:
-        raise RemoteProtocolError("unknown or spent link key_ID")
+        raise RemoteProtocolError("unknown or spent link key_ID (replayed container?)")
     try:
         Poly1305.verify_tag(link_key.mac_key, _canonical(container), tag)
     except InvalidSignature:
@@ -183,6 +219,66 @@ def open_hop(wire: bytes, receiver: str,
     if len(padded) != len(link_key.pad):
         raise RemoteProtocolError("padded key of the wrong length")
     return Opened(hop, _xor(padded, link_key.pad))
+
+
+# ETSI GS QKD 020 draft 0.5.1: ack_status values of the ack container.
+RELAYED, FAILED, VOIDED, NOT_PRESENT = "relayed", "failed", "voided", "key not present"
+ACK_STATUSES = (RELAYED, FAILED, VOIDED, NOT_PRESENT, "failed to void")
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    key_ids: tuple[str, ...]
+    status: str
+    initiator_sae: str
+    target_sae: str
+    message: str = ""
+
+
+def ack_body(acks: Sequence[Ack]) -> bytes:
+    """The body of ``POST /kmapi/v1/ext_keys/ack``: an array of ack containers."""
+    return _canonical([{"key_ids": [{"key_id": k} for k in a.key_ids], "ack_status": a.status,
+                        "initiator_sae_id": a.initiator_sae, "target_sae_id": a.target_sae,
+                        "message": a.message} for a in acks])   # type: ignore[arg-type]
+
+
+def parse_acks(wire: bytes) -> list[Ack]:
+    try:
+        doc = json.loads(wire)
+        items = doc if isinstance(doc, list) else [doc]
+        out = [Ack(tuple(str(k["key_id"]) for k in a["key_ids"]), str(a["ack_status"]),
+                   str(a["initiator_sae_id"]), str(a["target_sae_id"]), str(a.get("message", "")))
+               for a in items]
+        if not out or any(a.status not in ACK_STATUSES or not a.key_ids for a in out):
+            raise ValueError("bad ack_status or no key_ids")
+    except (KeyError, TypeError, ValueError, AttributeError, json.JSONDecodeError,
+            RecursionError) as exc:
+        raise RemoteProtocolError(f"malformed ETSI 020 ack container: {type(exc).__name__}") \
+            from None
+    return out
+
+
+def void_body(key_ids: Sequence[str], initiator_sae: str, targets: Sequence[str],
+              ack_url: str) -> bytes:
+    """The body of ``POST /kmapi/v1/ext_keys/void``."""
+    return _canonical({"key_ids": [{"key_id": k} for k in key_ids],
+                       "initiator_sae_id": initiator_sae, "target_sae_ids": list(targets),
+                       "ack_callback_url": ack_url})
+
+
+def parse_void(wire: bytes) -> tuple[tuple[str, ...], str, tuple[str, ...], str]:
+    try:
+        doc = json.loads(wire)
+        ids = tuple(str(k["key_id"]) for k in doc["key_ids"])
+        out = (ids, str(doc["initiator_sae_id"]),
+               tuple(str(t) for t in doc["target_sae_ids"]), str(doc["ack_callback_url"]))
+        if not ids:
+            raise ValueError("no key_ids")
+    except (KeyError, TypeError, ValueError, AttributeError, json.JSONDecodeError,
+            RecursionError) as exc:
+        raise RemoteProtocolError(f"malformed ETSI 020 void container: {type(exc).__name__}") \
+            from None
+    return out
 
 
 def split(material: bytes, k: int, rng: Callable[[int], bytes]) -> list[bytes]:

@@ -3,6 +3,7 @@ pad + one-time Poly1305, ETSI 020-shaped containers), routing, key use per
 link, and what a compromised node learns (issue 13 item 3)."""
 
 import base64
+import dataclasses
 import json
 import os
 
@@ -60,29 +61,31 @@ def hop_fixture():
 
 def test_hop_is_an_etsi020_container_with_the_key_padded():
     store, hop, key, wire = hop_fixture()
-    doc = json.loads(wire)["ext_key_container"]
+    doc = json.loads(wire)        # the body of POST /kmapi/v1/ext_keys itself
     assert doc["initiator_sae_id"] == "SAE-A" and doc["target_sae_ids"] == ["SAE-B"]
     assert doc["ack_callback_url"].endswith("/kmapi/v1/ext_keys/ack")
     (item,) = doc["keys"]
-    assert item["key_id"] == hop.key_id
+    assert item["key_id"] == hop.key_id and set(item) == {"key_id", "value"}
+    (ext,) = doc["extension_mandatory"]       # a KME without qkdgate_relay must refuse it
+    assert set(ext) == {relay.EXT}
     assert base64.b64decode(item["value"]) != key          # the pad, not the key, travels
     assert key.hex() not in wire.decode() and base64.b64encode(key).decode() not in wire.decode()
     opened = relay.open_hop(wire, "KME-B", lambda a, b: store)
-    assert opened.material == key and opened.hop == hop
+    assert opened.material == key
+    assert opened.hop == dataclasses.replace(hop, ack_url="https://KME-A/kmapi/v1/ext_keys/ack")
     assert len(store) == 0                                 # the link key is spent
 
 
 @pytest.mark.parametrize("field", ["value", "route", "target"])
 def test_a_changed_hop_fails_its_tag(field):
     store, _hop, _key, wire = hop_fixture()
-    doc = json.loads(wire)
-    c = doc["ext_key_container"]
+    doc = c = json.loads(wire)
     if field == "value":
         v = bytearray(base64.b64decode(c["keys"][0]["value"]))
         v[0] ^= 1
         c["keys"][0]["value"] = base64.b64encode(bytes(v)).decode()
     elif field == "route":
-        c["keys"][0]["extension"][relay.EXT]["route"][0] = "KME-X"
+        c["extension_mandatory"][0][relay.EXT]["route"][0] = "KME-X"
     else:
         c["target_sae_ids"] = ["SAE-EVE"]
     with pytest.raises(AuthenticationFailed):
@@ -97,7 +100,7 @@ def test_a_replayed_hop_or_one_for_another_node_is_refused():
     with pytest.raises(RemoteProtocolError, match="spent"):
         relay.open_hop(wire, "KME-B", lambda a, b: store)
     with pytest.raises(RemoteProtocolError, match="malformed"):
-        relay.open_hop(b'{"ext_key_container": {"keys": []}}', "KME-B", lambda a, b: store)
+        relay.open_hop(b'{"keys": []}', "KME-B", lambda a, b: store)
 
 
 def test_xor_shares_hide_the_key_until_all_are_joined():
