@@ -126,9 +126,10 @@ def _make_leaf(cred: Credential, cn: str, issuer: Credential, *, server: bool,
 
 
 def ensure_pki(state_dir: str | Path, kme_ids: list[str], sae_ids: list[str],
-               rogue: tuple[str, ...] = ()) -> Pki:
+               rogue: tuple[str, ...] = (), *, kme_client: bool = False) -> Pki:
     """Create (or reuse) the CA and the certificates for these IDs under
-    ``state_dir/pki``; ``rogue`` names get certificates from the rogue CA."""
+    ``state_dir/pki``; ``rogue`` names get certificates from the rogue CA.
+    ``kme_client``: KME certificates serve as TLS clients too (KME to KME)."""
     d = Path(state_dir) / "pki"
     d.mkdir(parents=True, exist_ok=True, mode=0o700)
     pki = Pki(d, d / "ca.pem", d / "rogue-ca.pem")
@@ -141,7 +142,7 @@ def ensure_pki(state_dir: str | Path, kme_ids: list[str], sae_ids: list[str],
     for kme_id in kme_ids:
         c = pki.kme(_safe(kme_id))
         if not (c.cert.exists() and c.key.exists()):
-            _make_leaf(c, kme_id, ca, server=True, now=now)
+            _make_leaf(c, kme_id, ca, server=True, client=kme_client, now=now)
     for sae_id in sae_ids:
         c = pki.sae(_safe(sae_id))
         if not (c.cert.exists() and c.key.exists()):

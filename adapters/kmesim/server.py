@@ -43,6 +43,7 @@ from qkdgate.adapters.etsi014_server import (
     json_response,
     request_object,
 )
+from qkdgate.adapters.kmesim.interkme import InterKme
 from qkdgate.adapters.kmesim.kme import SimNetwork, error
 from qkdgate.adapters.kmesim.linkmodel import REALISTIC, LinkParams, QkdLink
 from qkdgate.adapters.kmesim.pki import Pki, ensure_pki
@@ -120,6 +121,7 @@ class KmeSimulator:
         self.qkd004_binary: dict[str, Qkd004BinaryServer] = {}
         self.ports004: dict[str, int] = {}
         self._runners: list[web.AppRunner] = []
+        self.interkme: InterKme | None = None   # topology: the ETSI 020 relay over HTTPS
 
     # ----------------------------------------------------------- lifecycle
 
@@ -133,14 +135,19 @@ class KmeSimulator:
                     max_key_count: int = 100000, prefill: int | None = None,
                     now: Callable[[], float] = time.monotonic,
                     rng: Callable[[int], bytes] = os.urandom,
-                    topology: Topology | None = None) -> AsyncIterator[KmeSimulator]:
+                    topology: Topology | None = None,
+                    interkme_ports: Mapping[str, int] | None = None,
+                    relay_timeout: float = 5.0) -> AsyncIterator[KmeSimulator]:
         """Start the KMEs (ports 0 = ephemeral) and stop them on exit.
         ``saes`` maps SAE ID -> KME ID (default: SAE-A at KME-A, ...);
         ``prefill`` puts that many keys in every link pool; each KME also
         serves the binary ETSI 004 binding on ``qkd004_ports`` (default
         ephemeral) unless ``qkd004_binary`` is False. A ``topology`` replaces
         ``kmes``, ``saes``, the link and pool arguments: one KME per node,
-        its links only, keys relayed between nodes that share no link."""
+        its links only, keys relayed between nodes that share no link, each
+        hop a POST of the ETSI GS QKD 020 API between the nodes' HTTPS
+        servers (:mod:`.interkme`, ``interkme_ports`` default ephemeral;
+        ``relay_timeout`` bounds the wait for the target KME's ack)."""
         state = Path(state_dir)
         if topology is not None:
             net = SimNetwork.from_topology(topology, now=now, rng=rng)
@@ -163,6 +170,10 @@ class KmeSimulator:
                                       ("KME-ROGUE", "SAE-ROGUE"))
         sim = cls(state, net, pki, host)
         try:
+            if topology is not None:
+                sim.interkme = await asyncio.to_thread(InterKme, net, state, host,
+                                                       timeout=relay_timeout)
+                await sim.interkme.start(dict(interkme_ports or {}))
             for k in kmes:
                 await sim._serve_kme(k, (ports or {}).get(k, 0))
                 if qkd004_binary:
@@ -171,6 +182,8 @@ class KmeSimulator:
                 await sim._serve_admin(admin_port)
             yield sim
         finally:
+            if sim.interkme is not None:
+                await sim.interkme.stop()
             for srv in sim.qkd004_binary.values():
                 await srv.stop()
             for r in sim._runners:
@@ -237,7 +250,8 @@ class KmeSimulator:
             reply = net.status(kme_id, caller, sae)
         elif method == "enc_keys" and request.method in ("GET", "POST"):
             req = await _request_any(request, {"number", "size"})
-            reply = req if isinstance(req, Reply) else net.enc_keys(kme_id, caller, sae, req)
+            reply = req if isinstance(req, Reply) else await self._enc_keys(kme_id, caller, sae,
+                                                                            req)
         elif method == "dec_keys" and request.method in ("GET", "POST"):
             reply = await self._dec_keys(request, kme_id, caller, sae)
         else:
@@ -245,6 +259,16 @@ class KmeSimulator:
                           "no such method")
         log.debug("%s %s %s by %s -> %d", kme_id, request.method, method, caller, reply.status)
         return await self._respond(request, kme_id, method, reply)
+
+    async def _enc_keys(self, kme_id: str, caller: str, slave: str, req: object) -> Reply:
+        if self.interkme is None:
+            return self.network.enc_keys(kme_id, caller, slave, req)
+        prep = self.network.prepare_enc_keys(kme_id, caller, slave, req)
+        if isinstance(prep, Reply):
+            return prep
+        if not prep.plan.relayed:
+            return self.network.issue(prep)
+        return await self.interkme.relay_keys(prep)   # ETSI GS QKD 020 hop by hop, acknowledged
 
     async def _dec_keys(self, request: web.Request, kme_id: str, caller: str, master: str) -> Reply:
         ids = await dec_keys_ids(request)
@@ -309,6 +333,8 @@ class KmeSimulator:
                               "keys_awaiting_slaves": len(self.network.kmes[k].issued),
                               "compromised": k in self.network.compromised,
                               "keys_seen_by_attacker": len(self.network.attacker_knowledge(k))}
+            if self.interkme is not None:
+                out["kmes"][k]["interkme_url"] = self.interkme.url(k)
         for link in self.network.links.values():
             link.advance(self.network.now())
             skr, qber = link.rate()
