@@ -189,7 +189,12 @@ class InterKme:
 
         try:
             async with asyncio.timeout(self.timeout):
-                await asyncio.gather(*(send(i, m) for i, m in prep.keys))
+                # every first hop answered before any void goes out
+                sent = await asyncio.gather(*(send(i, m) for i, m in prep.keys),
+                                            return_exceptions=True)
+                for result in sent:
+                    if isinstance(result, BaseException):
+                        raise result
                 for key_id, fut in futures.items():
                     ack = await fut
                     if ack.status != relay.RELAYED:
