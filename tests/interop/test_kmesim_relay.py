@@ -77,6 +77,9 @@ def test_outside_client_gets_identical_keys_two_hops_apart(tmp_path):
         with urllib.request.urlopen(admin + "/admin/state", timeout=10) as r:
             state = json.load(r)
         assert state["kmes"]["KME-M"]["compromised"] is True
+        # every node serves the ETSI 020 inter-KME API on its own HTTPS port
+        urls = {k: v["interkme_url"] for k, v in state["kmes"].items()}
+        assert len(set(urls.values())) == 3 and all(u.startswith("https://") for u in urls.values())
         assert {tuple(sorted(link["kmes"])) for link in state["links"]} == \
             {("KME-A", "KME-M"), ("KME-B", "KME-M")}
     finally:
