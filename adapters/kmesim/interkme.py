@@ -228,7 +228,7 @@ class InterKme:
             return json_response(error(401, "Unauthorized: not a KME of this network"))
         body = await request.read()
         try:
-            hop = relay.parse(body)[0]
+            hop = relay.parse_hop(body)
             if net.sae_home.get(hop.initiator_sae) != hop.route[0] or \
                     net.sae_home.get(hop.target_sae) != hop.route[-1]:
                 # ETSI GS QKD 020 draft: 400 for SAE IDs without a known route

@@ -162,7 +162,13 @@ class Opened:
     material: bytes = field(repr=False)
 
 
-def parse(wire: bytes) -> tuple[Hop, dict[str, Any], bytes, bytes, str]:
+def parse_hop(wire: bytes) -> Hop:
+    """Where a relay container says it goes; RemoteProtocolError if it is
+    not a well-formed one. Checks nothing cryptographic and spends nothing."""
+    return _parse(wire)[0]
+
+
+def _parse(wire: bytes) -> tuple[Hop, dict[str, Any], bytes, bytes, str]:
     """(hop, container without the tag, tag, padded value, link key_ID);
     RemoteProtocolError if it is not a well-formed relay container."""
     try:
@@ -202,7 +208,7 @@ def open_hop(wire: bytes, receiver: str,
     TLS client certificate names) is not the hop's sender, or for a bad tag.
     The link key is spent by a bad tag (a forger gets one try per link
     key), never by a container refused before the tag check."""
-    hop, container, tag, padded, link_key_id = parse(wire)
+    hop, container, tag, padded, link_key_id = _parse(wire)
     if hop.dst != receiver:
         raise RemoteProtocolError("relay message for another node")
     if sender is not None and sender != hop.src:
