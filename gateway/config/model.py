@@ -450,6 +450,23 @@ class TelemetryConfig:
     _yaml_label = "telemetry"
 
 
+# ---------------------------------------------------------------- high availability
+
+@dataclass(frozen=True, slots=True)
+class HaConfig:
+    """An active/standby pair per site on keepalived (docs/operations.md,
+    "High availability"). keepalived's VRRP elects; its notifications set
+    this node's role (``notify_fifo``, or ``qkdgate ha-notify``). ``node``
+    names this node's slot in the pair: its epochs are odd on node 1 and
+    even on node 2, so the two nodes never share one (docs/protocol.md 10)."""
+    node: Annotated[int, Range(1, 2)]
+    notify_fifo: Annotated[str, FilePath] | None = None   # keepalived global_defs notify_fifo
+    instance: Annotated[str, Pattern(r"[A-Za-z0-9_.-]{1,64}", "a VRRP instance name")] | None \
+        = None                          # follow only this vrrp_instance on the FIFO
+
+    _yaml_label = "ha settings"
+
+
 # ---------------------------------------------------------------- key service
 
 @dataclass(frozen=True, slots=True)
@@ -515,6 +532,7 @@ class Config:
     tunnels: tuple[TunnelConfig, ...] = ()
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     key_service: KeyServiceConfig | None = None
+    ha: HaConfig | None = None
     # Where it came from: for error messages from validate(). Not config.
     _file: str = field(default="<config>", compare=False, repr=False)
     _lines: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)

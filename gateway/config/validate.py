@@ -236,6 +236,28 @@ def validate(cfg: Config) -> None:
     if cfg.key_service is not None:
         _check_key_service(cfg, cfg.key_service)
 
+    # -- high availability (docs/operations.md "High availability")
+    if cfg.ha is not None:
+        _check_ha(cfg)
+
+
+def _check_ha(cfg: Config) -> None:
+    """An HA node speaks from the site's virtual address: the peer pins that
+    address (replies from a node's own address are dropped, docs/protocol.md
+    3); each tunnel's ipsec.local_address is a VIP too (not checked: it may
+    be another VRRP address). Only IPsec tunnels fail over for now."""
+    listen = cfg.gateway.listen.address
+    if listen.is_unspecified:
+        raise cfg.error("gateway.listen.address", "an HA node must listen on the site's "
+                        "virtual address (the VRRP VIP), not on every address: the peer "
+                        "accepts the control channel only from the VIP",
+                        expected="the VIP, with net.ipv4.ip_nonlocal_bind=1 on both nodes",
+                        found=str(listen))
+    for i, t in enumerate(cfg.tunnels):
+        if t.ipsec is None:
+            raise cfg.error(f"tunnels[{i}].type", "HA fails over IPsec tunnels only",
+                            expected="ipsec", found=t.type.value)
+
 
 def _check_wireguard(cfg: Config, at: str, w: WireguardConfig,
                      seen: dict[tuple[str, str], int], i: int) -> None:
