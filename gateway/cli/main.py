@@ -25,6 +25,8 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("status", "qkdgate.gateway.cli.status", "show tunnels, generations and key inputs"),
     ("top", "qkdgate.gateway.cli.top", "live dashboard of a running daemon"),
     ("rekey", "qkdgate.gateway.cli.rekey", "rekey a tunnel now"),
+    ("ha-notify", "qkdgate.gateway.cli.ha_notify",
+     "tell the daemon its HA role (keepalived notify script)"),
     ("keygen", "qkdgate.gateway.cli.keygen", "create a gateway identity (ML-DSA + Ed25519)"),
     ("check-config", "qkdgate.gateway.cli.check_config", "validate a configuration file"),
     ("kme-sim", "qkdgate.gateway.cli.kme_sim", "run the ETSI QKD 014/004 KME simulator"),

@@ -37,6 +37,7 @@ import contextlib
 import logging
 import os
 import signal
+import stat
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any
@@ -45,6 +46,15 @@ from qkdgate.errors import ConfigError, QkdgateError
 from qkdgate.gateway.config.model import Config
 from qkdgate.gateway.daemon import build
 from qkdgate.gateway.daemon.control import ControlError, ControlServer
+from qkdgate.gateway.daemon.ha import (
+    Action,
+    HaNotifyError,
+    HaRoleMachine,
+    Notify,
+    node_epoch,
+    parse_fifo_line,
+    parse_notify,
+)
 from qkdgate.gateway.daemon.peer import PeerRunner, PeerState
 from qkdgate.gateway.daemon.qkd import QkdFetcher
 from qkdgate.gateway.daemon.reload import ReloadApplier
@@ -116,6 +126,11 @@ class Daemon:
         self._tasks: set[asyncio.Task[None]] = set()
         self._tg: asyncio.TaskGroup | None = None
         self.ready = asyncio.Event()
+        # High availability (gateway/daemon/ha.py): None outside a pair. A
+        # pair node builds its peer runners only while keepalived says MASTER.
+        self.ha: HaRoleMachine | None = HaRoleMachine(config.ha.node, clock) \
+            if config.ha is not None else None
+        self._make_runner: Callable[[Any], PeerRunner] | None = None
 
     # ------------------------------------------------------------------ views
     @property
@@ -180,6 +195,9 @@ class Daemon:
                     loops.append(tg.create_task(self.keyservice.run(), name="keyservice"))
                 if any(p.qkd for p in self.config.peers):
                     loops.append(tg.create_task(self._qkd_health_loop(), name="qkd-health"))
+                if self.config.ha is not None and self.config.ha.notify_fifo is not None:
+                    loops.append(tg.create_task(self._ha_fifo_loop(self.config.ha.notify_fifo),
+                                                name="ha-fifo"))
                 self.ready.set()
                 self.notifier.ready(self._status_line())
                 self.emit(DaemonStarted(tuple(self.tunnels.tunnels)))
@@ -225,6 +243,10 @@ class Daemon:
             self.tunnels.add(tunnel)
         # fail-closed policies first; adopts a previous run's SAs (one kernel read)
         self.tunnels.setup(now)
+        if self.ha is not None:
+            # A pair node starts as a standby: it holds no SAs (a previous
+            # run's, adopted above, go) until keepalived makes it MASTER.
+            self._ha_block(now, "ha: standby (starting)")
         if self._key_sources is None:
             self._key_sources = build.key_sources(cfg)
         identity = self._identity or build.local_identity(cfg)
@@ -247,7 +269,9 @@ class Daemon:
         if self.keyservice is not None:
             await self.keyservice.start()
         factory = self._session_factory or build.session_factory()
-        for peer in cfg.peers:
+        ha_node = cfg.ha.node if cfg.ha is not None else None
+
+        def make_runner(peer: Any) -> PeerRunner:
             tids = [t.name for t in cfg.tunnels_for(peer.name)]
             # Generations only grow, across restarts too: start above the
             # highest one the journal saw committed for these tunnels or
@@ -266,29 +290,41 @@ class Daemon:
                 # Without a journal (tests) the wall clock stands in for the
                 # counter, so a restarted daemon still comes back above its
                 # old epoch (a random one could land below it).
-                epochs: dict[str, int] = {"epoch": self._clock_epoch()} \
-                    if self.journal is None else {
-                        "epoch": self.journal.next_local_epoch(),
-                        "peer_epoch_floor": self.journal.peer_epoch(name)}
+                draw = self._clock_epoch if self.journal is None \
+                    else self.journal.next_local_epoch
+                epochs: dict[str, int] = {
+                    # the two nodes of an HA pair never share an epoch (ha.py)
+                    "epoch": draw() if ha_node is None else node_epoch(draw, ha_node)}
+                if self.journal is not None:
+                    epochs["peer_epoch_floor"] = self.journal.peer_epoch(name)
                 return factory(scfg, identity=identity, peer_identities=pins[name],
                                rng=self.rng, now=now,
                                allocate_spi=lambda tid: self.tunnels.get(tid).allocate_spi(),
                                **epochs)
 
-            runner = PeerRunner(peer.name, tids, (str(peer.address), peer.port),
-                                new_session=new_session, tunnels=self.tunnels, qkd=self.qkd,
-                                journal=self.journal, emit=self.emit, clock=self.clock,
-                                spawn=self._spawn, wake=self.wake,
-                                exchange_ended=self.reloader.exchange_ended,
-                                key_service=self.keyservice)
-            self.endpoint.add(runner.driver)
-            self.runners[peer.name] = runner
+            return PeerRunner(peer.name, tids, (str(peer.address), peer.port),
+                              new_session=new_session, tunnels=self.tunnels, qkd=self.qkd,
+                              journal=self.journal, emit=self.emit, clock=self.clock,
+                              spawn=self._spawn, wake=self.wake,
+                              exchange_ended=self.reloader.exchange_ended,
+                              key_service=self.keyservice)
+
+        self._make_runner = make_runner
+        if self.ha is None:
+            for peer in cfg.peers:
+                self._add_runner(make_runner(peer))
         self.control = ControlServer(self.control_path, {
             "status": self._ctl_status, "rekey": self._ctl_rekey, "reload": self._ctl_reload,
-            "qkd": self._ctl_qkd})
+            "qkd": self._ctl_qkd, "ha": self._ctl_ha})
         await self.control.start()
         for runner in self.runners.values():
             runner.start()
+
+    def _add_runner(self, runner: PeerRunner) -> None:
+        if self.endpoint is None:
+            raise QkdgateError("a peer runner needs the UDP endpoint: it is not open")
+        self.endpoint.add(runner.driver)
+        self.runners[runner.name] = runner
 
     async def _start_telemetry(self) -> None:
         """MQTT and Prometheus, when enabled: both are event-hook subscribers."""
@@ -377,7 +413,8 @@ class Daemon:
         period = min([QKD_HEALTH_MAX] + [t.rekey.interval for t in self.config.tunnels])
         while True:
             for peer in self.config.peers:
-                if peer.qkd is not None and peer.name in self.runners:
+                # an HA standby keeps its KME connection warm too
+                if peer.qkd is not None and (peer.name in self.runners or self.ha is not None):
                     await qkd.poll(peer.name)
             await asyncio.sleep(period)
 
@@ -399,6 +436,9 @@ class Daemon:
 
     def _rekey_for(self, tunnel_id: str, reason: str) -> str:
         peer = self.config.tunnel(tunnel_id).peer
+        if peer not in self.runners:     # an HA standby: no session, nothing to rekey
+            log.debug("tunnel %s: no rekey (%s) on an HA standby", tunnel_id, reason)
+            return peer
         # per tunnel: DEBUG (the exchange it starts logs one INFO line, peer.py)
         log.debug("tunnel %s: rekey (%s)", tunnel_id, reason, extra={"tunnel": tunnel_id})
         self.runners[peer].rekey(reason)
@@ -431,6 +471,106 @@ class Daemon:
             self.qkd.reconfigure(self.config)
         self.pending_restart = restart
         return {"applied": applied, "needs_restart": restart}
+
+    # ------------------------------------------------------------------ HA
+    def ha_notify(self, what: Notify) -> dict[str, Any]:
+        """keepalived says ``what`` (gateway/daemon/ha.py): become active
+        (fresh sessions, an exchange with every peer at once) or stand down
+        (no sessions, no SAs, block policies kept)."""
+        if self.ha is None:
+            raise ControlError("this gateway is not configured as an HA node (no ha: section)",
+                               "bad_request")
+        change = self.ha.notify(what)
+        if change.before is not change.after:
+            log.warning("ha: node %d %s -> %s (keepalived %s)", self.ha.node,
+                        change.before.value, change.after.value, what.value)
+        if change.action is Action.ACTIVATE:
+            self._ha_activate()
+        elif change.action is Action.DEACTIVATE:
+            self._ha_deactivate(f"ha: {change.after.value} (keepalived {what.value})")
+        return self.ha.snapshot()
+
+    def _ha_activate(self) -> None:
+        make = self._make_runner
+        if make is None:
+            raise QkdgateError("HA activation before the daemon started")
+        for peer in self.config.peers:
+            if peer.name not in self.runners:
+                # A fresh session: a new epoch and an INIT at once (initiate_on_start).
+                runner = make(peer)
+                self._add_runner(runner)
+                runner.start()
+        self.wake()
+
+    def _ha_deactivate(self, reason: str) -> None:
+        now = self.clock()
+        for name, runner in list(self.runners.items()):
+            runner.close()
+            if self.endpoint is not None:
+                self.endpoint.remove(runner.driver)
+            if self.keyservice is not None:
+                self.keyservice.peer_failed(name, now)    # serve nothing while standby
+            del self.runners[name]
+        self._ha_block(now, reason)
+
+    def _ha_block(self, now: float, reason: str) -> None:
+        """Every tunnel drops its SAs and keeps its block policies."""
+        for tunnel in self.tunnels.tunnels.values():
+            if tunnel.state != "blocked" or tunnel.generations:
+                tunnel.block(now, reason)
+        self.wake()
+
+    async def _ctl_ha(self, req: Mapping[str, Any]) -> Any:
+        state = req.get("state")
+        if state is None:
+            if self.ha is None:
+                raise ControlError("this gateway is not configured as an HA node", "bad_request")
+            return self.ha.snapshot()
+        if not isinstance(state, str):
+            raise ControlError('ha needs "state": MASTER, BACKUP, FAULT or STOP', "bad_request")
+        try:
+            what = parse_notify(state)
+        except HaNotifyError as exc:
+            raise ControlError(str(exc), "bad_request") from None
+        return self.ha_notify(what)
+
+    async def _ha_fifo_loop(self, path: str) -> None:
+        """Follow keepalived's ``notify_fifo``: its lines arrive in the order
+        keepalived changed state (separate notify scripts may race), and no
+        process is started per notification."""
+        instance = self.config.ha.instance if self.config.ha is not None else None
+        loop = asyncio.get_running_loop()
+        fd = _open_fifo(path)
+        queue: asyncio.Queue[bytes] = asyncio.Queue()
+
+        def readable() -> None:
+            try:
+                data = os.read(fd, 4096)
+            except BlockingIOError:
+                return
+            if data:
+                queue.put_nowait(data)
+
+        loop.add_reader(fd, readable)
+        buf = b""
+        try:
+            while True:
+                buf += await queue.get()
+                *lines, buf = buf.split(b"\n")
+                if len(buf) > 4096:
+                    log.warning("ha: overlong line on %s dropped", path)
+                    buf = b""
+                for raw in lines:
+                    try:
+                        what = parse_fifo_line(raw.decode("utf-8", "replace"), instance)
+                    except HaNotifyError as exc:
+                        log.warning("ha: %s: %s", path, exc)
+                        continue
+                    if what is not None:
+                        self.ha_notify(what)
+        finally:
+            loop.remove_reader(fd)
+            os.close(fd)
 
     # ------------------------------------------------------------------ control
     def status(self) -> dict[str, Any]:
@@ -474,6 +614,8 @@ class Daemon:
                "needs_restart": list(self.pending_restart)}
         if self.keyservice is not None:
             out["key_service"] = self.keyservice.service.snapshot(now)
+        if self.ha is not None:
+            out["ha"] = self.ha.snapshot()
         return out
 
     def _keyservice_event(self, ev: Any) -> None:
@@ -499,6 +641,9 @@ class Daemon:
                               f"{', '.join(sorted(self.tunnels.tunnels)) or 'none'})")
         t = self.tunnels.get(tunnel_id)
         gen = t.active.number if t.active else None
+        if self.ha is not None and not self.ha.active:
+            raise ControlError(f"this node is an HA {self.ha.role.value} node: it runs no "
+                               "session (rekey on the active node)", "ha_standby")
         peer = self._rekey_for(tunnel_id, "operator")
         self.emit(RekeyRequested(tunnel_id, peer, "operator"))
         return {"tunnel": tunnel_id, "peer": peer, "generation": gen,
@@ -531,3 +676,15 @@ class Daemon:
         if blocked:
             line += ", blocked: " + ",".join(blocked[:5])
         return line
+
+
+def _open_fifo(path: str) -> int:
+    """Open (creating, 0600) keepalived's notify FIFO. Read-write, so the
+    FIFO never reads EOF while keepalived restarts (fifo(7): a reader sees
+    EOF only when no writer is left; we are one)."""
+    with contextlib.suppress(FileExistsError):
+        os.mkfifo(path, 0o600)
+    st = os.lstat(path)
+    if not stat.S_ISFIFO(st.st_mode):
+        raise ConfigError(f"ha.notify_fifo {path} exists and is not a FIFO")
+    return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
