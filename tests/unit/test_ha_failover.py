@@ -1,0 +1,177 @@
+"""Failover of an HA pair with the real protocol (real identities, ML-KEM,
+X25519, hybrid signatures), three daemons on loopback with recording kernels
+and one in-process QKD link: gw-a is a pair (node 1, node 2; one shared
+identity, separate journals), gw-b its peer, which knows one address for
+the site (the VIP; here 127.0.0.1 and gw-a's port).
+
+* failover: node 1 is active and keyed with gw-b, then dies; node 2 (a
+  standby until then) is made MASTER, runs a fresh exchange at once with a
+  higher epoch of its own parity and new QKD keys; gw-b accepts it without
+  an operator, keeps forwarding on the old generation until the new one is
+  in (make-before-break: its tunnel never blocks) and ends with exactly one
+  SA set.
+* split brain: both nodes MASTER at once; gw-b's replies go to the address
+  and port it pins (node 1's), so node 2's exchanges never complete: gw-b
+  ends with exactly one SA set, its generation numbers only grow and no QKD
+  key_ID is used twice.
+"""
+
+import asyncio
+import contextlib
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "interop"))
+from daemon_pair import free_udp_port, write_pair
+
+from qkdgate.gateway.config.model import load_config
+from qkdgate.gateway.daemon.daemon import Daemon
+from qkdgate.gateway.daemon.ha import Notify
+from qkdgate.gateway.daemon.sdnotify import SdNotifier
+from qkdgate.testing.fakes import FakeQkdLink, RecordingIpsecBackend
+
+
+def node_config(tmp_path, path_a, node, port=None):
+    """gw-a's file as HA node ``node``: its own journal and control socket."""
+    text = Path(path_a).read_text()
+    text = text.replace("gw-a-state", f"gw-a{node}-state").replace("gw-a-run", f"gw-a{node}-run")
+    if port is not None:
+        old = text[text.index("  listen: "):].split("\n", 1)[0]
+        text = text.replace(old, f"  listen: {{address: 127.0.0.1, port: {port}}}")
+    path = tmp_path / f"gw-a{node}.yaml"
+    path.write_text(text + f"ha:\n  node: {node}\n")
+    path.chmod(0o600)
+    return str(path)
+
+
+class Site:
+    def __init__(self, tmp_path, split_port=False):
+        # one long generation: every generation change below is a failover
+        _, cfg_b, path_a, path_b = write_pair(tmp_path, interval="30s", soft="40s", hard="60s")
+        self.link = FakeQkdLink("SAE-A", "SAE-B")
+        self.be = {n: RecordingIpsecBackend() for n in ("a1", "a2", "b")}
+        self.events = {n: [] for n in ("a1", "a2", "b")}
+        self.paths = {"a1": node_config(tmp_path, path_a, 1),
+                      "a2": node_config(tmp_path, path_a, 2,
+                                        port=free_udp_port() if split_port else None),
+                      "b": path_b}
+        self.d = {}
+        self.tasks = {}
+
+    def make(self, n):
+        sae = "SAE-B" if n == "b" else "SAE-A"
+        d = Daemon(load_config(self.paths[n]), config_path=self.paths[n],
+                   ipsec_backend=self.be[n], key_sources={"kme": self.link.source(sae)},
+                   notifier=SdNotifier({}))
+        d.subscribe(lambda e, n=n: self.events[n].append(e.to_dict()))
+        self.d[n] = d
+        return d
+
+    async def start(self, n):
+        d = self.make(n)
+        self.tasks[n] = asyncio.create_task(d.run())
+        await asyncio.wait_for(d.ready.wait(), 10)
+        return d
+
+    async def stop(self, n):
+        self.d[n].stop()
+        await asyncio.wait_for(self.tasks.pop(n), 10)
+
+    @contextlib.asynccontextmanager
+    async def running(self):
+        try:
+            yield self
+        finally:
+            for n in list(self.tasks):
+                await self.stop(n)
+
+    def gen(self, n):
+        t = self.d[n].tunnels.get("t1")
+        return t.active.number if t.active else 0
+
+    def sa_set(self, n):
+        sas = self.be[n].sas.values()
+        return sorted(sa.direction for sa in sas)
+
+    def qkd_ids(self, n):
+        return [i for e in self.events[n] if e["event"] == "rekey_done"
+                for i in e["inputs"]["qkd_key_ids"]]
+
+
+async def wait_for(predicate, timeout, what):
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        assert loop.time() < deadline, what
+        await asyncio.sleep(0.02)
+
+
+def epoch_of(d):
+    return d.drivers["gw-b"].session.epoch
+
+
+async def test_failover_to_the_standby_rekeys_at_once_and_the_peer_keeps_one_sa_set(tmp_path):
+    s = Site(tmp_path)
+    async with s.running():
+        b = await s.start("b")
+        a1 = await s.start("a1")
+        assert s.be["a1"].sas == {} and a1.runners == {}       # a standby until MASTER
+        a1.ha_notify(Notify.MASTER)
+        await wait_for(lambda: s.gen("a1") >= 1 and s.gen("b") >= 1
+                       and s.d["b"].tunnels.get("t1").state == "up", 20, "no first generation")
+        g1, e1 = s.gen("b"), epoch_of(a1)
+        assert e1 % 2 == 1
+        ids_before = set(s.qkd_ids("b"))
+
+        await s.stop("a1")        # node 1 dies (its kernel state is no longer the site's)
+        a2 = await s.start("a2")
+        assert s.be["a2"].sas == {} and s.d["b"].tunnels.get("t1").state == "up"
+        a2.ha_notify(Notify.MASTER)
+        e2 = epoch_of(a2)
+        assert e2 % 2 == 0 and e2 > e1
+        await wait_for(lambda: s.gen("b") > g1 and s.gen("a2") == s.gen("b"), 20,
+                       "the peer never took the standby's exchange")
+        # make-before-break on the peer: the old generation's SAs go after the grace
+        await wait_for(lambda: s.sa_set("b") == ["in", "out"], 5,     # grace: 500 ms
+                       "old SAs kept on the peer")
+        assert s.sa_set("a2") == ["in", "out"]
+        spis_b = {sa.sa_id.spi for sa in s.be["b"].sas.values()}
+        spis_a2 = {sa.sa_id.spi for sa in s.be["a2"].sas.values()}
+        assert spis_b == spis_a2                     # one SA set, the same on both ends
+        # a fresh QKD key, never one of the failed node's generation
+        new_ids = set(s.qkd_ids("b")) - ids_before
+        assert new_ids and not new_ids & ids_before
+        assert len(s.qkd_ids("b")) == len(set(s.qkd_ids("b")))
+        # the peer accepted the new epoch without blocking its tunnel
+        assert not [e for e in s.events["b"] if e["event"] == "tunnel_blocked"]
+        assert any(e["event"] == "peer_restarted" for e in s.events["b"])
+        assert b.journal.peer_epoch("gw-a") == e2
+
+
+async def test_split_brain_leaves_the_peer_one_sa_set_and_no_reused_key(tmp_path):
+    s = Site(tmp_path, split_port=True)
+    async with s.running():
+        b = await s.start("b")
+        a1 = await s.start("a1")
+        a2 = await s.start("a2")
+        a1.ha_notify(Notify.MASTER)
+        await wait_for(lambda: s.gen("b") >= 1 and s.d["b"].tunnels.get("t1").state == "up",
+                       20, "no first generation")
+        g1 = s.gen("b")
+        spis_1 = {sa.sa_id.spi for sa in s.be["b"].sas.values()}
+        b_session = b.drivers["gw-a"].session
+        answered = b_session.stats["kem_encaps"]
+        a2.ha_notify(Notify.MASTER)              # a VRRP partition: both nodes lead
+        assert epoch_of(a2) > epoch_of(a1)       # the peer takes node 2's INIT as newer ...
+        await wait_for(lambda: b_session.stats["kem_encaps"] > answered
+                       and a2.drivers["gw-b"].session.stats["retransmit"] >= 2, 20,
+                       "node 2's INIT was not answered and retransmitted")
+        # ... but answers the address and port it pins (node 1's): node 2 never
+        # completes, the peer keeps exactly node 1's SA set, and nothing repeats
+        assert s.sa_set("b") == ["in", "out"] and s.gen("b") == g1
+        assert {sa.sa_id.spi for sa in s.be["b"].sas.values()} == spis_1
+        assert "out" not in s.sa_set("a2")       # node 2 never sent under a key
+        assert b.status()["tunnels"][0]["state"] == "up"
+        ids = s.qkd_ids("b")
+        assert len(ids) == len(set(ids))
+        assert s.link.delivered >= 1
