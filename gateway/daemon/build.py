@@ -275,6 +275,8 @@ def apply_live(old: Config, new: Config, manager: TunnelManager) -> tuple[list[s
         restart.append("key_sources")
     if old.key_service != new.key_service:
         restart.append("key_service")
+    if old.ha != new.ha:        # the role machine and the epoch parity are built at start
+        restart.append("ha")
     if old.telemetry.mqtt != new.telemetry.mqtt or \
             old.telemetry.prometheus != new.telemetry.prometheus:
         restart.append("telemetry")

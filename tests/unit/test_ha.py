@@ -399,3 +399,13 @@ async def test_the_notify_fifo_is_followed_in_order(tmp_path, caplog):
             os.close(fd)
     finally:
         await stopped(d, task)
+
+
+def test_a_reload_that_changes_ha_needs_a_restart():
+    from qkdgate.gateway.daemon.build import apply_live
+    from qkdgate.tunnels.manager import TunnelManager
+    one = parse(HA_BASE + "ha: {node: 1}\n")
+    for other in (parse(HA_BASE + "ha: {node: 2}\n"), parse(HA_BASE)):
+        applied, restart = apply_live(one, other, TunnelManager())
+        assert "ha" in restart
+    assert "ha" not in apply_live(one, one, TunnelManager())[1]
