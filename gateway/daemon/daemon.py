@@ -556,10 +556,18 @@ class Daemon:
         try:
             while True:
                 buf += await queue.get()
+                while not queue.empty():
+                    buf += queue.get_nowait()
                 *lines, buf = buf.split(b"\n")
                 if len(buf) > 4096:
                     log.warning("ha: overlong line on %s dropped", path)
                     buf = b""
+                # Only the last state of what arrived together counts: the
+                # ones before it are over (keepalived buffers lines while no
+                # daemon reads, e.g. across our restart), and acting on a
+                # stale MASTER would send the peer an INIT from a node that
+                # no longer holds the VIP.
+                last = None
                 for raw in lines:
                     try:
                         what = parse_fifo_line(raw.decode("utf-8", "replace"), instance)
@@ -567,7 +575,9 @@ class Daemon:
                         log.warning("ha: %s: %s", path, exc)
                         continue
                     if what is not None:
-                        self.ha_notify(what)
+                        last = what
+                if last is not None:
+                    self.ha_notify(last)
         finally:
             loop.remove_reader(fd)
             os.close(fd)
