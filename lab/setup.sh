@@ -76,6 +76,26 @@ done
 if ls /etc/rc[2-5].d/S*ipsec >/dev/null 2>&1; then update-rc.d ipsec disable >/dev/null 2>&1 || true; fi
 [[ -x /usr/lib/ipsec/charon ]] || die "charon missing after install"
 
+# keepalived for tests/kernel/test_ha.py (issue 12): the test starts its own
+# keepalived per gateway namespace (VRRP for an HA pair); Debian's service
+# must never run on this host: installed like strongSwan above (not started,
+# unit masked, SysV links disabled).
+if ! dpkg-query -W -f='${Status}' keepalived 2>/dev/null | grep -q 'install ok installed'; then
+  log "apt: installing keepalived (service not started)"
+  apt_update
+  had_policy=0; [[ -e /usr/sbin/policy-rc.d ]] && had_policy=1
+  [[ $had_policy == 1 ]] || printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+  chmod 755 /usr/sbin/policy-rc.d
+  rc=0; apt-get install -y -qq --no-install-recommends keepalived >/dev/null || rc=$?
+  [[ $had_policy == 1 ]] || rm -f /usr/sbin/policy-rc.d
+  ((rc == 0)) || die "apt-get install keepalived failed"
+fi
+if [[ -e /lib/systemd/system/keepalived.service && $(systemctl --root=/ is-enabled keepalived.service 2>/dev/null) != masked ]]; then
+  systemctl --root=/ mask keepalived.service >/dev/null 2>&1 || die "cannot mask keepalived.service"
+fi
+if ls /etc/rc[2-5].d/S*keepalived >/dev/null 2>&1; then update-rc.d keepalived disable >/dev/null 2>&1 || true; fi
+[[ -x /usr/sbin/keepalived ]] || die "keepalived missing after install"
+
 # ------------------------------------------------------------ 2. distro kernel
 kpkg() { apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/{print $2; exit}'; }
 KPKG=$(kpkg); if [[ -z $KPKG ]]; then apt_update; KPKG=$(kpkg); fi
