@@ -19,14 +19,17 @@ the site (the VIP; here 127.0.0.1 and gw-a's port).
 import asyncio
 import contextlib
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "interop"))
+import pytest
 from daemon_pair import free_udp_port, write_pair
 
 from qkdgate.gateway.config.model import load_config
 from qkdgate.gateway.daemon.daemon import Daemon
 from qkdgate.gateway.daemon.ha import Notify
+from qkdgate.gateway.daemon.journal import Journal
 from qkdgate.gateway.daemon.sdnotify import SdNotifier
 from qkdgate.testing.fakes import FakeQkdLink, RecordingIpsecBackend
 
@@ -58,17 +61,22 @@ class Site:
         self.d = {}
         self.tasks = {}
 
-    def make(self, n):
+    def make(self, n, journal_skew=0.0):
+        """``journal_skew``: this node's clock runs ahead (or behind) by that
+        many seconds, so its epochs (at least the Unix time) do too."""
         sae = "SAE-B" if n == "b" else "SAE-A"
-        d = Daemon(load_config(self.paths[n]), config_path=self.paths[n],
+        cfg = load_config(self.paths[n])
+        journal = Journal.open(cfg.gateway.state_dir, now=lambda: time.time() + journal_skew) \
+            if journal_skew else None
+        d = Daemon(cfg, config_path=self.paths[n], journal=journal,
                    ipsec_backend=self.be[n], key_sources={"kme": self.link.source(sae)},
                    notifier=SdNotifier({}))
         d.subscribe(lambda e, n=n: self.events[n].append(e.to_dict()))
         self.d[n] = d
         return d
 
-    async def start(self, n):
-        d = self.make(n)
+    async def start(self, n, journal_skew=0.0):
+        d = self.make(n, journal_skew)
         self.tasks[n] = asyncio.create_task(d.run())
         await asyncio.wait_for(d.ready.wait(), 10)
         return d
@@ -124,7 +132,10 @@ async def test_failover_to_the_standby_rekeys_at_once_and_the_peer_keeps_one_sa_
         ids_before = set(s.qkd_ids("b"))
 
         await s.stop("a1")        # node 1 dies (its kernel state is no longer the site's)
-        a2 = await s.start("a2")
+        # node 2 takes over later than 2 s after node 1's activation, as its
+        # clock says (epochs are whole seconds: a takeover sooner than that can
+        # draw a lower epoch, which the peer drops; docs/protocol.md 10.1)
+        a2 = await s.start("a2", journal_skew=3.0)
         assert s.be["a2"].sas == {} and s.d["b"].tunnels.get("t1").state == "up"
         a2.ha_notify(Notify.MASTER)
         e2 = epoch_of(a2)
@@ -148,30 +159,38 @@ async def test_failover_to_the_standby_rekeys_at_once_and_the_peer_keeps_one_sa_
         assert b.journal.peer_epoch("gw-a") == e2
 
 
-async def test_split_brain_leaves_the_peer_one_sa_set_and_no_reused_key(tmp_path):
+@pytest.mark.parametrize("later", ["node 2", "node 1"])
+async def test_split_brain_leaves_the_peer_one_sa_set_and_no_reused_key(tmp_path, later):
+    """Whichever node's epoch is higher (their clocks decide), the peer ends
+    with node 1's SA set: it answers only the address and port it pins."""
     s = Site(tmp_path, split_port=True)
+    skew = 10.0 if later == "node 2" else -10.0
     async with s.running():
         b = await s.start("b")
         a1 = await s.start("a1")
-        a2 = await s.start("a2")
+        a2 = await s.start("a2", journal_skew=skew)
         a1.ha_notify(Notify.MASTER)
         await wait_for(lambda: s.gen("b") >= 1 and s.d["b"].tunnels.get("t1").state == "up",
                        20, "no first generation")
         g1 = s.gen("b")
         spis_1 = {sa.sa_id.spi for sa in s.be["b"].sas.values()}
         b_session = b.drivers["gw-a"].session
-        answered = b_session.stats["kem_encaps"]
+        answered, stale = b_session.stats["kem_encaps"], b_session.stats["stale_epoch"]
         a2.ha_notify(Notify.MASTER)              # a VRRP partition: both nodes lead
-        assert epoch_of(a2) > epoch_of(a1)       # the peer takes node 2's INIT as newer ...
-        await wait_for(lambda: b_session.stats["kem_encaps"] > answered
-                       and a2.drivers["gw-b"].session.stats["retransmit"] >= 2, 20,
-                       "node 2's INIT was not answered and retransmitted")
-        # ... but answers the address and port it pins (node 1's): node 2 never
-        # completes, the peer keeps exactly node 1's SA set, and nothing repeats
+        assert (epoch_of(a2) > epoch_of(a1)) == (later == "node 2")
+        if later == "node 2":                    # answered (to node 1's port) ...
+            await wait_for(lambda: b_session.stats["kem_encaps"] > answered
+                           and a2.drivers["gw-b"].session.stats["retransmit"] >= 2, 20,
+                           "node 2's INIT was not answered and retransmitted")
+        else:                                    # ... or dropped as stale, before any work
+            await wait_for(lambda: b_session.stats["stale_epoch"] > stale
+                           and a2.drivers["gw-b"].session.stats["retransmit"] >= 2, 20,
+                           "node 2's INIT was not dropped as stale")
+        # node 2 never completes: the peer keeps exactly node 1's SA set, and
+        # nothing repeats
         assert s.sa_set("b") == ["in", "out"] and s.gen("b") == g1
         assert {sa.sa_id.spi for sa in s.be["b"].sas.values()} == spis_1
         assert "out" not in s.sa_set("a2")       # node 2 never sent under a key
         assert b.status()["tunnels"][0]["state"] == "up"
         ids = s.qkd_ids("b")
         assert len(ids) == len(set(ids))
-        assert s.link.delivered >= 1
