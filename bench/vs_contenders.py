@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import os
 import shutil
 import signal
@@ -21,7 +20,6 @@ from pathlib import Path
 
 from vs_topology import GA, GB, HERE, VENV_BIN, Topology, nets, sh  # bench/ is not a package
 
-PER_PAIR = 50             # tunnels per qkdgate daemon pair while a peer is capped at 64
 CHARON = "/usr/lib/ipsec/charon"
 
 
@@ -119,8 +117,7 @@ class Qkdgate(Contender):
         self.topo, self.work, self.socks_dir = topo, work, socks
         self.procs: list[subprocess.Popen[bytes]] = []
         self.pids = []
-        self.socks: list[str] = []
-        self.first: list[str] = []
+        self.sock = ""
         self._kme_up = False
         self.log_level = "warning"
 
@@ -162,15 +159,15 @@ class Qkdgate(Contender):
         self._kme_up = True
         return self.eps
 
-    def _yaml(self, side: str, pair: int, first: int, count: int, kme: object) -> Path:
+    def _yaml(self, side: str, n: int, kme: object) -> Path:
         a = side == "a"
         me, peer = ("gw-a", "gw-b") if a else ("gw-b", "gw-a")
         mine, theirs = (GA, GB) if a else (GB, GA)
-        port = 4600 + pair
-        d = self.work / f"{me}-{pair}"
+        port = 4600
+        d = self.work / me
         d.mkdir(exist_ok=True)
         tunnels = []
-        for i in range(first, first + count):
+        for i in range(n):
             ln, rn = nets(i) if a else nets(i)[::-1]
             tunnels.append(f"""  - name: t{i}
     peer: {peer}
@@ -186,7 +183,7 @@ gateway:
   identity: {self.work}/{me}.identity
   listen: {{address: {mine}, port: {port}}}
   state_dir: {d}/state
-  control_socket: {self.socks_dir}/{me}-{pair}.sock
+  control_socket: {self.socks_dir}/{me}.sock
 peers:
   - name: {peer}
     address: {theirs}
@@ -215,39 +212,30 @@ tunnels:
         return path
 
     def start(self, n: int) -> None:
+        """One daemon per namespace, one peer carrying all N tunnels (up to
+        4,096 per peer in one exchange: docs/protocol.md)."""
         kme_a, kme_b = self._kme()
-        pairs = math.ceil(n / PER_PAIR)
-        self.socks, self.first = [], []
-        for j in range(pairs):
-            first, count = j * PER_PAIR, min(PER_PAIR, n - j * PER_PAIR)
-            for side, ns, kme in (("a", self.topo.a, kme_a), ("b", self.topo.b, kme_b)):
-                cfg = self._yaml(side, j, first, count, kme)
-                with open(cfg.parent / "daemon.log", "w") as log:
-                    p = subprocess.Popen(["ip", "netns", "exec", ns, str(VENV_BIN / "qkdgate"),
-                                          "run", "-c", str(cfg), "--teardown-on-exit",
-                                          "--log-level", self.log_level],
-                                         stdout=log, stderr=subprocess.STDOUT)
-                self.procs.append(p)
-                if side == "a":
-                    self.socks.append(str(self.socks_dir / f"{me_of(side)}-{j}.sock"))
-                    self.first.append(f"t{first}")
+        for side, ns, kme in (("a", self.topo.a, kme_a), ("b", self.topo.b, kme_b)):
+            cfg = self._yaml(side, n, kme)
+            with open(cfg.parent / "daemon.log", "w") as log:
+                p = subprocess.Popen(["ip", "netns", "exec", ns, str(VENV_BIN / "qkdgate"),
+                                      "run", "-c", str(cfg), "--teardown-on-exit",
+                                      "--log-level", self.log_level],
+                                     stdout=log, stderr=subprocess.STDOUT)
+            self.procs.append(p)
+        self.sock = str(self.socks_dir / "gw-a.sock")
         self.pids = [p.pid for p in self.procs]
 
-    def _rekey(self, sock: str, tunnel: str) -> None:
+    def _rekey(self) -> None:
         from qkdgate.gateway.daemon.control import request
-        request(sock, "rekey", tunnel=tunnel, timeout=60)
+        request(self.sock, "rekey", tunnel="t0", timeout=60)
 
     def rekey_all(self) -> None:
-        # one exchange per peer keys all of its tunnels: one request per daemon pair
-        threads = [threading.Thread(target=self._rekey, args=(s, t))
-                   for s, t in zip(self.socks, self.first, strict=True)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        # one exchange per peer keys all of its tunnels: one request
+        self._rekey()
 
     def rekey_one(self) -> None:
-        self._rekey(self.socks[0], self.first[0])
+        self._rekey()
 
     def stop(self) -> None:
         for p in self.procs:
@@ -265,10 +253,6 @@ tunnels:
             with contextlib.suppress(Exception):
                 self._kme_fut.result(10)
             self.kme.stop()
-
-
-def me_of(side: str) -> str:
-    return "gw-a" if side == "a" else "gw-b"
 
 
 def _wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:

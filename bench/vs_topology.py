@@ -87,7 +87,7 @@ class XfrmWatch:
         self.sock.bind((0, 1 << (XFRMNLGRP_SA - 1)))
         self.local = socket.inet_aton(local)
         self.lock = threading.Lock()
-        self.keyed: list[tuple[float, int]] = []       # (time, spi) new keyed SAs
+        self.keyed: list[tuple[float, int, bool]] = []   # (time, spi, outbound) keyed SAs
         self.deleted: dict[int, float] = {}            # spi -> time
         self.overruns = 0
         self._stop = False
@@ -111,10 +111,12 @@ class XfrmWatch:
                 body = data[off + 16:off + n]
                 off += (n + 3) & ~3
                 if mtype in (XFRM_MSG_NEWSA, XFRM_MSG_UPDSA):
-                    spi = struct.unpack_from(">I", body, 56 + 16)[0]   # sel, id.daddr, id.spi
+                    # xfrm_usersa_info: sel (56), id {daddr, spi, proto} (24), saddr
+                    spi = struct.unpack_from(">I", body, 56 + 16)[0]
+                    out = body[80:84] == self.local                    # IPv4 saddr
                     if _has_attr(body, 224, XFRMA_ALG_AEAD):           # larval: no algorithm
                         with self.lock:
-                            self.keyed.append((now, spi))
+                            self.keyed.append((now, spi, out))
                 elif mtype == XFRM_MSG_DELSA:
                     spi = struct.unpack_from(">I", body, 16)[0]        # xfrm_usersa_id.spi
                     with self.lock:
@@ -123,6 +125,11 @@ class XfrmWatch:
     def mark(self) -> int:
         with self.lock:
             return len(self.keyed)
+
+    def outbound_since(self, mark: int) -> set[int]:
+        """The SPIs of the outbound keyed SAs notified after ``mark``."""
+        with self.lock:
+            return {spi for _t, spi, out in self.keyed[mark:] if out}
 
     def close(self) -> None:
         self._stop = True
