@@ -57,6 +57,7 @@ from vs_topology import (
     kernel_floor,
     keyed_count,
     outbound_spis,
+    precompile,
     rss_mb,
     wait_done,
 )
@@ -84,6 +85,7 @@ def setup_host() -> int:
         subprocess.run(["systemctl", "disable", unit], check=False, capture_output=True)
     subprocess.run([str(VENV_BIN / "pip"), "install", "vici==6.0.3", "py-spy==0.4.3"],
                    check=True)   # pyproject.toml extra "bench"
+    precompile()
     print("bench set-up done: strongswan-charon, strongswan-swanctl (services disabled), vici")
     return 0
 
@@ -235,6 +237,10 @@ def main() -> int:
         print(f"missing {missing}: run `.venv/bin/python bench/vs_strongswan.py --setup` "
               "on the host first", file=sys.stderr)
         return 2
+    if not precompile():
+        print("warning: could not byte-compile the checkout (read-only in the lab guest): "
+              "run --setup on the host first, or every daemon start compiles its sources",
+              file=sys.stderr)
     sizes = [int(x) for x in args.sizes.split(",")]
     topo = Topology().up()
     # in the lab, keep the run directory (daemon and charon logs) beside the VM's output
