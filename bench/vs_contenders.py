@@ -32,6 +32,11 @@ class Contender:
     def rekey_one(self) -> None: ...
     def stop(self) -> None: ...
 
+    def settle(self, timeout: float) -> None:
+        """After establish: wait until the contender itself reports every
+        tunnel up (the kernel can hold all SAs before the daemon's own
+        bookkeeping has caught up)."""
+
 
 class StrongSwan(Contender):
     name = "strongSwan"
@@ -92,10 +97,31 @@ class StrongSwan(Contender):
         sock.connect(str(self.vici[side]))
         return vici.Session(sock)
 
+    def _installed(self) -> set[str]:
+        names = set()
+        for ike in self._session("a").list_sas():
+            for sa in ike.values():
+                for child in sa.get("child-sas", {}).values():
+                    if child.get("state") == b"INSTALLED":
+                        names.add(child["name"].decode())
+        return names
+
+    def settle(self, timeout: float) -> None:
+        want = {f"t{i}" for i in range(self.n)}
+        _wait_for(lambda: want <= self._installed(), timeout, "every CHILD_SA INSTALLED")
+
     def rekey_all(self) -> None:
+        import vici
         s = self._session("a")
+        failed = []
         for i in range(self.n):
-            s.rekey({"child": f"t{i}"})
+            try:
+                s.rekey({"child": f"t{i}"})
+            except vici.exception.CommandException:
+                failed.append(f"t{i}")
+        if failed:
+            raise RuntimeError(f"strongSwan refused the rekey of {len(failed)} CHILD_SA(s), "
+                               f"e.g. {failed[:3]}")
 
     def rekey_one(self) -> None:
         self._session("a").rekey({"child": "t0"})
