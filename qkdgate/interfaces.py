@@ -279,6 +279,19 @@ class UpdatePolicy:
 IpsecOp = InstallSa | RemoveSa | UpdatePolicy
 
 
+@dataclass(frozen=True, slots=True)
+class AllocateSpi:
+    """One inbound SPI reservation for :meth:`IpsecBackend.allocate_spis`
+    (the arguments of :meth:`IpsecBackend.allocate_spi`)."""
+
+    src: IPAddress
+    dst: IPAddress
+    reqid: int = 0
+    proto: int = socket.IPPROTO_ESP
+    low: int = 0xC0000000
+    high: int = 0xCFFFFFFF
+
+
 class IpsecBackend(Protocol):
     """The narrow kernel interface for IPsec (after strongSwan's kernel_ipsec).
 
@@ -294,6 +307,11 @@ class IpsecBackend(Protocol):
                      low: int = 0xC0000000, high: int = 0xCFFFFFFF, reqid: int = 0) -> int:
         """Reserve an inbound SPI: a keyless (larval) SA carrying ``reqid``
         until :meth:`install_inbound` keys it or the kernel drops it."""
+        ...
+
+    def allocate_spis(self, requests: Sequence[AllocateSpi]) -> list[int | TunnelError]:
+        """Many :meth:`allocate_spi` sent together (one pipelined batch);
+        per request its SPI or its error, in order."""
         ...
 
     def install_inbound(self, sa_id: SaId, spec: SaSpec) -> None: ...

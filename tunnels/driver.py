@@ -22,7 +22,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from qkdgate.errors import TunnelError
-from qkdgate.interfaces import IpsecOp, MacsecCipher, MacsecSaState, PolicySpec, SaId, SaState
+from qkdgate.interfaces import (
+    AllocateSpi,
+    IpsecOp,
+    MacsecCipher,
+    MacsecSaState,
+    PolicySpec,
+    SaId,
+    SaState,
+)
 from qkdgate.keymix.secret import SecretBytes
 from qkdgate.tunnels.timers import Lifetimes
 
@@ -134,6 +142,12 @@ class BatchOps(Protocol):
 
     def apply(self, ops: Sequence[IpsecOp]) -> list[TunnelError | None]:
         """The backend's batch: one result per op (None: done)."""
+
+    def spi_request(self) -> AllocateSpi:
+        """What :meth:`TunnelDriver.allocate_spi` would reserve, not yet sent."""
+
+    def allocate_spis(self, requests: Sequence[AllocateSpi]) -> list[int | TunnelError]:
+        """The backend's batch of reservations: per request its SPI or error."""
 
     def inbound_op(self, sa: NewSa) -> tuple[SaRecord, IpsecOp]: ...
 

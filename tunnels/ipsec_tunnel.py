@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 
 from qkdgate.errors import LocalProtocolError, TunnelError
 from qkdgate.interfaces import (
+    AllocateSpi,
     Direction,
     InstallSa,
     IPAddress,
@@ -341,6 +342,13 @@ class IpsecDriver:
 
     def apply(self, ops: Sequence[IpsecOp]) -> list[TunnelError | None]:
         return self.backend.apply(ops)
+
+    def spi_request(self) -> AllocateSpi:
+        # as allocate_spi: the larval SA carries our inbound reqid
+        return AllocateSpi(self.spec.remote, self.spec.local, reqid=self.spec.reqid_base)
+
+    def allocate_spis(self, requests: Sequence[AllocateSpi]) -> list[int | TunnelError]:
+        return self.backend.allocate_spis(requests)
 
     def snapshot(self) -> KernelSnapshot:
         """One policy dump and one SA dump, indexed (see KernelSnapshot)."""

@@ -59,12 +59,12 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from qkdgate.errors import LocalProtocolError, QkdgateError, TunnelError
-from qkdgate.interfaces import IpsecOp, MacsecSaState, SaState
+from qkdgate.interfaces import AllocateSpi, IpsecOp, MacsecSaState, SaState
 from qkdgate.tunnels.driver import (
     BatchOps,
     KernelSnapshot,
@@ -709,6 +709,31 @@ class TunnelManager:
         if tunnel is None:
             raise LocalProtocolError(f"unknown tunnel id {tunnel_id!r}")
         return tunnel
+
+    def allocate_spis(self, tunnel_ids: Sequence[str]) -> dict[str, int]:
+        """One inbound SPI per tunnel, for an exchange of a peer. Tunnels
+        whose drivers batch (:class:`BatchOps`) reserve theirs in one
+        pipelined batch per backend (issue 19: one round trip per tunnel
+        before). The first failure raises; SPIs already reserved stay larval
+        until the kernel drops them (net.core.xfrm_acq_expires), as an
+        exchange that dies after its allocation leaves them."""
+        out: dict[str, int] = {}
+        pending: dict[int, tuple[BatchOps, list[tuple[str, AllocateSpi]]]] = {}
+        for tid in tunnel_ids:
+            tunnel = self.get(tid)
+            batch = tunnel.driver.batch
+            if batch is None:
+                out[tid] = tunnel.allocate_spi()
+            else:
+                pending.setdefault(id(batch.group), (batch, []))[1].append(
+                    (tid, batch.spi_request()))
+        for batch, items in pending.values():
+            for (tid, _req), res in zip(items, batch.allocate_spis([r for _t, r in items]),
+                                        strict=True):
+                if isinstance(res, TunnelError):
+                    raise res
+                out[tid] = res
+        return {tid: out[tid] for tid in tunnel_ids}
 
     def install_inbound(self, generation: int, session: SessionSecret, role: str,
                         spis: Mapping[str, int], now: float) -> None:

@@ -33,6 +33,7 @@ from dataclasses import replace
 
 from qkdgate.errors import LocalProtocolError, TunnelError
 from qkdgate.interfaces import (
+    AllocateSpi,
     Direction,
     InstallSa,
     IPAddress,
@@ -154,13 +155,34 @@ class XfrmBackend:
         # it for net.core.xfrm_acq_expires (30 s): it carries ``reqid``
         # (xfrm_alloc_userspi -> xfrm_find_acq) and is recorded first, so
         # failsafe finds it like any other SA of ours.
-        if self.registry is not None and reqid:
-            self.registry.add_reqid(self.netns, reqid)
-        body = m.USERSPI_INFO.pack({
-            "info.sel.family": _family(src), "info.id.daddr": _a16(dst), "info.id.proto": proto,
-            "info.saddr": _a16(src), "info.family": _family(src), "info.reqid": reqid,
-            "min": low, "max": high})
-        replies = self.nl.request("allocate_spi", m.XFRM_MSG_ALLOCSPI, body)
+        return self._spi_of(self.nl.request("allocate_spi", m.XFRM_MSG_ALLOCSPI,
+                                            self._spi_message(AllocateSpi(src, dst, reqid, proto,
+                                                                          low, high))), dst)
+
+    def allocate_spis(self, requests: Sequence[AllocateSpi]) -> list[int | TunnelError]:
+        """Every reservation in one pipelined batch (issue 19: a rekey of N
+        tunnels asked for N SPIs one round trip each)."""
+        msgs = [(m.XFRM_MSG_ALLOCSPI, self._spi_message(r), 0) for r in requests]
+        out: list[int | TunnelError] = []
+        for r, (replies, err) in zip(requests, self.nl.request_batch("allocate_spi", msgs),
+                                     strict=True):
+            try:
+                if err is not None:
+                    raise err
+                out.append(self._spi_of(replies, r.dst))
+            except TunnelError as exc:
+                out.append(exc)
+        return out
+
+    def _spi_message(self, r: AllocateSpi) -> bytes:
+        if self.registry is not None and r.reqid:
+            self.registry.add_reqid(self.netns, r.reqid)
+        return m.USERSPI_INFO.pack({
+            "info.sel.family": _family(r.src), "info.id.daddr": _a16(r.dst),
+            "info.id.proto": r.proto, "info.saddr": _a16(r.src), "info.family": _family(r.src),
+            "info.reqid": r.reqid, "min": r.low, "max": r.high})
+
+    def _spi_of(self, replies: list[tuple[int, bytes]], dst: IPAddress) -> int:
         if not replies:
             raise TunnelError("allocate_spi", errno.EPROTO, "no SA in the kernel's reply")
         spi = m.num(m.USERSA_INFO.unpack(replies[0][1]), "id.spi")

@@ -300,6 +300,7 @@ class Daemon:
                 return factory(scfg, identity=identity, peer_identities=pins[name],
                                rng=self.rng, now=now,
                                allocate_spi=lambda tid: self.tunnels.get(tid).allocate_spi(),
+                               allocate_spis=self.tunnels.allocate_spis,
                                **epochs)
 
             return PeerRunner(peer.name, tids, (str(peer.address), peer.port),

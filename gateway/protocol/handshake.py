@@ -149,6 +149,9 @@ def check_our_spis(spis: Mapping[str, int], kinds: Mapping[str, str]) -> None:
     0..3 (IEEE 802.1AE-2018 10.7.14), or 0 for a key consumer (WireGuard,
     strongSwan: docs/protocol.md 4.2). Anything else is the driver's bug."""
     from qkdgate.errors import LocalProtocolError
+    if spis.keys() != kinds.keys():
+        raise LocalProtocolError(f"allocate_spis answered for {len(spis)} tunnel(s), "
+                                 f"not the peer's {len(kinds)}")
     for t, v in spis.items():
         kind = kinds[t]
         ok = isinstance(v, int) and (0x100 <= v <= 0xFFFFFFFF if kind == "ipsec"

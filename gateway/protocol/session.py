@@ -48,7 +48,7 @@ import hmac
 import itertools
 import os
 from collections import Counter, deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from qkdgate.errors import (
@@ -116,13 +116,17 @@ class PeerSession:
     def __init__(self, config: SessionConfig, *, identity: LocalIdentity,
                  peer_identities: Sequence[PeerIdentity], rng: Callable[[int], bytes] = os.urandom,
                  now: float, allocate_spi: Callable[[str], int],
+                 allocate_spis: Callable[[Sequence[str]], Mapping[str, int]] | None = None,
                  kem: KemProvider | None = None, epoch: int | None = None,
                  peer_epoch_floor: int = 0) -> None:
         """``epoch``: this gateway's epoch, a persisted counter that only grows
         across restarts (the daemon's ``journal.next_local_epoch()``); None
         draws a random one, for tests only. ``peer_epoch_floor``: the highest
         epoch ever authenticated from this peer (``journal.peer_epoch(peer)``);
-        INITs from below it are dropped before any work (docs/protocol.md 10)."""
+        INITs from below it are dropped before any work (docs/protocol.md 10).
+        ``allocate_spis``: every tunnel's SPI in one call (the driver batches
+        the kernel requests, issue 19); without it ``allocate_spi`` is asked
+        tunnel by tunnel."""
         config.validate()
         if not 1 <= len(peer_identities) <= MAX_PEER_IDENTITIES:
             raise LocalProtocolError("pin 1..4 identities per peer (2 during a rollover)")
@@ -132,6 +136,7 @@ class PeerSession:
         self.peer_identities = tuple(peer_identities)
         self._rng = rng
         self._allocate_spi = allocate_spi
+        self._allocate_spis = allocate_spis
         # ``kem`` lets tests inject a deterministic provider (qkdgate.testing)
         if kem is not None and kem.name != config.kem:
             raise LocalProtocolError(f"injected KEM {kem.name} is not the configured {config.kem}")
@@ -511,7 +516,10 @@ class PeerSession:
         exchange cleanly (the driver sees RekeyFailed, not an exception);
         a value that does not fit is the driver's bug (poisons)."""
         try:
-            spis = {t: self._allocate_spi(t) for t in self._kinds}
+            if self._allocate_spis is not None:
+                spis = dict(self._allocate_spis(list(self._kinds)))
+            else:
+                spis = {t: self._allocate_spi(t) for t in self._kinds}
         except TunnelError as exc:
             self._abort(ex, AbortCode.INSTALL_FAILED, "SPI allocation failed")
             self._fail(ex, f"SPI allocation failed: {exc}", FailureCause.INSTALL, now)

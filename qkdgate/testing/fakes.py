@@ -28,6 +28,7 @@ from qkdgate.errors import (
     TunnelError,
 )
 from qkdgate.interfaces import (
+    AllocateSpi,
     Direction,
     InstallSa,
     IPAddress,
@@ -172,6 +173,7 @@ class RecordingIpsecBackend:
         self.bypassed: list[int] = []
         self.ops: list[tuple[str, object]] = []
         self.batches: list[int] = []
+        self.spi_batches: list[int] = []
         self._next_spi = 0xC0000100
         self.larval_reqids: dict[int, int] = {}    # SPI reserved -> the reqid it carries
 
@@ -186,6 +188,19 @@ class RecordingIpsecBackend:
                 self.ops.append(("allocate_spi", spi))
                 self.larval_reqids[spi] = reqid
                 return spi
+
+    def allocate_spis(self, requests: Sequence[AllocateSpi]) -> list[int | TunnelError]:
+        """The batched path: each as :meth:`allocate_spi` (so a subclass
+        injecting faults there fails it here too); ``spi_batches`` records
+        the size of each batch."""
+        self.spi_batches.append(len(requests))
+        out: list[int | TunnelError] = []
+        for r in requests:
+            try:
+                out.append(self.allocate_spi(r.src, r.dst, r.proto, r.low, r.high, r.reqid))
+            except TunnelError as exc:
+                out.append(exc)
+        return out
 
     def _install(self, op: str, direction: str, sa_id: SaId, spec: SaSpec) -> None:
         key = _sa_key(sa_id)

@@ -109,3 +109,31 @@ def test_transition_table_is_complete():
     assert all(s in live for states in MESSAGE_STATES.values() for s in states)
     for terminal in TERMINAL:
         assert not any(k[1] is terminal for k in TRANSITIONS)
+
+
+def test_allocate_spis_is_asked_once_per_exchange_for_every_tunnel():
+    """With the batched callback (issue 19) each side asks once for all of
+    its tunnels' SPIs, never tunnel by tunnel, and the keys still match."""
+    from protocol_harness import assert_keys_match
+    p = make_pair(qkd=None)
+    calls = {"gw-a": [], "gw-b": []}
+    for gw in (p.a, p.b):
+        real = gw.session._allocate_spi
+        gw.session._allocate_spi = lambda tid: pytest.fail("asked tunnel by tunnel")
+        gw.session._allocate_spis = (lambda tids, real=real, name=gw.name:
+                                     calls[name].append(list(tids)) or {t: real(t) for t in tids})
+    p.roundtrip_until_done()
+    kinds = list(p.a.session._kinds)
+    assert calls == {"gw-a": [kinds], "gw-b": [kinds]}
+    assert_keys_match(p, 1)
+
+
+def test_allocate_spis_leaving_a_tunnel_out_poisons_the_session():
+    p = make_pair(qkd=None)
+    real = p.a.session._allocate_spi
+    p.a.session._allocate_spis = lambda tids: {t: real(t) for t in list(tids)[1:]}
+    with pytest.raises(SessionFailed) as info:
+        p.a.session.handle_timer(p.now)
+    assert "allocate_spis answered for" in str(info.value.__cause__)
+    assert p.a.session._ini is None and p.a.session._out == []
+    _assert_poisoned(p.a.session, p.now)

@@ -93,3 +93,47 @@ def test_a_lost_reply_fails_only_the_unanswered_requests():
     res = ch.request_many("add", [(0x10, b"z" * 8, 0)] * 6)
     assert res[:3] == [None] * 3
     assert all(e is not None and e.errno == errno.ENOBUFS and e.op == "add" for e in res[3:])
+
+
+def test_spi_reservations_of_many_tunnels_are_one_pipelined_batch():
+    """XfrmBackend.allocate_spis (issue 19): N ALLOCSPI requests in one send,
+    each answered with its larval SA's SPI, a refused one failing alone; a
+    reserved SPI is then keyed by XFRM_MSG_UPDSA (it takes over the larval
+    state), as after allocate_spi."""
+    import ipaddress
+
+    from qkdgate.interfaces import AllocateSpi, InstallSa, SaId, SaSpec
+    from qkdgate.keymix.secret import SecretBytes
+    from qkdgate.tunnels import xfrm_msg as m
+    from qkdgate.tunnels.xfrm import XfrmBackend
+
+    a, b = ipaddress.ip_address("192.0.2.1"), ipaddress.ip_address("192.0.2.2")
+    sent_types: list[int] = []
+
+    def answer(seqs):
+        out = []
+        for i, s in enumerate(seqs):
+            if i == 3:
+                out.append(ack(s, -errno.ENOENT))
+                continue
+            sa = m.USERSA_INFO.pack({"id.spi": 0xC0000100 + i,
+                                     "id.daddr": a.packed + bytes(12)})
+            out += [reply(s, sa), ack(s)]
+        return out
+
+    ch, sock = channel(answer)
+    orig_send = sock.send
+
+    def send(data):
+        sent_types.append(NLMSGHDR.unpack_from(data, 0)[1])
+        return orig_send(data)
+    sock.send = send
+    be = XfrmBackend(channel=ch, verify=False)
+    res = be.allocate_spis([AllocateSpi(b, a, reqid=100 + i) for i in range(6)])
+    assert len(sock.sends) == 1 and len(sock.sends[0]) == 6      # one send, six requests
+    assert sent_types == [m.XFRM_MSG_ALLOCSPI]
+    assert [r for i, r in enumerate(res) if i != 3] == [0xC0000100 + i for i in (0, 1, 2, 4, 5)]
+    assert res[3].errno == errno.ENOENT
+    spec = SaSpec(key=SecretBytes(bytes(36)), reqid=100)
+    be.apply([InstallSa(SaId(src=b, dst=a, spi=0xC0000100), spec, True)])
+    assert sent_types[-1] == m.XFRM_MSG_UPDSA                    # keys the larval state

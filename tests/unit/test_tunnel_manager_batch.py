@@ -196,3 +196,39 @@ def test_a_rekey_logs_nothing_per_tunnel_at_info_and_the_details_at_debug(caplog
         rekey(3)
     per_tunnel = {r.tunnel for r in caplog.records if hasattr(r, "tunnel")}
     assert len(per_tunnel) == 20
+
+
+class RefusingSpi(CountingBackend):
+    """Runs out of SPIs after ``left`` reservations (as the kernel's range
+    would: ENOENT)."""
+
+    def __init__(self, left):
+        super().__init__()
+        self.left = left
+
+    def allocate_spi(self, src, dst, proto=50, low=0xC0000000, high=0xCFFFFFFF, reqid=0):
+        if self.left == 0:
+            raise TunnelError("allocate_spi", errno.ENOENT, "injected")
+        self.left -= 1
+        return super().allocate_spi(src, dst, proto, low, high, reqid)
+
+
+def test_spis_of_every_tunnel_are_reserved_in_one_batch():
+    be = CountingBackend()
+    mgr = manager(be, n=20)
+    tids = list(reversed(mgr.tunnels))
+    got = mgr.allocate_spis(tids)
+    assert be.spi_batches == [20]                 # one batch, not one round trip per tunnel
+    assert list(got) == tids and len(set(got.values())) == 20
+    # each larval SA carries its tunnel's inbound reqid (failsafe's sweep finds it)
+    assert {be.larval_reqids[got[t]] for t in tids} == \
+        {mgr.get(t).driver.spec.reqid_base for t in tids}
+    mgr.install_inbound(1, Session(b"g1"), "initiator", got, 0.0)
+    assert all(t.generations[1].inbound.spi == got[tid] for tid, t in mgr.tunnels.items())
+
+
+def test_a_refused_spi_reservation_fails_the_allocation():
+    mgr = manager(RefusingSpi(left=3), n=5)
+    with pytest.raises(TunnelError) as info:
+        mgr.allocate_spis(list(mgr.tunnels))
+    assert info.value.errno == errno.ENOENT
