@@ -44,6 +44,16 @@ from qkdgate.interfaces import QkdKey
 log = logging.getLogger("qkdgate.udp")
 
 MAX_DATAGRAM = 65535
+# The receive buffer of the one socket every peer's datagrams share. A rekey
+# of many peers at once answers with a burst of every peer's RESP (4-5
+# fragments of ~1.3 KB each with ML-KEM-768 + ML-DSA-65) while the loop is
+# busy with the first ones: Linux's default (net.core.rmem_default, 208 KiB)
+# dropped 2,352 datagrams of 100 peers' rekey in the issue 19 load test and
+# retransmission did not catch up within the exchange timeout. Set with
+# SO_RCVBUFFORCE (CAP_NET_ADMIN, which the daemon has), else SO_RCVBUF up to
+# net.core.rmem_max. Memory is only used by datagrams actually queued.
+RCVBUF = 8 << 20
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 T = TypeVar("T")
 
 
@@ -328,6 +338,10 @@ async def open_endpoint(host: str, port: int, *, bypass: Callable[[socket.socket
         # with EADDRINUSE.
         if family == socket.AF_INET6 and host in ("::", "::0"):
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
+        except PermissionError:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
         sock.bind((host, port))
         if bypass is not None:
             bypass(sock)

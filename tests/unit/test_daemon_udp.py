@@ -230,3 +230,23 @@ async def test_a_second_bind_of_the_peer_port_is_refused():
                 thief.close()
     finally:
         transport.close()
+
+
+async def test_the_shared_socket_has_room_for_every_peers_burst():
+    """Issue 19: 100 peers' RESPs at once overflowed the default receive
+    buffer (2,352 drops, exchanges timing out). With CAP_NET_ADMIN the
+    daemon forces RCVBUF; without it, it asks for as much as rmem_max allows."""
+    import os
+    import socket
+
+    from qkdgate.gateway.daemon.udp import RCVBUF
+    t, _ep = await open_endpoint("127.0.0.1", 0)
+    try:
+        got = t.get_extra_info("socket").getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    finally:
+        t.close()
+    if os.geteuid() == 0:
+        assert got >= RCVBUF             # the kernel doubles it for bookkeeping
+    else:
+        with open("/proc/sys/net/core/rmem_max") as f:
+            assert got >= min(RCVBUF, int(f.read()))
