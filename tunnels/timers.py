@@ -100,20 +100,54 @@ class TunnelTimers:
     """
 
     def __init__(self, lifetimes: Lifetimes) -> None:
-        self.lifetimes = lifetimes
+        self._lifetimes = lifetimes
         self._gens: dict[int, _Deadlines] = {}
-        self.active: int | None = None            # the generation we send under
-        self.rekey_requested_at: float | None = None
+        self._active: int | None = None            # the generation we send under
+        self._rekey_requested_at: float | None = None
+        # (next_deadline, next_action), computed when asked and dropped by
+        # every hook: the manager asks all tunnels on every wake-up of the
+        # tunnel loop, and one peer's exchange wakes it several times
+        # (issue 19: 100 peers x 10 tunnels spent most of a rekey here).
+        self._next: tuple[float | None, float | None] | None = None
+
+    @property
+    def lifetimes(self) -> Lifetimes:
+        return self._lifetimes
+
+    @lifetimes.setter
+    def lifetimes(self, value: Lifetimes) -> None:
+        self._lifetimes = value
+        self._next = None
+
+    @property
+    def active(self) -> int | None:
+        return self._active
+
+    @active.setter
+    def active(self, value: int | None) -> None:
+        self._active = value
+        self._next = None
+
+    @property
+    def rekey_requested_at(self) -> float | None:
+        return self._rekey_requested_at
+
+    @rekey_requested_at.setter
+    def rekey_requested_at(self, value: float | None) -> None:
+        self._rekey_requested_at = value
+        self._next = None
 
     # ---- hooks -----------------------------------------------------------
     def generation_created(self, number: int, now: float) -> None:
         """First SA of ``number`` installed: its lifetimes start now."""
+        self._next = None
         self._gens.setdefault(number, _Deadlines(now))
 
     def generation_adopted(self, number: int, now: float, sending: bool) -> None:
         """SAs of a previous run: the kernel enforces their own hard
         lifetime; ours ends them a full hard lifetime from now at the latest
         (or at the grace after a new generation switches in)."""
+        self._next = None
         self._gens[number] = _Deadlines(now, hard_at=now + self.lifetimes.hard_seconds)
         if sending:
             self.active = number
@@ -121,6 +155,7 @@ class TunnelTimers:
     def generation_switched(self, number: int, now: float) -> None:
         """``number`` sends from now on: every older generation retires
         after the grace period, and the soft lifetime is armed again."""
+        self._next = None
         self.active = number
         self.rekey_requested_at = None
         for n, d in self._gens.items():
@@ -130,20 +165,24 @@ class TunnelTimers:
     def rekey_requested(self, now: float) -> None:
         """A rekey was asked for (soft lifetime, byte or PN limit): not again
         until a new generation switches in."""
+        self._next = None
         self.rekey_requested_at = now
 
     def removal_failed(self, number: int, now: float) -> None:
         """Some SAs of ``number`` could not be removed: it sends no more and
         its removal is retried after REMOVE_RETRY_SECONDS."""
+        self._next = None
         self._gens[number].retry_at = now + REMOVE_RETRY_SECONDS
         if self.active == number:
             self.active = None
 
     def tunnel_blocked(self) -> None:
         """Nothing sends any more (SAs removed or being removed)."""
+        self._next = None
         self.active = None
 
     def generation_dropped(self, number: int) -> None:
+        self._next = None
         self._gens.pop(number, None)
         if self.active == number:
             self.active = None
@@ -188,8 +227,20 @@ class TunnelTimers:
         return out
 
     def next_deadline(self) -> float | None:
-        times = [t for t, _, _ in self._deadlines()]
-        return min(times) if times else None
+        return self._cached()[0]
+
+    def next_action(self) -> float | None:
+        """The earliest time :meth:`expired` or :meth:`hard_due` can name
+        anything: until then the tunnel's timer work is a no-op."""
+        return self._cached()[1]
+
+    def _cached(self) -> tuple[float | None, float | None]:
+        if self._next is None:
+            times = [t for t, _, _ in self._deadlines()]
+            deadline = min(times) if times else None
+            acts = times + [self.hard_act_at(n) for n in self._gens]
+            self._next = (deadline, min(acts) if acts else None)
+        return self._next
 
     def expired(self, now: float) -> list[tuple[Expiry, int]]:
         """Deadlines passed at ``now``: superseded generations first, then the

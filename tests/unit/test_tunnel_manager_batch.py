@@ -232,3 +232,27 @@ def test_a_refused_spi_reservation_fails_the_allocation():
     with pytest.raises(TunnelError) as info:
         mgr.allocate_spis(list(mgr.tunnels))
     assert info.value.errno == errno.ENOENT
+
+
+def test_a_timer_wake_up_works_only_on_tunnels_with_a_deadline_passed(monkeypatch):
+    """Issue 19: the tunnel loop wakes on every step of every peer's exchange;
+    TunnelManager.handle_timer visits only tunnels whose (cached) next
+    deadline has passed instead of every tunnel each time."""
+    from qkdgate.tunnels.manager import Tunnel
+    be = CountingBackend()
+    mgr = manager(be, n=20)
+    s1, s2 = Session(b"g1"), Session(b"g2")
+    mgr.install_inbound(1, s1, "initiator", spis(mgr, 0xC0001000), 0.0)
+    mgr.install_outbound(1, s1, "initiator", spis(mgr, 0xD0001000), 0.0)
+    mgr.install_inbound(2, s2, "initiator", {"t3": 0xC0002003}, 1.0)
+    mgr.install_outbound(2, s2, "initiator", {"t3": 0xD0002003}, 1.0)
+    visited = []
+    real = Tunnel.handle_timer
+    monkeypatch.setattr(Tunnel, "handle_timer",
+                        lambda self, now: visited.append(self.tunnel_id) or real(self, now))
+    assert mgr.handle_timer(2.0) == {} and visited == []        # nothing due yet
+    mgr.handle_timer(3.5)                                       # t3's grace (2 s) is over
+    assert visited == ["t3"]
+    assert list(mgr.get("t3").generations) == [2]
+    assert all(list(t.generations) == [1] for tid, t in mgr.tunnels.items() if tid != "t3")
+    assert mgr.get_timer() == 50.0                              # everyone else's soft lifetime

@@ -82,3 +82,47 @@ def test_hard_lifetime_is_acted_on_a_margin_before_it_at_most_a_quarter_of_soft_
 def test_lifetimes_refuse_nonsense(bad):
     with pytest.raises(ValueError):
         Lifetimes(**bad)
+
+
+def _fresh(t: TunnelTimers) -> tuple:
+    """next_deadline and next_action computed from scratch (no cache)."""
+    times = [at for at, _k, _n in t._deadlines()]
+    acts = times + [t.hard_act_at(n) for n in t._gens]
+    return (min(times) if times else None, min(acts) if acts else None)
+
+
+def test_cached_deadlines_follow_every_hook():
+    """Issue 19: the next deadline is cached; every hook and every replaced
+    setting drops the cache, so it always equals a fresh computation and
+    next_action is never later than anything expired() or hard_due() names."""
+    import random
+    rng = random.Random(19)
+    t = TunnelTimers(LT)
+    now, gen = 0.0, 0
+    for _ in range(400):
+        now += rng.choice((0.0, 0.5, 3.0, 20.0))
+        op = rng.randrange(8)
+        gens = list(t._gens)
+        if op == 0 or not gens:
+            gen += 1
+            t.generation_created(gen, now)
+        elif op == 1:
+            t.generation_switched(rng.choice(gens), now)
+        elif op == 2:
+            t.rekey_requested(now)
+        elif op == 3:
+            t.removal_failed(rng.choice(gens), now)
+        elif op == 4:
+            t.tunnel_blocked()
+        elif op == 5:
+            t.generation_dropped(rng.choice(gens))
+        elif op == 6:
+            t.lifetimes = Lifetimes(soft_seconds=rng.choice((40, 50)), hard_seconds=60,
+                                    grace_seconds=rng.choice((1, 2)))
+        else:
+            gen += 1
+            t.generation_adopted(gen, now, sending=rng.random() < 0.5)
+        assert (t.next_deadline(), t.next_action()) == _fresh(t)
+        probe = now + rng.choice((0.0, 1.0, 10.0, 100.0))
+        if t.expired(probe) or t.hard_due(probe):
+            assert t.next_action() is not None and t.next_action() <= probe
