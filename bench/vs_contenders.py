@@ -252,6 +252,17 @@ tunnels:
         self.sock = str(self.socks_dir / "gw-a.sock")
         self.pids = [p.pid for p in self.procs]
 
+    def settle(self, timeout: float) -> None:
+        # a rekey asked for while the first exchange is still ending is
+        # coalesced into it (PeerSession.initiate_rekey)
+        from qkdgate.gateway.daemon.control import request
+
+        def up() -> bool:
+            return all(p["state"] == "established" for side in ("gw-a", "gw-b")
+                       for p in request(str(self.socks_dir / f"{side}.sock"), "status",
+                                        timeout=60)["peers"])
+        _wait_for(up, timeout, "both daemons' peer established")
+
     def _rekey(self) -> None:
         from qkdgate.gateway.daemon.control import request
         request(self.sock, "rekey", tunnel="t0", timeout=60)
