@@ -318,7 +318,10 @@ def report(sizes: list[int], results: dict[tuple[str, int], Run], floors: dict[i
         se = [s.establish] if s else []
         qe = [q.establish] if q else []
         print(f"| {n} | establish | {fmt(se)} | {fmt(qe)} | {ratio(se, qe)} | |")
-        sus = [[r.sustained] if r else [] for r in (s, q)]
+        # --sustain 0: N over the median rekey-all instead
+        sus = [([r.sustained] if not math.isnan(r.sustained)
+                else [n / statistics.median(r.rekeys)] if r.rekeys else []) if r else []
+               for r in (s, q)]
         print(f"| {n} | tunnel-rekeys/s (back-to-back rekey-alls) | "
               f"{fmt(sus[0], '/s')} | {fmt(sus[1], '/s')} | {ratio(sus[1], sus[0])} (q/s) | |")
         cpu = [r.cpu_per_rekey if r else [] for r in (s, q)]
