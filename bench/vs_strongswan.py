@@ -258,10 +258,11 @@ def main() -> int:
     q = Qkdgate(topo, work, socks)
     q.log_level = args.daemon_log
     contenders: list[Contender] = []
+    if args.only != "strongswan":   # first: at the largest N strongSwan takes longest
+        contenders.append(q)
     if args.only != "qkdgate":
         contenders.append(StrongSwan(topo, work, socks))
-    if args.only != "strongswan":
-        contenders.append(q)
+
     try:
         for n in sizes:
             try:
