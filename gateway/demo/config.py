@@ -94,13 +94,21 @@ def _s(x: float) -> str:
     return f"{round(x * 1000)}ms"
 
 
-def _key_source(name: str, kme: KmeEndpoint, kind: str, binding: str | None) -> str:
+# --topology: every relayed key costs three more HTTPS exchanges between the
+# simulator's nodes (ETSI 020 hops and the ack, docs/qkd.md); a starved lab VM
+# needs more than 2 s for that. Above the simulator's relay timeout (5 s), so
+# the KME answers 503 before the client gives up.
+RELAYED_TIMEOUT = "6s"
+
+
+def _key_source(name: str, kme: KmeEndpoint, kind: str, binding: str | None,
+                timeout: str = "2s") -> str:
     binding_line = f"\n    binding: {binding}" if binding else ""
     return f"""  - name: {name}
     kind: {kind}{binding_line}
     url: {kme.url}
     kme_id: {kme.kme_id}
-    timeout: 2s
+    timeout: {timeout}
     retries: 1
     tls: {{cert: {kme.cert}, key: {kme.key}, ca: {kme.ca}}}
 """
@@ -123,13 +131,15 @@ def gateway_yaml(side: str, folder: Path, kme: KmeEndpoint, *, policy: str, time
         qkd_yaml = f"      role: {role}\n      rule: all\n      sources:\n" + "".join(
             f"        - {{key_source: {s.name}, local_sae_id: {s.local_sae}, "
             f"peer_sae_id: {s.peer_sae}}}\n" for s in sources)
-        key_sources = "".join(_key_source(s.name, s.kme, kind, binding) for s in sources)
+        key_sources = "".join(_key_source(s.name, s.kme, kind, binding, RELAYED_TIMEOUT)
+                              for s in sources)
     else:
         one = sources[0] if sources else QkdSource("kme", "SAE-A" if a else "SAE-B",
                                                    "SAE-B" if a else "SAE-A", kme)
         qkd_yaml = (f"      key_source: {one.name}\n      role: {role}\n"
                     f"      local_sae_id: {one.local_sae}\n      peer_sae_id: {one.peer_sae}\n")
-        key_sources = _key_source(one.name, one.kme, kind, binding)
+        key_sources = _key_source(one.name, one.kme, kind, binding,
+                                  RELAYED_TIMEOUT if sources else "2s")
     rk = (f"{{interval: {_s(timers.interval)}, soft_lifetime: {_s(timers.soft)}, "
           f"hard_lifetime: {_s(timers.hard)}, grace: {_s(timers.grace)}}}")
     macsec = ""
