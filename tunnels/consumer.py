@@ -263,8 +263,8 @@ class ThreadedConsumer:
     def _snapshot(self) -> None:
         try:
             self._described = self.inner.describe()
-        except QkdgateError as exc:
-            self._described = {"error": str(exc)}
+        except Exception as exc:  # noqa: BLE001 - a status read must never stop the worker
+            self._described = {"error": f"{type(exc).__name__}: {exc}"}
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Block until the queue is empty and no job runs (tests, setup)."""
