@@ -26,6 +26,12 @@ from qkdgate.tunnels.strongswan_conf import parse
 LT = Lifetimes(soft_seconds=50, hard_seconds=60, grace_seconds=2)
 
 
+# The two fake charons share state (an IKE_SA lives in both) and each is
+# driven by its own consumer's worker thread: one lock keeps the fake
+# consistent, as two real charons are (each serialises its own vici).
+FAKE_LOCK = threading.RLock()
+
+
 class HeldCharon(FakeCharon):
     """``initiate`` waits until ``gate`` is set (a slow or lost peer)."""
 
@@ -38,7 +44,18 @@ class HeldCharon(FakeCharon):
     def initiate(self, conn: str, child: str, timeout_ms: int) -> int:
         self.in_initiate.set()
         assert self.gate.wait(10), "test never released initiate"
-        return super().initiate(conn, child, timeout_ms)
+        with FAKE_LOCK:
+            return super().initiate(conn, child, timeout_ms)
+
+    def __getattribute__(self, name: str):
+        attr = super().__getattribute__(name)
+        if name in ("load_ppk", "unload_shared", "shared_ids", "load_conn", "terminate_ike",
+                    "list_sas"):
+            def locked(*args, **kwargs):
+                with FAKE_LOCK:
+                    return attr(*args, **kwargs)
+            return locked
+        return attr
 
 
 def _session(seed: bytes) -> SessionSecret:
