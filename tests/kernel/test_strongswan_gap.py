@@ -25,9 +25,16 @@ import time
 from kernel_lab import HA, HB, PATTERN, Stream, analyse_pcap, open_socket_in_netns
 from strongswan_lab import TID, gateways, key  # noqa: F401 (fixture)
 
+from qkdgate.testing.fakes import RecordingIpsecBackend
 from qkdgate.tunnels.consumer import Invalidation
+from qkdgate.tunnels.strongswan import StrongswanConsumer
 
 CYCLES = 6          # installs after a block, each one a charon re-route
+# The control run (evidence that this test sees the gap): with a file
+# gap-control.flag beside this one (the lab passes no environment into the
+# VM), the consumers' block policies go to an in-memory SPD instead of the
+# kernel: what the kernel saw before the fix. It must then FAIL.
+CONTROL = os.path.exists(os.path.join(os.path.dirname(__file__), "gap-control.flag"))
 RATE = 3000         # datagrams/s each way: a re-route's gap is a few ms
 
 
@@ -100,6 +107,9 @@ class Flood:
 
 def test_no_cleartext_during_first_install_and_installs_after_block(topo, gateways, tmp_path):  # noqa: F811
     a, b = gateways
+    if CONTROL:
+        for s in (a, b):
+            s.c = StrongswanConsumer(s.c.spec, netns=s.charon.netns, xfrm=RecordingIpsecBackend)
     for s in (a, b):
         s.c.setup(time.monotonic())
     cap = ClearCapture(topo.wire, str(tmp_path / "gap.pcap"))
