@@ -197,6 +197,8 @@ class Stream:
         return sum(1 for s in self.received_set() if s < len(self.sent_at) and self.sent_at[s] >= t)
 
     def stop(self, drain: float = 1.0) -> None:
+        if self.rx.fileno() == -1:      # stopped already (a test's cleanup after its own stop)
+            return
         self._stop.set()
         self._t_tx.join()
         time.sleep(drain)

@@ -9,6 +9,7 @@ the blocking policies stay."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from kernel_lab import HA, HB, MS_A, MS_B, Capture, Stream, analyse_pcap
 
 from qkdgate.interfaces import Direction
@@ -25,19 +27,40 @@ from qkdgate.tunnels.xfrm import XfrmBackend
 HERE = os.path.dirname(__file__)
 
 
-def start_stub(topo, kind: str, state: str, hard: int = 0) -> tuple[subprocess.Popen, float]:
+@pytest.fixture
+def ends():
+    """Streams and stand-ins end with the test, also when it fails: a failed
+    test once left its stream's receiver bound to hB:5001 and its stub
+    alive, and the next test died of EADDRINUSE (issue 10, CPU-hog run)."""
+    with contextlib.ExitStack() as stack:
+        yield stack
+
+
+def stream(ends, *args, **kw) -> Stream:
+    s = Stream(*args, **kw).start()
+    ends.callback(s.stop, drain=0)
+    return s
+
+
+def start_stub(topo, kind: str, state: str, hard: int = 0, ends=None
+               ) -> tuple[subprocess.Popen, float]:
     args = [sys.executable, os.path.join(HERE, "daemon_stub.py"), kind, json.dumps(topo.all), state]
     if hard:
         args.append(str(hard))
     p = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+    if ends is not None:
+        ends.callback(kill, p)
     line = p.stdout.readline()
     assert line.startswith("READY"), f"stub failed: {line!r} rc={p.poll()}"
     return p, float(line.split()[1])
 
 
 def kill(p: subprocess.Popen) -> float:
-    p.send_signal(signal.SIGKILL)
+    if p.poll() is None:
+        p.send_signal(signal.SIGKILL)
     p.wait()
+    if p.stdout is not None:
+        p.stdout.close()
     return time.time()
 
 
@@ -62,15 +85,15 @@ def policies_kept(topo) -> None:
         be.close()
 
 
-def test_ipsec_hard_lifetime_stops_traffic_after_sigkill(topo, tmp_path):
+def test_ipsec_hard_lifetime_stops_traffic_after_sigkill(topo, tmp_path, ends):
     hard = 10
     # the capture first: tcpdump takes seconds to start on a loaded host, and
     # started after the stub it ate the SAs' 6 s before the kill (issue 10)
     cap = Capture(topo, str(tmp_path / "kill.pcap"))
-    stub, t_installed = start_stub(topo, "ipsec", str(tmp_path / "tunnels.json"), hard)
+    stub, t_installed = start_stub(topo, "ipsec", str(tmp_path / "tunnels.json"), hard, ends)
     # the kernel's hard lifetime is the backstop (its timer has 1 s resolution)
     deadline = wall_to_mono(t_installed) + hard + 1.5
-    s = Stream(topo.hA, topo.hB, HA, HB, rate=200).start()
+    s = stream(ends, topo.hA, topo.hB, HA, HB, rate=200)
     # Kill once the stream flows through the SAs, not after a fixed pause: a
     # starved guest took seconds to start the sender, and a fixed 6 s lifetime
     # was nearly used up before the kill (22 and 29 of > 50 in lab runs).
@@ -82,16 +105,20 @@ def test_ipsec_hard_lifetime_stops_traffic_after_sigkill(topo, tmp_path):
     assert t_kill + 2.5 < deadline, ("the guest was too slow to kill the stub before the "
                                      f"SAs' expiry ({deadline - t_kill:.1f} s left)")
     time.sleep(1.0)
-    window = sum(1 for t in list(s.sent_at) if t_kill + 0.1 <= t < t_kill + 1.0)
-    survived = s.received_since(t_kill + 0.1)
-    # what the guest managed to send after the kill still arrives (not a fixed
-    # rate: a starved sender sends fewer than 200/s)
-    assert window >= 10 and survived >= 0.8 * window, \
-        ("traffic should survive the daemon until expiry", window, survived)
+    window = [i for i, t in enumerate(list(s.sent_at)) if t_kill + 0.1 <= t < t_kill + 1.0]
     time.sleep(max(0.0, deadline - time.monotonic()))
     time.sleep(1.5)
     s.stop(drain=0.5)
     rep = analyse_pcap(cap.stop())
+    # what the guest sent in the second after the kill still arrives (not a
+    # fixed rate: a starved sender sends fewer than 200/s). Counted once the
+    # stream stopped, not 1 s after the kill: a starved receiver thread had
+    # read only 102 of 147 by then (issue 10, CPU-hog run), all sent and
+    # delivered under the SAs the dead stub left.
+    got = s.received_set()
+    survived = sum(1 for i in window if i in got)
+    assert len(window) >= 10 and survived >= 0.8 * len(window), \
+        ("traffic should survive the daemon until expiry", len(window), survived)
     after = s.received_since(deadline)
     sent_after = sum(1 for t in s.sent_at if t >= deadline)
     assert sent_after > 50 and after == 0, (sent_after, after)   # 200/s, starved: fewer
@@ -99,14 +126,14 @@ def test_ipsec_hard_lifetime_stops_traffic_after_sigkill(topo, tmp_path):
     policies_kept(topo)
 
 
-def test_failsafe_stops_ipsec_at_once_after_sigkill(topo, tmp_path):
+def test_failsafe_stops_ipsec_at_once_after_sigkill(topo, tmp_path, ends):
     state = str(tmp_path / "tunnels.json")
-    stub, _ = start_stub(topo, "ipsec", state, 3600)
+    stub, _ = start_stub(topo, "ipsec", state, 3600, ends)
     with open(state) as f:
         reg = json.load(f)
     assert set(reg["namespaces"]) == {topo.gA, topo.gB}
     cap = Capture(topo, str(tmp_path / "fs.pcap"))
-    s = Stream(topo.hA, topo.hB, HA, HB, rate=200).start()
+    s = stream(ends, topo.hA, topo.hB, HA, HB, rate=200)
     time.sleep(0.5)
     t_kill = wall_to_mono(kill(stub))
     time.sleep(1.0)
@@ -122,11 +149,11 @@ def test_failsafe_stops_ipsec_at_once_after_sigkill(topo, tmp_path):
     policies_kept(topo)
 
 
-def test_failsafe_stops_macsec_after_sigkill(topo, tmp_path):
+def test_failsafe_stops_macsec_after_sigkill(topo, tmp_path, ends):
     state = str(tmp_path / "tunnels.json")
-    stub, _ = start_stub(topo, "macsec", state)
+    stub, _ = start_stub(topo, "macsec", state, ends=ends)
     cap = Capture(topo, str(tmp_path / "ms-fs.pcap"))
-    s = Stream(topo.gA, topo.gB, MS_A, MS_B, rate=200).start()
+    s = stream(ends, topo.gA, topo.gB, MS_A, MS_B, rate=200)
     time.sleep(0.5)
     t_kill = wall_to_mono(kill(stub))
     time.sleep(1.0)
@@ -145,18 +172,28 @@ def test_failsafe_stops_macsec_after_sigkill(topo, tmp_path):
         be.close()
 
 
-def test_failsafe_deletes_the_spi_a_dead_exchange_reserved(topo, tmp_path):
+def test_failsafe_deletes_the_spi_a_dead_exchange_reserved(topo, tmp_path, ends):
     """A daemon killed mid-exchange (or after losing a collision) leaves the
     inbound SPI it reserved: a keyless larval SA the kernel keeps for
     net.core.xfrm_acq_expires (30 s). It carries the tunnel's inbound reqid
     (ALLOCSPI's xfrm_usersa_info.reqid), so failsafe deletes it with the rest
     and gA holds no SA at all (issue 10: the systemd SIGKILL case saw a
     reqid-0 larval SA survive failsafe)."""
-    from kernel_lab import GA, GB
+    from kernel_lab import GA, GB, sysctl
 
+    from qkdgate.tunnels.netlink import in_netns
     from qkdgate.tunnels.state import TunnelRegistry
+
+    # The kernel drops a larval SA net.core.xfrm_acq_expires (30 s, per
+    # namespace) after ALLOCSPI; in a starved lab VM failsafe's Python start
+    # took longer, the kernel had already dropped it ("deleted 2 SA(s)":
+    # issue 10, CPU-hog run). Here it lives until failsafe has run.
+    with in_netns(topo.gA), open("/proc/sys/net/core/xfrm_acq_expires") as f:
+        acq = f.read().strip()
+    sysctl(topo.gA, "net/core/xfrm_acq_expires", "3600")
+    ends.callback(sysctl, topo.gA, "net/core/xfrm_acq_expires", acq)
     state = str(tmp_path / "tunnels.json")
-    stub, _ = start_stub(topo, "ipsec", state, 3600)
+    stub, _ = start_stub(topo, "ipsec", state, 3600, ends)
     be = XfrmBackend(topo.gA, registry=TunnelRegistry(state))
     spi = be.allocate_spi(GB, GA, reqid=0x10000)   # kernel_lab.IpsecPair's inbound reqid
     larval = [st for st in be.list_sas() if st.sa_id.spi == spi]
