@@ -192,6 +192,7 @@ class _Life:
     prev: int = 0                 # packets at the previous read
     prev_req: float = 0.0         # request time of the previous read
     after: int = 0
+    added: int = 0                # the kernel's curlft.add_time (ESP), 0 for MACsec
 
 
 class SaTimeline:
@@ -208,31 +209,50 @@ class SaTimeline:
     counter no sooner than its request): each is one packet delivered under
     a key past its hard lifetime (RFC 4301 4.4.2.1). Gains across a read
     gap that straddles the deadline are not counted (a starved guest reads
-    seconds apart), so the figure is a lower bound."""
+    seconds apart), so the figure is a lower bound.
+
+    A life begins only when the SA is *keyed*: XFRM_MSG_ALLOCSPI leaves a
+    larval SA (no algorithm) under the SPI the exchange then keys with
+    XFRM_MSG_UPDSA, which replaces the larval state by a new one
+    (xfrm_state_update). An exchange waiting for QKD keys or for the peer
+    (pool empty, a partition) holds its larval SA for seconds; counting
+    from it put the deadline that much before the keyed SA existed and
+    counted legitimate packets (the 125 and 231 of docs/faults.md). A new
+    ``curlft.add_time`` under the same key is a new SA too."""
 
     def __init__(self, hard: float, own: dict[str, str], slack: float = 1.5) -> None:
         self.hard, self.own, self.slack = hard, own, slack
         self.live: dict[tuple[Any, ...], _Life] = {}
         self.events: list[tuple[float, int, str]] = []    # (t, packets, which SA)
+        self.larval: dict[tuple[str, Any], float] = {}     # larval SA -> first read
+        self.larval_waits: list[tuple[float, float]] = []  # (keyed at, s it was larval)
         self.lock = threading.Lock()
 
     def feed(self, ns: str, rd: Any) -> None:
         with self.lock:
             seen = set()
+            seen_larval: set[tuple[str, Any]] = set()
             for v in rd.sas:
                 if v.kind == "esp":
                     if str(v.key[1]) != self.own.get(ns):
                         continue       # outbound: the receiver counts
+                    if not v.keyed:    # larval: reserved SPI, no key, not yet the SA
+                        self.larval.setdefault((ns, v.key), rd.t_rep)
+                        seen_larval.add((ns, v.key))
+                        continue
+                    if (since := self.larval.pop((ns, v.key), None)) is not None:
+                        self.larval_waits.append((rd.t_req, rd.t_req - since))
                 elif v.kind != "rx":
                     continue
                 k = (ns, v.kind, v.key)
                 seen.add(k)
                 life = self.live.get(k)
-                if life is not None and v.packets < life.prev:
+                if life is not None and (v.packets < life.prev or v.added != life.added):
                     life = None        # removed and added again between two reads
                 if life is None:
                     life = self.live[k] = _Life(rd.t_rep, rd.t_rep + self.hard + self.slack,
-                                                prev=v.packets, prev_req=rd.t_req)
+                                                prev=v.packets, prev_req=rd.t_req,
+                                                added=v.added)
                     continue
                 gained = v.packets - life.prev
                 if life.prev_req > life.deadline and gained > 0:
@@ -244,10 +264,17 @@ class SaTimeline:
                 life.prev, life.prev_req = v.packets, rd.t_req
             for k in [k for k in self.live if k[0] == ns and k not in seen]:
                 del self.live[k]
+            for lk in [lk for lk in self.larval if lk[0] == ns and lk not in seen_larval]:
+                del self.larval[lk]
 
     def after_hard(self, a: float, b: float) -> int:
         with self.lock:
             return sum(n for t, n, _w in self.events if a <= t <= b)
+
+    def longest_larval(self, a: float, b: float) -> float:
+        """The longest an SPI was held larval before keyed, among SAs keyed in [a, b]."""
+        with self.lock:
+            return max((w for t, w in self.larval_waits if a <= t <= b), default=0.0)
 
     def after_hard_where(self, a: float, b: float) -> list[str]:
         with self.lock:
@@ -1030,6 +1057,8 @@ def run_cell(lab: Lab, fault: Fault, *, recover_timeout: float = 90.0,
     reused = sorted(set(lab.key_ids_reused()) - reused0)
     cell.key_ids_reused = len(reused)
     cell.notes += [f"reused {r}" for r in reused[:3]]
+    if (larval := lab.timeline.longest_larval(t0, t1)) >= lab.timers.hard / 4:
+        cell.notes.append(f"an SPI larval {larval:.1f} s before keyed")
     if cell.after_hard:
         cell.notes += [f"after hard {w}" for w in lab.timeline.after_hard_where(t0, t1)]
         cell.notes.append(f"watch max gap {lab.watch.max_gap:.1f} s")

@@ -71,12 +71,17 @@ NETLINK_GENERIC, NETLINK_XFRM = 16, 6
 @dataclass(frozen=True)
 class SaView:
     """One SA as read back: ``kind`` "esp" (key: src, dst, spi) or
-    "tx"/"rx" (MACsec; key: AN), with its packet counter."""
+    "tx"/"rx" (MACsec; key: AN), with its packet counter. For ESP also the
+    kernel's ``curlft.add_time`` (wall seconds) and whether it carries a
+    key: a larval SA (XFRM_MSG_ALLOCSPI's reservation, no algorithm) has
+    the SPI the keyed one will have but is not yet that SA."""
 
     kind: str
     key: tuple[Any, ...]
     active: bool
     packets: int
+    added: int = 0
+    keyed: bool = True
 
 
 @dataclass(frozen=True)
@@ -194,8 +199,11 @@ class _Reader:
             n = 4 if fam == 2 else 16
             src = ipaddress.ip_address(bytes(info["saddr"])[:n])
             dst = ipaddress.ip_address(bytes(info["id.daddr"])[:n])
+            attrs = parse_nlas(body, xm.USERSA_INFO.size)
+            keyed = any(a in attrs for a in (xm.XFRMA_ALG_AEAD, xm.XFRMA_ALG_CRYPT,
+                                             xm.XFRMA_ALG_AUTH, xm.XFRMA_ALG_AUTH_TRUNC))
             out.append(SaView("esp", (src, dst, info["id.spi"]), True,
-                              int(info["curlft.packets"])))
+                              int(info["curlft.packets"]), int(info["curlft.add_time"]), keyed))
         return out
 
     def _family_id(self) -> int | None:
