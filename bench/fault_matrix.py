@@ -27,7 +27,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import faults as fl  # bench/ is not a package
+import fault_cell as fc  # bench/ is not a package
+import fault_lab as fl
+from faults import all_faults
 
 
 def main() -> int:
@@ -47,11 +49,11 @@ def main() -> int:
                             capture_output=True, text=True).stdout.strip()
     print(f"fault matrix: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {commit},"
           f" kernel {os.uname().release}, timers {fl.LabTimers()}", flush=True)
-    cells: list[fl.Cell] = []
+    cells: list[fc.Cell] = []
     t_all = time.monotonic()
     keep = Path(os.environ["LAB_OUT"])
     for policy in a.policies.split(","):
-        faults = [f for f in fl.all_faults() if f.applies(policy)
+        faults = [f for f in all_faults() if f.applies(policy)
                   and (not want or any(w.lower() in f.name.lower() for w in want))]
         if not faults:
             continue
@@ -63,15 +65,15 @@ def main() -> int:
                 time.sleep(15)
                 print(lab.diagnose(), flush=True)
             print(f"\n## {policy} (lab up in {time.monotonic() - t_lab:.0f} s)\n", flush=True)
-            print("| " + " | ".join(fl.HEADER) + " |\n|" + "---|" * len(fl.HEADER), flush=True)
+            print("| " + " | ".join(fc.HEADER) + " |\n|" + "---|" * len(fc.HEADER), flush=True)
             for f in faults:
                 if a.hold is not None and f.hold:
                     f.hold = a.hold
                 t = time.monotonic()
                 try:
-                    cell = fl.run_cell(lab, f)
+                    cell = fc.run_cell(lab, f)
                 except Exception as exc:  # noqa: BLE001  one broken cell must not hide the others
-                    cell = fl.Cell(f.name, policy, notes=[f"ERROR {type(exc).__name__}: {exc}"])
+                    cell = fc.Cell(f.name, policy, notes=[f"ERROR {type(exc).__name__}: {exc}"])
                 cell.notes.append(f"{time.monotonic() - t:.0f} s")
                 cells.append(cell)
                 print("| " + " | ".join(cell.row()) + " |", flush=True)

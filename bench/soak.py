@@ -24,7 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import faults as fl  # bench/ is not a package
+import fault_lab as fl  # bench/ is not a package
+from faults import random_fault
 
 SAMPLE_EVERY = 5.0
 
@@ -100,7 +101,7 @@ def main() -> int:
                       f"{len(lab.sniffer.clear_t)}, faults {sum(injected.values())}", flush=True)
                 next_report = now + 60
             if now >= next_fault and end - now > 40:
-                f = fl.random_fault(rng, a.policy)
+                f = random_fault(rng, a.policy)
                 if f.hold:
                     f.hold = min(f.hold, 10.0)
                 injected[f.name] = injected.get(f.name, 0) + 1

@@ -23,7 +23,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
-import faults as fl  # bench/faults.py: one copy of the injectors
+import fault_cell as fc  # bench/: one copy of the lab, the injectors and the measurement
+import fault_lab as fl
+import faults as ff
 
 # Opt-in until it has passed in the lab: on the loaded 2-core machine it was
 # written on, the guest was starved (kernel watch reads 4 s apart, lab
@@ -34,11 +36,11 @@ pytestmark = pytest.mark.skipif(os.environ.get("QKDGATE_FAULT_MATRIX") != "1",
 HOLD = 5.0      # seconds each fault lasts here (the partition keeps its 10 s)
 
 
-def subset() -> list[fl.Fault]:
-    return [fl.KmeUnreachable(), fl.KmeSlow(), fl.PoolEmpty(), fl.Eavesdropper(),
-            fl.KmeGarbage(), fl.PeerKilled(), fl.LocalKilledAt("gw-a", "i-init-sent"),
-            fl.LocalKilledAt("gw-b", "r-install-inbound"), fl.BrokenReload(), fl.Partition(),
-            fl.ClockStep(3600), fl.ClockStep(-3600)]
+def subset() -> list[ff.Fault]:
+    return [ff.KmeUnreachable(), ff.KmeSlow(), ff.PoolEmpty(), ff.Eavesdropper(),
+            ff.KmeGarbage(), ff.PeerKilled(), ff.LocalKilledAt("gw-a", "i-init-sent"),
+            ff.LocalKilledAt("gw-b", "r-install-inbound"), ff.BrokenReload(), ff.Partition(),
+            ff.ClockStep(3600), ff.ClockStep(-3600)]
 
 
 def test_fault_matrix_zeros_hybrid_required(tmp_path):
@@ -47,20 +49,20 @@ def test_fault_matrix_zeros_hybrid_required(tmp_path):
     try:
         lab.up()
         for f in subset():
-            if f.hold and not isinstance(f, fl.Partition):
+            if f.hold and not isinstance(f, ff.Partition):
                 f.hold = HOLD
-            cells.append((f, fl.run_cell(lab, f)))
+            cells.append((f, fc.run_cell(lab, f)))
             print("| " + " | ".join(cells[-1][1].row()) + " |", flush=True)
     finally:
         errors = lab.down()
-    table = fl.markdown([c for _f, c in cells])
+    table = fc.markdown([c for _f, c in cells])
     diag = "\n".join(c.diag for _f, c in cells if c.diag)
     assert errors == [], errors
     for f, c in cells:
         assert (c.cleartext, c.after_hard, c.key_ids_reused) == (0, 0, 0), table
         assert c.recovery_s is not None, f"{c.fault}: not keyed again\n{table}\n{diag}"
         assert not [n for n in c.notes if "not running" in n or "died" in n], table
-        if isinstance(f, fl.LocalKilledAt):
+        if isinstance(f, ff.LocalKilledAt):
             assert f.reached, f"{c.fault}: the exchange never reached the step\n{table}"
     # the tunnels kept rekeying through the run (not one stale generation)
     assert sum(c.rekeys for _f, c in cells) > len(cells), table

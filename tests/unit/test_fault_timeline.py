@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
-from faults import SaTimeline
+from fault_observe import SaTimeline
 
 from qkdgate.gateway.demo.kernelwatch import Reading, SaView
 
