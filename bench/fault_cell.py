@@ -81,8 +81,8 @@ def run_cell(lab: Lab, fault: Fault, *, recover_timeout: float = 90.0,
     lab.notes.clear()
     t0 = time.monotonic()
     fault.inject(lab)
-    if fault.hold:
-        time.sleep(fault.hold)
+    if hold := fault.hold_for(lab.timers.hard):
+        time.sleep(hold)
     fault.clear(lab)
     t_clear = time.monotonic()
     recovered = lab.wait_keyed(settle=settle, timeout=recover_timeout)

@@ -69,10 +69,10 @@ def in_lab() -> bool:
 class LabTimers:
     """The tunnels' rekey schedule (seconds)."""
 
-    interval: float = 3.0
-    soft: float = 8.0
-    hard: float = 12.0
-    grace: float = 1.0
+    interval: float = 2.0
+    soft: float = 4.0
+    hard: float = 6.0
+    grace: float = 0.5
 
 
 # ====================================================================== KME

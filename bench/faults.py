@@ -42,10 +42,14 @@ KILL_STEP_TIMEOUT = 60.0      # an armed step must be reached within this
 # ====================================================================== faults
 
 class Fault:
-    """One fault of the matrix: ``inject`` then, ``hold`` s later, ``clear``."""
+    """One fault of the matrix: ``inject`` then, ``hold`` s later, ``clear``.
+
+    ``hold`` None: the lab's hard lifetime + 1 s (:meth:`hold_for`), so the
+    fault outlasts every generation keyed before it and the policy's block
+    or fallback has to act; shorter only where the fault is a moment."""
 
     name = "fault"
-    hold = 10.0
+    hold: float | None = None
     qkd = False            # only meaningful where a policy uses QKD
 
     def inject(self, lab: Lab) -> None:
@@ -56,6 +60,9 @@ class Fault:
 
     def applies(self, policy: str) -> bool:
         return not self.qkd or policy != "pqc-only"
+
+    def hold_for(self, hard: float) -> float:
+        return hard + 1.0 if self.hold is None else self.hold
 
 
 class KmeUnreachable(Fault):
@@ -145,7 +152,7 @@ class LocalKilledAt(Fault):
     (deterministic, see the module docstring), is SIGKILLed there, and
     systemd's way follows: failsafe, 2 s, restart."""
 
-    hold = 0.0
+    hold: float | None = 0.0
 
     def __init__(self, gateway: str, step: str) -> None:
         self.gateway, self.step = gateway, step
@@ -172,6 +179,7 @@ class BrokenReload(Fault):
     running on the old one. Cleared: the file restored, SIGHUP again."""
 
     name = "reload with a broken config"
+    hold: float | None = 2.0
 
     def inject(self, lab: Lab) -> None:
         g = lab.gw["gw-a"]
@@ -193,9 +201,10 @@ class BrokenReload(Fault):
 
 
 class Partition(Fault):
-    """The wire bridge down for 10 s: nothing crosses, in either direction."""
+    """The wire bridge down past the hard lifetime: nothing crosses, in
+    either direction, so both ends' generations expire mid-partition."""
 
-    name = "wire partition (10 s)"
+    name = "wire partition"
 
     def inject(self, lab: Lab) -> None:
         _ip(lab.net.w, "link", "set", "br0", "down")
@@ -208,6 +217,8 @@ class ClockStep(Fault):
     """The (VM's) wall clock stepped by ``delta`` s; stepped back when cleared.
     Lifetimes must run on CLOCK_MONOTONIC (RFC 4301 4.4.2.1 lifetimes are
     durations): nothing may expire early, late, or twice."""
+
+    hold: float | None = 3.0
 
     def __init__(self, delta: float) -> None:
         self.delta = delta

@@ -102,11 +102,9 @@ def main() -> int:
                 next_report = now + 60
             if now >= next_fault and end - now > 40:
                 f = random_fault(rng, a.policy)
-                if f.hold:
-                    f.hold = min(f.hold, 10.0)
                 injected[f.name] = injected.get(f.name, 0) + 1
                 f.inject(lab)
-                deadline = time.monotonic() + f.hold
+                deadline = time.monotonic() + f.hold_for(timers.hard)
                 while time.monotonic() < deadline:
                     sampler.sample(time.monotonic() - t0)
                     time.sleep(min(SAMPLE_EVERY, max(0.0, deadline - time.monotonic())))
