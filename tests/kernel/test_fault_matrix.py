@@ -17,8 +17,12 @@ policies and every step, is bench/fault_matrix.py's, also run by
 from __future__ import annotations
 
 import os
+import re
+import secrets
+import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -29,6 +33,9 @@ import fault_cell as fc  # bench/: one copy of the lab, the injectors and the me
 import fault_lab as fl
 import fault_matrix
 import faults as ff
+from fault_observe import SaTimeline
+
+from qkdgate.gateway.demo.kernelwatch import _Reader
 
 
 def subset() -> list[ff.Fault]:
@@ -36,6 +43,49 @@ def subset() -> list[ff.Fault]:
             ff.KmeGarbage(), ff.PeerKilled(), ff.LocalKilledAt("gw-a", "i-init-sent"),
             ff.LocalKilledAt("gw-b", "r-install-inbound"), ff.BrokenReload(), ff.Partition(),
             ff.ClockStep(3600), ff.ClockStep(-3600)]
+
+
+def test_larval_sa_read_unkeyed_then_a_new_sa():
+    """The root cause of the last two non-zero cells, on the real kernel: an
+    SPI reserved by XFRM_MSG_ALLOCSPI is dumped as an SA without an
+    algorithm, and keying it (XFRM_MSG_UPDSA) gives a new SA with a new
+    add_time. The counter starts the keyed SA's clock, not the reservation's,
+    and still counts an SA that receives past its hard lifetime."""
+    ns = f"qg-larval-{secrets.token_hex(3)}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    reader = None
+    try:
+        def ip(*args: str) -> str:
+            return subprocess.run(["ip", "-n", ns, *args], check=True, capture_output=True,
+                                  text=True).stdout
+        out = ip("xfrm", "state", "allocspi", "src", "192.0.2.1", "dst", "192.0.2.2",
+                 "proto", "esp", "min", "0xc0000000", "max", "0xcfffffff")
+        spi = int(re.search(r"spi (0x[0-9a-f]+)", out).group(1), 16)
+        reader = _Reader(ns)
+        larval = [v for v in reader.esp() if v.key[2] == spi]
+        assert [v.keyed for v in larval] == [False], larval
+        time.sleep(1.1)                 # add_time is in whole seconds
+        ip("xfrm", "state", "update", "src", "192.0.2.1", "dst", "192.0.2.2", "proto", "esp",
+           "spi", hex(spi), "reqid", "1", "mode", "tunnel",
+           "aead", "rfc4106(gcm(aes))", "0x" + "11" * 20, "128")
+        keyed = [v for v in reader.esp() if v.key[2] == spi]
+        assert [v.keyed for v in keyed] == [True], keyed
+        assert keyed[0].added > larval[0].added, (larval, keyed)
+    finally:
+        if reader is not None:
+            reader.close()
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+    # the counter on these readings: reserved 6 s before keyed, then 5 s of
+    # traffic under a 6 s lifetime: nothing; 3 s more past hard + slack: counted
+    from qkdgate.gateway.demo.kernelwatch import Reading
+    tl = SaTimeline(6.0, {"n": "192.0.2.2"})
+    for i in range(6):
+        tl.feed("n", Reading(float(i), i + 0.01, (larval[0],)))
+    for i in range(6, 18):
+        v = replace(keyed[0], packets=10 * (i - 6))
+        tl.feed("n", Reading(float(i), i + 0.01, (v,)))
+    assert tl.after_hard(0, 14) == 0        # from the reservation it would count from 9 s
+    assert tl.after_hard(0, 20) == 10 * (17 - 14)
 
 
 def test_fault_matrix_zeros_hybrid_required(tmp_path):
