@@ -73,6 +73,8 @@ def run_cell(lab: Lab, fault: Fault, *, recover_timeout: float = 90.0,
     """Baseline (every path keyed), inject, hold, clear, wait for recovery;
     the figures of the cell's window."""
     cell = Cell(fault.name, lab.policy)
+    for g in lab.gw.values():
+        g.prepare()                       # a warm spare imports during the baseline
     if not lab.wait_keyed(settle=settle):
         cell.notes.append("not keyed before the fault")
         cell.diag = lab.diagnose()

@@ -72,18 +72,21 @@ class Gateway:
         would measure the lab, not the daemon's recovery (a real machine
         imports in about a second; docs/faults.md)."""
         self.registry.parent.mkdir(mode=0o700, exist_ok=True)
-        if not self.warm:
-            self.proc = self._spawn(False)
+        if self.spare is None or self.spare.poll() is not None:
+            self.proc = self._spawn(False)      # the first start, or no spare ready
         else:
-            if self.spare is None or self.spare.poll() is not None:
-                self.spare = self._spawn(True)
             self.proc, self.spare = self.spare, None
             if self.proc.stdin is None:
                 raise RuntimeError("spare without stdin")
             self.proc.stdin.write(b"go\n")
             self.proc.stdin.close()
-            self.spare = self._spawn(True)
         self.starts += 1
+
+    def prepare(self) -> None:
+        """Have a warm spare ready for the next start (called between cells,
+        not beside a start: two interpreters importing at once slow both)."""
+        if self.warm and (self.spare is None or self.spare.poll() is not None):
+            self.spare = self._spawn(True)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

@@ -83,6 +83,8 @@ def main() -> int:
     unrecovered: list[str] = []
     try:
         lab.up()
+        for g in lab.gw.values():
+            g.prepare()
         sampler = Sampler(lab)
         t0 = time.monotonic()
         end = t0 + a.minutes * 60
@@ -115,6 +117,7 @@ def main() -> int:
                     if not g.alive():
                         unrecovered.append(f"{g.name} dead after {f.name}")
                         g.start()
+                    g.prepare()            # a warm spare for the next restart
                 next_fault = time.monotonic() + a.gap * rng.uniform(0.5, 1.5)
             time.sleep(0.2)
         elapsed = time.monotonic() - t0
