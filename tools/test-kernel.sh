@@ -21,6 +21,11 @@ SYSTEMD_TESTS=${QKDGATE_SYSTEMD_TESTS:-1}
 if [[ $SYSTEMD_TESTS == 1 ]]; then
   bash lab/systemd-root.sh >/dev/null || { echo "test-kernel: systemd image FAILED" >&2; exit 126; }
 fi
+# The guest runs with PYTHONDONTWRITEBYTECODE=1 over 9p: without .pyc files
+# every Python process there compiles every qkdgate module again, minutes
+# under TCG (a daemon restart in the fault matrix). Compile once here (~2 s).
+"$ROOT/.venv/bin/python" -m compileall -q -j 0 gateway tunnels keymix adapters keyservice \
+    qkdgate bench tests >/dev/null || echo "test-kernel: compileall failed (slower guest)" >&2
 LAB_TIMEOUT=${LAB_TIMEOUT:-1800} bash lab/run.sh -- env QKDGATE_KERNEL_TESTS=1 \
     QKDGATE_SYSTEMD_TESTS="$SYSTEMD_TESTS" QKDGATE_FAULT_MATRIX="${QKDGATE_FAULT_MATRIX:-0}" \
     .venv/bin/python -m pytest tests/kernel -p no:cacheprovider -q -ra --durations=8 "$@"
