@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import inspect
 import json
 import os
 import shutil
@@ -287,20 +288,21 @@ async def test_broker_down_never_blocks_and_counts_drops():
     tel = Telemetry(opts(port, queue_size=500), "gw-a")
     task = asyncio.create_task(tel.run())
     await asyncio.sleep(0.05)
-    t0 = time.perf_counter()
+    # never waits for a broker: publish is a plain call that only queues (it
+    # cannot await a connection), so 10,000 of them run without the loop
+    # turning once: the run task sees none of them before they all returned
+    assert not inspect.iscoroutinefunction(tel.publish)
+    failures_before = tel.stats.failures
     results = [tel.publish({"event": "rekey_done", "tunnel": "t", "generation": i})
                for i in range(10_000)]
-    elapsed = time.perf_counter() - t0
-    assert elapsed < 2.0, elapsed         # about 0.1 s here; never waits for a broker
+    assert tel.stats.failures == failures_before
     assert tel.stats.dropped == 10_000 - 500
     assert tel.pending() == 500
     assert results.count(False) == 9_500
     assert await until(lambda: tel.stats.failures >= 2)
     assert not task.done()                                # retrying with backoff
-    t0 = time.perf_counter()
     await tel.close()
-    await asyncio.wait_for(task, 2)
-    assert time.perf_counter() - t0 < 1.5
+    await asyncio.wait_for(task, 10)     # close ends the retry loop (no timing claim)
 
 
 async def test_queued_events_survive_a_broker_outage(tmp_path):
