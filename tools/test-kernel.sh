@@ -28,6 +28,7 @@ fi
     qkdgate bench tests >/dev/null || echo "test-kernel: compileall failed (slower guest)" >&2
 LAB_TIMEOUT=${LAB_TIMEOUT:-1800} bash lab/run.sh -- env QKDGATE_KERNEL_TESTS=1 \
     QKDGATE_SYSTEMD_TESTS="$SYSTEMD_TESTS" QKDGATE_FAULT_MATRIX="${QKDGATE_FAULT_MATRIX:-0}" \
+    QKDGATE_HA_TESTS="${QKDGATE_HA_TESTS:-0}" \
     .venv/bin/python -m pytest tests/kernel -p no:cacheprovider -q -ra --durations=8 "$@"
 rc=$?
 case $rc in

@@ -1,0 +1,400 @@
+"""Kernel test: an active/standby qkdgate pair on a real keepalived (issue 12).
+
+    hA(10.1.0.2) --+-- gA1 (10.1.0.11 | 192.0.2.11) --+
+     LAN bridge    |   VIPs 10.1.0.1, 192.0.2.1 on    |  wire bridge br0 (capture)
+                   +-- gA2 (10.1.0.12 | 192.0.2.12) --+-- gB (192.0.2.2 | 10.2.0.1) -- hB(10.2.0.2)
+
+Three real ``qkdgate run`` processes (gA1, gA2 as HA nodes 1 and 2 with one
+shared identity and their own journals; gB pins the VIP), one keepalived
+per A node (VRRPv3, advert 100 ms, nopreempt, notifying its daemon through
+``notify_fifo``; it checks the daemon with a 1 s vrrp_script, since
+vrrp_track_process needs process events, which Linux gives only in the
+initial network namespace), the KME simulator in its own
+namespace reached through loopback relays, real ESP, a UDP stream of 100
+datagrams/s each way during each switch, in order: the active daemon
+SIGKILLed; a planned switch (keepalived stopped on the active node); the
+active node's wire link down. Each asserts: not one cleartext packet of the
+protected networks on the wire, gB ends with exactly one SA set (the new
+node's) under a fresh QKD key, and traffic resumes within a loose bound.
+Each prints the failover table so far (outage, losses, QKD keys used).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from kernel_lab import ipbatch, sysctl
+from kernel_traffic import Capture, Stream, analyse_pcap, ip
+
+from qkdgate.gateway.daemon.control import ControlError, request
+from qkdgate.gateway.demo import net as dn
+from qkdgate.gateway.demo.config import KmeEndpoint, Timers, gateway_yaml, write_identities
+from qkdgate.tunnels.xfrm import XfrmBackend
+
+HA_, HB_ = ip("10.1.0.2"), ip("10.2.0.2")
+VENV_QKDGATE = Path(sys.executable).parent / "qkdgate"
+OUTAGE_BOUND = 20.0       # seconds: loose under TCG; the goal (< 1 s) is measured, not asserted
+
+# Opt-in until it passes in the lab: its one run (16:01, loaded host) kept
+# every zero (0 cleartext, one fresh QKD key per switch) but keepalived
+# flapped (its 1 s pgrep check timed out under TCG and 'fall 1' made that a
+# FAULT), so the streams did not settle; the check now allows 3 s and two
+# failures (docs/operations.md, "High availability").
+pytestmark = pytest.mark.skipif(os.environ.get("QKDGATE_HA_TESTS") != "1",
+                                reason="opt-in: QKDGATE_HA_TESTS=1 (docs/operations.md)")
+
+
+class HaLab:
+    def __init__(self, folder: Path) -> None:
+        tag = os.urandom(2).hex()
+        self.folder = folder
+        self.ns = {r: f"qh{tag}{r}" for r in ("hA", "gA1", "gA2", "w", "gB", "hB", "k")}
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.kme: dn.LoopThread | None = None
+        self._kme_stop: asyncio.Event | None = None
+        self._kme_fut = None
+
+    # -------------------------------------------------------------- network
+    def up(self) -> None:
+        n = self.ns
+        ipbatch([f"netns add {x}" for x in n.values()] + [
+            f"link add a0 netns {n['hA']} type veth peer name la netns {n['w']}",
+            f"link add a1 netns {n['gA1']} type veth peer name l1 netns {n['w']}",
+            f"link add a1 netns {n['gA2']} type veth peer name l2 netns {n['w']}",
+            f"link add w0 netns {n['gA1']} type veth peer name w1 netns {n['w']}",
+            f"link add w0 netns {n['gA2']} type veth peer name w2 netns {n['w']}",
+            f"link add w0 netns {n['gB']} type veth peer name wb netns {n['w']}",
+            f"link add b0 netns {n['hB']} type veth peer name b1 netns {n['gB']}"])
+        for x in n.values():
+            for key in ("all", "default"):
+                sysctl(x, f"net/ipv4/conf/{key}/rp_filter", "0")
+        for g in ("gA1", "gA2", "gB"):
+            sysctl(n[g], "net/ipv4/ip_forward", "1")
+        for g in ("gA1", "gA2"):
+            # the standby binds the control channel to the VIP it does not hold
+            sysctl(n[g], "net/ipv4/ip_nonlocal_bind", "1")
+        ipbatch(["link set lo up", "link set a0 up", "addr add 10.1.0.2/24 dev a0",
+                 "route add default via 10.1.0.1"], n["hA"])
+        ipbatch(["link set lo up", "link set b0 up", "addr add 10.2.0.2/24 dev b0",
+                 "route add default via 10.2.0.1"], n["hB"])
+        for g, host in (("gA1", 11), ("gA2", 12)):
+            ipbatch(["link set lo up", "link set a1 up", f"addr add 10.1.0.{host}/24 dev a1",
+                     "link set w0 up", f"addr add 192.0.2.{host}/24 dev w0",
+                     "route add 10.2.0.0/24 via 192.0.2.2"], n[g])
+        ipbatch(["link set lo up", "link set b1 up", "addr add 10.2.0.1/24 dev b1",
+                 "link set w0 up", "addr add 192.0.2.2/24 dev w0",
+                 "route add 10.1.0.0/24 via 192.0.2.1"], n["gB"])
+        ipbatch(["link set lo up", "link add br0 type bridge", "link add brl type bridge",
+                 "link set br0 up", "link set brl up"], n["w"])
+        ipbatch([f"link set {p} master br0" for p in ("w1", "w2", "wb")]
+                + [f"link set {p} master brl" for p in ("la", "l1", "l2")]
+                + [f"link set {p} up" for p in ("w1", "w2", "wb", "la", "l1", "l2")], n["w"])
+        ipbatch(["link set lo up"], n["k"])
+
+    def down(self) -> None:
+        for name in list(self.procs):
+            self.kill(name)
+        if self._kme_stop is not None and self.kme is not None and self.kme.loop:
+            self.kme.loop.call_soon_threadsafe(self._kme_stop.set)
+            with contextlib.suppress(Exception):
+                self._kme_fut.result(10)
+        if self.kme is not None:
+            self.kme.stop()
+        subprocess.run(["ip", "-batch", "-"], input="".join(
+            f"netns del {x}\n" for x in self.ns.values()), text=True, capture_output=True)
+
+    # -------------------------------------------------------------- KME
+    def start_kme(self) -> tuple[int, int, int]:
+        """The simulator in namespace k; a loopback relay in each gateway
+        namespace (gateway/demo/net.py). Returns the relay ports."""
+        from qkdgate.adapters.kmesim.server import KmeSimulator
+        self.kme = dn.LoopThread(self.ns["k"], "kme").start()
+        listeners = [dn.loopback_listener(self.ns[g]) for g in ("gA1", "gA2", "gB")]
+        ready = threading.Event()
+
+        async def main() -> None:
+            self._kme_stop = asyncio.Event()
+            async with KmeSimulator.start(self.folder / "kme", prefill=200) as sim:
+                fwds = [dn.TcpForwarder(s, ("127.0.0.1", sim.ports[k]))
+                        for s, k in zip(listeners, ("KME-A", "KME-A", "KME-B"), strict=True)]
+                for f in fwds:
+                    await f.start()
+                self.sim = sim
+                ready.set()
+                await self._kme_stop.wait()
+                for f in fwds:
+                    await f.close()
+        self._kme_fut = self.kme.submit(main())
+        assert ready.wait(60), "KME simulator did not start"
+        return tuple(s.getsockname()[1] for s in listeners)  # type: ignore[return-value]
+
+    # -------------------------------------------------------------- configs
+    def write_configs(self, ports: tuple[int, int, int]) -> dict[str, Path]:
+        write_identities(self.folder)          # gA1 and gA2 share gw-a's identity
+        timers = Timers(interval=120.0, soft=150.0, hard=180.0, grace=1.0)
+
+        def ep(sae: str, port: int) -> KmeEndpoint:
+            c = self.sim.credentials(sae)
+            return KmeEndpoint(f"https://127.0.0.1:{port}", c.kme_id, str(c.cert), str(c.key),
+                               str(c.ca))
+        paths = {}
+        a_text = gateway_yaml("a", self.folder, ep("SAE-A", ports[0]), policy="hybrid-required",
+                              timers=timers)
+        for node, g, port in ((1, "gA1", ports[0]), (2, "gA2", ports[1])):
+            text = a_text.replace(f"127.0.0.1:{ports[0]}", f"127.0.0.1:{port}")
+            text = text.replace("gw-a-state", f"{g}-state").replace("gw-a-run", f"{g}-run")
+            text += (f"ha:\n  node: {node}\n  notify_fifo: {self.folder}/{g}.fifo\n"
+                     "  instance: VI_QKD\n")
+            paths[g] = self.folder / f"{g}.yaml"
+            paths[g].write_text(text)
+        paths["gB"] = self.folder / "gB.yaml"
+        paths["gB"].write_text(gateway_yaml("b", self.folder, ep("SAE-B", ports[2]),
+                                            policy="hybrid-required", timers=timers))
+        for p in paths.values():
+            p.chmod(0o600)
+        self.paths = paths
+        return paths
+
+    def keepalived_conf(self, g: str, priority: int) -> Path:
+        conf = self.folder / f"{g}-keepalived.conf"
+        conf.write_text(f"""global_defs {{
+    router_id {g}
+    vrrp_version 3
+    notify_fifo {self.folder}/{g}.fifo
+    vrrp_garp_master_delay 0
+    vrrp_garp_master_repeat 1
+    script_user root
+    enable_script_security
+}}
+vrrp_script qkdgate {{
+    script "/usr/bin/pgrep -x qkdgate-{g[1:].lower()}"
+    interval 1                 # whole seconds only (keepalived 2.2)
+    timeout 3                  # a loaded TCG guest: timeout 1 / fall 1 flapped
+    fall 2
+    rise 1
+}}
+vrrp_instance VI_QKD {{
+    state BACKUP
+    nopreempt
+    interface w0
+    virtual_router_id 51
+    priority {priority}
+    advert_int 0.1
+    virtual_ipaddress {{
+        192.0.2.1/24 dev w0
+        10.1.0.1/24 dev a1
+    }}
+    track_script {{
+        qkdgate
+    }}
+}}
+""")
+        return conf
+
+    # -------------------------------------------------------------- processes
+    def start_daemon(self, g: str) -> None:
+        # A per-node process name (comm: the name execve was given), so each
+        # keepalived checks its own node's daemon (pgrep -x): the lab's nodes
+        # share one PID namespace.
+        exe = self.folder / f"qkdgate-{g[1:].lower()}"
+        if not exe.exists():
+            exe.symlink_to(VENV_QKDGATE)
+        log = open(self.folder / f"{g}.log", "wb")  # noqa: SIM115 - closed with the process
+        self.procs[g] = subprocess.Popen(
+            ["ip", "netns", "exec", self.ns[g], str(exe), "run", "-c", str(self.paths[g]),
+             "--log-level", "info"], stdout=log, stderr=subprocess.STDOUT)
+
+    def start_keepalived(self, g: str, priority: int) -> None:
+        conf = self.keepalived_conf(g, priority)
+        log = open(self.folder / f"{g}-keepalived.log", "wb")  # noqa: SIM115
+        run = self.folder / f"{g}-ka"
+        run.mkdir(exist_ok=True)
+        self.procs[f"ka-{g}"] = subprocess.Popen(
+            ["ip", "netns", "exec", self.ns[g], "keepalived", "--dont-fork", "--log-console",
+             "--log-detail", "--vrrp", "-f", str(conf), "-p", str(run / "k.pid"),
+             "-r", str(run / "v.pid"), "-c", str(run / "c.pid")],
+            stdout=log, stderr=subprocess.STDOUT)
+
+    def kill(self, name: str, sig: int = signal.SIGTERM) -> None:
+        p = self.procs.pop(name, None)
+        if p is not None and p.poll() is None:
+            p.send_signal(sig)
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+    def sigkill_daemon(self, g: str) -> float:
+        """SIGKILL the daemon itself (`ip netns exec` execs it: same PID)."""
+        p = self.procs.pop(g)
+        t = time.monotonic()
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        return t
+
+    def ctl(self, g: str, cmd: str, **kw: object) -> object:
+        run = "gw-b-run" if g == "gB" else f"{g}-run"      # as in write_configs
+        return request(str(self.folder / run / "control.sock"), cmd, timeout=20.0, **kw)
+
+    def wait(self, what: str, predicate, timeout: float) -> float:
+        t0 = time.monotonic()
+        while True:
+            try:
+                if predicate():
+                    return time.monotonic() - t0
+            except (ControlError, KeyError, IndexError, TypeError):
+                pass
+            for name, p in self.procs.items():
+                assert p.poll() is None, f"{name} exited ({p.returncode}): {self.tail(name)}"
+            assert time.monotonic() - t0 < timeout, f"{what} not within {timeout} s: " + \
+                " | ".join(f"{g}: {self.tail(g)}" for g in ("gA1", "gA2", "gB"))
+            time.sleep(0.1)
+
+    def tail(self, name: str, n: int = 8) -> str:
+        f = self.folder / (f"{name}.log" if not name.startswith("ka-") else
+                           f"{name[3:]}-keepalived.log")
+        try:
+            return "\n".join(f.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return "(no log)"
+
+    def tunnel(self, g: str) -> dict:
+        return self.ctl(g, "status")["tunnels"][0]  # type: ignore[index]
+
+    def role(self, g: str) -> str:
+        return self.ctl(g, "ha")["role"]  # type: ignore[index]
+
+
+def gb_sas(lab: HaLab) -> list:
+    be = XfrmBackend(lab.ns["gB"], verify=False)
+    try:
+        return [s for s in be.list_sas() if 100 <= s.reqid < 100 + 64]
+    finally:
+        be.close()
+
+
+def outage(stream: Stream, t_event: float) -> tuple[float, int]:
+    """Seconds from the event to the first datagram sent after it that
+    arrived, and how many sent after the event were lost before that one."""
+    got = stream.received_set()
+    after = [s for s in range(len(stream.sent_at)) if stream.sent_at[s] >= t_event]
+    first = next((s for s in after if s in got), None)
+    assert first is not None, "no datagram arrived after the event"
+    return stream.sent_at[first] - t_event, sum(1 for s in after if s < first and s not in got)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """gB, gA1 (active) and gA2 (standby) keyed, keepalived on both A nodes."""
+    folder = Path(tempfile.mkdtemp(prefix="qkdgate-ha-"))
+    os.chmod(folder, 0o700)
+    lab = HaLab(folder)
+    lab.up()
+    try:
+        ports = lab.start_kme()
+        lab.write_configs(ports)
+        for g in ("gB", "gA1", "gA2"):
+            lab.start_daemon(g)
+        for g in ("gA1", "gA2"):
+            # daemon start-up is slow in a loaded TCG guest (imports)
+            lab.wait(f"{g} standby", lambda g=g: lab.role(g) == "starting", 400)
+        lab.wait("gB running", lambda: lab.tunnel("gB")["state"] == "blocked", 400)
+        lab.start_keepalived("gA1", 110)
+        lab.wait("gA1 active", lambda: lab.role("gA1") == "active", 30)
+        lab.start_keepalived("gA2", 100)
+        lab.wait("gA2 standby", lambda: lab.role("gA2") == "standby", 30)
+        lab.wait("first generation", lambda: lab.tunnel("gB")["state"] == "up"
+                 and lab.tunnel("gA1")["state"] == "up", 120)
+        assert lab.tunnel("gA2")["state"] == "blocked"
+        yield lab
+    finally:
+        lab.down()
+
+
+ROWS: list[str] = []
+
+
+def switch(lab: HaLab, what: str, event, to: str) -> dict:
+    """Run ``event`` (returns its monotonic time) under 100 datagrams/s each
+    way and a wire capture; wait until ``to`` is active and traffic flows
+    again; assert the zeros and one SA set at gB; print one table row."""
+    before = lab.tunnel("gB")
+    cap = Capture(SimpleNamespace(wire=lab.ns["w"]), str(lab.folder / f"{what}.pcap"))
+    ab = Stream(lab.ns["hA"], lab.ns["hB"], HA_, HB_, rate=100, port=5001).start()
+    ba = Stream(lab.ns["hB"], lab.ns["hA"], HB_, HA_, rate=100, port=5002).start()
+    try:
+        lab.wait("traffic both ways", lambda: ab.received_set() and ba.received_set(), 20)
+        time.sleep(1.0)
+        t0 = event()
+        lab.wait(f"{to} active", lambda: lab.role(to) == "active", 30)
+        t_active = time.monotonic()
+        lab.wait(f"traffic after {what}",
+                 lambda: ab.received_since(t0 + 0.01) and ba.received_since(t0 + 0.01),
+                 OUTAGE_BOUND + 10)
+        time.sleep(1.5)                      # past gB's 1 s grace for the old generation
+    finally:
+        ab.stop()
+        ba.stop()
+        wire = analyse_pcap(cap.stop())
+    out_ab, lost_ab = outage(ab, t0)
+    out_ba, lost_ba = outage(ba, t0)
+    after, new = lab.tunnel("gB"), lab.tunnel(to)
+    sas = gb_sas(lab)
+    keys = [i for i in after["inputs"]["qkd_key_ids"] if i not in before["inputs"]["qkd_key_ids"]]
+    row = (f"| {what} | {t_active - t0:.2f} | {out_ab * 1000:.0f} / {out_ba * 1000:.0f} | "
+           f"{lost_ab} / {lost_ba} | {wire.cleartext} | {len(keys)} | "
+           f"{before['generation']} -> {after['generation']} |")
+    ROWS.append(row)
+    print("\n| event | role switch s | outage ms A->B / B->A | lost A->B / B->A | cleartext "
+          "| QKD keys | generation |\n|---|---|---|---|---|---|---|\n" + "\n".join(ROWS))
+    assert wire.cleartext == 0 and wire.pattern_hits == 0 and wire.esp > 0
+    assert out_ab < OUTAGE_BOUND and out_ba < OUTAGE_BOUND
+    assert after["state"] == "up" and new["state"] == "up"
+    assert after["generation"] > before["generation"]
+    assert new["generation"] == after["generation"]
+    # one SA set at the peer (in: to gB, out: to the VIP), none left of the old node
+    assert sorted(str(s.sa_id.dst) for s in sas) == ["192.0.2.1", "192.0.2.2"], sas
+    assert keys, "no fresh QKD key for the new generation"
+    return {"outage": max(out_ab, out_ba), "lost": lost_ab + lost_ba}
+
+
+def test_1_sigkill_of_the_active_node(pair):
+    switch(pair, "SIGKILL", lambda: pair.sigkill_daemon("gA1"), "gA2")
+
+
+def test_2_planned_switch(pair):
+    """The operator stops keepalived on the active node (priority 0 advert)."""
+    pair.start_daemon("gA1")                   # back as a standby (nopreempt)
+    pair.wait("gA1 standby", lambda: pair.role("gA1") == "standby", 400)
+
+    def stop() -> float:
+        t = time.monotonic()
+        pair.kill("ka-gA2")
+        return t
+    switch(pair, "planned (keepalived stop)", stop, "gA1")
+    assert pair.role("gA2") in ("stopped", "standby")
+    assert pair.tunnel("gA2")["state"] == "blocked"
+
+
+def test_3_link_down(pair):
+    pair.start_keepalived("gA2", 100)
+    pair.wait("gA2 standby", lambda: pair.role("gA2") == "standby", 30)
+
+    def down() -> float:
+        t = time.monotonic()
+        ipbatch(["link set w0 down"], pair.ns["gA1"])
+        return t
+    switch(pair, "wire link down", down, "gA2")
+    assert pair.role("gA1") == "fault" and pair.tunnel("gA1")["state"] == "blocked"
