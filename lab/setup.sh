@@ -76,7 +76,7 @@ done
 if ls /etc/rc[2-5].d/S*ipsec >/dev/null 2>&1; then update-rc.d ipsec disable >/dev/null 2>&1 || true; fi
 [[ -x /usr/lib/ipsec/charon ]] || die "charon missing after install"
 
-# keepalived for tests/kernel/test_ha.py (issue 12): the test starts its own
+# keepalived for tests/kernel/test_ha_keepalived.py (issue 12): the test starts its own
 # keepalived per gateway namespace (VRRP for an HA pair); Debian's service
 # must never run on this host: installed like strongSwan above (not started,
 # unit masked, SysV links disabled).
