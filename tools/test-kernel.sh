@@ -26,7 +26,9 @@ fi
 # under TCG (a daemon restart in the fault matrix). Compile once here (~2 s).
 "$ROOT/.venv/bin/python" -m compileall -q -j 0 gateway tunnels keymix adapters keyservice \
     qkdgate bench tests >/dev/null || echo "test-kernel: compileall failed (slower guest)" >&2
-LAB_TIMEOUT=${LAB_TIMEOUT:-1800} bash lab/run.sh -- env QKDGATE_KERNEL_TESTS=1 \
+# The stage now carries the systemd tests and the default fault-matrix subset
+# (about 12 + 6 + 4 min on an idle host): 30 min left too little headroom.
+LAB_TIMEOUT=${LAB_TIMEOUT:-3600} bash lab/run.sh -- env QKDGATE_KERNEL_TESTS=1 \
     QKDGATE_SYSTEMD_TESTS="$SYSTEMD_TESTS" QKDGATE_FAULT_MATRIX="${QKDGATE_FAULT_MATRIX:-0}" \
     QKDGATE_HA_TESTS="${QKDGATE_HA_TESTS:-0}" \
     .venv/bin/python -m pytest tests/kernel -p no:cacheprovider -q -ra --durations=8 "$@"
