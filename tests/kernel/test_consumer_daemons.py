@@ -35,11 +35,14 @@ from qkdgate.gateway.demo.config import KmeEndpoint, Timers, gateway_yaml, write
 from qkdgate.tunnels.strongswan_vici import ViciClient
 from qkdgate.tunnels.wireguard import WireguardBackend, parse_key
 
-# Written at the end of the 2026-12-06 session and never run: every lab
-# slot was taken until the deadline. Remove the skip to run it (expected
-# about 3-4 min per test under TCG: two daemon start-ups and the failsafes
-# are Python start-ups), and fix what the first run shows.
-pytestmark = pytest.mark.skip(reason="not yet run in the lab (issue 21 follow-up item 3)")
+# First lab run (2026-12-06 16:09, 40 s / 62 s per test) FAILED, so skipped
+# until that is understood: WireGuard 4 PSKs in 30 s (interval 3 s),
+# both gateways equal within 2 ms, but 3427 of 6126 datagrams lost (blocks
+# between generations?); strongSwan 6 PPKs in 30 s, equal within p50 16 ms /
+# p99 237 ms, cleartext 0, but 1834 of 6125 lost; both failsafes after
+# SIGKILL left nothing keyed in 4.2 s / 4.7 s. Read the daemons' logs
+# (tmp_path/gw-*.log) for tunnel_blocked events first.
+pytestmark = pytest.mark.skip(reason="first lab run lost 30-56 % (issue 21 follow-up item 3)")
 
 QKDGATE = os.path.join(os.path.dirname(sys.executable), "qkdgate")
 TRAFFIC_S = 30.0          # the measured phase
