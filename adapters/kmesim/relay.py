@@ -162,6 +162,12 @@ class Opened:
     material: bytes = field(repr=False)
 
 
+# What a neighbour KME's garbage can raise while one of its containers is
+# parsed: each becomes one specific RemoteProtocolError (its fault, not ours).
+_MALFORMED = (KeyError, IndexError, TypeError, ValueError, AttributeError, binascii.Error,
+              json.JSONDecodeError, RecursionError)
+
+
 def parse_hop(wire: bytes) -> Hop:
     """Where a relay container says it goes; RemoteProtocolError if it is
     not a well-formed one. Checks nothing cryptographic and spends nothing."""
@@ -192,8 +198,7 @@ def _parse(wire: bytes) -> tuple[Hop, dict[str, Any], bytes, bytes, str]:
             raise ValueError("hop or share out of range")
         if ext["to_KME_ID"] != hop.dst or ext["from_KME_ID"] != hop.src:
             raise ValueError("from/to do not match the route")
-    except (KeyError, IndexError, TypeError, ValueError, AttributeError, binascii.Error,
-            json.JSONDecodeError, RecursionError) as exc:
+    except _MALFORMED as exc:
         raise RemoteProtocolError(f"malformed ETSI 020 ext_key_container: {type(exc).__name__}") \
             from None
     return hop, container, tag, padded, link_key_id
@@ -257,8 +262,7 @@ def parse_acks(wire: bytes) -> list[Ack]:
                for a in items]
         if not out or any(a.status not in ACK_STATUSES or not a.key_ids for a in out):
             raise ValueError("bad ack_status or no key_ids")
-    except (KeyError, TypeError, ValueError, AttributeError, json.JSONDecodeError,
-            RecursionError) as exc:
+    except _MALFORMED as exc:
         raise RemoteProtocolError(f"malformed ETSI 020 ack container: {type(exc).__name__}") \
             from None
     return out
@@ -280,8 +284,7 @@ def parse_void(wire: bytes) -> tuple[tuple[str, ...], str, tuple[str, ...], str]
                tuple(str(t) for t in doc["target_sae_ids"]), str(doc["ack_callback_url"]))
         if not ids:
             raise ValueError("no key_ids")
-    except (KeyError, TypeError, ValueError, AttributeError, json.JSONDecodeError,
-            RecursionError) as exc:
+    except _MALFORMED as exc:
         raise RemoteProtocolError(f"malformed ETSI 020 void container: {type(exc).__name__}") \
             from None
     return out
