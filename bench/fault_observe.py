@@ -44,6 +44,7 @@ class WireSniffer:
 
     def start(self) -> WireSniffer:
         from qkdgate.gateway.demo.net import enter_netns
+        from qkdgate.tunnels.netlink import set_rcvbuf
         self._stop = threading.Event()
         ready = threading.Event()
         err: list[BaseException] = []
@@ -52,7 +53,7 @@ class WireSniffer:
             try:
                 enter_netns(self.netns)
                 s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+                set_rcvbuf(s, 8 << 20)
                 s.settimeout(0.2)
             except OSError as exc:
                 err.append(exc)

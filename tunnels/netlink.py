@@ -52,6 +52,22 @@ CTRL_ATTR_FAMILY_ID, CTRL_ATTR_FAMILY_NAME = 1, 2
 _ERR = struct.Struct("=i")
 
 
+def set_rcvbuf(sock: socket.socket, size: int) -> int:
+    """Give ``sock`` a receive buffer of ``size`` bytes and return what the
+    kernel granted (socket(7): it doubles the request for bookkeeping).
+
+    Plain SO_RCVBUF is silently capped at net.core.rmem_max, 208 KiB on a
+    stock Debian kernel, which holds only about 100 small datagrams once
+    skb overhead counts (a starved reader then loses them as UDP
+    RcvbufErrors); SO_RCVBUFFORCE passes the cap where we may (CAP_NET_ADMIN).
+    """
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, size)
+    except PermissionError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+    return int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
+
+
 def nla(attr_type: int, payload: bytes) -> bytes:
     """One attribute, padded to 4 bytes (include/uapi/linux/netlink.h NLA_ALIGN)."""
     n = 4 + len(payload)
@@ -113,9 +129,7 @@ class NetlinkChannel:
         if sock is None:
             sock = _open_in_netns(protocol, netns)
         self.sock = sock
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        with contextlib.suppress(OSError):   # beyond rmem_max where we may (CAP_NET_ADMIN)
-            self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
+        set_rcvbuf(self.sock, rcvbuf)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, rcvbuf)
         for opt in (NETLINK_CAP_ACK, NETLINK_EXT_ACK):
             with contextlib.suppress(OSError):  # very old kernels: plain errors still work

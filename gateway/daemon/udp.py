@@ -40,6 +40,7 @@ from typing import Protocol, TypeVar
 
 from qkdgate.gateway.protocol.demux import Candidate, Demux
 from qkdgate.interfaces import QkdKey
+from qkdgate.tunnels.netlink import set_rcvbuf
 
 log = logging.getLogger("qkdgate.udp")
 
@@ -51,9 +52,8 @@ MAX_DATAGRAM = 65535
 # dropped 2,352 datagrams of 100 peers' rekey in the issue 19 load test and
 # retransmission did not catch up within the exchange timeout. Set with
 # SO_RCVBUFFORCE (CAP_NET_ADMIN, which the daemon has), else SO_RCVBUF up to
-# net.core.rmem_max. Memory is only used by datagrams actually queued.
+# net.core.rmem_max (set_rcvbuf). Memory is only used by datagrams actually queued.
 RCVBUF = 8 << 20
-SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 T = TypeVar("T")
 
 
@@ -338,10 +338,7 @@ async def open_endpoint(host: str, port: int, *, bypass: Callable[[socket.socket
         # with EADDRINUSE.
         if family == socket.AF_INET6 and host in ("::", "::0"):
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
-        except PermissionError:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+        set_rcvbuf(sock, RCVBUF)
         sock.bind((host, port))
         if bypass is not None:
             bypass(sock)

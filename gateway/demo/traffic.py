@@ -24,6 +24,7 @@ from bisect import bisect_right
 from collections.abc import Callable
 
 from qkdgate.gateway.demo.net import enter_netns
+from qkdgate.tunnels.netlink import set_rcvbuf
 
 MAGIC = b"QKDGATE-DEMO"
 HEADER = struct.Struct("!12sBQ")
@@ -63,7 +64,7 @@ class UdpStream:
     def _rx(self) -> None:
         enter_netns(self.dst_ns)
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        set_rcvbuf(s, 4 << 20)
         s.bind((self.dst, self.port))
         s.settimeout(0.2)
         self._ready.wait(30)

@@ -191,10 +191,10 @@ class XfrmMonitor:
     notification of one namespace, timestamped, in the kernel's order."""
 
     def __init__(self, netns: str) -> None:
-        from qkdgate.tunnels.netlink import in_netns
+        from qkdgate.tunnels.netlink import in_netns, set_rcvbuf
         with in_netns(netns):
             self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 6)   # NETLINK_XFRM
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        set_rcvbuf(self.sock, 4 << 20)
         self.sock.bind((0, XFRMGRP_EXPIRE | XFRMGRP_SA | XFRMGRP_POLICY))
         self.sock.settimeout(0.2)
         self.events: list[XfrmEvent] = []
