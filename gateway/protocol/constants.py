@@ -45,6 +45,17 @@ REKEY_JITTER: Final = 0.05           # fraction of the interval / retry, drawn f
 RETRANSMIT_BASE: Final = 0.5         # first retransmission of INIT / CONFIRM
 RETRANSMIT_MAX: Final = 8.0          # retransmission interval doubles up to this
 EXCHANGE_TIMEOUT: Final = 30.0       # an exchange not finished by then fails
+# An exchange keys every tunnel of its peer, and the work of each side (SPI
+# reservations, key derivation, SA installs) grows with their number: beyond
+# EXCHANGE_FREE_TUNNELS both bounds grow linearly (timers.exchange_timeout_for,
+# docs/protocol.md 7). 50 ms a tunnel is about twice what a 1,000-tunnel
+# exchange took in a starved lab VM (21-32 s, issue 19): 1,000 tunnels 76.8 s,
+# 4,096 tunnels 231.6 s. The first retransmission waits 2 ms more a tunnel
+# (1,000 tunnels 2.37 s), still capped at retransmit_max, so a big INIT or
+# CONFIRM is not resent while the responder is still working on it.
+EXCHANGE_FREE_TUNNELS: Final = 64    # up to this many tunnels: the fixed bounds above
+EXCHANGE_TIMEOUT_PER_TUNNEL: Final = 0.05   # seconds of exchange timeout per tunnel beyond
+RETRANSMIT_PER_TUNNEL: Final = 0.002        # seconds of first retransmission per tunnel beyond
 RETRY_BASE: Final = 2.0              # first retry after a failed exchange
 RETRY_MAX: Final = 30.0              # kept short: after a partition heals the pair reconverges
 IMMEDIATE_RETRIES: Final = 3         # fast restarts (lost QKD key, fallback) before backoff

@@ -6,7 +6,9 @@ has exactly three kinds of deadline, and only this class sets or reads them:
 
 * per exchange: the **exchange timeout** (an exchange not finished by then
   fails) and the initiator's **retransmission** (INIT until RESP, CONFIRM
-  until DONE; ``retransmit_base`` doubling to ``retransmit_max``);
+  until DONE; ``retransmit_base`` doubling to ``retransmit_max``); both grow
+  with the number of tunnels the exchange keys (:func:`exchange_timeout_for`,
+  :func:`retransmit_first_for`);
 * per session: the **rekey** (``rekey_interval`` after an establishment,
   minus up to ``rekey_jitter``), which is also the **retry** after a failed
   or lost exchange (``retry_base`` doubling to ``retry_max`` after
@@ -24,8 +26,34 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from qkdgate.gateway.protocol.config import SessionConfig
-from qkdgate.gateway.protocol.constants import IMMEDIATE_RETRIES
+from qkdgate.gateway.protocol.constants import (
+    EXCHANGE_FREE_TUNNELS,
+    EXCHANGE_TIMEOUT_PER_TUNNEL,
+    IMMEDIATE_RETRIES,
+    RETRANSMIT_PER_TUNNEL,
+)
 from qkdgate.gateway.protocol.exchange import Exchange
+
+
+def _beyond_free(config: SessionConfig) -> int:
+    return max(0, len(config.tunnels) - EXCHANGE_FREE_TUNNELS)
+
+
+def exchange_timeout_for(config: SessionConfig) -> float:
+    """``exchange_timeout + EXCHANGE_TIMEOUT_PER_TUNNEL * max(0, N - 64)``
+    for a peer of N tunnels (docs/protocol.md 7): one exchange keys them all,
+    and each side's work grows with N, so a big peer's exchange in a slow
+    machine is not abandoned and retried (issue 19: 21-32 s for 1,000
+    tunnels in a starved lab VM, against a fixed 30 s)."""
+    return config.exchange_timeout + EXCHANGE_TIMEOUT_PER_TUNNEL * _beyond_free(config)
+
+
+def retransmit_first_for(config: SessionConfig) -> float:
+    """``min(retransmit_max, retransmit_base + RETRANSMIT_PER_TUNNEL *
+    max(0, N - 64))``: the first retransmission of an initiator message
+    (docs/protocol.md 7); it then doubles up to ``retransmit_max`` as before."""
+    first = config.retransmit_base + RETRANSMIT_PER_TUNNEL * _beyond_free(config)
+    return min(first, max(config.retransmit_base, config.retransmit_max))
 
 
 class SessionTimers:
@@ -39,11 +67,11 @@ class SessionTimers:
     # ---------------------------------------------------------------- exchange hooks
 
     def exchange_started(self, ex: Exchange, now: float) -> None:
-        ex.deadline = now + self.config.exchange_timeout
+        ex.deadline = now + exchange_timeout_for(self.config)
 
     def initiator_sent(self, ex: Exchange, now: float) -> None:
         """An initiator message left: retransmit it until answered."""
-        ex.retx_interval = self.config.retransmit_base
+        ex.retx_interval = retransmit_first_for(self.config)
         ex.retx_at = now + ex.retx_interval
 
     def answer_authenticated(self, ex: Exchange) -> None:
@@ -56,7 +84,7 @@ class SessionTimers:
     def keep_done_cache(self, ex: Exchange, now: float) -> None:
         """A finished responder exchange repeats DONE to a retransmitted
         CONFIRM for one more exchange timeout."""
-        ex.deadline = now + self.config.exchange_timeout
+        ex.deadline = now + exchange_timeout_for(self.config)
 
     def expired(self, ex: Exchange, now: float) -> bool:
         return now >= ex.deadline

@@ -70,3 +70,36 @@ def test_a_lost_collision_keeps_a_rekey_scheduled():
     assert t.rekey_at == 502.0 and t.rekey_reason == "retry"
     t.collision_lost(501.0)                       # never pushes an armed timer out
     assert t.rekey_at == 502.0
+
+
+# ---------------------------------------------------------------- bounds that grow with the tunnels
+
+def _tunnels(n: int):
+    from qkdgate.gateway.protocol.config import TunnelRef
+    return tuple(TunnelRef(f"t{i}") for i in range(n))
+
+
+def test_the_exchange_bounds_grow_with_the_tunnels_beyond_64():
+    from qkdgate.gateway.protocol.timers import exchange_timeout_for, retransmit_first_for
+
+    def cfg(n: int) -> SessionConfig:
+        return SessionConfig(local_name="a", peer_name="b", tunnels=_tunnels(n))
+    # docs/protocol.md 7: 30 s + 50 ms x (N - 64); 0.5 s + 2 ms x (N - 64), <= 8 s
+    assert [exchange_timeout_for(cfg(n)) for n in (1, 64)] == [30.0, 30.0]
+    assert round(exchange_timeout_for(cfg(1000)), 6) == 76.8
+    assert round(exchange_timeout_for(cfg(4096)), 6) == 231.6
+    assert [retransmit_first_for(cfg(n)) for n in (1, 64)] == [0.5, 0.5]
+    assert round(retransmit_first_for(cfg(1000)), 6) == 2.372
+    assert retransmit_first_for(cfg(4096)) == 8.0                 # capped at retransmit_max
+
+
+def test_a_1000_tunnel_exchange_outlives_the_old_30_s_bound():
+    t = _timers(tunnels=_tunnels(1000))
+    ex = _exchange(t, 100.0)
+    t.initiator_sent(ex, 100.0)
+    assert t.next_deadline([ex]) == 100.0 + 2.372                 # first retransmission
+    assert not t.expired(ex, 131.0) and not t.expired(ex, 176.7)
+    assert t.expired(ex, 176.8)
+    t.exchange_ended(ex)
+    t.keep_done_cache(ex, 200.0)                                   # the DONE cache too
+    assert not t.expired(ex, 276.7) and t.expired(ex, 276.8)
