@@ -35,6 +35,9 @@ class ScriptedSocket:
     def setsockopt(self, *a):
         pass
 
+    def getsockopt(self, *a):
+        return 8 << 20
+
     def bind(self, addr):
         pass
 
