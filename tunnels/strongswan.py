@@ -53,6 +53,8 @@ from __future__ import annotations
 import contextlib
 import errno as _errno
 import ipaddress
+import logging
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -60,14 +62,34 @@ from typing import TYPE_CHECKING, Any, Protocol
 from qkdgate.errors import ConfigError, TunnelError
 from qkdgate.interfaces import Direction, IpsecBackend, Mark, PolicyAction, PolicySpec, Selector
 from qkdgate.tunnels.consumer import ConsumerKey, ConsumerReport, Invalidation, ThreadedConsumer
-from qkdgate.tunnels.strongswan_vici import ConnSpec, IkeSaInfo, Ppk, Vici, ViciClient, ViciError
+from qkdgate.tunnels.strongswan_vici import (
+    ConnSpec,
+    IkeSaInfo,
+    Ppk,
+    Vici,
+    ViciAuthFailed,
+    ViciClient,
+    ViciError,
+)
 
 if TYPE_CHECKING:
     from qkdgate.tunnels.state import TunnelRegistry
 
+log = logging.getLogger("qkdgate.tunnels")
+
 KIND = "strongswan"
 DEFAULT_SWANCTL_CONF = "/etc/swanctl/swanctl.conf"
 DEFAULT_VICI_SOCKET = "/var/run/charon.vici"
+# The initiator's re-authentication may reach the peer's charon before the
+# peer's own install of generation g has run its load-conn: the exchange's
+# DONE leaves the responder when its install is queued on its worker thread
+# (ThreadedConsumer), not when charon has it, and a charon responder with
+# ppk_required accepts only the PPK_ID its connection names ("received
+# PPK_ID 'g', but require 'g-1'"). Its AUTHENTICATION_FAILED is retried after
+# these pauses (3.75 s in all), each attempt one IKE_SA_INIT + IKE_AUTH round
+# trip; the running IKE_SA is untouched meanwhile (make-before-break). Any
+# other failure, or the last refusal, fails the install at once.
+REAUTH_RETRY_S = (0.25, 0.5, 1.0, 2.0)
 BLOCKED_PPK_ID = "qkdgate-none"   # ppk_id while no generation is installed: never loaded
 
 
@@ -192,8 +214,10 @@ class StrongswanConsumer:
 
     def __init__(self, spec: StrongswanSpec, *, connect: Callable[[str], Vici] = ViciClient,
                  registry: TunnelRegistry | None = None, netns: str | None = None,
-                 xfrm: Callable[[], IpsecBackend] | None = None) -> None:
+                 xfrm: Callable[[], IpsecBackend] | None = None,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
         self.spec = spec
+        self._sleep = sleep
         self._connect = connect
         self._xfrm_factory = xfrm or self._default_xfrm
         self._xfrm: IpsecBackend | None = None
@@ -329,8 +353,7 @@ class StrongswanConsumer:
 
     def _reauthenticate(self, key: ConsumerKey) -> str:
         old = [sa.unique_id for sa in self._ike_sas()]
-        new = self._call(lambda v: v.initiate(self.spec.connection, self.spec.child,
-                                              self.spec.timeout_ms))
+        new = self._initiate(key)
         if new in old:
             # charon added a CHILD_SA to a running IKE_SA instead of
             # authenticating a new one: no PPK was mixed in
@@ -350,6 +373,24 @@ class StrongswanConsumer:
                 del self.exact[uid]
         return (f"IKE_SA #{new} authenticated with ppk_id {key.key_name}; "
                 f"terminated {sorted(u for u in old if u != new)}")
+
+    def _initiate(self, key: ConsumerKey) -> int:
+        """vici ``initiate``, again after each of REAUTH_RETRY_S while the
+        peer refuses our IKE_AUTH (its load-conn of this generation may
+        still be queued); the unique id of the new IKE_SA."""
+        for pause in REAUTH_RETRY_S:
+            try:
+                uid: int = self._call(lambda v: v.initiate(
+                    self.spec.connection, self.spec.child, self.spec.timeout_ms))
+                return uid
+            except ViciAuthFailed:
+                log.info("tunnel %s: the peer refused IKE_AUTH with %s (its install not in "
+                         "charon yet?): again in %.2f s", self.tunnel_id, key.key_name, pause,
+                         extra={"tunnel": self.tunnel_id})
+                self._sleep(pause)
+        last: int = self._call(lambda v: v.initiate(
+            self.spec.connection, self.spec.child, self.spec.timeout_ms))
+        return last
 
     def _terminate(self, uid: int) -> None:
         try:

@@ -50,6 +50,14 @@ class ViciError(TunnelError):
         super().__init__(f"vici {op}", errno, detail)
 
 
+class ViciAuthFailed(ViciError):
+    """``initiate`` failed because the peer refused our IKE_AUTH: its charon
+    sent AUTHENTICATION_FAILED (RFC 7296 3.10.1). With ``ppk_required``
+    that is what a responder does while its connection still names another
+    PPK_ID (charon 5.9.8 logs "received PPK_ID '...', but require '...'")
+    or holds other bytes under it."""
+
+
 @dataclass(frozen=True)
 class Ppk:
     """An RFC 8784 PPK: ``ppk_id`` names it on the wire and in charon."""
@@ -204,8 +212,17 @@ class ViciClient:
     def initiate(self, conn: str, child: str, timeout_ms: int) -> int:
         """Start a new IKE_SA of ``conn`` with CHILD_SA ``child``; wait until it
         is up (or charon gives up) and return the new IKE_SA's unique id."""
-        logs = self._drain("initiate", self._s.initiate({
-            "ike": conn, "child": child, "timeout": str(timeout_ms), "init-limits": "no"}))
+        logs: list[Any] = []     # charon's control-log events (vici README "initiate")
+        try:
+            for m in self._s.initiate({"ike": conn, "child": child, "timeout": str(timeout_ms),
+                                       "init-limits": "no"}):
+                logs.append(m)
+        except self._exc as e:
+            detail = _text(e) if not isinstance(e, OSError) else ""
+            errno = e.errno if isinstance(e, OSError) else None
+            refused = any("AUTHENTICATION_FAILED" in _text(m.get("msg", b"")) for m in logs
+                          if isinstance(m, Mapping))
+            raise (ViciAuthFailed if refused else ViciError)("initiate", detail, errno) from None
         ids = {int(_text(m["ikesa-uniqueid"])) for m in logs if "ikesa-uniqueid" in m}
         if not ids:
             raise ViciError("initiate", f"{conn}/{child}: no IKE_SA in charon's log")

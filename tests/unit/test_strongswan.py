@@ -16,7 +16,14 @@ from qkdgate.tunnels.consumer import ConsumerKey, Invalidation, ThreadedConsumer
 from qkdgate.tunnels.events import KeyInputs
 from qkdgate.tunnels.strongswan import StrongswanConsumer, StrongswanSpec, failsafe
 from qkdgate.tunnels.strongswan_conf import parse
-from qkdgate.tunnels.strongswan_vici import ChildSaInfo, ConnSpec, IkeSaInfo, Ppk, ViciError
+from qkdgate.tunnels.strongswan_vici import (
+    ChildSaInfo,
+    ConnSpec,
+    IkeSaInfo,
+    Ppk,
+    ViciAuthFailed,
+    ViciError,
+)
 
 SWANCTL = (Path(__file__).resolve().parent.parent / "fixtures" / "swanctl-operator.conf").read_text()
 
@@ -74,9 +81,13 @@ class FakeCharon:
         assert self.peer is not None
         self.calls.append("initiate")
         ppk = self.conn_ppk
-        # RFC 8784 with ppk_required: both must hold the same bytes under the id
-        if ppk is None or ppk not in self.keys or self.peer.keys.get(ppk) != self.keys[ppk]:
+        if ppk is None or ppk not in self.keys:
             raise ViciError("initiate", "establishing CHILD_SA 'lan' failed")
+        # RFC 8784 with ppk_required: both must hold the same bytes under the
+        # id, and a charon 5.9.8 responder takes only the PPK_ID its own
+        # connection names ("received PPK_ID 'x', but require 'y'")
+        if self.peer.conn_ppk != ppk or self.peer.keys.get(ppk) != self.keys[ppk]:
+            raise ViciAuthFailed("initiate", "establishing CHILD_SA 'lan' failed")
         if self.reuse and self.sas:
             return max(self.sas)
         self.peer._add(False)
@@ -103,11 +114,14 @@ def _spec(tid: str = "sw-b") -> StrongswanSpec:
     return StrongswanSpec(tid, "gw-gw", "lan", body, vici_socket="/run/x.vici")
 
 
-def _pair() -> tuple[FakeCharon, FakeCharon, StrongswanConsumer, StrongswanConsumer]:
+def _pair(sleep=lambda _s: None
+          ) -> tuple[FakeCharon, FakeCharon, StrongswanConsumer, StrongswanConsumer]:
     a, b = FakeCharon("a"), FakeCharon("b")
     a.peer, b.peer = b, a
-    ca = StrongswanConsumer(_spec(), connect=lambda _p: a, xfrm=RecordingIpsecBackend)
-    cb = StrongswanConsumer(_spec(), connect=lambda _p: b, xfrm=RecordingIpsecBackend)
+    ca = StrongswanConsumer(_spec(), connect=lambda _p: a, xfrm=RecordingIpsecBackend,
+                            sleep=sleep)
+    cb = StrongswanConsumer(_spec(), connect=lambda _p: b, xfrm=RecordingIpsecBackend,
+                            sleep=sleep)
     return a, b, ca, cb
 
 
@@ -157,6 +171,48 @@ def test_mismatched_ppk_fails_install_and_restores_the_previous_id():
     assert a.conn_ppk == "qkdgate-sw-b-g1"            # never half-changed
     assert [s.unique_id for s in a.sas.values()] == [1]  # the old IKE_SA runs on
     assert ca.describe()["ppk_id"] == "qkdgate-sw-b-g1"
+
+
+def test_reauth_before_the_responders_load_conn_is_retried_until_charon_has_it():
+    """The lab race of 2026-12-06: the responder's install was still queued
+    on its worker when the initiator's IKE_AUTH arrived; its charon refused
+    (AUTHENTICATION_FAILED) and the initiator failed the tunnel closed. Now
+    the initiator pauses and tries again; the responder catches up meanwhile."""
+    pauses: list[float] = []
+    a, b, ca, cb = _pair(sleep=lambda s: (pauses.append(s),
+                                          len(pauses) == 2 and cb.install(_key(2, "responder"))))
+    _rotate(ca, cb, 1)
+    ca.prepare(_key(2, "initiator"))
+    cb.prepare(_key(2, "responder"))
+    # the initiator installs first: the responder's connection still names g1
+    rep = ca.install(_key(2, "initiator"))
+    assert rep.verified and pauses == [0.25, 0.5]
+    assert a.calls.count("initiate") == 1 + 3
+    assert len(a.sas) == 1 and ca.describe()["ppk_id"] == "qkdgate-sw-b-g2"
+
+
+def test_reauth_refused_throughout_the_retries_fails_the_install_unchanged():
+    pauses: list[float] = []
+    a, b, ca, cb = _pair(sleep=pauses.append)
+    _rotate(ca, cb, 1)
+    ca.prepare(_key(2, "initiator"))
+    cb.prepare(_key(2, "responder"))
+    with pytest.raises(ViciAuthFailed):
+        ca.install(_key(2, "initiator"))
+    assert pauses == [0.25, 0.5, 1.0, 2.0]
+    assert a.conn_ppk == "qkdgate-sw-b-g1"           # back to the previous id
+    assert [s.unique_id for s in a.sas.values()] == [1]
+
+
+def test_a_local_initiate_failure_is_not_retried():
+    pauses: list[float] = []
+    a, b, ca, cb = _pair(sleep=pauses.append)
+    _rotate(ca, cb, 1)
+    a.conn_ppk = None
+    a.load_conn = lambda conn: None                  # charon kept no ppk_id
+    with pytest.raises(ViciError) as e:
+        ca.install(_key(2, "initiator"))
+    assert not isinstance(e.value, ViciAuthFailed) and pauses == []
 
 
 def test_invalidate_unloads_every_ppk_and_block_terminates():

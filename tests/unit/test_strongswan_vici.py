@@ -47,3 +47,45 @@ def test_ppk_refuses_short_keys_and_never_prints_its_key():
     with pytest.raises(ValueError):
         Ppk("qkdgate-t-g1", SecretBytes(b"short"))
     assert "abc" not in repr(Ppk("qkdgate-t-g1", SecretBytes(b"abc" * 11)))
+
+
+class _Session:
+    """vici.Session.initiate as the package streams it: charon's control-log
+    events, then the command's result (CommandException when it failed)."""
+
+    def __init__(self, logs: list[dict[str, bytes]], ok: bool) -> None:
+        self.logs, self.ok = logs, ok
+
+    def initiate(self, _msg):
+        from vici.exception import CommandException
+        yield from self.logs
+        if not self.ok:
+            raise CommandException("establishing CHILD_SA 'lan' failed")
+
+
+def _client(session: _Session):
+    import vici.exception as ve
+
+    from qkdgate.tunnels.strongswan_vici import ViciClient
+    c = object.__new__(ViciClient)
+    c._s = session
+    c._exc = (ve.SessionException, ve.CommandException, ve.DeserializationException, OSError,
+              ValueError)
+    return c
+
+
+@pytest.mark.parametrize(("msg", "refused"), [
+    (b"received AUTHENTICATION_FAILED notify error", True),
+    (b"PPK required but peer does not support PPK", False),
+    (b"giving up after 5 retransmits", False),
+])
+def test_initiate_tells_a_peer_refusal_from_other_failures(msg, refused):
+    pytest.importorskip("vici")
+    from qkdgate.tunnels.strongswan_vici import ViciAuthFailed, ViciError
+    logs = [{"group": b"IKE", "level": b"1", "ikesa-uniqueid": b"7", "msg": msg}]
+    with pytest.raises(ViciError) as e:
+        _client(_Session(logs, ok=False)).initiate("gw-gw", "lan", 1000)
+    assert isinstance(e.value, ViciAuthFailed) is refused
+    assert "establishing CHILD_SA" in str(e.value)
+    ok = [{"ikesa-uniqueid": b"7", "msg": b"IKE_SA gw-gw[7] established"}]
+    assert _client(_Session(ok, ok=True)).initiate("gw-gw", "lan", 1000) == 7
