@@ -2,23 +2,39 @@
 gateway namespace over vici, config in bench/strongswan/) and qkdgate (the
 real daemon per namespace, keyed from the KME simulator, driven over its
 control socket).
+
+The KME simulator is its own process (``qkdgate kme-sim`` in the KME
+namespace, reached over the KME veths of vs_topology): when it ran in a
+thread of the bench, beside the threads that parse the NETLINK_XFRM
+notifications, a starved VM made the daemons wait on the bench's Python
+(issue 19, second round: "KME enc_keys: no answer within 5.0 s", daemons
+idle under py-spy).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from vs_topology import GA, GB, HERE, VENV_BIN, Topology, nets, sh  # bench/ is not a package
+from vs_topology import (  # bench/ is not a package
+    GA,
+    GB,
+    HERE,
+    KME_FOR_A,
+    KME_FOR_B,
+    VENV_BIN,
+    Topology,
+    nets,
+    sh,
+)
 
 CHARON = "/usr/lib/ipsec/charon"
 
@@ -148,38 +164,31 @@ class Qkdgate(Contender):
         self.log_level = "warning"
 
     def _kme(self) -> tuple[object, object]:
+        """Start ``qkdgate kme-sim`` in the KME namespace (once) and return
+        how gw-a and gw-b reach KME-A and KME-B."""
         if self._kme_up:
             return self.eps   # type: ignore[return-value]
-        from qkdgate.adapters.kmesim.server import KmeSimulator
-        from qkdgate.gateway.demo import net as dn
         from qkdgate.gateway.demo.config import KmeEndpoint, write_identities
-        self.kme = dn.LoopThread(self.topo.k, "kme").start()
-        listeners = [dn.loopback_listener(self.topo.a), dn.loopback_listener(self.topo.b)]
-        ports = [s.getsockname()[1] for s in listeners]
-        ready = threading.Event()
-        self._kme_stop: asyncio.Event | None = None
-        holder: dict[str, object] = {}
-
-        async def main() -> None:
-            self._kme_stop = asyncio.Event()
-            async with KmeSimulator.start(self.work / "kme", prefill=5000,
-                                          max_key_count=100000) as sim:
-                fwds = [dn.TcpForwarder(s, ("127.0.0.1", sim.ports[k]))
-                        for s, k in zip(listeners, ("KME-A", "KME-B"), strict=True)]
-                for f in fwds:
-                    await f.start()
-                holder["sim"] = sim
-                ready.set()
-                await self._kme_stop.wait()
-        self._kme_fut = self.kme.submit(main())
-        if not ready.wait(60):
-            raise RuntimeError("KME simulator did not start")
-        sim = holder["sim"]
+        log = open(self.work / "kme-sim.log", "w")   # noqa: SIM115 -- the process's stderr
+        # every address of the KME namespace: its two veths (and lo) only
+        anywhere = "0.0.0.0"   # noqa: S104
+        self.kme_proc = subprocess.Popen(
+            ["ip", "netns", "exec", self.topo.k, str(VENV_BIN / "qkdgate"), "kme-sim",
+             "--state-dir", str(self.work / "kme"), "--host", anywhere, "--port", "0",
+             "--port-004", "-1", "--admin-port", "-1", "--prefill", "5000",
+             "--max-key-count", "100000"],
+            stdout=subprocess.PIPE, stderr=log)
+        log.close()
+        banner = _banner(self.kme_proc, 120)
         eps = []
-        for sae, port in (("SAE-A", ports[0]), ("SAE-B", ports[1])):
-            c = sim.credentials(sae)   # type: ignore[attr-defined]
-            eps.append(KmeEndpoint(f"https://127.0.0.1:{port}", c.kme_id, str(c.cert),
-                                   str(c.key), str(c.ca)))
+        for sae, kme, addr in (("SAE-A", "KME-A", KME_FOR_A), ("SAE-B", "KME-B", KME_FOR_B)):
+            port = re.search(rf"^  {kme}: https://[^:]+:(\d+) ", banner, re.M)
+            cred = re.search(rf"^  {sae}: cert (\S+)\n\s+key  (\S+)$", banner, re.M)
+            ca = re.search(r"^  demo CA: +(\S+)$", banner, re.M)
+            if port is None or cred is None or ca is None:
+                raise RuntimeError(f"kme-sim banner not understood:\n{banner}")
+            eps.append(KmeEndpoint(f"https://{addr}:{port.group(1)}", kme, cred.group(1),
+                                   cred.group(2), ca.group(1)))
         write_identities(self.work)
         self.eps = (eps[0], eps[1])
         self._kme_up = True
@@ -228,6 +237,8 @@ key_sources:
     timeout: 5s
     retries: 1
     tls: {{cert: {kme.cert}, key: {kme.key}, ca: {kme.ca}}}
+    # the simulator's certificates name localhost; it listens on the KME veth
+    options: {{server_hostname: localhost}}
 tunnels:
 {"".join(tunnels)}telemetry:
   log: {{level: warning}}
@@ -285,11 +296,36 @@ tunnels:
         self.procs, self.pids = [], []
 
     def close(self) -> None:
-        if self._kme_up and self._kme_stop is not None and self.kme.loop is not None:
-            self.kme.loop.call_soon_threadsafe(self._kme_stop.set)
-            with contextlib.suppress(Exception):
-                self._kme_fut.result(10)
-            self.kme.stop()
+        if self._kme_up:
+            self.kme_proc.terminate()   # ip netns exec execs kme-sim: the same pid
+            try:
+                self.kme_proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kme_proc.kill()
+                self.kme_proc.wait(10)
+            self._kme_up = False
+
+
+def _banner(proc: subprocess.Popen[bytes], timeout: float) -> str:
+    """kme-sim's start-up banner (it ends with "Try:", a curl line and a
+    blank line, written with one flush)."""
+    import select
+    if proc.stdout is None:
+        raise RuntimeError("kme-sim started without a stdout pipe")   # our bug
+    fd = proc.stdout.fileno()
+    deadline = time.monotonic() + timeout
+    buf = b""
+    while time.monotonic() < deadline:
+        if not select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            break
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        buf += chunk
+        if re.search(rb"\nTry:\n[^\n]*\n\n", buf):
+            return buf.decode()
+    raise RuntimeError(f"kme-sim did not start within {timeout} s (exit {proc.poll()}):\n"
+                       + buf.decode(errors="replace"))
 
 
 def _wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:

@@ -4,7 +4,10 @@ kernel floor (``ip -batch``).
 
 Two gateway namespaces joined by a veth (192.0.2.1 -- 192.0.2.2); tunnel i
 protects 10.64+i/256.i%256.0/24 <-> 10.128+i/256.i%256.0/24 (tunnel mode,
-AES-256-GCM ESP).
+AES-256-GCM ESP). A third namespace holds the KME simulator, its own process
+(``qkdgate kme-sim``), with one veth to each gateway (198.51.100.1 --
+198.51.100.2 to a, 198.51.100.5 -- 198.51.100.6 to b), so the gateways reach
+their KMEs without any Python of the bench in the path.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 VENV_BIN = ROOT / ".venv" / "bin"
 GA, GB = "192.0.2.1", "192.0.2.2"
+# the KME namespace's end of its link to gateway a / b (RFC 5737 TEST-NET-2)
+KME_FOR_A, KME_FOR_B = "198.51.100.1", "198.51.100.5"
 
 NETLINK_XFRM = 6
 XFRMNLGRP_SA = 3
@@ -74,6 +79,15 @@ class Topology:
             sh("ip", "-n", ns, "addr", "add", f"{me}/24", "dev", dev)
             sh("ip", "-n", ns, "link", "set", dev, "up")
             sh("ip", "-n", ns, "route", "add", peer_lan, "via", GB if ns == self.a else GA)
+        # the KME links: k0 -- ka (a), k1 -- kb (b), /30 each
+        for kdev, gdev, ns, kaddr, gaddr in (("k0", "ka", self.a, KME_FOR_A, "198.51.100.2"),
+                                             ("k1", "kb", self.b, KME_FOR_B, "198.51.100.6")):
+            sh("ip", "-n", self.k, "link", "add", kdev, "type", "veth", "peer", "name", gdev,
+               "netns", ns)
+            sh("ip", "-n", self.k, "addr", "add", f"{kaddr}/30", "dev", kdev)
+            sh("ip", "-n", ns, "addr", "add", f"{gaddr}/30", "dev", gdev)
+            sh("ip", "-n", self.k, "link", "set", kdev, "up")
+            sh("ip", "-n", ns, "link", "set", gdev, "up")
         # one inner address per side for the ping through tunnel 0
         sh("ip", "-n", self.a, "addr", "add", "10.64.0.1/32", "dev", "lo")
         sh("ip", "-n", self.b, "addr", "add", "10.128.0.1/32", "dev", "lo")
