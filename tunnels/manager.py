@@ -21,7 +21,9 @@ into calls on the narrow kernel interfaces
   old and new generation alike. The outbound SA goes in under a *new* reqid
   and is taken into use by one atomic policy update
   (:meth:`IpsecBackend.switch_outbound`), so no packet ever finds no SA. The
-  old generation is removed after ``grace_seconds``.
+  old generation is removed after ``grace_seconds``; when the manager
+  switches batching (IPsec) tunnels, their old outbound SAs go at once after
+  the switch, since no policy names their reqid any more.
 * **Lifetimes.** Every SA carries kernel soft/hard lifetimes (RFC 4301
   4.4.2.1) as a backstop; the tunnel also tracks them on its own clock,
   because MACsec has no kernel lifetimes and because it must *block* (not
@@ -858,19 +860,47 @@ class TunnelManager:
                                                                    strict=True)]
             flat = batch.apply([op for ops in per_tunnel for op in ops])
             at = 0
+            unused: list[tuple[Tunnel, Generation, SaRecord]] = []
             for (tunnel, gen, record, _op, fallback), ops, drv in zip(
                     installed, per_tunnel, drivers, strict=True):
                 results, at = flat[at:at + len(ops)], at + len(ops)
+                previous = tunnel.active
                 err = drv.switch_done(record, results)
                 if err is None:
                     tunnel.outbound_switched(gen, session, fallback, now)
                     switched += 1
+                    if previous is not None and previous is not gen \
+                            and previous.outbound is not None:
+                        unused.append((tunnel, previous, previous.outbound))
                 else:
                     tunnel.switch_failed(gen, record)
                     tunnel._fail("install_outbound", err)
                     errors.insert(0, err)
+            self._remove_unused_outbound(batch, unused)
         if errors and (switched == 0 or not isinstance(errors[0], GenerationRefused)):
             raise errors[0]
+
+    @staticmethod
+    def _remove_unused_outbound(batch: BatchOps,
+                                unused: list[tuple[Tunnel, Generation, SaRecord]]) -> None:
+        """The previous generation's outbound SAs, in one batch right after
+        the switches: the out policies now name the new reqid, and the kernel
+        finds an outbound SA only through its policy's template reqid
+        (net/xfrm/xfrm_state.c ``xfrm_state_find``), so no packet can use
+        them; keeping their keys for the grace would only prolong the keys'
+        life (and kept a one-tunnel rekey 50 ms longer, issue 19). The
+        previous inbound SAs stay for the grace (the peer's packets sent
+        before its own switch). A removal that fails
+        leaves the record in its generation: retiring it tries again."""
+        if not unused:
+            return
+        ops = [_batch_of(tunnel).remove_op(rec) for tunnel, _gen, rec in unused]
+        for (tunnel, gen, rec), err in zip(unused, batch.apply(ops), strict=True):
+            if tunnel._removal_settled(err):
+                gen.forget(rec)
+                log.debug("tunnel %s: generation %d outbound SA %#x removed at the switch",
+                          tunnel.tunnel_id, gen.number, rec.spi,
+                          extra={"tunnel": tunnel.tunnel_id})
 
     def retire(self, tunnel_ids: list[str], generation: int, now: float) -> None:
         """RetireGeneration for many tunnels: batching tunnels remove their

@@ -41,7 +41,8 @@ async def test_every_generation_mixes_one_key_from_each_source(tmp_path, kmes):
     async with p.running():
         assert await wait_for(both_past(p, 3), 15), "no rekeys from two sources"
         st = p.a.status()["tunnels"][0]
-    assert keys_match(p.be_a, p.be_b) >= 3
+    assert keys_match(p.be_a, p.be_b) >= 2      # each side's current outbound SA (older ones
+                                                # go at the switch); every generation below
     da, db = done(p.events_a), done(p.events_b)
     common = sorted(set(da) & set(db))
     assert len(common) >= 3

@@ -70,7 +70,8 @@ async def test_two_of_three_with_all_three_up_mixes_all_three_in_order(tmp_path,
     p = multi_source_pair(tmp_path, [s.credentials for s in three], SAES, "2 of 3")
     async with p.running():
         assert await wait_for(both_past(p, 3), 20), "no rekeys from three sources"
-    assert keys_match(p.be_a, p.be_b) >= 3
+    assert keys_match(p.be_a, p.be_b) >= 2      # each side's current outbound SA (older ones
+                                                # go at the switch); every generation below
     done_a = {e["generation"]: e["inputs"] for e in p.events_a if e["event"] == "rekey_done"}
     done_b = {e["generation"]: e["inputs"] for e in p.events_b if e["event"] == "rekey_done"}
     common = sorted(set(done_a) & set(done_b))

@@ -95,11 +95,14 @@ def test_a_rekey_of_all_tunnels_is_three_batches_and_a_retire_one():
     mgr.install_inbound(1, s1, "initiator", spis(mgr, 0xC0001000), 0.0)
     mgr.install_outbound(1, s1, "initiator", spis(mgr, 0xD0001000), 0.0)
     assert be.batches == [N, N, N]          # inbound SAs; outbound SAs; policy switches
+    be.batches.clear()
     mgr.install_inbound(2, s2, "initiator", spis(mgr, 0xC0002000), 1.0)
     mgr.install_outbound(2, s2, "initiator", spis(mgr, 0xD0002000), 1.0)
+    # ... and the previous outbound SAs go in a fourth, right after the switches
+    assert be.batches == [N, N, N, N]
     be.batches.clear()
     mgr.retire(list(mgr.tunnels), 1, 3.0)
-    assert be.batches == [2 * N]            # both SAs of generation 1 of every tunnel
+    assert be.batches == [N]                # generation 1's inbound SAs, after the grace
     assert sorted(sa.sa_id.spi for sa in be.sas.values()) == sorted(
         [*spis(mgr, 0xC0002000).values(), *spis(mgr, 0xD0002000).values()])
     for t in mgr.tunnels.values():
@@ -256,3 +259,44 @@ def test_a_timer_wake_up_works_only_on_tunnels_with_a_deadline_passed(monkeypatc
     assert list(mgr.get("t3").generations) == [2]
     assert all(list(t.generations) == [1] for tid, t in mgr.tunnels.items() if tid != "t3")
     assert mgr.get_timer() == 50.0                              # everyone else's soft lifetime
+
+
+class FailingRemove(CountingBackend):
+    """Refuses to remove the SA with SPI ``bad`` once (EBUSY)."""
+
+    def __init__(self, bad):
+        super().__init__()
+        self.bad = bad
+
+    def remove_sa(self, sa_id):
+        if sa_id.spi == self.bad:
+            self.bad = None
+            raise TunnelError("remove_sa", errno.EBUSY, "injected")
+        super().remove_sa(sa_id)
+
+
+def test_the_previous_outbound_sa_goes_at_the_switch_and_its_inbound_after_the_grace():
+    """Issue 19: nothing selects the old outbound SA once the out policy
+    names the new reqid, so it is removed right after the switch; the old
+    inbound SA stays until the generation retires (the peer may still send
+    under it). A removal that fails at the switch is retried at the retire."""
+    be = FailingRemove(bad=0xD0001001)
+    events = []
+    mgr = manager(be, events=events)
+    s1, s2 = Session(b"g1"), Session(b"g2")
+    mgr.install_inbound(1, s1, "initiator", spis(mgr, 0xC0001000), 0.0)
+    mgr.install_outbound(1, s1, "initiator", spis(mgr, 0xD0001000), 0.0)
+    mgr.install_inbound(2, s2, "initiator", spis(mgr, 0xC0002000), 1.0)
+    mgr.install_outbound(2, s2, "initiator", spis(mgr, 0xD0002000), 1.0)
+    live = {sa.sa_id.spi for sa in be.sas.values()}
+    assert live == {*spis(mgr, 0xC0001000).values(), *spis(mgr, 0xC0002000).values(),
+                    *spis(mgr, 0xD0002000).values(), 0xD0001001}
+    t1 = mgr.get("t1")
+    assert t1.generations[1].outbound.spi == 0xD0001001          # kept for the retire
+    assert mgr.get("t0").generations[1].outbound is None
+    assert [e.op for e in events if isinstance(e, TunnelOpFailed)] == ["remove_sa"]
+    mgr.retire(list(mgr.tunnels), 1, 3.0)
+    assert {sa.sa_id.spi for sa in be.sas.values()} == {
+        *spis(mgr, 0xC0002000).values(), *spis(mgr, 0xD0002000).values()}
+    assert all(list(t.generations) == [2] for t in mgr.tunnels.values())
+    assert sum(isinstance(e, SaRetired) for e in events) == N

@@ -1,0 +1,112 @@
+"""One-tunnel rekey of two real daemons in one process, on the host (issue 19:
+why N=1 is slower than strongSwan). No ESP needed: the kernels are the
+recording fakes (qkdgate.testing.fakes), the KME simulator is its own
+process (``qkdgate kme-sim``), the key sources real ETSI 014 clients.
+
+    .venv/bin/python bench/rekey_n1.py                     # REPS=30 GRACE=50ms
+    .venv/bin/py-spy record --rate 250 --format raw -o n1.txt -- .venv/bin/python bench/rekey_n1.py
+
+Per rep: ask gw-a for a rekey (as the control socket does), then time until
+both fakes hold the new outbound SA and neither holds the old one (the
+completion of bench/vs_strongswan.py). Prints median [min-max].
+"""
+import asyncio
+import logging
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests" / "interop"))   # daemon_pair: the test configs
+from daemon_pair import write_pair  # noqa: E402
+from vs_contenders import _banner  # noqa: E402  (bench/ is not a package)
+
+from qkdgate.gateway.config.model import load_config  # noqa: E402
+from qkdgate.gateway.daemon.daemon import Daemon  # noqa: E402
+from qkdgate.gateway.daemon.sdnotify import SdNotifier  # noqa: E402
+from qkdgate.testing.fakes import RecordingIpsecBackend  # noqa: E402
+
+GRACE = os.environ.get("GRACE", "50ms")
+REPS = int(os.environ.get("REPS", "30"))
+
+
+def start_kme(work: Path) -> tuple[subprocess.Popen[bytes], object]:
+    """``qkdgate kme-sim`` on loopback; the credentials of SAE-A and SAE-B."""
+    with open(work / "kme.log", "w") as log:
+        kme = subprocess.Popen([sys.executable, "-m", "qkdgate", "kme-sim", "--state-dir",
+                                str(work / "kme"), "--port", "0", "--port-004", "-1",
+                                "--admin-port", "-1", "--prefill", "5000"],
+                               stdout=subprocess.PIPE, stderr=log)
+    banner = _banner(kme, 60)
+    creds = {}
+    ca = re.search(r"^  demo CA: +(\S+)$", banner, re.M)
+    for sae, k in (("SAE-A", "KME-A"), ("SAE-B", "KME-B")):
+        url = re.search(rf"^  {k}: (https://\S+) ", banner, re.M)
+        c = re.search(rf"^  {sae}: cert (\S+)\n\s+key  (\S+)$", banner, re.M)
+        if url is None or c is None or ca is None:
+            raise RuntimeError(f"kme-sim banner not understood:\n{banner}")
+        creds[sae] = types.SimpleNamespace(url=url.group(1), kme_id=k, cert=c.group(1),
+                                           key=c.group(2), ca=ca.group(1), url004=None)
+    return kme, types.SimpleNamespace(credentials=lambda s: creds[s])
+
+
+def outbound(k: RecordingIpsecBackend) -> set[tuple[object, ...]]:
+    return {key for key, sa in k.sas.items() if sa.direction == "out"}
+
+
+async def rekeys(ds: list[Daemon], ks: list[RecordingIpsecBackend]) -> list[float]:
+    took = []
+    for _ in range(REPS):
+        old = [outbound(k) for k in ks]
+        t0 = time.perf_counter()
+        ds[0].rekey("t1")
+        while True:   # the fakes have no notifications: poll them every 0.5 ms
+            now = [outbound(k) for k in ks]
+            if all(n - o and not n & o for n, o in zip(now, old, strict=True)):
+                break
+            await asyncio.sleep(0.0005)
+        took.append(time.perf_counter() - t0)
+        await asyncio.sleep(0.2)
+    return took
+
+
+async def main() -> None:
+    work = Path(tempfile.mkdtemp(prefix="rekey-n1-"))
+    kme, sim = start_kme(work)
+    write_pair(work, kme=sim, interval="3600s", soft="7000s", hard="7200s")
+    cfgs = []
+    for name in ("gw-a.yaml", "gw-b.yaml"):
+        text = (work / name).read_text().replace("grace: 500ms", f"grace: {GRACE}")
+        (work / name).write_text(text.replace("level: debug", "level: warning"))
+        cfgs.append(load_config(str(work / name)))
+    ks = [RecordingIpsecBackend(time.monotonic), RecordingIpsecBackend(time.monotonic)]
+    ds = [Daemon(c, ipsec_backend=k, notifier=SdNotifier({}),
+                 control_path=str(work / f"{i}.sock"))
+          for i, (c, k) in enumerate(zip(cfgs, ks, strict=True))]
+    tasks = [asyncio.create_task(d.run()) for d in ds]
+    logging.getLogger().setLevel(logging.WARNING)
+    try:
+        await asyncio.wait_for(asyncio.gather(*(d.ready.wait() for d in ds)), 60)
+        while not all(t.active for d in ds for t in d.tunnels.tunnels.values()):  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(1.0)
+        took = await rekeys(ds, ks)
+        print(f"N=1 rekey of two in-process daemons, {REPS} reps, grace {GRACE}: median "
+              f"{statistics.median(took) * 1e3:.1f} ms [{min(took) * 1e3:.1f}-"
+              f"{max(took) * 1e3:.1f}], host load {os.getloadavg()[0]:.1f}")
+    finally:
+        for d in ds:
+            d.stop()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        kme.terminate()
+        kme.wait()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
