@@ -308,7 +308,7 @@ class Daemon:
                               journal=self.journal, emit=self.emit, clock=self.clock,
                               spawn=self._spawn, wake=self.wake,
                               exchange_ended=self.reloader.exchange_ended,
-                              key_service=self.keyservice)
+                              key_service=self.keyservice, raise_epoch=self._raise_epoch)
 
         self._make_runner = make_runner
         if self.ha is None:
@@ -424,6 +424,14 @@ class Daemon:
         run without a journal."""
         self._last_epoch = max(self._last_epoch + 1, time.time_ns() // 1000)
         return self._last_epoch
+
+    def _raise_epoch(self, at_least: int) -> None:
+        """A peer knows this gateway by ``at_least`` (docs/protocol.md 10.1):
+        every later session epoch is above it."""
+        if self.journal is not None:
+            self.journal.raise_local_epoch(at_least)
+        else:
+            self._last_epoch = max(self._last_epoch, at_least)
 
     def _qkd_lost(self, peer: str | None, reason: str) -> None:
         """QKD is gone for ``peer`` (None: every peer): qkd-mandatory blocks."""

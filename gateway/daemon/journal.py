@@ -71,6 +71,7 @@ Record = dict[str, object]   # one journal record, as JSON
 
 FORMAT_VERSION = 1
 EPOCH_MAX = (1 << 64) - 1   # the wire header carries epochs as 64-bit (messages.HEADER)
+EPOCH_RAISE_AHEAD = 86400   # seconds a peer may push our epoch past the clock
 JOURNAL_NAME = "journal"
 LOCK_NAME = "journal.lock"
 
@@ -458,6 +459,27 @@ class Journal:
         _apply(self._state, rec)
         self._maybe_compact()
         return epoch
+
+    def raise_local_epoch(self, at_least: int) -> None:
+        """Durably move the local epoch counter to ``at_least`` (the next
+        :meth:`next_local_epoch` is above it): a peer knows this gateway by
+        that epoch (the other node of an HA pair drew it, or our counter went
+        back; docs/protocol.md 10.1). The value comes from the network, so it
+        may be at most :data:`EPOCH_RAISE_AHEAD` seconds past the wall clock:
+        a forged notice can move the counter no further than that, however
+        often it is sent. A value at or below the counter is a no-op."""
+        self._check_open()
+        if not _is_epoch(at_least):
+            raise JournalError(f"epoch must be an integer in 1..2**64-1, not {at_least!r}")
+        if at_least <= self._state.local_epoch:
+            return
+        if at_least > int(self._now()) + EPOCH_RAISE_AHEAD:
+            raise JournalError(f"epoch {at_least} is more than {EPOCH_RAISE_AHEAD} s ahead "
+                               "of this clock: not raised to it")
+        rec = {"t": "epoch", "e": at_least}
+        self._append(rec)
+        _apply(self._state, rec)
+        self._maybe_compact()
 
     def record_peer_epoch(self, peer: str, epoch: int) -> None:
         """Durably raise ``peer``'s high-water mark to ``epoch`` (an epoch the

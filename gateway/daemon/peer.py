@@ -96,8 +96,10 @@ class PeerRunner:
                  emit: Callable[[Event], None], clock: Callable[[], float],
                  spawn: Callable[[Any, str], None], wake: Callable[[], None],
                  exchange_ended: Callable[[list[str]], None],
-                 key_service: KeyServiceHooks | None = None) -> None:
+                 key_service: KeyServiceHooks | None = None,
+                 raise_epoch: Callable[[int], None] | None = None) -> None:
         self.name = name
+        self._raise_epoch = raise_epoch
         self._key_service = key_service
         self.state = PeerState(name, tunnel_ids)
         self._new_session = new_session
@@ -122,6 +124,7 @@ class PeerRunner:
             pe.QkdRecovered: self._qkd_recovered,
             pe.PeerRestarted: self._peer_restarted,
             pe.PeerEpochAuthenticated: self._peer_epoch,
+            pe.NeedHigherEpoch: self._need_higher_epoch,
             pe.ProtocolViolation: self._violation,
         }
         self.driver = PeerDriver(name, new_session(clock()), address, clock=clock,
@@ -172,6 +175,33 @@ class PeerRunner:
             # Failing again at once: do not spin; try a fresh session shortly.
             self._rebuild = asyncio.get_running_loop().call_later(
                 REBUILD_MIN_INTERVAL, self._rebuild_session)
+            return
+        self._rebuild_session()
+
+    def _need_higher_epoch(self, ev: pe.NeedHigherEpoch) -> None:
+        """The peer knows us by a higher epoch than our session's (another
+        node of our HA pair, or our counter went back): raise the counter past
+        it and replace the session, whose INITs the peer would drop as stale
+        (docs/protocol.md 10.1). The tunnels are left as they are: nothing was
+        keyed by this session's failed attempt."""
+        if self._raise_epoch is None:
+            return
+        try:
+            self._raise_epoch(ev.above)
+        except (QkdgateError, OSError) as exc:     # beyond the bound, or the disk
+            self.state.last_error = f"cannot move our epoch above the peer's floor: {exc}"
+            log.warning("peer %s: %s", self.name, self.state.last_error,
+                        extra={"peer": self.name})
+            return
+        log.warning("peer %s knows this gateway by epoch %016x (%s), above our session's: "
+                    "starting a fresh session above it", self.name, ev.above, ev.source,
+                    extra={"peer": self.name})
+        now = self._clock()
+        if self._rebuild is not None:
+            return                                  # a rebuild is already due
+        if self._rebuilt_at is not None and now - self._rebuilt_at < REBUILD_MIN_INTERVAL:
+            self._rebuild = asyncio.get_running_loop().call_later(
+                REBUILD_MIN_INTERVAL - (now - self._rebuilt_at), self._rebuild_session)
             return
         self._rebuild_session()
 

@@ -8,7 +8,8 @@ style). Two kinds:
 * imperative (the driver must act and answer): :class:`NeedQkdKeys`
   (answer with ``provide_qkd_keys`` or ``qkd_failed``), :class:`InstallInbound`
   and :class:`InstallOutbound` (answer with ``installed`` or
-  ``install_failed``), :class:`RetireGeneration` (no answer);
+  ``install_failed``), :class:`RetireGeneration` (no answer),
+  :class:`NeedHigherEpoch` (build a fresh session above the epoch given);
 * reporting (past tense): :class:`SessionEstablished`, :class:`RekeyFailed`
   (with a typed :class:`FailureCause`), :class:`QkdFallback`,
   :class:`QkdRecovered`, :class:`PeerRestarted`,
@@ -103,6 +104,21 @@ class RetireGeneration(Event):
 
     generation: int
     reason: str = "aborted"
+
+
+@dataclass(frozen=True, slots=True)
+class NeedHigherEpoch(Event):
+    """The peer knows this gateway by an epoch of at least ``above``, higher
+    than the session's own: our INITs will be dropped as stale (the other
+    node of an HA pair drew higher, or our epoch counter went back). Raise the
+    epoch counter past ``above`` and replace the session with a fresh one
+    (docs/protocol.md 10.1). ``source`` says who told us: ``"stale"`` (the
+    peer's unauthenticated STALE notice, 4.10, echoing our INIT's nonce) or
+    ``"init"`` (the receiver epoch of the peer's signed INIT). The session
+    does nothing more with its exchange: the driver discards it."""
+
+    above: int
+    source: str
 
 
 # ---------------------------------------------------------------- reporting

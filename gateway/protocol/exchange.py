@@ -84,6 +84,7 @@ TRANSITIONS: dict[tuple[Role, ExchangeState], frozenset[ExchangeState]] = {
 MESSAGE_STATES: dict[MsgType, frozenset[ExchangeState]] = {
     MsgType.RESP: frozenset({S.I_INIT_SENT}),
     MsgType.COOKIE: frozenset({S.I_INIT_SENT}),
+    MsgType.STALE: frozenset({S.I_INIT_SENT}),
     MsgType.DONE: frozenset({S.I_CONFIRM_SENT}),
     MsgType.CONFIRM: frozenset({S.R_RESP_SENT}),
     MsgType.ABORT: frozenset({S.I_INIT_SENT, S.I_QKD_SLAVE, S.I_INSTALL_IN, S.I_CONFIRM_SENT,

@@ -249,3 +249,11 @@ def verify_ed25519_half(peer: PeerIdentity, signed: Signed) -> None:
 def cookie_core(epoch: int, msg: Message, cookie: bytes) -> bytes:
     return m.encode_core(MsgType.COOKIE, epoch, msg.sender_epoch, msg.exchange_id,
                          {"cookie": cookie})
+
+
+def stale_core(epoch: int, msg: Message, floor: int) -> bytes:
+    """STALE (docs/protocol.md 4.10): the INIT's epoch is below ``floor``, the
+    highest we know the sender by; its nonce is echoed, so only who saw the
+    INIT can produce the notice."""
+    return m.encode_core(MsgType.STALE, epoch, msg.sender_epoch, msg.exchange_id,
+                         {"epoch_floor": floor, "init_nonce": msg["nonce"]})

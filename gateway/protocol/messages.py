@@ -51,6 +51,7 @@ class MsgType(enum.IntEnum):
     DONE = 4
     ABORT = 5
     COOKIE = 6
+    STALE = 7         # "your epoch is below the one I know" (docs/protocol.md 4.10, 10.1)
 
 
 class QkdMode(enum.IntEnum):
@@ -111,6 +112,7 @@ SCHEMAS: dict[MsgType, tuple[tuple[str, str], ...]] = {
                     ("detail", "str8"),
                     ("signer_id", "b8"), ("signature", "var16")),
     MsgType.COOKIE: (("cookie", "b16"),),
+    MsgType.STALE: (("epoch_floor", "u64"), ("init_nonce", "b32")),
 }
 QKD_FLAG_PQC_OK = 0x01
 ROLE_INITIATOR, ROLE_RESPONDER = 1, 2

@@ -78,6 +78,7 @@ from qkdgate.gateway.protocol.events import (
     FailureCause,
     InstallInbound,
     InstallOutbound,
+    NeedHigherEpoch,
     NeedQkdKeys,
     PeerEpochAuthenticated,
     PeerRestarted,
@@ -167,6 +168,8 @@ class PeerSession:
         self.peer_epoch: int | None = None        # epoch the peer authenticated in this run
         self._peer_floor = peer_epoch_floor       # highest ever authenticated (journal)
         self._peer_xid_high = 0                   # highest INIT xid from peer_epoch
+        self._stale_sent_at = float("-inf")       # last STALE notice (rate limit, 4.10)
+        self.superseded_by: int | None = None     # NeedHigherEpoch sent: the driver replaces us
         # exchanges: at most one as initiator and one as responder at a time
         self._ini: Exchange | None = None
         self._res: Exchange | None = None
@@ -185,7 +188,8 @@ class PeerSession:
         self._handlers: dict[MsgType, Handler] = {
             MsgType.INIT: self._on_init, MsgType.RESP: self._on_resp,
             MsgType.CONFIRM: self._on_confirm, MsgType.DONE: self._on_done,
-            MsgType.ABORT: self._on_abort, MsgType.COOKIE: self._on_cookie}
+            MsgType.ABORT: self._on_abort, MsgType.COOKIE: self._on_cookie,
+            MsgType.STALE: self._on_stale}
 
     # ================================================================ the guard
 
@@ -489,6 +493,9 @@ class PeerSession:
 
     def _start(self, now: float, reason: str) -> None:
         cfg = self.config
+        # The INIT names the peer by the epoch it authenticated with in this
+        # run (0 before): a peer whose counter went back (the other node of
+        # an HA pair) learns from it that it must start above (10.1).
         ex = Exchange("initiator", self._next_xid, now, now, reason,
                       TokenBucket(VERIFY_RATE, VERIFY_BURST, now), peer_epoch=self.peer_epoch or 0)
         self._timers.exchange_started(ex, now)
@@ -583,6 +590,13 @@ class PeerSession:
             return
         if not self._expects(ex, msg):
             self.stats["duplicate" if msg.core == ex.resp_core else "stale"] += 1
+            return
+        if msg.sender_epoch < max(self._peer_floor, self.peer_epoch or 0):
+            # An answer from an epoch below the peer's authenticated one: the
+            # other node of an HA pair with a lower epoch answered our INIT
+            # (docs/protocol.md 10.1) or a replay. Dropped before the
+            # signature; it would lower the peer's epoch.
+            self.stats["stale_epoch"] += 1
             return
         peer = select_identity(self.peer_identities, msg["signer_id"])
         gen = msg["generation"]
@@ -717,6 +731,28 @@ class PeerSession:
         self._timers.answer_authenticated(ex)
         self._request_install(ex, InstallOutbound, S.I_INSTALL_OUT, ex.peer_spis)
 
+    def _on_stale(self, msg: Message, now: float) -> None:
+        """The peer dropped our INIT: it knows us by a higher epoch (4.10).
+        Unauthenticated (mac1 only), so it is believed only when it echoes
+        the nonce of the INIT we are waiting on (an off-path sender never saw
+        it) and names an epoch above ours; the driver bounds how far it
+        raises the counter (docs/protocol.md 10.1)."""
+        ex = self._ini
+        floor = msg["epoch_floor"]
+        if ex is None or not self._expects(ex, msg) or ex.xid != msg.exchange_id \
+                or msg.receiver_epoch != self.epoch or floor <= self.epoch \
+                or not hmac.compare_digest(msg["init_nonce"], ex.nonce_i):
+            self.stats["stale"] += 1
+            return
+        self.stats["stale_notice"] += 1
+        self._supersede(floor, "stale")
+
+    def _supersede(self, above: int, source: str) -> None:
+        """Ask the driver for a session with an epoch above ``above``, once."""
+        if self.superseded_by is None:
+            self.superseded_by = above
+            self._events.append(NeedHigherEpoch(above, source))
+
     def _on_cookie(self, msg: Message, now: float) -> None:
         ex = self._ini
         if ex is None or not self._expects(ex, msg) or ex.xid != msg.exchange_id \
@@ -744,7 +780,14 @@ class PeerSession:
             # Epochs only grow (persisted counters): an INIT from below the
             # highest epoch the peer has authenticated with, ever, is a replay
             # from before a restart. Dropped before any work (finding 3).
+            # Or the other node of an HA pair, or a gateway whose counter
+            # went back: a STALE notice (one HMAC, rate limited, to the
+            # pinned address only) tells it to start above (10.1).
             self.stats["stale_epoch"] += 1
+            if now - self._stale_sent_at >= self.config.retransmit_base / 2:
+                self._stale_sent_at = now
+                self.stats["stale_sent"] += 1
+                self._send(m.seal(H.stale_core(self.epoch, msg, high), self._mac_out))
             return
         for old in (self._res, self._last_res):
             if old is not None and old.peer_epoch == ep and old.xid == xid:
@@ -785,6 +828,12 @@ class PeerSession:
         peer = select_identity(self.peer_identities, msg["signer_id"])
         self.stats["verify_ed25519"] += 1
         peer.verify_ed25519(msg.prefix("ed25519_sig"), msg["ed25519_sig"], b"INIT")
+        if msg.receiver_epoch > self.epoch:
+            # The peer (signed) knows us by a higher epoch than ours: our
+            # answer would be dropped as stale. Start above it (10.1).
+            self.stats["stale_own_epoch"] += 1
+            self._supersede(msg.receiver_epoch, "init")
+            return
         # The INIT is from a pinned identity (classically). Resolve collisions.
         ini = self._ini
         if ini is not None:

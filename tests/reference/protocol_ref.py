@@ -57,7 +57,7 @@ def reassemble(datagrams: list[bytes]) -> tuple[int, bytes]:
 
 # --- 4 messages -------------------------------------------------------------
 
-TYPES = {1: "INIT", 2: "RESP", 3: "CONFIRM", 4: "DONE", 5: "ABORT", 6: "COOKIE"}
+TYPES = {1: "INIT", 2: "RESP", 3: "CONFIRM", 4: "DONE", 5: "ABORT", 6: "COOKIE", 7: "STALE"}
 # 4.3 .. 4.8, in order: (field, type)
 SCHEMA = {
     "INIT": [("generation_min", "u64"), ("nonce", "b32"), ("kem_id", "u16"),
@@ -74,6 +74,7 @@ SCHEMA = {
     "ABORT": [("generation", "u64"), ("sender_role", "u8"), ("code", "u8"),
               ("detail", "str8"), ("signer_id", "b8"), ("signature", "var16")],
     "COOKIE": [("cookie", "b16")],
+    "STALE": [("epoch_floor", "u64"), ("init_nonce", "b32")],
 }
 SPI_KINDS = {1: "ipsec", 2: "macsec", 3: "wireguard", 4: "strongswan"}
 

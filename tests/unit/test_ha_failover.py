@@ -194,3 +194,48 @@ async def test_split_brain_leaves_the_peer_one_sa_set_and_no_reused_key(tmp_path
         assert b.status()["tunnels"][0]["state"] == "up"
         ids = s.qkd_ids("b")
         assert len(ids) == len(set(ids))
+
+
+async def test_a_second_failover_drawing_a_lower_epoch_is_accepted_at_once(tmp_path):
+    """Issue 12 defect 1: node 2's epoch counter runs ahead of node 1's (here
+    its clock by 5 s; a failover within ~2 s of the last does the same to the
+    seconds-based counters). Node 1 -> node 2 -> node 1: node 1's new epoch is
+    drawn below node 2's, which the peer has authenticated. The peer answers
+    node 1's INIT with a STALE notice (docs/protocol.md 4.10); node 1 moves its
+    counter above the peer's floor, starts a fresh session and keys at once,
+    instead of being dropped as stale until its clock catches up."""
+    s = Site(tmp_path)
+    async with s.running():
+        b = await s.start("b")
+        a1 = await s.start("a1")
+        a1.ha_notify(Notify.MASTER)
+        await wait_for(lambda: s.gen("a1") >= 1 and s.gen("b") == s.gen("a1"), 20,
+                       "no first generation")
+        await s.stop("a1")                       # node 1 fails over to node 2
+        a2 = await s.start("a2", journal_skew=5.0)
+        a2.ha_notify(Notify.MASTER)
+        g1 = s.gen("b")
+        await wait_for(lambda: s.gen("b") > g1 and s.gen("a2") == s.gen("b"), 20,
+                       "node 2 never keyed")
+        e2, g2 = epoch_of(a2), s.gen("b")
+        assert b.journal.peer_epoch("gw-a") == e2
+        await s.stop("a2")                       # and straight back to node 1
+        a1 = await s.start("a1")
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        a1.ha_notify(Notify.MASTER)
+        assert epoch_of(a1) < e2                 # drawn below what the peer knows
+        await wait_for(lambda: s.gen("b") > g2 and s.gen("a1") == s.gen("b"), 10,
+                       "the peer kept dropping node 1's lower epoch")
+        took = loop.time() - t0
+        e1 = epoch_of(a1)
+        assert e1 > e2 and e1 % 2 == 1           # a fresh session above the peer's floor
+        assert a1.journal.local_epoch >= e1
+        assert b.drivers["gw-a"].session.stats["stale_sent"] >= 1
+        assert took < 5.0, f"took {took:.2f} s"
+        await wait_for(lambda: s.sa_set("b") == ["in", "out"], 5, "old SAs kept on the peer")
+        spis_b = {sa.sa_id.spi for sa in s.be["b"].sas.values()}
+        assert spis_b == {sa.sa_id.spi for sa in s.be["a1"].sas.values()}
+        ids = s.qkd_ids("b")
+        assert len(ids) == len(set(ids))
+
