@@ -24,8 +24,9 @@ means "both drop" (fail closed across the switch).
 
 Epochs: each node draws its epochs from its own journal; :func:`node_epoch`
 keeps node 1's odd and node 2's even, so the two nodes of a site never
-present the same epoch to the peer, which accepts only a higher one
-(docs/protocol.md 10, "High availability").
+present the same epoch to the peer, which accepts only a higher one. A node
+that draws below the epoch the peer knows the site by is told so (a STALE
+notice, or the peer's INIT) and starts above it (docs/protocol.md 10.1).
 """
 
 from __future__ import annotations

@@ -59,6 +59,10 @@ RETRANSMIT_PER_TUNNEL: Final = 0.002        # seconds of first retransmission pe
 RETRY_BASE: Final = 2.0              # first retry after a failed exchange
 RETRY_MAX: Final = 30.0              # kept short: after a partition heals the pair reconverges
 IMMEDIATE_RETRIES: Final = 3         # fast restarts (lost QKD key, fallback) before backoff
+# An exchange whose peer was heard this recently is not preempted by an INIT
+# from another, unauthenticated epoch (split brain of an HA pair: 10.1); the
+# first three retransmissions of a live peer fall inside it.
+EXCHANGE_HOLD: Final = 4 * RETRANSMIT_BASE   # 2 s
 
 # ---------------------------------------------------------------- denial of service
 RATE_PER_SECOND: Final = 2.0         # expensive INIT work per peer (token bucket)

@@ -140,6 +140,7 @@ class Exchange:
     x_public: bytes = b""
     cookie_at: float = -1e18       # initiator: last cookie; responder: last cached RESP
     collision_resent_at: float = -1e18   # initiator: last INIT resent after a won collision
+    heard_at: float = -1e18        # last message of this exchange from the peer (hold)
 
     def wipe(self, *, session: bool = False) -> None:
         """Forget this exchange's ephemeral secrets (and its session secret

@@ -67,6 +67,7 @@ from qkdgate.gateway.protocol import handshake as H
 from qkdgate.gateway.protocol import messages as m
 from qkdgate.gateway.protocol.config import SessionConfig, TunnelRef
 from qkdgate.gateway.protocol.constants import (
+    EXCHANGE_HOLD,
     MAX_PEER_IDENTITIES,
     VERIFY_BURST,
     VERIFY_RATE,
@@ -296,7 +297,7 @@ class PeerSession:
                     self.stats["retransmit"] += 1
                     self._send(ex.wire)
                     timers.retransmitted(ex, now)
-            if self._ini is None and self._res is None:
+            if self._ini is None and not self._res_blocks_rekey():
                 reason = timers.rekey_due(now)
                 if reason is not None:
                     self._start(now, reason)
@@ -380,7 +381,7 @@ class PeerSession:
         exhaustion...). Ignored while an exchange is already running: that
         one produces the fresh generation asked for."""
         with self._guard():
-            if self._ini is not None or self._res is not None:
+            if self._ini is not None or self._res_blocks_rekey():
                 self.stats["rekey_coalesced"] += 1
                 return
             self._timers.rekey_started()
@@ -484,6 +485,27 @@ class PeerSession:
         if new not in allowed:
             raise LocalProtocolError(f"illegal transition {ex.role} {ex.state} -> {new}")
         ex.state = new
+
+    def _res_blocks_rekey(self) -> bool:
+        """Does the responder exchange make our own rekey wait? Not while it
+        only answered an epoch that has not authenticated in this run (no
+        CONFIRM yet): that may be the other node of an HA pair in split brain
+        whose RESPs go elsewhere and which would hold us until its exchange
+        timeout (docs/protocol.md 10.1). If it is a genuinely restarted peer
+        its CONFIRM completes it beside ours; generations still only grow."""
+        res = self._res
+        if res is None:
+            return False
+        return not (res.state in (S.R_QKD, S.R_RESP_SENT) and res.peer_epoch != self.peer_epoch)
+
+    def _held(self, ep: int, now: float) -> bool:
+        """Is a running exchange with another epoch than ``ep`` live (its peer
+        heard within EXCHANGE_HOLD)? Then an INIT from ``ep`` -- not the
+        authenticated epoch -- neither replaces it nor fails it (10.1).
+        Progress counts (the INIT, RESP, CONFIRM, DONE), a repeated INIT does
+        not: it says our RESP is not reaching the sender."""
+        return any(ex is not None and ex.state not in TERMINAL and ex.peer_epoch != ep
+                   and now - ex.heard_at < EXCHANGE_HOLD for ex in (self._ini, self._res))
 
     def _expects(self, ex: Exchange | None, msg: Message) -> bool:
         """Is ``msg`` legal for the exchange it addresses (exchange.MESSAGE_STATES)?"""
@@ -615,6 +637,7 @@ class PeerSession:
         # authenticated: this is the peer's real answer to our INIT
         ex.resp, ex.resp_core, ex.th, ex.peer_spis = msg, msg.core, th, peer_spis
         ex.peer_epoch, ex.generation = msg.sender_epoch, gen
+        ex.heard_at = now
         self._timers.answer_authenticated(ex)
         self._bump_gen(gen)
         self._peer_authenticated(msg.sender_epoch, None)
@@ -728,6 +751,7 @@ class PeerSession:
         want = H.tag(self._secret(ex), "responder", H.done_hash(ex.th))
         if not hmac.compare_digest(want, msg["tag"]):
             raise AuthenticationFailed("DONE tag does not verify")   # dropped, no state change
+        ex.heard_at = now
         self._timers.answer_authenticated(ex)
         self._request_install(ex, InstallOutbound, S.I_INSTALL_OUT, ex.peer_spis)
 
@@ -817,6 +841,13 @@ class PeerSession:
             # running exchange and never wins a collision (docs/protocol.md 10).
             self.stats["init_unauthenticated_deferred"] += 1
             return
+        if ep != self.peer_epoch and self._held(ep, now):
+            # Split brain (10.1): an epoch not authenticated in this run never
+            # preempts an exchange whose peer is live -- the authenticated
+            # epoch's, or the first of two new ones. A peer that really
+            # restarted left its old exchange silent: it passes after the hold.
+            self.stats["init_new_epoch_deferred"] += 1
+            return
         if not self._bucket.take(now):
             if not (msg.cookie and self._cookies.check(msg.core, msg.cookie, now)):
                 self.stats["rate_limited"] += 1
@@ -861,7 +892,7 @@ class PeerSession:
             raise RemoteProtocolError("generation out of range")
         ex = Exchange("responder", xid, now, now, "peer",
                       TokenBucket(VERIFY_RATE, VERIFY_BURST, now), peer_epoch=ep, init=msg,
-                      init_core=msg.core,
+                      init_core=msg.core, heard_at=now,
                       generation=max(msg["generation_min"], self._gen_high + 1))
         self._timers.exchange_started(ex, now)
         self._transition(ex, S.R_QKD)
@@ -982,6 +1013,7 @@ class PeerSession:
             self._fail(ex, "initiator key confirmation failed", FailureCause.AUTH, now)
             raise
         ex.confirm_core = msg.core
+        ex.heard_at = now
         self._peer_authenticated(ex.peer_epoch, ex.xid)
         self._request_install(ex, InstallInbound, S.R_INSTALL_IN, ex.our_spis)
 

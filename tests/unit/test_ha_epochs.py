@@ -178,3 +178,78 @@ def test_the_journal_raises_its_epoch_counter_at_most_a_day_past_its_clock(tmp_p
     j.close()
     j = Journal.open(str(tmp_path / "s"), now=lambda: now[0])
     assert j.next_local_epoch() == first + 102      # durable
+
+
+# ------------------------------------------------------------------ split brain
+HOLD_BOUND = 5.0    # simulated seconds: the peer's rekeys complete within this (defect 2)
+
+
+class SplitBrain:
+    """Node 1 (``p.a``) keyed with the peer (``p.b``); node 2 (same identity,
+    a higher epoch, its own rng and SPIs) goes active too. The peer hears both
+    nodes; its datagrams reach node 1 only (it pins one address). The clock is
+    injected: ``run`` advances it in 50 ms steps, firing every due timer."""
+
+    def __init__(self):
+        from protocol_harness import Gateway
+        self.p = p = keyed_pair()
+        a = p.a.session
+        counter, an = iter(range(0xC8000100, 0xCFFFFFFF)), iter(range(1 << 30))
+
+        def alloc(tid: str) -> int:
+            return next(an) % 4 if tid.startswith("m") else next(counter)
+        cfg = dataclasses.replace(a.config, initiate_on_start=True,
+                                  generation_floor=a.generation)
+        s2 = PeerSession(cfg, identity=a.identity, peer_identities=a.peer_identities,
+                         rng=seeded(4242), now=p.now,
+                         allocate_spi=alloc,
+                         epoch=a.epoch + 11, peer_epoch_floor=p.b.session.epoch)
+        self.a2 = Gateway("gw-a2", s2, p.a.link, p.a.sae)
+
+    def step(self):
+        p, a2 = self.p, self.a2
+        for gw in (p.a, p.b, a2):
+            t = gw.session.get_timer()
+            if t is not None and t <= p.now:
+                gw.session.handle_timer(p.now)
+            gw.pump(p.now)
+        for _ in range(20):
+            moved = 0
+            for src, dst in ((p.a, p.b), (a2, p.b), (p.b, p.a)):
+                moved += p.transfer(src, dst)
+            moved += p.a.pump(p.now) + p.b.pump(p.now) + a2.pump(p.now)
+            if not moved:
+                break
+
+    def run_until(self, done, limit):
+        start = self.p.now
+        while not done():
+            assert self.p.now - start < limit, "not within the bound"
+            self.p.now += 0.05
+            self.step()
+        return self.p.now - start
+
+
+@pytest.mark.parametrize("who", ["peer", "node 1"])
+def test_split_brain_in_memory_rekeys_with_the_reached_node_stay_within_the_bound(who):
+    sb = SplitBrain()
+    p, a2 = sb.p, sb.a2
+    b = p.b.session
+    sb.run_until(lambda: b.stats["kem_encaps"] >= 2, 5)    # node 2's INIT answered
+    took = []
+    for _ in range(3):
+        gen = b.generation
+        (b if who == "peer" else p.a.session).initiate_rekey(p.now, "operator")
+        took.append(sb.run_until(lambda gen=gen: b.generation > gen
+                                 and p.a.session.generation == b.generation, 60))
+        for _ in range(40):                    # 2 s of node 2 retransmitting
+            p.now += 0.05
+            sb.step()
+    assert max(took) < HOLD_BOUND, took
+    assert a2.session.stats["retransmit"] >= 2 and not a2.of(E.SessionEstablished)
+    assert b.peer_epoch == p.a.session.epoch                 # one node: node 1
+    # each generation's inbound SPIs at the peer are fresh: none reused
+    spis = [spi for keys in p.b.inbound.values() for spi, _ in keys.values()
+            if isinstance(spi, int) and spi >= 0x100]
+    assert len(spis) == len(set(spis))
+    assert_keys_match(p, b.generation)

@@ -239,3 +239,86 @@ async def test_a_second_failover_drawing_a_lower_epoch_is_accepted_at_once(tmp_p
         ids = s.qkd_ids("b")
         assert len(ids) == len(set(ids))
 
+
+SPLIT_BRAIN_BOUND = 5.0      # s: the peer settles on one node within this (issue 12)
+
+
+def installed_spis(be):
+    """Every (direction, SPI) the recording kernel was asked to install."""
+    return [(op, sa_id.spi) for op, sa_id in be.ops
+            if op in ("install_inbound", "install_outbound")]
+
+
+async def test_split_brain_does_not_stall_the_peers_rekeys_with_the_node_it_reaches(tmp_path):
+    """Issue 12 defect 2: node 2 (a higher epoch) goes MASTER while node 1
+    is keyed with the peer, whose replies reach node 1 only. Node 2's INITs,
+    answered to node 1 and retransmitted, used to occupy the peer's
+    responder exchange and preempt node 1's rekeys (and make the peer's own
+    rekey wait) for up to the 30 s exchange timeout each time. Now a rekey
+    from either side completes within a few seconds while node 2 keeps
+    trying, the peer keeps one SA set, installs no SPI twice and uses no QKD
+    key_ID twice."""
+    s = Site(tmp_path, split_port=True)
+    loop = asyncio.get_running_loop()
+    async with s.running():
+        b = await s.start("b")
+        a1 = await s.start("a1")
+        a2 = await s.start("a2", journal_skew=10.0)
+        a1.ha_notify(Notify.MASTER)
+        await wait_for(lambda: s.gen("b") >= 1 and s.gen("a1") == s.gen("b"), 20,
+                       "no first generation")
+        b_session = b.drivers["gw-a"].session
+        answered = b_session.stats["kem_encaps"]
+        a2.ha_notify(Notify.MASTER)              # the partition: both nodes lead
+        assert epoch_of(a2) > epoch_of(a1)
+        await wait_for(lambda: b_session.stats["kem_encaps"] > answered, 10,
+                       "node 2's INIT was not answered")
+        took = {}
+        for who in ("b", "a1", "b", "a1"):       # rekeys from both sides, in turn
+            g = s.gen("b")
+            t0 = loop.time()
+            s.d[who].runners["gw-a" if who == "b" else "gw-b"].rekey("operator")
+            await wait_for(lambda g=g: s.gen("b") > g and s.gen("a1") == s.gen("b"),
+                           SPLIT_BRAIN_BOUND + 30, f"{who}'s rekey never completed")
+            took.setdefault(who, []).append(round(loop.time() - t0, 2))
+            await asyncio.sleep(1.0)             # node 2 retransmits meanwhile
+        print("rekey times under split brain (s):", took)
+        assert max(max(v) for v in took.values()) < SPLIT_BRAIN_BOUND, took
+        assert a2.drivers["gw-b"].session.stats["retransmit"] >= 2   # it kept trying
+        await wait_for(lambda: s.sa_set("b") == ["in", "out"], 5, "old SAs kept on the peer")
+        spis_b = {sa.sa_id.spi for sa in s.be["b"].sas.values()}
+        assert spis_b == {sa.sa_id.spi for sa in s.be["a1"].sas.values()}
+        assert "out" not in s.sa_set("a2")       # node 2 never sent under a key
+        ops = installed_spis(s.be["b"])
+        assert len(ops) == len(set(ops)), "an SPI installed twice at the peer"
+        ids = s.qkd_ids("b")
+        assert len(ids) == len(set(ids))
+        assert b.status()["tunnels"][0]["state"] == "up"
+
+
+async def test_split_brain_from_the_start_settles_on_the_node_the_peer_reaches(tmp_path):
+    """Both nodes go MASTER at once before the peer knows either; node 2's
+    INIT (a higher epoch, answered to node 1 and so never confirmed) arrives
+    first. Node 1's exchange takes over once node 2's has made no progress
+    for EXCHANGE_HOLD, and then holds against node 2's retransmissions: the
+    peer is keyed with node 1 within the bound."""
+    s = Site(tmp_path, split_port=True)
+    loop = asyncio.get_running_loop()
+    async with s.running():
+        await s.start("b")
+        a1 = await s.start("a1")
+        a2 = await s.start("a2", journal_skew=10.0)
+        t0 = loop.time()
+        a2.ha_notify(Notify.MASTER)
+        await wait_for(lambda: a2.drivers["gw-b"].stats["tx"] >= 1, 10, "node 2 sent nothing")
+        a1.ha_notify(Notify.MASTER)
+        await wait_for(lambda: s.gen("b") >= 1 and s.gen("a1") == s.gen("b"),
+                       SPLIT_BRAIN_BOUND + 30, "the peer never keyed with node 1")
+        took = loop.time() - t0
+        print(f"split brain from the start: keyed with node 1 after {took:.2f} s")
+        assert took < SPLIT_BRAIN_BOUND
+        assert s.sa_set("b") == ["in", "out"] and "out" not in s.sa_set("a2")
+        ops = installed_spis(s.be["b"])
+        assert len(ops) == len(set(ops))
+        ids = s.qkd_ids("b")
+        assert len(ids) == len(set(ids))
