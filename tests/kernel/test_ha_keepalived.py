@@ -13,7 +13,9 @@ initial network namespace), the KME simulator in its own
 namespace reached through loopback relays, real ESP, a UDP stream of 100
 datagrams/s each way during each switch, in order: the active daemon
 SIGKILLed; a planned switch (keepalived stopped on the active node); the
-active node's wire link down. Each asserts: not one cleartext packet of the
+active node's wire link down; the active node's power lost (its daemon and
+keepalived SIGKILLed and its namespace deleted: no FIN, no notification,
+its links vanish). Each asserts: not one cleartext packet of the
 protected networks on the wire, gB ends with exactly one SA set (the new
 node's) under a fresh QKD key, and traffic resumes within a loose bound.
 Each prints the failover table so far (outage, losses, QKD keys used).
@@ -244,6 +246,34 @@ vrrp_instance VI_QKD {{
         p.wait()
         return t
 
+    def power_off(self, g: str) -> float:
+        """Power loss: every process of the node dies at once and its
+        namespace goes (its veths with it), so nothing leaves it again."""
+        t = time.monotonic()
+        for name in (f"ka-{g}", g):
+            p = self.procs.pop(name, None)
+            if p is not None:
+                p.send_signal(signal.SIGKILL)
+        subprocess.run(["ip", "netns", "del", self.ns[g]], capture_output=True)
+        return t
+
+    def qkd_keys_since(self, g: str, offset: int) -> set[str]:
+        """QKD key_IDs in the generations ``g`` established after byte
+        ``offset`` of its log (one line per generation, peer.py)."""
+        text = (self.folder / f"{g}.log").read_bytes()[offset:].decode(errors="replace")
+        ids: set[str] = set()
+        for line in text.splitlines():
+            if " established in " in line and "'qkd_key_ids': [" in line:
+                part = line.split("'qkd_key_ids': [", 1)[1].split("]", 1)[0]
+                ids.update(x.strip(" '") for x in part.split(",") if x.strip(" '"))
+        return ids
+
+    def log_size(self, g: str) -> int:
+        try:
+            return (self.folder / f"{g}.log").stat().st_size
+        except OSError:
+            return 0
+
     def ctl(self, g: str, cmd: str, **kw: object) -> object:
         run = "gw-b-run" if g == "gB" else f"{g}-run"      # as in write_configs
         return request(str(self.folder / run / "control.sock"), cmd, timeout=20.0, **kw)
@@ -295,29 +325,38 @@ def outage(stream: Stream, t_event: float) -> tuple[float, int]:
     return stream.sent_at[first] - t_event, sum(1 for s in after if s < first and s not in got)
 
 
-@pytest.fixture(scope="module")
-def pair():
-    """gB, gA1 (active) and gA2 (standby) keyed, keepalived on both A nodes."""
+def start_pair(lab: HaLab) -> None:
+    """gB, gA1 (active) and gA2 (standby) keyed, keepalived on both A nodes
+    (also bench/ha.py)."""
+    lab.up()
+    ports = lab.start_kme()
+    lab.write_configs(ports)
+    for g in ("gB", "gA1", "gA2"):
+        lab.start_daemon(g)
+    for g in ("gA1", "gA2"):
+        # daemon start-up is slow in a loaded TCG guest (imports)
+        lab.wait(f"{g} standby", lambda g=g: lab.role(g) == "starting", 400)
+    lab.wait("gB running", lambda: lab.tunnel("gB")["state"] == "blocked", 400)
+    lab.start_keepalived("gA1", 110)
+    lab.wait("gA1 active", lambda: lab.role("gA1") == "active", 30)
+    lab.start_keepalived("gA2", 100)
+    lab.wait("gA2 standby", lambda: lab.role("gA2") == "standby", 30)
+    lab.wait("first generation", lambda: lab.tunnel("gB")["state"] == "up"
+             and lab.tunnel("gA1")["state"] == "up", 120)
+    assert lab.tunnel("gA2")["state"] == "blocked"
+
+
+def new_lab() -> HaLab:
     folder = Path(tempfile.mkdtemp(prefix="qkdgate-ha-"))
     os.chmod(folder, 0o700)
-    lab = HaLab(folder)
-    lab.up()
+    return HaLab(folder)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    lab = new_lab()
     try:
-        ports = lab.start_kme()
-        lab.write_configs(ports)
-        for g in ("gB", "gA1", "gA2"):
-            lab.start_daemon(g)
-        for g in ("gA1", "gA2"):
-            # daemon start-up is slow in a loaded TCG guest (imports)
-            lab.wait(f"{g} standby", lambda g=g: lab.role(g) == "starting", 400)
-        lab.wait("gB running", lambda: lab.tunnel("gB")["state"] == "blocked", 400)
-        lab.start_keepalived("gA1", 110)
-        lab.wait("gA1 active", lambda: lab.role("gA1") == "active", 30)
-        lab.start_keepalived("gA2", 100)
-        lab.wait("gA2 standby", lambda: lab.role("gA2") == "standby", 30)
-        lab.wait("first generation", lambda: lab.tunnel("gB")["state"] == "up"
-                 and lab.tunnel("gA1")["state"] == "up", 120)
-        assert lab.tunnel("gA2")["state"] == "blocked"
+        start_pair(lab)
         yield lab
     finally:
         lab.down()
@@ -331,6 +370,7 @@ def switch(lab: HaLab, what: str, event, to: str) -> dict:
     way and a wire capture; wait until ``to`` is active and traffic flows
     again; assert the zeros and one SA set at gB; print one table row."""
     before = lab.tunnel("gB")
+    log_at = lab.log_size("gB")
     cap = Capture(SimpleNamespace(wire=lab.ns["w"]), str(lab.folder / f"{what}.pcap"))
     ab = Stream(lab.ns["hA"], lab.ns["hB"], HA_, HB_, rate=100, port=5001).start()
     ba = Stream(lab.ns["hB"], lab.ns["hA"], HB_, HA_, rate=100, port=5002).start()
@@ -353,12 +393,13 @@ def switch(lab: HaLab, what: str, event, to: str) -> dict:
     after, new = lab.tunnel("gB"), lab.tunnel(to)
     sas = gb_sas(lab)
     keys = [i for i in after["inputs"]["qkd_key_ids"] if i not in before["inputs"]["qkd_key_ids"]]
+    used = lab.qkd_keys_since("gB", log_at)    # every generation gB keyed meanwhile
     row = (f"| {what} | {t_active - t0:.2f} | {out_ab * 1000:.0f} / {out_ba * 1000:.0f} | "
-           f"{lost_ab} / {lost_ba} | {wire.cleartext} | {len(keys)} | "
+           f"{lost_ab} / {lost_ba} | {wire.cleartext} | {len(used)} | "
            f"{before['generation']} -> {after['generation']} |")
     ROWS.append(row)
     print("\n| event | role switch s | outage ms A->B / B->A | lost A->B / B->A | cleartext "
-          "| QKD keys | generation |\n|---|---|---|---|---|---|---|\n" + "\n".join(ROWS))
+          "| QKD keys used | generation |\n|---|---|---|---|---|---|---|\n" + "\n".join(ROWS))
     assert wire.cleartext == 0 and wire.pattern_hits == 0 and wire.esp > 0
     assert out_ab < OUTAGE_BOUND and out_ba < OUTAGE_BOUND
     assert after["state"] == "up" and new["state"] == "up"
@@ -367,34 +408,70 @@ def switch(lab: HaLab, what: str, event, to: str) -> dict:
     # one SA set at the peer (in: to gB, out: to the VIP), none left of the old node
     assert sorted(str(s.sa_id.dst) for s in sas) == ["192.0.2.1", "192.0.2.2"], sas
     assert keys, "no fresh QKD key for the new generation"
-    return {"outage": max(out_ab, out_ba), "lost": lost_ab + lost_ba}
+    return {"event": what, "role_switch_s": round(t_active - t0, 3),
+            "outage_ms": [round(out_ab * 1000), round(out_ba * 1000)],
+            "lost": [lost_ab, lost_ba], "cleartext": wire.cleartext, "qkd_keys": len(used),
+            "generation": [before["generation"], after["generation"]],
+            "outage": max(out_ab, out_ba)}
 
 
-def test_1_sigkill_of_the_active_node(pair):
-    switch(pair, "SIGKILL", lambda: pair.sigkill_daemon("gA1"), "gA2")
+# The four events, in the order the tests (and bench/ha.py) run them; each
+# leaves the pair ready for the next.
+def sigkill_active(lab: HaLab) -> dict:
+    return switch(lab, "SIGKILL", lambda: lab.sigkill_daemon("gA1"), "gA2")
 
 
-def test_2_planned_switch(pair):
+def planned_switch(lab: HaLab) -> dict:
     """The operator stops keepalived on the active node (priority 0 advert)."""
-    pair.start_daemon("gA1")                   # back as a standby (nopreempt)
-    pair.wait("gA1 standby", lambda: pair.role("gA1") == "standby", 400)
+    lab.start_daemon("gA1")                   # back as a standby (nopreempt)
+    lab.wait("gA1 standby", lambda: lab.role("gA1") == "standby", 400)
 
     def stop() -> float:
         t = time.monotonic()
-        pair.kill("ka-gA2")
+        lab.kill("ka-gA2")
         return t
-    switch(pair, "planned (keepalived stop)", stop, "gA1")
-    assert pair.role("gA2") in ("stopped", "standby")
-    assert pair.tunnel("gA2")["state"] == "blocked"
+    row = switch(lab, "planned (keepalived stop)", stop, "gA1")
+    assert lab.role("gA2") in ("stopped", "standby")
+    assert lab.tunnel("gA2")["state"] == "blocked"
+    return row
 
 
-def test_3_link_down(pair):
-    pair.start_keepalived("gA2", 100)
-    pair.wait("gA2 standby", lambda: pair.role("gA2") == "standby", 30)
+def link_down(lab: HaLab) -> dict:
+    lab.start_keepalived("gA2", 100)
+    lab.wait("gA2 standby", lambda: lab.role("gA2") == "standby", 30)
 
     def down() -> float:
         t = time.monotonic()
-        ipbatch(["link set w0 down"], pair.ns["gA1"])
+        ipbatch(["link set w0 down"], lab.ns["gA1"])
         return t
-    switch(pair, "wire link down", down, "gA2")
-    assert pair.role("gA1") == "fault" and pair.tunnel("gA1")["state"] == "blocked"
+    row = switch(lab, "wire link down", down, "gA2")
+    assert lab.role("gA1") == "fault" and lab.tunnel("gA1")["state"] == "blocked"
+    return row
+
+
+def power_loss(lab: HaLab) -> dict:
+    """gA1's link comes back (it stands by); then gA2, the active node, loses
+    power: its processes die at once and its namespace goes. No FIN, no
+    notification: gA1's keepalived misses the adverts and takes over."""
+    ipbatch(["link set w0 up"], lab.ns["gA1"])
+    lab.wait("gA1 standby", lambda: lab.role("gA1") == "standby", 60)
+    return switch(lab, "power loss (netns deleted)", lambda: lab.power_off("gA2"), "gA1")
+
+
+EVENTS = (sigkill_active, planned_switch, link_down, power_loss)
+
+
+def test_1_sigkill_of_the_active_node(pair):
+    sigkill_active(pair)
+
+
+def test_2_planned_switch(pair):
+    planned_switch(pair)
+
+
+def test_3_link_down(pair):
+    link_down(pair)
+
+
+def test_4_power_loss_of_the_active_node(pair):
+    power_loss(pair)
