@@ -305,8 +305,9 @@ class PeerSession:
 
     def get_timer(self) -> float | None:
         with self._guard():
-            return self._timers.next_deadline(ex for ex in (self._ini, self._res)
-                                              if ex is not None)
+            return self._timers.next_deadline(
+                (ex for ex in (self._ini, self._res) if ex is not None),
+                rekey_waits=self._ini is not None or self._res_blocks_rekey())
 
     def datagrams_to_send(self, now: float) -> list[bytes]:
         with self._guard():

@@ -154,7 +154,12 @@ class SessionTimers:
 
     # ---------------------------------------------------------------- the one timer
 
-    def next_deadline(self, exchanges: Iterable[Exchange]) -> float | None:
+    def next_deadline(self, exchanges: Iterable[Exchange], *,
+                      rekey_waits: bool | None = None) -> float | None:
+        """The session's one timer. A due rekey waits for a running exchange
+        (``rekey_waits`` None: any); the session passes False when the only
+        one running is an unconfirmed answer to an unauthenticated epoch,
+        which must not hold its rekey (docs/protocol.md 10.1)."""
         times: list[float] = []
         busy = False
         for ex in exchanges:
@@ -162,6 +167,6 @@ class SessionTimers:
             times.append(ex.deadline)
             if ex.retx_at is not None:
                 times.append(ex.retx_at)
-        if self.rekey_at is not None and not busy:
+        if self.rekey_at is not None and not (busy if rekey_waits is None else rekey_waits):
             times.append(self.rekey_at)   # a due rekey waits for the running exchange
         return min(times) if times else None

@@ -28,21 +28,23 @@ from qkdgate.gateway.protocol.fragment import fragment
 from qkdgate.gateway.protocol.session import PeerSession
 
 
-def rebuild(p, gw, *, epoch: int, peer_floor: int = 0, start: bool = True, seed: int = 7):
+def rebuild(p, gw, *, epoch: int, peer_floor: int = 0, start: bool = True, seed: int = 7,
+            **cfg_changes):
     """What the daemon does: a fresh session (new epoch, floors from the journal)."""
     old = gw.session
     cfg = dataclasses.replace(old.config, initiate_on_start=start,
-                              generation_floor=max(old.generation, old.config.generation_floor))
+                              generation_floor=max(old.generation, old.config.generation_floor),
+                              **cfg_changes)
     gw.session = PeerSession(cfg, identity=old.identity, peer_identities=old.peer_identities,
                              rng=seeded(seed), now=p.now, allocate_spi=old._allocate_spi,
                              epoch=epoch, peer_epoch_floor=peer_floor)
     gw.events.clear()
 
 
-def keyed_pair():
+def keyed_pair(interval_b: float = 3600.0):
     p = make_pair(rekey_interval=3600.0, start="none")
     rebuild(p, p.a, epoch=1_800_000_001, start=True, seed=1)    # epochs as a journal draws
-    rebuild(p, p.b, epoch=1_800_000_100, start=False, seed=2)
+    rebuild(p, p.b, epoch=1_800_000_100, start=False, seed=2, rekey_interval=interval_b)
     p.roundtrip_until_done()
     return p
 
@@ -190,9 +192,9 @@ class SplitBrain:
     nodes; its datagrams reach node 1 only (it pins one address). The clock is
     injected: ``run`` advances it in 50 ms steps, firing every due timer."""
 
-    def __init__(self):
+    def __init__(self, interval_b: float = 3600.0):
         from protocol_harness import Gateway
-        self.p = p = keyed_pair()
+        self.p = p = keyed_pair(interval_b)
         a = p.a.session
         counter, an = iter(range(0xC8000100, 0xCFFFFFFF)), iter(range(1 << 30))
 
@@ -220,6 +222,19 @@ class SplitBrain:
             moved += p.a.pump(p.now) + p.b.pump(p.now) + a2.pump(p.now)
             if not moved:
                 break
+
+    def run_timers_until(self, done, limit):
+        """Event-driven: the clock jumps to the earliest timer any session
+        asks for (``get_timer``), so a timer a session fails to ask for
+        never fires."""
+        p, start = self.p, self.p.now
+        while not done():
+            timers = [t for gw in (p.a, p.b, self.a2)
+                      if (t := gw.session.get_timer()) is not None]
+            assert timers and min(timers) - start < limit, "not within the bound"
+            p.now = max(p.now, min(timers))
+            self.step()
+        return p.now - start
 
     def run_until(self, done, limit):
         start = self.p.now
@@ -253,3 +268,19 @@ def test_split_brain_in_memory_rekeys_with_the_reached_node_stay_within_the_boun
             if isinstance(spi, int) and spi >= 0x100]
     assert len(spis) == len(set(spis))
     assert_keys_match(p, b.generation)
+
+
+def test_split_brain_the_peers_scheduled_rekey_fires_on_its_own_timer():
+    """The peer's rekey timer is not hidden behind node 2's unconfirmed
+    exchange: before, ``get_timer`` left out a due rekey while any exchange
+    ran, so the peer rekeyed only when node 2's exchange timed out (30 s)."""
+    sb = SplitBrain(interval_b=20.0)          # node 1 rekeys hourly, the peer every 20 s
+    p, b = sb.p, sb.p.b.session
+    sb.run_until(lambda: b.stats["kem_encaps"] >= 2, 5)    # node 2's INIT answered
+    for _ in range(3):
+        gen, since = b.generation, b.established_at
+        sb.run_timers_until(lambda gen=gen: b.generation > gen
+                            and p.a.session.generation == b.generation, 60)
+        assert b.established_at - since <= 20.0 + HOLD_BOUND, b.established_at - since
+    assert sb.a2.session.stats["retransmit"] >= 2 and not sb.a2.of(E.SessionEstablished)
+    assert b.peer_epoch == p.a.session.epoch

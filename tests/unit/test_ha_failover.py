@@ -316,7 +316,10 @@ async def test_split_brain_from_the_start_settles_on_the_node_the_peer_reaches(t
                        SPLIT_BRAIN_BOUND + 30, "the peer never keyed with node 1")
         took = loop.time() - t0
         print(f"split brain from the start: keyed with node 1 after {took:.2f} s")
-        assert took < SPLIT_BRAIN_BOUND
+        # node 2's exchange holds the peer for EXCHANGE_HOLD, then node 1's
+        # next retransmission (up to 2 s later) gets through: ~4 s plus one
+        # exchange on a loaded host
+        assert took < SPLIT_BRAIN_BOUND + 3.0
         assert s.sa_set("b") == ["in", "out"] and "out" not in s.sa_set("a2")
         ops = installed_spis(s.be["b"])
         assert len(ops) == len(set(ops))
