@@ -27,6 +27,12 @@ established without one (RFC 8784 3, NO_PPK_AUTH is never accepted).
 its IKE_SAs; the connection's CHILD_SAs must use ``start_action = trap``
 (checked at construction) so that once they are gone the kernel drops the
 protected traffic (trap policy, no SA) instead of routing it in clear.
+While blocked the trap is disarmed (the connection reloaded with
+``start_action = none``) and the block policies (next paragraph) hold the traffic: a
+trap then only makes charon start IKE_SAs that cannot authenticate, and the
+half-open IKE_SAs they leave at the peer make it refuse our next
+re-authentication (``_disarm``). ``install`` arms it again; ``teardown``
+leaves it armed.
 
 The trap policy alone leaves a gap: ``load-conn`` of a trapped connection
 makes charon remove its trap policies and add them again, and a packet sent
@@ -289,8 +295,32 @@ class StrongswanConsumer:
                 self._vici = None
             raise
 
-    def _conn(self, ppk_id: str) -> ConnSpec:
-        return ConnSpec(self.spec.connection, self.spec.body, ppk_id)
+    def _conn(self, ppk_id: str, *, armed: bool = True) -> ConnSpec:
+        """The connection as the operator wrote it naming ``ppk_id``; not
+        ``armed``: every child with ``start_action = none`` (swanctl.conf(5)),
+        so charon uninstalls its trap policies and never initiates on a
+        kernel acquire."""
+        body = self.spec.body
+        children = body.get("children")
+        if not armed and isinstance(children, Mapping):
+            body = {**body, "children": {
+                n: {**c, "start_action": "none"} if isinstance(c, Mapping) else c
+                for n, c in children.items()}}
+        return ConnSpec(self.spec.connection, body, ppk_id)
+
+    def _disarm(self) -> None:
+        """While blocked, no trap: the block policies (held first) drop the
+        traffic without an acquire. A trap whose connection names a PPK we
+        unloaded makes charon initiate an IKE_SA per kernel acquire that
+        gives up after IKE_SA_INIT (ppk_required, RFC 8784 3) without a word
+        to the peer, whose half-open IKE_SA then lives on for
+        charon.half_open_timeout (30 s); at charon.block_threshold (5) such
+        SAs from one address the peer ignores every IKE_SA_INIT from it, the
+        next install's re-authentication included (issue 21, the gap test)."""
+        if not self.spec.block:
+            return      # nothing else would hold the traffic: keep the trap
+        self._hold_block()
+        self._call(lambda v: v.load_conn(self._conn(BLOCKED_PPK_ID, armed=False)))
 
     def _ike_sas(self) -> list[IkeSaInfo]:
         sas: list[IkeSaInfo] = self._call(lambda v: v.list_sas(self.spec.connection))
@@ -334,6 +364,7 @@ class StrongswanConsumer:
         if key.generation not in self.loaded:
             self.prepare(key)
         previous = self.current.key_name if self.current and not self.blocked else BLOCKED_PPK_ID
+        was_blocked = previous == BLOCKED_PPK_ID    # a failure leaves it disarmed again
         # charon re-adds a trap policy on load-conn: the block holds the gap
         self._hold_block()
         self._call(lambda v: v.load_conn(self._conn(key.key_name)))
@@ -344,7 +375,7 @@ class StrongswanConsumer:
                 detail = self._reauthenticate(key)
         except TunnelError:
             with contextlib.suppress(TunnelError):
-                self._call(lambda v: v.load_conn(self._conn(previous)))
+                self._call(lambda v: v.load_conn(self._conn(previous, armed=not was_blocked)))
             raise
         self.current, self.blocked = key, False
         ids = self._call(lambda v: v.shared_ids())
@@ -420,9 +451,10 @@ class StrongswanConsumer:
     def invalidate(self, why: Invalidation) -> ConsumerReport:
         """Fail closed: every qkdgate PPK of this tunnel is unloaded, so no
         IKE_SA can authenticate (ppk_required), and with ``block`` every
-        IKE_SA of the connection is terminated (its trap policy then drops
-        the traffic). The connection itself is left as it is: reloading it
-        would briefly remove the trap policy (docs/consumers.md)."""
+        IKE_SA of the connection is terminated after its trap is disarmed
+        (:meth:`_disarm`): the block policies then drop the traffic, and no
+        acquire starts an IKE_SA that cannot authenticate. The next
+        ``install`` arms the trap again (docs/consumers.md)."""
         prefix = ppk_prefix(self.tunnel_id)
         try:
             ids = self._call(lambda v: v.shared_ids())
@@ -439,16 +471,26 @@ class StrongswanConsumer:
         self.loaded.clear()
         terminated = []
         if why.block:
-            for sa in self._ike_sas():
-                self._terminate(sa.unique_id)
-                terminated.append(sa.unique_id)
-            self.blocked = True
+            # the trap goes before the CHILD_SAs: no acquire in between
+            try:
+                self._disarm()
+            finally:
+                for sa in self._ike_sas():
+                    self._terminate(sa.unique_id)
+                    terminated.append(sa.unique_id)
+                self.blocked = True
         left = [i for i in self._call(lambda v: v.shared_ids()) if i.startswith(prefix)]
         return ConsumerReport(None, None, not left, self.blocked,
                               f"{why.reason}: PPKs unloaded, IKE_SAs terminated {terminated}")
 
     def teardown(self) -> bool:
         self.invalidate(Invalidation(self.tunnel_id, "teardown", True))
+        # charon's trap holds the traffic once our block goes (no PPK loaded)
+        try:
+            self._call(lambda v: v.load_conn(self._conn(BLOCKED_PPK_ID)))
+        except ViciError as e:
+            if e.errno not in (_errno.ENOENT, _errno.ECONNREFUSED):
+                raise
         self._release_block()
         if self._vici is not None:
             self._vici.close()

@@ -39,6 +39,7 @@ class FakeCharon:
         self.next_id = 1
         self.peer: FakeCharon | None = None
         self.up = True
+        self.armed = True            # swanctl --load-all installed the trap
         self.reuse = False           # charon.reuse_ikesa = yes (its default)
         self.calls: list[str] = []
 
@@ -68,6 +69,8 @@ class FakeCharon:
         assert msg["ppk_required"] == "yes"
         self.calls.append(f"load-conn {msg['ppk_id']}")
         self.conn_ppk = msg["ppk_id"]
+        # charon installs a trap policy for each start_action = trap child
+        self.armed = all(c["start_action"] == "trap" for c in msg["children"].values())
 
     def _add(self, initiator: bool) -> int:
         uid = self.next_id
@@ -357,3 +360,32 @@ def test_block_policies_precede_every_load_conn_and_outlive_invalidate():
     assert len(spds[0].policies) == len(spec.block)     # blocked: the block stays
     ca.teardown()                               # the operator's explicit teardown
     assert not spds[0].policies
+
+
+def test_block_disarms_the_trap_before_terminating_and_install_arms_it_again():
+    # issue 21: a trap armed while blocked makes charon start an IKE_SA per
+    # acquire that cannot authenticate; each leaves a half-open IKE_SA at the
+    # peer, which at 5 ignores our next re-authentication
+    a, b, ca, cb = _pair()
+    for c in (ca, cb):
+        c.setup(0.0)
+    assert not a.armed and not b.armed and a.conn_ppk == "qkdgate-none"
+    _rotate(ca, cb, 1)
+    assert a.armed and b.armed
+    del a.calls[:]
+    ca.invalidate(Invalidation("sw-b", "policy", True))
+    assert not a.armed and a.conn_ppk == "qkdgate-none"
+    assert a.calls.index("load-conn qkdgate-none") < a.calls.index("terminate 1")
+    # a failed first install after the block leaves the trap disarmed
+    cb.prepare(_key(2, "responder", byte=0x55))
+    cb.install(_key(2, "responder", byte=0x55))
+    with pytest.raises(TunnelError):
+        ca.install(_key(2, "initiator"))
+    assert not a.armed and a.conn_ppk == "qkdgate-none"
+    cb.invalidate(Invalidation("sw-b", "policy", True))
+    _rotate(ca, cb, 3)
+    assert a.armed and a.conn_ppk == "qkdgate-sw-b-g3"
+    # teardown hands the connection back trapped (charon's own fail closed)
+    ca.invalidate(Invalidation("sw-b", "policy", True))
+    ca.teardown()
+    assert a.armed and not a.sas
