@@ -62,13 +62,16 @@ def link_drops(netns: str) -> int:
 
 
 class Capture:
-    """tcpdump on the wire bridge into a pcap; ``stop()`` returns the path."""
+    """tcpdump on the wire bridge into a pcap; ``stop()`` returns the path.
+    ``bpf`` (a pcap-filter(7) expression) keeps only what a test looks at,
+    e.g. no ESP under a flood whose ESP would make tcpdump drop frames."""
 
-    def __init__(self, topo: Topology, path: str, iface: str = "br0") -> None:
+    def __init__(self, topo: Topology, path: str, iface: str = "br0", bpf: str = "") -> None:
         self.path = path
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", topo.wire, "tcpdump", "-i", iface, "-n", "-U", "-s", "0",
-             "-w", path], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             "-w", path, *([bpf] if bpf else [])], stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 30
         line = ""
         while "listening" not in line:
