@@ -31,8 +31,9 @@ While blocked the trap is disarmed (the connection reloaded with
 ``start_action = none``) and the block policies (next paragraph) hold the traffic: a
 trap then only makes charon start IKE_SAs that cannot authenticate, and the
 half-open IKE_SAs they leave at the peer make it refuse our next
-re-authentication (``_disarm``). ``install`` arms it again; ``teardown``
-leaves it armed.
+re-authentication (``_disarm``). After a block the initiator's ``install``
+arms it again once its new IKE_SA is up, the responder's next ``install``
+does; ``teardown`` leaves it armed.
 
 The trap policy alone leaves a gap: ``load-conn`` of a trapped connection
 makes charon remove its trap policies and add them again, and a packet sent
@@ -365,14 +366,24 @@ class StrongswanConsumer:
             self.prepare(key)
         previous = self.current.key_name if self.current and not self.blocked else BLOCKED_PPK_ID
         was_blocked = previous == BLOCKED_PPK_ID    # a failure leaves it disarmed again
-        # charon re-adds a trap policy on load-conn: the block holds the gap
+        # charon re-adds a trap policy on load-conn: the block holds the gap.
+        # After a block the trap stays off until a CHILD_SA is up: armed with
+        # none, the flood's first packet makes charon start a second IKE_SA
+        # beside the re-authentication (or the peer's), and terminating that
+        # one half-built ("destroying IKE_SA in state CONNECTING without
+        # notification") orphans the copy the peer finished, whose terminate
+        # on the next block then waits out every retransmit (issue 21). The
+        # initiator arms it once its IKE_SA is up; the responder with the
+        # next generation (its CHILD_SA is up by then).
         self._hold_block()
-        self._call(lambda v: v.load_conn(self._conn(key.key_name)))
+        self._call(lambda v: v.load_conn(self._conn(key.key_name, armed=not was_blocked)))
         self._mark(key.key_name)
         detail = f"connection {self.spec.connection} ppk_id {key.key_name}"
         try:
             if key.role == "initiator":
                 detail = self._reauthenticate(key)
+                if was_blocked:     # the CHILD_SA's policy holds the selector: no acquire
+                    self._call(lambda v: v.load_conn(self._conn(key.key_name)))
         except TunnelError:
             with contextlib.suppress(TunnelError):
                 self._call(lambda v: v.load_conn(self._conn(previous, armed=not was_blocked)))

@@ -371,20 +371,29 @@ def test_block_disarms_the_trap_before_terminating_and_install_arms_it_again():
         c.setup(0.0)
     assert not a.armed and not b.armed and a.conn_ppk == "qkdgate-none"
     _rotate(ca, cb, 1)
+    assert a.armed and not b.armed
+    _rotate(ca, cb, 2)
     assert a.armed and b.armed
     del a.calls[:]
     ca.invalidate(Invalidation("sw-b", "policy", True))
     assert not a.armed and a.conn_ppk == "qkdgate-none"
-    assert a.calls.index("load-conn qkdgate-none") < a.calls.index("terminate 1")
+    assert a.calls.index("load-conn qkdgate-none") < a.calls.index("terminate 2")
     # a failed first install after the block leaves the trap disarmed
-    cb.prepare(_key(2, "responder", byte=0x55))
-    cb.install(_key(2, "responder", byte=0x55))
+    cb.prepare(_key(3, "responder", byte=0x55))
+    cb.install(_key(3, "responder", byte=0x55))
     with pytest.raises(TunnelError):
-        ca.install(_key(2, "initiator"))
+        ca.install(_key(3, "initiator"))
     assert not a.armed and a.conn_ppk == "qkdgate-none"
     cb.invalidate(Invalidation("sw-b", "policy", True))
-    _rotate(ca, cb, 3)
-    assert a.armed and a.conn_ppk == "qkdgate-sw-b-g3"
+    del a.calls[:]
+    _rotate(ca, cb, 4)
+    # armed only once the re-authentication is up (no acquire beside it);
+    # the responder with the next generation, over a running CHILD_SA
+    assert a.armed and a.conn_ppk == "qkdgate-sw-b-g4" and not b.armed
+    assert a.calls[:4] == ["load-shared qkdgate-sw-b-g4", "load-conn qkdgate-sw-b-g4",
+                           "initiate", "load-conn qkdgate-sw-b-g4"], a.calls
+    _rotate(ca, cb, 5)
+    assert a.armed and b.armed
     # teardown hands the connection back trapped (charon's own fail closed)
     ca.invalidate(Invalidation("sw-b", "policy", True))
     ca.teardown()
