@@ -60,6 +60,8 @@ charon {{
         lab {{
             path = {log}
             time_format = %T
+            # line by line: the gap test reads the log while charon runs
+            flush_line = yes
             default = 1
             ike = 2
             cfg = 2
