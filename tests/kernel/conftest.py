@@ -26,6 +26,23 @@ def pytest_collection_modifyitems(config, items):
         item.add_marker(skip)
 
 
+def pytest_runtest_logreport(report):
+    """A failure's report as soon as it happens, not at the session's end:
+    a lab VM that times out (LAB_TIMEOUT) prints no summary, and the first
+    CPU-hog series run lost four failures' reasons that way. Appended to
+    LAB_OUT/failures.txt (the host keeps it) and printed at once."""
+    if not report.failed:
+        return
+    text = f"\n=== FAILED {report.nodeid} ({report.when}, {report.duration:.1f} s)\n" \
+           f"{report.longreprtext[-6000:]}\n"
+    sys.stdout.write(text)
+    sys.stdout.flush()
+    out = os.environ.get("LAB_OUT")
+    if out:
+        with open(os.path.join(out, "failures.txt"), "a") as f:
+            f.write(text)
+
+
 @pytest.fixture(scope="session")
 def topo():
     t = Topology().up()
