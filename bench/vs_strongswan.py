@@ -101,6 +101,7 @@ class Run:
         self.cpu_per_rekey: list[float] = []
         self.rss = math.nan
         self.sustained = math.nan
+        self.xfrm_drops: dict[str, int] = {}
 
     def __enter__(self) -> Run:
         return self
@@ -155,9 +156,25 @@ class Run:
             old = [w.outbound_since(m) for w, m in zip(self.watches, marks, strict=True)]
         self.sustained = rounds * self.n / (done - t0)
 
+    def xfrm_stat(self) -> dict[str, int]:
+        """/proc/net/xfrm_stat of both namespaces, summed (per netns counters:
+        why the kernel dropped a packet, e.g. XfrmOutStateInvalid: an outbound
+        packet whose SA was deleted under it)."""
+        total: dict[str, int] = {}
+        for ns in (self.topo.a, self.topo.b):
+            out = subprocess.run(["ip", "netns", "exec", ns, "cat", "/proc/net/xfrm_stat"],
+                                 capture_output=True, text=True, check=False).stdout
+            for line in out.splitlines():
+                name, _, value = line.partition(" ")
+                if value.strip().isdigit():
+                    total[name] = total.get(name, 0) + int(value)
+        return total
+
     def loss(self, rekeys: int, timeout: float) -> tuple[int, int]:
         """Packets sent and lost by ping -i 0.002 through tunnel 0 across
-        ``rekeys`` back-to-back rekeys of tunnel 0."""
+        ``rekeys`` back-to-back rekeys of tunnel 0 (and the kernel's XFRM
+        drop counters that moved meanwhile, in ``self.xfrm_drops``)."""
+        before = self.xfrm_stat()
         p = subprocess.Popen(["ip", "netns", "exec", self.topo.a, "ping", "-q", "-i", "0.002",
                               "-W", "1", "-I", "10.64.0.1", "10.128.0.1"],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -171,6 +188,9 @@ class Run:
         time.sleep(1.0)
         p.send_signal(signal.SIGINT)
         out, _ = p.communicate(10)
+        after = self.xfrm_stat()
+        self.xfrm_drops = {k: v - before.get(k, 0) for k, v in after.items()
+                           if v != before.get(k, 0)}
         m = re.search(r"(\d+) packets transmitted, (\d+) received", out)
         if not m:
             return 0, 0
@@ -255,6 +275,7 @@ def main() -> int:
     results: dict[tuple[str, int], Run] = {}
     floors: dict[int, list[float]] = {}
     loss: dict[str, tuple[int, int]] = {}
+    drops: dict[str, dict[str, int]] = {}
     q = Qkdgate(topo, work, socks)
     q.log_level = args.daemon_log
     contenders: list[Contender] = []
@@ -282,6 +303,7 @@ def main() -> int:
                                       else args.sustain, args.timeout)
                         if n == sizes[0] and args.loss_rekeys:
                             loss[c.name] = r.loss(args.loss_rekeys, args.timeout)
+                            drops[c.name] = r.xfrm_drops
                         if args.profile and c is q and n in (100, max(sizes)):
                             profile(r, Path(args.profile), args.timeout)
                 except RuntimeError as exc:     # one contender failing leaves the table
@@ -298,12 +320,13 @@ def main() -> int:
             print(f"work directory kept: {work}", file=sys.stderr)
         else:
             shutil.rmtree(work, ignore_errors=True)
-    report(sizes, results, floors, loss, args)
+    report(sizes, results, floors, loss, drops, args)
     return 0
 
 
 def report(sizes: list[int], results: dict[tuple[str, int], Run], floors: dict[int, list[float]],
-           loss: dict[str, tuple[int, int]], args: argparse.Namespace) -> None:
+           loss: dict[str, tuple[int, int]], drops: dict[str, dict[str, int]],
+           args: argparse.Namespace) -> None:
     kver = os.uname().release
     print(f"\nqkdgate vs strongSwan, kernel {kver}, {os.cpu_count()} CPU(s), "
           f"median [min-max] of {args.reps} rep(s); "
@@ -339,7 +362,9 @@ def report(sizes: list[int], results: dict[tuple[str, int], Run], floors: dict[i
         if name in loss:
             sent, lost = loss[name]
             print(f"loss, {name}: {lost} of {sent} packets (ping -i 0.002) across "
-                  f"{args.loss_rekeys} back-to-back rekeys of one tunnel (N={sizes[0]})")
+                  f"{args.loss_rekeys} back-to-back rekeys of one tunnel (N={sizes[0]}); "
+                  f"XFRM drop counters that moved (both namespaces): "
+                  f"{drops.get(name) or 'none'}")
 
 
 if __name__ == "__main__":
