@@ -185,6 +185,15 @@ sys.exit(R.run(parser.parse_args(sys.argv[2:]), ipsec_backend=RecordingIpsecBack
 '''
 
 
+# Seconds from a restart to two more rekeys. 30 s was exceeded in two full host
+# runs at load 8 (2026-12-06; never in four runs alone): four histories of two
+# Python daemons each share 2 cores, and a restarted master whose journal knows
+# the slave's epoch may stall in a collision for exchange_timeout (10 s here)
+# before its next INIT goes through (the known limit, docs/protocol.md 10.1).
+# What the test checks is which keys are used, not how fast.
+RESTART_BUDGET = 60
+
+
 class Pair:
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
@@ -264,8 +273,10 @@ async def run_once(tmp: Path, crash: str, journal: bool = True) -> tuple[list, s
         assert p.procs["gw-a"].returncode == -signal.SIGKILL
         before = len(uses(p.records(), "gw-a"))
         await p.start("gw-a", p.path_a, journal=journal)            # restart, no crash
+        # RESTART_BUDGET: a restart on a loaded host, plus the known collision
+        # stall of up to exchange_timeout (docs/protocol.md 10.1), plus two rekeys
         ok = await p.wait(lambda r: len(uses(r, "gw-a")) >= before + 2
-                          and len(uses(r, "gw-b")) >= before + 1, 30)
+                          and len(uses(r, "gw-b")) >= before + 1, RESTART_BUDGET)
         assert ok, f"no rekeys after the restart (killed at {point}):\n" + \
             (tmp / "gw-a.out").read_text()[-2000:]
     finally:
@@ -295,7 +306,7 @@ async def run_both_killed(tmp: Path, crash_b: str = "") -> list:
         before = len(uses(p.records(), "gw-a"))
         await p.start("gw-b", p.path_b)
         await p.start("gw-a", p.path_a)
-        assert await p.wait(lambda r: len(uses(r, "gw-a")) >= before + 2, 30), \
+        assert await p.wait(lambda r: len(uses(r, "gw-a")) >= before + 2, RESTART_BUDGET), \
             "no rekeys after both restarted"
     finally:
         await p.stop()
