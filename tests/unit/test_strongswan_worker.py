@@ -7,7 +7,6 @@ asyncio loop against in-memory charons whose ``initiate`` can be held."""
 from __future__ import annotations
 
 import asyncio
-import itertools
 import threading
 import time
 
@@ -130,11 +129,15 @@ def test_loop_keeps_ticking_while_initiate_blocks_and_steps_keep_their_order():
         return held, returned
 
     held, returned = asyncio.run(scenario())
-    # (a blocking install would never return: the gate opens from this loop)
-    assert returned < 1.0, f"the exchange's installs took {returned:.3f} s"
-    # the loop ran on while initiate was held (a loose bound: the host is shared)
-    assert len(held) >= 5, f"the loop ticked {len(held)} times in 0.5 s"
-    assert max(b - a for a, b in itertools.pairwise(held)) < 0.4
+    # A blocking install would never return: the gate opens from this loop, so
+    # the fake's initiate would give up after 10 s and fail the test. That,
+    # not a wall-clock bound, is the check: with a 1 s bound on the installs
+    # and a 0.4 s bound on the longest tick gap the test failed once in a full
+    # host run on the shared 2-core host at load 8 (2026-12-06) and passed 3
+    # times alone: a thread not scheduled for that long fails such a bound.
+    assert returned < 5.0, f"the exchange's installs took {returned:.3f} s"
+    # the loop ran on while initiate was held
+    assert len(held) >= 2, f"the loop ticked {len(held)} times in 0.5 s"
     # make-before-break in order: PPK g2 loaded, the connection names it, a
     # new IKE_SA authenticated, the old one terminated, then PPK g1 unloaded
     order = [c for c in ca.calls if c.split()[0] != "terminate"]
