@@ -114,6 +114,13 @@ async def wait_for(predicate, timeout, what):
         await asyncio.sleep(0.02)
 
 
+async def first_generation(s: Site, node) -> None:
+    """``node`` (a1) becomes MASTER and keys its first generation with b."""
+    node.ha_notify(Notify.MASTER)
+    await wait_for(lambda: s.gen("a1") >= 1 and s.gen("b") == s.gen("a1"), 20,
+                   "no first generation")
+
+
 def epoch_of(d):
     return d.drivers["gw-b"].session.epoch
 
@@ -208,9 +215,7 @@ async def test_a_second_failover_drawing_a_lower_epoch_is_accepted_at_once(tmp_p
     async with s.running():
         b = await s.start("b")
         a1 = await s.start("a1")
-        a1.ha_notify(Notify.MASTER)
-        await wait_for(lambda: s.gen("a1") >= 1 and s.gen("b") == s.gen("a1"), 20,
-                       "no first generation")
+        await first_generation(s, a1)
         await s.stop("a1")                       # node 1 fails over to node 2
         a2 = await s.start("a2", journal_skew=5.0)
         a2.ha_notify(Notify.MASTER)
@@ -264,9 +269,7 @@ async def test_split_brain_does_not_stall_the_peers_rekeys_with_the_node_it_reac
         b = await s.start("b")
         a1 = await s.start("a1")
         a2 = await s.start("a2", journal_skew=10.0)
-        a1.ha_notify(Notify.MASTER)
-        await wait_for(lambda: s.gen("b") >= 1 and s.gen("a1") == s.gen("b"), 20,
-                       "no first generation")
+        await first_generation(s, a1)
         b_session = b.drivers["gw-a"].session
         answered = b_session.stats["kem_encaps"]
         a2.ha_notify(Notify.MASTER)              # the partition: both nodes lead
@@ -355,9 +358,7 @@ async def test_power_loss_of_the_active_converges_without_an_operator(tmp_path, 
     async with s.running():
         b = await s.start("b")
         a1 = await s.start("a1")
-        a1.ha_notify(Notify.MASTER)
-        await wait_for(lambda: s.gen("a1") >= 1 and s.gen("b") == s.gen("a1"), 20,
-                       "no first generation")
+        await first_generation(s, a1)
         ids_before = set(s.qkd_ids("b"))
         g1 = s.gen("b")
         if when == "idle":
