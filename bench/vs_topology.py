@@ -109,11 +109,10 @@ class XfrmWatch:
     """NETLINK_XFRM SA notifications of one namespace, timestamped."""
 
     def __init__(self, netns: str, local: str) -> None:
-        from qkdgate.tunnels.netlink import in_netns
+        from qkdgate.tunnels.netlink import in_netns, set_rcvbuf
         with in_netns(netns):
             self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_XFRM)
-        with contextlib.suppress(OSError):
-            self.sock.setsockopt(socket.SOL_SOCKET, 33, 32 << 20)   # SO_RCVBUFFORCE
+        set_rcvbuf(self.sock, 32 << 20)
         self.sock.bind((0, 1 << (XFRMNLGRP_SA - 1)))
         self.local = socket.inet_aton(local)
         self.lock = threading.Lock()
