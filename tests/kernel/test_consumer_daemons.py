@@ -169,7 +169,8 @@ class Sampler:
 
     def stop(self) -> None:
         self._stop.set()
-        self._t.join()
+        if self._t.ident is not None:      # started (a failed capture start never did)
+            self._t.join()
 
     def keys(self, t0: float, t1: float) -> tuple[list[str], list[str], dict[str, list[float]]]:
         """The sequence of distinct keys per side in [t0, t1] and, per key,
@@ -235,6 +236,24 @@ def same_keys(a: list[str], b: list[str]) -> bool:
     return set(a[1:-1]) <= set(b) and set(b[1:-1]) <= set(a)
 
 
+def measured_traffic(topo, pcap: Path, sampler: Sampler, a, b, port: int):
+    """The measured phase: the wire captured, ``sampler`` reading both data
+    planes, 100 datagrams/s each way between ``a`` and ``b`` ((netns,
+    address) each) on ``port`` and ``port + 1`` for TRAFFIC_S. Returns the
+    two streams, stopped, the wire report and the phase's (start, end)."""
+    cap = Capture(topo, str(pcap))
+    sampler.start()
+    ab = Stream(a[0], b[0], a[1], b[1], rate=100, port=port).start()
+    ba = Stream(b[0], a[0], b[1], a[1], rate=100, port=port + 1).start()
+    t0 = time.monotonic()
+    time.sleep(TRAFFIC_S)
+    t1 = time.monotonic()
+    ab.stop(1.0)
+    ba.stop(1.0)
+    sampler.stop()
+    return ab, ba, analyse_pcap(cap.stop()), (t0, t1)
+
+
 def loss_bursts(streams, t0: float, gap: float = 0.5) -> str:
     """When the lost datagrams were sent (seconds after ``t0``), merged into
     bursts: a loss at each rotation and one long outage read differently."""
@@ -293,17 +312,10 @@ def test_wireguard_keyed_by_two_real_daemons(topo, kme, tmp_path):
     sampler = None
     try:
         up = _wait("both WireGuard peers keyed by the daemons", keyed, READY_S, daemons)
-        cap = Capture(topo, str(tmp_path / "wg.pcap"))
-        sampler = Sampler(read).start()
-        ab = Stream(topo.gA, topo.gB, link.addr_a, link.addr_b, rate=100, port=5411).start()
-        ba = Stream(topo.gB, topo.gA, link.addr_b, link.addr_a, rate=100, port=5412).start()
-        t0 = time.monotonic()
-        time.sleep(TRAFFIC_S)
-        t1 = time.monotonic()
-        ab.stop(1.0)
-        ba.stop(1.0)
-        sampler.stop()
-        wire = analyse_pcap(cap.stop())
+        sampler = Sampler(read)
+        ab, ba, wire, (t0, t1) = measured_traffic(
+            topo, tmp_path / "wg.pcap", sampler, (topo.gA, link.addr_a),
+            (topo.gB, link.addr_b), 5411)
         seq_a, seq_b, first = sampler.keys(t0, t1)
         # SIGKILL both daemons: the PSKs stay in the kernel until the failsafe
         last = [state(s).preshared_key.reveal() for s in (0, 1)]
@@ -382,17 +394,9 @@ def test_strongswan_keyed_by_two_real_daemons(topo, kme, tmp_path, request):
                    for ns, c, n in ((topo.gA, cfg[0], "gw-a"), (topo.gB, cfg[1], "gw-b"))]
         up = _wait("an IKE_SA keyed with a qkdgate PPK", lambda: all(read(s) for s in (0, 1)),
                    READY_S, daemons)
-        cap = Capture(topo, str(tmp_path / "sw.pcap"))
-        sampler = Sampler(read, 0.2).start()
-        ab = Stream(topo.hA, topo.hB, HA, HB, rate=100, port=5421).start()
-        ba = Stream(topo.hB, topo.hA, HB, HA, rate=100, port=5422).start()
-        t0 = time.monotonic()
-        time.sleep(TRAFFIC_S)
-        t1 = time.monotonic()
-        ab.stop(1.0)
-        ba.stop(1.0)
-        sampler.stop()
-        wire = analyse_pcap(cap.stop())
+        sampler = Sampler(read, 0.2)
+        ab, ba, wire, (t0, t1) = measured_traffic(
+            topo, tmp_path / "sw.pcap", sampler, (topo.hA, HA), (topo.hB, HB), 5421)
         seq_a, seq_b, first = sampler.keys(t0, t1)
         for d in daemons:
             d.kill()
