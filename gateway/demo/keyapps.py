@@ -29,7 +29,11 @@ gw-a's answer arrived (the moment a key was served or refused; gw-b's fetch
 may come seconds later on a loaded host): a key is served only after the
 daemon confirmed a generation, which it does after the tunnel's events for
 that generation (gateway/daemon/peer.py), so a served key is never counted
-in a phase that had already ended. A refusal (503 / SKIP error) is a
+in a phase that had already ended. A phase is the run's wall-clock label,
+though (any tunnel of either gateway blocked); each served key is also
+recorded with the generation it came from (``qkdgate_generation``) and
+the interval in which gw-a decided (``asked`` .. ``t``), and
+:func:`judge_served` judges it by that generation's own validity. A refusal (503 / SKIP error) is a
 result, not an error; an error is a round that got no answer.
 
 The PSK is passed to ``openssl s_client`` on its command line (it has no
@@ -162,6 +166,14 @@ class Answer:
     qkd: bool = False               # the key's generation had a QKD key
     single_source: bool = False
     message: str = ""
+    generation: int | None = None   # the generation it came from (qkdgate_generation)
+
+
+def _generation(ext: Any) -> int | None:
+    """The generation a key came from: the ``qkdgate_generation`` of its
+    answer's vendor extension (ETSI GS QKD 014 6.3; SKIP's ``qkdgate_extension``)."""
+    g = ext.get("qkdgate_generation") if isinstance(ext, dict) else None
+    return g if isinstance(g, int) and not isinstance(g, bool) else None
 
 
 def _tally() -> dict[str, int]:
@@ -235,17 +247,21 @@ class KeyApps:
         enc, dec = (self._enc_014, self._dec_014) if api == "etsi014" else \
             (self._new_key_skip, self._key_by_id_skip)
         phase, at = self.phase(), self.elapsed()
+        asked = at                   # gw-a decided between asked and at
         b = None
+        fetched = None
         try:
             a = self.loops[APP_A].call(enc(), timeout=60)
             phase, at = self.phase(), self.elapsed()      # when gw-a served or refused
             if a.status == 200 and a.key_id is not None:
                 b = self.loops[APP_B].call(dec(a.key_id), timeout=60)
+                fetched = self.elapsed()
         except Exception as exc:  # noqa: BLE001  a round that got no answer is counted, not fatal
             a, b = Answer(None, message=f"{type(exc).__name__}: {exc}"[:200]), None
-        return self._count(api, phase, at, a, b)
+        return self._count(api, phase, at, a, b, asked=asked, fetched=fetched)
 
-    def _count(self, api: str, phase: str, at: float, a: Answer, b: Answer | None) -> str:
+    def _count(self, api: str, phase: str, at: float, a: Answer, b: Answer | None, *,
+               asked: float | None = None, fetched: float | None = None) -> str:
         with self._lock:
             row = self.by_phase[api].setdefault(phase, _tally())
             if a.status is None:
@@ -275,7 +291,8 @@ class KeyApps:
                 self.statuses[api]["200"] += 1
             if len(self.attempts) < MAX_ATTEMPTS:
                 self.attempts.append({
-                    "t": at, "api": api, "phase": phase, "outcome": outcome,
+                    "t": at, "asked": at if asked is None else asked, "fetched": fetched,
+                    "generation": a.generation, "api": api, "phase": phase, "outcome": outcome,
                     "status": a.status, "key_ID": (a.key_id or "")[:8] or None,
                     "fetch_status": b.status if b else None,
                     "reason": (b.message if outcome == "fetch_refused" and b else
@@ -315,7 +332,8 @@ class KeyApps:
         k = doc["keys"][0]
         ext = doc.get("key_container_extension") or {}
         return Answer(200, k["key_ID"], base64.b64decode(k["key"]),
-                      bool(ext.get("qkdgate_qkd_key_IDs")), bool(ext.get("qkdgate_single_source")))
+                      bool(ext.get("qkdgate_qkd_key_IDs")), bool(ext.get("qkdgate_single_source")),
+                      generation=_generation(ext))
 
     async def _enc_014(self) -> Answer:
         # ETSI GS QKD 014 5.3: the master asks its KME for keys for the slave
@@ -346,7 +364,8 @@ class KeyApps:
         ext = doc.get("qkdgate_extension") or {}
         # draft-cisco-skip-02 4.2 Table 6: keyId and key, hexadecimal
         return Answer(200, str(doc["keyId"]).lower(), bytes.fromhex(doc["key"]),
-                      bool(ext.get("qkdgate_qkd_key_IDs")), bool(ext.get("qkdgate_single_source")))
+                      bool(ext.get("qkdgate_qkd_key_IDs")), bool(ext.get("qkdgate_single_source")),
+                      generation=_generation(ext))
 
     async def _new_key_skip(self) -> Answer:
         return await self._skip("gw-a", f"/key?remoteSystemID={APP_B}")
@@ -381,3 +400,46 @@ class KeyApps:
                              "last_refusal": self.last[api]}
             return {"pool": POOL, "applications": [APP_A, APP_B], "period": self.period,
                     "rounds": self.rounds, "apis": apis, "attempts": list(self.attempts)}
+
+
+def judge_served(ks: dict[str, Any], *, qkd_required: bool = True,
+                 master: str = "gw-a", slave: str = "gw-b") -> list[str]:
+    """Every served key, judged by its own generation (what the daemons
+    did, :meth:`~qkdgate.gateway.demo.view.Recorder.generation_windows`
+    under ``ks["generations"]``), not by the run's wall-clock phase: gw-a
+    decided to serve it at a moment between ``asked`` and ``t``, and that
+    interval must meet its generation's validity on every tunnel of gw-a
+    that carried it -- switched to it (confirmed both ways) and not past
+    ``valid_until`` (hard lifetime or a block) -- and, with
+    ``qkd_required`` (hybrid-required), the generation had a QKD key. gw-b
+    must have installed the generation before APP-B's fetch was answered.
+    Returns one line per violation (empty: every key was served honestly)."""
+    windows = ks.get("generations") or []
+    bad: list[str] = []
+    for x in ks.get("attempts") or []:
+        if x.get("outcome") != "served":
+            continue
+        g, asked, at = x.get("generation"), x.get("asked", x.get("t")), x.get("t")
+        what = f"{x.get('api')} key {x.get('key_ID')} served in [{asked}, {at}] s"
+        if g is None:
+            bad.append(f"{what}: the answer named no generation")
+            continue
+        mine = [w for w in windows if w["gateway"] == master and w["generation"] == g]
+        if not mine:
+            bad.append(f"{what}: {master} never installed generation {g}")
+        for w in mine:
+            where = f"{master}/{w['tunnel']} generation {g}"
+            if w.get("switched") is None or w.get("valid_until") is None:
+                bad.append(f"{what}: {where} never carried traffic")
+            elif at < w["switched"] or asked > w["valid_until"]:
+                bad.append(f"{what}: {where} was valid in [{w['switched']}, "
+                           f"{w['valid_until']}] s only")
+            if qkd_required and not w.get("qkd"):
+                bad.append(f"{what}: {where} had no QKD key")
+        fetched = x.get("fetched")
+        theirs = [w for w in windows if w["gateway"] == slave and w["generation"] == g]
+        if not theirs or (fetched is not None
+                          and min(w["installed"] for w in theirs) > fetched):
+            bad.append(f"{what}: {slave} had not installed generation {g} when APP-B "
+                       f"fetched it at {fetched} s")
+    return bad

@@ -530,8 +530,14 @@ class DemoRun:
         end = time.monotonic()
         key_service = None
         if self.keyapps is not None:
+            from qkdgate.gateway.demo.keyapps import judge_served
             self.keyapps.stop()
             key_service = self.keyapps.summary()
+            hard = Timers.for_interval(self.opts.rekey_interval).hard
+            key_service["hard_lifetime"] = hard
+            key_service["generations"] = self.rec.generation_windows(hard)
+            key_service["served_outside_generation"] = judge_served(
+                key_service, qkd_required=POLICIES[self.opts.policy] == "hybrid-required")
         for s in self.streams:
             s.stop(drain=1.0)
         traffic: dict[str, Any] = {"streams": {}, "sent": 0, "received": 0, "lost": 0}

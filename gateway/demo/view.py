@@ -51,6 +51,7 @@ from qkdgate.tunnels.events import (
     PolicyFallback,
     PolicyRecovered,
     SaHardLifetimeBlock,
+    SaInstalled,
     SaSwitched,
     TunnelBlocked,
     TunnelEvent,
@@ -138,6 +139,9 @@ class Recorder:
         self.eve_windows: list[list[float | None]] = []   # [on, off or None]
         self.setup_seconds: float | None = None
         self._shown = 0              # notes already printed by the view
+        # (gateway, tunnel, event, generation, monotonic, qkd): each
+        # generation's life for :meth:`generation_windows`
+        self._lives: list[tuple[str, str, str, int | None, float, bool]] = []
 
     def start_clock(self) -> None:
         """Traffic starts: time 0 of the run (``--eavesdrop-at`` counts from here)."""
@@ -216,6 +220,11 @@ class Recorder:
         """One typed event of ``gateway`` (called in the daemon's thread)."""
         if not isinstance(ev, (DaemonEvent, TunnelEvent)):
             raise UnknownEvent(ev, "demo view")
+        if isinstance(ev, (SaInstalled, SaSwitched, SaHardLifetimeBlock, TunnelBlocked)):
+            gen = None if isinstance(ev, TunnelBlocked) else ev.generation
+            qkd = isinstance(ev, (SaInstalled, SaSwitched)) and bool(ev.inputs.qkd_key_ids)
+            with self._lock:
+                self._lives.append((gateway, ev.tunnel, ev.name, gen, self.clock(), qkd))
         if not isinstance(ev, KEY_EVENTS):
             return
         gw = gateway
@@ -284,6 +293,46 @@ class Recorder:
                 key = f"{e['gateway']}/{e['tunnel']}"
                 out.setdefault(key, {"rekeys": 0, "failed": 0, "generations": [],
                                      "latency_ms": []})["failed"] += 1
+        return out
+
+    def generation_windows(self, hard: float) -> list[dict[str, Any]]:
+        """Each generation of each tunnel, from what the daemon did: when
+        its first SA was installed (``installed``) and when outbound traffic
+        switched to it (``switched``: the key service confirms a generation
+        right after, gateway/daemon/peer.py, so it serves from then), whether
+        its keys had a QKD key, and ``valid_until``: the first of its hard
+        lifetime (``switched`` + ``hard``; the kernel's counts from the SA's
+        add, before that), the daemon's hard-lifetime block of it, and the
+        first ``tunnel_blocked`` after it switched (a block removes every
+        SA). Seconds of the run's clock; no key material."""
+        with self._lock:
+            lives = sorted(self._lives, key=lambda x: x[4])
+        rows: dict[tuple[str, str, int], dict[str, Any]] = {}
+        blocks: dict[tuple[str, str], list[float]] = {}
+        for gw, tunnel, name, gen, at, qkd in lives:
+            if gen is None:
+                blocks.setdefault((gw, tunnel), []).append(at)
+                continue
+            row = rows.setdefault((gw, tunnel, gen), {
+                "gateway": gw, "tunnel": tunnel, "generation": gen, "installed": at,
+                "switched": None, "qkd": qkd, "hard_block": None})
+            row["qkd"] = row["qkd"] or qkd
+            if name == "sa_switched" and row["switched"] is None:
+                row["switched"] = at
+            elif name == "sa_hard_lifetime_block" and row["hard_block"] is None:
+                row["hard_block"] = at
+        out = []
+        for (gw, tunnel, _), row in sorted(rows.items()):
+            until = None
+            if row["switched"] is not None:
+                ends = [row["switched"] + hard]
+                ends += [b for b in blocks.get((gw, tunnel), []) if b >= row["switched"]][:1]
+                if row["hard_block"] is not None:
+                    ends.append(row["hard_block"])
+                until = min(ends)
+            out.append({**row, **{k: (None if row[k] is None else self.elapsed(row[k]))
+                                  for k in ("installed", "switched", "hard_block")},
+                        "valid_until": None if until is None else self.elapsed(until)})
         return out
 
     def timeline(self, per_second: dict[str, Any] | None = None) -> dict[str, Any]:
