@@ -6,14 +6,17 @@ Theory of operation::
                                      wire (bridge br0)          in namespace "k", reached
     hB 10.2.0.2 -- b1 gB 192.0.2.2 w0 --+                      from gA/gB on their own
     gA.m0 / gB.m0: a second pair of bridge ports for MACsec    loopback through forwarders
+                                                               (its own process)
 
 Names are ``qd<tag>-<role>`` with a fresh random tag per run, so parallel
 runs and leftovers of a killed run never collide. Setup uses ``ip -batch``
 (one process per namespace: under QEMU TCG process start costs 0.2-0.6 s);
 everything else runs in-process. A thread enters a namespace with setns(2),
 which moves only the calling thread (``CLONE_NEWNET`` is per task), so the
-two daemons, the KME simulator and the traffic run as threads of one
-process, each opening its sockets in its own namespace. pyroute2's
+two daemons and the traffic run as threads of one process, each opening
+its sockets in its own namespace (the KME simulator is its own process in
+namespace k, :mod:`~qkdgate.gateway.demo.kmeproc`; its forwarders listen
+on sockets made here). pyroute2's
 push/pop helpers are not used from these threads: they save
 ``/proc/self/ns/net``, the main thread's namespace, not the caller's.
 

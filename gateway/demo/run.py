@@ -1,8 +1,10 @@
 """The demo conductor: namespaces, KME simulator, two daemons, traffic, view.
 
 Theory of operation: :class:`DemoRun` builds the topology
-(:mod:`~qkdgate.gateway.demo.net`), starts the KME simulator in its own
-namespace with a TCP forwarder on each gateway's loopback, writes the two
+(:mod:`~qkdgate.gateway.demo.net`), starts the KME simulator as its own
+process in its own namespace (:mod:`~qkdgate.gateway.demo.kmeproc`: its
+own interpreter, a TCP forwarder on each gateway's loopback, driven over
+a pipe), writes the two
 gateway configurations (:mod:`~qkdgate.gateway.demo.config`) and runs the
 real :class:`~qkdgate.gateway.daemon.daemon.Daemon` for each gateway in a thread
 that lives in the gateway's namespace, so its UDP socket, its HTTPS client
@@ -10,21 +12,22 @@ to the KME and its netlink sockets (XFRM, MACsec) are all that gateway's.
 Once both gateways hold generation 1, UDP streams run between the hosts;
 every ``view_interval`` the conductor prints a status block; at
 ``eavesdrop_at`` it puts an intercept-resend eavesdropper on the simulated
-QKD link (the QBER alarm follows from the link model), and the configured
+QKD link (the ``eve`` request on the simulator's control pipe; the QBER
+alarm follows from the link model), and the configured
 policy acts in the daemons on its own. Every step that creates something
 registers its undo with :class:`~qkdgate.gateway.demo.net.Cleanup` first,
-so the end, an error or Ctrl-C removes every namespace and thread.
+so the end, an error or Ctrl-C removes every namespace, thread and the
+KME simulator's process.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
-import itertools
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -43,13 +46,13 @@ from qkdgate.gateway.demo.config import (
     QkdSource,
     Timers,
     control_socket,
-    kme_port,
     topology_pairs,
     write_configs,
     write_identities,
 )
 from qkdgate.gateway.demo.kernelwatch import KernelWatch, overlay_blocked
 from qkdgate.gateway.demo.kernelwatch import Path as KernelPath
+from qkdgate.gateway.demo.kmeproc import KmeProcess
 from qkdgate.gateway.demo.report import per_second
 from qkdgate.gateway.demo.traffic import UdpStream, loss_by_phase
 from qkdgate.gateway.demo.view import LiveView, PlainView, Recorder, make_view
@@ -66,8 +69,7 @@ RECOVERY_TIMEOUT = 120.0   # --after-recovery gives up this long after the eaves
 PREFETCH = ("qkdgate.gateway.daemon.daemon", "qkdgate.gateway.daemon.build",
             "qkdgate.gateway.protocol.identity",
             "qkdgate.gateway.config.model", "qkdgate.adapters.registry", "qkdgate.adapters.etsi014",
-            "qkdgate.adapters.etsi004_source",
-            "qkdgate.adapters.kmesim.server", "qkdgate.tunnels.xfrm", "qkdgate.tunnels.macsec",
+            "qkdgate.adapters.etsi004_source", "qkdgate.tunnels.xfrm", "qkdgate.tunnels.macsec",
             "qkdgate.tunnels.ipsec_tunnel", "qkdgate.tunnels.macsec_tunnel",
             "qkdgate.gateway.protocol", "qkdgate.gateway.daemon.journal", "aiohttp")
 
@@ -115,10 +117,7 @@ class DemoRun:
         self.rec = Recorder()
         self.net = dn.DemoNet()
         self.state_dir: Path | None = None
-        self.kme: dn.LoopThread | None = None
-        self.sim: Any = None
-        self._kme_ready = threading.Event()
-        self._kme_stop: asyncio.Event | None = None
+        self.kme: KmeProcess | None = None
         self.threads: dict[str, dn.LoopThread] = {}
         self.daemons: dict[str, Any] = {}
         self.futures: dict[str, Any] = {}
@@ -160,12 +159,12 @@ class DemoRun:
             write_identities(self.state_dir)
         with self._step("KME simulator"):
             self._start_kme()
-        sim = self.sim
+        creds = self._kme().ready["credentials"]
 
         def endpoint(sae: str, port: int) -> KmeEndpoint:
-            c = sim.credentials(sae)
-            return KmeEndpoint(f"https://127.0.0.1:{port}", c.kme_id, str(c.cert),
-                               str(c.key), str(c.ca))
+            c = creds[sae]
+            return KmeEndpoint(f"https://127.0.0.1:{port}", c["kme_id"], c["cert"], c["key"],
+                               c["ca"])
         eps = [endpoint(self.pairs[0][0], self.fwd_ports[0]),
                endpoint(self.pairs[0][1], self.fwd_ports[1])]
         sources: tuple[list[QkdSource], list[QkdSource]] = ([], [])
@@ -229,7 +228,6 @@ class DemoRun:
         return parts[parts.index("link/ether") + 1]
 
     def _start_kme(self) -> None:
-        from qkdgate.adapters.kmesim.server import KmeSimulator
         topology, kmes = None, ("KME-A", "KME-B")
         if self.opts.topology:
             from qkdgate.gateway.config.topology import load_topology
@@ -237,39 +235,28 @@ class DemoRun:
             self.pairs = topology_pairs(topology)
             home = topology.sae_home()
             kmes = (home[self.pairs[0][0]], home[self.pairs[0][1]])
-        self.kme = dn.LoopThread(self.net.k, "kme").start()
-        self.cleanup.push("KME thread", self.kme.stop)
         listeners = [dn.loopback_listener(self.net.gA), dn.loopback_listener(self.net.gB)]
         self.fwd_ports = [s.getsockname()[1] for s in listeners]
+        try:
+            self.kme = KmeProcess.start(self._state_dir(), listeners, kmes, qkd=self.opts.qkd,
+                                        topology=self.opts.topology, prefill=1000,
+                                        netns=self.net.k)
+        finally:
+            for s in listeners:      # the child holds them now (or nobody does)
+                s.close()
+        self.cleanup.push("KME simulator process", self._stop_kme)
+        log.info("demo: KME simulator process pid %d", self.kme.pid)
 
-        async def main() -> None:
-            self._kme_stop = asyncio.Event()
-            async with KmeSimulator.start(self._state_dir() / "kme", prefill=1000,
-                                          topology=topology) as sim:
-                fwds = [dn.TcpForwarder(s, ("127.0.0.1",
-                                            kme_port(self.opts.qkd, k, sim.ports, sim.ports004)))
-                        for s, k in zip(listeners, kmes, strict=True)]
-                for f in fwds:
-                    await f.start()
-                self.sim = sim
-                self._kme_ready.set()
-                await self._kme_stop.wait()
-                for f in fwds:
-                    await f.close()
-        fut = self.kme.submit(main())
-        self.cleanup.push("KME simulator", lambda: self._stop_kme(fut))
-        while not self._kme_ready.wait(0.2):
-            if fut.done():
-                fut.result()       # raises the reason
-                raise QkdgateError("KME simulator stopped during start-up")
+    def _kme(self) -> KmeProcess:
+        if self.kme is None:
+            raise RuntimeError("the KME simulator process is not running")   # our bug
+        return self.kme
 
-    def _stop_kme(self, fut: Any) -> None:
-        if self._kme_stop is not None and self.kme and self.kme.loop:
-            self.kme.loop.call_soon_threadsafe(self._kme_stop.set)
-            try:
-                fut.result(10)
-            except Exception as exc:  # noqa: BLE001  stopping: report how it ended, stop the rest
-                log.warning("KME simulator: %s", exc)
+    def _stop_kme(self) -> None:
+        rc = self._kme().stop()
+        if rc not in (0, None) and rc != -signal.SIGTERM:
+            raise QkdgateError(f"KME simulator process ended with status {rc} "
+                               f"(log {self._kme().log_path})")
 
     def _start_daemon(self, name: str, ns: str, path: str) -> None:
         from qkdgate.gateway.config.model import load_config
@@ -322,13 +309,9 @@ class DemoRun:
             return None
 
     def link_state(self) -> dict[str, Any] | None:
-        if self.kme is None or self.sim is None:
+        if self.kme is None:
             return None
-
-        async def get() -> dict[str, Any]:
-            link: dict[str, Any] = self.sim.state()["links"][0]
-            return link
-        link = self.kme.call(get(), timeout=10)
+        link: dict[str, Any] = self.kme.call("state")["links"][0]
         self.rec.link_sample(link)           # the report's QBER and key pool over time
         prev = set((self._last_link or {}).get("alarms", []))
         for a in link.get("alarms", []):
@@ -341,40 +324,16 @@ class DemoRun:
 
     def network_state(self) -> dict[str, Any] | None:
         """With ``--topology``: every link, and per QKD path (SAE pair) its
-        route, what its links hold and what compromised nodes on it saw."""
-        if not self.opts.topology or self.kme is None or self.sim is None:
+        route, what its links hold and what compromised nodes on it saw
+        (:func:`~qkdgate.gateway.demo.kmeproc.network_state`, in the
+        simulator's process)."""
+        if not self.opts.topology or self.kme is None:
             return None
-        sim = self.sim
-
-        async def get() -> dict[str, Any]:
-            st = sim.state()
-            net = sim.network
-            links = {frozenset(x["kmes"]): x for x in st["links"]}
-            paths = []
-            for a, b in self.pairs:
-                reply = net.status(net.sae_home[a], a, b)
-                ok = reply.status == 200
-                routes = reply.body["status_extension"].get("qkdgate_routes", []) if ok else []
-                hops = [links[frozenset(h)] for r in routes for h in itertools.pairwise(r)]
-                seen = {s.key_id for s in net.attacker_knowledge()
-                        if {s.master_sae, s.slave_sae} == {a, b}}
-                paths.append({
-                    "saes": [a, b], "routes": routes,
-                    "stored_keys": reply.body["stored_key_count"] if ok else 0,
-                    "qber": max((h["qber"] for h in hops), default=None),
-                    "alarms": sorted({x for h in hops for x in h["alarms"]}),
-                    "compromised": sorted({n for r in routes for n in r} & net.compromised),
-                    "attacker_key_ids": sorted(seen)})
-            return {"links": st["links"], "paths": paths}
-        out: dict[str, Any] = self.kme.call(get(), timeout=10)
+        out: dict[str, Any] = self.kme.call("network", pairs=[list(p) for p in self.pairs])
         return out
 
     def set_eavesdropper(self, on: bool) -> None:
-        async def set_() -> None:
-            self.sim.set_eavesdropper(self.opts.eve_fraction if on else 0.0)
-        if self.kme is None:
-            raise RuntimeError("set_eavesdropper before the KME simulator runs")   # our bug
-        self.kme.call(set_())
+        self._kme().call("eve", fraction=self.opts.eve_fraction if on else 0.0)
         self.eve_on = on
         if not on:
             self.eve_left_at = time.monotonic()
