@@ -25,6 +25,7 @@ import math
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Final
 
 from qkdgate.errors import LocalProtocolError, TunnelError
 from qkdgate.interfaces import (
@@ -65,6 +66,26 @@ from qkdgate.tunnels.timers import Lifetimes
 log = logging.getLogger("qkdgate.tunnels")
 
 
+SPI_RANGE: Final = (0xC0000000, 0xCFFFFFFF)   # 2^28 SPIs, strongSwan's default range
+
+
+def spi_range_for_node(node: int | None) -> tuple[int, int]:
+    """The inbound SPI range of HA node 1 or 2 (or of a gateway without HA).
+
+    The two nodes of a pair reserve SPIs in their own kernels, yet the peer
+    installs both nodes' outbound SAs under one destination, the VIP. Equal
+    SPIs from the two nodes would collide there: the peer's kernel refuses the
+    second (EEXIST) and the new node's first exchange after a failover fails.
+    Disjoint halves rule that out (docs/operations.md, "High availability")."""
+    low, high = SPI_RANGE
+    if node is None:
+        return SPI_RANGE
+    if node not in (1, 2):
+        raise ValueError(f"HA node {node!r} is not 1 or 2")
+    half = (high - low + 1) // 2
+    return (low, low + half - 1) if node == 1 else (low + half, high)
+
+
 @dataclass(frozen=True, slots=True)
 class IpsecTunnelSpec:
     tunnel_id: str
@@ -82,11 +103,18 @@ class IpsecTunnelSpec:
     priority: int = 1000
     aead: str = "rfc4106(gcm(aes))"
     esn: bool = True
+    # Inbound SPIs are reserved from here (XFRM_MSG_ALLOCSPI min/max); the
+    # two nodes of an HA pair get disjoint halves (spi_range_for_node).
+    spi_range: tuple[int, int] = SPI_RANGE
 
     def __post_init__(self) -> None:
         if self.reqid_base < 1 or self.reqid_span < 3 \
                 or self.reqid_base + self.reqid_span > 0xFFFFFFFF:
             raise ValueError("reqid range must be within 1..2^32-1 and hold at least 3 reqids")
+        low, high = self.spi_range
+        # RFC 4303 2.1: SPI 0 is reserved, 1-255 are reserved by IANA
+        if not 256 <= low <= high <= 0xFFFFFFFF:
+            raise ValueError(f"SPI range {low:#x}..{high:#x} not within 0x100..0xffffffff")
         if not self.local_nets or not self.remote_nets:
             raise ValueError("a tunnel needs local and remote traffic selectors")
 
@@ -227,7 +255,8 @@ class IpsecDriver:
     def allocate_spi(self, inbound_in_use: frozenset[int]) -> int:
         # the reserved (larval) SA carries our inbound reqid: if the exchange
         # dies with us, failsafe's reqid sweep removes it too
-        return self.backend.allocate_spi(self.spec.remote, self.spec.local,
+        low, high = self.spec.spi_range
+        return self.backend.allocate_spi(self.spec.remote, self.spec.local, low=low, high=high,
                                          reqid=self.spec.reqid_base)
 
     def _sa_spec(self, key: SecretBytes, reqid: int, out_sel: Selector, sa: NewSa) -> SaSpec:
@@ -345,7 +374,9 @@ class IpsecDriver:
 
     def spi_request(self) -> AllocateSpi:
         # as allocate_spi: the larval SA carries our inbound reqid
-        return AllocateSpi(self.spec.remote, self.spec.local, reqid=self.spec.reqid_base)
+        low, high = self.spec.spi_range
+        return AllocateSpi(self.spec.remote, self.spec.local, reqid=self.spec.reqid_base,
+                           low=low, high=high)
 
     def allocate_spis(self, requests: Sequence[AllocateSpi]) -> list[int | TunnelError]:
         return self.backend.allocate_spis(requests)

@@ -24,7 +24,7 @@ from qkdgate.keymix.secret import SecretBytes
 from qkdgate.private_file import read_private_file
 from qkdgate.tunnels.consumer import KeyConsumer, consumer_tunnel
 from qkdgate.tunnels.events import TunnelEventSink
-from qkdgate.tunnels.ipsec_tunnel import IpsecTunnelSpec, ipsec_tunnel
+from qkdgate.tunnels.ipsec_tunnel import IpsecTunnelSpec, ipsec_tunnel, spi_range_for_node
 from qkdgate.tunnels.macsec_tunnel import MacsecTunnelSpec, macsec_tunnel
 from qkdgate.tunnels.manager import Lifetimes, Tunnel, TunnelManager
 from qkdgate.tunnels.policy import KeyPolicy
@@ -50,7 +50,9 @@ def _host_net(addr: Any) -> Any:
     return ipaddress.ip_network(f"{addr}/{addr.max_prefixlen}")
 
 
-def ipsec_spec(t: TunnelConfig) -> IpsecTunnelSpec:
+def ipsec_spec(t: TunnelConfig, ha_node: int | None = None) -> IpsecTunnelSpec:
+    """``ha_node``: this gateway's HA node (1, 2), which picks its half of
+    the inbound SPI range; None without HA."""
     s = t.ipsec
     if s is None:
         raise ConfigError("an IPsec tunnel needs its ipsec section",
@@ -62,7 +64,7 @@ def ipsec_spec(t: TunnelConfig) -> IpsecTunnelSpec:
         reqid_base=s.reqid, reqid_span=REQID_SPAN, mode=s.mode,
         mark=s.mark.to_mark() if s.mark else None, if_id=s.if_id,
         encap=UdpEncap() if s.udp_encap else None, replay_window=s.replay_window,
-        aead=s.cipher.aead, esn=s.esn)
+        aead=s.cipher.aead, esn=s.esn, spi_range=spi_range_for_node(ha_node))
 
 
 def macsec_spec(t: TunnelConfig) -> MacsecTunnelSpec:
@@ -118,7 +120,8 @@ def tunnels(cfg: Config, ipsec_backend: Any, macsec_backend: Any,
     builders = CONSUMERS if consumers is None else consumers
     for t in cfg.tunnels:
         if t.type is TunnelType.IPSEC:
-            out.append(ipsec_tunnel(ipsec_spec(t), ipsec_backend, policy=t.policy,
+            out.append(ipsec_tunnel(ipsec_spec(t, cfg.ha.node if cfg.ha else None),
+                                    ipsec_backend, policy=t.policy,
                                    lifetimes=lifetimes(t), emit=emit))
         elif t.type is TunnelType.MACSEC:
             out.append(macsec_tunnel(macsec_spec(t), macsec_backend, policy=t.policy,

@@ -180,8 +180,8 @@ class RecordingIpsecBackend:
     def allocate_spi(self, src: IPAddress, dst: IPAddress, proto: int = socket.IPPROTO_ESP,
                      low: int = 0xC0000000, high: int = 0xCFFFFFFF, reqid: int = 0) -> int:
         while True:
-            spi = self._next_spi
-            self._next_spi += 1
+            spi = max(self._next_spi, low)      # counts up within the asked range
+            self._next_spi = spi + 1
             if spi > high:
                 raise TunnelError("allocate_spi", errno.ENOENT, "SPI range exhausted")
             if spi >= low and not any(k[0] == dst and k[1] == spi for k in self.sas):

@@ -190,6 +190,37 @@ def test_ha_section_parses_with_defaults():
     assert parse(BASE).ha is None
 
 
+def test_the_two_nodes_reserve_inbound_spis_from_disjoint_halves():
+    """The peer installs both nodes' outbound SAs under one destination, the
+    VIP: equal SPIs from the two nodes would collide there (EEXIST). Each
+    node's IPsec tunnels reserve from their own half of the 2^28 range, and
+    the kernel is asked for exactly that range."""
+    from qkdgate.gateway.daemon.build import ipsec_spec
+    from qkdgate.testing.fakes import RecordingIpsecBackend
+    from qkdgate.tunnels.ipsec_tunnel import SPI_RANGE, IpsecDriver, spi_range_for_node
+    ranges = {}
+    for node in (1, 2):
+        cfg = parse(HA_BASE + f"ha: {{node: {node}}}\n")
+        t = next(t for t in cfg.tunnels if t.ipsec is not None)
+        spec = ipsec_spec(t, cfg.ha.node)
+        assert spec.spi_range == spi_range_for_node(node)
+        be = RecordingIpsecBackend()
+        be._next_spi = 0                        # a kernel counting up from anywhere
+        drv = IpsecDriver(spec, be)
+        low, high = spec.spi_range
+        spis = [drv.allocate_spi(frozenset()) for _ in range(3)]
+        assert all(low <= x <= high for x in spis), [hex(x) for x in spis]
+        assert (drv.spi_request().low, drv.spi_request().high) == (low, high)
+        ranges[node] = range(low, high + 1)
+    r1, r2 = ranges[1], ranges[2]
+    assert r1.stop == r2.start and r1.start == SPI_RANGE[0] and r2.stop - 1 == SPI_RANGE[1]
+    assert len(r1) == len(r2) == 2 ** 27
+    cfg = parse(BASE)
+    assert ipsec_spec(next(t for t in cfg.tunnels if t.ipsec), None).spi_range == SPI_RANGE
+    with pytest.raises(ValueError, match="not 1 or 2"):
+        spi_range_for_node(3)
+
+
 HA_LINE = HA_BASE.count("\n") + 1      # the line of `ha:` appended to HA_BASE
 
 

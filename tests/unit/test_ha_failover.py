@@ -32,6 +32,7 @@ from qkdgate.gateway.daemon.ha import Notify
 from qkdgate.gateway.daemon.journal import Journal
 from qkdgate.gateway.daemon.sdnotify import SdNotifier
 from qkdgate.testing.fakes import FakeQkdLink, RecordingIpsecBackend
+from qkdgate.tunnels.ipsec_tunnel import spi_range_for_node
 
 
 def node_config(tmp_path, path_a, node, port=None):
@@ -389,6 +390,13 @@ async def test_power_loss_of_the_active_converges_without_an_operator(tmp_path, 
         await wait_for(lambda: s.sa_set("b") == ["in", "out"], 5, "old SAs kept on the peer")
         assert {sa.sa_id.spi for sa in s.be["b"].sas.values()} \
             == {sa.sa_id.spi for sa in s.be["a2"].sas.values()}
+        # each node reserved from its own half: node 2 cannot pick the SPI of
+        # the peer's still-installed SA to node 1 (it did, 2 runs in 3, and
+        # lost ~2 s to the peer's EEXIST and a retry before the halves)
+        for n, node in (("a1", 1), ("a2", 2)):
+            low, high = spi_range_for_node(node)
+            reserved = [spi for op, spi in s.be[n].ops if op == "allocate_spi"]
+            assert reserved and all(low <= x <= high for x in reserved), (n, reserved)
         new_ids = set(s.qkd_ids("b")) - ids_before
         assert new_ids and not new_ids & ids_before
         ids = s.qkd_ids("b")
