@@ -116,6 +116,20 @@ class HaLab:
             self.kme.stop()
         subprocess.run(["ip", "-batch", "-"], input="".join(
             f"netns del {x}\n" for x in self.ns.values()), text=True, capture_output=True)
+        self.keep_logs()
+
+    def keep_logs(self) -> None:
+        """The daemons' and keepalived's logs outlive the guest: copied to
+        LAB_OUT/ha-logs (the host keeps it), since a flap or a stall is read
+        from them, not from the assertion."""
+        out = os.environ.get("LAB_OUT")
+        if not out:
+            return
+        dest = Path(out) / "ha-logs"
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in self.folder.glob("*.log"):
+            with contextlib.suppress(OSError):
+                (dest / f.name).write_bytes(f.read_bytes())
 
     # -------------------------------------------------------------- KME
     def start_kme(self) -> tuple[int, int, int]:
