@@ -34,6 +34,7 @@ from kernel_traffic import (  # noqa: F401
     analyse_pcap,
     attribute_loss,
     ip,
+    iter_pcap,
     link_drops,
     net,
     proc_net,
