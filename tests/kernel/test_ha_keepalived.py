@@ -49,11 +49,12 @@ HA_, HB_ = ip("10.1.0.2"), ip("10.2.0.2")
 VENV_QKDGATE = Path(sys.executable).parent / "qkdgate"
 OUTAGE_BOUND = 20.0       # seconds: loose under TCG; the goal (< 1 s) is measured, not asserted
 
-# Opt-in until it passes in the lab: its one run (16:01, loaded host) kept
-# every zero (0 cleartext, one fresh QKD key per switch) but keepalived
-# flapped (its 1 s pgrep check timed out under TCG and 'fall 1' made that a
-# FAULT), so the streams did not settle; the check now allows 3 s and two
-# failures (docs/operations.md, "High availability").
+# Opt-in until it passes in the lab. Its runs kept every zero (0 cleartext,
+# one fresh QKD key per switch), but keepalived flapped: the 1 s pgrep check
+# timed out under a starved TCG guest (16:01 with 1 s, 21:27 with 3 s, the
+# logs now kept in LAB_OUT/ha-logs), and each timeout is a FAULT while the
+# daemon lives. The check now allows 10 s (docs/operations.md, "High
+# availability").
 pytestmark = pytest.mark.skipif(os.environ.get("QKDGATE_HA_TESTS") != "1",
                                 reason="opt-in: QKDGATE_HA_TESTS=1 (docs/operations.md)")
 
@@ -197,7 +198,8 @@ class HaLab:
 vrrp_script qkdgate {{
     script "/usr/bin/pgrep -x qkdgate-{g[1:].lower()}"
     interval 1                 # whole seconds only (keepalived 2.2)
-    timeout 3                  # a loaded TCG guest: timeout 1 / fall 1 flapped
+    timeout 10                 # a starved TCG guest ran pgrep > 3 s (21:27, 2026-12-06):
+                               # FAULT while the daemon lived. A dead daemon fails fast.
     fall 2
     rise 1
 }}
