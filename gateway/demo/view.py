@@ -147,8 +147,14 @@ class Recorder:
         """Traffic starts: time 0 of the run (``--eavesdrop-at`` counts from here)."""
         now = self.clock()
         with self._lock:
-            self.setup_seconds = round(now - self.t0, 2)
+            shift = now - self.t0
+            self.setup_seconds = round(shift, 2)
             self.t0 = now
+            # what came before (the first generation) moves to the new clock:
+            # negative times, not seconds since setup began
+            for rows in (self.events, self.actions, self.alarms):
+                for row in rows:
+                    row["t"] = round(row["t"] - shift, 2)
 
     def new_notes(self) -> list[str]:
         """Notes not yet shown (each line of the view appears once)."""

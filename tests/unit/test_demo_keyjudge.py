@@ -158,3 +158,17 @@ def test_served_keys_carry_no_secret():
     ks, _ = summary((4, 10.0, 10.1))
     text = json.dumps(ks)
     assert "kkkk" not in text and "a2tr" not in text     # the key, raw or base64
+
+
+def test_events_before_the_traffic_move_to_the_run_clock():
+    """The first generation's rekey came 30 s into setup; on the run's clock
+    (time 0 = traffic starts) it is at -0.5 s, not at +29.5 s."""
+    from qkdgate.gateway.telemetry.events import RekeyDone
+    clk = Clock()
+    rec = Recorder(clock=clk, wall=lambda: 1.7e9)
+    clk.t += 29.5
+    rec.on_event("gw-a", RekeyDone("gw-b", "lan", 1, QKD, 900.0, "initial"))
+    clk.t += 0.5
+    rec.start_clock()
+    (row,) = rec.timeline()["rekeys"]
+    assert row["t"] == -0.5 and rec.setup_seconds == 30.0
