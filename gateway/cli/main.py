@@ -5,7 +5,10 @@ Theory of operation: each subcommand lives in its own module under
 This module only builds the parser from :data:`COMMANDS` and converts
 qkdgate errors into one clear line on stderr and an exit code (2 for the
 operator's mistakes, 1 for everything else); a traceback means a bug.
-Command modules keep their top-level imports light so ``--help`` is fast.
+Command modules keep their top-level imports light so ``--help`` is fast,
+and :func:`main` imports only the module of the command it runs (the others
+are listed by name and help line), so ``qkdgate run`` does not load the demo,
+the KME simulator or the dashboard before READY=1 (issue 19).
 """
 
 from __future__ import annotations
@@ -36,7 +39,10 @@ COMMANDS: list[tuple[str, str, str]] = [
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser; with ``only`` (a command name), only that command's
+    module is imported and gets its arguments, the others are bare entries
+    that keep ``qkdgate --help``'s list whole."""
     parser = argparse.ArgumentParser(
         prog="qkdgate",
         description="Hybrid post-quantum (ML-KEM + X25519) and QKD (ETSI GS QKD 014/004) "
@@ -44,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"qkdgate {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, modname, helptext in COMMANDS:
+        if only is not None and name != only:
+            sub.add_parser(name, help=helptext, description=helptext)
+            continue
         try:
             mod = importlib.import_module(modname)
         except ModuleNotFoundError as exc:
@@ -56,8 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def command_in(argv: Sequence[str]) -> str | None:
+    """The command ``argv`` names: its first word that is not an option (the
+    top-level options take no value), if it is one of :data:`COMMANDS`."""
+    first = next((a for a in argv if not a.startswith("-")), None)
+    return first if any(first == name for name, _, _ in COMMANDS) else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(command_in(argv))
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
         parser.print_help()
