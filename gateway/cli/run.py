@@ -44,7 +44,7 @@ def run(args: argparse.Namespace, *, ipsec_backend: object = None,
 
     from qkdgate.gateway.config.model import load_config
     from qkdgate.gateway.daemon.daemon import Daemon
-    from qkdgate.gateway.telemetry.metrics import configure_logging
+    from qkdgate.gateway.telemetry.logs import configure_logging
     from qkdgate.keymix.secret import disable_core_dumps
 
     cfg = load_config(args.config)          # ConfigError -> exit 2, nothing touched
