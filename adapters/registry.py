@@ -19,10 +19,13 @@ from __future__ import annotations
 import importlib
 import logging
 from collections.abc import Callable
-from importlib.metadata import entry_points
+from typing import TYPE_CHECKING
 
 from qkdgate.errors import ConfigError
 from qkdgate.interfaces import KeySource
+
+if TYPE_CHECKING:
+    from importlib.metadata import EntryPoints
 
 log = logging.getLogger("qkdgate.adapters.registry")
 
@@ -57,6 +60,14 @@ def create_idq(settings: object) -> KeySource:
 
 def create_toshiba(settings: object) -> KeySource:
     return _with_profile(settings, "toshiba")
+
+
+def entry_points(group: str) -> EntryPoints:
+    """The installed plugins of ``group``. importlib.metadata is imported
+    here, when a kind is not built in: it reads every installed package's
+    metadata, which ``qkdgate run`` with built-in kinds need not (issue 19)."""
+    from importlib.metadata import entry_points as installed
+    return installed(group=group)
 
 
 def _load(target: str) -> Factory:

@@ -57,7 +57,11 @@ def validate(cfg: Config) -> None:
     _unique(cfg, "tunnels", [t.name for t in cfg.tunnels], "tunnel name")
 
     # -- key sources
-    kinds = _known_kinds(BUILTIN_KEY_SOURCE_KINDS)
+    # The registry's list reads every installed package's entry points: only
+    # for a kind that is not built in (issue 19: not at every start).
+    kinds: set[str] = set(BUILTIN_KEY_SOURCE_KINDS)
+    if any(ks.kind not in kinds for ks in cfg.key_sources):
+        kinds = _known_kinds(BUILTIN_KEY_SOURCE_KINDS)
     for i, ks in enumerate(cfg.key_sources):
         at = f"key_sources[{i}]"
         if ks.kind not in kinds:
