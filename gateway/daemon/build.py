@@ -15,7 +15,7 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qkdgate.errors import ConfigError
 from qkdgate.gateway.config.model import REQID_SPAN, Config, PeerConfig, TunnelConfig, TunnelType
@@ -30,7 +30,9 @@ from qkdgate.tunnels.manager import Lifetimes, Tunnel, TunnelManager
 from qkdgate.tunnels.policy import KeyPolicy
 from qkdgate.tunnels.state import DEFAULT_PATH as REGISTRY_PATH
 from qkdgate.tunnels.state import TunnelRegistry
-from qkdgate.tunnels.wireguard import WireguardConsumer, WireguardSpec, parse_key
+
+if TYPE_CHECKING:
+    from qkdgate.tunnels.wireguard import WireguardSpec
 
 log = logging.getLogger("qkdgate.daemon")
 
@@ -86,6 +88,7 @@ def macsec_spec(t: TunnelConfig) -> MacsecTunnelSpec:
 
 
 def wireguard_spec(t: TunnelConfig) -> WireguardSpec:
+    from qkdgate.tunnels.wireguard import WireguardSpec, parse_key  # only with such a tunnel
     w = t.wireguard
     if w is None:
         raise ConfigError("a WireGuard tunnel needs its wireguard section",
@@ -94,7 +97,7 @@ def wireguard_spec(t: TunnelConfig) -> WireguardSpec:
 
 
 def wireguard_consumer(t: TunnelConfig, registry: TunnelRegistry | None) -> KeyConsumer:
-    from qkdgate.tunnels.wireguard import WireguardBackend
+    from qkdgate.tunnels.wireguard import WireguardBackend, WireguardConsumer
     return WireguardConsumer(wireguard_spec(t), WireguardBackend(), registry=registry)
 
 
