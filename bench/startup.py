@@ -30,7 +30,10 @@ KME need not answer: READY does not wait for the first exchange or key);
 service: everything optional off. ``--modules FILE`` writes the sorted
 module names of the last rep; ``--importtime FILE`` writes one rep's
 ``python -X importtime`` report. To compare before and after a change, run
-it on both checkouts (``git worktree``) on an otherwise idle host.
+it on both checkouts (``git worktree``) on an otherwise idle host. The
+checkout is byte-compiled first (vs_topology.precompile), as an installed
+package is: under PYTHONDONTWRITEBYTECODE an editable install would compile
+every module at every start.
 """
 
 from __future__ import annotations
@@ -217,6 +220,10 @@ def main() -> int:
     if os.geteuid() != 0:
         print("bench/startup.py needs root (a network namespace and XFRM)", file=sys.stderr)
         return 2
+    from vs_topology import precompile  # bench/ is not a package
+    if not precompile():
+        print("warning: could not byte-compile the checkout: every start compiles it",
+              file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="startup-") as tmp:
         work = Path(tmp)
         os.chmod(work, 0o700)
