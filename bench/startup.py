@@ -16,7 +16,11 @@ records, about itself:
 - wall: from the process's start (``/proc/self/stat`` starttime, so the
   interpreter's own start-up counts) to READY=1;
 - cpu: its user + system CPU time by then (all threads);
-- rss: ``VmRSS`` and ``VmHWM`` from ``/proc/self/status``;
+- rss: ``VmRSS`` and ``VmHWM`` from ``/proc/self/status``, and VmRSS's
+  anonymous and file-backed parts (``RssAnon``, ``RssFile``): the
+  file-backed pages (the interpreter, libcrypto, the Rust bindings) are
+  shared by every daemon on the machine, so two daemons' VmRSS added
+  counts them twice;
 - modules: ``len(sys.modules)``;
 
 prints them as one JSON line and sends itself SIGTERM (the daemon stops
@@ -61,7 +65,7 @@ def _status() -> dict[str, int]:
     with open("/proc/self/status") as fh:
         for line in fh:
             key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
                 out[key] = int(value.split()[0])   # kB
     return out
 
@@ -244,6 +248,9 @@ def main() -> int:
     print(f"  CPU by READY=1             {_fmt([r['cpu'] for r in reps], 'CPU-s')}")
     print(f"  VmRSS at READY=1           {_fmt([r['VmRSS'] for r in reps], 'MB', 1 / 1024)}")
     print(f"  VmHWM at READY=1           {_fmt([r['VmHWM'] for r in reps], 'MB', 1 / 1024)}")
+    print(f"    of VmRSS: anonymous      {_fmt([r['RssAnon'] for r in reps], 'MB', 1 / 1024)}")
+    print(f"    of VmRSS: file-backed    {_fmt([r['RssFile'] for r in reps], 'MB', 1 / 1024)}"
+          "  (shared libraries and the like: shared between daemons)")
     print(f"  modules (len(sys.modules)) {_fmt([r['modules'] for r in reps], '')}")
     print(f"  bare `python -c pass`      {_fmt(bare, 's')}")
     return 0
