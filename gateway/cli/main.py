@@ -22,7 +22,8 @@ from qkdgate import __version__
 from qkdgate.errors import ConfigError, QkdgateError
 
 # (name, module, one-line help). A command whose module is not present in
-# this build is left out of the parser.
+# this build is left out of the parser when its module is imported (the
+# full parser, or that command run); the others are listed unchecked.
 COMMANDS: list[tuple[str, str, str]] = [
     ("run", "qkdgate.gateway.cli.run", "run the gateway daemon"),
     ("status", "qkdgate.gateway.cli.status", "show tunnels, generations and key inputs"),
