@@ -147,7 +147,8 @@ def write_config(work: Path, profile: str, tunnels: int) -> Path:
     type: ipsec
     policy: {policy}
     ipsec: {{local_address: 127.0.0.1, remote_address: 127.0.0.2,
-            local_subnets: [10.1.{i}.0/24], remote_subnets: [10.2.{i}.0/24],
+            local_subnets: [10.{1 + i // 256}.{i % 256}.0/24],
+            remote_subnets: [10.{128 + i // 256}.{i % 256}.0/24],
             reqid: {1000 + 16 * i}}}
     rekey: {{interval: 3600s, soft_lifetime: 7000s, hard_lifetime: 7200s}}
 """ for i in range(tunnels))
