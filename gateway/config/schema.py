@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import functools
 import ipaddress
 import math
 import os
@@ -65,8 +66,18 @@ IPv4or6 = ipaddress.IPv4Address | ipaddress.IPv6Address
 NetV4or6 = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    """A config dataclass's annotations, resolved once per class: they are
+    strings (``from __future__ import annotations``) that get_type_hints
+    compiles and evaluates again at every call, and the builder asks for
+    each mapping of the file (issue 19: 3 per tunnel at every start)."""
+    return typing.get_type_hints(cls, include_extras=True)
+
+
 # ---------------------------------------------------------------- markers
 # Used inside typing.Annotated[...] in the schema dataclasses.
+
 
 @dataclass(frozen=True, slots=True)
 class Range:
@@ -202,7 +213,7 @@ class Walk:
 
     def dataclass(self, cls: type, node: Any, path: str) -> Any:
         items = self._mapping_items(node, path, f"a mapping ({_label(cls)})")
-        hints = typing.get_type_hints(cls, include_extras=True)
+        hints = _type_hints(cls)
         fields = {f.name: f for f in dataclasses.fields(cls)
                   if f.init and not f.name.startswith("_")}
         values: dict[str, Any] = {}
