@@ -233,6 +233,15 @@ class Stream:
         return [s for s in range(len(self.sent_at)) if s not in self.received]
 
 
+WINDOW_SLACK = 0.05     # s: a datagram sent this long after a window still counts against it
+
+
+def in_window(t: float, windows: list[tuple[float, float]]) -> int | None:
+    """The index of the first rekey window that datagram send time ``t``
+    counts against (see attribute_loss), else None."""
+    return next((i for i, (a, b) in enumerate(windows) if a <= t <= b + WINDOW_SLACK), None)
+
+
 def attribute_loss(stream: Stream, windows: list[tuple[float, float]],
                    host_drops: int) -> tuple[list[int], list[int]]:
     """Split lost sequence numbers into (in a rekey window, outside any).
@@ -243,5 +252,5 @@ def attribute_loss(stream: Stream, windows: list[tuple[float, float]],
     in_win, outside = [], []
     for s in stream.lost():
         t = stream.sent_at[s]
-        (in_win if any(a <= t <= b + 0.05 for a, b in windows) else outside).append(s)
+        (in_win if in_window(t, windows) is not None else outside).append(s)
     return in_win, outside

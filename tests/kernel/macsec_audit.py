@@ -29,8 +29,10 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
+from kernel_traffic import PATTERN, in_window
 from scapy.contrib.macsec import MACsec, MACsecSA
 from scapy.layers.l2 import Ether
 
@@ -63,6 +65,17 @@ class SaKeys:
     sak: bytes
     ssci: int | None = None
     salt: bytes | None = None
+
+    @classmethod
+    def of(cls, k: Any) -> SaKeys:
+        """From keymix's MacsecKeys (docs/keymix.md 6.2)."""
+        return cls(k.sak.reveal(), k.ssci, k.salt.reveal() if k.salt is not None else None)
+
+
+def stream_seq(payload: bytes) -> int | None:
+    """The sequence number of a kernel_traffic.Stream datagram in ``payload``."""
+    at = payload.find(PATTERN)
+    return None if at < 0 else struct.unpack_from("!Q", payload, at + len(PATTERN))[0]
 
 
 @dataclass(frozen=True)
@@ -129,3 +142,18 @@ def kernel_an_race(opened: Opened, history: Sequence[tuple[int, int]]) -> bool:
     gens = [g for g, _ in history]
     i = gens.index(opened.generation)
     return i + 1 < len(history) and history[i + 1][1] == opened.wire_an != opened.key_an
+
+
+def race_losses(frames: Sequence[bytes], sci: int, lost: Sequence[int], sent_at: Sequence[float],
+                windows: list[tuple[float, float]], history: Sequence[tuple[int, int]],
+                keys: Callable[[int, int], SaKeys]) -> tuple[list[int], dict[int, Opened]]:
+    """Of the datagrams lost in rekey windows (``windows[i]`` the window of
+    rotation ``history[i]``), those proven to be the race; and every frame
+    found for them, for the test's report."""
+    def rotation_of(seq: int) -> int:
+        i = in_window(sent_at[seq], windows)
+        if i is None:
+            raise ValueError(f"datagram {seq} was not sent in a rekey window")
+        return i
+    opened = explain_lost(frames, sci, lost, history, rotation_of, keys, stream_seq)
+    return [s for s, o in opened.items() if kernel_an_race(o, history)], opened

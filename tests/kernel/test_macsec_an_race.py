@@ -18,13 +18,12 @@ which takes minutes under TCG. A fixed kernel would show none forever."""
 from __future__ import annotations
 
 import os
-import struct
 import subprocess
 import time
 
 import pytest
 from kernel_lab import MS_A, MS_B, PATTERN, Capture, MacsecPair, Stream, fixed_session, iter_pcap
-from macsec_audit import SaKeys, open_frame, sectag
+from macsec_audit import SaKeys, open_frame, sectag, stream_seq
 
 pytestmark = pytest.mark.skipif(os.environ.get("QKDGATE_KERNEL_DEFECTS") != "1",
                                 reason="opt-in: QKDGATE_KERNEL_DEFECTS=1 (a kernel defect, shown)")
@@ -69,13 +68,7 @@ def test_encodingsa_switch_seals_a_frame_with_the_other_ans_key(topo, tmp_path):
     bad, late = (x - y for x, y in zip(counters(pair), (bad0, late0), strict=True))
 
     def keys(an: int) -> SaKeys:
-        gen = HISTORY[an][0]
-        k = pair.keys("i2r", an, gen)
-        return SaKeys(k.sak.reveal(), k.ssci, k.salt.reveal() if k.salt is not None else None)
-
-    def seq_of(payload: bytes) -> int | None:
-        at = payload.find(PATTERN)
-        return None if at < 0 else struct.unpack_from("!Q", payload, at + len(PATTERN))[0]
+        return SaKeys.of(pair.keys("i2r", an, HISTORY[an][0]))
 
     lost = set(s.lost())
     own = other = 0
@@ -85,9 +78,9 @@ def test_encodingsa_switch_seals_a_frame_with_the_other_ans_key(topo, tmp_path):
         tag = sectag(f)
         if len(f) != STREAM_FRAME or tag is None:
             continue
-        if open_frame(f, pair.sci_a, keys(tag.an), seq_of) is not None:
+        if open_frame(f, pair.sci_a, keys(tag.an), stream_seq) is not None:
             own += 1
-        elif (seq := open_frame(f, pair.sci_a, keys(1 - tag.an), seq_of)) is not None:
+        elif (seq := open_frame(f, pair.sci_a, keys(1 - tag.an), stream_seq)) is not None:
             other += 1
             race.append((seq, tag.an, tag.pn))
         else:

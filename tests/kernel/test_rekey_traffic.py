@@ -7,7 +7,6 @@ drop counters, reported), or unexplained (a failure)."""
 from __future__ import annotations
 
 import itertools
-import struct
 import time
 from collections.abc import Collection
 
@@ -16,7 +15,6 @@ from kernel_lab import (
     HB,
     MS_A,
     MS_B,
-    PATTERN,
     Capture,
     IpsecPair,
     MacsecPair,
@@ -28,7 +26,7 @@ from kernel_lab import (
     link_drops,
     xfrm_stats,
 )
-from macsec_audit import SaKeys, explain_lost, kernel_an_race
+from macsec_audit import SaKeys, race_losses
 
 REKEYS = 100
 
@@ -125,20 +123,8 @@ def _kernel_an_race(pair: MacsecPair, stream: Stream, pcap: str) -> list[int]:
     in_win, _ = attribute_loss(stream, pair.windows, 0)
     if not in_win:
         return []
-
-    def rotation_of(seq: int) -> int:
-        t = stream.sent_at[seq]
-        return next(i for i, (a, b) in enumerate(pair.windows) if a <= t <= b + 0.05)
-
-    def keys(gen: int, an: int) -> SaKeys:
-        k = pair.keys("i2r", an, gen)
-        return SaKeys(k.sak.reveal(), k.ssci, k.salt.reveal() if k.salt is not None else None)
-
-    def seq_of(payload: bytes) -> int | None:
-        at = payload.find(PATTERN)
-        return None if at < 0 else struct.unpack_from("!Q", payload, at + len(PATTERN))[0]
-
-    opened = explain_lost(list(iter_pcap(pcap)), pair.sci_a, in_win, pair.history,
-                          rotation_of, keys, seq_of)
+    race, opened = race_losses(list(iter_pcap(pcap)), pair.sci_a, in_win, stream.sent_at,
+                               pair.windows, pair.history,
+                               lambda gen, an: SaKeys.of(pair.keys("i2r", an, gen)))
     print("lost in a rotation window, found on the wire:", sorted(opened.values(), key=str))
-    return [s for s, o in opened.items() if kernel_an_race(o, pair.history)]
+    return race

@@ -17,7 +17,7 @@ from scapy.layers.l2 import Ether
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "kernel"))
 from kernel_traffic import PATTERN, iter_pcap
-from macsec_audit import SaKeys, explain_lost, kernel_an_race, sectag
+from macsec_audit import SaKeys, explain_lost, kernel_an_race, race_losses, sectag, stream_seq
 
 SCI = 0x020000000A010001
 OTHER_SCI = 0x020000000B010001
@@ -38,11 +38,6 @@ def seal(k: SaKeys, wire_an: int, pn: int, seq: int, sci: int = SCI) -> bytes:
     inner = (Ether(src="02:00:00:0a:01:00", dst="02:00:00:0b:01:00") / IP(src="172.16.0.1",
              dst="172.16.0.2") / UDP(sport=40000, dport=5001) / (PATTERN + struct.pack("!Q", seq)))
     return bytes(sa.encrypt(sa.encap(inner)))
-
-
-def seq_of(payload: bytes) -> int | None:
-    at = payload.find(PATTERN)
-    return None if at < 0 else struct.unpack_from("!Q", payload, at + len(PATTERN))[0]
 
 
 def stream(k, race_at: int | None = None, unkeyed_at: int | None = None) -> list[bytes]:
@@ -66,7 +61,7 @@ def stream(k, race_at: int | None = None, unkeyed_at: int | None = None) -> list
 
 
 def audit(frames: list[bytes], lost: list[int], k):
-    return explain_lost(frames, SCI, lost, HISTORY, lambda s: 0 if s < 10 else 1, k, seq_of)
+    return explain_lost(frames, SCI, lost, HISTORY, lambda s: 0 if s < 10 else 1, k, stream_seq)
 
 
 @pytest.mark.parametrize("xpn", [True, False], ids=["xpn256", "gcm256"])
@@ -109,3 +104,30 @@ def test_sectag_and_pcap_reader(tmp_path):
     tags = [sectag(f) for f in frames]
     assert tags[-1] is not None and (tags[-1].an, tags[-1].pn, tags[-1].sci) == (1, 10, SCI)
     assert sum(t is None for t in tags) == 1 and sum(t.sci == OTHER_SCI for t in tags if t) == 1
+
+
+def test_race_losses_takes_each_datagrams_rotation_from_its_send_time():
+    """What the lab's rekey test calls: rotation 1's window is [1.0, 1.1] s;
+    datagrams go out every 0.1 s from 0.0, so datagram 10 left at 1.0 s."""
+    k = keys(True)
+    sent_at = [i / 10 for i in range(20)]
+    windows = [(0.0, 0.01), (1.0, 1.1), (5.0, 5.1)]
+    race, opened = race_losses(stream(k, race_at=10), SCI, [10], sent_at, windows, HISTORY, k)
+    assert race == [10] and opened[10].key_an == 0
+    race, opened = race_losses(stream(k), SCI, [10], sent_at, windows, HISTORY, k)
+    assert race == [] and opened[10].wire_an == opened[10].key_an == 1
+    with pytest.raises(ValueError, match="not sent in a rekey window"):
+        race_losses(stream(k), SCI, [3], sent_at, windows, HISTORY, k)
+
+
+def test_sakeys_from_keymix():
+    from kernel_lab import fixed_session
+
+    from qkdgate.interfaces import MacsecCipher
+    from qkdgate.keymix.schedule import macsec_keys
+    for cipher, xpn in ((MacsecCipher.GCM_AES_XPN_256, True), (MacsecCipher.GCM_AES_256, False)):
+        mk = macsec_keys(fixed_session(), "m0", "i2r", SCI, 1, 2, cipher)
+        sk = SaKeys.of(mk)
+        assert sk.sak == mk.sak.reveal() and len(sk.sak) == 32
+        assert (sk.salt is not None, sk.ssci is not None) == (xpn, xpn)
+    assert stream_seq(b"x" + PATTERN + struct.pack("!Q", 7)) == 7 and stream_seq(b"none") is None
