@@ -114,9 +114,10 @@ def _qkdgate(*args: str) -> None:
                    stdout=subprocess.DEVNULL)
 
 
-def write_config(work: Path, profile: str, tunnels: int) -> Path:
-    """gw-a's configuration (profile ``demo`` or ``minimal``) under ``work``;
-    the peer gw-b only needs to exist as a pinned identity."""
+def write_config(work: Path, profile: str, tunnels: int, port: int = 4600) -> Path:
+    """gw-a's configuration (profile ``demo`` or ``minimal``) under ``work``,
+    listening on UDP ``port``; the peer gw-b only needs to exist as a pinned
+    identity. tests/unit/test_startup.py starts the daemon from it too."""
     for name in ("gw-a", "gw-b"):
         _qkdgate("keygen", "-o", str(work / f"{name}.identity"), "--name", name,
                  "--pub", str(work / f"{name}.pub"))
@@ -156,7 +157,7 @@ def write_config(work: Path, profile: str, tunnels: int) -> Path:
 gateway:
   name: gw-a
   identity: {work}/gw-a.identity
-  listen: {{address: 127.0.0.1, port: 4600}}
+  listen: {{address: 127.0.0.1, port: {port}}}
   state_dir: {work}/state
   control_socket: {work}/control.sock
 peers:

@@ -25,6 +25,9 @@ import pytest
 from qkdgate.gateway.cli.main import COMMANDS, build_parser, command_in
 from qkdgate.gateway.cli.main import main as cli_main
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+from startup import write_config  # bench/startup.py
+
 # Never needed by `qkdgate run` with no QKD, no telemetry, no key service and
 # only IPsec tunnels; a name also covers its submodules.
 OPTIONAL = (
@@ -77,47 +80,10 @@ def _free_udp_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _config(work: Path, etsi014: bool) -> Path:
-    for name in ("gw-a", "gw-b"):
-        assert cli_main(["keygen", "-o", str(work / f"{name}.identity"), "--name", name,
-                         "--pub", str(work / f"{name}.pub")]) == 0
-    qkd = key_sources = ""
-    policy = "pqc-only"
-    if etsi014:
-        from qkdgate.adapters.kmesim.pki import ensure_pki
-        pki = ensure_pki(work, ["KME-A"], ["SAE-A"])
-        sae = pki.sae("SAE-A")
-        policy = "hybrid-required"
-        qkd = ("    qkd: {key_source: kme, role: master, local_sae_id: SAE-A, "
-               "peer_sae_id: SAE-B}\n")
-        key_sources = ("key_sources:\n  - name: kme\n    kind: etsi014\n"
-                       "    url: https://127.0.0.1:9/\n    kme_id: KME-A\n"
-                       f"    tls: {{cert: {sae.cert}, key: {sae.key}, ca: {pki.ca}}}\n")
-    path = work / "gw-a.yaml"
-    path.write_text(f"""version: 1
-gateway:
-  name: gw-a
-  identity: {work}/gw-a.identity
-  listen: {{address: 127.0.0.1, port: {_free_udp_port()}}}
-  state_dir: {work}/state
-  control_socket: {work}/control.sock
-peers:
-  - name: gw-b
-    address: 127.0.0.2
-    port: 4600
-    identities: [{work}/gw-b.pub]
-{qkd}{key_sources}tunnels:
-  - name: lan
-    peer: gw-b
-    type: ipsec
-    policy: {policy}
-    ipsec: {{local_address: 127.0.0.1, remote_address: 127.0.0.2,
-            local_subnets: [10.1.0.0/24], remote_subnets: [10.2.0.0/24], reqid: 100}}
-telemetry:
-  log: {{level: warning}}
-""")
-    path.chmod(0o600)
-    return path
+def _config(work: Path, etsi014: bool, tunnels: int = 1) -> Path:
+    """bench/startup.py's gw-a configuration: ``minimal`` (nothing optional),
+    or ``demo`` with its one ETSI 014 key source."""
+    return write_config(work, "demo" if etsi014 else "minimal", tunnels, port=_free_udp_port())
 
 
 def _modules_at_ready(config: Path) -> set[str]:
@@ -184,13 +150,8 @@ def test_config_annotations_are_resolved_once_per_class(tmp_path, monkeypatch):
 
     schema._type_hints.cache_clear()
     monkeypatch.setattr(schema.typing, "get_type_hints", counting)
-    path = _config(tmp_path, etsi014=False)
-    text = path.read_text()
-    tunnel = text[text.index("  - name: lan\n"):text.index("telemetry:")]
-    many = text.replace(tunnel, "".join(
-        tunnel.replace("name: lan", f"name: lan{i}").replace("10.1.0.0", f"10.1.{i}.0")
-        .replace("10.2.0.0", f"10.2.{i}.0").replace("reqid: 100", f"reqid: {100 + 16 * i}")
-        for i in range(20)))
+    path = _config(tmp_path, etsi014=False, tunnels=20)
+    many = path.read_text()
     cfg = model.parse_config(many, str(path))
     assert len(cfg.tunnels) == 20
     assert len(calls) == len(set(calls))      # each class once
