@@ -265,14 +265,31 @@ vrrp_instance VI_QKD {{
 
     def power_off(self, g: str) -> float:
         """Power loss: every process of the node dies at once and its
-        namespace goes (its veths with it), so nothing leaves it again."""
+        namespace goes (its veths with it), so nothing leaves it again.
+        Every process in the namespace gets SIGKILL, not only the ones we
+        started: killing keepalived's parent alone lets its VRRP child shut
+        down cleanly and send a priority-0 advert, a planned switch."""
         t = time.monotonic()
+        pids = subprocess.run(["ip", "netns", "pids", self.ns[g]], capture_output=True,
+                              text=True).stdout.split()
+        for pid in (p for p in pids if int(p) != os.getpid()):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
         for name in (f"ka-{g}", g):
             p = self.procs.pop(name, None)
             if p is not None:
                 p.send_signal(signal.SIGKILL)
+                p.wait()
         subprocess.run(["ip", "netns", "del", self.ns[g]], capture_output=True)
         return t
+
+    def link_up(self, g: str) -> None:
+        """The node's wire link comes back, and its static route with it:
+        taking a link down makes the kernel delete the routes through it,
+        and a node's network manager (systemd-networkd, ifupdown) adds them
+        again on carrier. Without it the node keys with gB (same subnet) but
+        cannot forward the site's traffic."""
+        ipbatch(["link set w0 up", "route replace 10.2.0.0/24 via 192.0.2.2"], self.ns[g])
 
     def qkd_keys_since(self, g: str, offset: int) -> set[str]:
         """QKD key_IDs in the generations ``g`` established after byte
@@ -484,7 +501,7 @@ def power_loss(lab: HaLab) -> dict:
     """gA1's link comes back (it stands by); then gA2, the active node, loses
     power: its processes die at once and its namespace goes. No FIN, no
     notification: gA1's keepalived misses the adverts and takes over."""
-    ipbatch(["link set w0 up"], lab.ns["gA1"])
+    lab.link_up("gA1")
     lab.wait("gA1 standby", lambda: lab.role("gA1") == "standby", 60)
     return switch(lab, "power loss (netns deleted)", lambda: lab.power_off("gA2"), "gA1")
 
