@@ -517,10 +517,14 @@ class PeerSession:
     def _start(self, now: float, reason: str) -> None:
         cfg = self.config
         # The INIT names the peer by the epoch it authenticated with in this
-        # run (0 before): a peer whose counter went back (the other node of
-        # an HA pair) learns from it that it must start above (10.1).
+        # run, else by the highest it ever authenticated (the journal's
+        # floor; 0 if none): a peer whose counter went back (the other node
+        # of an HA pair) learns from it that it must start above (10.1), and
+        # a peer that did not restart learns that we know it only from our
+        # journal, so its INIT cannot win a collision with ours (7).
         ex = Exchange("initiator", self._next_xid, now, now, reason,
-                      TokenBucket(VERIFY_RATE, VERIFY_BURST, now), peer_epoch=self.peer_epoch or 0)
+                      TokenBucket(VERIFY_RATE, VERIFY_BURST, now),
+                      peer_epoch=self.peer_epoch or self._peer_floor)
         self._timers.exchange_started(ex, now)
         self._next_xid += 1
         self._ini = ex
@@ -870,7 +874,7 @@ class PeerSession:
         ini = self._ini
         if ini is not None:
             if ini.state in (S.I_QKD, S.I_INIT_SENT):
-                if ini.nonce_i and ini.nonce_i > msg["nonce"]:
+                if self._ours_wins(ini, msg):
                     self.stats["collision_won"] += 1   # the peer will answer ours
                     self._resend_after_collision(ini, now)
                     return
@@ -905,6 +909,22 @@ class PeerSession:
             self._forget(ex)     # e.g. a KEM key failing the FIPS 203 modulus check
             ex.state = S.DROPPED
             raise
+
+    def _ours_wins(self, ini: Exchange, msg: Message) -> bool:
+        """Does our INIT win the collision with the peer's INIT ``msg``
+        (docs/protocol.md 7)? Both sides decide from the same two headers.
+        An INIT that names its receiver by the receiver's current epoch beats
+        one that does not: its sender restarted and knows us from its
+        journal, and defers every INIT from that epoch until it authenticates
+        in this run (10), so the other INIT could never be answered and the
+        exchange would wait out ``exchange_timeout``. Otherwise the larger
+        nonce wins (an INIT not yet sent, still waiting for QKD keys, has
+        none and loses)."""
+        ours_names_peer = ini.peer_epoch == msg.sender_epoch
+        peer_names_us = msg.receiver_epoch == self.epoch
+        if ours_names_peer != peer_names_us:
+            return ours_names_peer
+        return bool(ini.nonce_i) and ini.nonce_i > msg["nonce"]
 
     def _responder_start(self, ex: Exchange, msg: Message, now: float) -> None:
         cfg = self.config

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+from types import SimpleNamespace
 
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from protocol_harness import Gateway, assert_keys_match, identity, make_pair, seeded
 from test_network import group
 
@@ -340,3 +343,69 @@ def test_peer_epoch_authenticated_is_reported_once_per_higher_epoch():
     p.roundtrip_until_done()
     assert not p.b.of(E.PeerEpochAuthenticated) and not p.b.of(E.PeerRestarted)
     assert [e.epoch for e in p.a.of(E.PeerEpochAuthenticated)][-1] == p.b.session.epoch
+
+
+@pytest.mark.parametrize("peer_nonce_higher", [True, False])
+def test_a_restarted_gateway_wins_the_collision_with_an_init_to_its_old_epoch(peer_nonce_higher):
+    """B's rekey INIT went to A's old incarnation (lost: A was down). A
+    restarts, knows B's epoch only from its journal, so it defers B's INIT
+    (10); its own INIT names B by that epoch (4.1). B sees that and loses
+    the collision whatever the nonces: keyed at once, no timer. Before,
+    when B's nonce was the larger, B dropped A's INIT, A dropped B's, and
+    both waited out B's exchange timeout (30 s; issue 10, test_systemd)."""
+    p = make_pair(qkd=None, rekey_interval=3600.0)
+    p.roundtrip_until_done()
+    b = p.b
+    b.session.initiate_rekey(p.now, "operator")
+    b.pump(p.now)
+    b_init = b.session.datagrams_to_send(p.now)            # lost: A is down
+    b_nonce, b_epoch = b.session._ini.nonce_i, b.session.epoch
+    for seed in range(200, 300):                           # A's nonce on the chosen side
+        restart(p, p.a, seed=seed, epoch=p.a.session.epoch + 1, peer_floor=b_epoch)
+        p.a.session.handle_timer(p.now)
+        p.a.pump(p.now)
+        if (p.a.session._ini.nonce_i < b_nonce) == peer_nonce_higher:
+            break
+    a_init = p.a.session.datagrams_to_send(p.now)
+    init = m.decode(b"".join(d[HEADER.size:] for d in a_init))
+    assert init.receiver_epoch == b_epoch                   # named by the journal's floor
+    _feed(b, a_init, p.now)
+    _feed(p.a, b_init, p.now)                               # B's INIT crosses it
+    t0 = p.now
+    p.roundtrip_until_done()
+    assert p.now == t0                                      # no timer was needed
+    assert b.session.stats["collision_lost"] == 1 and b.session.stats["collision_won"] == 0
+    assert p.a.session.stats["init_unauthenticated_deferred"] >= 1
+    assert not p.a.of(E.RekeyFailed)
+    assert p.a.of(E.SessionEstablished)[-1].role == "initiator"
+    assert_keys_match(p, p.a.session.generation)
+
+
+@settings(max_examples=400, deadline=None)
+@given(ea=st.integers(1, 4), eb=st.integers(1, 4), name_a=st.integers(0, 4),
+       name_b=st.integers(0, 4), nonce_a=st.binary(min_size=32, max_size=32),
+       nonce_b=st.binary(min_size=32, max_size=32))
+def test_both_sides_of_a_collision_pick_the_same_winner(ea, eb, name_a, name_b,
+                                                         nonce_a, nonce_b):
+    """Whatever epochs each INIT names (current, old, floor, 0), A's verdict
+    on B's INIT and B's on A's agree: exactly one exchange proceeds."""
+    assume(nonce_a != nonce_b)
+
+    def verdict(own_epoch, own_name, own_nonce, their_epoch, their_name, their_nonce):
+        me = SimpleNamespace(epoch=own_epoch)
+        ini = SimpleNamespace(peer_epoch=own_name, nonce_i=own_nonce)
+        msg = _Init(their_epoch, their_name, their_nonce)
+        return PeerSession._ours_wins(me, ini, msg)   # type: ignore[arg-type]
+
+    a_wins = verdict(ea, name_a, nonce_a, eb, name_b, nonce_b)
+    b_wins = verdict(eb, name_b, nonce_b, ea, name_a, nonce_a)
+    assert a_wins != b_wins
+
+
+class _Init:
+    def __init__(self, sender_epoch: int, receiver_epoch: int, nonce: bytes) -> None:
+        self.sender_epoch, self.receiver_epoch, self._nonce = sender_epoch, receiver_epoch, nonce
+
+    def __getitem__(self, key: str) -> bytes:
+        assert key == "nonce"
+        return self._nonce

@@ -140,7 +140,8 @@ def test_reference_agrees_with_vector(vec):
                    init["header"]["exchange_id"])
     assert (ei, er) == (i["initiator"]["epoch"], i["responder"]["epoch"])      # persisted
     assert ei >= i["responder"]["peer_epoch_floor"]     # 10: an INIT below the floor is dropped
-    assert init["header"]["receiver_epoch"] == 0
+    # 4.1: I names R by the epoch it authenticated in this run, else its journal's floor
+    assert init["header"]["receiver_epoch"] == i["initiator"]["peer_epoch_floor"]
     assert xid == 1
     for m, (s, r) in ((resp, (er, ei)), (confirm, (ei, er)), (done, (er, ei))):
         assert (m["header"]["sender_epoch"], m["header"]["receiver_epoch"],

@@ -221,5 +221,7 @@ def decode_messages(datagrams: list[tuple[str, bytes]]) -> list[dict]:
             "cookie": msg.cookie.hex(), "mac1": raw[-m.MAC_LEN:].hex(),
             "header": {"sender_epoch": msg.sender_epoch, "receiver_epoch": msg.receiver_epoch,
                        "exchange_id": msg.exchange_id},
-            "fields": {k: _field_json(v) for k, v in msg.fields.items()}})
+            # an empty key_sources is the plain keyids form (4.2): no field of its own
+            "fields": {k: _field_json(v) for k, v in msg.fields.items()
+                       if k != "key_sources" or v}})
     return msgs
