@@ -30,7 +30,7 @@ fi
 # (about 12 + 6 + 4 min on an idle host): 30 min left too little headroom.
 LAB_TIMEOUT=${LAB_TIMEOUT:-3600} bash lab/run.sh -- env QKDGATE_KERNEL_TESTS=1 \
     QKDGATE_SYSTEMD_TESTS="$SYSTEMD_TESTS" QKDGATE_FAULT_MATRIX="${QKDGATE_FAULT_MATRIX:-0}" \
-    QKDGATE_HA_TESTS="${QKDGATE_HA_TESTS:-0}" QKDGATE_KERNEL_DEFECTS="${QKDGATE_KERNEL_DEFECTS:-0}" \
+    QKDGATE_HA_TESTS="${QKDGATE_HA_TESTS:-1}" QKDGATE_KERNEL_DEFECTS="${QKDGATE_KERNEL_DEFECTS:-0}" \
     .venv/bin/python -m pytest tests/kernel -p no:cacheprovider -q -ra --durations=8 "$@"
 rc=$?
 case $rc in

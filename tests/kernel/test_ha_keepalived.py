@@ -49,14 +49,12 @@ HA_, HB_ = ip("10.1.0.2"), ip("10.2.0.2")
 VENV_QKDGATE = Path(sys.executable).parent / "qkdgate"
 OUTAGE_BOUND = 20.0       # seconds: loose under TCG; the goal (< 1 s) is measured, not asserted
 
-# Opt-in until it passes in the lab. Its runs kept every zero (0 cleartext,
-# one fresh QKD key per switch), but keepalived flapped: the 1 s pgrep check
-# timed out under a starved TCG guest (16:01 with 1 s, 21:27 with 3 s, the
-# logs now kept in LAB_OUT/ha-logs), and each timeout is a FAULT while the
-# daemon lives. The check now allows 10 s (docs/operations.md, "High
-# availability").
-pytestmark = pytest.mark.skipif(os.environ.get("QKDGATE_HA_TESTS") != "1",
-                                reason="opt-in: QKDGATE_HA_TESTS=1 (docs/operations.md)")
+# In the kernel stage by default since it passed on a guest that keeps up
+# (2026-12-07: the four events in 108 s, and again under bench/ha.py); it was
+# opt-in while keepalived flapped on starved guests (its check timed out:
+# docs/operations.md, "High availability"). QKDGATE_HA_TESTS=0 leaves it out.
+pytestmark = pytest.mark.skipif(os.environ.get("QKDGATE_HA_TESTS", "1") == "0",
+                                reason="QKDGATE_HA_TESTS=0")
 
 
 class HaLab:
