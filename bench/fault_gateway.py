@@ -40,10 +40,12 @@ class Gateway:
         self.events = folder / f"{name}.events.jsonl"
         self.registry = folder / f"{name}-run" / "tunnels.json"
         self.arm_file = folder / f"{name}.arm"
+        self.warm_file = folder / f"{name}.warm"     # a spare writes its pid once imported
         self.log = folder / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.spare: subprocess.Popen[bytes] | None = None
         self.starts = 0
+        self.cold_starts = 0       # restarts that went to a spare still importing
 
     @property
     def control(self) -> str:
@@ -56,12 +58,14 @@ class Gateway:
         return self.proc.pid
 
     def _spawn(self, wait_go: bool) -> subprocess.Popen[bytes]:
+        if wait_go:
+            self.warm_file.unlink(missing_ok=True)
         with open(self.log, "ab") as out:
             return subprocess.Popen(
                 ["ip", "netns", "exec", self.ns, sys.executable, str(THIS), "daemon",
                  "--config", str(self.config), "--events", str(self.events),
                  "--registry", str(self.registry), "--arm-file", str(self.arm_file),
-                 *(["--wait-go"] if wait_go else [])],
+                 *(["--wait-go", "--warm-file", str(self.warm_file)] if wait_go else [])],
                 stdin=subprocess.PIPE if wait_go else subprocess.DEVNULL,
                 stdout=out, stderr=subprocess.STDOUT, cwd=str(ROOT))
 
@@ -75,6 +79,8 @@ class Gateway:
         if self.spare is None or self.spare.poll() is not None:
             self.proc = self._spawn(False)      # the first start, or no spare ready
         else:
+            if not self.spare_warm():
+                self.cold_starts += 1
             self.proc, self.spare = self.spare, None
             if self.proc.stdin is None:
                 raise RuntimeError("spare without stdin")
@@ -87,6 +93,28 @@ class Gateway:
         not beside a start: two interpreters importing at once slow both)."""
         if self.warm and (self.spare is None or self.spare.poll() is not None):
             self.spare = self._spawn(True)
+
+    def spare_warm(self) -> bool:
+        """Has the spare finished its imports (it wrote its pid)?"""
+        if self.spare is None or self.spare.poll() is not None:
+            return False
+        try:
+            return self.warm_file.read_text().strip() == str(self.spare.pid)
+        except OSError:
+            return False
+
+    def wait_warm(self, timeout: float) -> float | None:
+        """Seconds until the spare was warm (None: not within ``timeout``,
+        or no spare). A kill cell's restart must take a warm spare, or it
+        measures the guest's imports, not the daemon (docs/faults.md)."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            if self.spare_warm():
+                return time.monotonic() - t0
+            if self.spare is None or self.spare.poll() is not None:
+                return None
+            time.sleep(0.2)
+        return None
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -213,6 +241,7 @@ def daemon_main(argv: list[str]) -> int:
     p.add_argument("--arm-file", required=True)
     p.add_argument("--wait-go", action="store_true",
                    help="import everything, then wait for a line on stdin (a warm spare)")
+    p.add_argument("--warm-file", help="with --wait-go: write our pid here once imported")
     a = p.parse_args(argv)
 
     from qkdgate.gateway.config.model import load_config
@@ -228,6 +257,8 @@ def daemon_main(argv: list[str]) -> int:
     if a.wait_go:
         from qkdgate.gateway.demo.run import prefetch_imports
         prefetch_imports().join()
+        if a.warm_file:
+            Path(a.warm_file).write_text(f"{os.getpid()}\n")
         if not sys.stdin.readline():
             return 0              # the harness closed us without a start
     cfg = load_config(a.config)
