@@ -102,7 +102,10 @@ def main() -> int:
                 print(f"  {(now - t0) / 60:4.1f} min: rekeys {lab.rekeys()}, cleartext "
                       f"{len(lab.sniffer.clear_t)}, faults {sum(injected.values())}", flush=True)
                 next_report = now + 60
-            if now >= next_fault and end - now > 40:
+            # a restart must take a warm spare, or it measures the guest's
+            # imports (docs/faults.md): a fault waits for both spares
+            spares_warm = all(g.spare_warm() for g in lab.gw.values() if g.warm)
+            if now >= next_fault and end - now > 40 and spares_warm:
                 f = random_fault(rng, a.policy)
                 injected[f.name] = injected.get(f.name, 0) + 1
                 f.inject(lab)
