@@ -248,9 +248,10 @@ def all_faults(kill_steps: tuple[tuple[str, str], ...] = KILL_STEPS) -> list[Fau
 
 # ====================================================================== soak helpers
 
-def random_fault(rng: random.Random, policy: str) -> Fault:
-    """A fault drawn from the matrix (seeded), one that applies to ``policy``."""
+def random_fault(rng: random.Random, policy: str, kills: bool = True) -> Fault:
+    """A fault drawn from the matrix (seeded), one that applies to ``policy``;
+    without ``kills``, never one that kills a daemon."""
     while True:
         f = rng.choice(all_faults())
-        if f.applies(policy):
+        if f.applies(policy) and (kills or not isinstance(f, PeerKilled | LocalKilledAt)):
             return f

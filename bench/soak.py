@@ -1,7 +1,7 @@
 """Soak (issue 10 item 4); run inside the kernel lab VM:
 
     bash lab/run.sh -- .venv/bin/python bench/soak.py [--minutes 10] [--seed 1]
-        [--policy hybrid-required] [--rate 50] [--gap 20]
+        [--policy hybrid-required] [--rate 50] [--gap 20] [--no-kill]
 
 Two gateways (bench/faults.py's lab: real daemons, ESP and MACsec, the
 KME simulator) rekey every second with traffic both ways for ``--minutes``;
@@ -10,6 +10,8 @@ and cleared. Prints rekeys, datagrams lost, cleartext on the wire (must be
 0), packets after a hard lifetime (0), QKD key_IDs used twice (0), and for
 each daemon its RSS slope (least-squares line over the samples of its
 longest-lived process, KiB/min) and open file descriptors over time.
+``--no-kill`` leaves out the faults that kill a daemon, so each gateway's
+one process lives the whole run and its slope is a leak measurement.
 Bounded: namespaces and loopback only, everything removed at the end.
 """
 
@@ -71,6 +73,9 @@ def main() -> int:
     p.add_argument("--rate", type=int, default=50, help="datagrams/s per stream")
     p.add_argument("--gap", type=float, default=20.0, help="mean seconds between faults")
     p.add_argument("--no-macsec", action="store_true")
+    p.add_argument("--no-kill", action="store_true",
+                   help="no fault that kills a daemon: one process per gateway lives the whole "
+                        "run, so its RSS slope is the daemon's, not start-up's")
     a = p.parse_args()
     if not fl.in_lab():
         print("soak: run inside the lab VM (bash lab/run.sh -- ...)", file=sys.stderr)
@@ -106,7 +111,7 @@ def main() -> int:
             # imports (docs/faults.md): a fault waits for both spares
             spares_warm = all(g.spare_warm() for g in lab.gw.values() if g.warm)
             if now >= next_fault and end - now > 40 and spares_warm:
-                f = random_fault(rng, a.policy)
+                f = random_fault(rng, a.policy, kills=not a.no_kill)
                 injected[f.name] = injected.get(f.name, 0) + 1
                 f.inject(lab)
                 deadline = time.monotonic() + f.hold_for(timers.hard)
