@@ -366,6 +366,8 @@ def test_a_restarted_gateway_wins_the_collision_with_an_init_to_its_old_epoch(pe
         p.a.pump(p.now)
         if (p.a.session._ini.nonce_i < b_nonce) == peer_nonce_higher:
             break
+    else:
+        pytest.fail("no seed gave A's nonce on the wanted side of B's")
     a_init = p.a.session.datagrams_to_send(p.now)
     init = m.decode(b"".join(d[HEADER.size:] for d in a_init))
     assert init.receiver_epoch == b_epoch                   # named by the journal's floor
