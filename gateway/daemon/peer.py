@@ -50,6 +50,10 @@ from qkdgate.tunnels.manager import TunnelManager
 log = logging.getLogger("qkdgate.daemon")
 
 REBUILD_MIN_INTERVAL = 1.0   # a session failing at once again is rebuilt no faster
+# A tunnel that may fall back to PQC-only gives the QKD wait at most this share
+# of what its sending keys have left (docs/faults.md "The QKD wait"); the rest
+# is for the exchange's remaining round trips and installs.
+QKD_WAIT_SHARE = 0.5
 
 
 class GenerationJournal(Protocol):
@@ -223,7 +227,8 @@ class PeerRunner:
             err: KeySourceError = KeySourceError(f"no key source configured for {self.name}")
         else:
             try:
-                keys, sources = await self._qkd.fetch(self.name, ev)
+                keys, sources = await self._qkd.fetch(self.name, ev,
+                                                      within=self.qkd_wait_bound())
             except KeySourceError as exc:
                 err = exc
             else:
@@ -239,6 +244,23 @@ class PeerRunner:
             return
         self.driver.call("qkd_failed",
                          lambda s: s.qkd_failed(ev.request_id, err, self._clock()))
+
+    def qkd_wait_bound(self) -> float | None:
+        """How long this exchange may wait for QKD keys, when a tunnel could
+        run on PQC-only keys instead (``pqc-fallback``): ``QKD_WAIT_SHARE`` of
+        the time until the earliest such tunnel must stop sending on its
+        current keys (``TunnelTimers.hard_act_at``), so the fallback is keyed
+        before they expire (docs/faults.md "The QKD wait"). ``None``: no
+        bound but the key source's own timeout (no such tunnel is sending;
+        a tunnel that requires QKD gains nothing from a shorter wait)."""
+        now = self._clock()
+        ends = []
+        for tid in self.state.tunnels:
+            tunnel = self._tunnels.get(tid)
+            active = tunnel.timers.active
+            if active is not None and "qkd" in tunnel.policy.optional:
+                ends.append(tunnel.timers.hard_act_at(active))
+        return max(0.0, (min(ends) - now) * QKD_WAIT_SHARE) if ends else None
 
     def qkd_lost(self, reason: str) -> None:
         """``qkd-mandatory`` tunnels stop carrying traffic the moment QKD

@@ -90,11 +90,16 @@ class QkdFetcher:
         return ks.timeout * (ks.retries + 1) + KME_TIMEOUT_SLACK
 
     # ---------------------------------------------------------------- fetch
-    async def fetch(self, peer: str, ev: NeedQkdKeys
+    async def fetch(self, peer: str, ev: NeedQkdKeys, *, within: float | None = None
                     ) -> tuple[Sequence[QkdKey], tuple[int, ...]]:
         """The keys for one exchange, journaled as consumed, and the
         configured source index of each (empty with a single source); or
         :class:`KeySourceError` (already reported, never anything else).
+
+        ``within``: seconds the caller can wait at most, when that is less
+        than a source's own bound (``timeout x (retries + 1)`` + slack): a
+        session that may fall back to PQC-only must have its answer while
+        the sending keys still live (docs/faults.md "The QKD wait").
 
         Several sources (docs/qkd.md "Several key sources"): as master, one
         key from every source at once; at least k must deliver and then all
@@ -107,7 +112,7 @@ class QkdFetcher:
         t0 = self._clock()
         try:
             keys, sources = await self._gather(peer, ev, refs, multi,
-                                               qkd.required if qkd is not None else 1)
+                                               qkd.required if qkd is not None else 1, within)
             self._reserve(peer, keys)
         except _Refusal as refusal:
             self._emit(QkdError(peer, str(refusal.error), refusal.kind))
@@ -123,7 +128,8 @@ class QkdFetcher:
         return keys, sources
 
     async def _gather(self, peer: str, ev: NeedQkdKeys, refs: Sequence[QkdSourceRef],
-                      multi: bool, k: int) -> tuple[Sequence[QkdKey], tuple[int, ...]]:
+                      multi: bool, k: int, within: float | None
+                      ) -> tuple[Sequence[QkdKey], tuple[int, ...]]:
         if self.journal_failure is not None:
             raise _Refusal(KeyUnavailable(
                 f"QKD disabled: the key journal failed ({self.journal_failure})"), "JournalError")
@@ -131,18 +137,19 @@ class QkdFetcher:
             source = refs[0].key_source if refs else "?"
             sae = refs[0].peer_sae_id if refs else ev.peer_sae_id
             return await self._ask(peer, source, ev.role, sae, ev.key_ids, ev.number,
-                                   ev.size_bits, health_ok=False), ()
+                                   ev.size_bits, within, health_ok=False), ()
         if ev.role == "master":
             wanted = list(range(len(refs)))
             asks = [self._ask(peer, refs[i].key_source, "master", refs[i].peer_sae_id, (), 1,
-                              refs[i].key_size) for i in wanted]
+                              refs[i].key_size, within) for i in wanted]
         else:
             wanted = list(ev.sources)
             if len(wanted) != len(ev.key_ids) or any(not 0 <= i < len(refs) for i in wanted):
                 raise _Refusal(KeySourceError("the peer's key_IDs name unknown key sources"),
                                "KeySourceMismatch")
             asks = [self._ask(peer, refs[i].key_source, "slave", refs[i].peer_sae_id, (kid,), 0,
-                              refs[i].key_size) for i, kid in zip(wanted, ev.key_ids, strict=True)]
+                              refs[i].key_size, within)
+                    for i, kid in zip(wanted, ev.key_ids, strict=True)]
         results = await asyncio.gather(*asks, return_exceptions=True)
         keys: list[QkdKey] = []
         sources: list[int] = []
@@ -174,8 +181,8 @@ class QkdFetcher:
         return keys, tuple(sources)
 
     async def _ask(self, peer: str, source: str, role: str, peer_sae_id: str,
-                   key_ids: Sequence[str], number: int, size_bits: int, *,
-                   health_ok: bool = True) -> list[QkdKey]:
+                   key_ids: Sequence[str], number: int, size_bits: int,
+                   within: float | None, *, health_ok: bool = True) -> list[QkdKey]:
         if self.journal_failure is not None:
             raise _Refusal(KeyUnavailable(
                 f"QKD disabled: the key journal failed ({self.journal_failure})"), "JournalError")
@@ -184,7 +191,9 @@ class QkdFetcher:
         try:
             if src is None:
                 raise KeySourceError(f"no key source configured for peer {peer}")
-            timeout = self.timeout(source)
+            timeout, why = self.timeout(source), ""
+            if within is not None and within < timeout:
+                timeout, why = max(0.0, within), " (the sending keys' hard lifetime is near)"
             try:
                 async with asyncio.timeout(timeout):
                     if role == "master":         # ETSI GS QKD 014 5.2 enc_keys
@@ -193,7 +202,7 @@ class QkdFetcher:
                         keys = await src.get_keys_by_id(peer_sae_id, list(key_ids))
             except TimeoutError:
                 raise KeySourceTimeout(f"key source {source} did not answer "
-                                       f"within {timeout:g} s") from None
+                                       f"within {timeout:.3g} s{why}") from None
             if not isinstance(keys, list) or not all(isinstance(k, QkdKey) for k in keys):
                 raise TypeError(f"{type(src).__name__} returned {type(keys).__name__}, "
                                 "not a list of QkdKey")
