@@ -43,6 +43,7 @@ def run(args: argparse.Namespace, *, ipsec_backend: object = None,
     import logging
 
     from qkdgate.gateway.config.model import load_config
+    from qkdgate.gateway.config.validate import warnings
     from qkdgate.gateway.daemon.daemon import Daemon
     from qkdgate.gateway.telemetry.logs import configure_logging
     from qkdgate.keymix.secret import disable_core_dumps
@@ -51,6 +52,8 @@ def run(args: argparse.Namespace, *, ipsec_backend: object = None,
     logcfg = cfg.telemetry.log
     configure_logging(args.log_level or logcfg.level, args.log_format or logcfg.format)
     log = logging.getLogger("qkdgate.daemon")
+    for note in warnings(cfg):              # what `qkdgate check-config` would say
+        log.warning("config: %s", note)
     dumps = disable_core_dumps()
     if dumps.ok:
         log.info("core dumps disabled (PR_SET_DUMPABLE 0, RLIMIT_CORE 0)")

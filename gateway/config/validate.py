@@ -292,6 +292,7 @@ def warnings(cfg: Config) -> list[str]:
         if p.qkd is not None and ts and not any(t.policy.uses_qkd for t in ts):
             out.append(f"peers[{i}].qkd: no tunnel to '{p.name}' has a policy that uses QKD; "
                        "these settings are unused")
+    out += _qkd_wait_warnings(cfg)
     for i, p in enumerate(cfg.peers):
         # one session per peer rekeys at its tunnels' shortest interval
         intervals = sorted({t.rekey.interval for t in cfg.tunnels_for(p.name)})
@@ -319,6 +320,30 @@ def warnings(cfg: Config) -> list[str]:
     if prom.enabled and not prom.address.is_loopback:
         out.append(f"telemetry.prometheus.address: {prom.address} serves metrics (topology, "
                    "key-source health) beyond this host; firewall it")
+    return out
+
+
+def _qkd_wait_warnings(cfg: Config) -> list[str]:
+    """A tunnel that requires QKD keeps sending only while its rekey gets a
+    key before the hard lifetime: when a key source may take longer than
+    that to fail (timeout x (retries + 1), ETSI GS QKD 014 client), a slow
+    KME blocks the tunnel before a failed rekey is tried again. A
+    ``pqc-fallback`` tunnel needs no warning: its QKD wait is cut to fit
+    (docs/faults.md "The QKD wait")."""
+    out = []
+    for i, t in enumerate(cfg.tunnels):
+        qkd = cfg.peer(t.peer).qkd
+        if qkd is None or "qkd" not in t.policy.required:
+            continue
+        window = t.rekey.hard_lifetime - t.rekey.interval
+        for ref in qkd.source_list:
+            ks = cfg.key_source(ref.key_source)
+            worst = ks.timeout * (ks.retries + 1)
+            if worst > window:
+                out.append(f"tunnels[{i}].rekey: {t.policy.value}, and key source "
+                           f"'{ks.name}' may take {_s(worst)} (timeout x (retries + 1)) to "
+                           f"fail, more than the {_s(window)} from a rekey to the hard "
+                           "lifetime: a KME that slow blocks this tunnel")
     return out
 
 

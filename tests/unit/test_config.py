@@ -382,6 +382,21 @@ def test_warning_when_tunnels_to_one_peer_rekey_at_different_intervals():
         "rekeys every 30s"]
 
 
+def test_warning_when_a_key_source_may_fail_after_a_qkd_tunnels_hard_lifetime():
+    # BASE: timeout 5 s, retries 3 (20 s to fail); rekey 60 s, hard 120 s: no warning
+    assert warnings(parse(BASE)) == []
+    slow = cfg_with(("    timeout: 5s\n", "    timeout: 16s\n"))        # 64 s to fail
+    assert warnings(parse(slow)) == [
+        "tunnels[0].rekey: hybrid-required, and key source 'kme-a' may take 64s (timeout x "
+        "(retries + 1)) to fail, more than the 60s from a rekey to the hard lifetime: a KME "
+        "that slow blocks this tunnel"]
+    assert warnings(parse(cfg_with(("    timeout: 5s\n", "    timeout: 15s\n")))) == []
+    # pqc-fallback cuts its QKD wait to fit: no warning
+    fallback = cfg_with(("    timeout: 5s\n", "    timeout: 16s\n"),
+                        ("policy: hybrid-required", "policy: pqc-fallback"))
+    assert not [w for w in warnings(parse(fallback)) if "may take" in w]
+
+
 @pytest.mark.parametrize("key", ["password", "api_key", "client_secret", "Token"])
 def test_inline_secrets_in_options_are_refused(key):
     e = error(cfg_with(("    timeout: 5s\n", f"    timeout: 5s\n    options: {{{key}: hunter2}}\n")))

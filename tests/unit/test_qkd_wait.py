@@ -97,3 +97,41 @@ async def test_a_fast_kme_is_not_cut_short(tmp_path):
     finally:
         await stopped(d, task)
 
+
+def test_the_daemon_logs_the_config_warnings_at_start(tmp_path, monkeypatch, caplog):
+    import argparse
+    import logging
+
+    from test_daemon import write_pair
+
+    from qkdgate.gateway.cli import run as run_cmd
+    from qkdgate.gateway.daemon import daemon as daemon_mod
+
+    # the key source's defaults (5 s x 4 attempts) against rekey 1 s, hard 5 s
+    _, _, path, _ = write_pair(tmp_path, policy="hybrid-required", interval="1s",
+                               soft="3s", hard="5s")
+
+    class NoDaemon:                          # the test is about what is logged first
+        def __init__(self, *a, **kw):
+            pass
+
+        def install_signal_handlers(self):
+            pass
+
+        async def run(self):
+            pass
+
+    from types import SimpleNamespace
+
+    from qkdgate.gateway.telemetry import logs
+    from qkdgate.keymix import secret
+    monkeypatch.setattr(daemon_mod, "Daemon", NoDaemon)
+    # keep pytest's own log capture and this process dumpable
+    monkeypatch.setattr(logs, "configure_logging", lambda *a, **kw: None)
+    monkeypatch.setattr(secret, "disable_core_dumps", lambda: SimpleNamespace(ok=True))
+    args = argparse.Namespace(config=path, log_level=None, log_format=None,
+                              teardown_on_exit=False)
+    with caplog.at_level(logging.WARNING, logger="qkdgate.daemon"):
+        assert run_cmd.run(args) == 0
+    (line,) = [r.getMessage() for r in caplog.records if "may take" in r.getMessage()]
+    assert line.startswith("config: tunnels[0].rekey: hybrid-required, and key source")
