@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                 break
             r.pop("outage", None)
             rows.append(r)
-            print(table(rows), flush=True)
+            print(f"{name} done: {row(r)}", flush=True)   # progress; the table is at the end
     finally:
         lab.down()
     print("\nHA failover (100 datagrams/s each way):\n" + table(rows))
