@@ -43,7 +43,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from qkdgate.errors import QkdgateError, TunnelError
 from qkdgate.keymix.secret import SecretBytes
@@ -149,6 +149,16 @@ class KeyConsumer(Protocol):
         """Kind-specific status, safe to print."""
 
 
+@runtime_checkable
+class Supersedable(Protocol):
+    """A consumer whose install may stop retrying once a later generation's
+    install is queued behind it (strongSwan's re-authentication):
+    :class:`ThreadedConsumer` sets ``superseded`` to its
+    :meth:`~ThreadedConsumer.newer_install_queued`."""
+
+    superseded: Callable[[int], bool]
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """What a queued verb of a :class:`ThreadedConsumer` did, once it ran."""
@@ -199,6 +209,8 @@ class ThreadedConsumer:
         self._thread: threading.Thread | None = None
         self._outcomes: deque[Outcome] = deque(maxlen=64)
         self._described: dict[str, object] = {}
+        if isinstance(inner, Supersedable):
+            inner.superseded = self.newer_install_queued
 
     @property
     def tunnel_id(self) -> str:
@@ -277,6 +289,14 @@ class ThreadedConsumer:
         while self._outcomes:
             out.append(self._outcomes.popleft())
         return out
+
+    def newer_install_queued(self, generation: int) -> bool:
+        """Whether an install of a later generation than ``generation`` waits
+        in the queue: the running install's key is superseded, and a step
+        it would retry (strongSwan's re-authentication) may stop."""
+        with self._cv:
+            return any(verb == "install" and g is not None and g > generation
+                       for verb, g, _, _ in self._queue)
 
     @property
     def busy(self) -> str | None:

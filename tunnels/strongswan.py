@@ -95,7 +95,12 @@ DEFAULT_VICI_SOCKET = "/var/run/charon.vici"
 # PPK_ID 'g', but require 'g-1'"). Its AUTHENTICATION_FAILED is retried after
 # these pauses (3.75 s in all), each attempt one IKE_SA_INIT + IKE_AUTH round
 # trip; the running IKE_SA is untouched meanwhile (make-before-break). Any
-# other failure, or the last refusal, fails the install at once.
+# other failure, or the last refusal, fails the install at once. A later
+# generation's install queued behind this one ends the retries (and skips a
+# re-authentication not yet started): its key supersedes this one, and the
+# peer may be refusing us because it has moved on to it (it requires g+1
+# while we offer g, and its own retries wait for our install of g+1, queued
+# behind ours: the two workers held each other 6 s in a loaded lab).
 REAUTH_RETRY_S = (0.25, 0.5, 1.0, 2.0)
 BLOCKED_PPK_ID = "qkdgate-none"   # ppk_id while no generation is installed: never loaded
 
@@ -235,6 +240,9 @@ class StrongswanConsumer:
         self.marks: list[tuple[int, str]] = []       # (highest IKE id before, ppk id)
         self.exact: dict[int, str] = {}              # IKE id we initiated -> ppk id
         self.blocked = True
+        # whether a later generation's install waits behind the running one
+        # (a ThreadedConsumer sets it: consumer.Supersedable)
+        self.superseded: Callable[[int], bool] = lambda _generation: False
 
     # -- KeyConsumer identity
     @property
@@ -379,23 +387,30 @@ class StrongswanConsumer:
         self._call(lambda v: v.load_conn(self._conn(key.key_name, armed=not was_blocked)))
         self._mark(key.key_name)
         detail = f"connection {self.spec.connection} ppk_id {key.key_name}"
+        up = True
         try:
             if key.role == "initiator":
-                detail = self._reauthenticate(key)
-                if was_blocked:     # the CHILD_SA's policy holds the selector: no acquire
+                up, detail = self._reauthenticate(key)
+                if was_blocked and up:   # the CHILD_SA's policy holds the selector: no acquire
                     self._call(lambda v: v.load_conn(self._conn(key.key_name)))
         except TunnelError:
             with contextlib.suppress(TunnelError):
                 self._call(lambda v: v.load_conn(self._conn(previous, armed=not was_blocked)))
             raise
-        self.current, self.blocked = key, False
+        # superseded before an IKE_SA came up after a block: still disarmed,
+        # and the next install keeps it so until a CHILD_SA is up (above)
+        self.current, self.blocked = key, was_blocked and not up
         ids = self._call(lambda v: v.shared_ids())
         verified = key.key_name in ids
         return ConsumerReport(key.key_name, key.generation, verified, False, detail)
 
-    def _reauthenticate(self, key: ConsumerKey) -> str:
+    def _reauthenticate(self, key: ConsumerKey) -> tuple[bool, str]:
+        """(whether a new IKE_SA is up, what was done)."""
         old = [sa.unique_id for sa in self._ike_sas()]
         new = self._initiate(key)
+        if new is None:
+            return False, (f"connection {self.spec.connection} ppk_id {key.key_name}; not "
+                           "re-authenticated: a later generation's install is queued behind it")
         if new in old:
             # charon added a CHILD_SA to a running IKE_SA instead of
             # authenticating a new one: no PPK was mixed in
@@ -413,23 +428,30 @@ class StrongswanConsumer:
         for uid in list(self.exact):
             if uid not in up:
                 del self.exact[uid]
-        return (f"IKE_SA #{new} authenticated with ppk_id {key.key_name}; "
-                f"terminated {sorted(u for u in old if u != new)}")
+        return True, (f"IKE_SA #{new} authenticated with ppk_id {key.key_name}; "
+                      f"terminated {sorted(u for u in old if u != new)}")
 
-    def _initiate(self, key: ConsumerKey) -> int:
+    def _initiate(self, key: ConsumerKey) -> int | None:
         """vici ``initiate``, again after each of REAUTH_RETRY_S while the
         peer refuses our IKE_AUTH (its load-conn of this generation may
-        still be queued); the unique id of the new IKE_SA."""
+        still be queued); the unique id of the new IKE_SA, or None once a
+        later generation's install is queued (REAUTH_RETRY_S)."""
         for pause in REAUTH_RETRY_S:
+            if self.superseded(key.generation):
+                return None
             try:
                 uid: int = self._call(lambda v: v.initiate(
                     self.spec.connection, self.spec.child, self.spec.timeout_ms))
                 return uid
             except ViciAuthFailed:
+                if self.superseded(key.generation):
+                    return None
                 log.info("tunnel %s: the peer refused IKE_AUTH with %s (its install not in "
                          "charon yet?): again in %.2f s", self.tunnel_id, key.key_name, pause,
                          extra={"tunnel": self.tunnel_id})
                 self._sleep(pause)
+        if self.superseded(key.generation):
+            return None
         last: int = self._call(lambda v: v.initiate(
             self.spec.connection, self.spec.child, self.spec.timeout_ms))
         return last

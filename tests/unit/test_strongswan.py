@@ -207,6 +207,37 @@ def test_reauth_refused_throughout_the_retries_fails_the_install_unchanged():
     assert [s.unique_id for s in a.sas.values()] == [1]
 
 
+def test_a_queued_later_install_ends_the_retries_without_failing_the_install():
+    # the peer refuses g2 because it has moved on; our install of g3 waits
+    # behind this one (tests/unit/test_strongswan_worker.py has both workers)
+    pauses: list[float] = []
+    a, b, ca, cb = _pair(sleep=pauses.append)
+    _rotate(ca, cb, 1)
+    ca.superseded = lambda g: g == 2 and len(pauses) >= 1
+    ca.prepare(_key(2, "initiator"))
+    rep = ca.install(_key(2, "initiator"))             # refused once, then superseded
+    assert a.calls.count("initiate") == 1 + 1 and pauses == [0.25]
+    assert "not re-authenticated" in rep.detail and rep.key_name == "qkdgate-sw-b-g2"
+    assert a.conn_ppk == "qkdgate-sw-b-g2"             # what the next install starts from
+    assert [s.unique_id for s in a.sas.values()] == [1]   # the old IKE_SA runs on
+
+
+def test_superseded_before_the_first_attempt_after_a_block_stays_disarmed():
+    a, b, ca, cb = _pair()
+    ca.setup(0.0)
+    cb.setup(0.0)
+    ca.superseded = lambda g: g == 1
+    ca.prepare(_key(1, "initiator"))
+    cb.prepare(_key(1, "responder"))
+    cb.install(_key(1, "responder"))
+    ca.install(_key(1, "initiator"))
+    assert "initiate" not in a.calls                   # no re-authentication started
+    assert not a.armed                                 # no trap without a CHILD_SA
+    ca.superseded = lambda g: False
+    _rotate(ca, cb, 2)                                 # the later generation goes through
+    assert a.armed and len(a.sas) == 1
+
+
 def test_a_local_initiate_failure_is_not_retried():
     pauses: list[float] = []
     a, b, ca, cb = _pair(sleep=pauses.append)

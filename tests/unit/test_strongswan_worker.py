@@ -189,3 +189,46 @@ def test_failed_reauthentication_fails_closed_on_the_worker_and_asks_for_a_rekey
     inv = [e for e in ea if isinstance(e, ConsumerInvalidated)]
     assert inv[-1].reason == "strongswan install of generation 2 failed" and inv[-1].blocked
     assert ta.driver.blocked and ta.driver.installed is None
+
+
+def _until(cond, timeout: float = 10.0) -> bool:
+    t0 = time.monotonic()
+    while not cond():
+        if time.monotonic() - t0 > timeout:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def test_crossing_reauthentications_give_way_to_the_later_generation():
+    """The loaded lab of 2026-12-07: generation g (gB the handshake
+    initiator) and g+1 (gA) came a moment apart. gB's re-authentication with
+    g reached a charon whose connection already named g+1 and was refused;
+    gA's with g+1 reached gB's charon, which still named g (its install of
+    g+1 queued behind the running one) and was refused too. Each worker
+    retried for 3.75 s waiting for the other, both installs failed closed,
+    and traffic stopped for 6 s. Now the worker whose install is superseded
+    by a queued later one stops retrying, and the later one goes through."""
+    (ta, wa, ca, ea), (tb, wb, cb, eb) = _gateways()
+    _exchange(ta, tb, 1, _session(b"\x01\x02"), 1.0)
+    assert wa.wait_idle(10) and wb.wait_idle(10)
+    cb.gate.clear()                              # gB's initiate with g2 held
+    cb.in_initiate.clear()
+    _exchange(tb, ta, 2, _session(b"\x03\x04"), 2.0)   # gB initiates g2
+    assert cb.in_initiate.wait(5)
+    _exchange(ta, tb, 3, _session(b"\x05\x06"), 3.0)   # gA initiates g3 meanwhile
+    assert _until(lambda: ca.conn_ppk == "qkdgate-sw-b-g3")
+    assert wb.describe()["worker"]["queued"] == ["prepare", "install"]
+    cb.gate.set()                                # refused: gA requires g3 now
+    assert wa.wait_idle(15) and wb.wait_idle(15)
+    ta.poll(4.0)
+    tb.poll(4.0)
+    assert not [e for e in ea + eb if isinstance(e, ConsumerInvalidated)
+                and not e.reason.startswith("start")]
+    assert ca.conn_ppk == cb.conn_ppk == "qkdgate-sw-b-g3"
+    assert len(ca.sas) == 1                      # gA's g3 IKE_SA; the older ones gone
+    b_inst = {e.generation: e for e in eb if isinstance(e, ConsumerKeyInstalled)}
+    assert "not re-authenticated" in b_inst[2].detail
+    a_inst = {e.generation: e for e in ea if isinstance(e, ConsumerKeyInstalled)}
+    assert a_inst[3].verified and "authenticated with ppk_id qkdgate-sw-b-g3" in a_inst[3].detail
+    assert ta.state == tb.state == "up"
