@@ -496,7 +496,7 @@ class ConsumerDriver:
                 reason = f"{self.kind} install of generation {o.generation} failed"
                 self._emit(ConsumerInvalidated(self.tunnel_id, self.kind, reason, True,
                                                o.error or ""))
-            elif o.report is None:
+            elif o.error is not None:     # prepare and retire report nothing
                 log.error("tunnel %s: %s %s failed on the consumer worker: %s",
                           self.tunnel_id, self.kind, o.verb, o.error,
                           extra={"tunnel": self.tunnel_id})
