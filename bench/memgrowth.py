@@ -1,0 +1,146 @@
+"""Where a daemon's memory grows per rekey (issue 10: the soak's RSS slope).
+
+The 1 h soak (bench/soak.py) measured gw-a's RSS growing 45.8 KiB/min and
+gw-b's 16.5 KiB/min at about 2.8 rekeys/s. An RSS slope cannot say whether
+the growth is bounded (allocator arenas filling up) or a structure that
+grows with every rekey. This bench answers that on the host with
+``tracemalloc``: two real daemons in one process (the set-up of
+bench/rekey_n1.py: recording kernel fakes, the KME simulator its own
+process, real ETSI 014 clients, a real key journal), rekeyed back to back;
+the fakes' own records of what they were asked are emptied after every
+rekey, so what grows is the daemons'.
+After a warm-up it takes a snapshot every ``--step`` rekeys and prints, per
+step, the traced Python heap and the source lines whose allocations grew
+most since the first snapshot, with bytes per rekey. A line that grows by
+the same amount in every step grows without bound; one that levels off is
+a cache or a pool.
+
+    .venv/bin/python bench/memgrowth.py                   # 300 warm-up, 4 x 500 rekeys
+    .venv/bin/python bench/memgrowth.py --step 1000 --steps 3
+"""
+import argparse
+import asyncio
+import logging
+import os
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests" / "interop"))   # daemon_pair: the test configs
+from daemon_pair import write_pair  # noqa: E402
+from rekey_n1 import outbound, start_kme  # noqa: E402  (bench/ is not a package)
+
+from qkdgate.gateway.config.model import load_config  # noqa: E402
+from qkdgate.gateway.daemon.daemon import Daemon  # noqa: E402
+from qkdgate.gateway.daemon.sdnotify import SdNotifier  # noqa: E402
+from qkdgate.testing.fakes import RecordingIpsecBackend  # noqa: E402
+
+
+def rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+IGNORE = (tracemalloc.Filter(False, tracemalloc.__file__),
+          tracemalloc.Filter(False, "<frozen importlib._bootstrap*>"),
+          tracemalloc.Filter(False, "<unknown>"))
+
+
+async def rekey_once(ds: list[Daemon], ks: list[RecordingIpsecBackend]) -> None:
+    old = [outbound(k) for k in ks]
+    ds[0].rekey("t1")
+    t0 = time.monotonic()
+    while True:
+        now = [outbound(k) for k in ks]
+        if all(n - o and not n & o for n, o in zip(now, old, strict=True)):
+            return
+        if time.monotonic() - t0 > 30:
+            raise RuntimeError("a rekey did not complete within 30 s")
+        await asyncio.sleep(0.001)
+
+
+async def rekeys(ds: list[Daemon], ks: list[RecordingIpsecBackend], n: int) -> None:
+    for _ in range(n):
+        await rekey_once(ds, ks)
+        await asyncio.sleep(0.06)        # past the 50 ms grace: the old SAs go
+        for k in ks:                     # the fakes' own records are not the daemon's
+            k.ops.clear()
+            k.spi_batches.clear()
+            k.larval_reqids.clear()
+
+
+def top_growth(first: tracemalloc.Snapshot, now: tracemalloc.Snapshot,
+               rekeys: int, limit: int) -> list[str]:
+    out = []
+    for st in now.compare_to(first, "lineno")[:limit]:
+        if st.size_diff <= 0:
+            break
+        frame = st.traceback[0]
+        where = frame.filename
+        for root in (str(HERE.parent) + "/", sys.prefix + "/", sys.base_prefix + "/"):
+            where = where.replace(root, "")
+        out.append(f"    {st.size_diff / rekeys:8.1f} B/rekey  {st.count_diff:+7d} blocks  "
+                   f"{where}:{frame.lineno}")
+    return out
+
+
+async def main(args: argparse.Namespace) -> None:
+    work = Path(tempfile.mkdtemp(prefix="memgrowth-"))
+    kme, sim = start_kme(work)
+    write_pair(work, kme=sim, interval="3600s", soft="7000s", hard="7200s")
+    cfgs = []
+    for name in ("gw-a.yaml", "gw-b.yaml"):
+        text = (work / name).read_text().replace("grace: 500ms", "grace: 50ms")
+        (work / name).write_text(text.replace("level: debug", "level: warning"))
+        cfgs.append(load_config(str(work / name)))
+    ks = [RecordingIpsecBackend(time.monotonic), RecordingIpsecBackend(time.monotonic)]
+    ds = [Daemon(c, ipsec_backend=k, notifier=SdNotifier({}),
+                 control_path=str(work / f"{i}.sock"))
+          for i, (c, k) in enumerate(zip(cfgs, ks, strict=True))]
+    tasks = [asyncio.create_task(d.run()) for d in ds]
+    logging.getLogger().setLevel(logging.WARNING)
+    try:
+        await asyncio.wait_for(asyncio.gather(*(d.ready.wait() for d in ds)), 60)
+        while not all(t.active for d in ds for t in d.tunnels.tunnels.values()):  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+        t0 = time.monotonic()
+        await rekeys(ds, ks, args.warmup)
+        print(f"two in-process daemons, one tunnel, hybrid-required (ML-KEM + X25519 + QKD "
+              f"over ETSI 014); warm-up {args.warmup} rekeys in {time.monotonic() - t0:.0f} s; "
+              f"host load {os.getloadavg()[0]:.1f}", flush=True)
+        first = tracemalloc.take_snapshot().filter_traces(IGNORE)
+        base = sum(s.size for s in first.statistics("filename"))
+        rss0 = rss_kib()
+        done = 0
+        for step in range(1, args.steps + 1):
+            t0 = time.monotonic()
+            await rekeys(ds, ks, args.step)
+            done += args.step
+            snap = tracemalloc.take_snapshot().filter_traces(IGNORE)
+            heap = sum(s.size for s in snap.statistics("filename"))
+            rate = args.step / (time.monotonic() - t0)
+            print(f"\nstep {step}: {done} rekeys after the warm-up ({rate:.1f}/s); "
+                  f"traced heap {heap / 1024:.0f} KiB, {heap - base:+,} B since the warm-up "
+                  f"= {(heap - base) / done:.1f} B/rekey; process RSS {rss_kib() / 1024:.1f} MiB, "
+                  f"{rss_kib() - rss0:+,} KiB since the warm-up; the lines that grew most:",
+                  flush=True)
+            print("\n".join(top_growth(first, snap, done, args.top)), flush=True)
+    finally:
+        for d in ds:
+            d.stop()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        kme.terminate()
+        kme.wait()
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--warmup", type=int, default=300)
+    ap.add_argument("--step", type=int, default=500)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--top", type=int, default=12)
+    tracemalloc.start(1)
+    asyncio.run(main(ap.parse_args()))
