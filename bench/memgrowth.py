@@ -20,22 +20,17 @@ a cache or a pool.
 """
 import argparse
 import asyncio
-import logging
 import os
 import sys
-import tempfile
 import time
 import tracemalloc
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests" / "interop"))   # daemon_pair: the test configs
-from daemon_pair import write_pair  # noqa: E402
-from rekey_n1 import outbound, start_kme  # noqa: E402  (bench/ is not a package)
+sys.path.insert(0, str(HERE.parent / "tests" / "interop"))   # rekey_n1 needs daemon_pair
+from rekey_n1 import daemon_pair, outbound  # noqa: E402  (bench/ is not a package)
 
-from qkdgate.gateway.config.model import load_config  # noqa: E402
 from qkdgate.gateway.daemon.daemon import Daemon  # noqa: E402
-from qkdgate.gateway.daemon.sdnotify import SdNotifier  # noqa: E402
 from qkdgate.testing.fakes import RecordingIpsecBackend  # noqa: E402
 
 
@@ -88,24 +83,7 @@ def top_growth(first: tracemalloc.Snapshot, now: tracemalloc.Snapshot,
 
 
 async def main(args: argparse.Namespace) -> None:
-    work = Path(tempfile.mkdtemp(prefix="memgrowth-"))
-    kme, sim = start_kme(work)
-    write_pair(work, kme=sim, interval="3600s", soft="7000s", hard="7200s")
-    cfgs = []
-    for name in ("gw-a.yaml", "gw-b.yaml"):
-        text = (work / name).read_text().replace("grace: 500ms", "grace: 50ms")
-        (work / name).write_text(text.replace("level: debug", "level: warning"))
-        cfgs.append(load_config(str(work / name)))
-    ks = [RecordingIpsecBackend(time.monotonic), RecordingIpsecBackend(time.monotonic)]
-    ds = [Daemon(c, ipsec_backend=k, notifier=SdNotifier({}),
-                 control_path=str(work / f"{i}.sock"))
-          for i, (c, k) in enumerate(zip(cfgs, ks, strict=True))]
-    tasks = [asyncio.create_task(d.run()) for d in ds]
-    logging.getLogger().setLevel(logging.WARNING)
-    try:
-        await asyncio.wait_for(asyncio.gather(*(d.ready.wait() for d in ds)), 60)
-        while not all(t.active for d in ds for t in d.tunnels.tunnels.values()):  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
+    async with daemon_pair("memgrowth-", "50ms") as (ds, ks):
         t0 = time.monotonic()
         await rekeys(ds, ks, args.warmup)
         print(f"two in-process daemons, one tunnel, hybrid-required (ML-KEM + X25519 + QKD "
@@ -128,12 +106,6 @@ async def main(args: argparse.Namespace) -> None:
                   f"{rss_kib() - rss0:+,} KiB since the warm-up; the lines that grew most:",
                   flush=True)
             print("\n".join(top_growth(first, snap, done, args.top)), flush=True)
-    finally:
-        for d in ds:
-            d.stop()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        kme.terminate()
-        kme.wait()
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ both fakes hold the new outbound SA and neither holds the old one (the
 completion of bench/vs_strongswan.py). Prints median [min-max].
 """
 import asyncio
+import contextlib
 import logging
 import os
 import re
@@ -20,6 +21,7 @@ import sys
 import tempfile
 import time
 import types
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -76,13 +78,17 @@ async def rekeys(ds: list[Daemon], ks: list[RecordingIpsecBackend]) -> list[floa
     return took
 
 
-async def main() -> None:
-    work = Path(tempfile.mkdtemp(prefix="rekey-n1-"))
+@contextlib.asynccontextmanager
+async def daemon_pair(prefix: str, grace: str
+                      ) -> AsyncIterator[tuple[list[Daemon], list[RecordingIpsecBackend]]]:
+    """Two real daemons in this process, their one tunnel up (each side's
+    generation active), the KME simulator its own process; stopped on exit."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
     kme, sim = start_kme(work)
     write_pair(work, kme=sim, interval="3600s", soft="7000s", hard="7200s")
     cfgs = []
     for name in ("gw-a.yaml", "gw-b.yaml"):
-        text = (work / name).read_text().replace("grace: 500ms", f"grace: {GRACE}")
+        text = (work / name).read_text().replace("grace: 500ms", f"grace: {grace}")
         (work / name).write_text(text.replace("level: debug", "level: warning"))
         cfgs.append(load_config(str(work / name)))
     ks = [RecordingIpsecBackend(time.monotonic), RecordingIpsecBackend(time.monotonic)]
@@ -95,17 +101,22 @@ async def main() -> None:
         await asyncio.wait_for(asyncio.gather(*(d.ready.wait() for d in ds)), 60)
         while not all(t.active for d in ds for t in d.tunnels.tunnels.values()):  # noqa: ASYNC110
             await asyncio.sleep(0.01)
-        await asyncio.sleep(1.0)
-        took = await rekeys(ds, ks)
-        print(f"N=1 rekey of two in-process daemons, {REPS} reps, grace {GRACE}: median "
-              f"{statistics.median(took) * 1e3:.1f} ms [{min(took) * 1e3:.1f}-"
-              f"{max(took) * 1e3:.1f}], host load {os.getloadavg()[0]:.1f}")
+        yield ds, ks
     finally:
         for d in ds:
             d.stop()
         await asyncio.gather(*tasks, return_exceptions=True)
         kme.terminate()
         kme.wait()
+
+
+async def main() -> None:
+    async with daemon_pair("rekey-n1-", GRACE) as (ds, ks):
+        await asyncio.sleep(1.0)
+        took = await rekeys(ds, ks)
+        print(f"N=1 rekey of two in-process daemons, {REPS} reps, grace {GRACE}: median "
+              f"{statistics.median(took) * 1e3:.1f} ms [{min(took) * 1e3:.1f}-"
+              f"{max(took) * 1e3:.1f}], host load {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":
