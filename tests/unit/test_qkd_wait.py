@@ -44,7 +44,8 @@ async def test_pqc_fallback_bounds_the_qkd_wait_by_the_sending_keys(tmp_path):
         (failed,) = [c for c in s.calls if c[0] == "qkd_failed"]
         assert failed[:3] == ("qkd_failed", 1, "KeySourceTimeout")
         assert "within 0.15 s" in failed[3] and "hard lifetime is near" in failed[3]
-        assert 0.15 <= waited < 1.0, waited             # told in time, not after 9 s
+        # told in time: about 0.15 s, not the source's 25 s (loose: a loaded host)
+        assert 0.14 <= waited < 5.0, waited
     finally:
         await stopped(d, task)
 
