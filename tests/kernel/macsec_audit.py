@@ -108,7 +108,7 @@ def open_frame(frame: bytes, sci: int, keys: SaKeys, seq_of: Callable[[bytes], i
 def explain_lost(frames: Sequence[bytes], sci: int, lost: Sequence[int],
                  history: Sequence[tuple[int, int]], rotation_of: Callable[[int], int],
                  keys: Callable[[int, int], SaKeys], seq_of: Callable[[bytes], int | None],
-                 reach: int = 48) -> dict[int, Opened]:
+                 reach: int = 48, wide: int = 2048) -> dict[int, Opened]:
     """For each lost datagram, the wire frame that carried it and the key that opens it.
 
     ``frames``: the capture; ``sci``: the sender's SC; ``history``: the
@@ -119,17 +119,22 @@ def explain_lost(frames: Sequence[bytes], sci: int, lost: Sequence[int],
     two of ARP/ND, and cross-CPU reordering on the wire bridge), so each
     lost datagram is looked for among the sender's frames ``reach`` either
     side of its number, opened with the keys of the rotations next to its
-    own. A lost datagram absent from the result was not found on the wire
-    under any of those keys."""
+    own; one not found there is looked for ``wide`` either side (a capture
+    that dropped frames, or many more ARP/ND frames beside a CPU hog, shifts
+    the numbering). A lost datagram absent from the result was not found on
+    the wire under any of those keys."""
     mine = [(f, t) for f in frames if (t := sectag(f)) is not None and t.sci == sci]
     found: dict[int, Opened] = {}
     for seq in lost:
         k = rotation_of(seq)
         candidates = [history[i] for i in range(max(0, k - 2), min(len(history), k + 2))]
-        for frame, tag in mine[max(0, seq - reach):seq + reach]:
-            for gen, an in candidates:
-                if open_frame(frame, sci, keys(gen, an), seq_of) == seq:
-                    found[seq] = Opened(seq, tag.an, an, gen, tag.pn)
+        for r in (reach, wide):
+            for frame, tag in mine[max(0, seq - r):seq + r]:
+                for gen, an in candidates:
+                    if open_frame(frame, sci, keys(gen, an), seq_of) == seq:
+                        found[seq] = Opened(seq, tag.an, an, gen, tag.pn)
+                        break
+                if seq in found:
                     break
             if seq in found:
                 break

@@ -107,7 +107,8 @@ def test_macsec_100_rotations_under_traffic(topo, tmp_path):
     # B rejected each race frame on its ICV (10.6.5); a frame of A's ARP/ND
     # could meet the race too, without a datagram lost, hence not ==.
     _check(s, pair.windows, 0, "macsec",
-           f"ANs used {sorted({an for _, an in pair.history})}, B's RX SC counters {rx}",
+           f"ANs used {sorted({an for _, an in pair.history})}, B's RX SC counters {rx}, "
+           f"frames the capture dropped {cap.dropped}",
            kernel_race=race)
     assert rx.get("IN_PKTS_NOT_VALID", 0) >= len(race), (rx, race)
     assert pair.gen == REKEYS + 1 and len({an for _, an in pair.history}) == 4
@@ -126,5 +127,6 @@ def _kernel_an_race(pair: MacsecPair, stream: Stream, pcap: str) -> list[int]:
     race, opened = race_losses(list(iter_pcap(pcap)), pair.sci_a, in_win, stream.sent_at,
                                pair.windows, pair.history,
                                lambda gen, an: SaKeys.of(pair.keys("i2r", an, gen)))
-    print("lost in a rotation window, found on the wire:", sorted(opened.values(), key=str))
+    print("lost in a rotation window, found on the wire:", sorted(opened.values(), key=str),
+          "not found:", sorted(set(in_win) - set(opened)))
     return race

@@ -94,6 +94,19 @@ def test_a_datagram_missing_from_the_wire_is_not_explained():
     assert audit(frames, [10], k) == {}
 
 
+def test_a_race_frame_far_from_its_number_is_found_by_the_wide_search():
+    # beside a CPU hog (2026-12-07) the race frame was not found 48 frames
+    # either side of its datagram's number: here 100 more of the sender's
+    # frames (ARP/ND, or datagrams of the capture's start) come before it
+    k = keys(True)
+    frames = [seal(k(*HISTORY[0]), 0, 200 + i, 5000 + i) for i in range(100)] + \
+        stream(k, race_at=10)
+    assert explain_lost(frames, SCI, [10], HISTORY, lambda s: 0 if s < 10 else 1, k,
+                        stream_seq, wide=0) == {}
+    found = audit(frames, [10], k)
+    assert kernel_an_race(found[10], HISTORY)
+
+
 def test_sectag_and_pcap_reader(tmp_path):
     from scapy.utils import wrpcap
     k = keys(True)
