@@ -145,6 +145,14 @@ class Daemon:
             return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
         return ""
 
+    def keep_log(self, tag: str) -> None:
+        """Copy the daemon's log where the host sees it (lab/run.sh's
+        LAB_OUT), beside the charons' (a failure's timeline needs both)."""
+        out = os.environ.get("LAB_OUT")
+        if out and self.log.exists():
+            with contextlib.suppress(OSError):
+                Path(out, f"{tag}-{self.log.stem}.log").write_bytes(self.log.read_bytes())
+
 
 class Sampler:
     """Reads what each gateway's data plane holds every ``period`` seconds:
@@ -415,6 +423,8 @@ def test_strongswan_keyed_by_two_real_daemons(topo, kme, tmp_path, request):
         for ch in charons:
             ch.stop()
             ch.keep_log(request.node.name)
+        for d in daemons:
+            d.keep_log(request.node.name)
         for ns in (topo.gA, topo.gB):
             for what in ("state", "policy"):
                 subprocess.run(["ip", "-n", ns, "xfrm", what, "flush"], check=False)
