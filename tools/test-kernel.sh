@@ -31,7 +31,7 @@ fi
 LAB_TIMEOUT=${LAB_TIMEOUT:-3600} bash lab/run.sh -- env QKDGATE_KERNEL_TESTS=1 \
     QKDGATE_SYSTEMD_TESTS="$SYSTEMD_TESTS" QKDGATE_FAULT_MATRIX="${QKDGATE_FAULT_MATRIX:-0}" \
     QKDGATE_HA_TESTS="${QKDGATE_HA_TESTS:-1}" QKDGATE_KERNEL_DEFECTS="${QKDGATE_KERNEL_DEFECTS:-0}" \
-    .venv/bin/python -m pytest tests/kernel -p no:cacheprovider -q -ra --durations=8 "$@"
+    .venv/bin/python -m pytest tests/kernel -p no:cacheprovider -q -ra --durations=0 "$@"
 rc=$?
 case $rc in
   0) echo "test-kernel: kernel tests passed in the lab VM" ;;
