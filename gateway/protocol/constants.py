@@ -63,6 +63,11 @@ IMMEDIATE_RETRIES: Final = 3         # fast restarts (lost QKD key, fallback) be
 # from another, unauthenticated epoch (split brain of an HA pair: 10.1); the
 # first three retransmissions of a live peer fall inside it.
 EXCHANGE_HOLD: Final = 4 * RETRANSMIT_BASE   # 2 s
+# After losing a collision (docs/protocol.md 7) our retry waits this long
+# after our RESP for the CONFIRM of the exchange that won: longer than the
+# peer's own work between them (decapsulation, its KME's dec_keys, signing,
+# its inbound installs), short enough that a peer gone silent costs little.
+YIELD_HOLD: Final = 2 * EXCHANGE_HOLD          # 4 s
 
 # ---------------------------------------------------------------- denial of service
 RATE_PER_SECOND: Final = 2.0         # expensive INIT work per peer (token bucket)

@@ -46,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import itertools
+import math
 import os
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -72,6 +73,7 @@ from qkdgate.gateway.protocol.constants import (
     VERIFY_BURST,
     VERIFY_RATE,
     VIOLATION_EVENT_INTERVAL,
+    YIELD_HOLD,
 )
 from qkdgate.gateway.protocol.dos import CookieJar, TokenBucket
 from qkdgate.gateway.protocol.events import (
@@ -175,6 +177,7 @@ class PeerSession:
         self._ini: Exchange | None = None
         self._res: Exchange | None = None
         self._last_res: Exchange | None = None    # completed responder exchange (DONE cache)
+        self._yielded_to: Exchange | None = None  # the responder exchange that beat our INIT
         self._requests: dict[int, tuple[Exchange, str]] = {}
         # generations
         self.generation = 0                       # current established generation
@@ -297,7 +300,7 @@ class PeerSession:
                     self.stats["retransmit"] += 1
                     self._send(ex.wire)
                     timers.retransmitted(ex, now)
-            if self._ini is None and not self._res_blocks_rekey():
+            if self._ini is None and not self._res_blocks_rekey(now):
                 reason = timers.rekey_due(now)
                 if reason is not None:
                     self._start(now, reason)
@@ -305,9 +308,11 @@ class PeerSession:
 
     def get_timer(self) -> float | None:
         with self._guard():
+            hold = self._rekey_hold()
             return self._timers.next_deadline(
                 (ex for ex in (self._ini, self._res) if ex is not None),
-                rekey_waits=self._ini is not None or self._res_blocks_rekey())
+                rekey_waits=self._ini is not None or hold == math.inf,
+                rekey_not_before=hold)
 
     def datagrams_to_send(self, now: float) -> list[bytes]:
         with self._guard():
@@ -382,7 +387,7 @@ class PeerSession:
         exhaustion...). Ignored while an exchange is already running: that
         one produces the fresh generation asked for."""
         with self._guard():
-            if self._ini is not None or self._res_blocks_rekey():
+            if self._ini is not None or self._res_blocks_rekey(now):
                 self.stats["rekey_coalesced"] += 1
                 return
             self._timers.rekey_started()
@@ -487,17 +492,33 @@ class PeerSession:
             raise LocalProtocolError(f"illegal transition {ex.role} {ex.state} -> {new}")
         ex.state = new
 
-    def _res_blocks_rekey(self) -> bool:
-        """Does the responder exchange make our own rekey wait? Not while it
-        only answered an epoch that has not authenticated in this run (no
-        CONFIRM yet): that may be the other node of an HA pair in split brain
-        whose RESPs go elsewhere and which would hold us until its exchange
-        timeout (docs/protocol.md 10.1). If it is a genuinely restarted peer
-        its CONFIRM completes it beside ours; generations still only grow."""
+    def _res_blocks_rekey(self, now: float) -> bool:
+        hold = self._rekey_hold()
+        return hold is not None and now < hold
+
+    def _rekey_hold(self) -> float | None:
+        """Until when the responder exchange makes our own rekey wait: None
+        (not at all), ``math.inf`` (while it runs) or a time. It does not
+        wait while the exchange only answered an epoch that has not
+        authenticated in this run (no CONFIRM yet): that may be the other
+        node of an HA pair in split brain whose RESPs go elsewhere and which
+        would hold us until its exchange timeout (docs/protocol.md 10.1). If
+        it is a genuinely restarted peer its CONFIRM completes it beside
+        ours; generations still only grow. Except the exchange that beat our
+        own in a collision (7): our retry waits while it waits for our KME,
+        and then ``YIELD_HOLD`` after our RESP for its CONFIRM; without this
+        the two simultaneous first exchanges of a start made two generations
+        a moment apart."""
         res = self._res
         if res is None:
-            return False
-        return not (res.state in (S.R_QKD, S.R_RESP_SENT) and res.peer_epoch != self.peer_epoch)
+            return None
+        if not (res.state in (S.R_QKD, S.R_RESP_SENT) and res.peer_epoch != self.peer_epoch):
+            return math.inf
+        if res is not self._yielded_to:
+            return None
+        if res.state == S.R_QKD:
+            return math.inf
+        return res.cookie_at + YIELD_HOLD
 
     def _held(self, ep: int, now: float) -> bool:
         """Is a running exchange with another epoch than ``ep`` live (its peer
@@ -872,6 +893,7 @@ class PeerSession:
             return
         # The INIT is from a pinned identity (classically). Resolve collisions.
         ini = self._ini
+        yielded = False
         if ini is not None:
             if ini.state in (S.I_QKD, S.I_INIT_SENT):
                 if self._ours_wins(ini, msg):
@@ -881,6 +903,7 @@ class PeerSession:
                 self.stats["collision_lost"] += 1
                 self._drop(ini)
                 self._timers.collision_lost(now)
+                yielded = True
             elif ini.peer_epoch != ep:
                 # an epoch above any we ever authenticated: the peer restarted
                 # and our exchange with its old incarnation cannot complete
@@ -903,6 +926,7 @@ class PeerSession:
         self._transition(ex, S.R_QKD)
         self._bump_gen(self._gen(ex))
         self._res = ex
+        self._yielded_to = ex if yielded else None
         try:
             self._responder_start(ex, msg, now)
         except RemoteProtocolError:
@@ -1141,6 +1165,8 @@ class PeerSession:
             self._ini = None
         if ex is self._res:
             self._res = None
+        if ex is self._yielded_to:
+            self._yielded_to = None
         if ex.request_id is not None:
             self._requests.pop(ex.request_id, None)
             ex.request_id = None

@@ -155,11 +155,13 @@ class SessionTimers:
     # ---------------------------------------------------------------- the one timer
 
     def next_deadline(self, exchanges: Iterable[Exchange], *,
-                      rekey_waits: bool | None = None) -> float | None:
+                      rekey_waits: bool | None = None,
+                      rekey_not_before: float | None = None) -> float | None:
         """The session's one timer. A due rekey waits for a running exchange
         (``rekey_waits`` None: any); the session passes False when the only
         one running is an unconfirmed answer to an unauthenticated epoch,
-        which must not hold its rekey (docs/protocol.md 10.1)."""
+        which must not hold its rekey (docs/protocol.md 10.1);
+        ``rekey_not_before``: nor before this time (a lost collision's retry)."""
         times: list[float] = []
         busy = False
         for ex in exchanges:
@@ -168,5 +170,8 @@ class SessionTimers:
             if ex.retx_at is not None:
                 times.append(ex.retx_at)
         if self.rekey_at is not None and not (busy if rekey_waits is None else rekey_waits):
-            times.append(self.rekey_at)   # a due rekey waits for the running exchange
+            at = self.rekey_at            # a due rekey waits for the running exchange
+            if rekey_not_before is not None:
+                at = max(at, rekey_not_before)
+            times.append(at)
         return min(times) if times else None
