@@ -141,6 +141,7 @@ class Exchange:
     cookie_at: float = -1e18       # initiator: last cookie; responder: last cached RESP
     collision_resent_at: float = -1e18   # initiator: last INIT resent after a won collision
     heard_at: float = -1e18        # last message of this exchange from the peer (hold)
+    answered_at: float = -1e18     # responder: our first RESP (a lost collision's retry hold)
 
     def wipe(self, *, session: bool = False) -> None:
         """Forget this exchange's ephemeral secrets (and its session secret

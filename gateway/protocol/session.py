@@ -518,7 +518,7 @@ class PeerSession:
             return None
         if res.state == S.R_QKD:
             return math.inf
-        return res.cookie_at + YIELD_HOLD
+        return res.answered_at + YIELD_HOLD   # a repeated INIT does not extend it
 
     def _held(self, ep: int, now: float) -> bool:
         """Is a running exchange with another epoch than ``ep`` live (its peer
@@ -1029,7 +1029,7 @@ class PeerSession:
         rest = H.resp_rest(self.identity, ex.th, values, H.tag(ex.session, "responder", ex.th))
         ex.wire = m.seal(prefix + rest, self._mac_out)
         self._transition(ex, S.R_RESP_SENT)
-        ex.cookie_at = now
+        ex.cookie_at = ex.answered_at = now
         self._send(ex.wire)
 
     def _on_confirm(self, msg: Message, now: float) -> None:

@@ -59,6 +59,22 @@ def test_the_retry_runs_when_the_winner_goes_silent_after_our_answer():
     assert p.a.session._ini.reason == "retry"
 
 
+def test_a_winner_that_repeats_its_init_does_not_extend_the_hold():
+    # 10.1 split brain: the node that won gets none of our RESPs (they go to
+    # the other node) and repeats its INIT; a repeated INIT is no progress
+    p = both_start_with_a_slow_master_kme()
+    release(p.a, p.now)
+    sent_init = [d for s, d in p.log if s == "gw-b"][0]
+    p.network = lambda src, dgrams: [] if src == "gw-a" else dgrams   # our RESPs vanish
+    p.settle()
+    answered = p.now
+    for t in (1.0, 2.0, 3.0, 3.9):                     # the INIT again, within the hold
+        p.advance(answered + t)
+        p.a.session.receive_datagram(sent_init, p.now)
+    p.advance(answered + YIELD_HOLD + 0.1)
+    assert p.a.session._ini is not None and p.a.session._ini.reason == "retry"
+
+
 def test_an_answer_to_an_epoch_we_did_not_yield_to_still_never_holds_a_rekey():
     # docs/protocol.md 10.1: without a collision, an unconfirmed answer to an
     # epoch not authenticated in this run does not hold our scheduled rekey
