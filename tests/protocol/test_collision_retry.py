@@ -64,7 +64,7 @@ def test_a_winner_that_repeats_its_init_does_not_extend_the_hold():
     # the other node) and repeats its INIT; a repeated INIT is no progress
     p = both_start_with_a_slow_master_kme()
     release(p.a, p.now)
-    sent_init = [d for s, d in p.log if s == "gw-b"][0]
+    sent_init = next(d for s, d in p.log if s == "gw-b")
     p.network = lambda src, dgrams: [] if src == "gw-a" else dgrams   # our RESPs vanish
     p.settle()
     answered = p.now
