@@ -354,7 +354,7 @@ class ThreadedConsumer:
 
 def _role(direction: str, inbound: bool) -> str:
     # keymix directions are relative to handshake roles: the initiator
-    # receives r2i and sends i2r (tunnels.manager.directions)
+    # receives r2i and sends i2r (tunnels.tunnel.directions)
     return "initiator" if (direction == "r2i") == inbound else "responder"
 
 

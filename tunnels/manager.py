@@ -15,6 +15,7 @@ The module is sans-IO in the aioquic sense: the caller passes ``now``
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -28,43 +29,38 @@ from qkdgate.tunnels.driver import (
     SaRecord,
     TunnelDriver,
 )
-from qkdgate.tunnels.timers import (
-    Lifetimes,
+from qkdgate.tunnels.timers import Lifetimes
+from qkdgate.tunnels.tunnel import (
+    Generation,
+    GenerationRefused,
+    Tunnel,
+    TunnelPolicy,
+    check_policy,
+    legs_of,
+    provenance_dict,
 )
 
 if TYPE_CHECKING:
     from qkdgate.keymix.combiner import SessionSecret
-from qkdgate.tunnels.tunnel import (
-    Generation,
-    GenerationRefused,
-    SaObserver,
-    Tunnel,
-    TunnelPolicy,
-    check_policy,
-    default_schedule,
-    directions,
-    legs_of,
-    log,
-    provenance_dict,
-)
 
+# the names importers took from here before Tunnel moved to tunnels/tunnel.py
 __all__ = [
     "Generation",
     "GenerationRefused",
     "KeySchedule",
     "Lifetimes",
-    "SaObserver",
     "SaRecord",
     "Tunnel",
     "TunnelDriver",
     "TunnelManager",
     "TunnelPolicy",
     "check_policy",
-    "default_schedule",
-    "directions",
     "legs_of",
     "provenance_dict",
 ]
+
+log = logging.getLogger("qkdgate.tunnels")
+
 
 # --------------------------------------------------------------------------
 # all tunnels of the daemon
