@@ -278,6 +278,12 @@ class KeySourceConfig:
 
     _yaml_label = "key source"
 
+    @property
+    def worst_wait(self) -> float:
+        """The longest a request to this source can take to fail: every
+        attempt (the first and ``retries`` more) running to ``timeout``."""
+        return self.timeout * (self.retries + 1)
+
 
 # ---------------------------------------------------------------- tunnels
 

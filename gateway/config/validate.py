@@ -338,10 +338,9 @@ def _qkd_wait_warnings(cfg: Config) -> list[str]:
         window = t.rekey.hard_lifetime - t.rekey.interval
         for ref in qkd.source_list:
             ks = cfg.key_source(ref.key_source)
-            worst = ks.timeout * (ks.retries + 1)
-            if worst > window:
+            if ks.worst_wait > window:
                 out.append(f"tunnels[{i}].rekey: {t.policy.value}, and key source "
-                           f"'{ks.name}' may take {_s(worst)} (timeout x (retries + 1)) to "
+                           f"'{ks.name}' may take {_s(ks.worst_wait)} (timeout x (retries + 1)) to "
                            f"fail, more than the {_s(window)} from a rekey to the hard "
                            "lifetime: a KME that slow blocks this tunnel")
     return out

@@ -87,7 +87,7 @@ class QkdFetcher:
             ks = self._config.key_source(source)
         except KeyError:
             return DEFAULT_TIMEOUT
-        return ks.timeout * (ks.retries + 1) + KME_TIMEOUT_SLACK
+        return ks.worst_wait + KME_TIMEOUT_SLACK
 
     # ---------------------------------------------------------------- fetch
     async def fetch(self, peer: str, ev: NeedQkdKeys, *, within: float | None = None
