@@ -436,25 +436,23 @@ class StrongswanConsumer:
         peer refuses our IKE_AUTH (its load-conn of this generation may
         still be queued); the unique id of the new IKE_SA, or None once a
         later generation's install is queued (REAUTH_RETRY_S)."""
-        for pause in REAUTH_RETRY_S:
-            if self.superseded(key.generation):
-                return None
+        pauses = iter(REAUTH_RETRY_S)
+        while not self.superseded(key.generation):
             try:
                 uid: int = self._call(lambda v: v.initiate(
                     self.spec.connection, self.spec.child, self.spec.timeout_ms))
                 return uid
             except ViciAuthFailed:
+                pause = next(pauses, None)
+                if pause is None:
+                    raise                   # refused after every pause: a real mismatch
                 if self.superseded(key.generation):
-                    return None
+                    break
                 log.info("tunnel %s: the peer refused IKE_AUTH with %s (its install not in "
                          "charon yet?): again in %.2f s", self.tunnel_id, key.key_name, pause,
                          extra={"tunnel": self.tunnel_id})
                 self._sleep(pause)
-        if self.superseded(key.generation):
-            return None
-        last: int = self._call(lambda v: v.initiate(
-            self.spec.connection, self.spec.child, self.spec.timeout_ms))
-        return last
+        return None
 
     def _terminate(self, uid: int) -> None:
         try:
