@@ -124,20 +124,21 @@ def explain_lost(frames: Sequence[bytes], sci: int, lost: Sequence[int],
     the numbering). A lost datagram absent from the result was not found on
     the wire under any of those keys."""
     mine = [(f, t) for f in frames if (t := sectag(f)) is not None and t.sci == sci]
+
+    def near(seq: int, r: int, candidates: list[tuple[int, int]]) -> Opened | None:
+        for frame, tag in mine[max(0, seq - r):seq + r]:
+            for gen, an in candidates:
+                if open_frame(frame, sci, keys(gen, an), seq_of) == seq:
+                    return Opened(seq, tag.an, an, gen, tag.pn)
+        return None
+
     found: dict[int, Opened] = {}
     for seq in lost:
         k = rotation_of(seq)
         candidates = [history[i] for i in range(max(0, k - 2), min(len(history), k + 2))]
-        for r in (reach, wide):
-            for frame, tag in mine[max(0, seq - r):seq + r]:
-                for gen, an in candidates:
-                    if open_frame(frame, sci, keys(gen, an), seq_of) == seq:
-                        found[seq] = Opened(seq, tag.an, an, gen, tag.pn)
-                        break
-                if seq in found:
-                    break
-            if seq in found:
-                break
+        opened = near(seq, reach, candidates) or near(seq, wide, candidates)
+        if opened is not None:
+            found[seq] = opened
     return found
 
 
