@@ -352,9 +352,9 @@ def gb_sas(lab: HaLab) -> list:
         be.close()
 
 
-def one_sa_set(lab: HaLab) -> bool:
-    """gB holds one SA set: in to gB, out to the VIP."""
-    return sorted(str(s.sa_id.dst) for s in gb_sas(lab)) == ["192.0.2.1", "192.0.2.2"]
+def one_sa_set(sas: list) -> bool:
+    """One SA set at gB: in to gB, out to the VIP."""
+    return sorted(str(s.sa_id.dst) for s in sas) == ["192.0.2.1", "192.0.2.2"]
 
 
 def outage(stream: Stream, t_event: float) -> tuple[float, int]:
@@ -441,7 +441,7 @@ def switch(lab: HaLab, what: str, event, to: str) -> dict:
                  OUTAGE_BOUND + 10)
         # gB removes the old generation's inbound SA 1 s (its grace) after the
         # switch; a daemon starved beside a CPU hog acts a little later
-        lab.wait("one SA set at gB", lambda: one_sa_set(lab), 15)
+        lab.wait("one SA set at gB", lambda: one_sa_set(gb_sas(lab)), 15)
     finally:
         ab.stop()
         ba.stop()
@@ -464,7 +464,7 @@ def switch(lab: HaLab, what: str, event, to: str) -> dict:
     assert after["generation"] > before["generation"]
     assert new["generation"] == after["generation"]
     # one SA set at the peer (in: to gB, out: to the VIP), none left of the old node
-    assert sorted(str(s.sa_id.dst) for s in sas) == ["192.0.2.1", "192.0.2.2"], sas
+    assert one_sa_set(sas), sas
     assert keys, "no fresh QKD key for the new generation"
     return {"event": what, "role_switch_s": round(t_active - t0, 3),
             "outage_ms": [round(out_ab * 1000), round(out_ba * 1000)],
