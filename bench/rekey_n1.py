@@ -28,6 +28,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests" / "interop"))   # daemon_pair: the test configs
 from daemon_pair import write_pair  # noqa: E402
 from vs_contenders import _banner  # noqa: E402  (bench/ is not a package)
+from vs_topology import nets  # noqa: E402
 
 from qkdgate.gateway.config.model import load_config  # noqa: E402
 from qkdgate.gateway.daemon.daemon import Daemon  # noqa: E402
@@ -78,20 +79,39 @@ async def rekeys(ds: list[Daemon], ks: list[RecordingIpsecBackend]) -> list[floa
     return took
 
 
+def more_tunnels(text: str, tunnels: int, side_a: bool) -> str:
+    """write_pair's config with tunnels t2..tN beside t1: copies of t1's
+    block on their own subnets (bench/vs_topology.py's numbering) and reqids."""
+    block = re.search(r"^  - name: t1\n(?:    .*\n)+", text, re.M)
+    if block is None:
+        raise RuntimeError("write_pair's config has no tunnel t1")
+    a_net, b_net = ("10.1.0.0/16", "10.2.0.0/16") if side_a else ("10.2.0.0/16", "10.1.0.0/16")
+    extra = []
+    for i in range(2, tunnels + 1):
+        ln, rn = nets(i) if side_a else nets(i)[::-1]
+        extra.append(block.group(0).replace("name: t1", f"name: t{i}")
+                     .replace(f"[{a_net}]", f"[{ln}]").replace(f"[{b_net}]", f"[{rn}]")
+                     .replace("reqid: 100\n", f"reqid: {1000 + 16 * i}\n"))
+    return text[:block.end()] + "".join(extra) + text[block.end():]
+
+
 @contextlib.asynccontextmanager
-async def daemon_pair(prefix: str, grace: str
+async def daemon_pair(prefix: str, grace: str, tunnels: int = 1,
+                      kernel: type[RecordingIpsecBackend] = RecordingIpsecBackend
                       ) -> AsyncIterator[tuple[list[Daemon], list[RecordingIpsecBackend]]]:
-    """Two real daemons in this process, their one tunnel up (each side's
-    generation active), the KME simulator its own process; stopped on exit."""
+    """Two real daemons in this process, their tunnels (t1..tN on one peer)
+    up (each side's generation active), the KME simulator its own process;
+    stopped on exit."""
     work = Path(tempfile.mkdtemp(prefix=prefix))
     kme, sim = start_kme(work)
     write_pair(work, kme=sim, interval="3600s", soft="7000s", hard="7200s")
     cfgs = []
     for name in ("gw-a.yaml", "gw-b.yaml"):
         text = (work / name).read_text().replace("grace: 500ms", f"grace: {grace}")
+        text = more_tunnels(text, tunnels, name == "gw-a.yaml")
         (work / name).write_text(text.replace("level: debug", "level: warning"))
         cfgs.append(load_config(str(work / name)))
-    ks = [RecordingIpsecBackend(time.monotonic), RecordingIpsecBackend(time.monotonic)]
+    ks = [kernel(time.monotonic), kernel(time.monotonic)]
     ds = [Daemon(c, ipsec_backend=k, notifier=SdNotifier({}),
                  control_path=str(work / f"{i}.sock"))
           for i, (c, k) in enumerate(zip(cfgs, ks, strict=True))]

@@ -1,0 +1,200 @@
+"""Where the Python of a rekey-all goes, per tunnel (issue 19: why qkdgate is
+5x strongSwan at N = 1,000 and not 10x).
+
+Two real daemons in one process on the host, as bench/rekey_n1.py sets them
+up (the recording kernel fakes, so no ESP is needed; the KME simulator its own
+process; real ETSI 014 clients over mutual TLS), but with N tunnels on their
+one peer. After a warm-up rekey it profiles ``--reps`` rekey-alls with
+cProfile and prints the wall and CPU time per rekey-all and per tunnel, the
+CPU by area (what the daemons do, grouped by the module that spends it) and
+the functions with the most time of their own.
+
+    .venv/bin/python bench/profile_rekey.py                      # N=1000, 2 reps
+    .venv/bin/python bench/profile_rekey.py --tunnels 100 --reps 5 --top 30 --dump p.prof
+
+The fakes stand in for the kernel: their time is shown as its own area and
+left out of the per-tunnel figure (in the lab the kernel's XFRM work is the
+floor `ip -batch` measures). A rekey-all is done when each fake holds N new
+outbound SAs and none of the old ones (bench/vs_strongswan.py's completion);
+the wait polls every 5 ms, and the poll's own time is left out as well.
+"""
+import argparse
+import asyncio
+import cProfile
+import errno
+import os
+import pstats
+import re
+import socket
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests" / "interop"))   # rekey_n1 needs daemon_pair
+from rekey_n1 import daemon_pair, outbound  # noqa: E402  (bench/ is not a package)
+
+from qkdgate.errors import TunnelError  # noqa: E402
+from qkdgate.gateway.daemon.daemon import Daemon  # noqa: E402
+from qkdgate.interfaces import IPAddress  # noqa: E402
+from qkdgate.testing.fakes import RecordingIpsecBackend  # noqa: E402
+
+ROOT = str(HERE.parent) + "/"
+# (area, pattern on the file path): the first match names a function's area
+AREAS = [
+    ("recording kernel (stands in for XFRM)", r"qkdgate/testing/fakes\.py"),
+    ("bench: completion polling", r"^bench/"),
+    ("tunnels: SA specs, key derivation, install bookkeeping",
+     r"^tunnels/(manager|tunnel|ipsec_tunnel|timers|events)\.py"),
+    ("tunnels: other", r"^tunnels/"),
+    ("keymix (KDF, combiner, per-SA keys)", r"^keymix/"),
+    ("protocol: messages, fragments, exchange", r"^gateway/protocol/"),
+    ("daemon: peer runner, tunnel loop, journal", r"^gateway/daemon/"),
+    ("telemetry and logging", r"^gateway/telemetry/|/logging/"),
+    ("KME client (ETSI 014 over HTTPS)", r"^adapters/|aiohttp|yarl|multidict|/ssl\.py"),
+    ("cryptography (ML-KEM, ML-DSA, X25519, HKDF)",
+     r"cryptography|kyber|oqs|<built-in method _?openssl"),
+    ("asyncio and the event loop", r"asyncio|selectors"),
+]
+
+
+def area_of(filename: str) -> str | None:
+    rel = filename.replace(ROOT, "")
+    for name, pat in AREAS:
+        if re.search(pat, rel):
+            return name
+    return None
+
+
+Func = tuple[str, int, str]
+
+
+def charge(stats: dict[Func, tuple], func: Func, amount: float, into: dict[str, float],
+           depth: int = 0) -> None:
+    """Add ``amount`` of ``func``'s own time to its area; time of the standard
+    library and builtins goes to the areas of its callers, in proportion to
+    what each caller's calls took (cProfile records that per caller edge)."""
+    filename, _line, name = func
+    area = area_of(filename if filename != "~" else name)
+    callers = stats[func][4] if func in stats else {}
+    if area is not None or not callers or depth > 12:
+        into[area or "other (stdlib, builtins)"] += amount
+        return
+    weights = {c: edge[3] for c, edge in callers.items()}   # cumulative time per edge
+    total = sum(weights.values()) or 1.0
+    for c, w in weights.items():
+        charge(stats, c, amount * w / total, into, depth + 1)
+
+
+class CountingKernel(RecordingIpsecBackend):
+    """The recording fake without its SPI allocator's scan of every SA (a
+    search over all 4N SAs per reservation: seconds per rekey-all at
+    N = 1,000). Each fake counts its SPIs up from its own counter and no SA
+    reaches it by another way, so a fresh SPI is always free."""
+
+    def allocate_spi(self, src: IPAddress, dst: IPAddress, proto: int = socket.IPPROTO_ESP,
+                     low: int = 0xC0000000, high: int = 0xCFFFFFFF, reqid: int = 0) -> int:
+        spi = max(self._next_spi, low)
+        if spi > high:
+            raise TunnelError("allocate_spi", errno.ENOENT, "SPI range exhausted")
+        self._next_spi = spi + 1
+        self.ops.append(("allocate_spi", spi))
+        self.larval_reqids[spi] = reqid
+        return spi
+
+
+async def rekey_all(ds: list[Daemon], ks: list[RecordingIpsecBackend], n: int,
+                    limit: float) -> float:
+    old = [outbound(k) for k in ks]
+    t0 = time.perf_counter()
+    ds[0].rekey("t1")        # one exchange keys all of the peer's tunnels
+    while True:
+        await asyncio.sleep(0.005)
+        now = [outbound(k) for k in ks]
+        if all(len(x - o) == n and not x & o for x, o in zip(now, old, strict=True)):
+            return time.perf_counter() - t0
+        if time.perf_counter() - t0 > limit:
+            raise RuntimeError(f"a rekey of {n} tunnels did not complete within {limit} s")
+
+
+def report(prof: cProfile.Profile, reps: int, n: int, top: int) -> None:
+    st = pstats.Stats(prof)
+    stats = st.stats   # type: ignore[attr-defined]
+    by_area: dict[str, float] = defaultdict(float)
+    funcs = []
+    for func, (_cc, _nc, tt, _ct, _callers) in stats.items():
+        mine: dict[str, float] = defaultdict(float)
+        charge(stats, func, tt, mine)
+        for k, v in mine.items():
+            by_area[k] += v
+        area = max(mine, key=mine.__getitem__) if mine else "other (stdlib, builtins)"
+        filename, line, name = func
+        funcs.append((tt, area, f"{filename.replace(ROOT, '').replace(sys.base_prefix, '')}"
+                                f":{line} {name}"))
+    total = sum(by_area.values())
+    left_out = sum(v for k, v in by_area.items() if k.startswith(("recording", "bench")))
+    daemons = total - left_out
+    print(f"\nprofiled CPU per rekey-all: {total / reps:.3f} s, of which the daemons "
+          f"{daemons / reps:.3f} s = {daemons / reps / n * 1e3:.2f} ms a tunnel "
+          f"(both sides together)")
+    print("\n(standard library and builtins charged to their callers' areas)")
+    print("| area | CPU per rekey-all | share of the daemons' |\n|---|---|---|")
+    for area, t in sorted(by_area.items(), key=lambda kv: -kv[1]):
+        share = "" if area.startswith(("recording", "bench")) else f"{100 * t / daemons:.1f} %"
+        print(f"| {area} | {t / reps * 1e3:.1f} ms | {share} |")
+    print(f"\ntop {top} functions by their own time (the daemons' only):")
+    print("| own time per rekey-all | area (charged to) | function |\n|---|---|---|")
+    for tt, area, where in sorted(funcs, reverse=True):
+        if top <= 0:
+            break
+        if area.startswith(("recording", "bench")):
+            continue
+        print(f"| {tt / reps * 1e3:.1f} ms | {area} | `{where}` |")
+        top -= 1
+
+
+async def main(args: argparse.Namespace) -> None:
+    async with daemon_pair("profile-rekey-", "50ms", tunnels=args.tunnels,
+                           kernel=CountingKernel) as (ds, ks):
+        await asyncio.sleep(1.0)
+        warm = await rekey_all(ds, ks, args.tunnels, args.timeout)
+        plain, cpu_plain = [], []
+        for _ in range(args.reps):           # without the profiler, for comparison
+            await asyncio.sleep(0.2)
+            c0 = time.thread_time()
+            plain.append(await rekey_all(ds, ks, args.tunnels, args.timeout))
+            cpu_plain.append(time.thread_time() - c0)
+        # CPU time of this thread (the daemons' event loop): wall time would charge
+        # whatever function was running when the host preempted the process
+        prof = cProfile.Profile(time.thread_time)
+        walls = []
+        cpu0 = time.process_time()
+        for _ in range(args.reps):
+            await asyncio.sleep(0.2)     # past the grace: the old inbound SAs go
+            prof.enable()
+            walls.append(await rekey_all(ds, ks, args.tunnels, args.timeout))
+            prof.disable()
+        cpu = (time.process_time() - cpu0) / args.reps
+    print(f"two in-process daemons, {args.tunnels} tunnels on one peer, hybrid-required "
+          f"(ML-KEM-768 + X25519 + QKD over ETSI 014); warm-up {warm:.3f} s; host load "
+          f"{os.getloadavg()[0]:.1f}")
+    print(f"rekey-all without the profiler: wall {', '.join(f'{w:.3f}' for w in plain)} s, "
+          f"CPU of the daemons' thread {', '.join(f'{c:.3f}' for c in cpu_plain)} s "
+          f"(the recording kernel and the completion polling included)")
+    print(f"rekey-all under cProfile: wall {', '.join(f'{w:.3f}' for w in walls)} s; "
+          f"process CPU {cpu:.3f} s per rekey-all (profiler overhead included)")
+    report(prof, args.reps, args.tunnels, args.top)
+    if args.dump:
+        prof.dump_stats(args.dump)
+        print(f"\nprofile written to {args.dump} (python -m pstats {args.dump})")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tunnels", type=int, default=1000)
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--timeout", type=float, default=120.0)
+    ap.add_argument("--dump", metavar="FILE", help="also write the cProfile data (pstats)")
+    asyncio.run(main(ap.parse_args()))
