@@ -162,6 +162,7 @@ class Qkdgate(Contender):
         self.sock = ""
         self._kme_up = False
         self.log_level = "warning"
+        self.cprofile: Path | None = None   # bench/vs_strongswan.py --cprofile DIR
 
     def _kme(self) -> tuple[object, object]:
         """Start ``qkdgate kme-sim`` in the KME namespace (once) and return
@@ -254,8 +255,12 @@ tunnels:
         kme_a, kme_b = self._kme()
         for side, ns, kme in (("a", self.topo.a, kme_a), ("b", self.topo.b, kme_b)):
             cfg = self._yaml(side, n, kme)
+            cmd = [str(VENV_BIN / "qkdgate")]
+            if self.cprofile is not None:   # SIGUSR2 toggles a cProfile (cprofile_daemon.py)
+                cmd = [str(VENV_BIN / "python"), str(HERE / "cprofile_daemon.py"),
+                       str(self.cprofile / f"gw-{side}-n{n}")]
             with open(cfg.parent / "daemon.log", "w") as log:
-                p = subprocess.Popen(["ip", "netns", "exec", ns, str(VENV_BIN / "qkdgate"),
+                p = subprocess.Popen(["ip", "netns", "exec", ns, *cmd,
                                       "run", "-c", str(cfg), "--teardown-on-exit",
                                       "--log-level", self.log_level],
                                      stdout=log, stderr=subprocess.STDOUT)

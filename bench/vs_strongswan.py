@@ -217,6 +217,31 @@ def profile(r: Run, folder: Path, timeout: float) -> None:
     print(f"  profile: rekey-all of {r.n} under py-spy took {took:.3f} s; stacks in {folder}")
 
 
+def cprofile(r: Run, folder: Path, timeout: float) -> None:
+    """cProfile (bench/cprofile_daemon.py) on both qkdgate daemons during one
+    rekey-all; prints where their CPU went (bench/profile_areas.py)."""
+    import pstats
+
+    from profile_areas import report as areas  # bench/ is not a package
+    for pid in r.c.pids[:2]:
+        os.kill(pid, signal.SIGUSR2)
+    time.sleep(1.0)
+    took = r.rekey_all(timeout)
+    r.cpu_per_rekey.pop()  # not one of the measured reps
+    for pid in r.c.pids[:2]:
+        os.kill(pid, signal.SIGUSR2)
+    dumps = [folder / f"gw-{side}-n{r.n}.1" for side in "ab"]
+    deadline = time.monotonic() + 60
+    while not all(d.exists() for d in dumps) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if not all(d.exists() for d in dumps):
+        print(f"  cprofile: no profile written within 60 s ({folder})", flush=True)
+        return
+    print(f"  cprofile: rekey-all of {r.n} under cProfile took {took:.3f} s; both daemons' "
+          f"stats in {folder}", flush=True)
+    areas(pstats.Stats(*(str(d) for d in dumps)), 1, r.n, 25)
+
+
 def fmt(xs: list[float], unit: str = "s") -> str:
     xs = [x for x in xs if not math.isnan(x)]
     if not xs:
@@ -252,6 +277,10 @@ def main() -> int:
     ap.add_argument("--profile", metavar="DIR", default=None,
                     help="after the reps at the largest size, py-spy one more qkdgate "
                          "rekey-all (both daemons; collapsed stacks in DIR)")
+    ap.add_argument("--cprofile", metavar="DIR", default=None,
+                    help="run the qkdgate daemons under bench/cprofile_daemon.py and, after "
+                         "the reps at N=100 and the largest size, cProfile one more "
+                         "rekey-all; prints where both daemons' CPU went")
     args = ap.parse_args()
     if args.setup:
         return setup_host()
@@ -278,6 +307,9 @@ def main() -> int:
     drops: dict[str, dict[str, int]] = {}
     q = Qkdgate(topo, work, socks)
     q.log_level = args.daemon_log
+    if args.cprofile:
+        q.cprofile = Path(args.cprofile).resolve()
+        q.cprofile.mkdir(parents=True, exist_ok=True)
     contenders: list[Contender] = []
     if args.only != "strongswan":   # first: at the largest N strongSwan takes longest
         contenders.append(q)
@@ -306,6 +338,8 @@ def main() -> int:
                             drops[c.name] = r.xfrm_drops
                         if args.profile and c is q and n in (100, max(sizes)):
                             profile(r, Path(args.profile), args.timeout)
+                        if args.cprofile and c is q and n in (100, max(sizes)):
+                            cprofile(r, Path(args.cprofile), args.timeout)
                 except RuntimeError as exc:     # one contender failing leaves the table
                     print(f"  FAILED: {exc}", flush=True)
                     continue
