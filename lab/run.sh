@@ -56,6 +56,8 @@ GUEST=$OUT/.guest.sh
   printf 'export LAB_OUT=%q LAB_KVER=%q PYTHONDONTWRITEBYTECODE=1\n' "$OUT" "$KVER"
   printf 'export PATH=%q/.venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n' "$ROOT"
   echo 'touch "$LAB_OUT/.guest-started"'
+  # lab/bin/virtme-run mounts the root with 9p cache=loose: say so when it did not
+  echo 'grep -qE "^[^ ]+ / 9p [^ ]*loose" /proc/mounts || echo "lab-run(guest): WARNING: the root is not mounted cache=loose: every file access goes to the host (slow)" >>"$LAB_OUT/output.log"'
   printf 'cd %q || exit 125\n' "$ROOT"
   printf 'for m in %s; do modprobe "$m" || echo "lab-run(guest): modprobe $m failed"; done >>"$LAB_OUT/output.log" 2>&1\n' "$LAB_MODULES"
   printf '%q ' "$@"; echo '>>"$LAB_OUT/output.log" 2>&1 </dev/null'
@@ -81,7 +83,8 @@ cleanup() { [[ -n $TAIL_PID ]] && kill "$TAIL_PID" 2>/dev/null; TAIL_PID=""; }
 trap cleanup EXIT
 trap 'echo "lab-run: interrupted" >&2; exit 130' INT TERM
 
-timeout -k 15 "$LAB_TIMEOUT" env PATH="$ROOT/.venv/bin:$PATH" "$VNG" "${VNG_ARGS[@]}" \
+# lab/bin first: its virtme-run mounts the guest root with 9p cache=loose
+timeout -k 15 "$LAB_TIMEOUT" env PATH="$HERE/bin:$ROOT/.venv/bin:$PATH" "$VNG" "${VNG_ARGS[@]}" \
     </dev/null >"$OUT/console.log" 2>&1
 VRC=$?
 sleep 0.5
