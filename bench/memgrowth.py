@@ -28,7 +28,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests" / "interop"))   # rekey_n1 needs daemon_pair
-from rekey_n1 import daemon_pair, outbound  # noqa: E402  (bench/ is not a package)
+from rekey_n1 import daemon_pair, rekey_and_wait  # noqa: E402  (bench/ is not a package)
 
 from qkdgate.gateway.daemon.daemon import Daemon  # noqa: E402
 from qkdgate.testing.fakes import RecordingIpsecBackend  # noqa: E402
@@ -44,22 +44,9 @@ IGNORE = (tracemalloc.Filter(False, tracemalloc.__file__),
           tracemalloc.Filter(False, "<unknown>"))
 
 
-async def rekey_once(ds: list[Daemon], ks: list[RecordingIpsecBackend]) -> None:
-    old = [outbound(k) for k in ks]
-    ds[0].rekey("t1")
-    t0 = time.monotonic()
-    while True:
-        now = [outbound(k) for k in ks]
-        if all(n - o and not n & o for n, o in zip(now, old, strict=True)):
-            return
-        if time.monotonic() - t0 > 30:
-            raise RuntimeError("a rekey did not complete within 30 s")
-        await asyncio.sleep(0.001)
-
-
 async def rekeys(ds: list[Daemon], ks: list[RecordingIpsecBackend], n: int) -> None:
     for _ in range(n):
-        await rekey_once(ds, ks)
+        await rekey_and_wait(ds, ks, poll=0.001, limit=30)
         await asyncio.sleep(0.06)        # past the 50 ms grace: the old SAs go
         for k in ks:                     # the fakes' own records are not the daemon's
             k.ops.clear()

@@ -14,7 +14,7 @@ the functions with the most time of their own.
 
 The fakes stand in for the kernel: their time is shown as its own area and
 left out of the per-tunnel figure (in the lab the kernel's XFRM work is the
-floor `ip -batch` measures). A rekey-all is done when each fake holds N new
+floor `ip -batch` measures). A rekey-all is done when each fake holds at least N new
 outbound SAs and none of the old ones (bench/vs_strongswan.py's completion);
 the wait polls every 5 ms, and the poll's own time is left out as well.
 """
@@ -32,10 +32,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests" / "interop"))   # rekey_n1 needs daemon_pair
 from profile_areas import report  # noqa: E402  (bench/ is not a package)
-from rekey_n1 import daemon_pair, outbound  # noqa: E402
+from rekey_n1 import daemon_pair, rekey_and_wait  # noqa: E402
 
 from qkdgate.errors import TunnelError  # noqa: E402
-from qkdgate.gateway.daemon.daemon import Daemon  # noqa: E402
 from qkdgate.interfaces import IPAddress  # noqa: E402
 from qkdgate.testing.fakes import RecordingIpsecBackend  # noqa: E402
 
@@ -57,30 +56,18 @@ class CountingKernel(RecordingIpsecBackend):
         return spi
 
 
-async def rekey_all(ds: list[Daemon], ks: list[RecordingIpsecBackend], n: int,
-                    limit: float) -> float:
-    old = [outbound(k) for k in ks]
-    t0 = time.perf_counter()
-    ds[0].rekey("t1")        # one exchange keys all of the peer's tunnels
-    while True:
-        await asyncio.sleep(0.005)
-        now = [outbound(k) for k in ks]
-        if all(len(x - o) == n and not x & o for x, o in zip(now, old, strict=True)):
-            return time.perf_counter() - t0
-        if time.perf_counter() - t0 > limit:
-            raise RuntimeError(f"a rekey of {n} tunnels did not complete within {limit} s")
-
-
 async def main(args: argparse.Namespace) -> None:
     async with daemon_pair("profile-rekey-", "50ms", tunnels=args.tunnels,
                            kernel=CountingKernel) as (ds, ks):
         await asyncio.sleep(1.0)
-        warm = await rekey_all(ds, ks, args.tunnels, args.timeout)
+        warm = await rekey_and_wait(ds, ks, tunnels=args.tunnels, poll=0.005,
+                                          limit=args.timeout)
         plain, cpu_plain = [], []
         for _ in range(args.reps):           # without the profiler, for comparison
             await asyncio.sleep(0.2)
             c0 = time.thread_time()
-            plain.append(await rekey_all(ds, ks, args.tunnels, args.timeout))
+            plain.append(await rekey_and_wait(ds, ks, tunnels=args.tunnels, poll=0.005,
+                                          limit=args.timeout))
             cpu_plain.append(time.thread_time() - c0)
         # CPU time of this thread (the daemons' event loop): wall time would charge
         # whatever function was running when the host preempted the process
@@ -90,7 +77,8 @@ async def main(args: argparse.Namespace) -> None:
         for _ in range(args.reps):
             await asyncio.sleep(0.2)     # past the grace: the old inbound SAs go
             prof.enable()
-            walls.append(await rekey_all(ds, ks, args.tunnels, args.timeout))
+            walls.append(await rekey_and_wait(ds, ks, tunnels=args.tunnels, poll=0.005,
+                                          limit=args.timeout))
             prof.disable()
         cpu = (time.process_time() - cpu0) / args.reps
     print(f"two in-process daemons, {args.tunnels} tunnels on one peer, hybrid-required "
