@@ -22,6 +22,16 @@ if [[ -z $pv ]]; then
   echo "test-model: SKIPPED: $msg"
   exit 0
 fi
+# shared/tools/proverif builds ProVerif on first use and then copies the binary
+# into its cache. run_model.py runs queries in parallel, so on a fresh machine
+# two first uses raced: one copied over the binary the other was executing
+# ("cp: ... Text file busy", and that entry's queries failed). Build it once,
+# alone, before the parallel runs.
+if ! "$pv" -help >/dev/null 2>&1; then
+  echo "test-model: $pv -help failed; ProVerif does not run here" >&2
+  "$pv" -help >&2 || true
+  exit 1
+fi
 py=python3
 [[ -x .venv/bin/python ]] && py=.venv/bin/python
 # Limits in ProVerif CPU seconds (a busy machine slows the stage, it does not
