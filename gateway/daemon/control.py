@@ -88,6 +88,12 @@ class ControlServer:
         old = os.umask(0o177)
         try:
             sock.bind(self.path)
+        except OSError as exc:
+            sock.close()
+            # e.g. ENXIO on a 9p or other network file system without socket files
+            raise ControlError(f"control socket {self.path}: cannot bind: {exc.strerror or exc} "
+                               "(the directory must be on a local file system that holds "
+                               "UNIX sockets, such as /run)") from None
         except BaseException:
             sock.close()
             raise

@@ -155,6 +155,15 @@ async def test_stale_socket_is_replaced_but_a_live_one_is_not(tmp_path):
         await ControlServer(path, {}).start()
 
 
+async def test_a_path_that_cannot_hold_a_socket_is_a_clear_error(tmp_path):
+    # The lab's 9p share refuses socket files with ENXIO; a path too long for
+    # sun_path fails the same bind() call, on any file system.
+    path = str(tmp_path / ("d" * 120) / "c.sock")
+    with pytest.raises(ControlError, match=r"control socket .*c\.sock: cannot bind: "
+                                           r".*too long.*local file system"):
+        await ControlServer(path, {}).start()
+
+
 def test_client_reports_a_missing_daemon(tmp_path):
     with pytest.raises(ControlError, match="is `qkdgate run` running"):
         request(str(tmp_path / "none.sock"), "status")
