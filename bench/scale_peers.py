@@ -52,8 +52,11 @@ from vs_topology import (  # bench/ is not a package
 PORT, LOAD_PORT = 4600, 5000
 
 
-def write_configs(work: Path, peers: int, tunnels: int) -> tuple[Path, list[Any]]:
-    """gw-a's configuration and the load side's identities (one per peer)."""
+def write_configs(work: Path, socks: Path, peers: int,
+                  tunnels: int) -> tuple[Path, list[Any]]:
+    """gw-a's configuration and the load side's identities (one per peer).
+    The control socket goes in ``socks``, a local directory: the lab's
+    ``LAB_OUT`` is a 9p share, which holds no socket files (ENXIO)."""
     from qkdgate.gateway.config.identity_files import save_local_identity
     from qkdgate.gateway.protocol.identity import LocalIdentity
     gw = LocalIdentity.generate(name="gw-a")
@@ -84,7 +87,7 @@ gateway:
   identity: {work}/gw-a.identity
   listen: {{address: {GA}, port: {PORT}}}
   state_dir: {work}/state
-  control_socket: {work}/gw-a.sock
+  control_socket: {socks}/gw-a.sock
 peers:
 {"".join(peer_yaml)}tunnels:
 {"".join(tunnel_yaml)}telemetry:
@@ -198,11 +201,12 @@ def main() -> int:
     topo = Topology().up()
     work = Path(tempfile.mkdtemp(prefix="scale-", dir=os.environ.get("LAB_OUT")))
     os.chmod(work, 0o700)
+    socks = Path(tempfile.mkdtemp(prefix="scale-sock-"))
     watch = XfrmWatch(topo.a, GA)
     load = dn.LoopThread(topo.b, "load").start()
     proc: subprocess.Popen[bytes] | None = None
     try:
-        cfg, idents = write_configs(work, args.peers, args.tunnels)
+        cfg, idents = write_configs(work, socks, args.peers, args.tunnels)
         gen = LoadGenerator(idents, PeerIdentity.from_string(
             (work / "gw-a.pub").read_text().strip(), "gw-a"), args.tunnels)
         load.call(gen.start(), 120)
@@ -211,14 +215,14 @@ def main() -> int:
             proc = subprocess.Popen(["ip", "netns", "exec", topo.a, str(VENV_BIN / "qkdgate"),
                                      "run", "-c", str(cfg), "--teardown-on-exit"],
                                     stdout=log, stderr=subprocess.STDOUT)
-        done = wait_done([watch], [0], 2 * n, [set()], args.timeout)
+        done = wait_done([watch], [0], 2 * n, [set()], args.timeout, [proc])
         if done is None:
             raise RuntimeError(f"not established in {args.timeout} s; load failures: "
                                f"{gen.failures[:3]}")
         establish = done - t0
         print(f"  established {args.peers} peers x {args.tunnels} tunnels in "
               f"{establish:.2f} s", flush=True)
-        sock = str(work / "gw-a.sock")
+        sock = str(socks / "gw-a.sock")
         settle(sock, 1, args.timeout)
         times, cpu = [], []
         for rep in range(args.reps):
@@ -226,7 +230,7 @@ def main() -> int:
             mark = watch.mark()
             c0, t1 = cpu_seconds([proc.pid]), time.monotonic()
             rekey_all(sock, args.peers, args.tunnels)
-            done = wait_done([watch], [mark], 2 * n, old, args.timeout)
+            done = wait_done([watch], [mark], 2 * n, old, args.timeout, [proc])
             if done is None:
                 raise RuntimeError(f"rekey of every peer not done in {args.timeout} s "
                                    f"(peers keyed: {gen.count(t1)})")
@@ -246,6 +250,7 @@ def main() -> int:
         load.stop()
         watch.close()
         topo.down()
+        shutil.rmtree(socks, ignore_errors=True)
         if os.environ.get("LAB_OUT") is None:
             shutil.rmtree(work, ignore_errors=True)
 

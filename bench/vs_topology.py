@@ -22,6 +22,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -192,10 +193,17 @@ def keyed_count(netns: str) -> int:
 
 
 def wait_done(watches: list[XfrmWatch], marks: list[int], n_new: int,
-              old_out: list[set[int]], timeout: float) -> float | None:
-    """The time the last required notification arrived, or None on timeout."""
+              old_out: list[set[int]], timeout: float,
+              procs: Sequence[subprocess.Popen[bytes]] = ()) -> float | None:
+    """The time the last required notification arrived, or None on timeout.
+    Raises RuntimeError at once when one of ``procs`` (the daemons the wait
+    depends on) has exited."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        for p in procs:
+            if p.poll() is not None:
+                raise RuntimeError(f"{p.args!r} exited with status {p.returncode} "
+                                   "(see its log)")
         last = 0.0
         ok = True
         for w, m, old in zip(watches, marks, old_out, strict=True):
