@@ -20,7 +20,7 @@ MACsec RX SA usable 92 ms past its hard lifetime).
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # RFC 4301 4.4.2.1 soft/hard lifetimes; the config overrides them per tunnel.
 SOFT_LIFETIME_SECONDS = 3000.0
@@ -53,6 +53,8 @@ class Lifetimes:
     soft_bytes: int = 0          # 0 = no byte limit
     hard_bytes: int = 0
     grace_seconds: float = RETIRE_GRACE_SECONDS
+    # hard_margin, derived once (every tunnel's deadlines read it, issue 19)
+    _hard_margin: float = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not 0 < self.soft_seconds < self.hard_seconds:
@@ -61,11 +63,13 @@ class Lifetimes:
             raise ValueError("lifetimes need 0 < soft_bytes < hard_bytes")
         if self.grace_seconds < 0:
             raise ValueError("grace_seconds must not be negative")
+        object.__setattr__(self, "_hard_margin",
+                           min(HARD_MARGIN_SECONDS, (self.hard_seconds - self.soft_seconds) / 4))
 
     @property
     def hard_margin(self) -> float:
         """How long before a hard lifetime the tunnels act on it."""
-        return min(HARD_MARGIN_SECONDS, (self.hard_seconds - self.soft_seconds) / 4)
+        return self._hard_margin
 
 
 class Expiry(enum.Enum):
@@ -86,6 +90,16 @@ class _Deadlines:
     retry_at: float | None = None  # removal failed: the only deadline left
 
 
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """Every deadline of a tunnel at one state of its generations."""
+
+    deadlines: list[tuple[float, Expiry, int]]
+    hard_acts: list[tuple[int, float]]   # (generation, when its hard lifetime is acted on)
+    next_deadline: float | None
+    next_action: float | None
+
+
 class TunnelTimers:
     """Every deadline of one tunnel's generations.
 
@@ -104,11 +118,13 @@ class TunnelTimers:
         self._gens: dict[int, _Deadlines] = {}
         self._active: int | None = None            # the generation we send under
         self._rekey_requested_at: float | None = None
-        # (next_deadline, next_action), computed when asked and dropped by
-        # every hook: the manager asks all tunnels on every wake-up of the
-        # tunnel loop, and one peer's exchange wakes it several times
-        # (issue 19: 100 peers x 10 tunnels spent most of a rekey here).
-        self._next: tuple[float | None, float | None] | None = None
+        # Every deadline, and (next_deadline, next_action), computed when
+        # asked and dropped by every hook: the manager asks all tunnels on
+        # every wake-up of the tunnel loop, and one peer's exchange wakes it
+        # several times (issue 19: 100 peers x 10 tunnels spent most of a
+        # rekey here; at 1,000 tunnels on one peer the deadline arithmetic
+        # was still 16 % of a rekey's Python when only the minimum was kept).
+        self._cache: _Plan | None = None
 
     @property
     def lifetimes(self) -> Lifetimes:
@@ -117,7 +133,7 @@ class TunnelTimers:
     @lifetimes.setter
     def lifetimes(self, value: Lifetimes) -> None:
         self._lifetimes = value
-        self._next = None
+        self._cache = None
 
     @property
     def active(self) -> int | None:
@@ -126,7 +142,7 @@ class TunnelTimers:
     @active.setter
     def active(self, value: int | None) -> None:
         self._active = value
-        self._next = None
+        self._cache = None
 
     @property
     def rekey_requested_at(self) -> float | None:
@@ -135,19 +151,19 @@ class TunnelTimers:
     @rekey_requested_at.setter
     def rekey_requested_at(self, value: float | None) -> None:
         self._rekey_requested_at = value
-        self._next = None
+        self._cache = None
 
     # ---- hooks -----------------------------------------------------------
     def generation_created(self, number: int, now: float) -> None:
         """First SA of ``number`` installed: its lifetimes start now."""
-        self._next = None
+        self._cache = None
         self._gens.setdefault(number, _Deadlines(now))
 
     def generation_adopted(self, number: int, now: float, sending: bool) -> None:
         """SAs of a previous run: the kernel enforces their own hard
         lifetime; ours ends them a full hard lifetime from now at the latest
         (or at the grace after a new generation switches in)."""
-        self._next = None
+        self._cache = None
         self._gens[number] = _Deadlines(now, hard_at=now + self.lifetimes.hard_seconds)
         if sending:
             self.active = number
@@ -155,7 +171,7 @@ class TunnelTimers:
     def generation_switched(self, number: int, now: float) -> None:
         """``number`` sends from now on: every older generation retires
         after the grace period, and the soft lifetime is armed again."""
-        self._next = None
+        self._cache = None
         self.active = number
         self.rekey_requested_at = None
         for n, d in self._gens.items():
@@ -165,24 +181,24 @@ class TunnelTimers:
     def rekey_requested(self, now: float) -> None:
         """A rekey was asked for (soft lifetime, byte or PN limit): not again
         until a new generation switches in."""
-        self._next = None
+        self._cache = None
         self.rekey_requested_at = now
 
     def removal_failed(self, number: int, now: float) -> None:
         """Some SAs of ``number`` could not be removed: it sends no more and
         its removal is retried after REMOVE_RETRY_SECONDS."""
-        self._next = None
+        self._cache = None
         self._gens[number].retry_at = now + REMOVE_RETRY_SECONDS
         if self.active == number:
             self.active = None
 
     def tunnel_blocked(self) -> None:
         """Nothing sends any more (SAs removed or being removed)."""
-        self._next = None
+        self._cache = None
         self.active = None
 
     def generation_dropped(self, number: int) -> None:
-        self._next = None
+        self._cache = None
         self._gens.pop(number, None)
         if self.active == number:
             self.active = None
@@ -206,46 +222,55 @@ class TunnelTimers:
     def hard_due(self, now: float) -> list[int]:
         """Generations whose SAs must stop carrying traffic now (their hard
         lifetime, less the margin, has passed), oldest first."""
-        return sorted(n for n in self._gens if now >= self.hard_act_at(n))
+        plan = self._plan()
+        if plan.next_action is None or now < plan.next_action:
+            return []
+        return sorted(n for n, at in plan.hard_acts if now >= at)
 
     def retire_at(self, number: int) -> float | None:
         return self._gens[number].retire_at
 
-    def _deadlines(self) -> list[tuple[float, Expiry, int]]:
-        out: list[tuple[float, Expiry, int]] = []
-        for n, d in self._gens.items():
-            if d.retry_at is not None:
-                out.append((d.retry_at, Expiry.REMOVE_RETRY, n))
-            elif n == self.active:
-                out.append((self.hard_act_at(n), Expiry.HARD_ACTIVE, n))
-                if self.rekey_requested_at is None:
-                    out.append((self.soft_at(n), Expiry.SOFT, n))
-            elif d.retire_at is not None:
-                out.append((min(d.retire_at, self.hard_act_at(n)), Expiry.RETIRE, n))
-            else:      # inbound only, never switched: its hard lifetime bounds it
-                out.append((self.hard_act_at(n), Expiry.HARD_UNUSED, n))
-        return out
-
     def next_deadline(self) -> float | None:
-        return self._cached()[0]
+        return self._plan().next_deadline
 
     def next_action(self) -> float | None:
         """The earliest time :meth:`expired` or :meth:`hard_due` can name
         anything: until then the tunnel's timer work is a no-op."""
-        return self._cached()[1]
+        return self._plan().next_action
 
-    def _cached(self) -> tuple[float | None, float | None]:
-        if self._next is None:
-            times = [t for t, _, _ in self._deadlines()]
-            deadline = min(times) if times else None
-            acts = times + [self.hard_act_at(n) for n in self._gens]
-            self._next = (deadline, min(acts) if acts else None)
-        return self._next
+    def _plan(self) -> _Plan:
+        """Every deadline, computed once per state of the generations (each
+        generation's hard lifetime, less the margin, once: :meth:`hard_act_at`)."""
+        if self._cache is None:
+            lt, active = self._lifetimes, self._active
+            deadlines: list[tuple[float, Expiry, int]] = []
+            hard_acts: list[tuple[int, float]] = []
+            for n, d in self._gens.items():
+                act = (d.hard_at if d.hard_at is not None
+                       else d.created_at + lt.hard_seconds) - lt.hard_margin
+                hard_acts.append((n, act))
+                if d.retry_at is not None:
+                    deadlines.append((d.retry_at, Expiry.REMOVE_RETRY, n))
+                elif n == active:
+                    deadlines.append((act, Expiry.HARD_ACTIVE, n))
+                    if self._rekey_requested_at is None:
+                        deadlines.append((d.created_at + lt.soft_seconds, Expiry.SOFT, n))
+                elif d.retire_at is not None:
+                    deadlines.append((min(d.retire_at, act), Expiry.RETIRE, n))
+                else:      # inbound only, never switched: its hard lifetime bounds it
+                    deadlines.append((act, Expiry.HARD_UNUSED, n))
+            times = [t for t, _, _ in deadlines]
+            self._cache = _Plan(deadlines, hard_acts, min(times) if times else None,
+                                min(times + [t for _, t in hard_acts], default=None))
+        return self._cache
 
     def expired(self, now: float) -> list[tuple[Expiry, int]]:
         """Deadlines passed at ``now``: superseded generations first, then the
         sending one (a hard lifetime wins over a soft one)."""
-        due = [(kind, n) for t, kind, n in self._deadlines() if now >= t]
+        plan = self._plan()
+        if plan.next_deadline is None or now < plan.next_deadline:
+            return []
+        due = [(kind, n) for t, kind, n in plan.deadlines if now >= t]
         hard_active = {n for kind, n in due if kind is Expiry.HARD_ACTIVE}
         order = [Expiry.REMOVE_RETRY, Expiry.RETIRE, Expiry.HARD_UNUSED, Expiry.HARD_ACTIVE,
                  Expiry.SOFT]

@@ -84,11 +84,32 @@ def test_lifetimes_refuse_nonsense(bad):
         Lifetimes(**bad)
 
 
-def _fresh(t: TunnelTimers) -> tuple:
-    """next_deadline and next_action computed from scratch (no cache)."""
-    times = [at for at, _k, _n in t._deadlines()]
+def _fresh(t: TunnelTimers, now: float) -> tuple:
+    """next_deadline, next_action, expired(now) and hard_due(now) computed
+    from scratch, from the rules in the module docstring and the public
+    per-generation queries (no cache, no shared code with TunnelTimers._plan)."""
+    deadlines = []
+    for n, d in t._gens.items():
+        if d.retry_at is not None:
+            deadlines.append((d.retry_at, Expiry.REMOVE_RETRY, n))
+        elif n == t.active:
+            deadlines.append((t.hard_act_at(n), Expiry.HARD_ACTIVE, n))
+            if t.rekey_requested_at is None:
+                deadlines.append((t.soft_at(n), Expiry.SOFT, n))
+        elif t.retire_at(n) is not None:
+            deadlines.append((min(t.retire_at(n), t.hard_act_at(n)), Expiry.RETIRE, n))
+        else:
+            deadlines.append((t.hard_act_at(n), Expiry.HARD_UNUSED, n))
+    times = [at for at, _k, _n in deadlines]
     acts = times + [t.hard_act_at(n) for n in t._gens]
-    return (min(times) if times else None, min(acts) if acts else None)
+    due = [(k, n) for at, k, n in deadlines if now >= at]
+    hard_active = {n for k, n in due if k is Expiry.HARD_ACTIVE}
+    order = [Expiry.REMOVE_RETRY, Expiry.RETIRE, Expiry.HARD_UNUSED, Expiry.HARD_ACTIVE,
+             Expiry.SOFT]
+    expired = sorted(((k, n) for k, n in due if not (k is Expiry.SOFT and n in hard_active)),
+                     key=lambda e: (order.index(e[0]), e[1]))
+    return (min(times) if times else None, min(acts) if acts else None, expired,
+            sorted(n for n in t._gens if now >= t.hard_act_at(n)))
 
 
 def test_cached_deadlines_follow_every_hook():
@@ -122,7 +143,8 @@ def test_cached_deadlines_follow_every_hook():
         else:
             gen += 1
             t.generation_adopted(gen, now, sending=rng.random() < 0.5)
-        assert (t.next_deadline(), t.next_action()) == _fresh(t)
         probe = now + rng.choice((0.0, 1.0, 10.0, 100.0))
+        assert (t.next_deadline(), t.next_action(), t.expired(probe),
+                t.hard_due(probe)) == _fresh(t, probe)
         if t.expired(probe) or t.hard_due(probe):
             assert t.next_action() is not None and t.next_action() <= probe
