@@ -29,6 +29,7 @@ no two different field lists encode to the same bytes.
 
 from __future__ import annotations
 
+import functools
 import struct
 
 from qkdgate.errors import LocalProtocolError
@@ -91,7 +92,22 @@ def _uint(n: int, width: int, fmt: str) -> bytes:
 
 def lp16(data: bytes | str) -> bytes:
     """16-bit big-endian length, then the bytes (strings as UTF-8)."""
-    raw = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+    if isinstance(data, str):
+        return _lp16_text(data)
+    raw = bytes(data)
+    if len(raw) > 0xFFFF:
+        raise LocalProtocolError("field longer than 65535 bytes")
+    return struct.pack(">H", len(raw)) + raw
+
+
+@functools.lru_cache(maxsize=4096)
+def _lp16_text(text: str) -> bytes:
+    """lp16 of a string. Strings here are public names (labels, tunnel IDs,
+    directions, KEM names, QKD key IDs; secrets are bytes), and the same few
+    come back for every SA of a rekey: 4 per ESP SA were 6 % of a rekey's
+    Python at 1,000 tunnels (issue 19). Bounded, so a stream of key IDs only
+    cycles it. A too-long string raises and is not cached."""
+    raw = text.encode("utf-8")
     if len(raw) > 0xFFFF:
         raise LocalProtocolError("field longer than 65535 bytes")
     return struct.pack(">H", len(raw)) + raw
