@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import os
 import shutil
 import signal
@@ -52,8 +53,8 @@ from vs_topology import (  # bench/ is not a package
 PORT, LOAD_PORT = 4600, 5000
 
 
-def write_configs(work: Path, socks: Path, peers: int,
-                  tunnels: int) -> tuple[Path, list[Any]]:
+def write_configs(work: Path, socks: Path, peers: int, tunnels: int,
+                  interval: float) -> tuple[Path, list[Any]]:
     """gw-a's configuration and the load side's identities (one per peer).
     The control socket goes in ``socks``, a local directory: the lab's
     ``LAB_OUT`` is a 9p share, which holds no socket files (ENXIO)."""
@@ -79,7 +80,7 @@ def write_configs(work: Path, socks: Path, peers: int,
     policy: pqc-only
     ipsec: {{local_address: {GA}, remote_address: {GB}, local_subnets: [{ln}],
             remote_subnets: [{rn}], reqid: {1000 + 16 * i}}}
-    rekey: {{interval: 3600s, soft_lifetime: 7000s, hard_lifetime: 7200s, grace: 50ms}}
+    rekey: {{interval: {interval:g}s, soft_lifetime: 7000s, hard_lifetime: 7200s, grace: 50ms}}
 """)
     text = f"""version: 1
 gateway:
@@ -185,13 +186,84 @@ def rekey_all(sock: str, peers: int, tunnels: int) -> None:
         t.join()
 
 
+def on_demand(args: argparse.Namespace, proc: subprocess.Popen[bytes], sock: str,
+              watch: XfrmWatch, gen: LoadGenerator, a_ns: str) -> list[str]:
+    """``--reps`` rekeys of every peer, all asked for at once: table rows."""
+    n = args.peers * args.tunnels
+    times, cpu = [], []
+    for rep in range(args.reps):
+        old = [outbound_spis(a_ns, GA)]
+        mark = watch.mark()
+        c0, t1 = cpu_seconds([proc.pid]), time.monotonic()
+        rekey_all(sock, args.peers, args.tunnels)
+        done = wait_done([watch], [mark], 2 * n, old, args.timeout, [proc])
+        if done is None:
+            raise RuntimeError(f"rekey of every peer not done in {args.timeout} s "
+                               f"(peers keyed: {gen.count(t1)})")
+        times.append(done - t1)
+        cpu.append(cpu_seconds([proc.pid]) - c0)
+        settle(sock, 2 + rep, args.timeout)
+        print(f"  rekey of every peer: {times[-1]:.2f} s, {cpu[-1]:.2f} CPU-s "
+              f"({gen.count(t1)} peers saw a new generation)", flush=True)
+    return [f"| rekey of every peer (all at once) | {fmt(times, 's')} |",
+            f"| tunnel-rekeys/s | {n / statistics.median(times):.0f} |",
+            f"| daemon CPU per rekey of every peer | {fmt(cpu, 'CPU-s')} |"]
+
+
+def scheduled(args: argparse.Namespace, proc: subprocess.Popen[bytes],
+              gen: LoadGenerator) -> list[str]:
+    """The daemon's own schedule (``rekey.interval`` of every tunnel), watched
+    for ``--window`` seconds from the end of establishment: when each peer's
+    new generations arrive (the load side's SessionEstablished), how far apart."""
+    start, c0 = time.monotonic(), cpu_seconds([proc.pid])
+    while time.monotonic() < start + args.window:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the daemon exited with status {proc.returncode}")
+        time.sleep(1.0)
+    end, cpu = time.monotonic(), cpu_seconds([proc.pid]) - c0
+    gaps: list[float] = []
+    counts: list[int] = []
+    for times in gen.established.values():
+        # the last establishment before the window, then every one in it
+        before = [t for t in times if t < start]
+        inside = [t for t in times if start <= t < end]
+        points = before[-1:] + inside + [end]
+        gaps.append(max(b - a for a, b in itertools.pairwise(points)))
+        counts.append(len(inside))
+    late = sum(1 for g in gaps if g > 2 * args.interval)
+    rekeys = sum(counts)
+    print(f"  scheduled: {rekeys} peer rekeys in {end - start:.0f} s; per peer "
+          f"{min(counts)}-{max(counts)}; longest time without a new generation "
+          f"{max(gaps):.1f} s", flush=True)
+    return [f"| scheduled rekeys in {end - start:.0f} s (interval {args.interval:g} s) | "
+            f"{rekeys} peer exchanges, {min(counts)}-{max(counts)} per peer |",
+            f"| longest time a peer went without a new generation | {fmt(gaps, 's')} "
+            f"(median [min-max] over peers) |",
+            f"| peers that missed an interval (no new generation within 2 x interval) | "
+            f"{late} of {len(gaps)} |",
+            f"| tunnel-rekeys/s sustained | {rekeys * args.tunnels / (end - start):.0f} |",
+            f"| daemon CPU | {cpu / (end - start) * 100:.0f} % of one CPU |"]
+
+
+def fmt(xs: list[float], unit: str) -> str:
+    return f"{statistics.median(xs):.2f} [{min(xs):.2f}-{max(xs):.2f}] {unit}"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--peers", type=int, default=100)
     ap.add_argument("--tunnels", type=int, default=10, help="tunnels per peer")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--interval", type=float, default=0.0,
+                    help="rekey.interval of every tunnel, seconds; with it the daemon's own "
+                         "schedule is watched for --window instead of the --reps rekeys")
+    ap.add_argument("--window", type=float, default=0.0,
+                    help="how long to watch the schedule (default: 4 intervals)")
     ap.add_argument("--timeout", type=float, default=900.0)
     args = ap.parse_args()
+    if args.interval and not 1 <= args.interval < 7000:
+        ap.error("--interval must be at least 1 s and below the soft lifetime (7000 s)")
+    args.window = args.window or 4 * args.interval
     if not precompile():
         print("warning: could not byte-compile the checkout (run it once on the host)",
               file=sys.stderr)
@@ -206,7 +278,8 @@ def main() -> int:
     load = dn.LoopThread(topo.b, "load").start()
     proc: subprocess.Popen[bytes] | None = None
     try:
-        cfg, idents = write_configs(work, socks, args.peers, args.tunnels)
+        cfg, idents = write_configs(work, socks, args.peers, args.tunnels,
+                                    args.interval or 3600.0)
         gen = LoadGenerator(idents, PeerIdentity.from_string(
             (work / "gw-a.pub").read_text().strip(), "gw-a"), args.tunnels)
         load.call(gen.start(), 120)
@@ -224,22 +297,11 @@ def main() -> int:
               f"{establish:.2f} s", flush=True)
         sock = str(socks / "gw-a.sock")
         settle(sock, 1, args.timeout)
-        times, cpu = [], []
-        for rep in range(args.reps):
-            old = [outbound_spis(topo.a, GA)]
-            mark = watch.mark()
-            c0, t1 = cpu_seconds([proc.pid]), time.monotonic()
-            rekey_all(sock, args.peers, args.tunnels)
-            done = wait_done([watch], [mark], 2 * n, old, args.timeout, [proc])
-            if done is None:
-                raise RuntimeError(f"rekey of every peer not done in {args.timeout} s "
-                                   f"(peers keyed: {gen.count(t1)})")
-            times.append(done - t1)
-            cpu.append(cpu_seconds([proc.pid]) - c0)
-            settle(sock, 2 + rep, args.timeout)
-            print(f"  rekey of every peer: {times[-1]:.2f} s, {cpu[-1]:.2f} CPU-s "
-                  f"({gen.count(t1)} peers saw a new generation)", flush=True)
+        rows = (scheduled(args, proc, gen) if args.interval
+                else on_demand(args, proc, sock, watch, gen, topo.a))
         rss = rss_mb([proc.pid])
+        if gen.failures:
+            rows.append(f"| load-side failures | {len(gen.failures)}: {gen.failures[:2]} |")
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)
@@ -254,16 +316,12 @@ def main() -> int:
         if os.environ.get("LAB_OUT") is None:
             shutil.rmtree(work, ignore_errors=True)
 
-    def fmt(xs: list[float], unit: str) -> str:
-        return f"{statistics.median(xs):.2f} [{min(xs):.2f}-{max(xs):.2f}] {unit}"
     print(f"\none gateway (the real daemon), {args.peers} peers x {args.tunnels} tunnels = "
           f"{n} tunnels, kernel {os.uname().release}, {os.cpu_count()} CPU(s):")
     print("| measure | value |\n|---|---|")
     print(f"| establish (daemon start to {2 * n} SAs) | {establish:.2f} s |")
-    print(f"| rekey of every peer (all at once) | {fmt(times, 's')} |")
-    print(f"| tunnel-rekeys/s | {n / statistics.median(times):.0f} |")
-    print(f"| daemon CPU per rekey of every peer | {fmt(cpu, 'CPU-s')} |")
-    print(f"| daemon RSS after the rekeys | {rss:.0f} MB |")
+    print("\n".join(rows))
+    print(f"| daemon RSS at the end | {rss:.0f} MB |")
     return 0
 
 
