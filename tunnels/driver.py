@@ -164,6 +164,16 @@ class BatchOps(Protocol):
 
     def remove_op(self, rec: SaRecord) -> IpsecOp: ...
 
+    def read_counters(self, records: Sequence[SaRecord]) -> list[SaState | TunnelError]:
+        """The backend's multi-get of these SAs (any tunnels' of the
+        group): per record its kernel state or its error, in order."""
+
+    def counters_from(self, records: Sequence[SaRecord],
+                      states: Sequence[SaState | TunnelError]) -> CounterReading:
+        """What :meth:`TunnelDriver.poll` returns, from ``states`` read by
+        :meth:`read_counters`: an SA gone (ESRCH) is skipped, any other
+        error raised."""
+
     def snapshot(self) -> KernelSnapshot: ...
 
     def setup_from(self, snapshot: KernelSnapshot, now: float) -> SetupReport:

@@ -323,15 +323,20 @@ class IpsecDriver:
         return f"{rec.direction} SA {rec.spi:#010x} cannot be deactivated", False
 
     def poll(self, records: list[SaRecord]) -> CounterReading:
+        return self.counters_from(records, self.read_counters(records))
+
+    def read_counters(self, records: Sequence[SaRecord]) -> list[SaState | TunnelError]:
+        return self.backend.query_sas([_sa_id(rec) for rec in records])
+
+    def counters_from(self, records: Sequence[SaRecord],
+                      states: Sequence[SaState | TunnelError]) -> CounterReading:
         totals = {"bytes_out": 0, "bytes_in": 0, "packets_out": 0, "packets_in": 0}
         observed: list[tuple[str, SaState]] = []
-        for rec in records:
-            try:
-                st = self.backend.query_sa(_sa_id(rec))
-            except TunnelError as exc:
-                if exc.errno == errno.ESRCH:
+        for rec, st in zip(records, states, strict=True):
+            if isinstance(st, TunnelError):
+                if st.errno == errno.ESRCH:
                     continue
-                raise
+                raise st
             totals[f"bytes_{rec.direction}"] += st.bytes
             totals[f"packets_{rec.direction}"] += st.packets
             observed.append((rec.direction, st))

@@ -344,5 +344,38 @@ class TunnelManager:
             t.deactivate_expired(now)
         return {t.tunnel_id: r for t in due if (r := t.handle_timer(now))}
 
+    def poll(self, now: float) -> dict[str, list[str]]:
+        """Every tunnel's kernel counters (:meth:`Tunnel.poll`); returns the
+        rekey reasons by tunnel. Tunnels sharing a batching backend read
+        theirs in one multi-get (issue 19: one request per SA made the
+        10-second poll of 1,000 tunnels a third of the daemons' CPU in the
+        lab during a rekey)."""
+        out: dict[str, list[str]] = {}
+        pending: dict[int, tuple[BatchOps, list[tuple[Tunnel, list[SaRecord]]]]] = {}
+        for t in self.tunnels.values():
+            batch = t.driver.batch
+            if batch is None:
+                reasons = t.poll(now)
+            elif records := t.active_records():
+                pending.setdefault(id(batch.group), (batch, []))[1].append((t, records))
+                continue
+            else:
+                continue
+            if reasons:
+                out[t.tunnel_id] = reasons
+        for batch, items in pending.values():
+            records = [rec for _t, recs in items for rec in recs]
+            try:
+                states = batch.read_counters(records)
+            except TunnelError as exc:        # the whole batch: each tunnel reports it
+                states = [exc] * len(records)
+            at = 0
+            for t, recs in items:
+                reasons = t.poll_read(now, recs, states[at:at + len(recs)])
+                at += len(recs)
+                if reasons:
+                    out[t.tunnel_id] = reasons
+        return out
+
     def status(self, now: float) -> list[dict[str, object]]:
         return [t.status(now) for t in self.tunnels.values()]

@@ -64,13 +64,14 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from qkdgate.errors import LocalProtocolError, QkdgateError, TunnelError
 from qkdgate.interfaces import MacsecSaState, SaState
 from qkdgate.tunnels.driver import (
+    CounterReading,
     KernelSnapshot,
     KeySchedule,
     NewSa,
@@ -573,8 +574,27 @@ class Tunnel:
         act = self.active
         if act is None:
             return []
+        records = act.records()
+        return self._counted(now, lambda: self.driver.poll(records))
+
+    def poll_read(self, now: float, records: Sequence[SaRecord],
+                  states: Sequence[SaState | TunnelError]) -> list[str]:
+        """:meth:`poll` from ``states``, the kernel's answers for ``records``
+        (the active generation's, from :meth:`active_records`) that
+        :meth:`TunnelManager.poll` read for many tunnels in one batch."""
+        batch = self.driver.batch
+        if batch is None:
+            raise LocalProtocolError(f"tunnel {self.tunnel_id} does not batch")
+        return self._counted(now, lambda: batch.counters_from(records, states))
+
+    def active_records(self) -> list[SaRecord]:
+        """The SAs whose counters :meth:`poll` reads (none when nothing sends)."""
+        act = self.active
+        return [] if act is None else act.records()
+
+    def _counted(self, now: float, read: Callable[[], CounterReading]) -> list[str]:
         try:
-            reading = self.driver.poll(act.records())
+            reading = read()
         except QkdgateError as exc:
             self._fail("query", exc)
             return []

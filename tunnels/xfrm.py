@@ -333,6 +333,20 @@ class XfrmBackend:
             raise TunnelError("query_sa", errno.ESRCH, f"SPI {sa_id.spi:#x}")
         return _decode_sa(replies[0][1])
 
+    def query_sas(self, sa_ids: Sequence[SaId]) -> list[SaState | TunnelError]:
+        """XFRM_MSG_GETSA for every SA in pipelined batches: the counter
+        poll of every tunnel of a backend in a few round trips (issue 19: at
+        1,000 tunnels a request per SA was a third of the daemons' CPU in
+        the lab during a rekey)."""
+        out: list[SaState | TunnelError] = []
+        gets = [(m.XFRM_MSG_GETSA, self._sa_id_message(s), 0) for s in sa_ids]
+        for s, (replies, err) in zip(sa_ids, self.nl.request_batch("query_sa", gets),
+                                     strict=True):
+            if err is None and not replies:
+                err = TunnelError("query_sa", errno.ESRCH, f"SPI {s.spi:#x}")
+            out.append(err if err is not None else _decode_sa(replies[0][1]))
+        return out
+
     def remove_sa(self, sa_id: SaId) -> None:
         self._larval.discard((sa_id.dst.packed, sa_id.spi))
         self.nl.request("remove_sa", m.XFRM_MSG_DELSA, self._sa_id_message(sa_id))

@@ -392,8 +392,8 @@ class Daemon:
                 self._rekey_for(tid, reasons[0])
             if now >= next_poll:
                 next_poll = now + POLL_INTERVAL
-                for tid, t in self.tunnels.tunnels.items():
-                    for reason in t.poll(now):
+                for tid, reasons in self.tunnels.poll(now).items():
+                    for reason in reasons:
                         self._rekey_for(tid, reason)
                 self.notifier.status(self._status_line())
             at = self.tunnels.get_timer()

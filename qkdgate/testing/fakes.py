@@ -232,6 +232,15 @@ class RecordingIpsecBackend:
                        key_bits=len(sa.spec.key) * 8, icv_bits=sa.spec.icv_bits,
                        add_time=int(sa.add_time), replay_window=sa.spec.replay_window)
 
+    def query_sas(self, sa_ids: Sequence[SaId]) -> list[SaState | TunnelError]:
+        out: list[SaState | TunnelError] = []
+        for sa_id in sa_ids:
+            try:
+                out.append(self.query_sa(sa_id))
+            except TunnelError as exc:
+                out.append(exc)
+        return out
+
     def remove_sa(self, sa_id: SaId) -> None:
         if self.sas.pop(_sa_key(sa_id), None) is None:
             raise TunnelError("remove_sa", errno.ESRCH, f"SPI {sa_id.spi:#x}")

@@ -112,6 +112,7 @@ def every_xfrm_request() -> list[tuple[int, bytes, bool]]:
     be.install_outbound(SaId(A, B, 0xC0000999), SaSpec(key=SecretBytes(bytes(36)), reqid=7,
                                                        esn=False, replay_window=16))
     be.query_sa(sa_in)
+    be.query_sas([sa_in])
     be.remove_sa(sa_in)
     be.remove_sas([sa_in])
     be.list_sas()
