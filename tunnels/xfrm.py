@@ -26,6 +26,7 @@ so relying on that would tie for rekeys less than a second apart.
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import socket
 from collections.abc import Sequence
@@ -489,18 +490,32 @@ def _mismatch(op: str, st: SaState, sa_id: SaId, spec: SaSpec) -> TunnelError | 
     return None
 
 
+_SA_INTS = m.USERSA_INFO.int_reader(
+    "family", "id.spi", "id.proto", "reqid", "curlft.bytes", "curlft.packets",
+    "curlft.add_time", "curlft.use_time", "replay_window", "stats.integrity_failed",
+    "stats.replay")
+_SADDR, _DADDR = m.USERSA_INFO.offset("saddr"), m.USERSA_INFO.offset("id.daddr")
+_AEAD_INTS = m.ALGO_AEAD.int_reader("alg_key_len", "alg_icv_len")
+
+
+@functools.lru_cache(maxsize=1024)
+def _ip_cached(raw: bytes, family: int) -> IPAddress:
+    """:func:`_ip` for the few addresses every SA of a gateway repeats."""
+    return _ip(raw, family)
+
+
 def _decode_sa(body: bytes) -> SaState:
-    v = m.USERSA_INFO.unpack(body)
+    (fam, spi, proto, reqid, nbytes, packets, add_time, use_time, window, integrity,
+     replay) = _SA_INTS(body)
     attrs = parse_nlas(body, m.USERSA_INFO.size)
-    fam = m.num(v, "family")
     aead, key_bits, icv_bits = "", 0, 0
-    if m.XFRMA_ALG_AEAD in attrs:
-        a = m.ALGO_AEAD.unpack(attrs[m.XFRMA_ALG_AEAD])
-        aead = m.raw(a, "alg_name").rstrip(b"\0").decode("ascii", "replace")
-        key_bits, icv_bits = m.num(a, "alg_key_len"), m.num(a, "alg_icv_len")
+    alg = attrs.get(m.XFRMA_ALG_AEAD)
+    if alg is not None:
+        aead = alg[:64].rstrip(b"\0").decode("ascii", "replace")      # alg_name[64]
+        key_bits, icv_bits = _AEAD_INTS(alg)
         # the key bytes came back too; drop our reference to the buffer now
         attrs[m.XFRMA_ALG_AEAD] = b""
-    window = m.num(v, "replay_window")
+        del alg
     if m.XFRMA_REPLAY_ESN_VAL in attrs:
         window = m.num(m.REPLAY_ESN.unpack(attrs[m.XFRMA_REPLAY_ESN_VAL]), "replay_window")
     mark = None
@@ -508,15 +523,13 @@ def _decode_sa(body: bytes) -> SaState:
         mk = m.MARK.unpack(attrs[m.XFRMA_MARK])
         mark = Mark(m.num(mk, "v"), m.num(mk, "m"))
     if_id = int.from_bytes(attrs[m.XFRMA_IF_ID][:4], "little") if m.XFRMA_IF_ID in attrs else None
-    sa_id = SaId(src=_ip(m.raw(v, "saddr"), fam), dst=_ip(m.raw(v, "id.daddr"), fam),
-                 spi=m.num(v, "id.spi"), proto=m.num(v, "id.proto"), mark=mark,
-                 if_id=if_id or None)
-    return SaState(sa_id=sa_id, reqid=m.num(v, "reqid"), aead=aead, key_bits=key_bits,
-                   icv_bits=icv_bits, bytes=m.num(v, "curlft.bytes"),
-                   packets=m.num(v, "curlft.packets"), add_time=m.num(v, "curlft.add_time"),
-                   use_time=m.num(v, "curlft.use_time"),
-                   replay_window=window, integrity_failed=m.num(v, "stats.integrity_failed"),
-                   replay_errors=m.num(v, "stats.replay"))
+    sa_id = SaId(src=_ip_cached(body[_SADDR:_SADDR + 16], fam),
+                 dst=_ip_cached(body[_DADDR:_DADDR + 16], fam),
+                 spi=spi, proto=proto, mark=mark, if_id=if_id or None)
+    return SaState(sa_id=sa_id, reqid=reqid, aead=aead, key_bits=key_bits,
+                   icv_bits=icv_bits, bytes=nbytes, packets=packets, add_time=add_time,
+                   use_time=use_time, replay_window=window, integrity_failed=integrity,
+                   replay_errors=replay)
 
 
 def _decode_policy(body: bytes) -> PolicySpec:

@@ -149,6 +149,7 @@ def test_decode_sa_reads_counters_and_hides_nothing_it_should_not():
     assert (st.sa_id.spi, st.reqid, st.aead, st.key_bits, st.icv_bits) == \
         (0xC0000999, 3, "rfc4106(gcm(aes))", 288, 128)
     assert (st.bytes, st.packets, st.integrity_failed, st.replay_window) == (1000, 10, 2, 1024)
+    assert (st.sa_id.src, st.sa_id.dst, st.sa_id.proto) == (A, B, socket.IPPROTO_ESP)
     assert "key" not in repr(st).lower().replace("key_bits", "")
 
 
@@ -197,3 +198,28 @@ def test_attribute_round_trip(items):
     assert len(raw) % 4 == 0
     from qkdgate.tunnels.netlink import iter_nlas
     assert list(iter_nlas(raw)) == items
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda la: la.name)
+def test_fast_readers_agree_with_unpack_and_pack_rejects_unknown_fields(layout):
+    """Layout.pack visits only the given fields, int_reader and offset read
+    without unpack's dict (issue 19): both must give what unpack gives."""
+    values = {}
+    for i, n in enumerate(layout.names):
+        fmt = dict(layout.fields)[n].lstrip(">")
+        if fmt.endswith("s"):
+            values[n] = bytes([i + 1]) * int(fmt[:-1] or 1)
+        else:
+            values[n] = (i * 0x01010101 + 1) & ((1 << (8 * struct.calcsize(fmt))) - 1)
+    buf = layout.pack(values)
+    assert layout.unpack(buf) == values
+    ints = [n for n in layout.names if not dict(layout.fields)[n].endswith("s")]
+    assert layout.int_reader(*ints)(buf) == tuple(values[n] for n in ints)
+    for n in layout.names:
+        if dict(layout.fields)[n].endswith("s"):
+            at = layout.offset(n)
+            assert buf[at:at + len(values[n])] == values[n]
+            with pytest.raises(LocalProtocolError, match="not integer fields"):
+                layout.int_reader(n)
+    with pytest.raises(LocalProtocolError, match="no field 'nonexistent'"):
+        layout.pack({"nonexistent": 1})
