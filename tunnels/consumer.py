@@ -14,7 +14,7 @@ hooks ``prepare`` / ``retire`` that a consumer with a single key slot
 
 :class:`ConsumerDriver` adapts a consumer to
 :class:`~qkdgate.tunnels.driver.TunnelDriver`, so a consumer tunnel is an
-ordinary :class:`~qkdgate.tunnels.manager.Tunnel`: the same generations,
+ordinary :class:`~qkdgate.tunnels.tunnel.Tunnel`: the same generations,
 per-tunnel key policy, lifetimes (a hard lifetime with no new generation
 blocks), retire grace, status and events. The mapping (docs/consumers.md 2):
 
@@ -63,8 +63,8 @@ from qkdgate.tunnels.events import (
 )
 
 if TYPE_CHECKING:
-    from qkdgate.tunnels.manager import Tunnel, TunnelPolicy
     from qkdgate.tunnels.timers import Lifetimes
+    from qkdgate.tunnels.tunnel import Tunnel, TunnelPolicy
 
 __all__ = ["CONSUMER_KINDS", "ConsumerDriver", "ConsumerKey", "ConsumerReport", "Invalidation",
            "KeyConsumer", "Outcome", "ThreadedConsumer", "consumer_tunnel"]
@@ -524,7 +524,7 @@ def consumer_tunnel(consumer: KeyConsumer, *, policy: TunnelPolicy, lifetimes: L
                     schedule: KeySchedule | None = None,
                     emit: TunnelEventSink | None = None) -> Tunnel:
     """A consumer :class:`Tunnel`: the generation manager over a :class:`ConsumerDriver`."""
-    from qkdgate.tunnels.manager import Tunnel
+    from qkdgate.tunnels.tunnel import Tunnel
     return Tunnel(ConsumerDriver(consumer, emit), policy=policy, lifetimes=lifetimes,
                   schedule=schedule, emit=emit)
 

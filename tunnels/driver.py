@@ -1,6 +1,6 @@
 """The kernel half of a tunnel: what IPsec and MACsec do differently.
 
-Theory of operation: one :class:`~qkdgate.tunnels.manager.Tunnel` owns the
+Theory of operation: one :class:`~qkdgate.tunnels.tunnel.Tunnel` owns the
 generations of a tunnel (make-before-break, key policy, lifetimes, retire
 grace); it holds one :class:`TunnelDriver` that performs the kernel
 operations of its kind and nothing else: no clock, no generation table, no

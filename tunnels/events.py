@@ -1,6 +1,6 @@
 """What a tunnel reports: small frozen event types.
 
-Theory of operation: a :class:`~qkdgate.tunnels.manager.Tunnel` reports every
+Theory of operation: a :class:`~qkdgate.tunnels.tunnel.Tunnel` reports every
 change of its kernel state (an SA installed, switched, retired, a block, a
 failed kernel operation) by calling its sink (``Callable[[TunnelEvent],
 None]``, injected by whoever builds the tunnel) with one of the dataclasses

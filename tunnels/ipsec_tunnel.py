@@ -1,7 +1,7 @@
 """IPsec (XFRM) tunnels for the tunnel manager.
 
 Theory of operation: one :class:`IpsecDriver` (the kernel half of an IPsec
-:class:`~qkdgate.tunnels.manager.Tunnel`) owns a reqid range
+:class:`~qkdgate.tunnels.tunnel.Tunnel`) owns a reqid range
 ``[reqid_base, reqid_base + reqid_span)``. ``reqid_base`` is the *inbound*
 reqid every generation's inbound SA carries, so the ``in``/``fwd`` policy
 templates match old and new inbound SAs during an overlap. Each generation's
@@ -60,8 +60,8 @@ from qkdgate.tunnels.driver import (
     SetupReport,
 )
 from qkdgate.tunnels.events import TunnelEventSink
-from qkdgate.tunnels.manager import Tunnel, TunnelPolicy
 from qkdgate.tunnels.timers import Lifetimes
+from qkdgate.tunnels.tunnel import Tunnel, TunnelPolicy
 
 log = logging.getLogger("qkdgate.tunnels")
 

@@ -1,7 +1,7 @@
 """MACsec (IEEE 802.1AE) tunnels for the tunnel manager.
 
 Theory of operation: one :class:`MacsecDriver` (the kernel half of a MACsec
-:class:`~qkdgate.tunnels.manager.Tunnel`) drives one macsec netdevice
+:class:`~qkdgate.tunnels.tunnel.Tunnel`) drives one macsec netdevice
 on a parent Ethernet port, with one RX secure channel for the peer's SCI.
 A generation's "SPI" is an association number (AN, 0..3): the *receiver*
 chooses it for the SA it will accept (rotating, never one still in use), and
@@ -44,8 +44,8 @@ from qkdgate.tunnels.driver import (
     SetupReport,
 )
 from qkdgate.tunnels.events import TunnelEventSink
-from qkdgate.tunnels.manager import Tunnel, TunnelPolicy
 from qkdgate.tunnels.timers import Lifetimes
+from qkdgate.tunnels.tunnel import Tunnel, TunnelPolicy
 
 log = logging.getLogger("qkdgate.tunnels")
 

@@ -6,7 +6,7 @@ and outbound installs, retirement), batching the kernel requests of every
 IPsec tunnel of a peer into one pipelined netlink batch per step (issue 19).
 What one tunnel does with a generation -- fail closed first,
 make-before-break, lifetimes, the key policy -- is in
-:mod:`qkdgate.tunnels.tunnel`, whose names this module re-exports.
+:mod:`qkdgate.tunnels.tunnel`.
 
 The module is sans-IO in the aioquic sense: the caller passes ``now``
 (monotonic seconds) and calls :meth:`TunnelManager.handle_timer` at
@@ -25,39 +25,16 @@ from qkdgate.interfaces import AllocateSpi, IpsecOp
 from qkdgate.tunnels.driver import (
     BatchOps,
     KernelSnapshot,
-    KeySchedule,
     SaRecord,
-    TunnelDriver,
 )
-from qkdgate.tunnels.timers import Lifetimes
 from qkdgate.tunnels.tunnel import (
     Generation,
     GenerationRefused,
     Tunnel,
-    TunnelPolicy,
-    check_policy,
-    legs_of,
-    provenance_dict,
 )
 
 if TYPE_CHECKING:
     from qkdgate.keymix.combiner import SessionSecret
-
-# the names importers took from here before Tunnel moved to tunnels/tunnel.py
-__all__ = [
-    "Generation",
-    "GenerationRefused",
-    "KeySchedule",
-    "Lifetimes",
-    "SaRecord",
-    "Tunnel",
-    "TunnelDriver",
-    "TunnelManager",
-    "TunnelPolicy",
-    "check_policy",
-    "legs_of",
-    "provenance_dict",
-]
 
 log = logging.getLogger("qkdgate.tunnels")
 

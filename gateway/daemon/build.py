@@ -26,10 +26,12 @@ from qkdgate.tunnels.consumer import KeyConsumer, consumer_tunnel
 from qkdgate.tunnels.events import TunnelEventSink
 from qkdgate.tunnels.ipsec_tunnel import IpsecTunnelSpec, ipsec_tunnel, spi_range_for_node
 from qkdgate.tunnels.macsec_tunnel import MacsecTunnelSpec, macsec_tunnel
-from qkdgate.tunnels.manager import Lifetimes, Tunnel, TunnelManager
+from qkdgate.tunnels.manager import TunnelManager
 from qkdgate.tunnels.policy import KeyPolicy
 from qkdgate.tunnels.state import DEFAULT_PATH as REGISTRY_PATH
 from qkdgate.tunnels.state import TunnelRegistry
+from qkdgate.tunnels.timers import Lifetimes
+from qkdgate.tunnels.tunnel import Tunnel
 
 if TYPE_CHECKING:
     from qkdgate.tunnels.wireguard import WireguardSpec

@@ -20,7 +20,8 @@ from qkdgate.errors import ConfigError
 from qkdgate.gateway.config.model import Config, load_config
 from qkdgate.gateway.daemon import build
 from qkdgate.gateway.telemetry.events import ConfigRejected, ConfigReloaded, Event, PolicyShortfall
-from qkdgate.tunnels.manager import GenerationRefused, TunnelManager, check_policy
+from qkdgate.tunnels.manager import TunnelManager
+from qkdgate.tunnels.tunnel import GenerationRefused, check_policy
 
 log = logging.getLogger("qkdgate.daemon")
 

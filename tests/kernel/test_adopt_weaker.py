@@ -16,7 +16,8 @@ from qkdgate.tunnels.events import KernelStateReplaced
 from qkdgate.tunnels.ipsec_tunnel import IpsecTunnelSpec, ipsec_tunnel
 from qkdgate.tunnels.macsec import MacsecBackend
 from qkdgate.tunnels.macsec_tunnel import MacsecTunnelSpec, macsec_tunnel
-from qkdgate.tunnels.manager import Lifetimes, TunnelPolicy
+from qkdgate.tunnels.timers import Lifetimes
+from qkdgate.tunnels.tunnel import TunnelPolicy
 from qkdgate.tunnels.xfrm import XfrmBackend
 
 LT = Lifetimes(soft_seconds=50, hard_seconds=60)

@@ -61,7 +61,9 @@ from qkdgate.interfaces import MacsecCipher, MacsecLinkSpec
 from qkdgate.tunnels.ipsec_tunnel import IpsecTunnelSpec, ipsec_tunnel
 from qkdgate.tunnels.macsec import MacsecBackend
 from qkdgate.tunnels.macsec_tunnel import MacsecTunnelSpec, macsec_tunnel
-from qkdgate.tunnels.manager import Lifetimes, TunnelManager, TunnelPolicy
+from qkdgate.tunnels.manager import TunnelManager
+from qkdgate.tunnels.timers import Lifetimes
+from qkdgate.tunnels.tunnel import TunnelPolicy
 from qkdgate.tunnels.xfrm import XfrmBackend
 
 LT = Lifetimes(soft_seconds=2, hard_seconds=6, grace_seconds=0.5)

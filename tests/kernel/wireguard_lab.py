@@ -28,9 +28,10 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from kernel_lab import ipbatch
 
 from qkdgate.tunnels.consumer import consumer_tunnel
-from qkdgate.tunnels.manager import Lifetimes, Tunnel, TunnelPolicy
 from qkdgate.tunnels.netlink import open_socket_in_netns
 from qkdgate.tunnels.state import TunnelRegistry
+from qkdgate.tunnels.timers import Lifetimes
+from qkdgate.tunnels.tunnel import Tunnel, TunnelPolicy
 from qkdgate.tunnels.wireguard import WireguardBackend, WireguardConsumer, WireguardSpec, parse_key
 
 WG_LT = Lifetimes(soft_seconds=50, hard_seconds=60, grace_seconds=0.5)

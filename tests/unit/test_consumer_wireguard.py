@@ -18,9 +18,10 @@ from qkdgate.keymix.secret import SecretBytes
 from qkdgate.tunnels import wireguard_msg as w
 from qkdgate.tunnels.consumer import ConsumerDriver, Invalidation, consumer_tunnel
 from qkdgate.tunnels.events import ConsumerInvalidated, ConsumerKeyInstalled, TunnelBlocked
-from qkdgate.tunnels.manager import GenerationRefused, Lifetimes, TunnelPolicy
 from qkdgate.tunnels.netlink import iter_nlas, nla, nla_nested, parse_nlas
 from qkdgate.tunnels.state import TunnelRegistry
+from qkdgate.tunnels.timers import Lifetimes
+from qkdgate.tunnels.tunnel import GenerationRefused, TunnelPolicy
 from qkdgate.tunnels.wireguard import (
     WgPeerState,
     WireguardBackend,

@@ -290,7 +290,8 @@ def test_an_ipsec_tunnel_reserves_its_spi_under_its_inbound_reqid():
     exchange dies) carries the tunnel's inbound reqid, so failsafe's reqid
     sweep finds it (issue 10: a reqid-0 larval SA outlived failsafe)."""
     from qkdgate.tunnels.ipsec_tunnel import IpsecTunnelSpec, ipsec_tunnel
-    from qkdgate.tunnels.manager import Lifetimes, TunnelPolicy
+    from qkdgate.tunnels.timers import Lifetimes
+    from qkdgate.tunnels.tunnel import TunnelPolicy
     be = RecordingIpsecBackend()
     spec = IpsecTunnelSpec("t1", A, B, (ipaddress.ip_network("10.1.0.0/24"),),
                            (ipaddress.ip_network("10.2.0.0/24"),), reqid_base=0x10000)

@@ -11,7 +11,7 @@ from test_tunnel_manager import LT, establish, tunnel
 from tunnel_helpers import Session
 
 from qkdgate.tunnels.ipsec_tunnel import kernel_lifetime
-from qkdgate.tunnels.manager import Lifetimes
+from qkdgate.tunnels.timers import Lifetimes
 
 
 def kernel_hard(be, direction):

@@ -18,9 +18,10 @@ from qkdgate.keymix.secret import SecretBytes
 from qkdgate.testing.fakes import RecordingIpsecBackend
 from qkdgate.tunnels.consumer import ThreadedConsumer, consumer_tunnel
 from qkdgate.tunnels.events import ConsumerInvalidated, ConsumerKeyInstalled
-from qkdgate.tunnels.manager import Lifetimes, TunnelPolicy
 from qkdgate.tunnels.strongswan import StrongswanConsumer, StrongswanSpec
 from qkdgate.tunnels.strongswan_conf import parse
+from qkdgate.tunnels.timers import Lifetimes
+from qkdgate.tunnels.tunnel import TunnelPolicy
 
 LT = Lifetimes(soft_seconds=50, hard_seconds=60, grace_seconds=2)
 

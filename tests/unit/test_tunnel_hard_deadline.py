@@ -21,7 +21,9 @@ from qkdgate.interfaces import MacsecLinkSpec
 from qkdgate.testing.fakes import RecordingIpsecBackend, RecordingMacsecBackend
 from qkdgate.tunnels.ipsec_tunnel import IpsecTunnelSpec, ipsec_tunnel
 from qkdgate.tunnels.macsec_tunnel import MacsecTunnelSpec, macsec_tunnel
-from qkdgate.tunnels.manager import Lifetimes, Tunnel, TunnelManager, TunnelPolicy
+from qkdgate.tunnels.manager import TunnelManager
+from qkdgate.tunnels.timers import Lifetimes
+from qkdgate.tunnels.tunnel import Tunnel, TunnelPolicy
 
 ROUND_TRIP = 0.06          # one netlink request under TCG and load
 LT = Lifetimes(soft_seconds=6, hard_seconds=9, grace_seconds=1)   # the demo's timers

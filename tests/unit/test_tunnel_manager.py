@@ -17,7 +17,9 @@ from qkdgate.tunnels.events import (
     TunnelBlocked,
 )
 from qkdgate.tunnels.ipsec_tunnel import IpsecTunnelSpec, ipsec_tunnel
-from qkdgate.tunnels.manager import GenerationRefused, Lifetimes, TunnelManager, TunnelPolicy
+from qkdgate.tunnels.manager import TunnelManager
+from qkdgate.tunnels.timers import Lifetimes
+from qkdgate.tunnels.tunnel import GenerationRefused, TunnelPolicy
 
 A, B = ipaddress.ip_address("192.0.2.1"), ipaddress.ip_address("192.0.2.2")
 NET_A, NET_B = ipaddress.ip_network("10.1.0.0/16"), ipaddress.ip_network("10.2.0.0/16")

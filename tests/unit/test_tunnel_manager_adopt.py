@@ -25,7 +25,8 @@ from qkdgate.testing.fakes import RecordingIpsecBackend, RecordingMacsecBackend
 from qkdgate.tunnels.events import KernelStateReplaced, SaAdopted
 from qkdgate.tunnels.ipsec_tunnel import IpsecTunnelSpec, ipsec_tunnel
 from qkdgate.tunnels.macsec_tunnel import MacsecTunnelSpec, macsec_tunnel
-from qkdgate.tunnels.manager import Lifetimes, TunnelPolicy
+from qkdgate.tunnels.timers import Lifetimes
+from qkdgate.tunnels.tunnel import TunnelPolicy
 
 A, B = ipaddress.ip_address("192.0.2.1"), ipaddress.ip_address("192.0.2.2")
 NET_A, NET_B = ipaddress.ip_network("10.1.0.0/16"), ipaddress.ip_network("10.2.0.0/16")

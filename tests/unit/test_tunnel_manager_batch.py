@@ -17,7 +17,9 @@ from qkdgate.interfaces import Direction, PolicyAction
 from qkdgate.testing.fakes import RecordingIpsecBackend
 from qkdgate.tunnels.events import SaInstalled, SaRetired, SaSwitched, TunnelOpFailed
 from qkdgate.tunnels.ipsec_tunnel import IpsecTunnelSpec, ipsec_tunnel
-from qkdgate.tunnels.manager import GenerationRefused, Lifetimes, TunnelManager, TunnelPolicy
+from qkdgate.tunnels.manager import TunnelManager
+from qkdgate.tunnels.timers import Lifetimes
+from qkdgate.tunnels.tunnel import GenerationRefused, TunnelPolicy
 
 A, B = ipaddress.ip_address("192.0.2.1"), ipaddress.ip_address("192.0.2.2")
 LT = Lifetimes(soft_seconds=50, hard_seconds=60, grace_seconds=2)
@@ -241,7 +243,7 @@ def test_a_timer_wake_up_works_only_on_tunnels_with_a_deadline_passed(monkeypatc
     """Issue 19: the tunnel loop wakes on every step of every peer's exchange;
     TunnelManager.handle_timer visits only tunnels whose (cached) next
     deadline has passed instead of every tunnel each time."""
-    from qkdgate.tunnels.manager import Tunnel
+    from qkdgate.tunnels.tunnel import Tunnel
     be = CountingBackend()
     mgr = manager(be, n=20)
     s1, s2 = Session(b"g1"), Session(b"g2")

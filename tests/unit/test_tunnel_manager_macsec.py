@@ -15,7 +15,8 @@ from qkdgate.testing.fakes import RecordingIpsecBackend, RecordingMacsecBackend
 from qkdgate.tunnels.events import SaStaleRemoved
 from qkdgate.tunnels.ipsec_tunnel import IpsecTunnelSpec, ipsec_tunnel
 from qkdgate.tunnels.macsec_tunnel import MacsecTunnelSpec, macsec_tunnel
-from qkdgate.tunnels.manager import Lifetimes, TunnelPolicy
+from qkdgate.tunnels.timers import Lifetimes
+from qkdgate.tunnels.tunnel import TunnelPolicy
 
 LT = Lifetimes(soft_seconds=50, hard_seconds=60, grace_seconds=2)
 

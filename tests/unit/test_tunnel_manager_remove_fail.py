@@ -17,8 +17,12 @@ from qkdgate.testing.fakes import RecordingIpsecBackend, RecordingMacsecBackend
 from qkdgate.tunnels.events import SaRemovalEscalated, SaRetired, TunnelBlocked, TunnelOpFailed
 from qkdgate.tunnels.ipsec_tunnel import IpsecTunnelSpec, ipsec_tunnel
 from qkdgate.tunnels.macsec_tunnel import MacsecTunnelSpec, macsec_tunnel
-from qkdgate.tunnels.manager import Lifetimes, TunnelPolicy
-from qkdgate.tunnels.timers import REMOVE_ATTEMPTS_BEFORE_ESCALATION, REMOVE_RETRY_SECONDS
+from qkdgate.tunnels.timers import (
+    REMOVE_ATTEMPTS_BEFORE_ESCALATION,
+    REMOVE_RETRY_SECONDS,
+    Lifetimes,
+)
+from qkdgate.tunnels.tunnel import TunnelPolicy
 
 LT = Lifetimes(soft_seconds=50, hard_seconds=60, grace_seconds=2)
 PEER_SCI = 0x0200000000AA0001
