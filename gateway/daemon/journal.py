@@ -434,15 +434,28 @@ class Journal:
         """Durably record that ``generation`` now carries the tunnel's traffic.
         Re-recording the committed generation is a no-op (idempotent after a
         restart); a lower one raises :class:`GenerationRegression`."""
+        self.record_generations([tunnel], generation)
+
+    def record_generations(self, tunnels: Sequence[str], generation: int) -> None:
+        """:meth:`record_generation` for every tunnel of an exchange in one
+        write and one fsync (issue 19: a record and an fsync per tunnel made
+        1,000 fsyncs per rekey of a 1,000-tunnel peer). Every tunnel is
+        checked before anything is written; a crash inside the write leaves
+        a prefix of the records, each whole or cut off by the torn-tail
+        repair, as one write per tunnel would have."""
         self._check_open()
-        _check_tunnel(tunnel)
-        committed = self.committed_generation(tunnel)
-        if generation == committed:
+        recs: list[Record] = []
+        for tunnel in tunnels:
+            _check_tunnel(tunnel)
+            if generation == self.committed_generation(tunnel):
+                continue
+            self._check_generation(tunnel, generation)
+            recs.append({"t": "gen", "tun": tunnel, "gen": generation})
+        if not recs:
             return
-        self._check_generation(tunnel, generation)
-        rec = {"t": "gen", "tun": tunnel, "gen": generation}
-        self._append(rec)
-        _apply(self._state, rec)
+        self._append(*recs)
+        for rec in recs:
+            _apply(self._state, rec)
         self._maybe_compact()
 
     def next_local_epoch(self) -> int:
@@ -589,8 +602,8 @@ class Journal:
                                      f"short write: {done} of {len(data)} bytes")
             done += n
 
-    def _append(self, rec: Record) -> None:
-        data = _encode(rec)
+    def _append(self, *recs: Record) -> None:
+        data = b"".join(_encode(rec) for rec in recs)
         if self._torn:
             self._repair()
         self._hook("append-before")
@@ -610,7 +623,7 @@ class Journal:
             raise err from None
         self._torn = False
         self._good_end += len(data)
-        self._state.records += 1
+        self._state.records += len(recs)
         self._hook("append-synced")
 
     def _repair(self) -> None:

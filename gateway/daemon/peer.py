@@ -327,14 +327,16 @@ class PeerRunner:
         st.last_error = None
         inputs = KeyInputs.of(ev.provenance)
         if self._journal is not None:
-            for tid in st.tunnels:
-                try:
-                    if ev.generation > self._journal.committed_generation(tid):
-                        self._journal.record_generation(tid, ev.generation)
-                except (JournalError, OSError) as exc:
-                    # The keys are in place; only the restart floor is not
-                    # durable (the next start re-reads the journal).
-                    log.warning("tunnel %s: journal: %s", tid, exc, extra={"tunnel": tid})
+            behind = [tid for tid in st.tunnels
+                      if ev.generation > self._journal.committed_generation(tid)]
+            try:
+                self._journal.record_generations(behind, ev.generation)
+            except (JournalError, OSError) as exc:
+                # The keys are in place; only the restart floor is not
+                # durable (the next start re-reads the journal).
+                log.warning("peer %s: journal: generation %d of %d tunnel(s) not recorded: %s",
+                            self.name, ev.generation, len(behind), exc,
+                            extra={"peer": self.name})
         log.info("peer %s: generation %d established in %.0f ms (%s; inputs %s)",
                  self.name, ev.generation, ev.latency * 1000, ev.reason or "rekey",
                  inputs.as_dict(), extra={"peer": self.name})

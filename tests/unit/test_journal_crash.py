@@ -56,7 +56,7 @@ class _MemoryJournal(Journal):
         j._fd = 1 << 20  # never written; marks it open
         return j
 
-    def _append(self, rec):
+    def _append(self, *recs):
         self._hook("append")
 
     def close(self):

@@ -63,7 +63,7 @@ def _labelled(name, fn):
             op[0] = ""
     return wrapper
 J.Journal.reserve_qkd_keys = _labelled("reserve", J.Journal.reserve_qkd_keys)
-J.Journal.record_generation = _labelled("record", J.Journal.record_generation)
+J.Journal.record_generations = _labelled("record", J.Journal.record_generations)
 if os.environ.get("QG_NO_JOURNAL"):
     # The control: no key_ID is ever remembered (as with no journal at all),
     # but epochs still grow across restarts (the clock floor of
@@ -73,7 +73,7 @@ if os.environ.get("QG_NO_JOURNAL"):
     class _Forgetful(J.Journal):
         def _open(self):
             self._fd = 1 << 20   # never written; marks it open
-        def _append(self, rec):
+        def _append(self, *recs):
             pass
         def reserve_qkd_keys(self, tunnel, generation, key_ids):
             pass

@@ -198,3 +198,50 @@ def test_real_kernel_short_write(sdir):
         os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+
+
+class CountingOps(FaultyOps):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fsyncs = 0
+
+    def fsync(self, fd):
+        self.fsyncs += 1
+        super().fsync(fd)
+
+
+def test_the_generations_of_an_exchange_are_one_write_and_one_fsync(tmp_path):
+    """Issue 19: a 1,000-tunnel peer's rekey made 1,000 fsyncs."""
+    ops = CountingOps()
+    tunnels = [f"t{i}" for i in range(500)]
+    with Journal.open(str(tmp_path), file_ops=ops) as j:
+        j.record_generation("t0", 1)
+        writes, fsyncs = ops.writes, ops.fsyncs
+        j.record_generations(tunnels, 2)
+        assert (ops.writes - writes, ops.fsyncs - fsyncs) == (1, 1)
+        j.record_generations(tunnels, 2)            # all committed: nothing written
+        assert (ops.writes - writes, ops.fsyncs - fsyncs) == (1, 1)
+    with Journal.open(str(tmp_path)) as j:
+        assert all(j.committed_generation(t) == 2 for t in tunnels)
+
+
+def test_a_regression_in_any_tunnel_writes_none_of_them(tmp_path):
+    from qkdgate.gateway.daemon.journal import GenerationRegression
+    with Journal.open(str(tmp_path)) as j:
+        j.record_generation("b", 5)
+        with pytest.raises(GenerationRegression):
+            j.record_generations(["a", "b", "c"], 4)
+        assert (j.committed_generation("a"), j.committed_generation("c")) == (0, 0)
+
+
+def test_a_failed_multi_record_write_is_cut_back_whole(tmp_path):
+    ops = FaultyOps()
+    with Journal.open(str(tmp_path), file_ops=ops) as j:
+        j.record_generation("t0", 1)
+        ops.short = 3 * len(b'01234567 {"gen":2,"t":"gen","tun":"tN"}\n') + 5
+        with pytest.raises(JournalIOError):
+            j.record_generations([f"t{i}" for i in range(6)], 2)
+        # the failed write is cut back: nothing of it is trusted
+        assert all(j.committed_generation(f"t{i}") == (1 if i == 0 else 0) for i in range(6))
+    with Journal.open(str(tmp_path)) as j:
+        assert all(j.committed_generation(f"t{i}") == (1 if i == 0 else 0) for i in range(6))
