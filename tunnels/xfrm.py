@@ -249,7 +249,9 @@ class XfrmBackend:
             self._verify(op, sa_id, spec)
 
     def _verify(self, op: str, sa_id: SaId, spec: SaSpec) -> None:
-        problem = _mismatch(op, self.query_sa(sa_id), sa_id, spec)
+        st = self.query_sa(sa_id)
+        problem = _mismatch(op, (st.sa_id.spi, st.reqid, st.aead, st.key_bits, st.icv_bits),
+                            sa_id, spec)
         if problem is not None:
             raise problem
 
@@ -309,7 +311,7 @@ class XfrmBackend:
             if err is None and not replies:
                 err = TunnelError("query_sa", errno.ESRCH, f"SPI {op.sa_id.spi:#x}")
             if err is None:
-                err = _mismatch(names[i], _decode_sa(replies[0][1]), op.sa_id, op.spec)
+                err = _mismatch(names[i], _readback(replies[0][1]), op.sa_id, op.spec)
             if err is not None:
                 results[i] = err
                 bad.append(op.sa_id)
@@ -471,37 +473,57 @@ def _install(op: IpsecOp) -> InstallSa:
     return op
 
 
-def _mismatch(op: str, st: SaState, sa_id: SaId, spec: SaSpec) -> TunnelError | None:
-    """Why an SA read back differs from what was installed, or None."""
-    problems = []
-    if st.sa_id.spi != sa_id.spi:
-        problems.append(f"SPI {st.sa_id.spi:#x}")
-    if st.aead != spec.aead:
-        problems.append(f"algorithm {st.aead!r}")
-    if st.key_bits != len(spec.key) * 8:
-        problems.append(f"key length {st.key_bits} bits")
-    if st.icv_bits != spec.icv_bits:
-        problems.append(f"ICV {st.icv_bits} bits")
-    if st.reqid != spec.reqid:
-        problems.append(f"reqid {st.reqid}")
-    if problems:
-        return TunnelError(op, errno.EIO,
-                           f"SA {sa_id.spi:#x} read back with " + ", ".join(problems))
-    return None
-
-
 _SA_INTS = m.USERSA_INFO.int_reader(
     "family", "id.spi", "id.proto", "reqid", "curlft.bytes", "curlft.packets",
     "curlft.add_time", "curlft.use_time", "replay_window", "stats.integrity_failed",
     "stats.replay")
 _SADDR, _DADDR = m.USERSA_INFO.offset("saddr"), m.USERSA_INFO.offset("id.daddr")
 _AEAD_INTS = m.ALGO_AEAD.int_reader("alg_key_len", "alg_icv_len")
+_SA_CHECK = m.USERSA_INFO.int_reader("id.spi", "reqid")
 
 
 @functools.lru_cache(maxsize=1024)
 def _ip_cached(raw: bytes, family: int) -> IPAddress:
     """:func:`_ip` for the few addresses every SA of a gateway repeats."""
     return _ip(raw, family)
+
+
+_Readback = tuple[int, int, str, int, int]    # SPI, reqid, AEAD name, key bits, ICV bits
+
+
+def _readback(body: bytes) -> _Readback:
+    """What :func:`_mismatch` checks of an SA read back, without the rest of
+    :func:`_decode_sa` (the read-back of every SA a batch installed)."""
+    spi, reqid = _SA_CHECK(body)
+    alg = parse_nlas(body, m.USERSA_INFO.size).get(m.XFRMA_ALG_AEAD)
+    if alg is None:
+        return spi, reqid, "", 0, 0
+    key_bits, icv_bits = _AEAD_INTS(alg)
+    return spi, reqid, _aead_name(alg), key_bits, icv_bits
+
+
+def _aead_name(alg: bytes) -> str:
+    return alg[:64].rstrip(b"\0").decode("ascii", "replace")     # alg_name[64]
+
+
+def _mismatch(op: str, st: _Readback, sa_id: SaId, spec: SaSpec) -> TunnelError | None:
+    """Why an SA read back differs from what was installed, or None."""
+    spi, reqid, aead, key_bits, icv_bits = st
+    problems = []
+    if spi != sa_id.spi:
+        problems.append(f"SPI {spi:#x}")
+    if aead != spec.aead:
+        problems.append(f"algorithm {aead!r}")
+    if key_bits != len(spec.key) * 8:
+        problems.append(f"key length {key_bits} bits")
+    if icv_bits != spec.icv_bits:
+        problems.append(f"ICV {icv_bits} bits")
+    if reqid != spec.reqid:
+        problems.append(f"reqid {reqid}")
+    if problems:
+        return TunnelError(op, errno.EIO,
+                           f"SA {sa_id.spi:#x} read back with " + ", ".join(problems))
+    return None
 
 
 def _decode_sa(body: bytes) -> SaState:
@@ -511,7 +533,7 @@ def _decode_sa(body: bytes) -> SaState:
     aead, key_bits, icv_bits = "", 0, 0
     alg = attrs.get(m.XFRMA_ALG_AEAD)
     if alg is not None:
-        aead = alg[:64].rstrip(b"\0").decode("ascii", "replace")      # alg_name[64]
+        aead = _aead_name(alg)
         key_bits, icv_bits = _AEAD_INTS(alg)
         # the key bytes came back too; drop our reference to the buffer now
         attrs[m.XFRMA_ALG_AEAD] = b""
