@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from qkdgate.errors import KeySourceError, LocalProtocolError, QkdgateError
@@ -58,7 +58,7 @@ QKD_WAIT_SHARE = 0.5
 
 class GenerationJournal(Protocol):
     def committed_generation(self, tunnel: str) -> int: ...
-    def record_generation(self, tunnel: str, generation: int) -> None: ...
+    def record_generations(self, tunnels: Sequence[str], generation: int) -> None: ...
     def record_started(self, peer: str, generation: int) -> None: ...
     def record_peer_epoch(self, peer: str, epoch: int) -> None: ...
 
