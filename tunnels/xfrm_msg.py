@@ -21,6 +21,7 @@ The unit tests check every layout's size against ``sizeof`` from the header.
 
 from __future__ import annotations
 
+import operator
 import socket
 import struct
 from collections.abc import Callable, Iterable, Mapping
@@ -107,12 +108,19 @@ class Layout:
         bad = [n for n in names if n not in self._ints]
         if bad:
             raise LocalProtocolError(f"{self.name}: not integer fields: {', '.join(bad)}")
-        plan = [(self._index[n], self._swap.get(n)) for n in names]
         unpack_from = self.struct.unpack_from
+        pick = operator.itemgetter(*(self._index[n] for n in names), 0)  # always a tuple
+        swaps = [(k, self._swap[n]) for k, n in enumerate(names) if n in self._swap]
+        count = len(names)
 
         def read(buf: bytes | memoryview) -> tuple[int, ...]:
-            vals = unpack_from(buf)
-            return tuple(vals[i] if sw is None else sw(vals[i]) for i, sw in plan)
+            vals = pick(unpack_from(buf))
+            if not swaps:
+                return vals[:count]  # type: ignore[no-any-return]
+            out = list(vals[:count])
+            for k, fn in swaps:
+                out[k] = fn(out[k])
+            return tuple(out)
         return read
 
     def offset(self, name: str) -> int:
