@@ -224,6 +224,18 @@ class SaState:
 
 
 @dataclass(frozen=True, slots=True)
+class SaCounters:
+    """An SA's traffic counters (``struct xfrm_lifetime_cur`` and
+    ``struct xfrm_stats``), all the 10-second counter poll needs."""
+
+    spi: int
+    bytes: int = 0
+    packets: int = 0
+    integrity_failed: int = 0
+    replay_errors: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Template:
     """``struct xfrm_user_tmpl``: which SA a policy requires."""
 
@@ -322,9 +334,9 @@ class IpsecBackend(Protocol):
 
     def query_sa(self, sa_id: SaId) -> SaState: ...
 
-    def query_sas(self, sa_ids: Sequence[SaId]) -> list[SaState | TunnelError]:
-        """Many :meth:`query_sa` sent together (one pipelined multi-get);
-        per SA its state or its error (ESRCH: gone), in order."""
+    def read_counters(self, sa_ids: Sequence[SaId]) -> list[SaCounters | TunnelError]:
+        """The counters of many SAs in one read of the SA database; per SA
+        its counters or an ESRCH error (gone), in order."""
         ...
 
     def remove_sa(self, sa_id: SaId) -> None: ...

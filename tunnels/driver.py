@@ -28,6 +28,7 @@ from qkdgate.interfaces import (
     MacsecCipher,
     MacsecSaState,
     PolicySpec,
+    SaCounters,
     SaId,
     SaState,
 )
@@ -115,7 +116,7 @@ class CounterReading:
     """Kernel counters of the sending generation's SAs."""
 
     counters: dict[str, int] = field(default_factory=dict)
-    observed: tuple[tuple[str, SaState | MacsecSaState], ...] = ()
+    observed: tuple[tuple[str, SaCounters | MacsecSaState], ...] = ()
     rekey_reason: str | None = None      # a kind-specific limit (MACsec PN space)
 
 
@@ -164,12 +165,12 @@ class BatchOps(Protocol):
 
     def remove_op(self, rec: SaRecord) -> IpsecOp: ...
 
-    def read_counters(self, records: Sequence[SaRecord]) -> list[SaState | TunnelError]:
+    def read_counters(self, records: Sequence[SaRecord]) -> list[SaCounters | TunnelError]:
         """The backend's multi-get of these SAs (any tunnels' of the
         group): per record its kernel state or its error, in order."""
 
     def counters_from(self, records: Sequence[SaRecord],
-                      states: Sequence[SaState | TunnelError]) -> CounterReading:
+                      states: Sequence[SaCounters | TunnelError]) -> CounterReading:
         """What :meth:`TunnelDriver.poll` returns, from ``states`` read by
         :meth:`read_counters`: an SA gone (ESRCH) is skipped, any other
         error raised."""

@@ -42,6 +42,7 @@ from qkdgate.interfaces import (
     PolicyAction,
     PolicySpec,
     RemoveSa,
+    SaCounters,
     SaId,
     SaSpec,
     SaState,
@@ -325,13 +326,13 @@ class IpsecDriver:
     def poll(self, records: list[SaRecord]) -> CounterReading:
         return self.counters_from(records, self.read_counters(records))
 
-    def read_counters(self, records: Sequence[SaRecord]) -> list[SaState | TunnelError]:
-        return self.backend.query_sas([_sa_id(rec) for rec in records])
+    def read_counters(self, records: Sequence[SaRecord]) -> list[SaCounters | TunnelError]:
+        return self.backend.read_counters([_sa_id(rec) for rec in records])
 
     def counters_from(self, records: Sequence[SaRecord],
-                      states: Sequence[SaState | TunnelError]) -> CounterReading:
+                      states: Sequence[SaCounters | TunnelError]) -> CounterReading:
         totals = {"bytes_out": 0, "bytes_in": 0, "packets_out": 0, "packets_in": 0}
-        observed: list[tuple[str, SaState]] = []
+        observed: list[tuple[str, SaCounters]] = []
         for rec, st in zip(records, states, strict=True):
             if isinstance(st, TunnelError):
                 if st.errno == errno.ESRCH:

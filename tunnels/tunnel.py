@@ -69,7 +69,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from qkdgate.errors import LocalProtocolError, QkdgateError, TunnelError
-from qkdgate.interfaces import MacsecSaState, SaState
+from qkdgate.interfaces import MacsecSaState, SaCounters
 from qkdgate.tunnels.driver import (
     CounterReading,
     KernelSnapshot,
@@ -127,7 +127,7 @@ log = logging.getLogger("qkdgate.tunnels")
 # generation must have, and which it may lack.
 TunnelPolicy = KeyPolicy
 
-SaObserver = Callable[[str, str, "SaState | MacsecSaState"], None]
+SaObserver = Callable[[str, str, "SaCounters | MacsecSaState"], None]
 
 
 class GenerationRefused(QkdgateError):
@@ -242,11 +242,11 @@ class Tunnel:
         self._blocking = False
         self.counters: dict[str, int] = {"bytes_out": 0, "bytes_in": 0, "packets_out": 0,
                                          "packets_in": 0}
-        # observer of raw kernel SA counters (tunnel, direction, SaState or
+        # observer of raw kernel SA counters (tunnel, direction, SaCounters or
         # MacsecSaState): the Prometheus metrics fold them into per-tunnel counters
         self.on_sa_state: SaObserver | None = None
 
-    def _observe(self, direction: str, state: SaState | MacsecSaState) -> None:
+    def _observe(self, direction: str, state: SaCounters | MacsecSaState) -> None:
         if self.on_sa_state is not None:
             try:
                 self.on_sa_state(self.tunnel_id, direction, state)
@@ -578,7 +578,7 @@ class Tunnel:
         return self._counted(now, lambda: self.driver.poll(records))
 
     def poll_read(self, now: float, records: Sequence[SaRecord],
-                  states: Sequence[SaState | TunnelError]) -> list[str]:
+                  states: Sequence[SaCounters | TunnelError]) -> list[str]:
         """:meth:`poll` from ``states``, the kernel's answers for ``records``
         (the active generation's, from :meth:`active_records`) that
         :meth:`TunnelManager.poll` read for many tunnels in one batch."""

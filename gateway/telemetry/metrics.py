@@ -244,10 +244,11 @@ class Metrics:
             self.key_source_errors.labels(source, op, self._reason(type(error).__name__)).inc()
 
     def observe_sa(self, tunnel: str, direction: str, state: Any) -> None:
-        """Fold one SA's cumulative kernel counters (``SaState`` or
-        ``MacsecSaState``) into per-tunnel counters that survive rekeys."""
-        spi: int = getattr(getattr(state, "sa_id", None), "spi", None) or \
-            int(getattr(state, "an", 0))
+        """Fold one SA's cumulative kernel counters (``SaCounters``,
+        ``SaState`` or ``MacsecSaState``) into per-tunnel counters that
+        survive rekeys."""
+        spi: int = getattr(state, "spi", None) or \
+            getattr(getattr(state, "sa_id", None), "spi", None) or int(getattr(state, "an", 0))
         now = (int(getattr(state, "bytes", getattr(state, "octets", 0))),
                int(getattr(state, "packets", 0)),
                int(getattr(state, "integrity_failed", 0)),

@@ -41,6 +41,7 @@ from qkdgate.interfaces import (
     PolicySpec,
     QkdKey,
     RemoveSa,
+    SaCounters,
     SaId,
     SaSpec,
     SaState,
@@ -232,13 +233,16 @@ class RecordingIpsecBackend:
                        key_bits=len(sa.spec.key) * 8, icv_bits=sa.spec.icv_bits,
                        add_time=int(sa.add_time), replay_window=sa.spec.replay_window)
 
-    def query_sas(self, sa_ids: Sequence[SaId]) -> list[SaState | TunnelError]:
-        out: list[SaState | TunnelError] = []
+    def read_counters(self, sa_ids: Sequence[SaId]) -> list[SaCounters | TunnelError]:
+        out: list[SaCounters | TunnelError] = []
         for sa_id in sa_ids:
             try:
-                out.append(self.query_sa(sa_id))
+                st = self.query_sa(sa_id)
             except TunnelError as exc:
                 out.append(exc)
+                continue
+            out.append(SaCounters(sa_id.spi, st.bytes, st.packets, st.integrity_failed,
+                                  st.replay_errors))
         return out
 
     def remove_sa(self, sa_id: SaId) -> None:

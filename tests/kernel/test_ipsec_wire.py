@@ -4,6 +4,7 @@ decrypts what the kernel sent with the key keymix derived for that SPI."""
 
 from __future__ import annotations
 
+import errno
 import socket
 import time
 
@@ -58,6 +59,10 @@ def test_esp_only_on_the_wire_and_sa_read_back(topo, tmp_path):
     st = pair.a.query_sa(SaId(GA, GB, g.spi_ab))
     assert (st.aead, st.key_bits, st.icv_bits, st.replay_window) == ("rfc4106(gcm(aes))", 288, 128, 1024)
     assert st.packets > 0 and st.reqid == g.out_reqid_a
+    # the counter poll's one dump reads the same counters as the per-SA query
+    (ctr, gone) = pair.a.read_counters([SaId(GA, GB, g.spi_ab), SaId(GA, GB, 0xC0FFFFFE)])
+    assert (ctr.spi, ctr.packets, ctr.bytes) == (g.spi_ab, st.packets, st.bytes)
+    assert getattr(gone, "errno", None) == errno.ESRCH
 
 
 def test_injected_cleartext_never_reaches_host_b(topo):

@@ -1,7 +1,7 @@
 """Issue 19: the 10-second counter poll of every tunnel sharing an IPsec
-backend is one multi-get (IpsecBackend.query_sas), not a request per SA,
-and a failure in it is reported by the tunnels it concerns, never raised
-into the daemon's tunnel loop."""
+backend is one read of the SA database (IpsecBackend.read_counters: one
+XFRM dump), not a request per SA, and a failure in it is reported by the
+tunnels it concerns, never raised into the daemon's tunnel loop."""
 
 import errno
 import ipaddress
@@ -12,7 +12,7 @@ from test_tunnel_manager_batch import CountingBackend, manager, spis
 from tunnel_helpers import Session
 
 from qkdgate.errors import TunnelError
-from qkdgate.interfaces import SaId, SaState
+from qkdgate.interfaces import SaCounters, SaId
 from qkdgate.tunnels import xfrm_msg as m
 from qkdgate.tunnels.events import TunnelOpFailed
 from qkdgate.tunnels.xfrm import XfrmBackend
@@ -34,11 +34,11 @@ class CountingQueries(CountingBackend):
             raise TunnelError("query_sa", self.fail[sa_id.spi], "injected")
         return replace(super().query_sa(sa_id), bytes=sa_id.spi & 0xFFFF, packets=1)
 
-    def query_sas(self, sa_ids):
+    def read_counters(self, sa_ids):
         self.multigets.append(len(sa_ids))
         if self.whole is not None:
             raise self.whole
-        return super().query_sas(sa_ids)
+        return super().read_counters(sa_ids)
 
 
 def established(be, events=None, n=5):
@@ -99,37 +99,40 @@ def test_a_soft_byte_limit_found_by_the_batched_poll_asks_for_a_rekey_once():
     assert mgr.poll(2.0) == {}
 
 
-class Partial(Recorder):
-    """GETSA answers for every SPI but ``gone`` (no reply: the kernel's ESRCH
-    comes back as an error ack, which request_batch reports per message)."""
+class Dump(Recorder):
+    """Answers the SA dump with an SA for each of ``spis`` (bytes = SPI's low
+    16 bits), one of them with a mark, and an unrelated SA."""
 
-    def __init__(self, gone):
+    def __init__(self, spis, marked):
         super().__init__()
-        self.gone = gone
+        self.spis, self.marked = spis, marked
 
-    def request_batch(self, op, msgs):
-        out = []
-        for _type, payload, _flags in msgs:
-            spi = m.num(m.USERSA_ID.unpack(payload), "spi")
-            if spi == self.gone:
-                out.append(([], TunnelError(op, errno.ESRCH, "No such process")))
-            else:
-                out.append(([(m.XFRM_MSG_NEWSA, _reply(spi))], None))
-        return out
+    def request(self, op, msg_type, payload, flags=0, dump=False):
+        if msg_type == m.XFRM_MSG_GETSA and dump:
+            self.sent.append((msg_type, payload, dump))
+            return [(m.XFRM_MSG_NEWSA, _sa(spi, spi == self.marked))
+                    for spi in [*self.spis, 0xC0009999]]
+        return super().request(op, msg_type, payload, flags, dump)
 
 
-def _reply(spi):
-    from test_netlink_layout import _sa_reply
-    raw = bytearray(_sa_reply())
-    info = m.USERSA_INFO.unpack(bytes(raw))
-    return m.USERSA_INFO.pack({**info, "id.spi": spi}) + bytes(raw[m.USERSA_INFO.size:])
+def _sa(spi, marked):
+    from qkdgate.tunnels.netlink import nla
+    info = m.USERSA_INFO.pack({"id.spi": spi, "id.proto": 50, "family": 2, "reqid": 7,
+                               "saddr": A.packed, "id.daddr": B.packed,
+                               "curlft.bytes": spi & 0xFFFF, "curlft.packets": 2,
+                               "stats.integrity_failed": 1})
+    return info + (nla(m.XFRMA_MARK, m.MARK.pack({"v": 5, "m": 0xFF})) if marked else b"")
 
 
-def test_xfrm_query_sas_decodes_each_answer_in_order():
-    be = XfrmBackend(channel=Partial(gone=0xC0000002), registry=None,   # type: ignore[arg-type]
-                     verify=False)
-    ids = [SaId(A, B, 0xC0000001), SaId(A, B, 0xC0000002), SaId(A, B, 0xC0000003)]
-    got = be.query_sas(ids)
-    assert isinstance(got[0], SaState) and got[0].sa_id.spi == 0xC0000001
+def test_xfrm_read_counters_is_one_dump_matched_by_identity():
+    from qkdgate.interfaces import Mark
+    rec = Dump([0xC0000001, 0xC0000003], marked=0xC0000003)
+    be = XfrmBackend(channel=rec, registry=None, verify=False)   # type: ignore[arg-type]
+    ids = [SaId(A, B, 0xC0000001), SaId(A, B, 0xC0000002), SaId(A, B, 0xC0000003),
+           SaId(A, B, 0xC0000003, mark=Mark(5, 0xFF))]
+    got = be.read_counters(ids)
+    assert [t for t, _p, _d in rec.sent] == [m.XFRM_MSG_GETSA]      # one request
+    assert got[0] == SaCounters(0xC0000001, 0x0001, 2, 1, 0)
     assert isinstance(got[1], TunnelError) and got[1].errno == errno.ESRCH
-    assert isinstance(got[2], SaState) and got[2].sa_id.spi == 0xC0000003
+    assert isinstance(got[2], TunnelError)          # the kernel's 0xC0000003 carries a mark
+    assert got[3] == SaCounters(0xC0000003, 0x0003, 2, 1, 0)
