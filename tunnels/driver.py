@@ -166,8 +166,8 @@ class BatchOps(Protocol):
     def remove_op(self, rec: SaRecord) -> IpsecOp: ...
 
     def read_counters(self, records: Sequence[SaRecord]) -> list[SaCounters | TunnelError]:
-        """The backend's multi-get of these SAs (any tunnels' of the
-        group): per record its kernel state or its error, in order."""
+        """The counters of these SAs (any tunnels' of the group) in one
+        read of the backend: per record its counters or its error, in order."""
 
     def counters_from(self, records: Sequence[SaRecord],
                       states: Sequence[SaCounters | TunnelError]) -> CounterReading:
