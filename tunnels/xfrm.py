@@ -346,9 +346,8 @@ class XfrmBackend:
         are fixed fields of ``xfrm_usersa_info``)."""
         found: dict[SaId, SaCounters] = {}
         for mtype, body in self.nl.request("read_counters", m.XFRM_MSG_GETSA, b"", dump=True):
-            if mtype == m.XFRM_MSG_NEWSA:
-                sa_id, counters = _counters(body)
-                found[sa_id] = counters
+            if mtype == m.XFRM_MSG_NEWSA and (got := _counters(body)) is not None:
+                found[got[0]] = got[1]
         return [found.get(s) or TunnelError("read_counters", errno.ESRCH, f"SPI {s.spi:#x}")
                 for s in sa_ids]
 
@@ -370,8 +369,10 @@ class XfrmBackend:
         out = []
         for mtype, body in self.nl.request("list_sas", m.XFRM_MSG_GETSA, b"", dump=True):
             if mtype == m.XFRM_MSG_NEWSA:
-                reqid = m.num(m.USERSA_INFO.unpack(body), "reqid")
-                if reqid_min <= reqid <= reqid_max:
+                spi, reqid = _SA_CHECK(body)
+                # an SA that cannot be ours (an IPComp CPI is below 256) is
+                # not decoded: SaId refuses it
+                if spi >= 0x100 and reqid_min <= reqid <= reqid_max:
                     out.append(_decode_sa(body))
         return out
 
@@ -533,23 +534,26 @@ _COUNTERS = m.USERSA_INFO.int_reader(
     "stats.replay")
 
 
-def _counters(body: bytes) -> tuple[SaId, SaCounters]:
-    """The SA's identity (as :func:`_decode_sa` gives it) and its counters."""
+def _counters(body: bytes) -> tuple[SaId, SaCounters] | None:
+    """The SA's identity (as :func:`_decode_sa` gives it) and its counters;
+    None for an SA that cannot be one of ours (a dump lists every SA of the
+    namespace: an IPComp SA's CPI is below the lowest ESP SPI)."""
     fam, spi, proto, nbytes, packets, integrity, replay = _COUNTERS(body)
-    mark, if_id = _mark_if_id(parse_nlas(body, m.USERSA_INFO.size))
-    sa_id = SaId(src=_ip_cached(body[_SADDR:_SADDR + 16], fam),
-                 dst=_ip_cached(body[_DADDR:_DADDR + 16], fam),
-                 spi=spi, proto=proto, mark=mark, if_id=if_id)
+    if spi < 0x100:
+        return None
+    sa_id = _sa_id_of(body, fam, spi, proto, parse_nlas(body, m.USERSA_INFO.size))
     return sa_id, SaCounters(spi, nbytes, packets, integrity, replay)
 
 
-def _mark_if_id(attrs: dict[int, bytes]) -> tuple[Mark | None, int | None]:
+def _sa_id_of(body: bytes, fam: int, spi: int, proto: int, attrs: dict[int, bytes]) -> SaId:
     mark = None
     if m.XFRMA_MARK in attrs:
         mk = m.MARK.unpack(attrs[m.XFRMA_MARK])
         mark = Mark(m.num(mk, "v"), m.num(mk, "m"))
     if_id = int.from_bytes(attrs[m.XFRMA_IF_ID][:4], "little") if m.XFRMA_IF_ID in attrs else 0
-    return mark, if_id or None
+    return SaId(src=_ip_cached(body[_SADDR:_SADDR + 16], fam),
+                dst=_ip_cached(body[_DADDR:_DADDR + 16], fam),
+                spi=spi, proto=proto, mark=mark, if_id=if_id or None)
 
 
 def _decode_sa(body: bytes) -> SaState:
@@ -566,14 +570,10 @@ def _decode_sa(body: bytes) -> SaState:
         del alg
     if m.XFRMA_REPLAY_ESN_VAL in attrs:
         window = m.num(m.REPLAY_ESN.unpack(attrs[m.XFRMA_REPLAY_ESN_VAL]), "replay_window")
-    mark, if_id = _mark_if_id(attrs)
-    sa_id = SaId(src=_ip_cached(body[_SADDR:_SADDR + 16], fam),
-                 dst=_ip_cached(body[_DADDR:_DADDR + 16], fam),
-                 spi=spi, proto=proto, mark=mark, if_id=if_id)
-    return SaState(sa_id=sa_id, reqid=reqid, aead=aead, key_bits=key_bits,
-                   icv_bits=icv_bits, bytes=nbytes, packets=packets, add_time=add_time,
-                   use_time=use_time, replay_window=window, integrity_failed=integrity,
-                   replay_errors=replay)
+    return SaState(sa_id=_sa_id_of(body, fam, spi, proto, attrs), reqid=reqid, aead=aead,
+                   key_bits=key_bits, icv_bits=icv_bits, bytes=nbytes, packets=packets,
+                   add_time=add_time, use_time=use_time, replay_window=window,
+                   integrity_failed=integrity, replay_errors=replay)
 
 
 def _decode_policy(body: bytes) -> PolicySpec:

@@ -111,7 +111,7 @@ class Dump(Recorder):
         if msg_type == m.XFRM_MSG_GETSA and dump:
             self.sent.append((msg_type, payload, dump))
             return [(m.XFRM_MSG_NEWSA, _sa(spi, spi == self.marked))
-                    for spi in [*self.spis, 0xC0009999]]
+                    for spi in [*self.spis, 0xC0009999]] + [(m.XFRM_MSG_NEWSA, _ipcomp())]
         return super().request(op, msg_type, payload, flags, dump)
 
 
@@ -122,6 +122,12 @@ def _sa(spi, marked):
                                "curlft.bytes": spi & 0xFFFF, "curlft.packets": 2,
                                "stats.integrity_failed": 1})
     return info + (nla(m.XFRMA_MARK, m.MARK.pack({"v": 5, "m": 0xFF})) if marked else b"")
+
+
+def _ipcomp():
+    """Someone else's IPComp SA in the namespace: a CPI (0x55), not an SPI."""
+    return m.USERSA_INFO.pack({"id.spi": 0x55, "id.proto": 108, "family": 2, "reqid": 7,
+                               "saddr": A.packed, "id.daddr": B.packed})
 
 
 def test_xfrm_read_counters_is_one_dump_matched_by_identity():
@@ -136,3 +142,9 @@ def test_xfrm_read_counters_is_one_dump_matched_by_identity():
     assert isinstance(got[1], TunnelError) and got[1].errno == errno.ESRCH
     assert isinstance(got[2], TunnelError)          # the kernel's 0xC0000003 carries a mark
     assert got[3] == SaCounters(0xC0000003, 0x0003, 2, 1, 0)
+
+
+def test_the_sa_dump_skips_an_sa_that_cannot_be_ours():
+    rec = Dump([0xC0000001], marked=None)
+    be = XfrmBackend(channel=rec, registry=None, verify=False)   # type: ignore[arg-type]
+    assert sorted(st.sa_id.spi for st in be.list_sas()) == [0xC0000001, 0xC0009999]
