@@ -240,21 +240,19 @@ class TunnelTimers:
 
     def _plan(self) -> _Plan:
         """Every deadline, computed once per state of the generations (each
-        generation's hard lifetime, less the margin, once: :meth:`hard_act_at`)."""
+        generation's :meth:`hard_act_at` once)."""
         if self._cache is None:
-            lt, active = self._lifetimes, self._active
             deadlines: list[tuple[float, Expiry, int]] = []
             hard_acts: list[tuple[int, float]] = []
             for n, d in self._gens.items():
-                act = (d.hard_at if d.hard_at is not None
-                       else d.created_at + lt.hard_seconds) - lt.hard_margin
+                act = self.hard_act_at(n)
                 hard_acts.append((n, act))
                 if d.retry_at is not None:
                     deadlines.append((d.retry_at, Expiry.REMOVE_RETRY, n))
-                elif n == active:
+                elif n == self._active:
                     deadlines.append((act, Expiry.HARD_ACTIVE, n))
                     if self._rekey_requested_at is None:
-                        deadlines.append((d.created_at + lt.soft_seconds, Expiry.SOFT, n))
+                        deadlines.append((self.soft_at(n), Expiry.SOFT, n))
                 elif d.retire_at is not None:
                     deadlines.append((min(d.retire_at, act), Expiry.RETIRE, n))
                 else:      # inbound only, never switched: its hard lifetime bounds it
