@@ -94,10 +94,7 @@ def lp16(data: bytes | str) -> bytes:
     """16-bit big-endian length, then the bytes (strings as UTF-8)."""
     if isinstance(data, str):
         return _lp16_text(data)
-    raw = bytes(data)
-    if len(raw) > 0xFFFF:
-        raise LocalProtocolError("field longer than 65535 bytes")
-    return struct.pack(">H", len(raw)) + raw
+    return _lp16_raw(bytes(data))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -107,7 +104,10 @@ def _lp16_text(text: str) -> bytes:
     come back for every SA of a rekey: 4 per ESP SA were 6 % of a rekey's
     Python at 1,000 tunnels (issue 19). Bounded, so a stream of key IDs only
     cycles it. A too-long string raises and is not cached."""
-    raw = text.encode("utf-8")
+    return _lp16_raw(text.encode("utf-8"))
+
+
+def _lp16_raw(raw: bytes) -> bytes:
     if len(raw) > 0xFFFF:
         raise LocalProtocolError("field longer than 65535 bytes")
     return struct.pack(">H", len(raw)) + raw
