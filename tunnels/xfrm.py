@@ -250,9 +250,7 @@ class XfrmBackend:
             self._verify(op, sa_id, spec)
 
     def _verify(self, op: str, sa_id: SaId, spec: SaSpec) -> None:
-        st = self.query_sa(sa_id)
-        problem = _mismatch(op, (st.sa_id.spi, st.reqid, st.aead, st.key_bits, st.icv_bits),
-                            sa_id, spec)
+        problem = _mismatch(op, _readback(self._get_sa(sa_id)), sa_id, spec)
         if problem is not None:
             raise problem
 
@@ -332,10 +330,14 @@ class XfrmBackend:
             + nla(m.XFRMA_SRCADDR, _a16(sa_id.src)) + _mark_attrs(sa_id.mark, sa_id.if_id)
 
     def query_sa(self, sa_id: SaId) -> SaState:
+        return _decode_sa(self._get_sa(sa_id))
+
+    def _get_sa(self, sa_id: SaId) -> bytes:
+        """The kernel's ``xfrm_usersa_info`` and attributes of one SA."""
         replies = self.nl.request("query_sa", m.XFRM_MSG_GETSA, self._sa_id_message(sa_id))
         if not replies:
             raise TunnelError("query_sa", errno.ESRCH, f"SPI {sa_id.spi:#x}")
-        return _decode_sa(replies[0][1])
+        return replies[0][1]
 
     def read_counters(self, sa_ids: Sequence[SaId]) -> list[SaCounters | TunnelError]:
         """One XFRM_MSG_GETSA dump of the namespace's SAs, matched to
