@@ -72,10 +72,9 @@ class Layout:
             self.names.append(fname)
         self.struct = struct.Struct(fmt)
         self.size = self.struct.size
-        self._defaults = {n: (b"" if f.endswith("s") else 0) for n, f in self.fields
-                          if not f.endswith("x")}
         self._index = {n: i for i, n in enumerate(self.names)}
-        self._zero = tuple(self._defaults[n] for n in self.names)
+        self._zero = tuple(b"" if f.endswith("s") else 0 for _n, f in self.fields
+                           if not f.endswith("x"))
         self._ints = frozenset(n for n, f in self.fields if not f.endswith(("x", "s")))
 
     def pack(self, values: Mapping[str, int | bytes]) -> bytes:
@@ -125,9 +124,10 @@ class Layout:
 
     def offset(self, name: str) -> int:
         """Byte offset of field ``name`` (a byte string read by slicing)."""
-        fmt = "=" + "".join(f.lstrip(">") for n, f in self.fields[:[n for n, _ in
-                                                                    self.fields].index(name)])
-        return struct.calcsize(fmt)
+        for i, (n, _f) in enumerate(self.fields):
+            if n == name:
+                return struct.calcsize("=" + "".join(f.lstrip(">") for _n, f in self.fields[:i]))
+        raise LocalProtocolError(f"{self.name} has no field {name!r}")
 
 
 def num(values: Mapping[str, int | bytes], name: str) -> int:
